@@ -1,0 +1,134 @@
+"""Model configuration: one frozen dataclass, presets as data.
+
+The official release has a 3D (knee) and a 2D (GlaS) variant that differ in a handful of
+architectural choices; each choice is a field here, so one implementation builds both.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from ldseg.errors import ArtifactError
+
+Schedule = Literal["cosine", "linear", "quadratic"]
+Sampler = Literal["ddim", "ddpm"]
+
+
+@dataclass(frozen=True)
+class DiffusionConfig:
+    schedule: Schedule = "cosine"
+    timesteps: int = 1000
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    sampler: Sampler = "ddim"
+    steps: int = 15
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    preset: str
+    spatial_dims: int  # 2 or 3
+    image_channels: int
+    image_size: tuple[int, ...]  # model grid, (D, H, W) or (H, W)
+    num_classes: int
+    # label autoencoder
+    filters: int = 16
+    encoder_levels: tuple[int, ...] = (1, 2, 4, 4, 2)  # width multipliers; len-1 downsamplings
+    decoder_levels: tuple[int, ...] = (2, 4, 4, 2)  # width multipliers; one upsampling each
+    encoder_downsample: Literal["conv", "maxpool"] = "conv"
+    encoder_out_kernel: int = 2
+    decoder_upsample: Literal["nearest_conv", "transpose"] = "nearest_conv"
+    # image encoder
+    image_levels: tuple[int, ...] = (2, 4, 4, 2)
+    image_block_groups: int = 4  # grouped convs (3D) / GroupNorm groups
+    image_grouped_conv: bool = True  # 3D: grouped convs + max-pool; 2D: plain convs + strided conv
+    image_attention: tuple[bool, ...] = (False, False, False, False)  # MHA after each block (2D)
+    image_final_attention: bool = False  # 2D: 1-channel MHA + swish before the final BN
+    # denoiser
+    denoiser_first_channels: int = 16
+    denoiser_widths: tuple[int, ...] = (16, 32, 64)
+    denoiser_attention: tuple[bool, ...] = (False, True, True)
+    denoiser_res_blocks: int = 2
+    denoiser_groups: int = 4
+    denoiser_skip_all: bool = False  # 2D variant: also skips the stem and each downsample
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+
+    @property
+    def latent_size(self) -> tuple[int, ...]:
+        factor = 2 ** (len(self.encoder_levels) - 1)
+        return tuple(s // factor for s in self.image_size)
+
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        return (self.image_channels, *self.image_size)
+
+    @property
+    def latent_shape(self) -> tuple[int, ...]:
+        return (1, *self.latent_size)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @staticmethod
+    def from_dict(data: dict[str, Any]) -> ModelConfig:
+        try:
+            data = dict(data)
+            diffusion = DiffusionConfig(**data.pop("diffusion", {}))
+            tuples = {k: tuple(v) for k, v in data.items() if isinstance(v, list)}
+            return ModelConfig(**{**data, **tuples, "diffusion": diffusion})
+        except TypeError as exc:
+            raise ArtifactError(f"model config is not one ldseg understands: {exc}") from exc
+
+    def with_diffusion(self, **changes: Any) -> ModelConfig:
+        return dataclasses.replace(self, diffusion=dataclasses.replace(self.diffusion, **changes))
+
+
+PRESETS: dict[str, ModelConfig] = {
+    # Official knee MRI model (LDSeg3D.py / utilities/model3D.py).
+    "knee3d": ModelConfig(
+        preset="knee3d", spatial_dims=3, image_channels=1, image_size=(128, 128, 256), num_classes=3
+    ),
+    # Official GlaS histology model (LDSeg.py / utilities/model.py).
+    "glas2d": ModelConfig(
+        preset="glas2d",
+        spatial_dims=2,
+        image_channels=3,
+        image_size=(512, 512),
+        num_classes=2,
+        encoder_downsample="maxpool",
+        encoder_out_kernel=1,
+        decoder_upsample="transpose",
+        image_grouped_conv=False,
+        image_attention=(False, False, True, True),
+        image_final_attention=True,
+        denoiser_skip_all=True,
+    ),
+    # Small 3D model of the same family, trained on phantoms and shipped in the package.
+    "demo": ModelConfig(
+        preset="demo",
+        spatial_dims=3,
+        image_channels=1,
+        image_size=(32, 64, 64),
+        num_classes=3,
+        filters=8,
+        encoder_levels=(1, 2, 2, 2),
+        decoder_levels=(2, 2, 2),
+        image_levels=(2, 2, 2),
+        image_block_groups=4,
+        denoiser_first_channels=16,
+        denoiser_widths=(16, 32),
+        denoiser_attention=(False, True),
+    ),
+}
+
+
+def get_preset(name: str) -> ModelConfig:
+    if name not in PRESETS:
+        raise ArtifactError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return PRESETS[name]

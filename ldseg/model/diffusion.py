@@ -1,0 +1,126 @@
+"""Noise schedules and the DDIM/DDPM samplers of the official release, as plain tables.
+
+A sampler is precomputed into a (steps, 4) table of [t, a, b, c] so that one reverse step is
+
+    z <- renormalize(a * z + b * eps_theta(z, z_image, t) + c * noise)
+
+which is data in, data out: the same table drives PyTorch, the fused ONNX step and every runtime.
+Renormalization is per sample (the official code normalizes over the whole batch; at batch 1 the two
+are identical, and per-sample is what lets K samples run as one batch).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ldseg.model.config import DiffusionConfig
+
+RENORM_EPS = 1e-5  # official mean_variance_normalization: (x - mean) / (std + 1e-5)
+
+
+def cosine_alpha_bar(t: np.ndarray, timesteps: int, s: float = 0.008) -> np.ndarray:
+    """Official cosineFunc(t) / cosineFunc(0); defined for fractional t."""
+
+    def f(x: np.ndarray) -> np.ndarray:
+        return np.cos(((x / timesteps + s) / (1 + s)) * (np.pi / 2)) ** 2
+
+    return f(np.asarray(t, dtype=np.float64)) / f(np.zeros(1))
+
+
+def alpha_bar_table(cfg: DiffusionConfig) -> np.ndarray:
+    """alpha_bar at the integer training timesteps 0..T-1 (official GaussianDiffusion3D)."""
+    times = np.arange(cfg.timesteps, dtype=np.float64)
+    if cfg.schedule == "cosine":
+        return cosine_alpha_bar(times, cfg.timesteps)
+    if cfg.schedule == "linear":
+        betas = np.linspace(cfg.beta_start, cfg.beta_end, cfg.timesteps, dtype=np.float64)
+    elif cfg.schedule == "quadratic":
+        betas = np.linspace(cfg.beta_end**0.5, cfg.beta_start**0.5, cfg.timesteps)[::-1] ** 2
+    else:
+        raise ValueError(f"unknown schedule {cfg.schedule!r}")
+    return np.cumprod(1.0 - betas)
+
+
+def alpha_bar_at(cfg: DiffusionConfig, t: np.ndarray) -> np.ndarray:
+    """alpha_bar at fractional sampling times: exact for cosine, interpolated otherwise."""
+    if cfg.schedule == "cosine":
+        return cosine_alpha_bar(t, cfg.timesteps)
+    return np.interp(t, np.arange(cfg.timesteps), alpha_bar_table(cfg))
+
+
+def sampling_times(cfg: DiffusionConfig, steps: int | None = None) -> np.ndarray:
+    """Official `noiseScheduler`: N evenly spaced (fractional) times in [0, T-1]."""
+    return np.linspace(0, cfg.timesteps - 1, steps or cfg.steps)
+
+
+@dataclass(frozen=True)
+class SamplerTable:
+    """Rows in execution order (t = T-1 first): columns t, a, b, c (float64)."""
+
+    rows: np.ndarray
+
+    @property
+    def steps(self) -> int:
+        return int(self.rows.shape[0])
+
+    def as_tensor(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        return torch.as_tensor(self.rows, dtype=torch.float32, device=device)
+
+
+def sampler_table(cfg: DiffusionConfig, steps: int | None = None, sampler: str | None = None) -> SamplerTable:
+    """The official sampler3D.segment loop, rewritten as z <- a*z + b*eps + c*noise per step."""
+    sampler = sampler or cfg.sampler
+    if sampler not in ("ddim", "ddpm"):
+        raise ValueError(f"unknown sampler {sampler!r}")
+    times = sampling_times(cfg, steps)
+    acum = alpha_bar_at(cfg, times)
+    rows = []
+    for i in reversed(range(len(times))):
+        if i == 0:
+            # Last step: x0 prediction plus sqrt(beta_0) noise; beta_0 = 1 - acum[0]/1.
+            beta = 1.0 - acum[0]
+            a = 1.0 / np.sqrt(acum[0])
+            b = -np.sqrt(1.0 - acum[0]) / np.sqrt(acum[0])
+            c = np.sqrt(max(beta, 0.0))
+        else:
+            prev = acum[i - 1]
+            s = np.sqrt(((1 - prev) / (1 - acum[i])) * (1 - acum[i] / prev)) if sampler == "ddpm" else 0.0
+            a = np.sqrt(prev) / np.sqrt(acum[i])
+            b = -np.sqrt(prev) * np.sqrt(1 - acum[i]) / np.sqrt(acum[i]) + np.sqrt(max(1 - prev - s**2, 0.0))
+            c = s
+        rows.append((times[i], a, b, c))
+    return SamplerTable(np.asarray(rows, dtype=np.float64))
+
+
+def renormalize(z: torch.Tensor) -> torch.Tensor:
+    """Zero mean, unit (population) std per sample."""
+    flat = z.reshape(z.shape[0], -1)
+    mean = flat.mean(dim=1, keepdim=True)
+    std = (flat - mean).pow(2).mean(dim=1, keepdim=True).sqrt()
+    return ((flat - mean) / (std + RENORM_EPS)).reshape(z.shape)
+
+
+def sampler_step(z: torch.Tensor, eps: torch.Tensor, noise: torch.Tensor, coeffs: torch.Tensor) -> torch.Tensor:
+    """One reverse step; `coeffs` is a table row [t, a, b, c] (shape (4,) or (B, 4))."""
+    c = coeffs.reshape(-1, 4, *([1] * (z.dim() - 1)))
+    return renormalize(c[:, 1] * z + c[:, 2] * eps + c[:, 3] * noise)
+
+
+def q_sample(z0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
+    """Forward diffusion at integer timesteps t (training)."""
+    ab = alpha_bar[t].reshape(-1, *([1] * (z0.dim() - 1)))
+    return ab.sqrt() * z0 + (1 - ab).sqrt() * noise
+
+
+def draw_noise(seeds: list[int], steps: int, latent_shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Initial latents (B, *latent) and per-step noise (steps, B, *latent), one CPU generator per
+    seed, so a sample depends only on its own seed (batch of K == K single runs) on any device."""
+    initial, noise = [], []
+    for seed in seeds:
+        gen = torch.Generator().manual_seed(int(seed))
+        initial.append(torch.randn(latent_shape, generator=gen))
+        noise.append(torch.randn((steps, *latent_shape), generator=gen))
+    return renormalize(torch.stack(initial)), torch.stack(noise, dim=1)

@@ -1,0 +1,195 @@
+"""Dimension-generic building blocks with Keras numerics.
+
+Everything is channels-first (B, C, *spatial). Keras conventions reproduced here (see
+../shared/data/README.md): epsilon 1e-3 for every normalization, and TensorFlow's 'same' padding,
+which pads asymmetrically (extra voxel after) for stride 2 or an even kernel.
+
+Submodules are registered in the order the official Keras code creates its layers: the weight
+importer (ldseg/model/keras_import.py) maps layers kind by kind in that order.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+KERAS_EPS = 1e-3
+
+
+def conv_cls(dims: int) -> type[nn.Conv2d] | type[nn.Conv3d]:
+    return nn.Conv3d if dims == 3 else nn.Conv2d
+
+
+def swish(x: torch.Tensor) -> torch.Tensor:
+    return x * torch.sigmoid(x)
+
+
+class SameConv(nn.Module):
+    """Conv with TensorFlow 'same' padding (or 'valid' for 1x1)."""
+
+    def __init__(self, dims: int, cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1):
+        super().__init__()
+        self.kernel, self.stride = kernel, stride
+        symmetric = stride == 1 and kernel % 2 == 1
+        self.conv = conv_cls(dims)(
+            cin, cout, kernel, stride=stride, padding=kernel // 2 if symmetric else 0, groups=groups
+        )
+        self.explicit_pad = not symmetric
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.explicit_pad:
+            pads: list[int] = []
+            for size in reversed(x.shape[2:]):  # F.pad wants last axis first
+                total = max((math.ceil(size / self.stride) - 1) * self.stride + self.kernel - size, 0)
+                pads += [total // 2, total - total // 2]
+            x = F.pad(x, pads)
+        return self.conv(x)
+
+
+class SameConvTranspose(nn.Module):
+    """Keras Conv{2,3}DTranspose(kernel 3, stride 2, 'same'): a full transpose conv cropped at the end."""
+
+    def __init__(self, dims: int, cin: int, cout: int, kernel: int = 3, stride: int = 2):
+        super().__init__()
+        cls = nn.ConvTranspose3d if dims == 3 else nn.ConvTranspose2d
+        self.conv = cls(cin, cout, kernel, stride=stride)
+        self.stride = stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.conv(x)
+        target = [s * self.stride for s in x.shape[2:]]
+        index = tuple(slice(0, t) for t in target)
+        return out[(Ellipsis, *index)]
+
+
+class BatchNorm(nn.Module):
+    """Inference-time Keras BatchNormalization over the channel axis (eps 1e-3)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.bn = nn.BatchNorm1d(channels, eps=KERAS_EPS, momentum=0.01)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        return self.bn(x.reshape(shape[0], shape[1], -1)).reshape(shape)
+
+
+class GroupNorm(nn.Module):
+    """Keras GroupNormalization (eps 1e-3), written out as mean/var so ONNX and TensorRT get plain
+    reductions instead of GroupNormalization (see ../shared/docs/tensorrt.md, #4336/#4756)."""
+
+    def __init__(self, groups: int, channels: int):
+        super().__init__()
+        self.groups = groups
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        g = x.reshape(shape[0], self.groups, -1)
+        mean = g.mean(dim=-1, keepdim=True)
+        var = (g - mean).pow(2).mean(dim=-1, keepdim=True)
+        g = (g - mean) * torch.rsqrt(var + KERAS_EPS)
+        affine_shape = (1, shape[1]) + (1,) * (len(shape) - 2)
+        return g.reshape(shape) * self.weight.reshape(affine_shape) + self.bias.reshape(affine_shape)
+
+
+class ResConvBlock(nn.Module):
+    """Official `res_conv_block` with batch norm: conv-BN-swish-conv-BN (+ 1x1 conv-BN shortcut), swish."""
+
+    def __init__(self, dims: int, cin: int, cout: int):
+        super().__init__()
+        self.conv1 = SameConv(dims, cin, cout, 3)
+        self.bn1 = BatchNorm(cout)
+        self.conv2 = SameConv(dims, cout, cout, 3)
+        self.shortcut = SameConv(dims, cin, cout, 1)
+        self.bn2 = BatchNorm(cout)
+        self.bn_shortcut = BatchNorm(cout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.bn2(self.conv2(swish(self.bn1(self.conv1(x)))))
+        return swish(self.bn_shortcut(self.shortcut(x)) + y)
+
+
+class Upsample(nn.Module):
+    """Nearest x2 upsampling followed by a 3x3 'same' conv (official `UpSample`)."""
+
+    def __init__(self, dims: int, cin: int, cout: int):
+        super().__init__()
+        self.conv = SameConv(dims, cin, cout, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class SelfAttention(nn.Module):
+    """Official attention blocks: GroupNorm, Dense q/k/v over channels, softmax over all positions,
+    Dense projection. The single-head `AttentionBlock` adds it to the *normalized* input; the 2D
+    image encoder's `MultiHeadAttentionBlock` to the raw input (`normalized_residual=False`)."""
+
+    def __init__(self, channels: int, groups: int, heads: int = 1, normalized_residual: bool = True):
+        super().__init__()
+        self.heads = heads
+        self.normalized_residual = normalized_residual
+        self.scale = float(channels // heads) ** -0.5
+        self.norm = GroupNorm(groups, channels)
+        self.query = nn.Linear(channels, channels)
+        self.key = nn.Linear(channels, channels)
+        self.value = nn.Linear(channels, channels)
+        self.proj = nn.Linear(channels, channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        normed = self.norm(x)
+        tokens = normed.reshape(shape[0], shape[1], -1).transpose(1, 2)  # (B, N, C)
+        b, n, c = tokens.shape
+        q, k, v = (
+            layer(tokens).reshape(b, n, self.heads, c // self.heads).transpose(1, 2)
+            for layer in (self.query, self.key, self.value)
+        )
+        attn = torch.softmax(torch.matmul(q, k.transpose(-1, -2)) * self.scale, dim=-1)
+        out = torch.matmul(attn, v).transpose(1, 2).reshape(b, n, c)
+        out = self.proj(out).transpose(1, 2).reshape(shape)
+        return (normed if self.normalized_residual else x) + out
+
+
+class TimeEmbedding(nn.Module):
+    """Sinusoidal embedding of a (possibly fractional) timestep, then the official two-layer MLP."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        half = dim // 2
+        freqs = torch.exp(torch.arange(half, dtype=torch.float32) * -(math.log(10000.0) / (half - 1)))
+        self.register_buffer("freqs", freqs, persistent=False)
+        self.dense1 = nn.Linear(dim, dim)
+        self.dense2 = nn.Linear(dim, dim)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        emb = t.to(torch.float32)[:, None] * self.freqs[None, :]
+        emb = torch.cat([torch.sin(emb), torch.cos(emb)], dim=-1)
+        return self.dense2(swish(self.dense1(emb)))
+
+
+class TimeResBlock(nn.Module):
+    """Official denoiser `ResidualBlock`: GN-swish-conv, + Dense(swish(temb)), GN-swish-conv, + residual."""
+
+    def __init__(self, dims: int, cin: int, cout: int, groups: int, temb_dim: int):
+        super().__init__()
+        self.residual: SameConv | None = SameConv(dims, cin, cout, 1) if cin != cout else None
+        self.temb = nn.Linear(temb_dim, cout)
+        self.norm1 = GroupNorm(groups, cin)
+        self.conv1 = SameConv(dims, cin, cout, 3)
+        self.norm2 = GroupNorm(groups, cout)
+        self.conv2 = SameConv(dims, cout, cout, 3)
+        self.dims = dims
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        residual = x if self.residual is None else self.residual(x)
+        t = self.temb(swish(temb)).reshape(temb.shape[0], -1, *([1] * self.dims))
+        h = self.conv1(swish(self.norm1(x))) + t
+        h = self.conv2(swish(self.norm2(h)))
+        return h + residual
+
