@@ -1,0 +1,46 @@
+import torch
+import torch.nn.functional as F
+
+from ldseg.model.layers import GroupNorm, SameConv, SameConvTranspose, SelfAttention
+
+
+def test_same_conv_stride2_pads_after_only():
+    conv = SameConv(2, 1, 1, 3, stride=2)
+    x = torch.randn(1, 1, 8, 8)
+    expected = F.conv2d(F.pad(x, [0, 1, 0, 1]), conv.conv.weight, conv.conv.bias, stride=2)
+    assert conv(x).shape == (1, 1, 4, 4)
+    torch.testing.assert_close(conv(x), expected)
+
+
+def test_same_conv_even_kernel_pads_after_only():
+    conv = SameConv(3, 2, 1, 2)
+    x = torch.randn(1, 2, 4, 4, 6)
+    expected = F.conv3d(F.pad(x, [0, 1, 0, 1, 0, 1]), conv.conv.weight, conv.conv.bias)
+    torch.testing.assert_close(conv(x), expected)
+
+
+def test_transpose_conv_same_doubles_and_crops_the_tail():
+    layer = SameConvTranspose(2, 3, 2)
+    x = torch.randn(1, 3, 5, 7)
+    full = layer.conv(x)
+    assert full.shape[-2:] == (11, 15)
+    torch.testing.assert_close(layer(x), full[..., :10, :14])
+
+
+def test_group_norm_matches_torch_with_keras_epsilon():
+    gn = GroupNorm(4, 16)
+    torch.nn.init.normal_(gn.weight)
+    torch.nn.init.normal_(gn.bias)
+    x = torch.randn(2, 16, 3, 4, 5) * 5 + 2
+    expected = F.group_norm(x, 4, gn.weight, gn.bias, eps=1e-3)
+    torch.testing.assert_close(gn(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_attention_residual_goes_to_normalized_or_raw_input():
+    torch.manual_seed(0)
+    normalized = SelfAttention(8, groups=4)
+    raw = SelfAttention(8, groups=4, normalized_residual=False)
+    raw.load_state_dict(normalized.state_dict())
+    x = torch.randn(1, 8, 3, 3) * 3 + 1
+    difference = normalized(x) - raw(x)
+    torch.testing.assert_close(difference, normalized.norm(x) - x)
