@@ -1,0 +1,216 @@
+"""NIfTI volumes in and out. Geometry (affine, header) travels with the array, so an output
+label map is written on exactly the input's grid and overlays it in any viewer.
+
+Every problem with an input becomes one InputError line naming the file; nibabel reads data
+lazily, so corrupt or truncated payloads only surface when the array is materialized.
+"""
+
+from __future__ import annotations
+
+import gzip
+import math
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from nibabel.filebasedimages import ImageFileError
+from nibabel.spatialimages import HeaderDataError, ImageDataError
+from numpy.typing import DTypeLike
+
+from ldseg.errors import InputError, OutputError
+from ldseg.io.atomic import atomic_write
+
+DEFAULT_MAX_VOXELS = 512**3
+# What nibabel/gzip/zlib/numpy raise on unreadable, truncated or corrupt files.
+_READ_ERRORS = (
+    ImageFileError,
+    HeaderDataError,
+    ImageDataError,
+    OSError,
+    EOFError,
+    zlib.error,
+    ValueError,
+)
+_NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+
+@dataclass(frozen=True)
+class Volume:
+    """A 3D volume in nibabel axis order (X, Y, Z) with the geometry it came with.
+
+    `array` is float32 for images (read_volume) and an unsigned integer type for label maps
+    (read_label_volume). `header` already describes the 3D shape (a squeezed 4th axis is gone).
+    """
+
+    array: np.ndarray
+    affine: np.ndarray
+    header: nib.Nifti1Header
+    path: Path
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__
+
+
+def _has_nifti_suffix(path: Path) -> bool:
+    return path.name.lower().endswith(_NIFTI_SUFFIXES)
+
+
+def _verify_gzip(path: Path) -> None:
+    """Decompress a .gz to its end, so the CRC and length trailer are checked.
+
+    nibabel stops reading once it has the voxels it needs, so a damaged stream that still
+    inflates would otherwise pass silently as wrong intensities.
+    """
+    with path.open("rb") as raw:
+        if raw.read(2) != b"\x1f\x8b":
+            return
+    try:
+        with gzip.open(path, "rb") as stream:
+            while stream.read(1 << 24):
+                pass
+    except (OSError, EOFError, zlib.error) as exc:
+        raise InputError(f"{path}: truncated or corrupt gzip data ({_one_line(exc)})") from exc
+
+
+def _load_header(path: Path, max_voxels: int) -> tuple[nib.Nifti1Image, tuple[int, ...]]:
+    """Open `path` lazily and validate everything knowable from the header alone."""
+    if not path.exists():
+        raise InputError(f"{path}: no such file")
+    if path.is_dir():
+        raise InputError(f"{path}: is a directory, expected a NIfTI file")
+    try:
+        img = nib.load(path)
+    except _READ_ERRORS as exc:
+        raise InputError(f"{path}: not a readable NIfTI file ({_one_line(exc)})") from exc
+    if not isinstance(img, nib.Nifti1Image):  # Nifti2Image is a subclass
+        raise InputError(f"{path}: not a NIfTI file (nibabel read it as {type(img).__name__})")
+
+    shape = tuple(int(s) for s in img.shape)
+    if len(shape) < 3:
+        raise InputError(f"{path}: {len(shape)}D image of shape {shape}; a 3D volume is required")
+    if len(shape) > 3 and math.prod(shape[3:]) != 1:
+        raise InputError(
+            f"{path}: {len(shape)}D image of shape {shape} with {math.prod(shape[3:])} frames; "
+            "a single 3D volume is required"
+        )
+    shape = shape[:3]
+    if 0 in shape:
+        raise InputError(f"{path}: empty volume of shape {shape}")
+    voxels = math.prod(shape)
+    if voxels > max_voxels:
+        # Checked before any data is read: a huge (or lying) header must not exhaust memory.
+        raise InputError(
+            f"{path}: volume of shape {shape} has {voxels} voxels, over the limit of "
+            f"{max_voxels} voxels"
+        )
+
+    affine = np.asarray(img.affine, dtype=np.float64)
+    if not np.all(np.isfinite(affine)):
+        raise InputError(f"{path}: affine has non-finite entries")
+    if np.linalg.matrix_rank(affine[:3, :3]) < 3:
+        raise InputError(f"{path}: singular affine (zero voxel size or degenerate axes)")
+    _verify_gzip(path)  # last: the only check that reads the whole file
+    return img, shape
+
+
+def _read_array(
+    img: nib.Nifti1Image, path: Path, shape: tuple[int, ...], *, labels: bool
+) -> np.ndarray:
+    try:
+        if labels:
+            array = np.asanyarray(img.dataobj)
+        else:
+            # Scales straight into float32; get_fdata() would default to float64 (2x memory).
+            array = img.get_fdata(dtype=np.float32, caching="unchanged")
+    except _READ_ERRORS as exc:
+        raise InputError(f"{path}: truncated or corrupt image data ({_one_line(exc)})") from exc
+    return np.asarray(array).reshape(shape)
+
+
+def _volume(img: nib.Nifti1Image, array: np.ndarray, path: Path) -> Volume:
+    header = img.header.copy()
+    header.set_data_shape(array.shape)
+    affine = np.asarray(img.affine, dtype=np.float64)
+    return Volume(array=array, affine=affine, header=header, path=path)
+
+
+def read_volume(path: Path, *, max_voxels: int = DEFAULT_MAX_VOXELS) -> Volume:
+    """Read a 3D intensity volume as float32 (X, Y, Z); InputError for anything unusable."""
+    path = Path(path)
+    img, shape = _load_header(path, max_voxels)
+    array = _read_array(img, path, shape, labels=False).astype(np.float32, copy=False)
+    lo, hi = float(array.min()), float(array.max())  # NaN propagates; +-Inf shows up here too
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise InputError(f"{path}: image contains NaN or infinite intensities")
+    if lo == hi:
+        raise InputError(
+            f"{path}: constant image (every voxel is {lo:g}); "
+            "min-max standardization needs contrast"
+        )
+    return _volume(img, array, path)
+
+
+def read_label_volume(path: Path, *, max_voxels: int = DEFAULT_MAX_VOXELS) -> Volume:
+    """Read a 3D label map (non-negative integers) as uint8, or uint16/uint32 if ids need it."""
+    path = Path(path)
+    img, shape = _load_header(path, max_voxels)
+    raw = _read_array(img, path, shape, labels=True)
+    if raw.dtype.kind == "f":
+        if not np.all(np.isfinite(raw)):
+            raise InputError(f"{path}: label map contains NaN or infinite values")
+        if not np.array_equal(raw, np.round(raw)):
+            raise InputError(f"{path}: label map has non-integer values")
+    elif raw.dtype.kind not in "iub":
+        raise InputError(f"{path}: label map has unsupported data type {raw.dtype}")
+    lo, hi = float(raw.min()), float(raw.max())
+    if lo < 0:
+        raise InputError(f"{path}: label map has negative labels (min {lo:g})")
+    dtype = np.uint8 if hi <= 255 else np.uint16 if hi <= 65535 else np.uint32
+    if hi > np.iinfo(np.uint32).max:
+        raise InputError(f"{path}: label ids up to {hi:g} exceed uint32")
+    return _volume(img, raw.astype(dtype), path)
+
+
+def write_volume(
+    path: Path,
+    array: np.ndarray,
+    reference: Volume,
+    *,
+    overwrite: bool,
+    dtype: DTypeLike = np.uint8,
+) -> None:
+    """Write `array` (nibabel order, reference's shape) on the reference's grid, atomically.
+
+    The header is the reference's (same qform/sform and codes, so the output overlays the input)
+    with the data type set to `dtype` and no intensity scaling, so labels are stored verbatim.
+    """
+    path = Path(path)
+    if not _has_nifti_suffix(path):
+        raise OutputError(f"{path}: output name must end in .nii or .nii.gz")
+    array = np.asarray(array)
+    if array.shape != reference.array.shape:
+        raise ValueError(f"array shape {array.shape} != reference shape {reference.array.shape}")
+    out_dtype = np.dtype(dtype)
+    if out_dtype.kind in "iu" and array.size:
+        info = np.iinfo(out_dtype)
+        if array.min() < info.min or array.max() > info.max:
+            raise ValueError(f"values outside the range of {out_dtype}")
+    data = array.astype(out_dtype, copy=False)
+
+    header = reference.header.copy()
+    header.set_data_shape(data.shape)
+    header.set_data_dtype(out_dtype)
+    header.set_slope_inter(None, None)  # raw values on disk: labels must not be rescaled
+    header["cal_min"], header["cal_max"] = 0, 0  # the input's display window means nothing here
+    # Same header affine => nibabel keeps qform/sform untouched (it only rewrites on mismatch).
+    image_class = nib.Nifti2Image if isinstance(header, nib.Nifti2Header) else nib.Nifti1Image
+    img = image_class(data, reference.affine, header=header)
+
+    def write(tmp: Path) -> None:
+        nib.save(img, tmp)
+
+    atomic_write(path, write, overwrite)
