@@ -1,0 +1,229 @@
+"""Console scripts. They parse, call the package, and print; errors become one line and an exit code."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import numpy as np
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from ldseg.errors import ArtifactError, InputError, LdsegError
+from ldseg.io.atomic import ensure_output_dir
+
+console = Console(stderr=True)
+out = Console()
+
+
+def _entry(app: typer.Typer, prog: str) -> Callable[[], None]:
+    """Run a Typer app; LdsegError -> 'prog: error: message' and its exit code, no traceback."""
+
+    def main() -> None:
+        # Typer reports usage errors itself (exit 2); ours surface here as one line.
+        try:
+            app(prog_name=prog)
+        except LdsegError as exc:
+            console.print(f"[bold red]{prog}: error:[/] {exc}", highlight=False, soft_wrap=True)
+            sys.exit(exc.exit_code)
+
+    return main
+
+
+# --------------------------------------------------------------------------- ldseg-run
+run_typer = typer.Typer(add_completion=False, help="Segment NIfTI volumes or 2D images with LDSeg.")
+
+
+@run_typer.command()
+def run(
+    inputs: Annotated[Optional[list[Path]], typer.Argument(help="Files or folders to segment.")] = None,
+    output: Annotated[Path, typer.Option("-o", "--output", help="Output folder.")] = Path("ldseg-out"),
+    checkpoint: Annotated[str, typer.Option(help="Checkpoint path, or 'demo' for the bundled model.")] = "demo",
+    backend: Annotated[str, typer.Option(help="torch | auto")] = "auto",
+    device: Annotated[str, typer.Option(help="cpu | cuda | auto")] = "auto",
+    steps: Annotated[Optional[int], typer.Option(help="Sampling steps (default: checkpoint's, 15).")] = None,
+    sampler: Annotated[Optional[str], typer.Option(help="ddim | ddpm (default: checkpoint's).")] = None,
+    seed: Annotated[int, typer.Option(help="Noise seed; sample k uses seed + k.")] = 0,
+    samples: Annotated[int, typer.Option(help="K samples as one batch: adds confidence and entropy maps.")] = 1,
+    save_probabilities: Annotated[bool, typer.Option(help="Also write per-class probability maps.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace existing outputs.")] = False,
+    fail_fast: Annotated[bool, typer.Option(help="Stop at the first bad input.")] = False,
+    reconstruct: Annotated[
+        Optional[Path], typer.Option(help="Debug: encode this label and decode it (no denoiser).")
+    ] = None,
+    demo: Annotated[bool, typer.Option(help="Segment a fresh synthetic phantom and print its Dice.")] = False,
+    demo_seed: Annotated[int, typer.Option(help="Phantom seed for --demo.")] = 0,
+) -> None:
+    """Examples: `ldseg-run --demo -o out/`, `ldseg-run scan.nii.gz -o out/`, `ldseg-run scans/ -o out/ --samples 8`."""
+    from ldseg.runtime.session import RunOptions
+    from ldseg.runtime.select import RECONSTRUCT_NEEDS, SEGMENT_NEEDS, load_model, select_backend
+
+    if samples < 1 or (steps is not None and steps < 1):
+        raise typer.BadParameter("--samples and --steps must be at least 1")
+    out_dir = ensure_output_dir(output)
+    opts = RunOptions(steps, sampler, seed, samples, save_probabilities, overwrite, fail_fast)
+    if reconstruct is not None:
+        _reconstruct(load_model(checkpoint, RECONSTRUCT_NEEDS), reconstruct, out_dir, overwrite)
+        return
+    model = load_model(checkpoint, SEGMENT_NEEDS)
+    chosen, why = select_backend(model, backend, device)
+    console.print(f"backend: [bold]{chosen.name}[/] on {chosen.device}, {chosen.precision} ({why})")
+    if demo:
+        _demo(model, chosen, out_dir, opts, demo_seed)
+        return
+    paths = _expand_inputs(inputs or [])
+    summary = _run_with_progress(paths, out_dir, chosen, model.cfg, opts)
+    if summary.failures:
+        raise LdsegError(f"{len(summary.failures)} of {len(paths)} input(s) failed (listed above)")
+
+
+def _expand_inputs(inputs: list[Path]) -> list[Path]:
+    from ldseg.runtime.volumes import is_input_file
+
+    if not inputs:
+        raise typer.BadParameter("give input files or folders, or --demo")
+    paths: list[Path] = []
+    for item in inputs:
+        if item.is_dir():
+            found = sorted(p for p in item.iterdir() if p.is_file() and is_input_file(p))
+            if not found:
+                raise InputError(f"{item}: no .nii/.nii.gz/.png/.bmp/.jpg/.tif files in this folder")
+            paths += found
+        elif item.exists():
+            paths.append(item)
+        else:
+            raise InputError(f"{item}: no such file or folder")
+    return paths
+
+
+def _run_with_progress(paths: list[Path], out_dir: Path, backend: Any, cfg: Any, opts: Any) -> Any:
+    from ldseg.runtime.session import run_files
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=False) as progress:
+        task = progress.add_task("segmenting", total=len(paths))
+
+        def done(path: Path, error: str | None) -> None:
+            if error:
+                progress.console.print(f"[red]failed:[/] {error}", highlight=False)
+            progress.advance(task)
+
+        summary = run_files(paths, out_dir, backend, cfg, opts, on_done=done)
+    table = Table(title=f"{summary.volumes} volume(s) in {summary.seconds:.1f} s "
+                  f"({summary.volumes / max(summary.seconds, 1e-9):.2f} volumes/s)")
+    table.add_column("stage")
+    table.add_column("median ms", justify="right")
+    for stage, values in summary.stage_ms.items():
+        table.add_row(stage, f"{np.median(values):.1f}")
+    table.caption = f"backend {backend.name}, device {backend.device}, {backend.precision}"
+    console.print(table)
+    for path in summary.written:
+        out.print(str(path), highlight=False)
+    return summary
+
+
+def _reconstruct(model: Any, label_path: Path, out_dir: Path, overwrite: bool) -> None:
+    import torch
+
+    from ldseg.runtime.volumes import output_path, prepare, prepare_label, to_input_grid, write_map
+
+    prepared = prepare(label_path, model.cfg) if model.cfg.spatial_dims == 2 else None
+    labels = prepare_label(label_path, model.cfg)
+    probs = model.reconstruct(torch.from_numpy(labels[None].astype(np.int64)))[0].numpy()
+    if prepared is None:  # 3D: the label volume itself carries the geometry
+        from ldseg.io.nifti import read_label_volume
+        from ldseg.runtime.volumes import Prepared
+
+        prepared = Prepared(label_path, np.zeros(0, np.float32), read_label_volume(label_path))
+    target = output_path(out_dir, prepared, "_reconstruction")
+    write_map(target, prepared, to_input_grid(prepared, probs), overwrite=overwrite, dtype=np.uint8)
+    out.print(str(target), highlight=False)
+
+
+def _demo(model: Any, backend: Any, out_dir: Path, opts: Any, seed: int) -> None:
+    from ldseg.data.phantoms import make_phantom, write_phantom_nifti
+    from ldseg.io.nifti import read_label_volume
+    from ldseg.metrics import dice_per_class
+
+    cfg = model.cfg
+    phantom = make_phantom(seed, cfg.image_size, cfg.num_classes)
+    image_path, truth_path = out_dir / f"phantom{seed}.nii.gz", out_dir / f"phantom{seed}_truth.nii.gz"
+    write_phantom_nifti(phantom, image_path, truth_path, overwrite=opts.overwrite)
+    console.print(f"demo: phantom seed {seed} written to {image_path}")
+    summary = _run_with_progress([image_path], out_dir, backend, cfg, opts)
+    if summary.failures:
+        raise LdsegError(summary.failures[0][1])
+    seg = read_label_volume(out_dir / f"phantom{seed}_seg.nii.gz").array
+    truth = read_label_volume(truth_path).array
+    scores = dice_per_class(seg, truth, cfg.num_classes)
+    line = ", ".join(f"class {c} {d:.3f}" for c, d in scores.items())
+    out.print(f"Dice vs phantom truth: {line}; mean {np.mean(list(scores.values())):.3f}")
+
+
+# --------------------------------------------------------------------------- ldseg-export
+export_typer = typer.Typer(add_completion=False, no_args_is_help=True, help="Import, export and inspect models.")
+
+
+@export_typer.command("import-keras")
+def import_keras(
+    preset: Annotated[str, typer.Option(help="knee3d | glas2d")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Checkpoint to write (.safetensors).")],
+    label_encoder: Annotated[Optional[Path], typer.Option(help="labelEncoder*.hdf5")] = None,
+    label_decoder: Annotated[Optional[Path], typer.Option(help="labelDecoder*.hdf5")] = None,
+    image_encoder: Annotated[Optional[Path], typer.Option(help="imageEncoder*.hdf5")] = None,
+    denoiser: Annotated[Optional[Path], typer.Option(help="denoiser*.hdf5 (never released)")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing checkpoint.")] = False,
+) -> None:
+    """Read the official Keras HDF5 weights (h5py, no TensorFlow) into an ldseg checkpoint.
+
+    Example: ldseg-export import-keras --preset knee3d --label-encoder labelEncoder3D.hdf5
+    --label-decoder labelDecoder3D.hdf5 --image-encoder imageEncoder3D.hdf5 -o knee3d.safetensors
+    """
+    import torch
+
+    from ldseg.model.checkpoint import save_checkpoint
+    from ldseg.model.config import get_preset
+    from ldseg.model.keras_import import load_keras_weights
+    from ldseg.model.network import LDSeg
+
+    torch.manual_seed(0)  # components without a file stay randomly (but reproducibly) initialized
+    model = LDSeg(get_preset(preset))
+    files = {"label_encoder": label_encoder, "label_decoder": label_decoder,
+             "image_encoder": image_encoder, "denoiser": denoiser}
+    for name, path in files.items():
+        if path is None:
+            console.print(f"{name}: no file given, left untrained (random)")
+            continue
+        if not path.is_file():
+            raise ArtifactError(f"{path}: no such weight file")
+        load_keras_weights(getattr(model, name), path)
+        model.trained[name] = True
+        console.print(f"{name}: imported {path}")
+    digest = save_checkpoint(model.eval(), output, overwrite=overwrite,
+                             extra={"source": {k: str(v) for k, v in files.items() if v is not None}})
+    out.print(f"{output} (sha256 {digest[:12]}, trained: "
+              f"{', '.join(k for k, v in model.trained.items() if v) or 'nothing'})")
+
+
+@export_typer.command("inspect")
+def inspect(artifact: Annotated[Path, typer.Argument(help="A checkpoint (.safetensors) or a bundle folder.")]) -> None:
+    """Print what an artifact is: config, trained components, hashes (and graphs for bundles)."""
+    import json
+
+    from ldseg.model.checkpoint import read_metadata
+
+    if artifact.is_dir():
+        from ldseg.export.inspect import inspect_bundle
+
+        for renderable in inspect_bundle(artifact):
+            out.print(renderable)
+        return
+    out.print_json(json.dumps(read_metadata(artifact)))
+
+
+run_app = _entry(run_typer, "ldseg-run")
+export_app = _entry(export_typer, "ldseg-export")

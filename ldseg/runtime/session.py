@@ -1,0 +1,121 @@
+"""Segment files with any Backend: read ahead, run, write results atomically, survive bad files."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ldseg.errors import LdsegError
+from ldseg.model.config import ModelConfig
+from ldseg.runtime.backend import Backend, make_inputs
+from ldseg.runtime.volumes import (
+    Prepared,
+    map_to_input_grid,
+    output_path,
+    prepare,
+    to_input_grid,
+    write_map,
+)
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    steps: int | None = None
+    sampler: str | None = None
+    seed: int = 0
+    samples: int = 1
+    save_probabilities: bool = False
+    overwrite: bool = False
+    fail_fast: bool = False
+
+
+@dataclass
+class RunSummary:
+    written: list[Path] = field(default_factory=list)
+    failures: list[tuple[Path, str]] = field(default_factory=list)
+    stage_ms: dict[str, list[float]] = field(default_factory=dict)
+    volumes: int = 0
+    seconds: float = 0.0
+
+
+def vote_entropy(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """Per-voxel entropy of K label votes (K, *grid), normalized to [0, 1] by log(num_classes)."""
+    counts = np.stack([(labels == c).sum(axis=0) for c in range(num_classes)]).astype(np.float32)
+    p = counts / labels.shape[0]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        terms = np.where(p > 0, -p * np.log(p), 0.0)
+    return (terms.sum(axis=0) / np.log(num_classes)).astype(np.float32)
+
+
+def segment_prepared(
+    prepared: Prepared, backend: Backend, cfg: ModelConfig, opts: RunOptions
+) -> tuple[dict[str, tuple[np.ndarray, type]], dict[str, float]]:
+    """Run one prepared input; returns {output suffix: (array on input grid, dtype)} and stage times."""
+    seeds = [opts.seed + k for k in range(opts.samples)]
+    batch = np.repeat(prepared.image[None], opts.samples, axis=0)
+    result = backend.run(make_inputs(cfg, batch, seeds, opts.steps, opts.sampler), probabilities=True)
+    assert result.probabilities is not None
+    mean = result.probabilities.mean(axis=0)
+    outputs: dict[str, tuple[np.ndarray, type]] = {"_seg": (to_input_grid(prepared, mean), np.uint8)}
+    if opts.samples > 1:
+        chosen = np.take_along_axis(mean, mean.argmax(axis=0)[None], axis=0)[0]
+        outputs["_confidence"] = (map_to_input_grid(prepared, chosen), np.float32)
+        entropy = vote_entropy(result.labels, cfg.num_classes)
+        outputs["_entropy"] = (map_to_input_grid(prepared, entropy), np.float32)
+    if opts.save_probabilities:
+        for c in range(cfg.num_classes):
+            outputs[f"_prob{c}"] = (map_to_input_grid(prepared, mean[c]), np.float32)
+    return outputs, result.stage_ms
+
+
+def _read_ahead(paths: list[Path], cfg: ModelConfig) -> Iterator[tuple[Path, Future[Prepared]]]:
+    """Decode the next file (gzip NIfTI can cost more than the model) while this one computes."""
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(prepare, paths[0], cfg) if paths else None
+        for i, path in enumerate(paths):
+            assert pending is not None
+            current = pending
+            pending = pool.submit(prepare, paths[i + 1], cfg) if i + 1 < len(paths) else None
+            yield path, current
+
+
+def run_files(
+    paths: list[Path],
+    out_dir: Path,
+    backend: Backend,
+    cfg: ModelConfig,
+    opts: RunOptions,
+    on_done: Callable[[Path, str | None], None] = lambda path, error: None,
+) -> RunSummary:
+    summary = RunSummary()
+    clock = time.perf_counter()
+    for path, future in _read_ahead(paths, cfg):
+        try:
+            prepared = future.result()
+            outputs, stage_ms = segment_prepared(prepared, backend, cfg, opts)
+            targets = {suffix: output_path(out_dir, prepared, suffix) for suffix in outputs}
+            if not opts.overwrite:  # check all first, so a volume's outputs are all-or-nothing
+                existing = [t for t in targets.values() if t.exists()]
+                if existing:
+                    from ldseg.errors import OutputError
+
+                    raise OutputError(f"{existing[0]}: exists (use --overwrite)")
+            for suffix, (values, dtype) in outputs.items():
+                write_map(targets[suffix], prepared, values, overwrite=opts.overwrite, dtype=dtype)
+                summary.written.append(targets[suffix])
+            for stage, ms in stage_ms.items():
+                summary.stage_ms.setdefault(stage, []).append(ms)
+            summary.volumes += 1
+            on_done(path, None)
+        except LdsegError as exc:
+            summary.failures.append((path, str(exc)))
+            on_done(path, str(exc))
+            if opts.fail_fast:
+                break
+    summary.seconds = time.perf_counter() - clock
+    return summary

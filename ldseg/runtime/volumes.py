@@ -1,0 +1,114 @@
+"""From files to model-grid arrays and back: one shared pre/post-processing for every backend."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ldseg.errors import InputError
+from ldseg.io.image2d import Image2D, read_image2d, read_label2d, write_label2d
+from ldseg.io.nifti import Volume, read_label_volume, read_volume, write_volume
+from ldseg.io.preprocess import (
+    image2d_to_model_grid,
+    image_to_model_grid,
+    labels2d_to_model_grid,
+    labels_to_model_grid,
+    probabilities2d_to_input_grid,
+    probabilities_to_input_grid,
+    resize_nearest,
+    zoom_to,
+)
+from ldseg.model.config import ModelConfig
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+IMAGE_SUFFIXES = (".png", ".bmp", ".jpg", ".jpeg", ".tif", ".tiff")
+
+
+def stem(path: Path) -> str:
+    name = path.name
+    for suffix in (".nii.gz", *NIFTI_SUFFIXES, *IMAGE_SUFFIXES):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return path.stem
+
+
+def is_input_file(path: Path) -> bool:
+    return path.name.lower().endswith(NIFTI_SUFFIXES + IMAGE_SUFFIXES) and not path.name.startswith(".")
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A model-grid image (C, *grid) plus what is needed to write results on the input's grid."""
+
+    path: Path
+    image: np.ndarray
+    reference: Volume | Image2D
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.reference.array.shape[:2] if isinstance(self.reference, Image2D) else self.reference.array.shape)
+
+
+def prepare(path: Path, cfg: ModelConfig) -> Prepared:
+    """Read and preprocess one input exactly as the official pipeline does."""
+    if cfg.spatial_dims == 3:
+        if not path.name.lower().endswith(NIFTI_SUFFIXES):
+            raise InputError(f"{path}: a 3D model needs a NIfTI volume (.nii or .nii.gz)")
+        volume = read_volume(path)
+        if volume.array.ndim != 3:
+            raise InputError(f"{path}: expected a 3D volume, got shape {volume.array.shape}")
+        try:
+            image = image_to_model_grid(volume.array, cfg.image_size)[None]
+        except ValueError as exc:
+            raise InputError(f"{path}: {exc}") from exc
+        return Prepared(path, image.astype(np.float32), volume)
+    picture = read_image2d(path)
+    if picture.array.shape[-1] != cfg.image_channels:
+        raise InputError(f"{path}: {picture.array.shape[-1]} channels, the model needs {cfg.image_channels}")
+    try:
+        image = image2d_to_model_grid(picture.array, cfg.image_size)
+    except ValueError as exc:
+        raise InputError(f"{path}: {exc}") from exc
+    return Prepared(path, image.astype(np.float32), picture)
+
+
+def prepare_label(path: Path, cfg: ModelConfig) -> np.ndarray:
+    """A reference label on the model grid (for --reconstruct and training)."""
+    if cfg.spatial_dims == 3:
+        volume = read_label_volume(path)
+        labels = volume.array.astype(np.int64)
+        if labels.min() < 0 or labels.max() >= cfg.num_classes:
+            raise InputError(f"{path}: label values {labels.min()}..{labels.max()} outside 0..{cfg.num_classes - 1}")
+        return labels_to_model_grid(labels, cfg.image_size, cfg.num_classes)
+    return labels2d_to_model_grid(read_label2d(path), cfg.image_size)
+
+
+def to_input_grid(prepared: Prepared, probabilities: np.ndarray) -> np.ndarray:
+    """(K, *grid) probabilities -> uint8 labels on the input's grid and axis order."""
+    if isinstance(prepared.reference, Image2D):
+        return probabilities2d_to_input_grid(probabilities, prepared.input_shape)
+    return probabilities_to_input_grid(probabilities, prepared.input_shape)
+
+
+def map_to_input_grid(prepared: Prepared, values: np.ndarray) -> np.ndarray:
+    """A float map on the model grid (e.g. uncertainty) -> input grid, linear (3D) / nearest (2D)."""
+    if isinstance(prepared.reference, Image2D):
+        return resize_nearest(values, prepared.input_shape).astype(np.float32)
+    shape_dhw = tuple(reversed(prepared.input_shape))
+    return zoom_to(values.astype(np.float32), shape_dhw).transpose(2, 1, 0)
+
+
+def output_path(out_dir: Path, prepared: Prepared, suffix: str) -> Path:
+    extension = ".png" if isinstance(prepared.reference, Image2D) else ".nii.gz"
+    return out_dir / f"{stem(prepared.path)}{suffix}{extension}"
+
+
+def write_map(path: Path, prepared: Prepared, values: np.ndarray, *, overwrite: bool, dtype: type) -> None:
+    if isinstance(prepared.reference, Image2D):
+        if np.dtype(dtype) != np.uint8:
+            values = np.clip(values * 255.0, 0, 255)  # PNG: float maps in [0, 1] scaled to 0..255
+        write_label2d(path, values.astype(np.uint8), overwrite=overwrite)
+    else:
+        write_volume(path, values, prepared.reference, overwrite=overwrite, dtype=dtype)
