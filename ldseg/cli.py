@@ -78,7 +78,10 @@ def run(
     paths = _expand_inputs(inputs or [])
     summary = _run_with_progress(paths, out_dir, chosen, model.cfg, opts)
     if summary.failures:
-        raise LdsegError(f"{len(summary.failures)} of {len(paths)} input(s) failed (listed above)")
+        failure = LdsegError(f"{len(summary.failures)} of {len(paths)} input(s) failed (listed above)")
+        codes = {exc.exit_code for _, exc in summary.failures}
+        failure.exit_code = codes.pop() if len(codes) == 1 else 1  # one kind of failure: its own code
+        raise failure
 
 
 def _expand_inputs(inputs: list[Path]) -> list[Path]:
@@ -156,7 +159,7 @@ def _demo(model: Any, backend: Any, out_dir: Path, opts: Any, seed: int) -> None
     console.print(f"demo: phantom seed {seed} written to {image_path}")
     summary = _run_with_progress([image_path], out_dir, backend, cfg, opts)
     if summary.failures:
-        raise LdsegError(summary.failures[0][1])
+        raise summary.failures[0][1]
     seg = read_label_volume(out_dir / f"phantom{seed}_seg.nii.gz").array
     truth = read_label_volume(truth_path).array
     scores = dice_per_class(seg, truth, cfg.num_classes)

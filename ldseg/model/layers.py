@@ -159,6 +159,8 @@ class SelfAttention(nn.Module):
 class TimeEmbedding(nn.Module):
     """Sinusoidal embedding of a (possibly fractional) timestep, then the official two-layer MLP."""
 
+    freqs: torch.Tensor
+
     def __init__(self, dim: int):
         super().__init__()
         half = dim // 2

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ldseg.errors import LdsegError
+from ldseg.errors import LdsegError, OutputError
 from ldseg.model.config import ModelConfig
 from ldseg.runtime.backend import Backend, make_inputs
 from ldseg.runtime.volumes import (
@@ -37,7 +37,7 @@ class RunOptions:
 @dataclass
 class RunSummary:
     written: list[Path] = field(default_factory=list)
-    failures: list[tuple[Path, str]] = field(default_factory=list)
+    failures: list[tuple[Path, LdsegError]] = field(default_factory=list)
     stage_ms: dict[str, list[float]] = field(default_factory=dict)
     volumes: int = 0
     seconds: float = 0.0
@@ -102,8 +102,6 @@ def run_files(
             if not opts.overwrite:  # check all first, so a volume's outputs are all-or-nothing
                 existing = [t for t in targets.values() if t.exists()]
                 if existing:
-                    from ldseg.errors import OutputError
-
                     raise OutputError(f"{existing[0]}: exists (use --overwrite)")
             for suffix, (values, dtype) in outputs.items():
                 write_map(targets[suffix], prepared, values, overwrite=opts.overwrite, dtype=dtype)
@@ -113,7 +111,7 @@ def run_files(
             summary.volumes += 1
             on_done(path, None)
         except LdsegError as exc:
-            summary.failures.append((path, str(exc)))
+            summary.failures.append((path, exc))
             on_done(path, str(exc))
             if opts.fail_fast:
                 break

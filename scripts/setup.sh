@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Create .venv and install ldseg for the CPU: constraints/cpu.txt pins the CPU torch wheel so pip
+# never pulls the multi-GB CUDA build. GPU users: pip install -e ".[gpu]" without the constraints.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+.venv/bin/python -m pip install --quiet --upgrade pip
+.venv/bin/python -m pip install --quiet -c constraints/cpu.txt -e ".[dev]"
