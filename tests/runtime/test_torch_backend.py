@@ -1,0 +1,73 @@
+"""Torch backend: eager on CPU here; the CUDA-graph tests run wherever a GPU is visible."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from ldseg.model.config import PRESETS
+from ldseg.model.network import LDSeg
+from ldseg.runtime.backend import make_inputs
+from ldseg.runtime.torch_backend import TorchBackend
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on a lent device)")
+
+
+@pytest.fixture(scope="module")
+def model() -> LDSeg:
+    torch.manual_seed(0)
+    return LDSeg(PRESETS["demo"]).eval()
+
+
+def _image(seed: int, batch: int = 1) -> np.ndarray:
+    return np.random.default_rng(seed).random((batch, *PRESETS["demo"].image_shape), dtype=np.float32)
+
+
+def test_backend_equals_model_segment(model):
+    image = _image(0, 2)
+    out = TorchBackend(model).run(make_inputs(model.cfg, image, [3, 4], steps=4), probabilities=True)
+    reference = model.segment(torch.from_numpy(image), [3, 4], steps=4).numpy()
+    np.testing.assert_array_equal(out.probabilities, reference)
+    np.testing.assert_array_equal(out.labels, reference.argmax(1))
+    assert set(out.stage_ms) == {"encoder", "loop", "decoder"}
+
+
+def test_k_sample_batch_equals_k_single_runs(model):
+    image = np.repeat(_image(1), 3, axis=0)
+    backend = TorchBackend(model)
+    batch = backend.run(make_inputs(model.cfg, image, [7, 8, 9], steps=3), probabilities=True)
+    for k, seed in enumerate([7, 8, 9]):
+        single = backend.run(make_inputs(model.cfg, image[:1], [seed], steps=3), probabilities=True)
+        np.testing.assert_allclose(batch.probabilities[k], single.probabilities[0], atol=1e-5)
+
+
+@cuda
+@pytest.mark.cuda
+def test_graph_replay_equals_eager_and_follows_new_inputs(model):
+    graphed = TorchBackend(model, "cuda", cuda_graph=True)
+    eager = TorchBackend(model, "cuda", cuda_graph=False)
+    for seed in (0, 1):  # the second request must give the new answer, not the captured one
+        inputs = make_inputs(model.cfg, _image(seed, 2), [seed, seed + 1], steps=5)
+        a = graphed.run(inputs, probabilities=True)
+        b = eager.run(inputs, probabilities=True)
+        assert graphed.fallback_reason is None
+        np.testing.assert_allclose(a.probabilities, b.probabilities, atol=1e-5)
+        assert (a.labels == b.labels).mean() >= 0.999
+
+
+@cuda
+@pytest.mark.cuda
+def test_replays_allocate_nothing_and_keep_their_buffers(model):
+    backend = TorchBackend(model, "cuda", cuda_graph=True)
+    inputs = make_inputs(model.cfg, _image(2), [0], steps=15)
+    backend.run(inputs)
+    graph, buf = backend._graphs[(1, 15)]
+    pointers = [buf.image.data_ptr(), buf.z_init.data_ptr(), buf.labels.data_ptr()]
+    torch.cuda.synchronize()
+    allocated = torch.cuda.memory_allocated()
+    for i in range(100):
+        backend.run(make_inputs(model.cfg, _image(i), [i], steps=15))
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() == allocated
+    assert [buf.image.data_ptr(), buf.z_init.data_ptr(), buf.labels.data_ptr()] == pointers
