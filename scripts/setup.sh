@@ -9,3 +9,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet -c constraints/cpu.txt -e ".[dev]"
+# Type stubs for the TensorRT code paths (mypy). --no-deps: the stubs package requires the real
+# tensorrt wheels, whose install downloads from NVIDIA's index. The stubs ship `tensorrt/__init__.pyi`
+# only, so `import tensorrt` then yields an empty namespace package: ldseg checks for real TensorRT.
+.venv/bin/python -m pip install --quiet --no-deps "tensorrt-stubs==10.13.0.35.1"
