@@ -222,11 +222,13 @@ def inspect(artifact: Annotated[Path, typer.Argument(help="A checkpoint (.safete
     if artifact.is_dir():
         from ldseg.export.inspect import inspect_bundle
 
-        for renderable in inspect_bundle(artifact):
-            out.print(renderable)
+        out.print(inspect_bundle(artifact))
         return
     out.print_json(json.dumps(read_metadata(artifact)))
 
 
+from ldseg.bench.command import bench_typer  # noqa: E402  (light: heavy imports happen per command)
+
 run_app = _entry(run_typer, "ldseg-run")
+bench_app = _entry(bench_typer, "ldseg-bench")
 export_app = _entry(export_typer, "ldseg-export")

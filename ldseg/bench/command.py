@@ -1,0 +1,80 @@
+"""`ldseg-bench`: parse options, call run_benchmark, print what it decided and where results went.
+
+Registered in ldseg/cli.py as `bench_app = _entry(bench_typer, "ldseg-bench")`; bad input raises
+ldseg.errors exceptions, which _entry turns into one line and an exit code. Importing this module
+is cheap (typer and rich only), so ldseg/cli.py can import it at the top.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from ldseg.errors import InputError
+
+bench_typer = typer.Typer(add_completion=False, help="Benchmark LDSeg backends: latency, throughput, FLOPs, accuracy.")
+_console = Console(stderr=True)
+
+
+def parse_list(option: str, text: str) -> tuple[str, ...]:
+    items = tuple(s.strip() for s in text.split(",") if s.strip())
+    if not items:
+        raise InputError(f"{option}: give a comma-separated list, got {text!r}")
+    return items
+
+
+def parse_ints(option: str, text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(s) for s in parse_list(option, text))
+    except ValueError as exc:
+        raise InputError(f"{option}: comma-separated whole numbers expected, got {text!r}") from exc
+
+
+@bench_typer.command()
+def bench(
+    output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Result folder (default benchmarks/results/<machine>-<date>).")] = None,
+    preset: Annotated[Optional[str], typer.Option(help="knee3d | glas2d | demo, random weights (default demo).")] = None,
+    checkpoint: Annotated[Optional[str], typer.Option(help="Checkpoint path, or 'demo' for the bundled model.")] = None,
+    bundle: Annotated[Optional[Path], typer.Option(help="Exported bundle for onnxruntime (with --checkpoint for the reference).")] = None,
+    backends: Annotated[str, typer.Option(help="Comma-separated backends (registry: ldseg/bench/targets.py).")] = "torch,onnxruntime",
+    precisions: Annotated[str, typer.Option(help="Comma-separated precisions, e.g. fp32,fp16.")] = "fp32",
+    steps: Annotated[Optional[str], typer.Option(help="Comma-separated step counts (default: the model's).")] = None,
+    batch: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "1",
+    repeat: Annotated[int, typer.Option(help="Timed runs per configuration and per stage.")] = 10,
+    warmup: Annotated[int, typer.Option(help="Untimed runs first.")] = 2,
+    data: Annotated[Optional[Path], typer.Option(help="Folder of inputs (default: synthetic phantoms).")] = None,
+    device: Annotated[str, typer.Option(help="cpu | cuda | auto")] = "auto",
+    sampler: Annotated[Optional[str], typer.Option(help="ddim | ddpm (default: the model's).")] = None,
+    seed: Annotated[int, typer.Option(help="Weights (presets), phantoms and noise seed.")] = 0,
+    probe_size: Annotated[int, typer.Option(help="Matmul size of the peak probe.")] = 2048,
+    probe_repeat: Annotated[int, typer.Option(help="Matmuls timed by the peak probe.")] = 5,
+    overwrite: Annotated[bool, typer.Option(help="Replace results in the output folder.")] = False,
+) -> None:
+    """Examples: `ldseg-bench --preset demo --backends torch,onnxruntime --steps 1,5,15,50 --batch 1,2,4,8`,
+    `ldseg-bench --checkpoint demo --repeat 20 -o benchmarks/results/mine`."""
+    from ldseg.bench.harness import BenchOptions, run_benchmark  # heavy (torch, matplotlib): only when run
+
+    options = BenchOptions(
+        output=output,
+        preset=preset,
+        checkpoint=checkpoint,
+        bundle=bundle,
+        backends=parse_list("--backends", backends),
+        precisions=parse_list("--precisions", precisions),
+        steps=parse_ints("--steps", steps) if steps is not None else (),
+        batch=parse_ints("--batch", batch),
+        repeat=repeat,
+        warmup=warmup,
+        data=data,
+        device=device,
+        sampler=sampler,
+        seed=seed,
+        probe_size=probe_size,
+        probe_repeat=probe_repeat,
+        overwrite=overwrite,
+    )
+    out_dir = run_benchmark(options, log=lambda line: _console.print(line, highlight=False, soft_wrap=True))
+    print(out_dir)

@@ -1,0 +1,136 @@
+"""Markdown from results.json: the per-run results.md, and a README "Performance" section that
+puts the machine and the date beside every number."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from ldseg.bench.stages import STAGES
+from ldseg.errors import InputError
+
+Row = dict[str, Any]
+
+
+def load_results(path: Path) -> dict[str, Any]:
+    """A results.json (or the folder holding one)."""
+    path = Path(path)
+    file = path / "results.json" if path.is_dir() else path
+    try:
+        data: dict[str, Any] = json.loads(file.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise InputError(f"{file}: not a readable results.json ({exc})") from exc
+    if not str(data.get("schema", "")).startswith("ldseg-bench/"):
+        raise InputError(f"{file}: not an ldseg-bench results file")
+    return data
+
+
+def _f(value: float | None, digits: int = 1) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def _table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
+    return lines + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def machine_line(results: dict[str, Any]) -> str:
+    m = results["machine"]
+    cpu = f"{m['cpu']} ({m['cores_physical']} physical / {m['cores_logical']} logical cores, {m['torch_threads']} torch threads)"
+    return f"{m['gpu']} + {cpu}" if m["gpu"] else cpu
+
+
+def _dice(row: Row) -> str:
+    return " / ".join(f"{d:.4f}" for d in row["accuracy"]["dice"].values())
+
+
+def render_results(results: dict[str, Any]) -> str:
+    """results.md: context, the end-to-end table, and the per-stage table."""
+    git, versions, model = results["git"], results["versions"], results["model"]
+    peaks = ", ".join(f"{k} {v['gflops']:.1f} GFLOP/s" for k, v in results["peaks"].items())
+    lines = [
+        f"# ldseg-bench: {model['preset']} on {results['device']}",
+        "",
+        f"- date: {results['created']}",
+        f"- machine: {machine_line(results)}",
+        f"- commit: {git['commit']}{' (dirty tree)' if git['dirty'] else ''}",
+        f"- versions: {', '.join(f'{k} {v}' for k, v in versions.items())}",
+        f"- model: {model['weights']}; image {model['image_shape']}, latent {model['latent_shape']}, "
+        f"sampler {model['sampler']}",
+        f"- inputs: {results['inputs']['source']}",
+        f"- timer: {results['timer']}; matmul peak: {peaks}; reference: {results['reference']}",
+        "",
+        "## End to end",
+        "",
+    ]
+    header = ["backend", "steps", "batch", "p50 ms", "p95 ms", "p99 ms", "min ms", "mean ms", "vol/s",
+              "speed-up", "GFLOP/s", "% of peak", "agreement", "Dice per class", "peak RSS MB"]
+    body = []
+    for r in results["rows"]:
+        ms, e2e = r["end_to_end"]["ms"], r["end_to_end"]
+        body.append([r["label"] + (" (ref)" if r["reference"] else ""), str(r["steps"]), str(r["batch"]),
+                     _f(ms["p50"]), _f(ms["p95"]), _f(ms["p99"]), _f(ms["min"]), _f(ms["mean"]),
+                     _f(r["throughput_volumes_per_s"], 2), _f(r["speedup_vs_reference"], 2),
+                     _f(e2e["gflops_per_s"]), _f(100 * e2e["roofline"]), f"{r['accuracy']['agreement']:.4f}",
+                     _dice(r), _f(r["memory"]["peak_rss_mb"], 0)])
+    lines += _table(header, body)
+    lines += ["", "## Stages (p50 ms, each stage timed alone; GFLOP/s and % of peak in brackets)", ""]
+    body = []
+    for r in results["rows"]:
+        cells = []
+        for name in STAGES:
+            s = r["stages"][name]
+            extra = f" ({s['gflops_per_s']:.1f}, {100 * s['roofline']:.0f}%)" if s["gflops_per_s"] else ""
+            cells.append(_f(s["ms"]["p50"], 2) + extra)
+        body.append([r["label"], str(r["steps"]), str(r["batch"]), *cells])
+    lines += _table(["backend", "steps", "batch", *STAGES], body)
+    lines += ["", "FLOPs are counted by torch.utils.flop_counter (convolutions and matmuls only).", ""]
+    return "\n".join(lines)
+
+
+def performance_section(paths: Sequence[Path], heading: str = "## Performance") -> str:
+    """README section from one or more results.json: one row per measurement, each with its machine
+    and date."""
+    runs = [load_results(p) for p in paths]
+    if not runs:
+        raise InputError("performance_section needs at least one results.json")
+    header = ["model", "backend", "steps", "batch", "p50 ms", "p95 ms", "vol/s", "speed-up", "% of peak",
+              "agreement", "machine", "date"]
+    body = []
+    for res in runs:
+        host = res["machine"]["gpu"] or f"{res['machine']['cpu']}, {res['machine']['cores_logical']} cores"
+        for r in res["rows"]:
+            ms = r["end_to_end"]["ms"]
+            body.append([res["model"]["preset"], r["label"], str(r["steps"]), str(r["batch"]), _f(ms["p50"]),
+                         _f(ms["p95"]), _f(r["throughput_volumes_per_s"], 2), _f(r["speedup_vs_reference"], 2),
+                         _f(100 * r["end_to_end"]["roofline"]), f"{r['accuracy']['agreement']:.4f}",
+                         f"{host} ({res['device']})", res["created"][:10]])
+    notes = []
+    for res in runs:
+        peaks = ", ".join(f"{k} {v['gflops']:.0f} GFLOP/s" for k, v in res["peaks"].items())
+        notes.append(f"- {res['model']['preset']}, {res['created'][:10]}: {res['model']['weights']}; "
+                     f"commit {res['git']['commit'][:12]}; torch {res['versions'].get('torch', '?')}, "
+                     f"onnxruntime {res['versions'].get('onnxruntime', '–')}; matmul peak {peaks}; "
+                     f"{res['rows'][0]['repeat']} repeats after {res['rows'][0]['warmup']} warm-up")
+    lines = [
+        heading,
+        "",
+        "Latency is end to end (host arrays in, labels out); speed-up is against PyTorch eager FP32 on the "
+        "same device in the same run; agreement is the fraction of voxels whose label equals that "
+        "reference's on the same inputs; % of peak is counted FLOPs per second over the measured "
+        "matmul peak of the row's precision (fp32 on CPU). Reproduce with `bash benchmarks/run_cpu.sh` (see benchmarks/README.md).",
+        "",
+        *_table(header, body),
+        "",
+        *notes,
+        "",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # python -m ldseg.bench.report RESULTS... > section.md
+    import sys
+
+    print(performance_section([Path(p) for p in sys.argv[1:]]))

@@ -1,0 +1,97 @@
+"""The registry of what can be benchmarked: backend name -> factory of (Backend, stage plan).
+
+Adding a backend is adding one factory here; the harness only sees Target. A factory raises
+Unsupported for a precision it does not run (the harness records and prints the skip) and lets
+ldseg.errors exceptions through (a missing library or GPU stops the run before anything is timed).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ldseg.bench.stages import OnnxRuntimeStages, StagePlan, TorchStages
+from ldseg.model.network import LDSeg
+from ldseg.runtime.backend import Backend
+from ldseg.runtime.torch_backend import TorchBackend
+
+REFERENCE = ("torch", "fp32", "eager")  # backend, precision, mode of the baseline every row is compared to
+
+
+class Unsupported(Exception):
+    """This backend does not run this precision (a skip, not an error)."""
+
+
+@dataclass(frozen=True)
+class Context:
+    model: LDSeg
+    device: str
+    bundle: Path | None  # an exported bundle given with --bundle
+    workdir: Path  # where a factory may export what it needs for this run
+
+
+@dataclass
+class Target:
+    backend: Backend
+    stages: StagePlan
+    source: str  # what it runs: "checkpoint weights", a bundle path, ...
+
+    @property
+    def mode(self) -> str:
+        return self.backend.describe().get("mode", "")
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        return self.backend.name, self.backend.precision, self.mode
+
+    @property
+    def label(self) -> str:
+        return "/".join(part for part in self.key if part)
+
+
+Factory = Callable[[Context, str], Target]
+
+
+def _torch(ctx: Context, precision: str, *, eager: bool = False) -> Target:
+    if precision != "fp32":
+        raise Unsupported("the torch backend runs fp32 only")
+    backend = TorchBackend(ctx.model, ctx.device, cuda_graph=False if eager else None)
+    return Target(backend, TorchStages(backend.model, ctx.device), "torch weights")
+
+
+def reference(ctx: Context) -> Target:
+    """Torch eager FP32 on the benchmark's device."""
+    return _torch(ctx, "fp32", eager=True)
+
+
+def _onnxruntime(ctx: Context, precision: str) -> Target:
+    """The --bundle if given (its one precision), else a bundle exported from the model for this run."""
+    from ldseg.runtime.bundle import PRECISIONS, load_bundle
+    from ldseg.runtime.onnxruntime_backend import OnnxRuntimeBackend
+
+    if ctx.bundle is not None:
+        bundle = load_bundle(ctx.bundle)
+        if bundle.precision != precision:
+            raise Unsupported(f"the given bundle is {bundle.precision}")
+        source = f"bundle {ctx.bundle}"
+    else:
+        from ldseg.export.exporter import export_bundle
+
+        if precision not in PRECISIONS:
+            raise Unsupported(f"bundles are exported in {' or '.join(PRECISIONS)}")
+        path = export_bundle(ctx.model, ctx.workdir / f"bundle-{precision}", precision=precision,
+                             graphs=("encoder", "denoise_step", "decoder_argmax"))
+        bundle, source = load_bundle(path), f"{precision} bundle exported from the benchmarked model"
+    threads = torch.get_num_threads()  # the same intra-op thread count as the torch rows
+    backend = OnnxRuntimeBackend(bundle, ctx.device.split(":")[0], threads=threads)
+    return Target(backend, OnnxRuntimeStages(backend), f"{source}, {threads} intra-op threads")
+
+
+FACTORIES: dict[str, Factory] = {"torch": _torch, "onnxruntime": _onnxruntime}
+
+
+def build_target(name: str, ctx: Context, precision: str) -> Target:
+    return FACTORIES[name](ctx, precision)
