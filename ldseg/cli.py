@@ -42,8 +42,12 @@ run_typer = typer.Typer(add_completion=False, help="Segment NIfTI volumes or 2D 
 def run(
     inputs: Annotated[Optional[list[Path]], typer.Argument(help="Files or folders to segment.")] = None,
     output: Annotated[Path, typer.Option("-o", "--output", help="Output folder.")] = Path("ldseg-out"),
-    checkpoint: Annotated[str, typer.Option(help="Checkpoint path, or 'demo' for the bundled model.")] = "demo",
-    backend: Annotated[str, typer.Option(help="torch | auto")] = "auto",
+    checkpoint: Annotated[
+        Optional[str], typer.Option(help="Checkpoint path, or 'demo' (the bundled model; the default).")
+    ] = None,
+    bundle: Annotated[Optional[Path], typer.Option(help="Exported ONNX bundle (ldseg-export onnx).")] = None,
+    engines: Annotated[Optional[Path], typer.Option(help="TensorRT engine set (ldseg-export build-engine).")] = None,
+    backend: Annotated[str, typer.Option(help="auto | torch | onnxruntime | tensorrt")] = "auto",
     device: Annotated[str, typer.Option(help="cpu | cuda | auto")] = "auto",
     steps: Annotated[Optional[int], typer.Option(help="Sampling steps (default: checkpoint's, 15).")] = None,
     sampler: Annotated[Optional[str], typer.Option(help="ddim | ddpm (default: checkpoint's).")] = None,
@@ -59,24 +63,26 @@ def run(
     demo_seed: Annotated[int, typer.Option(help="Phantom seed for --demo.")] = 0,
 ) -> None:
     """Examples: `ldseg-run --demo -o out/`, `ldseg-run scan.nii.gz -o out/`, `ldseg-run scans/ -o out/ --samples 8`."""
+    from ldseg.runtime.select import RECONSTRUCT_NEEDS, Source, load_model, select_backend
     from ldseg.runtime.session import RunOptions
-    from ldseg.runtime.select import RECONSTRUCT_NEEDS, SEGMENT_NEEDS, load_model, select_backend
 
     if samples < 1 or (steps is not None and steps < 1):
         raise typer.BadParameter("--samples and --steps must be at least 1")
     out_dir = ensure_output_dir(output)
     opts = RunOptions(steps, sampler, seed, samples, save_probabilities, overwrite, fail_fast)
+    if bundle is None and engines is None and checkpoint is None:
+        checkpoint = "demo"
     if reconstruct is not None:
-        _reconstruct(load_model(checkpoint, RECONSTRUCT_NEEDS), reconstruct, out_dir, overwrite)
+        _reconstruct(load_model(checkpoint or "demo", RECONSTRUCT_NEEDS), reconstruct, out_dir, overwrite)
         return
-    model = load_model(checkpoint, SEGMENT_NEEDS)
-    chosen, why = select_backend(model, backend, device)
-    console.print(f"backend: [bold]{chosen.name}[/] on {chosen.device}, {chosen.precision} ({why})")
+    selection = select_backend(Source(checkpoint, bundle, engines), backend, device)
+    chosen, cfg = selection.backend, selection.config
+    console.print(f"backend: [bold]{chosen.name}[/] on {chosen.device}, {chosen.precision} ({selection.why})")
     if demo:
-        _demo(model, chosen, out_dir, opts, demo_seed)
+        _demo(cfg, chosen, out_dir, opts, demo_seed)
         return
     paths = _expand_inputs(inputs or [])
-    summary = _run_with_progress(paths, out_dir, chosen, model.cfg, opts)
+    summary = _run_with_progress(paths, out_dir, chosen, cfg, opts)
     if summary.failures:
         failure = LdsegError(f"{len(summary.failures)} of {len(paths)} input(s) failed (listed above)")
         codes = {exc.exit_code for _, exc in summary.failures}
@@ -147,12 +153,11 @@ def _reconstruct(model: Any, label_path: Path, out_dir: Path, overwrite: bool) -
     out.print(str(target), highlight=False)
 
 
-def _demo(model: Any, backend: Any, out_dir: Path, opts: Any, seed: int) -> None:
+def _demo(cfg: Any, backend: Any, out_dir: Path, opts: Any, seed: int) -> None:
     from ldseg.data.phantoms import make_phantom, write_phantom_nifti
     from ldseg.io.nifti import read_label_volume
     from ldseg.metrics import dice_per_class
 
-    cfg = model.cfg
     phantom = make_phantom(seed, cfg.image_size, cfg.num_classes)
     image_path, truth_path = out_dir / f"phantom{seed}.nii.gz", out_dir / f"phantom{seed}_truth.nii.gz"
     write_phantom_nifti(phantom, image_path, truth_path, overwrite=opts.overwrite)
@@ -210,6 +215,99 @@ def import_keras(
                              extra={"source": {k: str(v) for k, v in files.items() if v is not None}})
     out.print(f"{output} (sha256 {digest[:12]}, trained: "
               f"{', '.join(k for k, v in model.trained.items() if v) or 'nothing'})")
+
+
+@export_typer.command("onnx")
+def export_onnx(
+    checkpoint: Annotated[str, typer.Argument(help="Checkpoint path, or 'demo'.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Bundle folder to write.")],
+    opset: Annotated[int, typer.Option(help="ONNX opset (18 or newer).")] = 18,
+    precision: Annotated[str, typer.Option(help="fp32 | fp16 (normalizations, softmax stay FP32).")] = "fp32",
+    batch: Annotated[int, typer.Option(help="Batch the graphs are traced at (the axis stays dynamic).")] = 1,
+    validate: Annotated[bool, typer.Option(help="Compare ONNX Runtime with PyTorch after writing.")] = True,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing bundle.")] = False,
+) -> None:
+    """Write a validated, self-describing ONNX bundle. Example: ldseg-export onnx demo -o demo-bundle"""
+    from ldseg.export.exporter import export_bundle
+    from ldseg.export.validate import validate_bundle
+    from ldseg.model.checkpoint import load_checkpoint
+    from ldseg.runtime.select import resolve_checkpoint
+
+    model = load_checkpoint(resolve_checkpoint(checkpoint))
+    console.print(f"exporting {model.cfg.preset} ({precision}, opset {opset}) to {output}")
+    bundle = export_bundle(model, output, opset=opset, precision=precision, batch=batch,
+                           overwrite=overwrite, progress=lambda line: console.print(line, highlight=False))
+    if validate:
+        report = validate_bundle(bundle, model)
+        out.print(report.table())
+        if not report.passed:
+            raise ArtifactError(f"{bundle}: a graph misses its tolerance (table above)")
+    out.print(str(bundle), highlight=False)
+
+
+@export_typer.command("build-engine")
+def build_engine(
+    bundle: Annotated[Path, typer.Argument(help="Bundle folder, or with --check an engine set.")],
+    output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Engine set folder.")] = None,
+    precision: Annotated[str, typer.Option(help="best | fp32 | fp16 | bf16 | int8 | fp8 (must match the bundle).")] = "best",
+    max_batch: Annotated[int, typer.Option("--max-batch", "--batch", help="Largest batch (K samples).")] = 1,
+    opt_batch: Annotated[Optional[int], typer.Option(help="Batch to tune for (default: max).")] = None,
+    workspace: Annotated[Optional[float], typer.Option("--workspace", help="Workspace limit in GB.")] = None,
+    timing_cache: Annotated[Optional[Path], typer.Option(help="Persistent timing cache file.")] = None,
+    dla: Annotated[Optional[int], typer.Option("--dla", help="Jetson: DLA core, with GPU fallback.")] = None,
+    builder_optimization_level: Annotated[Optional[int], typer.Option(help="0-5 (TensorRT default 3).")] = None,
+    include_denoiser: Annotated[bool, typer.Option(help="Also build the raw denoiser graph.")] = False,
+    gpu: Annotated[int, typer.Option("--gpu", help="CUDA device index.")] = 0,
+    check: Annotated[bool, typer.Option(help="Only say whether the engine set BUNDLE is usable here.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing engine set.")] = False,
+) -> None:
+    """Build strongly typed TensorRT engines from a bundle (precision comes from the ONNX graphs).
+
+    Examples: ldseg-export build-engine demo-fp16 -o demo-engines; ldseg-export build-engine --check demo-engines
+    """
+    from ldseg.errors import BackendUnavailable, OutputError
+    from ldseg.export.engines import detect_environment, engine_set_problems
+
+    if check:
+        problems = engine_set_problems(bundle, detect_environment(gpu))
+        if not problems:
+            out.print(f"{bundle}: usable on this machine")
+            return
+        for problem in problems:
+            console.print(f"{bundle}: {problem.message}", highlight=False)
+        kinds = {problem.kind for problem in problems}
+        raise (ArtifactError if "artifact" in kinds else BackendUnavailable)(f"{bundle}: not usable here")
+    if output is None:
+        raise OutputError("build-engine needs -o ENGINES")
+    from ldseg.export.tensorrt_build import build_engines
+
+    built = build_engines(bundle, output, precision=precision, max_batch=max_batch, opt_batch=opt_batch,
+                          workspace_gb=workspace, timing_cache=timing_cache, dla_core=dla,
+                          optimization_level=builder_optimization_level, include_denoiser=include_denoiser,
+                          device=gpu, overwrite=overwrite,
+                          progress=lambda line: console.print(line, highlight=False))
+    out.print(str(built), highlight=False)
+
+
+@export_typer.command("calibrate")
+def calibrate(
+    bundle: Annotated[Path, typer.Argument(help="FP32 bundle to quantize.")],
+    data: Annotated[str, typer.Option(help="Folder of NIfTI volumes, or 'phantoms'.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="INT8 bundle folder to write.")],
+    max_volumes: Annotated[int, typer.Option(help="Volumes used for calibration.")] = 8,
+    holdout: Annotated[int, typer.Option(help="Further volumes held out for the accuracy report.")] = 2,
+    method: Annotated[str, typer.Option(help="minmax | entropy | percentile")] = "minmax",
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing bundle.")] = False,
+) -> None:
+    """INT8 (Q/DQ) bundle calibrated on real pipeline activations, with an accuracy report.
+
+    Example: ldseg-export calibrate demo-bundle --data phantoms -o demo-int8
+    """
+    from ldseg.calibration import calibrate as run_calibration
+
+    report = run_calibration(bundle, data, output, max_volumes=max_volumes, method=method, holdout=holdout,
+                             overwrite=overwrite, progress=lambda line: console.print(line, highlight=False))
+    out.print(report.to_markdown())
 
 
 @export_typer.command("inspect")
