@@ -1,0 +1,550 @@
+"""TensorRT engine sets on disk: engines.json, the checks that say whether a set can run here, and
+the pure pieces of a build (precision agreement, batch profiles, DLA rules, atomic folder writes).
+
+An engine set is a folder with one serialized engine per graph and `engines.json`:
+
+    {"format": "ldseg-engines/1",
+     "bundle": {"path", "manifest_sha256", "precision", "preset"},   # what it was built from
+     "tensorrt_version", "gpu": {"name", "compute_capability"},      # where it can run
+     "precision", "dla_core", "builder": {...}, "profiles": {graph: {input: {min, opt, max}}},
+     "config", "diffusion": {"sampler", "steps", "table"},           # enough to run without the bundle
+     "built_at", "build_seconds",
+     "engines": {graph: {"file", "bytes", "sha256", "build_seconds", "inputs", "outputs"}}}
+
+Engines are not portable: TensorRT refuses (or worse, misbehaves with) a plan made by another
+TensorRT version or for another GPU model, so the set records both and `check_engine_set` compares
+them with the machine it is about to run on, before TensorRT sees a byte. Nothing here imports
+TensorRT at module level: this file is what tests and `build-engine --check` use without it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import errno
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, Literal
+
+from ldseg.errors import ArtifactError, BackendUnavailable, OutputError
+from ldseg.io.atomic import ensure_output_dir
+from ldseg.model.config import ModelConfig
+from ldseg.runtime.bundle import MANIFEST, Bundle, GraphInfo, TensorInfo, sha256_file
+
+if TYPE_CHECKING:
+    import tensorrt as trt
+
+ENGINES_FORMAT = "ldseg-engines/1"
+ENGINES_JSON = "engines.json"
+ENGINE_SUFFIX = ".engine"
+# What a run needs (decoder: probabilities, which `ldseg-run` always asks for); denoiser on request.
+REQUIRED_GRAPHS = ("encoder", "denoise_step", "decoder_argmax")
+RUNTIME_GRAPHS = ("encoder", "denoise_step", "decoder", "decoder_argmax")
+BUILD_PRECISIONS = ("best", "fp32", "fp16", "bf16", "int8", "fp8")
+DLA_PRECISIONS = ("fp16", "int8")  # DLA runs FP16/INT8 only
+MAX_OPTIMIZATION_LEVEL = 5
+
+# How to make a bundle of each precision (precision lives in the ONNX graph since TensorRT 10.12/11).
+_HOW_TO_MAKE = {
+    "fp32": "ldseg-export onnx --precision fp32 -o BUNDLE",
+    "fp16": "ldseg-export onnx --precision fp16 -o BUNDLE_FP16",
+    "int8": "ldseg-export calibrate BUNDLE_FP32 --data DIR -o BUNDLE_INT8",
+}
+
+
+# --------------------------------------------------------------------------- precision
+
+def resolve_precision(requested: str, bundle_precision: str, bundle_path: Path | str = "bundle") -> str:
+    """The engine precision for `--precision requested` on a bundle of `bundle_precision`.
+
+    TensorRT 10.12+/11 build strongly typed networks: the engine's precision is the ONNX graph's.
+    `best` takes the bundle's; any other choice must match it, otherwise ArtifactError saying
+    which bundle to make instead (there are no builder flags that could change it).
+    """
+    if requested not in BUILD_PRECISIONS:
+        raise ValueError(f"precision {requested!r}: choose one of {', '.join(BUILD_PRECISIONS)}")
+    if requested in ("best", bundle_precision):
+        return bundle_precision
+    if requested == "bf16":
+        how = "ldseg exports no BF16 bundles; use fp16 (same speed on GPUs with BF16) or fp32"
+    elif requested == "fp8":
+        how = (
+            "ldseg makes no FP8 Q/DQ bundles (that needs NVIDIA ModelOpt, quantize_mode='fp8', and an "
+            f"FP8 GPU: Ada/Hopper or newer); use int8 ({_HOW_TO_MAKE['int8']}) or fp16"
+        )
+    else:
+        how = f"make one with `{_HOW_TO_MAKE[requested]}`"
+    raise ArtifactError(
+        f"{bundle_path}: bundle precision is {bundle_precision}, so its engines are {bundle_precision}: TensorRT "
+        f"builds precision from the graph, not from builder flags. For {requested} engines, {how}; "
+        f"or build with --precision best"
+    )
+
+
+def check_dla(dla_core: int | None, precision: str) -> None:
+    if dla_core is None:
+        return
+    if dla_core < 0:
+        raise ValueError(f"DLA core must be >= 0, got {dla_core}")
+    if precision not in DLA_PRECISIONS:
+        raise ArtifactError(
+            f"DLA runs FP16 or INT8 only and this bundle is {precision}: build from an fp16 bundle "
+            f"(`{_HOW_TO_MAKE['fp16']}`) or an int8 one (`{_HOW_TO_MAKE['int8']}`)"
+        )
+
+
+def check_optimization_level(level: int | None) -> None:
+    if level is not None and not 0 <= level <= MAX_OPTIMIZATION_LEVEL:
+        raise ValueError(f"builder optimization level must be 0..{MAX_OPTIMIZATION_LEVEL} (default 3), got {level}")
+
+
+# --------------------------------------------------------------------------- profiles
+
+@dataclass(frozen=True)
+class InputProfile:
+    name: str
+    min: tuple[int, ...]
+    opt: tuple[int, ...]
+    max: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class BatchProfile:
+    """One optimization profile over the batch axis (every other axis is static in a bundle)."""
+
+    graph: str
+    min_batch: int
+    opt_batch: int
+    max_batch: int
+    inputs: tuple[InputProfile, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {i.name: {"min": list(i.min), "opt": list(i.opt), "max": list(i.max)} for i in self.inputs}
+
+    def accepts(self, batch: int) -> bool:
+        return self.min_batch <= batch <= self.max_batch
+
+
+def batch_profile(graph: GraphInfo, max_batch: int, opt_batch: int | None = None, *, fixed: bool = False) -> BatchProfile:
+    """min 1, opt `opt_batch` (default: max_batch), max `max_batch`; `fixed` pins all three to
+    max_batch (DLA wants static shapes).
+
+    Why opt = max_batch by default: the batch of a run is the number of samples per volume
+    (`ldseg-run --samples K`), and whoever builds with --max-batch K means to run K. TensorRT picks
+    its tactics at opt; a tactic chosen for K stays valid (and near-best for these conv nets) for
+    smaller batches, while one chosen for batch 1 can leave the GPU idle at K. Build with
+    --max-batch 1 (the default) for single-sample latency.
+    """
+    if max_batch < 1:
+        raise ValueError(f"max batch must be >= 1, got {max_batch}")
+    opt = max_batch if opt_batch is None else opt_batch
+    if not 1 <= opt <= max_batch:
+        raise ValueError(f"opt batch must be within 1..{max_batch}, got {opt}")
+    low = max_batch if fixed else 1
+    opt = max_batch if fixed else opt
+    inputs = []
+    for tensor in graph.inputs:
+        if not tensor.shape or not isinstance(tensor.shape[0], str) or any(isinstance(d, str) for d in tensor.shape[1:]):
+            raise ArtifactError(f"{graph.name}: input {tensor.name} shape {tensor.shape}: expected a dynamic batch axis first, static after")
+        inputs.append(InputProfile(tensor.name, tensor.concrete(low), tensor.concrete(opt), tensor.concrete(max_batch)))
+    return BatchProfile(graph.name, low, opt, max_batch, tuple(inputs))
+
+
+def graphs_to_build(bundle: Bundle, include_denoiser: bool = False) -> list[str]:
+    missing = [g for g in REQUIRED_GRAPHS if g not in bundle.graphs]
+    if missing:
+        raise ArtifactError(f"{bundle.path}: bundle lacks {', '.join(missing)}, which a TensorRT run needs; re-export it")
+    wanted = RUNTIME_GRAPHS + (("denoiser",) if include_denoiser else ())
+    return [g for g in wanted if g in bundle.graphs]
+
+
+# --------------------------------------------------------------------------- engines.json
+
+@dataclass(frozen=True)
+class EngineFile:
+    graph: str
+    file: str
+    bytes: int
+    sha256: str
+    build_seconds: float
+    inputs: tuple[TensorInfo, ...]
+    outputs: tuple[TensorInfo, ...]
+    layers_file: str | None = None  # engine inspector JSON (which layers really run in INT8...)
+
+
+@dataclass(frozen=True)
+class EngineSet:
+    path: Path
+    bundle_path: str
+    bundle_hash: str  # SHA-256 of the bundle's manifest.json (which hashes every graph)
+    bundle_precision: str
+    preset: str
+    precision: str
+    tensorrt_version: str
+    gpu_name: str
+    compute_capability: str
+    dla_core: int | None
+    profiles: Mapping[str, BatchProfile]
+    engines: Mapping[str, EngineFile]
+    config: ModelConfig
+    sampler: str
+    steps: int
+    table: tuple[tuple[float, ...], ...]
+    built_at: str
+    build_seconds: float
+    builder: Mapping[str, Any] = field(default_factory=dict)
+    format: str = ENGINES_FORMAT
+
+    @property
+    def max_batch(self) -> int:
+        return min(p.max_batch for p in self.profiles.values())
+
+    @property
+    def min_batch(self) -> int:
+        return max(p.min_batch for p in self.profiles.values())
+
+    def engine_path(self, graph: str) -> Path:
+        if graph not in self.engines:
+            raise ArtifactError(f"{self.path}: engine set has no {graph!r} engine (it has {', '.join(self.engines)})")
+        return self.path / self.engines[graph].file
+
+    def to_dict(self) -> dict[str, Any]:
+        def tensors(ts: Sequence[TensorInfo]) -> list[dict[str, Any]]:
+            return [{"name": t.name, "shape": list(t.shape), "dtype": t.dtype} for t in ts]
+
+        return {
+            "format": self.format,
+            "bundle": {
+                "path": self.bundle_path,
+                "manifest_sha256": self.bundle_hash,
+                "precision": self.bundle_precision,
+                "preset": self.preset,
+            },
+            "tensorrt_version": self.tensorrt_version,
+            "gpu": {"name": self.gpu_name, "compute_capability": self.compute_capability},
+            "precision": self.precision,
+            "dla_core": self.dla_core,
+            "builder": dict(self.builder),
+            "profiles": {
+                g: {"min_batch": p.min_batch, "opt_batch": p.opt_batch, "max_batch": p.max_batch, "inputs": p.to_dict()}
+                for g, p in self.profiles.items()
+            },
+            "config": self.config.to_dict(),
+            "diffusion": {"sampler": self.sampler, "steps": self.steps, "table": [list(r) for r in self.table]},
+            "built_at": self.built_at,
+            "build_seconds": self.build_seconds,
+            "engines": {
+                g: {
+                    "file": e.file,
+                    "bytes": e.bytes,
+                    "sha256": e.sha256,
+                    "build_seconds": e.build_seconds,
+                    "inputs": tensors(e.inputs),
+                    "outputs": tensors(e.outputs),
+                    "layers_file": e.layers_file,
+                }
+                for g, e in self.engines.items()
+            },
+        }
+
+    @staticmethod
+    def from_dict(path: Path, data: Mapping[str, Any]) -> EngineSet:
+        fmt = data.get("format")
+        if fmt != ENGINES_FORMAT:
+            raise ArtifactError(f"{path}: engine set format {fmt!r} is not one this ldseg reads ({ENGINES_FORMAT!r}); rebuild it")
+        try:
+            bundle, gpu, diffusion = data["bundle"], data["gpu"], data["diffusion"]
+            profiles = {
+                g: BatchProfile(
+                    g,
+                    int(p["min_batch"]),
+                    int(p["opt_batch"]),
+                    int(p["max_batch"]),
+                    tuple(
+                        InputProfile(name, tuple(s["min"]), tuple(s["opt"]), tuple(s["max"])) for name, s in p["inputs"].items()
+                    ),
+                )
+                for g, p in data["profiles"].items()
+            }
+            engines = {
+                g: EngineFile(
+                    graph=g,
+                    file=str(e["file"]),
+                    bytes=int(e["bytes"]),
+                    sha256=str(e["sha256"]),
+                    build_seconds=float(e["build_seconds"]),
+                    inputs=tuple(_tensor(t) for t in e["inputs"]),
+                    outputs=tuple(_tensor(t) for t in e["outputs"]),
+                    layers_file=e.get("layers_file"),
+                )
+                for g, e in data["engines"].items()
+            }
+            dla = data.get("dla_core")
+            return EngineSet(
+                path=path,
+                bundle_path=str(bundle["path"]),
+                bundle_hash=str(bundle["manifest_sha256"]),
+                bundle_precision=str(bundle["precision"]),
+                preset=str(bundle["preset"]),
+                precision=str(data["precision"]),
+                tensorrt_version=str(data["tensorrt_version"]),
+                gpu_name=str(gpu["name"]),
+                compute_capability=str(gpu["compute_capability"]),
+                dla_core=None if dla is None else int(dla),
+                profiles=profiles,
+                engines=engines,
+                config=ModelConfig.from_dict(data["config"]),
+                sampler=str(diffusion["sampler"]),
+                steps=int(diffusion["steps"]),
+                table=tuple(tuple(float(v) for v in row) for row in diffusion["table"]),
+                built_at=str(data["built_at"]),
+                build_seconds=float(data["build_seconds"]),
+                builder=dict(data.get("builder", {})),
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ArtifactError(f"{path}: {ENGINES_JSON} is incomplete or malformed ({type(exc).__name__}: {exc})") from exc
+
+
+def _tensor(data: Mapping[str, Any]) -> TensorInfo:
+    return TensorInfo(str(data["name"]), tuple(d if isinstance(d, str) else int(d) for d in data["shape"]), str(data["dtype"]))
+
+
+def write_engines_json(folder: Path, engine_set: EngineSet) -> Path:
+    path = Path(folder) / ENGINES_JSON
+    path.write_text(json.dumps(engine_set.to_dict(), indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def read_engine_set(folder: Path | str) -> EngineSet:
+    """Parse `folder/engines.json` (ArtifactError if absent or malformed); files are not checked."""
+    folder = Path(folder)
+    path = folder / ENGINES_JSON
+    if not path.is_file():
+        raise ArtifactError(f"{folder}: not an ldseg engine set (no {ENGINES_JSON}); build one with `ldseg-export build-engine`")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ArtifactError(f"{path}: unreadable ({exc})") from exc
+    if not isinstance(data, dict):
+        raise ArtifactError(f"{path}: not a JSON object")
+    return EngineSet.from_dict(folder, data)
+
+
+def bundle_hash(bundle_dir: Path | str) -> str:
+    """The identity of a bundle: SHA-256 of its manifest.json, which lists every graph's SHA-256."""
+    path = Path(bundle_dir) / MANIFEST
+    if not path.is_file():
+        raise ArtifactError(f"{bundle_dir}: not an ldseg bundle (no {MANIFEST})")
+    return sha256_file(path)
+
+
+def now_iso() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def file_digest(path: Path) -> tuple[int, str]:
+    return path.stat().st_size, sha256_file(path)
+
+
+# --------------------------------------------------------------------------- environment checks
+
+@dataclass(frozen=True)
+class Environment:
+    """Where an engine set is about to run (tests fake this)."""
+
+    trt_version: str
+    gpu_name: str
+    compute_capability: str
+
+
+@dataclass(frozen=True)
+class Problem:
+    kind: Literal["artifact", "environment"]  # a broken/other set vs. a set for another machine
+    message: str
+
+
+def engine_set_problems(
+    engines_dir: Path | str, environment: Environment, *, bundle_hash: str | None = None
+) -> list[Problem]:
+    """Every reason the engine set cannot run in `environment` (empty: usable)."""
+    folder = Path(engines_dir)
+    try:
+        es = read_engine_set(folder)
+    except ArtifactError as exc:
+        return [Problem("artifact", str(exc))]
+    problems: list[Problem] = []
+    if bundle_hash is not None and es.bundle_hash != bundle_hash:
+        problems.append(
+            Problem(
+                "artifact",
+                f"built from another bundle (manifest SHA-256 {es.bundle_hash[:12]}..., this bundle has "
+                f"{bundle_hash[:12]}...): rebuild from this bundle",
+            )
+        )
+    if es.tensorrt_version != environment.trt_version:
+        problems.append(
+            Problem(
+                "environment",
+                f"built with TensorRT {es.tensorrt_version}, this machine has TensorRT {environment.trt_version} "
+                "(engines are not portable across TensorRT versions)",
+            )
+        )
+    if es.gpu_name != environment.gpu_name or es.compute_capability != environment.compute_capability:
+        problems.append(
+            Problem(
+                "environment",
+                f"built for {es.gpu_name} (compute capability {es.compute_capability}), this GPU is "
+                f"{environment.gpu_name} (compute capability {environment.compute_capability})",
+            )
+        )
+    missing = [g for g in REQUIRED_GRAPHS if g not in es.engines]
+    if missing:
+        problems.append(Problem("artifact", f"engines for {', '.join(missing)} are missing from {ENGINES_JSON}"))
+    for graph, entry in es.engines.items():
+        path = folder / entry.file
+        if not path.is_file():
+            problems.append(Problem("artifact", f"{path}: listed in {ENGINES_JSON} but missing"))
+        elif sha256_file(path) != entry.sha256:
+            problems.append(Problem("artifact", f"{path}: SHA-256 does not match {ENGINES_JSON} (file altered or truncated)"))
+    return problems
+
+
+def check_engine_set(engines_dir: Path | str, environment: Environment, *, bundle_hash: str | None = None) -> list[str]:
+    """Reasons (sentences) why the engine set cannot run in `environment`; empty when it can."""
+    return [p.message for p in engine_set_problems(engines_dir, environment, bundle_hash=bundle_hash)]
+
+
+def require_tensorrt() -> ModuleType:
+    """The real TensorRT module, or BackendUnavailable saying why not.
+
+    `import tensorrt` succeeding proves nothing: with only `tensorrt-stubs` installed (the dev
+    setup: type stubs, no libraries) it yields an empty namespace package. Real TensorRT has
+    `Builder` and `__version__`.
+    """
+    try:
+        import tensorrt as trt
+    except (ImportError, OSError) as exc:  # OSError: the wheel is there but libnvinfer is not
+        raise BackendUnavailable(
+            f"TensorRT is not importable ({type(exc).__name__}: {exc}): pip install -e '.[tensorrt]' "
+            "(Jetson: JetPack's python3-libnvinfer)"
+        ) from exc
+    if not hasattr(trt, "Builder") or not hasattr(trt, "__version__"):
+        where = ", ".join(str(p) for p in getattr(trt, "__path__", [])) or "?"
+        raise BackendUnavailable(
+            f"TensorRT is not installed: `tensorrt` imports as an empty package ({where}), i.e. only "
+            "type stubs (tensorrt-stubs) are present: pip install -e '.[tensorrt]' on a machine with an NVIDIA GPU"
+        )
+    return trt
+
+
+def trt_logger() -> trt.ILogger:
+    """A logger that prints warnings and keeps errors, so a failed build can say why."""
+    import tensorrt as trt
+
+    class _Logger(trt.ILogger):
+        def __init__(self) -> None:
+            trt.ILogger.__init__(self)
+            self.errors: list[str] = []
+
+        def log(self, severity: trt.ILogger.Severity, msg: str) -> None:
+            level = int(severity)  # INTERNAL_ERROR 0 < ERROR 1 < WARNING 2 < INFO 3 < VERBOSE 4
+            if level <= int(trt.ILogger.Severity.ERROR):
+                self.errors.append(msg)
+            if level <= int(trt.ILogger.Severity.WARNING):
+                warnings.warn(f"TensorRT: {msg}", RuntimeWarning, stacklevel=2)
+
+    return _Logger()
+
+
+def logged_errors(logger: trt.ILogger) -> str:
+    errors: list[str] = getattr(logger, "errors", [])
+    return "; ".join(errors[-5:]) if errors else "no error was logged"
+
+
+def detect_environment(device: int = 0) -> Environment:
+    """TensorRT version and GPU `device` of this machine; BackendUnavailable if either is absent."""
+    trt = require_tensorrt()
+    from ldseg.runtime.cuda import gpu_info
+
+    gpu = gpu_info(device)
+    return Environment(str(trt.__version__), gpu.name, gpu.compute_capability)
+
+
+def check_engines_here(engines_dir: Path | str, *, bundle_dir: Path | str | None = None, device: int = 0) -> list[str]:
+    """`build-engine --check`: reasons the engine set cannot run on this machine (empty: it can).
+
+    Raises BackendUnavailable if TensorRT does not import or no GPU is present (nothing to compare).
+    """
+    env = detect_environment(device)
+    expected = bundle_hash(bundle_dir) if bundle_dir is not None else None
+    return check_engine_set(engines_dir, env, bundle_hash=expected)
+
+
+# --------------------------------------------------------------------------- atomic folder
+
+def check_target(target: Path, overwrite: bool, marker: str) -> None:
+    """Refuse an existing target without `overwrite`, and never replace a folder that is not an
+    artifact of the same kind (`marker` file inside), whatever `overwrite` says."""
+    if not target.exists():
+        return
+    if not target.is_dir():
+        raise OutputError(f"{target}: exists and is not a folder")
+    if not overwrite:
+        raise OutputError(f"{target}: exists (use --overwrite)")
+    if any(target.iterdir()) and not (target / marker).is_file():
+        raise OutputError(f"{target}: exists and has no {marker}; refusing to replace a folder ldseg did not write")
+
+
+@contextlib.contextmanager
+def staged_folder(target: Path | str, *, overwrite: bool, marker: str) -> Iterator[Path]:
+    """Yield a hidden temp folder beside `target`; on success it replaces `target` by rename.
+
+    A reader sees either the old folder or the complete new one; on any failure (including
+    KeyboardInterrupt) the temp folder is removed and `target` is left as it was.
+    """
+    target = Path(target)
+    check_target(target, overwrite, marker)
+    parent = ensure_output_dir(target.absolute().parent)
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=parent))
+    except OSError as exc:
+        raise OutputError(f"{target}: cannot write in {parent} ({exc.strerror})") from exc
+    try:
+        yield tmp
+        for path in [*tmp.iterdir(), tmp]:
+            _fsync(path)
+        check_target(target, overwrite, marker)  # it may have appeared while we worked
+        old: Path | None = None
+        if target.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=parent))
+            os.replace(target, old)
+        try:
+            os.rename(tmp, target)
+        except OSError as exc:
+            if old is not None:
+                os.replace(old, target)
+            if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                raise OutputError(f"{target}: appeared while writing; not replaced") from exc
+            raise
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise OutputError(f"{target}: no space left on device") from exc
+        raise
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

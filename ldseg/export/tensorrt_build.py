@@ -1,0 +1,301 @@
+"""`build_engines`: bundle -> TensorRT engine set (one serialized engine per graph + engines.json).
+
+TensorRT 10.12+ and 11 build *strongly typed* networks: every tensor's type comes from the ONNX
+graph, so an FP16 bundle gives FP16 engines and a Q/DQ (INT8) bundle INT8 engines, and there are
+no precision builder flags to set (they were removed in 11). `--precision` therefore only states
+what the user expects, and must agree with the bundle (engines.resolve_precision).
+
+Per graph: parse the ONNX file, one optimization profile over the batch axis (engines.batch_profile),
+workspace limit, builder optimization level, the shared persistent timing cache, optional DLA with
+GPU fallback, build, and write the plan plus the engine inspector's per-layer JSON (which layers
+really run in INT8 or FP16: TensorRT may fall back, e.g. ConvTranspose3d with Q/DQ, #4668).
+The whole set is written in a temp folder and renamed into place (engines.staged_folder).
+
+Nothing here has run on real TensorRT: it cannot be installed on the development machines. The
+code is type-checked against tensorrt-stubs 10.13 and its pure parts are unit-tested.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ldseg.errors import ArtifactError, BackendUnavailable
+from ldseg.export.engines import (
+    ENGINE_SUFFIX,
+    ENGINES_JSON,
+    BatchProfile,
+    EngineFile,
+    EngineSet,
+    bundle_hash,
+    batch_profile,
+    check_dla,
+    check_optimization_level,
+    check_target,
+    detect_environment,
+    file_digest,
+    graphs_to_build,
+    logged_errors,
+    now_iso,
+    require_tensorrt,
+    resolve_precision,
+    staged_folder,
+    trt_logger,
+    write_engines_json,
+)
+from ldseg.io.atomic import atomic_write
+from ldseg.runtime.bundle import Bundle, load_bundle
+
+if TYPE_CHECKING:
+    import tensorrt as trt
+
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    precision: str  # the resolved engine precision (= the bundle's)
+    workspace_bytes: int | None
+    optimization_level: int | None
+    dla_core: int | None
+
+
+def build_engines(
+    bundle_dir: Path | str,
+    out_dir: Path | str,
+    *,
+    precision: str = "best",
+    max_batch: int = 1,
+    opt_batch: int | None = None,
+    workspace_gb: float | None = None,
+    timing_cache: Path | str | None = None,
+    dla_core: int | None = None,
+    optimization_level: int | None = None,
+    include_denoiser: bool = False,
+    device: int = 0,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+) -> Path:
+    """Build one engine per graph of the bundle into `out_dir` (written atomically).
+
+    Raises ArtifactError (bundle tampered, precision disagreement, graph TensorRT cannot parse),
+    BackendUnavailable (no TensorRT, no GPU, no such DLA core, build failed on this GPU),
+    OutputError (`out_dir` exists without `overwrite`), ValueError (bad option values).
+    """
+    say = progress or (lambda _msg: None)
+    bundle = load_bundle(bundle_dir)  # verifies every graph's SHA-256
+    engine_precision = resolve_precision(precision, bundle.precision, bundle.path)
+    check_dla(dla_core, engine_precision)
+    check_optimization_level(optimization_level)
+    if workspace_gb is not None and workspace_gb <= 0:
+        raise ValueError(f"workspace must be > 0 GB, got {workspace_gb}")
+    graphs = graphs_to_build(bundle, include_denoiser)
+    if "decoder" not in graphs:
+        warnings.warn(
+            f"{bundle.path} has no decoder graph: the engines give labels only (no probabilities, so no "
+            "multi-sample averaging)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    profiles = {g: batch_profile(bundle.graph(g), max_batch, opt_batch, fixed=dla_core is not None) for g in graphs}
+    target = Path(out_dir)
+    check_target(target, overwrite, ENGINES_JSON)  # fail before minutes of building
+
+    require_tensorrt()
+    import tensorrt as trt
+
+    env = detect_environment(device)
+    from ldseg.runtime.cuda import set_device
+
+    set_device(device)
+    logger = trt_logger()
+    builder = trt.Builder(logger)
+    if dla_core is not None and dla_core >= builder.num_DLA_cores:
+        raise BackendUnavailable(
+            f"DLA core {dla_core} requested, this device has {builder.num_DLA_cores} DLA core(s) "
+            "(DLA exists on Jetson AGX/NX Orin and Xavier, not on discrete GPUs)"
+        )
+    options = BuildOptions(
+        precision=engine_precision,
+        workspace_bytes=None if workspace_gb is None else int(workspace_gb * (1 << 30)),
+        optimization_level=optimization_level,
+        dla_core=dla_core,
+    )
+    cache_path = Path(timing_cache) if timing_cache is not None else None
+    cache_bytes = cache_path.read_bytes() if cache_path is not None and cache_path.is_file() else b""
+    say(
+        f"TensorRT {env.trt_version} on {env.gpu_name} (sm {env.compute_capability}): {engine_precision} engines "
+        f"from {bundle.precision} bundle {bundle.path} (strongly typed), batch "
+        f"{profiles[graphs[0]].min_batch}..{max_batch} (opt {profiles[graphs[0]].opt_batch})"
+        + (f", DLA core {dla_core} with GPU fallback" if dla_core is not None else "")
+        + (f", timing cache {cache_path} ({'hit' if cache_bytes else 'new'})" if cache_path else "")
+    )
+    if optimization_level == 0 and cache_path is not None:
+        say("builder optimization level 0 ignores the timing cache")
+
+    runtime = trt.Runtime(logger)
+    engines: dict[str, EngineFile] = {}
+    started = time.perf_counter()
+    shared_cache: trt.ITimingCache | None = None
+    with staged_folder(target, overwrite=overwrite, marker=ENGINES_JSON) as tmp:
+        for graph in graphs:
+            say(f"building {graph} ...")
+            clock = time.perf_counter()
+            config = builder.create_builder_config()
+            shared_cache = _attach_timing_cache(config, shared_cache, cache_bytes, say)
+            plan = _build_one(builder, logger, config, bundle, graph, profiles[graph], options)
+            seconds = time.perf_counter() - clock
+            engine_file = tmp / f"{graph}{ENGINE_SUFFIX}"
+            engine_file.write_bytes(memoryview(plan))
+            layers_file = _write_layer_info(runtime, plan, tmp / f"{graph}.layers.json", say)
+            size, digest = file_digest(engine_file)
+            info = bundle.graph(graph)
+            engines[graph] = EngineFile(graph, engine_file.name, size, digest, round(seconds, 2), info.inputs, info.outputs, layers_file)
+            say(f"{graph}: {size / 2**20:.1f} MiB in {seconds:.1f} s")
+            if cache_path is not None and shared_cache is not None:
+                _save_timing_cache(shared_cache, cache_path)  # after each graph: a crash keeps the work
+        engine_set = _describe(bundle, target, env.trt_version, env.gpu_name, env.compute_capability, profiles, engines,
+                               options, cache_path, time.perf_counter() - started)  # fmt: skip
+        write_engines_json(tmp, engine_set)
+    say(f"wrote {target}")
+    return target
+
+
+def _describe(
+    bundle: Bundle,
+    target: Path,
+    trt_version: str,
+    gpu_name: str,
+    compute_capability: str,
+    profiles: dict[str, BatchProfile],
+    engines: dict[str, EngineFile],
+    options: BuildOptions,
+    cache_path: Path | None,
+    seconds: float,
+) -> EngineSet:
+    return EngineSet(
+        path=target,
+        bundle_path=str(bundle.path.absolute()),
+        bundle_hash=bundle_hash(bundle.path),
+        bundle_precision=bundle.precision,
+        preset=bundle.preset,
+        precision=options.precision,
+        tensorrt_version=trt_version,
+        gpu_name=gpu_name,
+        compute_capability=compute_capability,
+        dla_core=options.dla_core,
+        profiles=profiles,
+        engines=engines,
+        config=bundle.config,
+        sampler=bundle.sampler,
+        steps=bundle.steps,
+        table=bundle.table,
+        built_at=now_iso(),
+        build_seconds=round(seconds, 2),
+        builder={
+            "strongly_typed": True,
+            "workspace_bytes": options.workspace_bytes,
+            "optimization_level": 3 if options.optimization_level is None else options.optimization_level,
+            "timing_cache": None if cache_path is None else str(cache_path.absolute()),
+            "tf32": options.precision != "fp32",
+        },
+    )
+
+
+def _attach_timing_cache(
+    config: trt.IBuilderConfig, cache: trt.ITimingCache | None, cache_bytes: bytes, say: Progress
+) -> trt.ITimingCache:
+    """One timing cache shared by every graph of the build (and saved across builds)."""
+    if cache is None:
+        cache = config.create_timing_cache(cache_bytes)
+        if not config.set_timing_cache(cache, ignore_mismatch=False):
+            say("the timing cache was made by another TensorRT or GPU: starting a new one")
+            cache = config.create_timing_cache(b"")
+            config.set_timing_cache(cache, ignore_mismatch=False)
+        return cache
+    if not config.set_timing_cache(cache, ignore_mismatch=False):
+        raise BackendUnavailable("TensorRT refused its own timing cache")
+    return cache
+
+
+def _save_timing_cache(cache: trt.ITimingCache, path: Path) -> None:
+    data = bytes(memoryview(cache.serialize()))
+
+    def write(tmp: Path) -> None:
+        tmp.write_bytes(data)
+
+    atomic_write(path, write, overwrite=True)
+
+
+def _build_one(
+    builder: trt.Builder,
+    logger: trt.ILogger,
+    config: trt.IBuilderConfig,
+    bundle: Bundle,
+    graph: str,
+    profile: BatchProfile,
+    options: BuildOptions,
+) -> trt.IHostMemory:
+    import tensorrt as trt
+
+    # Referenced by name: STRONGLY_TYPED is 1 in TensorRT 10 and 0 (and always on) in 11.
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    parser = trt.OnnxParser(network, logger)
+    path = bundle.graph_path(graph)
+    if not parser.parse_from_file(str(path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise ArtifactError(f"{path}: TensorRT {trt.__version__} cannot parse this graph: {errors or logged_errors(logger)}")
+    _check_network_io(network, bundle, graph, path)
+
+    trt_profile = builder.create_optimization_profile()
+    for item in profile.inputs:
+        trt_profile.set_shape(item.name, trt.Dims(list(item.min)), trt.Dims(list(item.opt)), trt.Dims(list(item.max)))
+    if config.add_optimization_profile(trt_profile) < 0:
+        raise ArtifactError(f"{path}: TensorRT rejected the batch profile {profile.to_dict()}")
+
+    if options.workspace_bytes is not None:
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, options.workspace_bytes)
+    if options.optimization_level is not None:
+        config.builder_optimization_level = options.optimization_level
+    if options.precision == "fp32":
+        config.clear_flag(trt.BuilderFlag.TF32)  # "fp32" means FP32 math, as in the torch reference
+    if options.dla_core is not None:
+        config.default_device_type = trt.DeviceType.DLA
+        config.DLA_core = options.dla_core
+        config.set_flag(trt.BuilderFlag.GPU_FALLBACK)
+    config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED  # per-layer precision in the inspector
+
+    plan = builder.build_serialized_network(network, config)
+    if plan is None:  # the stubs say IHostMemory; the binding returns None on failure
+        raise BackendUnavailable(f"TensorRT could not build {graph} on this GPU: {logged_errors(logger)}")
+    return plan
+
+
+def _check_network_io(network: trt.INetworkDefinition, bundle: Bundle, graph: str, path: Path) -> None:
+    info = bundle.graph(graph)
+    inputs = [network.get_input(i).name for i in range(network.num_inputs)]
+    outputs = [network.get_output(i).name for i in range(network.num_outputs)]
+    if inputs != [t.name for t in info.inputs] or outputs != [t.name for t in info.outputs]:
+        raise ArtifactError(
+            f"{path}: TensorRT sees inputs {inputs} and outputs {outputs}; the manifest says "
+            f"{[t.name for t in info.inputs]} -> {[t.name for t in info.outputs]}"
+        )
+
+
+def _write_layer_info(runtime: trt.Runtime, plan: trt.IHostMemory, path: Path, say: Progress) -> str | None:
+    """Save the engine inspector's per-layer JSON (precision and tactic of every layer)."""
+    import tensorrt as trt
+
+    engine = runtime.deserialize_cuda_engine(plan)
+    if engine is None:
+        raise BackendUnavailable(f"TensorRT cannot deserialize the engine it just built ({path.stem})")
+    info = engine.create_engine_inspector().get_engine_information(trt.LayerInformationFormat.JSON)
+    path.write_text(info)
+    int8 = info.count("Int8")
+    if int8:
+        say(f"{path.stem}: {int8} INT8 tensor formats in the engine (see {path.name})")
+    return path.name

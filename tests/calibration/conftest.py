@@ -1,0 +1,51 @@
+"""A small FP32 demo bundle (random, BN-calibrated weights; 4 sampler steps so the trajectory is
+short) and its INT8 calibration, each made once per session: export is the slow part."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from ldseg.calibration import CalibrationReport, calibrate
+from ldseg.export import export_bundle
+from ldseg.model.config import get_preset
+from ldseg.model.network import LDSeg
+from ldseg.runtime import bundle as bundle_module
+
+STEPS = 4
+GRAPHS = ("encoder", "denoise_step", "decoder", "decoder_argmax")
+
+
+def small_model(seed: int = 0) -> LDSeg:
+    """Demo preset, random weights with BatchNorm statistics calibrated on random inputs (an
+    untrained decoder otherwise puts every voxel in one class and label checks are trivial)."""
+    torch.manual_seed(seed)
+    model = LDSeg(get_preset("demo").with_diffusion(steps=STEPS))
+    cfg = model.cfg
+    for bn in (m for m in model.modules() if isinstance(m, nn.BatchNorm1d)):
+        bn.reset_running_stats()
+        bn.momentum = None
+        bn.train()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _ in range(2):
+            model.image_encoder(torch.rand((2, *cfg.image_shape), generator=gen))
+            model.label_decoder(torch.randn((2, *cfg.latent_shape), generator=gen))
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def fp32_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return export_bundle(small_model(), tmp_path_factory.mktemp("cal-fp32") / "demo.bundle", graphs=GRAPHS)
+
+
+@pytest.fixture(scope="session")
+def calibrated(fp32_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, CalibrationReport]:
+    if "int8" not in bundle_module.PRECISIONS:
+        pytest.fail("ldseg/runtime/bundle.py PRECISIONS lacks 'int8': INT8 bundles cannot load with the bundle loader")
+    out = tmp_path_factory.mktemp("cal-int8") / "demo-int8.bundle"
+    report = calibrate(fp32_bundle, "phantoms", out, max_volumes=2, holdout=1, threads=2)
+    return out, report

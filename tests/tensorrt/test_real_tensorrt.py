@@ -1,0 +1,154 @@
+"""Real TensorRT: build engines from the demo model's bundles and compare with the torch reference.
+
+These need TensorRT (`pip install -e '.[tensorrt]'`) and an NVIDIA GPU; elsewhere they skip with
+the reason. Tolerances (labels on phantoms, demo model, 15 DDIM steps):
+    FP32 engines: >= 99.9 % of voxels equal to torch FP32
+    FP16 engines: >= 99.5 %
+    INT8 engines: per-class Dice vs. the phantom truth within 1 point of torch FP32's.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ldseg.errors import ArtifactError, BackendUnavailable
+from ldseg.export.engines import Environment, check_engines_here, detect_environment, read_engine_set
+from ldseg.metrics import agreement, dice_per_class
+from ldseg.runtime.backend import make_inputs
+
+pytestmark = pytest.mark.tensorrt
+
+SEEDS = (0, 1, 2, 3)  # evaluation phantoms (never used for training or calibration)
+MIN_AGREEMENT = {"fp32": 0.999, "fp16": 0.995}
+MAX_INT8_DICE_DROP = 0.01
+
+
+@pytest.fixture(scope="module")
+def environment() -> Environment:
+    try:
+        return detect_environment()
+    except BackendUnavailable as exc:
+        pytest.skip(f"needs real TensorRT and an NVIDIA GPU: {exc}")
+
+
+@pytest.fixture(scope="module")
+def model(environment: Environment):  # noqa: ANN201 - LDSeg
+    from ldseg.runtime.select import load_model
+
+    try:
+        return load_model("demo")
+    except ArtifactError as exc:
+        pytest.skip(f"needs the trained demo model: {exc}")
+
+
+@pytest.fixture(scope="module")
+def phantoms(model) -> list[tuple[np.ndarray, np.ndarray]]:  # noqa: ANN001
+    from ldseg.data.phantoms import make_phantom
+    from ldseg.io.preprocess import min_max_standardize
+
+    cfg = model.cfg
+    out = []
+    for seed in SEEDS:
+        ph = make_phantom(seed, shape=cfg.image_size, num_classes=cfg.num_classes)
+        out.append((min_max_standardize(ph.image)[None].astype(np.float32), ph.label))
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(model, phantoms) -> list[np.ndarray]:  # noqa: ANN001
+    """torch FP32 labels, the reference every engine is compared with."""
+    import torch
+
+    from ldseg.runtime.torch_backend import TorchBackend
+
+    backend = TorchBackend(model, "cuda" if torch.cuda.is_available() else "cpu", cuda_graph=False)
+    return [backend.run(make_inputs(model.cfg, img[None], [s])).labels[0] for s, (img, _) in zip(SEEDS, phantoms)]
+
+
+@pytest.fixture(scope="module")
+def bundles(model, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:  # noqa: ANN001
+    from ldseg.calibration import calibrate
+    from ldseg.export import export_bundle
+
+    root = tmp_path_factory.mktemp("trt-bundles")
+    out = {
+        "fp32": export_bundle(model, root / "fp32"),
+        "fp16": export_bundle(model, root / "fp16", precision="fp16"),
+    }
+    calibrate(out["fp32"], "phantoms", root / "int8", max_volumes=8, holdout=2)
+    out["int8"] = root / "int8"
+    return out
+
+
+@pytest.fixture(scope="module")
+def engines(bundles: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from ldseg.export.tensorrt_build import build_engines
+
+    root = tmp_path_factory.mktemp("trt-engines")
+    cache = root / "timing.cache"
+    return {p: build_engines(b, root / p, max_batch=2, timing_cache=cache) for p, b in bundles.items()}
+
+
+def _labels(engines_dir: Path, model, phantoms, **kwargs) -> list[np.ndarray]:  # noqa: ANN001
+    from ldseg.runtime.tensorrt_backend import TensorRTBackend
+
+    with TensorRTBackend(engines_dir, **kwargs) as backend:
+        return [backend.run(make_inputs(model.cfg, img[None], [s])).labels[0] for s, (img, _) in zip(SEEDS, phantoms)]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_engines_agree_with_torch(precision, engines, model, phantoms, reference) -> None:  # noqa: ANN001
+    labels = _labels(engines[precision], model, phantoms)
+    worst = min(agreement(a, b) for a, b in zip(labels, reference))
+    assert worst >= MIN_AGREEMENT[precision], f"{precision}: {100 * worst:.3f} % of voxels agree with torch FP32"
+
+
+def test_int8_dice_within_one_point(engines, model, phantoms, reference) -> None:  # noqa: ANN001
+    labels = _labels(engines["int8"], model, phantoms)
+    k = model.cfg.num_classes
+    for c in range(1, k):
+        fp32 = np.mean([dice_per_class(r, t, k)[c] for r, (_, t) in zip(reference, phantoms)])
+        int8 = np.mean([dice_per_class(q, t, k)[c] for q, (_, t) in zip(labels, phantoms)])
+        assert fp32 - int8 <= MAX_INT8_DICE_DROP, f"class {c}: Dice FP32 {fp32:.4f}, INT8 {int8:.4f}"
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
+def test_graph_replay_equals_per_step_launches(precision, engines, model, phantoms) -> None:  # noqa: ANN001
+    from ldseg.runtime.tensorrt_backend import TensorRTBackend
+
+    inputs = make_inputs(model.cfg, phantoms[0][0][None], [0])
+    with TensorRTBackend(engines[precision], cuda_graph=True) as graph, TensorRTBackend(engines[precision], cuda_graph=False) as eager:
+        replayed = graph.run(inputs, probabilities=True)
+        replayed_again = graph.run(inputs, probabilities=True)
+        stepped = eager.run(inputs, probabilities=True)
+        assert graph.describe()["mode"] == "cuda-graph", graph.fallback_reason
+        assert set(replayed.stage_ms) == {"graph"} and set(stepped.stage_ms) == {"input_copy", "encoder", "loop", "decoder"}
+    np.testing.assert_array_equal(replayed.labels, replayed_again.labels)
+    np.testing.assert_array_equal(replayed.labels, stepped.labels)
+    assert replayed.probabilities is not None and stepped.probabilities is not None
+    np.testing.assert_allclose(replayed.probabilities, stepped.probabilities, atol=1e-6)
+
+
+def test_batch_of_two_equals_two_single_runs(engines, model, phantoms) -> None:  # noqa: ANN001
+    from ldseg.runtime.tensorrt_backend import TensorRTBackend
+
+    image = np.stack([phantoms[0][0], phantoms[1][0]])
+    with TensorRTBackend(engines["fp32"]) as backend:
+        pair = backend.run(make_inputs(model.cfg, image, [0, 1])).labels
+        singles = [backend.run(make_inputs(model.cfg, image[i : i + 1], [i])).labels[0] for i in range(2)]
+        labels_only = backend.run(make_inputs(model.cfg, image[:1], [0]), probabilities=False).labels[0]
+        with pytest.raises(ArtifactError, match="--max-batch 3"):
+            backend.run(make_inputs(model.cfg, np.repeat(image[:1], 3, axis=0), [0, 1, 2]))
+    assert min(agreement(pair[i], singles[i]) for i in range(2)) >= 0.9999
+    np.testing.assert_array_equal(labels_only, singles[0])
+
+
+def test_engine_set_describes_this_machine(engines, environment: Environment, bundles) -> None:  # noqa: ANN001
+    for precision, folder in engines.items():
+        es = read_engine_set(folder)
+        assert (es.precision, es.tensorrt_version, es.gpu_name) == (precision, environment.trt_version, environment.gpu_name)
+        assert check_engines_here(folder, bundle_dir=bundles[precision]) == []
+        assert (folder / "encoder.layers.json").is_file()
