@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -10,6 +12,7 @@ from typing import Annotated, Any, Optional
 import numpy as np
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -20,15 +23,23 @@ console = Console(stderr=True)
 out = Console()
 
 
+def _terminate(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def _entry(app: typer.Typer, prog: str) -> Callable[[], None]:
     """Run a Typer app; LdsegError -> 'prog: error: message' and its exit code, no traceback."""
 
     def main() -> None:
+        # nibabel prints header fixes through its own stderr handler, in lines naming no file;
+        # a refused file gets our one line instead.
+        logging.getLogger("nibabel.global").setLevel(logging.CRITICAL)
+        signal.signal(signal.SIGTERM, _terminate)  # clean up temp files as on Ctrl-C
         # Typer reports usage errors itself (exit 2); ours surface here as one line.
         try:
             app(prog_name=prog)
         except LdsegError as exc:
-            console.print(f"[bold red]{prog}: error:[/] {exc}", highlight=False, soft_wrap=True)
+            console.print(f"[bold red]{prog}: error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             sys.exit(exc.exit_code)
 
     return main
@@ -118,7 +129,7 @@ def _run_with_progress(paths: list[Path], out_dir: Path, backend: Any, cfg: Any,
 
         def done(path: Path, error: str | None) -> None:
             if error:
-                progress.console.print(f"[red]failed:[/] {error}", highlight=False)
+                progress.console.print(f"[red]failed:[/] {escape(error)}", highlight=False, soft_wrap=True)
             progress.advance(task)
 
         summary = run_files(paths, out_dir, backend, cfg, opts, on_done=done)
@@ -131,7 +142,7 @@ def _run_with_progress(paths: list[Path], out_dir: Path, backend: Any, cfg: Any,
     table.caption = f"backend {backend.name}, device {backend.device}, {backend.precision}"
     console.print(table)
     for path in summary.written:
-        out.print(str(path), highlight=False)
+        out.print(str(path), highlight=False, markup=False, soft_wrap=True)
     return summary
 
 

@@ -32,6 +32,7 @@ _READ_ERRORS = (
     EOFError,
     zlib.error,
     ValueError,
+    OverflowError,  # e.g. a vox_offset of 3e38 does not fit a file offset
 )
 _NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
@@ -59,21 +60,24 @@ def _has_nifti_suffix(path: Path) -> bool:
     return path.name.lower().endswith(_NIFTI_SUFFIXES)
 
 
-def _verify_gzip(path: Path) -> None:
-    """Decompress a .gz to its end, so the CRC and length trailer are checked.
+def _verify_gzip(path: Path) -> int:
+    """Decompress a .gz to its end, so the CRC and length trailer are checked; returns the size
+    of the decompressed file (the on-disk size for a plain file).
 
     nibabel stops reading once it has the voxels it needs, so a damaged stream that still
     inflates would otherwise pass silently as wrong intensities.
     """
     with path.open("rb") as raw:
         if raw.read(2) != b"\x1f\x8b":
-            return
+            return path.stat().st_size
+    size = 0
     try:
         with gzip.open(path, "rb") as stream:
-            while stream.read(1 << 24):
-                pass
+            while chunk := stream.read(1 << 24):
+                size += len(chunk)
     except (OSError, EOFError, zlib.error) as exc:
         raise InputError(f"{path}: truncated or corrupt gzip data ({_one_line(exc)})") from exc
+    return size
 
 
 def _load_header(path: Path, max_voxels: int) -> tuple[nib.Nifti1Image, tuple[int, ...]]:
@@ -89,7 +93,14 @@ def _load_header(path: Path, max_voxels: int) -> tuple[nib.Nifti1Image, tuple[in
     if not isinstance(img, nib.Nifti1Image):  # Nifti2Image is a subclass
         raise InputError(f"{path}: not a NIfTI file (nibabel read it as {type(img).__name__})")
 
+    dtype = img.get_data_dtype()
+    if dtype.kind not in "biuf":  # complex, RGB(A): no single intensity per voxel
+        label = img.header.get_value_label("datatype")
+        raise InputError(f"{path}: unsupported data type {label} (scalar voxels are required)")
+
     shape = tuple(int(s) for s in img.shape)
+    if any(s < 0 for s in shape):
+        raise InputError(f"{path}: invalid shape {shape} in the header (negative size)")
     if len(shape) < 3:
         raise InputError(f"{path}: {len(shape)}D image of shape {shape}; a 3D volume is required")
     if len(shape) > 3 and math.prod(shape[3:]) != 1:
@@ -113,7 +124,16 @@ def _load_header(path: Path, max_voxels: int) -> tuple[nib.Nifti1Image, tuple[in
         raise InputError(f"{path}: affine has non-finite entries")
     if np.linalg.matrix_rank(affine[:3, :3]) < 3:
         raise InputError(f"{path}: singular affine (zero voxel size or degenerate axes)")
-    _verify_gzip(path)  # last: the only check that reads the whole file
+    # last: the only check that reads the whole file. Comparing sizes before any voxel is read
+    # means a short file whose header promises a large volume costs no memory.
+    offset = int(img.header.get_data_offset())
+    needed = offset + voxels * dtype.itemsize
+    size = _verify_gzip(path)
+    if size < needed:
+        raise InputError(
+            f"{path}: truncated or corrupt image data (the header needs {needed} bytes, "
+            f"the file holds {size})"
+        )
     return img, shape
 
 
@@ -150,6 +170,12 @@ def read_volume(path: Path, *, max_voxels: int = DEFAULT_MAX_VOXELS) -> Volume:
         raise InputError(
             f"{path}: constant image (every voxel is {lo:g}); "
             "min-max standardization needs contrast"
+        )
+    with np.errstate(over="ignore"):
+        span = np.float32(hi) - np.float32(lo)
+    if not math.isfinite(span):  # the float32 standardization would turn it into NaN
+        raise InputError(
+            f"{path}: intensity range {lo:g} to {hi:g} is too wide for float32 standardization"
         )
     return _volume(img, array, path)
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ldseg.errors import LdsegError, OutputError
+from ldseg.errors import InputError, LdsegError, OutputError
 from ldseg.model.config import ModelConfig
 from ldseg.runtime.backend import Backend, make_inputs
 from ldseg.runtime.volumes import (
@@ -84,6 +84,32 @@ def _read_ahead(paths: list[Path], cfg: ModelConfig) -> Iterator[tuple[Path, Fut
             yield path, current
 
 
+def _detached(exc: LdsegError) -> LdsegError:
+    """Drop the tracebacks of `exc` and its causes before keeping it in a summary.
+
+    A traceback keeps its frames, and so their locals, alive: a volume refused for NaN voxels
+    would otherwise stay in memory for the rest of the run, one per failed file.
+    """
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        cur.__traceback__ = None
+        cur = cur.__cause__ or cur.__context__
+    return exc
+
+
+def _prepared(path: Path, future: Future[Prepared]) -> Prepared:
+    """The read-ahead result; a reader bug on one odd file fails that file, not the whole run."""
+    try:
+        return future.result()
+    except LdsegError:
+        raise
+    except Exception as exc:
+        detail = " ".join(str(exc).split())
+        raise InputError(f"{path}: unexpected error reading the file ({type(exc).__name__}: {detail})") from exc
+
+
 def run_files(
     paths: list[Path],
     out_dir: Path,
@@ -96,22 +122,31 @@ def run_files(
     clock = time.perf_counter()
     for path, future in _read_ahead(paths, cfg):
         try:
-            prepared = future.result()
+            prepared = _prepared(path, future)
             outputs, stage_ms = segment_prepared(prepared, backend, cfg, opts)
             targets = {suffix: output_path(out_dir, prepared, suffix) for suffix in outputs}
             if not opts.overwrite:  # check all first, so a volume's outputs are all-or-nothing
                 existing = [t for t in targets.values() if t.exists()]
                 if existing:
                     raise OutputError(f"{existing[0]}: exists (use --overwrite)")
-            for suffix, (values, dtype) in outputs.items():
-                write_map(targets[suffix], prepared, values, overwrite=opts.overwrite, dtype=dtype)
-                summary.written.append(targets[suffix])
+            written: list[Path] = []
+            try:
+                for suffix, (values, dtype) in outputs.items():
+                    write_map(targets[suffix], prepared, values, overwrite=opts.overwrite, dtype=dtype)
+                    written.append(targets[suffix])
+            except BaseException:
+                # Disk full or Ctrl-C after some of this volume's maps: remove those, so a
+                # volume's outputs stay all-or-nothing (each file itself is written atomically).
+                for target in written:
+                    target.unlink(missing_ok=True)
+                raise
+            summary.written += written
             for stage, ms in stage_ms.items():
                 summary.stage_ms.setdefault(stage, []).append(ms)
             summary.volumes += 1
             on_done(path, None)
         except LdsegError as exc:
-            summary.failures.append((path, exc))
+            summary.failures.append((path, _detached(exc)))
             on_done(path, str(exc))
             if opts.fail_fast:
                 break
