@@ -246,8 +246,11 @@ def export_onnx(
 
     model = load_checkpoint(resolve_checkpoint(checkpoint))
     console.print(f"exporting {model.cfg.preset} ({precision}, opset {opset}) to {output}")
-    bundle = export_bundle(model, output, opset=opset, precision=precision, batch=batch,
-                           overwrite=overwrite, progress=lambda line: console.print(line, highlight=False))
+    try:
+        bundle = export_bundle(model, output, opset=opset, precision=precision, batch=batch,
+                               overwrite=overwrite, progress=lambda line: console.print(line, highlight=False))
+    except ValueError as exc:  # bad option values
+        raise typer.BadParameter(str(exc)) from exc
     if validate:
         report = validate_bundle(bundle, model)
         out.print(report.table())

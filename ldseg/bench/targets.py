@@ -69,7 +69,7 @@ def reference(ctx: Context) -> Target:
 
 def _onnxruntime(ctx: Context, precision: str) -> Target:
     """The --bundle if given (its one precision), else a bundle exported from the model for this run."""
-    from ldseg.runtime.bundle import PRECISIONS, load_bundle
+    from ldseg.runtime.bundle import EXPORT_PRECISIONS, load_bundle
     from ldseg.runtime.onnxruntime_backend import OnnxRuntimeBackend
 
     if ctx.bundle is not None:
@@ -80,8 +80,8 @@ def _onnxruntime(ctx: Context, precision: str) -> Target:
     else:
         from ldseg.export.exporter import export_bundle
 
-        if precision not in PRECISIONS:
-            raise Unsupported(f"bundles are exported in {' or '.join(PRECISIONS)}")
+        if precision not in EXPORT_PRECISIONS:
+            raise Unsupported(f"bundles are exported in {' or '.join(EXPORT_PRECISIONS)}")
         path = export_bundle(ctx.model, ctx.workdir / f"bundle-{precision}", precision=precision,
                              graphs=("encoder", "denoise_step", "decoder_argmax"))
         bundle, source = load_bundle(path), f"{precision} bundle exported from the benchmarked model"

@@ -1,0 +1,159 @@
+"""`export_bundle`: checkpoint -> bundle folder (ONNX graphs + manifest.json), written atomically.
+
+The bundle is assembled in a hidden temp folder beside the target and renamed into place only once
+every graph has been exported, checked, (optionally) lowered to FP16 and hashed: a reader never
+sees a half-written bundle, and a failed export leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from ldseg.errors import OutputError
+from ldseg.export.fp16 import convert_to_fp16, fp32_scopes
+from ldseg.export.manifest import build_manifest, graph_entry, write_manifest
+from ldseg.export.onnx_export import MIN_OPSET, export_graph
+from ldseg.export.specs import graph_specs
+from ldseg.io.atomic import ensure_output_dir
+from ldseg.model.checkpoint import load_checkpoint
+from ldseg.model.network import LDSeg
+from ldseg.runtime.bundle import EXPORT_PRECISIONS, GRAPH_NAMES, MANIFEST
+
+Progress = Callable[[str], None]
+
+
+def _check_options(opset: int, precision: str, batch: int, graphs: Sequence[str]) -> None:
+    highest = onnx.defs.onnx_opset_version()
+    if not MIN_OPSET <= opset <= highest:
+        raise ValueError(f"opset {opset} not supported: choose {MIN_OPSET}..{highest}")
+    if precision not in EXPORT_PRECISIONS:
+        raise ValueError(
+            f"precision {precision!r} not supported: choose {' or '.join(EXPORT_PRECISIONS)} (int8 comes from calibration)"
+        )
+    if batch < 1:
+        raise ValueError(f"batch must be >= 1, got {batch}")
+    unknown = [g for g in graphs if g not in GRAPH_NAMES]
+    if unknown or not graphs:
+        raise ValueError(f"unknown graphs {unknown}; choose among {', '.join(GRAPH_NAMES)}")
+
+
+def _check_target(target: Path, overwrite: bool) -> None:
+    if not target.exists():
+        return
+    if not target.is_dir():
+        raise OutputError(f"{target}: exists and is not a folder")
+    if not overwrite:
+        raise OutputError(f"{target}: exists (use --overwrite)")
+    # --overwrite replaces a bundle, never an arbitrary folder (think `-o ~`).
+    if any(target.iterdir()) and not (target / MANIFEST).is_file():
+        raise OutputError(f"{target}: exists and is not an ldseg bundle; refusing to replace it")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_tree(folder: Path) -> None:
+    for path in [*folder.iterdir(), folder]:
+        fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() else 0))
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _move_into_place(tmp: Path, target: Path, overwrite: bool) -> None:
+    old: Path | None = None
+    if target.exists() and overwrite:
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
+        os.replace(target, old)  # onto an empty folder: atomic on POSIX
+    try:
+        os.rename(tmp, target)  # fails if a non-empty target appeared meanwhile
+    except OSError as exc:
+        if old is not None:
+            os.replace(old, target)
+        if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
+            raise OutputError(f"{target}: appeared while exporting; not replaced") from exc
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def export_bundle(
+    checkpoint_path_or_model: Path | str | LDSeg,
+    out_dir: Path | str,
+    *,
+    opset: int = 18,
+    precision: str = "fp32",
+    batch: int = 1,
+    overwrite: bool = False,
+    graphs: Sequence[str] = GRAPH_NAMES,
+    progress: Progress | None = None,
+) -> Path:
+    """Export a checkpoint (or an in-memory LDSeg, set to eval mode) as a bundle folder.
+
+    `batch` is the batch the graphs are exported for and recorded as the optimization hint; the
+    batch axis stays dynamic. `graphs` exports a subset (a runtime needs encoder, denoise_step and
+    decoder_argmax; decoder for probabilities). Raises OutputError if `out_dir` exists without
+    `overwrite` or cannot be written, ValueError for unsupported options.
+    """
+    graphs = tuple(graphs)
+    _check_options(opset, precision, batch, graphs)
+    target = Path(out_dir)
+    _check_target(target, overwrite)
+    say = progress or (lambda _msg: None)
+    model = checkpoint_path_or_model
+    if not isinstance(model, LDSeg):
+        say(f"loading checkpoint {model}")
+        model = load_checkpoint(model)
+    model.eval()
+    specs = [spec for name, spec in graph_specs(model.cfg).items() if name in graphs]
+
+    parent = ensure_output_dir(target.absolute().parent)
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=parent))
+    except OSError as exc:
+        raise OutputError(f"{target}: cannot write in {parent} ({exc.strerror})") from exc
+    try:
+        entries: dict[str, dict[str, Any]] = {}
+        for spec in specs:
+            say(f"exporting {spec.name} (opset {opset}, {precision})")
+            result = export_graph(spec, model, tmp / spec.file, opset=opset, batch=batch)
+            if result.exporter != "dynamo":
+                say(f"{spec.name}: dynamo export failed ({result.fallback_reason}); used the TorchScript exporter")
+            extra: dict[str, Any] = {}
+            if precision == "fp16":
+                keep = fp32_scopes(spec.build(model))
+                lowered, stats = convert_to_fp16(onnx.load(str(result.path)), spec.fp16_body, keep)
+                onnx.save(lowered, str(result.path))
+                extra = {
+                    "fp16_nodes": stats.fp16_nodes,
+                    "fp32_nodes": stats.fp32_nodes,
+                    "casts": stats.casts,
+                    "fp32_scopes": list(keep),
+                }
+            entries[spec.name] = graph_entry(
+                spec, exporter=result.exporter, fallback_reason=result.fallback_reason, precision=precision, **extra
+            )
+        manifest = build_manifest(model, entries, folder=tmp, precision=precision, opset=opset, batch=batch)
+        write_manifest(tmp, manifest)
+        _fsync_tree(tmp)
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp made it 0700; a bundle gets a plain mkdir's mode
+        _move_into_place(tmp, target, overwrite)
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise OutputError(f"{target}: no space left on device") from exc
+        raise
+    say(f"wrote {target}")
+    return target

@@ -1,0 +1,94 @@
+"""The manifest.json an export writes (schema and reader: ldseg/runtime/bundle.py).
+
+Everything a runtime needs to use the graphs without the checkpoint: the full model config, each
+graph's signature and how it was made, the diffusion settings with the sampler coefficient table,
+library versions, the source checkpoint's hash, and the SHA-256 of every file in the bundle.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import platform
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import onnx
+import onnxruntime
+import onnxscript
+import torch
+
+import ldseg
+from ldseg.export.specs import GraphSpec, TensorSpec
+from ldseg.model.diffusion import sampler_table
+from ldseg.model.network import LDSeg
+from ldseg.runtime.bundle import BUNDLE_FORMAT, MANIFEST, sha256_file
+
+
+def _tensor(t: TensorSpec) -> dict[str, Any]:
+    return {"name": t.name, "shape": list(t.shape), "dtype": t.dtype}
+
+
+def graph_entry(spec: GraphSpec, *, exporter: str, fallback_reason: str | None, precision: str, **extra: Any) -> dict[str, Any]:
+    return {
+        "file": spec.file,
+        "inputs": [_tensor(t) for t in spec.inputs],
+        "outputs": [_tensor(t) for t in spec.outputs],
+        "exporter": exporter,
+        "fallback_reason": fallback_reason,
+        "precision": precision,
+        **extra,
+    }
+
+
+def versions() -> dict[str, str]:
+    return {
+        "ldseg": ldseg.__version__,
+        "torch": torch.__version__,
+        "onnx": onnx.__version__,
+        "onnxscript": onnxscript.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def build_manifest(
+    model: LDSeg,
+    graphs: Mapping[str, dict[str, Any]],
+    *,
+    folder: Path,
+    precision: str,
+    opset: int,
+    batch: int,
+) -> dict[str, Any]:
+    cfg = model.cfg
+    table = sampler_table(cfg.diffusion)
+    files: Sequence[str] = sorted(g["file"] for g in graphs.values())
+    return {
+        "format": BUNDLE_FORMAT,
+        "preset": cfg.preset,
+        "config": cfg.to_dict(),
+        "precision": precision,
+        "opset": opset,
+        "batch": batch,
+        "io": {"batch_axis": "batch", "spatial": "static", "io_dtype": "float32"},
+        "shapes": {
+            "image": list(cfg.image_shape),
+            "latent": list(cfg.latent_shape),
+            "labels": list(cfg.image_size),
+            "num_classes": cfg.num_classes,
+        },
+        "graphs": dict(graphs),
+        "diffusion": {**dataclasses.asdict(cfg.diffusion), "table_columns": ["t", "a", "b", "c"], "table": table.rows.tolist()},
+        "versions": versions(),
+        "checkpoint_hash": model.checkpoint_hash,
+        "trained": dict(model.trained),
+        "files": {name: sha256_file(folder / name) for name in files},
+    }
+
+
+def write_manifest(folder: Path, manifest: Mapping[str, Any]) -> Path:
+    path = folder / MANIFEST
+    path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return path

@@ -1,0 +1,156 @@
+"""Check an exported bundle against the PyTorch model it came from, with stated tolerances.
+
+Per graph: fresh random inputs (batch 2 by default, so the dynamic batch is exercised) through ONNX Runtime
+(CPU) and PyTorch; reported as max abs error, relative error (max abs error / max |reference|) and,
+for label maps, the % of identical voxels. Whole pipeline: one synthetic phantom, same seed,
+encoder -> N fused steps -> decoder in both, compared by % identical labels. Like Polygraphy's
+comparator it reports the numbers, not only pass/fail, so a failing export can be debugged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+from rich.markup import escape
+from rich.table import Table
+
+from ldseg.data.phantoms import make_phantom
+from ldseg.export.specs import graph_specs
+from ldseg.model.checkpoint import load_checkpoint
+from ldseg.model.network import LDSeg
+from ldseg.runtime.backend import make_inputs
+from ldseg.runtime.bundle import Bundle, load_bundle
+from ldseg.runtime.onnxruntime_backend import OnnxRuntimeBackend
+from ldseg.runtime.torch_backend import TorchBackend
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    rel: float  # float outputs: max abs error <= rel * max |reference| ...
+    atol: float  # ... + atol
+    agreement: float  # label maps: minimum % identical voxels
+
+
+# FP32 differs from PyTorch only by summation order, which grows with the volume: measured
+# 2e-6 (demo) to 7.7e-5 (knee3d encoder, GroupNorm over 4M voxels per group) of max |ref|. FP16
+# adds FP16 rounding of weights and activations (normalizations, softmax and the sampler update
+# stay FP32, see fp16.py): measured 1e-4 to 1.2e-3 of max |ref|.
+TOLERANCES = {"fp32": Tolerance(rel=5e-4, atol=1e-5, agreement=99.9), "fp16": Tolerance(rel=2e-2, atol=1e-3, agreement=99.5)}
+
+
+@dataclass(frozen=True)
+class GraphCheck:
+    graph: str  # graph name, or "pipeline"
+    output: str
+    max_abs: float | None
+    rel: float | None  # max_abs / max |reference|
+    agreement: float | None  # % identical labels
+    limit: str  # the tolerance, in words
+    passed: bool
+
+
+@dataclass(frozen=True)
+class ValidationReport:
+    bundle: Path
+    precision: str
+    checks: tuple[GraphCheck, ...]
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed for c in self.checks)
+
+    @property
+    def pipeline_agreement(self) -> float | None:
+        return next((c.agreement for c in self.checks if c.graph == "pipeline"), None)
+
+    def table(self) -> Table:
+        table = Table(title=escape(f"ONNX Runtime (CPU) vs PyTorch — {self.bundle.name} ({self.precision})"))
+        for column in ("graph", "output", "max abs err", "rel err", "identical labels", "tolerance", "result"):
+            table.add_column(column, justify="left" if column in ("graph", "output", "tolerance") else "right")
+        for c in self.checks:
+            table.add_row(
+                c.graph,
+                escape(c.output),
+                "" if c.max_abs is None else f"{c.max_abs:.3g}",
+                "" if c.rel is None else f"{c.rel:.3g}",
+                "" if c.agreement is None else f"{c.agreement:.3f} %",
+                escape(c.limit),
+                "[green]pass[/green]" if c.passed else "[bold red]FAIL[/bold red]",
+            )
+        return table
+
+    def __rich__(self) -> Table:
+        return self.table()
+
+
+def compare_arrays(graph: str, output: str, got: np.ndarray, ref: np.ndarray, tol: Tolerance) -> GraphCheck:
+    if ref.dtype == np.uint8:
+        agreement = float((got == ref).mean() * 100.0)
+        return GraphCheck(graph, output, None, None, agreement, f">= {tol.agreement} % identical", agreement >= tol.agreement)
+    err = float(np.abs(got.astype(np.float64) - ref.astype(np.float64)).max())
+    scale = float(np.abs(ref).max())
+    rel = err / scale if scale > 0 else err
+    passed = bool(np.isfinite(err)) and err <= tol.rel * scale + tol.atol
+    return GraphCheck(graph, output, err, rel, None, f"abs <= {tol.rel:g}·max|ref| + {tol.atol:g}", passed)
+
+
+def _session(bundle: Bundle, name: str) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(bundle.graph_path(name)), options, providers=["CPUExecutionProvider"])
+
+
+@torch.no_grad()
+def _check_graph(bundle: Bundle, model: LDSeg, name: str, tol: Tolerance, seed: int, batch: int) -> GraphCheck:
+    spec = graph_specs(model.cfg)[name]
+    gen = torch.Generator().manual_seed(seed)
+    args = spec.example_inputs(model.cfg, batch, gen)
+    ref = spec.build(model).eval()(*args).numpy()
+    got = _session(bundle, name).run(None, {n: a.numpy() for n, a in zip(spec.input_names, args)})[0]
+    return compare_arrays(name, spec.outputs[0].name, got, ref, tol)
+
+
+def phantom_image(model: LDSeg, seed: int) -> np.ndarray:
+    """One synthetic phantom on the model grid, (1, C, *grid); grey replicated over channels (RGB)."""
+    cfg = model.cfg
+    phantom = make_phantom(seed, cfg.image_size, min(cfg.num_classes, 3))
+    return np.repeat(phantom.image[None, None], cfg.image_channels, axis=1).astype(np.float32)
+
+
+def _check_pipeline(bundle: Bundle, model: LDSeg, tol: Tolerance, seed: int) -> GraphCheck:
+    inputs = make_inputs(model.cfg, phantom_image(model, seed), [seed], bundle.steps, bundle.sampler)
+    ours = OnnxRuntimeBackend(bundle).run(inputs).labels
+    ref = TorchBackend(model).run(inputs).labels
+    return compare_arrays("pipeline", f"labels (phantom, {bundle.steps} steps)", ours, ref, tol)
+
+
+def validate_bundle(
+    bundle_dir: Path | str,
+    model: LDSeg | Path | str,
+    *,
+    seed: int = 0,
+    graphs: Sequence[str] | None = None,
+    pipeline: bool = True,
+    batch: int = 2,
+) -> ValidationReport:
+    """Compare every graph of the bundle (or `graphs`) on random inputs of `batch` samples and, if
+    `pipeline`, the whole pipeline on one phantom, ONNX Runtime CPU vs PyTorch CPU. `model` is the
+    LDSeg (or its checkpoint) that was exported; it is moved to the CPU and set to eval mode."""
+    bundle = load_bundle(bundle_dir)
+    if not isinstance(model, LDSeg):
+        model = load_checkpoint(model)
+    model.cpu().eval()
+    bundle.check_compatible(model.cfg)
+    if bundle.precision not in TOLERANCES:
+        raise ValueError(f"{bundle.path}: no export tolerances for a {bundle.precision} bundle (see its calibration report)")
+    tol = TOLERANCES[bundle.precision]
+    names = [g for g in bundle.graphs if graphs is None or g in graphs]
+    checks = [_check_graph(bundle, model, name, tol, seed, batch) for name in names]
+    if pipeline:
+        checks.append(_check_pipeline(bundle, model, tol, seed))
+    return ValidationReport(bundle.path, bundle.precision, tuple(checks))

@@ -1,0 +1,69 @@
+"""ldseg/export/onnx_export.py: one graph exported, checked, with the right signature."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from ldseg.errors import ArtifactError
+from ldseg.export import onnx_export
+from ldseg.export.onnx_export import export_graph
+from ldseg.export.specs import BATCH_AXIS, graph_specs
+from ldseg.model.config import get_preset
+from ldseg.model.network import LDSeg
+from ldseg.runtime.bundle import GRAPH_NAMES, load_bundle
+
+
+@pytest.mark.parametrize("name", GRAPH_NAMES)
+def test_graph_passes_checker_with_spec_signature(demo_bundle: Path, demo_model: LDSeg, name: str) -> None:
+    proto = onnx.load(str(demo_bundle / f"{name}.onnx"))
+    onnx.checker.check_model(proto, full_check=True)
+    spec = graph_specs(demo_model.cfg)[name]
+    for values, tensors in ((proto.graph.input, spec.inputs), (proto.graph.output, spec.outputs)):
+        assert [v.name for v in values] == [t.name for t in tensors]
+        for value, tensor in zip(values, tensors):
+            dims = [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
+            assert dims == list(tensor.shape) and dims[0] == BATCH_AXIS  # dynamic batch, static rest
+    ops = {n.op_type for n in proto.graph.node}
+    assert "GroupNormalization" not in ops  # decomposed for TensorRT (#4336/#4756)
+    assert load_bundle(demo_bundle).graph(name).exporter == "dynamo"
+
+
+def test_graphs_carry_their_pre_and_post_processing(demo_bundle: Path) -> None:
+    def ops(name: str) -> set[str]:
+        return {n.op_type for n in onnx.load(str(demo_bundle / f"{name}.onnx")).graph.node}
+
+    assert {"ReduceMin", "ReduceMax"} <= ops("encoder")  # per-sample min-max inside the graph
+    assert {"ArgMax", "Cast"} <= ops("decoder_argmax")
+    assert "Softmax" in ops("decoder")
+
+
+def test_torchscript_fallback_is_announced_and_recorded(
+    demo_model: LDSeg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(*args: object, **kwargs: object) -> onnx.ModelProto:
+        raise RuntimeError("simulated dynamo failure")
+
+    monkeypatch.setattr(onnx_export, "_export_dynamo", broken)
+    spec = graph_specs(demo_model.cfg)["decoder"]
+    with pytest.warns(RuntimeWarning, match="falling back to the TorchScript exporter"):
+        result = export_graph(spec, demo_model, tmp_path / spec.file, opset=18, batch=1)
+    assert result.exporter == "torchscript"
+    assert result.fallback_reason is not None and "simulated dynamo failure" in result.fallback_reason
+    z = spec.example_inputs(demo_model.cfg, 3, torch.Generator().manual_seed(0))[0]
+    got = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"]).run(None, {"z": z.numpy()})[0]
+    with torch.no_grad():
+        ref = demo_model.label_decoder(z).numpy()
+    assert np.abs(got - ref).max() < 1e-5
+
+
+def test_a_specialized_batch_axis_is_refused() -> None:
+    value = onnx.helper.make_tensor_value_info("z", onnx.TensorProto.FLOAT, [1, 1, 4, 8, 8])
+    spec = graph_specs(get_preset("demo"))["decoder"]
+    with pytest.raises(ArtifactError, match="batch must stay dynamic"):
+        onnx_export._check_value("decoder", value, spec.inputs[0])

@@ -1,0 +1,56 @@
+"""ldseg/export/validate.py: the built-in ORT-vs-PyTorch check and its table."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from rich.console import Console
+
+from ldseg.errors import ArtifactError
+from ldseg.export import validate_bundle
+from ldseg.export.validate import ValidationReport
+from ldseg.model.network import LDSeg
+from ldseg.runtime.bundle import GRAPH_NAMES
+
+
+def _text(report: ValidationReport) -> str:
+    console = Console(record=True, width=160)
+    console.print(report.table())
+    return console.export_text()
+
+
+def test_fp32_bundle_passes_with_identical_pipeline_labels(demo_bundle: Path, demo_model: LDSeg) -> None:
+    report = validate_bundle(demo_bundle, demo_model, seed=0)
+    assert report.passed, _text(report)
+    assert [c.graph for c in report.checks] == [*GRAPH_NAMES, "pipeline"]
+    pipeline = report.pipeline_agreement
+    assert pipeline is not None and pipeline >= 99.9
+    for check in report.checks:
+        assert check.agreement is not None or (check.max_abs is not None and check.max_abs < 1e-4), check
+    text = _text(report)
+    assert "pipeline" in text and "FAIL" not in text and "identical" in text
+
+
+def test_fp16_bundle_passes_its_looser_targets(demo_bundle_fp16: Path, demo_model: LDSeg) -> None:
+    report = validate_bundle(demo_bundle_fp16, demo_model, seed=1)
+    assert report.passed, _text(report)
+    assert report.precision == "fp16" and (report.pipeline_agreement or 0) >= 99.5
+
+
+def test_a_bundle_that_does_not_match_its_model_fails(demo_bundle: Path, make_model: Callable[..., LDSeg]) -> None:
+    other = make_model("demo", seed=1)  # same architecture, different weights
+    report = validate_bundle(demo_bundle, other, graphs=["encoder", "decoder_argmax"], pipeline=False)
+    assert not report.passed
+    assert {c.graph for c in report.checks if not c.passed} == {"encoder", "decoder_argmax"}
+    assert _text(report).count("FAIL") == 2
+
+
+def test_model_of_another_preset_is_refused(demo_bundle: Path) -> None:
+    torch.manual_seed(0)
+    from ldseg.model.config import get_preset
+
+    with pytest.raises(ArtifactError, match="expected 'glas2d'"):
+        validate_bundle(demo_bundle, LDSeg(get_preset("glas2d")))
