@@ -7,10 +7,6 @@ sees a half-written bundle, and a failed export leaves nothing behind.
 
 from __future__ import annotations
 
-import errno
-import os
-import shutil
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,7 +18,7 @@ from ldseg.export.fp16 import convert_to_fp16, fp32_scopes
 from ldseg.export.manifest import build_manifest, graph_entry, write_manifest
 from ldseg.export.onnx_export import MIN_OPSET, export_graph
 from ldseg.export.specs import graph_specs
-from ldseg.io.atomic import ensure_output_dir
+from ldseg.io.atomic import check_folder_target, staged_folder
 from ldseg.model.checkpoint import load_checkpoint
 from ldseg.model.network import LDSeg
 from ldseg.runtime.bundle import EXPORT_PRECISIONS, GRAPH_NAMES, MANIFEST
@@ -43,50 +39,6 @@ def _check_options(opset: int, precision: str, batch: int, graphs: Sequence[str]
     unknown = [g for g in graphs if g not in GRAPH_NAMES]
     if unknown or not graphs:
         raise ValueError(f"unknown graphs {unknown}; choose among {', '.join(GRAPH_NAMES)}")
-
-
-def _check_target(target: Path, overwrite: bool) -> None:
-    if not target.exists():
-        return
-    if not target.is_dir():
-        raise OutputError(f"{target}: exists and is not a folder")
-    if not overwrite:
-        raise OutputError(f"{target}: exists (use --overwrite)")
-    # --overwrite replaces a bundle, never an arbitrary folder (think `-o ~`).
-    if any(target.iterdir()) and not (target / MANIFEST).is_file():
-        raise OutputError(f"{target}: exists and is not an ldseg bundle; refusing to replace it")
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _fsync_tree(folder: Path) -> None:
-    for path in [*folder.iterdir(), folder]:
-        fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() else 0))
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _move_into_place(tmp: Path, target: Path, overwrite: bool) -> None:
-    old: Path | None = None
-    if target.exists() and overwrite:
-        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
-        os.replace(target, old)  # onto an empty folder: atomic on POSIX
-    try:
-        os.rename(tmp, target)  # fails if a non-empty target appeared meanwhile
-    except OSError as exc:
-        if old is not None:
-            os.replace(old, target)
-        if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
-            raise OutputError(f"{target}: appeared while exporting; not replaced") from exc
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def export_bundle(
@@ -110,7 +62,7 @@ def export_bundle(
     graphs = tuple(graphs)
     _check_options(opset, precision, batch, graphs)
     target = Path(out_dir)
-    _check_target(target, overwrite)
+    check_folder_target(target, overwrite, MANIFEST)  # fail before minutes of exporting
     say = progress or (lambda _msg: None)
     model = checkpoint_path_or_model
     if not isinstance(model, LDSeg):
@@ -119,12 +71,7 @@ def export_bundle(
     model.eval()
     specs = [spec for name, spec in graph_specs(model.cfg).items() if name in graphs]
 
-    parent = ensure_output_dir(target.absolute().parent)
-    try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=parent))
-    except OSError as exc:
-        raise OutputError(f"{target}: cannot write in {parent} ({exc.strerror})") from exc
-    try:
+    with staged_folder(target, overwrite=overwrite, marker=MANIFEST) as tmp:
         entries: dict[str, dict[str, Any]] = {}
         for spec in specs:
             say(f"exporting {spec.name} (opset {opset}, {precision})")
@@ -147,13 +94,5 @@ def export_bundle(
             )
         manifest = build_manifest(model, entries, folder=tmp, precision=precision, opset=opset, batch=batch)
         write_manifest(tmp, manifest)
-        _fsync_tree(tmp)
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp made it 0700; a bundle gets a plain mkdir's mode
-        _move_into_place(tmp, target, overwrite)
-    except BaseException as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise OutputError(f"{target}: no space left on device") from exc
-        raise
     say(f"wrote {target}")
     return target

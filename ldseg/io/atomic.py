@@ -6,11 +6,13 @@ The data goes to a hidden temp file in the destination folder (same filesystem, 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import os
+import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from ldseg.errors import OutputError
@@ -120,3 +122,67 @@ def ensure_output_dir(path: Path) -> Path:
         reason = "no space left on device" if exc.errno in _NO_SPACE else exc.strerror
         raise OutputError(f"{path}: cannot create output directory ({reason})") from exc
     return path
+
+
+# --------------------------------------------------------------------------- whole folders
+
+def check_folder_target(target: Path, overwrite: bool, marker: str) -> None:
+    """Refuse an existing target without `overwrite`, and never replace a folder that is not an
+    artifact of the same kind (`marker` file inside), whatever `overwrite` says."""
+    if not target.exists():
+        return
+    if not target.is_dir():
+        raise OutputError(f"{target}: exists and is not a folder")
+    if not overwrite:
+        raise OutputError(f"{target}: exists (use --overwrite)")
+    if any(target.iterdir()) and not (target / marker).is_file():
+        raise OutputError(f"{target}: exists and has no {marker}; refusing to replace a folder ldseg did not write")
+
+
+@contextlib.contextmanager
+def staged_folder(target: Path | str, *, overwrite: bool, marker: str) -> Iterator[Path]:
+    """Yield a hidden temp folder beside `target`; on success it replaces `target` by rename.
+
+    A reader sees either the old folder or the complete new one; on any failure (including
+    KeyboardInterrupt) the temp folder is removed and `target` is left as it was.
+    """
+    target = Path(target)
+    check_folder_target(target, overwrite, marker)
+    parent = ensure_output_dir(target.absolute().parent)
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=parent))
+    except OSError as exc:
+        raise OutputError(f"{target}: cannot write in {parent} ({exc.strerror})") from exc
+    try:
+        yield tmp
+        for path in [*tmp.iterdir(), tmp]:
+            _fsync(path)
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp made it 0700; give it a plain mkdir's mode
+        check_folder_target(target, overwrite, marker)  # it may have appeared while we worked
+        old: Path | None = None
+        if target.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=parent))
+            os.replace(target, old)
+        try:
+            os.rename(tmp, target)
+        except OSError as exc:
+            if old is not None:
+                os.replace(old, target)
+            if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                raise OutputError(f"{target}: appeared while writing; not replaced") from exc
+            raise
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise OutputError(f"{target}: no space left on device") from exc
+        raise
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -53,6 +53,20 @@ class Backend(Protocol):
         ...
 
 
+def check_inputs(inputs: PipelineInputs, cfg: ModelConfig, owner: str) -> None:
+    """ValueError naming the array whose shape does not fit `cfg` (owner: what expects it)."""
+    n, b = inputs.steps, inputs.batch
+    expected = {
+        "image": (inputs.image.shape, (b, *cfg.image_shape)),
+        "z_init": (inputs.z_init.shape, (b, *cfg.latent_shape)),
+        "noise": (inputs.noise.shape, (n, b, *cfg.latent_shape)),
+        "table": (inputs.table.shape, (n, 4)),
+    }
+    for name, (got, want) in expected.items():
+        if tuple(got) != want:
+            raise ValueError(f"{name} has shape {tuple(got)}, {owner} expects {want}")
+
+
 def make_inputs(
     cfg: ModelConfig,
     image: np.ndarray,

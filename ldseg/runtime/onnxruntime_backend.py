@@ -29,7 +29,7 @@ import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
 from ldseg.errors import ArtifactError, BackendUnavailable
-from ldseg.runtime.backend import PipelineInputs, PipelineOutputs
+from ldseg.runtime.backend import PipelineInputs, PipelineOutputs, check_inputs
 from ldseg.runtime.bundle import Bundle, GraphInfo, load_bundle
 
 _ORT_ERRORS = (ort_state.Fail, ort_state.InvalidArgument, ort_state.InvalidProtobuf, ort_state.NoSuchFile)
@@ -176,16 +176,7 @@ class OnnxRuntimeBackend:
         return self._pipelines[batch]
 
     def _check(self, inputs: PipelineInputs) -> None:
-        cfg, b, n = self.bundle.config, inputs.batch, inputs.steps
-        expected = {
-            "image": (inputs.image.shape, (b, *cfg.image_shape)),
-            "z_init": (inputs.z_init.shape, (b, *cfg.latent_shape)),
-            "noise": (inputs.noise.shape, (n, b, *cfg.latent_shape)),
-            "table": (inputs.table.shape, (n, 4)),
-        }
-        for name, (got, want) in expected.items():
-            if tuple(got) != want:
-                raise ValueError(f"{name} has shape {tuple(got)}, bundle {self.bundle.preset!r} expects {want}")
+        check_inputs(inputs, self.bundle.config, f"bundle {self.bundle.preset!r}")
 
     def run(self, inputs: PipelineInputs, *, probabilities: bool = False) -> PipelineOutputs:
         self._check(inputs)

@@ -56,7 +56,7 @@ from ldseg.export.engines import (
     trt_logger,
 )
 from ldseg.runtime import cuda
-from ldseg.runtime.backend import PipelineInputs, PipelineOutputs
+from ldseg.runtime.backend import PipelineInputs, PipelineOutputs, check_inputs
 from ldseg.runtime.bundle import TensorInfo
 
 if TYPE_CHECKING:
@@ -348,16 +348,7 @@ class TensorRTBackend:
         return out
 
     def _check(self, inputs: PipelineInputs) -> None:
-        cfg, b, n = self.engine_set.config, inputs.batch, inputs.steps
-        expected = {
-            "image": (inputs.image.shape, (b, *cfg.image_shape)),
-            "z_init": (inputs.z_init.shape, (b, *cfg.latent_shape)),
-            "noise": (inputs.noise.shape, (n, b, *cfg.latent_shape)),
-            "table": (inputs.table.shape, (n, 4)),
-        }
-        for name, (got, want) in expected.items():
-            if tuple(got) != want:
-                raise ValueError(f"{name} has shape {tuple(got)}, engines for {self.engine_set.preset!r} expect {want}")
+        check_inputs(inputs, self.engine_set.config, f"engines for {self.engine_set.preset!r}")
 
     def run(self, inputs: PipelineInputs, *, probabilities: bool = False) -> PipelineOutputs:
         self._check(inputs)

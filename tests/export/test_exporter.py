@@ -68,7 +68,7 @@ def test_existing_target_is_refused_without_overwrite(demo_model: LDSeg, tmp_pat
 
 def test_overwrite_never_replaces_a_folder_that_is_not_a_bundle(demo_model: LDSeg, tmp_path: Path) -> None:
     (tmp_path / "notes.txt").write_text("precious")
-    with pytest.raises(OutputError, match="not an ldseg bundle"):
+    with pytest.raises(OutputError, match="refusing to replace a folder ldseg did not write"):
         export_bundle(demo_model, tmp_path, overwrite=True, graphs=["decoder"])
     assert (tmp_path / "notes.txt").read_text() == "precious"
 
