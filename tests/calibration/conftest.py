@@ -6,13 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
-from torch import nn
 
 from ldseg.calibration import CalibrationReport, calibrate
 from ldseg.export import export_bundle
-from ldseg.model.config import get_preset
 from ldseg.model.network import LDSeg
+from tests.conftest import informative_model
 from ldseg.runtime import bundle as bundle_module
 
 STEPS = 4
@@ -20,21 +18,10 @@ GRAPHS = ("encoder", "denoise_step", "decoder", "decoder_argmax")
 
 
 def small_model(seed: int = 0) -> LDSeg:
-    """Demo preset, random weights with BatchNorm statistics calibrated on random inputs (an
-    untrained decoder otherwise puts every voxel in one class and label checks are trivial)."""
-    torch.manual_seed(seed)
-    model = LDSeg(get_preset("demo").with_diffusion(steps=STEPS))
-    cfg = model.cfg
-    for bn in (m for m in model.modules() if isinstance(m, nn.BatchNorm1d)):
-        bn.reset_running_stats()
-        bn.momentum = None
-        bn.train()
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _ in range(2):
-            model.image_encoder(torch.rand((2, *cfg.image_shape), generator=gen))
-            model.label_decoder(torch.randn((2, *cfg.latent_shape), generator=gen))
-    return model.eval()
+    """Demo preset (sampling steps shortened), random weights with calibrated BatchNorm statistics."""
+    model = informative_model("demo", seed)
+    model.cfg = model.cfg.with_diffusion(steps=STEPS)
+    return model
 
 
 @pytest.fixture(scope="session")

@@ -8,13 +8,13 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from torch import nn
 
 from ldseg.data.phantoms import make_phantom
 from ldseg.errors import ArtifactError, BackendUnavailable
 from ldseg.export import export_bundle
 from ldseg.model.config import get_preset
 from ldseg.model.network import LDSeg
+from tests.conftest import informative_model
 from ldseg.runtime.backend import PipelineInputs, make_inputs
 from ldseg.runtime.bundle import load_bundle
 from ldseg.runtime.onnxruntime_backend import OnnxRuntimeBackend
@@ -23,27 +23,9 @@ from ldseg.runtime.torch_backend import TorchBackend
 LABEL_TARGET = 99.9  # % identical voxels, FP32 ORT vs PyTorch
 
 
-def _calibrated_demo_model(seed: int = 0) -> LDSeg:
-    """Random weights with BatchNorm statistics calibrated on random inputs, so the decoder's labels
-    vary across the volume (an untrained decoder puts every voxel in one class)."""
-    torch.manual_seed(seed)
-    model = LDSeg(get_preset("demo"))
-    cfg = model.cfg
-    for bn in (m for m in model.modules() if isinstance(m, nn.BatchNorm1d)):
-        bn.reset_running_stats()
-        bn.momentum = None
-        bn.train()
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _ in range(2):
-            model.image_encoder(torch.rand((2, *cfg.image_shape), generator=gen))
-            model.label_decoder(torch.randn((2, *cfg.latent_shape), generator=gen))
-    return model.eval()
-
-
 @pytest.fixture(scope="module")
 def model() -> LDSeg:
-    return _calibrated_demo_model()
+    return informative_model("demo")
 
 
 @pytest.fixture(scope="module")
