@@ -349,7 +349,8 @@ def train(
     data: Annotated[str, typer.Option(help="DIR with images/NAME.nii.gz + labels/NAME.nii.gz, or 'phantoms'.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Checkpoint to write (.safetensors).")],
     init: Annotated[Optional[Path], typer.Option(help="Start from this checkpoint.")] = None,
-    freeze: Annotated[str, typer.Option(help="'autoencoder': train image encoder + denoiser only.")] = "none",
+    freeze: Annotated[str, typer.Option(
+        help="'autoencoder': train image encoder + denoiser; 'encoders': the denoiser alone (latents cached).")] = "none",
     steps: Annotated[Optional[int], typer.Option(help="Optimizer steps (wins over --epochs).")] = None,
     epochs: Annotated[Optional[int], typer.Option(help="Passes over the training set.")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per step.")] = 2,
@@ -357,6 +358,8 @@ def train(
     lr_schedule: Annotated[str, typer.Option(help="constant | cosine")] = "constant",
     autoencoder_steps: Annotated[int, typer.Option(help="First N steps train the label autoencoder alone.")] = 0,
     noise_draws: Annotated[int, typer.Option(help="With --freeze: (t, noise) draws per image per step.")] = 1,
+    checkpoint_every: Annotated[Optional[int], typer.Option(help="Validate and save every N steps (default: each epoch).")] = None,
+    flips: Annotated[bool, typer.Option(help="Random flips along each spatial axis.")] = False,
     num_train: Annotated[int, typer.Option(help="Phantoms per epoch (with --data phantoms).")] = 256,
     val: Annotated[int, typer.Option(help="Validation samples (0: none).")] = 4,
     device: Annotated[str, typer.Option(help="cpu | cuda (bit-reproducible on cpu only)")] = "cpu",
@@ -380,6 +383,7 @@ def train(
         steps=steps, epochs=epochs, batch_size=batch_size, lr=lr, device=device, resume=resume, seed=seed,
         overwrite=overwrite, num_train=num_train, val=val, autoencoder_steps=autoencoder_steps,
         noise_draws=noise_draws, lr_schedule=lr_schedule,  # type: ignore[arg-type]
+        checkpoint_every=checkpoint_every, flips=flips,
     )
     result = run_training(options)
     out.print_json(json.dumps({"checkpoint": str(result.checkpoint), "step": result.step,

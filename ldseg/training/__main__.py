@@ -40,7 +40,7 @@ def parse(argv: list[str] | None = None) -> tuple[TrainOptions, int | None]:
     p.add_argument("--data", required=True, help="DIR (DIR/images + DIR/labels) or 'phantoms'")
     p.add_argument("-o", "--output", required=True, type=Path)
     p.add_argument("--init", type=Path)
-    p.add_argument("--freeze", choices=["autoencoder"])
+    p.add_argument("--freeze", choices=["autoencoder", "encoders"])
     p.add_argument("--steps", type=int)
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int, default=2)
@@ -53,6 +53,7 @@ def parse(argv: list[str] | None = None) -> tuple[TrainOptions, int | None]:
     p.add_argument("--val", type=int, default=4)
     p.add_argument("--autoencoder-steps", type=int, default=0)
     p.add_argument("--noise-draws", type=int, default=1)
+    p.add_argument("--checkpoint-every", type=int)
     p.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant")
     p.add_argument("--ema-decay", type=float, default=0.999)
     p.add_argument("--no-augment", action="store_true")
@@ -65,6 +66,7 @@ def parse(argv: list[str] | None = None) -> tuple[TrainOptions, int | None]:
         steps=a.steps, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, device=a.device,
         resume=a.resume, seed=a.seed, overwrite=a.overwrite, num_train=a.num_train, val=a.val,
         autoencoder_steps=a.autoencoder_steps, noise_draws=a.noise_draws, lr_schedule=a.lr_schedule,
+        checkpoint_every=a.checkpoint_every,
         ema_decay=a.ema_decay, augment=not a.no_augment, flips=a.flips, progress=not a.no_progress,
     )
     return options, a.threads

@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 from ldseg.errors import LdsegError
 
-Freeze = Literal["none", "autoencoder"]
+Freeze = Literal["none", "autoencoder", "encoders"]
 LrSchedule = Literal["constant", "cosine"]
 
 # Options that must not change when a run is resumed: they define the data order, the noise draws
@@ -51,6 +51,11 @@ class TrainOptions:
       --freeze autoencoder          [freeze]       train only image encoder + denoiser, on cached
                                                    label latents (needs --init with a trained
                                                    label encoder/decoder)
+      --freeze encoders                            train only the denoiser, on cached label AND
+                                                   image latents (needs --init with all three
+                                                   trained, e.g. the imported official weights);
+                                                   intensity augmentation does not apply (the
+                                                   image latents are computed once), flips do
       --steps N                     [steps]        optimizer steps in total (wins over --epochs)
       --epochs N                    [epochs]       passes over the training set (default 10)
       --batch-size B                [batch_size]   images per step (default 2)
@@ -68,7 +73,9 @@ class TrainOptions:
           alone (CE + 2*(1 - Dice) on decoder(encoder(label))); later steps use the official joint
           loss. N == total steps gives an autoencoder-only run, to be continued with
           --init ... --freeze autoencoder.
-      --noise-draws K [noise_draws]: with --freeze autoencoder, K (t, noise) draws per image per
+      --checkpoint-every N [checkpoint_every]: validate and save every N steps (default: once
+          per epoch; with a handful of volumes an epoch is a few steps).
+      --noise-draws K [noise_draws]: with --freeze, K (t, noise) draws per image per
           step; the image encoder (the expensive part) runs once and its latent is shared.
       --lr-schedule constant|cosine [lr_schedule]: cosine decays to 0 over each phase.
       --ema-decay D [ema_decay], --no-augment [augment], --flips [flips], --no-progress [progress].
@@ -91,6 +98,7 @@ class TrainOptions:
     val: int = 4
     autoencoder_steps: int = 0
     noise_draws: int = 1
+    checkpoint_every: int | None = None
     lr_schedule: LrSchedule = "constant"
     ema_decay: float = 0.999
     augment: bool = True  # intensity scale/shift after min-max
@@ -102,8 +110,8 @@ class TrainOptions:
         if self.init is not None:
             object.__setattr__(self, "init", Path(self.init))
         problems = []
-        if self.freeze not in ("none", "autoencoder"):
-            problems.append(f"--freeze must be 'autoencoder' (or none), got {self.freeze!r}")
+        if self.freeze not in ("none", "autoencoder", "encoders"):
+            problems.append(f"--freeze must be 'autoencoder' or 'encoders' (or none), got {self.freeze!r}")
         if self.steps is not None and self.steps < 1:
             problems.append(f"--steps must be >= 1, got {self.steps}")
         if self.epochs is not None and self.epochs < 1:
@@ -118,12 +126,14 @@ class TrainOptions:
             problems.append(f"--val must be >= 0, got {self.val}")
         if self.autoencoder_steps < 0:
             problems.append(f"--autoencoder-steps must be >= 0, got {self.autoencoder_steps}")
-        if self.autoencoder_steps and self.freeze == "autoencoder":
+        if self.checkpoint_every is not None and self.checkpoint_every < 1:
+            problems.append(f"--checkpoint-every must be >= 1, got {self.checkpoint_every}")
+        if self.autoencoder_steps and self.freeze != "none":
             problems.append("--autoencoder-steps trains the autoencoder; it cannot be frozen too")
         if self.noise_draws < 1:
             problems.append(f"--noise-draws must be >= 1, got {self.noise_draws}")
-        if self.noise_draws > 1 and self.freeze != "autoencoder":
-            problems.append("--noise-draws > 1 needs --freeze autoencoder (latent-space training)")
+        if self.noise_draws > 1 and self.freeze == "none":
+            problems.append("--noise-draws > 1 needs --freeze (latent-space training)")
         if not 0.0 <= self.ema_decay < 1.0:
             problems.append(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
         if self.lr_schedule not in ("constant", "cosine"):

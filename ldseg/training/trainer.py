@@ -10,6 +10,9 @@ Phases (per step, fixed by the options, so a resumed run knows which one it is i
                The segmentation term is left out: with the decoder frozen it only reaches the
                denoiser through a full-resolution decode per step, the dominant cost, for a
                signal the noise MSE already carries.
+  denoiser     --freeze encoders: the denoiser alone, on label and image latents both cached
+               once per (sample, flips). After the first pass over the data a step touches no
+               full-resolution tensor, so a CPU trains a knee3d denoiser in minutes.
 
 Reproducibility: the weights are initialized under torch.manual_seed(seed) (in a forked RNG, so
 the caller's global state is untouched); each step draws its augmentation, timesteps and noise
@@ -57,8 +60,10 @@ PHASE_COMPONENTS = {
     "autoencoder": ("label_encoder", "label_decoder"),
     "joint": COMPONENTS,
     "latent": ("image_encoder", "denoiser"),
+    "denoiser": ("denoiser",),
 }
 AUTOENCODER = ("label_encoder", "label_decoder")
+FROZEN = {"none": (), "autoencoder": AUTOENCODER, "encoders": (*AUTOENCODER, "image_encoder")}
 
 
 def train(options: TrainOptions) -> TrainResult:
@@ -68,6 +73,8 @@ def train(options: TrainOptions) -> TrainResult:
 def phase_at(options: TrainOptions, step: int) -> str:
     if options.freeze == "autoencoder":
         return "latent"
+    if options.freeze == "encoders":
+        return "denoiser"
     return "autoencoder" if step < options.autoencoder_steps else "joint"
 
 
@@ -146,19 +153,18 @@ class _Run:
                 torch.manual_seed(o.seed)
                 model = LDSeg(cfg)
             self.init_flags = {k: False for k in COMPONENTS}
-        if o.freeze == "autoencoder":
-            untrained = [k for k in AUTOENCODER if not self.init_flags.get(k)]
-            if untrained:
-                raise OptionsError(
-                    "--freeze autoencoder needs --init with a trained label encoder and decoder; "
-                    f"untrained: {', '.join(untrained)}"
-                )
+        untrained = [k for k in FROZEN[o.freeze] if not self.init_flags.get(k)]
+        if untrained:
+            raise OptionsError(
+                f"--freeze {o.freeze} needs --init with trained {', '.join(FROZEN[o.freeze])}; "
+                f"untrained: {', '.join(untrained)}"
+            )
         model.to(self.device)
         if self.device.type == "cpu" and model.cfg.spatial_dims == 3:
             _prefer_channels_last(model)
         self.model = model
         self.cfg = model.cfg
-        trainable = [c for c in COMPONENTS if not (o.freeze == "autoencoder" and c in AUTOENCODER)]
+        trainable = [c for c in COMPONENTS if c not in FROZEN[o.freeze]]
         for name in COMPONENTS:
             getattr(model, name).requires_grad_(name in trainable)
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -170,6 +176,7 @@ class _Run:
             load_optimizer(self.optimizer, self.resume_tensors, self.resume_meta["optimizer"])
         self.alpha_bar = torch.as_tensor(alpha_bar_table(self.cfg.diffusion), dtype=torch.float32, device=self.device)
         self.latent_cache: dict[tuple[int, tuple[int, ...]], torch.Tensor] = {}
+        self.pair_cache: dict[tuple[int, tuple[int, ...]], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _check_resumable(self, meta: dict[str, Any]) -> None:
         saved = meta.get("options", {})
@@ -183,21 +190,24 @@ class _Run:
         self.train_src, val_src = open_sources(o.data, self.cfg, o.num_train, o.val)
         self.per_epoch = steps_per_epoch(len(self.train_src), o.batch_size)
         self.total = o.steps if o.steps is not None else (o.epochs or DEFAULT_EPOCHS) * self.per_epoch
+        self.every = o.checkpoint_every or self.per_epoch
         self.val_images, self.val_labels = _stack(val_src)
 
     # -- one step ----------------------------------------------------------------------------
 
-    def _batch(self, step: int, gen: torch.Generator) -> tuple[list[int], list[augment.Draw], torch.Tensor, torch.Tensor]:
-        o, cfg = self.o, self.cfg
+    def _draws(self, step: int, gen: torch.Generator, intensity: bool) -> tuple[list[int], list[augment.Draw]]:
+        o = self.o
         indices = batch_indices(len(self.train_src), o.batch_size, o.seed, step)
-        draws = [augment.draw(gen, cfg.spatial_dims, o.flips, o.augment) for _ in indices]
+        return indices, [augment.draw(gen, self.cfg.spatial_dims, o.flips, intensity) for _ in indices]
+
+    def _tensors(self, indices: list[int], draws: list[augment.Draw]) -> tuple[torch.Tensor, torch.Tensor]:
         images, labels = [], []
         for i, d in zip(indices, draws):
             sample = self.train_src[i]
             image = minmax(torch.from_numpy(sample.image)[None])[0]  # what encode_image would see
             images.append(augment.apply_image(image, d))
             labels.append(augment.apply_label(torch.from_numpy(sample.label.astype(np.int64)), d))
-        return indices, draws, torch.stack(images).to(self.device), torch.stack(labels).to(self.device)
+        return torch.stack(images).to(self.device), torch.stack(labels).to(self.device)
 
     def _noise(self, shape: tuple[int, ...], gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-sample t ~ U{0..T-1} and eps ~ N(0, 1). (The official code repeats one eps draw
@@ -208,8 +218,16 @@ class _Run:
 
     def _losses(self, phase: str, step: int) -> dict[str, torch.Tensor]:
         gen = step_generator(self.o.seed, step)
-        indices, draws, images, labels = self._batch(step, gen)
         m = self.model
+        k = self.o.noise_draws
+        if phase == "denoiser":  # nothing at full resolution once the cache is warm
+            indices, draws = self._draws(step, gen, intensity=False)
+            z_l0, z_i = (z.repeat_interleave(k, dim=0) for z in self._frozen_latents(indices, draws))
+            t, eps = self._noise(tuple(z_l0.shape), gen)
+            mse = noise_loss(eps, m.denoiser(q_sample(z_l0, t, eps, self.alpha_bar), z_i, t))
+            return {"loss": mse, "loss_mse": mse}
+        indices, draws = self._draws(step, gen, intensity=self.o.augment)
+        images, labels = self._tensors(indices, draws)
         if phase == "autoencoder":
             seg = segmentation_loss(m.label_decoder.logits(m.encode_label(labels)), labels)
             return {"loss": seg, "loss_seg": seg}
@@ -222,7 +240,6 @@ class _Run:
             seg = segmentation_loss(m.label_decoder.logits(z_lt - z_nt), labels)
             mse = noise_loss(eps, z_nt)
             return {"loss": seg + mse, "loss_seg": seg, "loss_mse": mse}
-        k = self.o.noise_draws
         z_l0 = self._label_latents(indices, draws, labels).repeat_interleave(k, dim=0)
         z_i = m.image_encoder(images).repeat_interleave(k, dim=0)  # one encoder pass, k draws
         t, eps = self._noise(tuple(z_l0.shape), gen)
@@ -239,6 +256,17 @@ class _Run:
                 self.latent_cache[key] = self.model.encode_label(labels[row : row + 1])
             out.append(self.latent_cache[key])
         return torch.cat(out)
+
+    @torch.no_grad()
+    def _frozen_latents(self, indices: list[int], draws: list[augment.Draw]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Frozen label and image encoders: each (sample, flips) pair of latents is computed once."""
+        for i, d in zip(indices, draws):
+            key = (i, d.flips)
+            if key not in self.pair_cache:
+                images, labels = self._tensors([i], [d])
+                self.pair_cache[key] = (self.model.encode_label(labels), self.model.image_encoder(images))
+        pairs = [self.pair_cache[(i, d.flips)] for i, d in zip(indices, draws)]
+        return torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
 
     def _set_modes(self, phase: str) -> None:
         active = PHASE_COMPONENTS[phase]
@@ -325,7 +353,7 @@ class _Run:
                                        "lr": lr, "elapsed_s": self._elapsed(), **values}
                 rows.append(row)
                 progress.update(task, advance=1, description=f"{phase} ep {row['epoch']}", loss=f"{values['loss']:.4f}")
-                if (step + 1) % self.per_epoch == 0 or step + 1 == self.total:
+                if (step + 1) % self.every == 0 or step + 1 == self.total:
                     val = self._validate(phase)
                     for key, summary in val.items():
                         row[key] = summary["mean"]

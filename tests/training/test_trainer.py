@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from ldseg.errors import OutputError
 from ldseg.model.checkpoint import load_checkpoint, read_metadata, save_checkpoint, state_tensors, tensors_hash
 from ldseg.training import OptionsError, TrainOptions, train
+from ldseg.runtime.select import demo_checkpoint_path
 from ldseg.training.state import RunPaths
 
 AE = ("label_encoder", "label_decoder")
@@ -126,6 +127,28 @@ def test_freeze_keeps_autoencoder_weights(autoencoder: Path, tmp_path: Path) -> 
 def test_freeze_needs_a_trained_autoencoder(tmp_path: Path) -> None:
     with pytest.raises(OptionsError, match="--freeze autoencoder needs --init"):
         train(_options(tmp_path / "x.safetensors", freeze="autoencoder"))
+
+
+def test_freeze_encoders_needs_a_trained_image_encoder(autoencoder: Path, tmp_path: Path) -> None:
+    with pytest.raises(OptionsError, match="untrained: image_encoder"):
+        train(_options(tmp_path / "x.safetensors", init=autoencoder, freeze="encoders"))
+
+
+def test_freeze_encoders_trains_only_the_denoiser(tmp_path: Path) -> None:
+    """The knee recipe's mode: all three encoders/decoder frozen, latents cached once per
+    (sample, flips), the denoiser's noise MSE falls; checkpoints every N steps, not per epoch."""
+    out = tmp_path / "d.safetensors"
+    result = train(_options(out, steps=8, init=demo_checkpoint_path(), freeze="encoders", batch_size=2, num_train=2,
+                            noise_draws=8, flips=True, checkpoint_every=4, lr=3e-3))
+    before, after = load_file(str(demo_checkpoint_path())), load_file(str(result.checkpoint))
+    for prefix in (*AE, "image_encoder"):
+        part = _component(before, prefix)
+        assert part and all(torch.equal(after[k], v) for k, v in part.items()), prefix
+    assert any(not torch.equal(after[k], v) for k, v in _component(before, "denoiser").items())
+    rows = _rows(result.metrics_csv)
+    assert {r["phase"] for r in rows} == {"denoiser"}
+    summary = json.loads(result.metrics_json.read_text())
+    assert [e["step"] for e in summary["epochs"]] == [4, 8]
 
 
 def test_existing_output_is_refused_before_training(tmp_path: Path) -> None:
