@@ -86,7 +86,12 @@ def render_results(results: dict[str, Any]) -> str:
             cells.append(_f(s["ms"]["p50"], 2) + extra)
         body.append([r["label"], str(r["steps"]), str(r["batch"]), *cells])
     lines += _table(["backend", "steps", "batch", *STAGES], body)
-    lines += ["", "FLOPs are counted by torch.utils.flop_counter (convolutions and matmuls only).", ""]
+    executed = "; ".join(f"{r['label']} {r['executed_flops'] / 1e9:.1f}" for r in results["rows"] if "executed_flops" in r)
+    lines += ["", "FLOPs are counted by torch.utils.flop_counter (convolutions and matmuls only), for the reference "
+              "model: GFLOP/s and % of peak read as the compute floor (reference FLOPs at the measured peak) "
+              "divided by the measured time. Exported graphs compute the decoder's upsampling in its phase "
+              "form (same function, fewer multiply-adds); GFLOP per run actually executed, end to end: "
+              + (executed or "not recorded") + ".", ""]
     return "\n".join(lines)
 
 

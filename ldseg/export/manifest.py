@@ -80,6 +80,7 @@ def build_manifest(
             "num_classes": cfg.num_classes,
         },
         "graphs": dict(graphs),
+        "rewrites": ["upsample_phase"],  # see ldseg.model.layers.Upsample
         "diffusion": {**dataclasses.asdict(cfg.diffusion), "table_columns": ["t", "a", "b", "c"], "table": table.rows.tolist()},
         "versions": versions(),
         "checkpoint_hash": model.checkpoint_hash,

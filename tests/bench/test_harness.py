@@ -23,7 +23,7 @@ TOP_KEYS = {"schema", "created", "machine", "versions", "git", "device", "timer"
             "reference", "peaks", "skipped", "rows"}
 ROW_KEYS = {"label", "backend", "precision", "mode", "device", "describe", "source", "reference", "steps", "batch",
             "repeat", "warmup", "end_to_end", "stages", "backend_stage_ms_p50", "peak_dtype", "memory",
-            "throughput_volumes_per_s", "speedup_vs_reference", "accuracy"}
+            "throughput_volumes_per_s", "speedup_vs_reference", "accuracy", "executed_flops"}
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +65,7 @@ def test_results_json_structure(run_dir):
         _check_timed(block, 2)
     assert row["stages"]["loop"]["flops"] == 2 * row["stages"]["step"]["flops"]
     assert row["end_to_end"]["flops"] == sum(row["stages"][s]["flops"] for s in ("encoder", "loop", "decoder"))
+    assert row["executed_flops"] == row["end_to_end"]["flops"]  # torch runs the reference form
     assert row["accuracy"]["agreement"] == 1.0 and set(row["accuracy"]["dice"]) == {"1", "2"}
     assert row["memory"]["peak_rss_mb"] > 0 and row["memory"]["device_peak_mb"] is None
     assert row["throughput_volumes_per_s"] == pytest.approx(1e3 / row["end_to_end"]["ms"]["p50"])

@@ -1,7 +1,8 @@
+import pytest
 import torch
 import torch.nn.functional as F
 
-from ldseg.model.layers import GroupNorm, SameConv, SameConvTranspose, SelfAttention
+from ldseg.model.layers import GroupNorm, SameConv, SameConvTranspose, SelfAttention, Upsample, phase_upsampling
 
 
 def test_same_conv_stride2_pads_after_only():
@@ -44,3 +45,20 @@ def test_attention_residual_goes_to_normalized_or_raw_input():
     x = torch.randn(1, 8, 3, 3) * 3 + 1
     difference = normalized(x) - raw(x)
     torch.testing.assert_close(difference, normalized.norm(x) - x)
+
+
+@pytest.mark.parametrize("dims, shape", [(3, (2, 5, 3, 4, 7)), (3, (1, 3, 1, 1, 1)), (2, (2, 5, 6, 9)), (2, (1, 2, 1, 3))])
+def test_upsample_phase_form_is_the_same_function(dims, shape):
+    """Nearest x2 + 3-tap conv == one 2-tap conv per output parity, interleaved: on odd and
+    size-1 grids (the borders are where a wrong offset would show), in float64."""
+    torch.manual_seed(0)
+    up = Upsample(dims, shape[1], 4).double()
+    torch.nn.init.normal_(up.conv.conv.bias)
+    x = torch.randn(shape, dtype=torch.float64)
+    reference = up(x)
+    with phase_upsampling(up) as count:
+        assert count == 1 and up.phase_form
+        fast = up(x)
+    assert not up.phase_form  # restored
+    assert fast.shape == reference.shape == (shape[0], 4, *(2 * n for n in shape[2:]))
+    torch.testing.assert_close(fast, reference, rtol=0, atol=1e-12)
