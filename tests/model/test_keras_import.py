@@ -10,6 +10,7 @@ from ldseg.errors import ArtifactError
 from ldseg.model.components import ImageEncoder, LabelDecoder, LabelEncoder
 from ldseg.model.config import PRESETS
 from ldseg.model.keras_import import load_keras_weights
+from ldseg.model.layers import GroupNorm
 from tests.conftest import shared_or_skip
 
 pytestmark = pytest.mark.shared
@@ -56,9 +57,43 @@ def test_knee_image_encoder_golden(knee):
     image = torch.from_numpy(knee["image"].astype(np.float32)).permute(0, 4, 1, 2, 3)
     z = encoder(image).numpy()[0, 0]
     error = _rel_l2(z, knee["z_image"][0, ..., 0])
-    # Known gap: 1.7e-3 against the 1e-4 target (correlation 0.999998; our FP32 equals FP64 to
-    # 5e-7, and the GlaS image encoder matches to 5e-5). Cause not found yet; see the issue note.
+    # 1.7e-3 from the golden, all of it TensorFlow's own float32 summation error in its CPU
+    # GroupNormalization statistics (the next test reproduces the golden to < 1e-5 by emulating
+    # it); our statistics are exact to float32 rounding, so the port keeps them.
     assert error <= 2.5e-3, f"z_image relative L2 error {error:.2e}"
+
+
+def _tf_cpu_group_norm(self: GroupNorm, x: torch.Tensor) -> torch.Tensor:
+    """GroupNorm as TensorFlow 2.15 computes it on a CPU (batch 1): tf.nn.weighted_moments sums
+    each group in one plain float32 running total, channel by channel, position by position, so
+    a 4M-element group loses ~1 % of its variance; then tf.nn.batch_normalization."""
+    (c,) = self.weight.shape
+    per = c // self.groups
+    out = np.empty(x.shape, dtype=np.float32)
+    weight, bias = self.weight.detach().numpy(), self.bias.detach().numpy()
+    for b, sample in enumerate(x.detach().numpy()):
+        for g in range(self.groups):
+            block = sample[g * per : (g + 1) * per]  # (channels, *grid): TF's summation order
+            n = np.float32(block.size)
+            mean = np.float32(np.add.accumulate(block.ravel(), dtype=np.float32)[-1] / n)
+            square = np.square(block - mean, dtype=np.float32)
+            var = np.float32(np.add.accumulate(square.ravel(), dtype=np.float32)[-1] / n)
+            inv = (np.float32(1) / np.sqrt(var + np.float32(1e-3))) * weight[g * per : (g + 1) * per]
+            shift = bias[g * per : (g + 1) * per] - mean * inv
+            out[b, g * per : (g + 1) * per] = block * inv.reshape(-1, *[1] * (x.dim() - 2)) + shift.reshape(-1, *[1] * (x.dim() - 2))
+    return torch.from_numpy(out)
+
+
+@torch.no_grad()
+def test_knee_image_encoder_golden_with_tensorflow_cpu_statistics(knee, monkeypatch):
+    """Where the z_image gap comes from: with TensorFlow's sequential float32 group sums in place of
+    our exact ones, every other operation unchanged, the port reproduces the golden (6.8e-7)."""
+    monkeypatch.setattr(GroupNorm, "forward", _tf_cpu_group_norm)
+    encoder = _load(ImageEncoder, "knee3d", "imageEncoder3D.hdf5")
+    image = torch.from_numpy(knee["image"].astype(np.float32)).permute(0, 4, 1, 2, 3)
+    error = _rel_l2(encoder(image).numpy()[0, 0], knee["z_image"][0, ..., 0])
+    print(f"z_image relative L2 with TensorFlow-CPU group statistics: {error:.2e}")
+    assert error <= 1e-5, f"z_image relative L2 error {error:.2e} with TensorFlow-CPU group statistics"
 
 
 def test_knee_decoder_probabilities_golden(knee, knee_decoded):
@@ -96,7 +131,11 @@ def test_glas_goldens():
     assert _rel_l2(z_label, golden["z_label"][0, ..., 0]) <= 1e-4
     image_encoder = _load(ImageEncoder, "glas2d", "imageEncoder.hdf5")
     z_image = image_encoder(torch.from_numpy(golden["image"]).permute(0, 3, 1, 2)).numpy()[0, 0]
-    assert _rel_l2(z_image, golden["z_image"][0, ..., 0]) <= 1e-4
+    assert _rel_l2(z_image, golden["z_image"][0, ..., 0]) <= 1e-4  # 4.9e-5
+    with pytest.MonkeyPatch.context() as patch:  # the same TensorFlow-CPU statistics: 5.6e-7
+        patch.setattr(GroupNorm, "forward", _tf_cpu_group_norm)
+        z_image = image_encoder(torch.from_numpy(golden["image"]).permute(0, 3, 1, 2)).numpy()[0, 0]
+    assert _rel_l2(z_image, golden["z_image"][0, ..., 0]) <= 1e-5
     decoder = _load(LabelDecoder, "glas2d", "labelDecoder.hdf5")
     probs = decoder(torch.from_numpy(golden["z_label"]).permute(0, 3, 1, 2)).numpy()[0]
     expected = golden["probs_from_z_label"][0].astype(np.float32).transpose(2, 0, 1)
