@@ -18,7 +18,7 @@ done
 # (case, flips) and only the denoiser trains, in the 8x8x16 latent space. No validation split
 # during training (three cases are few enough); case4 is scored afterwards through ldseg-run.
 time .venv/bin/ldseg-train --preset knee3d --data "$OUT/train" --init "$OUT/official.safetensors" \
-  --freeze encoders --steps "${KNEE_STEPS:-3000}" --batch-size 3 --noise-draws 16 --val 0 \
+  --freeze encoders --steps "${KNEE_STEPS:-1000}" --batch-size 3 --noise-draws 16 --val 0 \
   --checkpoint-every 500 ${KNEE_FLIPS:+--flips} --lr 1e-3 --lr-schedule cosine --threads 2 \
   -o "$OUT/knee3d.safetensors" --overwrite
 .venv/bin/ldseg-run $DATA/knee/images/case4.nii.gz --checkpoint "$OUT/knee3d.safetensors" -o "$OUT/seg" --overwrite
