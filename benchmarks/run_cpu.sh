@@ -13,7 +13,7 @@ OUT=${OUT:-benchmarks/results/${MACHINE}-$(date -u +%F)}
 
 # knee3d (128x128x256) at its default 15 steps, batch 1: one run takes tens of seconds, so few repeats.
 "$PY" -m ldseg.bench --preset knee3d --backends torch,onnxruntime --precisions fp32 \
-    --steps 15 --batch 1 --repeat 2 --warmup 1 --device cpu -o "$OUT/knee3d" "$@"
+    --steps 15 --batch 1 --repeat 3 --warmup 1 --device cpu -o "$OUT/knee3d" "$@"
 
 # The README "Performance" section from both runs.
 "$PY" -m ldseg.bench.report "$OUT/demo" "$OUT/knee3d" > "$OUT/performance.md"

@@ -124,8 +124,10 @@ def performance_section(paths: Sequence[Path], heading: str = "## Performance") 
         "",
         "Latency is end to end (host arrays in, labels out); speed-up is against PyTorch eager FP32 on the "
         "same device in the same run; agreement is the fraction of voxels whose label equals that "
-        "reference's on the same inputs; % of peak is counted FLOPs per second over the measured "
-        "matmul peak of the row's precision (fp32 on CPU). Reproduce with `bash benchmarks/run_cpu.sh` (see benchmarks/README.md).",
+        "reference's on the same inputs; % of peak is the reference model's counted FLOPs per second "
+        "over the measured matmul peak of the row's precision (fp32 on CPU), i.e. the compute floor "
+        "divided by the measured time (exported graphs execute fewer FLOPs: phase-form upsampling, "
+        "see ldseg/model/layers.py). Reproduce with `bash benchmarks/run_cpu.sh` (see benchmarks/README.md).",
         "",
         *_table(header, body),
         "",
