@@ -138,17 +138,21 @@ class Upsample(nn.Module):
         super().__init__()
         self.conv = SameConv(dims, cin, cout, 3)
         self.phase_form = False
+        # Set by phase_upsampling: the derived kernel as a plain constant, so an exported graph
+        # holds it as an initializer (a conv whose weights are computed in-graph is slow or
+        # unsupported in some TensorRT configurations).
+        self.frozen_phase: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.phase_form:
             return self._phase_forward(x)
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
-    def _phase_forward(self, x: torch.Tensor) -> torch.Tensor:
+    def phase_kernel(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(2^d * cout, cin, 2, ..., 2) weights and repeated bias of the phase-form conv."""
         conv = self.conv.conv
-        dims = x.dim() - 2
-        batch, sizes = x.shape[0], x.shape[2:]
-        weight, cout = conv.weight, conv.weight.shape[0]
+        weight = conv.weight
+        dims = weight.dim() - 2
         taps = _PHASE_TAPS.to(weight)
         phases = list(itertools.product((0, 1), repeat=dims))
         kernels = []
@@ -158,8 +162,16 @@ class Upsample(nn.Module):
                 k = torch.tensordot(k, taps[parity], dims=([2 + axis], [1])).movedim(-1, 2 + axis)
             kernels.append(k)
         bias = conv.bias.repeat(len(phases)) if conv.bias is not None else None
+        return torch.cat(kernels), bias
+
+    def _phase_forward(self, x: torch.Tensor) -> torch.Tensor:
+        dims = x.dim() - 2
+        batch, sizes = x.shape[0], x.shape[2:]
+        cout = self.conv.conv.weight.shape[0]
+        phases = list(itertools.product((0, 1), repeat=dims))
+        weight, bias = self.frozen_phase if self.frozen_phase is not None else self.phase_kernel()
         conv_nd = F.conv3d if dims == 3 else F.conv2d
-        y = conv_nd(x, torch.cat(kernels), bias, padding=1)  # (B, 2^d * cout, *(N + 1))
+        y = conv_nd(x, weight, bias, padding=1)  # (B, 2^d * cout, *(N + 1))
         parts = []
         for index, phase in enumerate(phases):  # parity p of axis i starts at offset p
             part = y[:, index * cout : (index + 1) * cout]
@@ -174,16 +186,20 @@ class Upsample(nn.Module):
 
 @contextlib.contextmanager
 def phase_upsampling(model: nn.Module) -> Iterator[int]:
-    """Every `Upsample` in `model` computes in its phase form inside the block (yields how many)."""
+    """Every `Upsample` in `model` computes in its phase form inside the block, from a kernel derived
+    once on entry (so the weights must not change inside it); yields how many."""
     ups = [m for m in model.modules() if isinstance(m, Upsample)]
     before = [m.phase_form for m in ups]
     for m in ups:
         m.phase_form = True
+        with torch.no_grad():
+            weight, bias = m.phase_kernel()
+        m.frozen_phase = (weight.detach(), None if bias is None else bias.detach())
     try:
         yield len(ups)
     finally:
         for m, flag in zip(ups, before):
-            m.phase_form = flag
+            m.phase_form, m.frozen_phase = flag, None
 
 
 class SelfAttention(nn.Module):

@@ -59,6 +59,8 @@ def test_upsample_phase_form_is_the_same_function(dims, shape):
     with phase_upsampling(up) as count:
         assert count == 1 and up.phase_form
         fast = up(x)
-    assert not up.phase_form  # restored
+    assert not up.phase_form and up.frozen_phase is None  # restored
+    up.phase_form = True  # kernel derived on every call, as in training-mode use
+    torch.testing.assert_close(up(x), reference, rtol=0, atol=1e-12)
     assert fast.shape == reference.shape == (shape[0], 4, *(2 * n for n in shape[2:]))
     torch.testing.assert_close(fast, reference, rtol=0, atol=1e-12)
