@@ -130,8 +130,9 @@ class Upsample(nn.Module):
     2^d output parities is a 2-tap-per-axis conv of the low-resolution input with summed weights, so
     one conv with 2^d * cout channels (padding 1) plus an interleave replaces the full-resolution
     3x3 conv: 8/27 of the multiply-adds in 3D, 4/9 in 2D. The weights (and checkpoints) stay the
-    official ones; the phase kernel is derived from them in the graph. Exact up to float rounding
-    (tests/model/test_layers.py); used by the exported graphs and the fast torch backend.
+    official ones; `phase_upsampling` derives the phase kernel from them once, and an exported graph
+    holds it as a constant. Exact up to float rounding (tests/model/test_layers.py). The exported
+    graphs use it (ldseg.export); the torch backend keeps the reference form.
     """
 
     def __init__(self, dims: int, cin: int, cout: int):
