@@ -66,6 +66,8 @@ def run(
     samples: Annotated[int, typer.Option(help="K samples as one batch: adds confidence and entropy maps.")] = 1,
     save_probabilities: Annotated[bool, typer.Option(help="Also write per-class probability maps.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace existing outputs.")] = False,
+    skip_existing: Annotated[bool, typer.Option(
+        help="Skip inputs whose outputs all exist already (resume a folder run).")] = False,
     fail_fast: Annotated[bool, typer.Option(help="Stop at the first bad input.")] = False,
     reconstruct: Annotated[
         Optional[Path], typer.Option(help="Debug: encode this label and decode it (no denoiser).")
@@ -79,8 +81,10 @@ def run(
 
     if samples < 1 or (steps is not None and steps < 1):
         raise typer.BadParameter("--samples and --steps must be at least 1")
+    if overwrite and skip_existing:
+        raise typer.BadParameter("--overwrite and --skip-existing contradict each other: choose one")
     out_dir = ensure_output_dir(output)
-    opts = RunOptions(steps, sampler, seed, samples, save_probabilities, overwrite, fail_fast)
+    opts = RunOptions(steps, sampler, seed, samples, save_probabilities, overwrite, fail_fast, skip_existing)
     if bundle is None and engines is None and checkpoint is None:
         checkpoint = "demo"
     if reconstruct is not None:
@@ -141,6 +145,8 @@ def _run_with_progress(paths: list[Path], out_dir: Path, backend: Any, cfg: Any,
         table.add_row(stage, f"{np.median(values):.1f}")
     table.caption = f"backend {backend.name}, device {backend.device}, {backend.precision}"
     console.print(table)
+    if summary.skipped:
+        console.print(f"skipped {len(summary.skipped)} input(s) whose outputs exist (--skip-existing)")
     for path in summary.written:
         out.print(str(path), highlight=False, markup=False, soft_wrap=True)
     return summary
@@ -159,7 +165,7 @@ def _reconstruct(model: Any, label_path: Path, out_dir: Path, overwrite: bool) -
         from ldseg.runtime.volumes import Prepared
 
         prepared = Prepared(label_path, np.zeros(0, np.float32), read_label_volume(label_path))
-    target = output_path(out_dir, prepared, "_reconstruction")
+    target = output_path(out_dir, label_path, model.cfg, "_reconstruction")
     write_map(target, prepared, to_input_grid(prepared, probs), overwrite=overwrite, dtype=np.uint8)
     out.print(str(target), highlight=False)
 

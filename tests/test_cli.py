@@ -65,10 +65,27 @@ def test_existing_output_is_kept_without_overwrite(random_checkpoint, phantom_di
     target = tmp_path / "out" / "p1_seg.nii.gz"
     before = target.read_bytes()
     again = cli(*args)
-    assert again.returncode == 5 and "exists (use --overwrite)" in again.stderr
+    assert again.returncode == 5 and "exists (use --overwrite, or --skip-existing to resume)" in again.stderr
     assert target.read_bytes() == before
     assert cli(*args, "--overwrite").returncode == 0
     assert sorted(p.name for p in target.parent.iterdir()) == ["p1_seg.nii.gz"], "no temp files left"
+
+
+def test_skip_existing_resumes_a_folder_run(random_checkpoint, phantom_dir, tmp_path):
+    out_dir = tmp_path / "out"
+    common = ("-o", str(out_dir), "--checkpoint", str(random_checkpoint), "--steps", "2")
+    assert cli("ldseg-run", str(phantom_dir / "p1.nii.gz"), *common).returncode == 0
+    first = (out_dir / "p1_seg.nii.gz").read_bytes()
+    resumed = cli("ldseg-run", str(phantom_dir), *common, "--skip-existing")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "skipped 1 input(s)" in resumed.stdout + resumed.stderr
+    assert (out_dir / "p1_seg.nii.gz").read_bytes() == first
+    assert sorted(p.name for p in out_dir.iterdir()) == ["p1_seg.nii.gz", "p2_seg.nii.gz"]
+    # Asking for more maps than were written: p1's are incomplete, so it is not skipped but refused.
+    partial = cli("ldseg-run", str(phantom_dir), *common, "--skip-existing", "--samples", "2")
+    assert partial.returncode == 5 and "p1_seg.nii.gz: exists (use --overwrite)" in partial.stderr
+    clash = cli("ldseg-run", str(phantom_dir), *common, "--skip-existing", "--overwrite")
+    assert clash.returncode == 2 and "contradict" in clash.stderr
 
 
 def test_folder_run_skips_a_bad_file_and_fails_at_the_end(random_checkpoint, phantom_dir, tmp_path):

@@ -32,11 +32,13 @@ class RunOptions:
     save_probabilities: bool = False
     overwrite: bool = False
     fail_fast: bool = False
+    skip_existing: bool = False  # an input whose outputs all exist is skipped (resume)
 
 
 @dataclass
 class RunSummary:
     written: list[Path] = field(default_factory=list)
+    skipped: list[Path] = field(default_factory=list)
     failures: list[tuple[Path, LdsegError]] = field(default_factory=list)
     stage_ms: dict[str, list[float]] = field(default_factory=dict)
     volumes: int = 0
@@ -50,6 +52,16 @@ def vote_entropy(labels: np.ndarray, num_classes: int) -> np.ndarray:
     with np.errstate(divide="ignore", invalid="ignore"):
         terms = np.where(p > 0, -p * np.log(p), 0.0)
     return (terms.sum(axis=0) / np.log(num_classes)).astype(np.float32)
+
+
+def output_suffixes(cfg: ModelConfig, opts: RunOptions) -> list[str]:
+    """The maps one input produces, as file-name suffixes (segment_prepared's keys)."""
+    suffixes = ["_seg"]
+    if opts.samples > 1:
+        suffixes += ["_confidence", "_entropy"]
+    if opts.save_probabilities:
+        suffixes += [f"_prob{c}" for c in range(cfg.num_classes)]
+    return suffixes
 
 
 def segment_prepared(
@@ -120,15 +132,28 @@ def run_files(
 ) -> RunSummary:
     summary = RunSummary()
     clock = time.perf_counter()
-    for path, future in _read_ahead(paths, cfg):
+    suffixes = output_suffixes(cfg, opts)
+
+    def targets_of(path: Path) -> dict[str, Path]:
+        return {suffix: output_path(out_dir, path, cfg, suffix) for suffix in suffixes}
+
+    todo = []
+    for path in paths:
+        if opts.skip_existing and all(t.exists() for t in targets_of(path).values()):
+            summary.skipped.append(path)
+            on_done(path, None)
+        else:
+            todo.append(path)
+    for path, future in _read_ahead(todo, cfg):
         try:
-            prepared = _prepared(path, future)
-            outputs, stage_ms = segment_prepared(prepared, backend, cfg, opts)
-            targets = {suffix: output_path(out_dir, prepared, suffix) for suffix in outputs}
-            if not opts.overwrite:  # check all first, so a volume's outputs are all-or-nothing
+            targets = targets_of(path)
+            if not opts.overwrite:  # checked before computing; all-or-nothing per volume
                 existing = [t for t in targets.values() if t.exists()]
                 if existing:
-                    raise OutputError(f"{existing[0]}: exists (use --overwrite)")
+                    hint = "use --overwrite" + ("" if opts.skip_existing else ", or --skip-existing to resume")
+                    raise OutputError(f"{existing[0]}: exists ({hint})")
+            prepared = _prepared(path, future)
+            outputs, stage_ms = segment_prepared(prepared, backend, cfg, opts)
             written: list[Path] = []
             try:
                 for suffix, (values, dtype) in outputs.items():

@@ -100,9 +100,11 @@ def map_to_input_grid(prepared: Prepared, values: np.ndarray) -> np.ndarray:
     return zoom_to(values.astype(np.float32), shape_dhw).transpose(2, 1, 0)
 
 
-def output_path(out_dir: Path, prepared: Prepared, suffix: str) -> Path:
-    extension = ".png" if isinstance(prepared.reference, Image2D) else ".nii.gz"
-    return out_dir / f"{stem(prepared.path)}{suffix}{extension}"
+def output_path(out_dir: Path, input_path: Path, cfg: ModelConfig, suffix: str) -> Path:
+    """Where the `suffix` map of `input_path` goes: known before the input is read, so a run can
+    refuse (or skip) existing outputs without computing them first."""
+    extension = ".nii.gz" if cfg.spatial_dims == 3 else ".png"
+    return out_dir / f"{stem(input_path)}{suffix}{extension}"
 
 
 def write_map(path: Path, prepared: Prepared, values: np.ndarray, *, overwrite: bool, dtype: type) -> None:
