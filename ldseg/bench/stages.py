@@ -1,4 +1,4 @@
-"""Per-stage callables for timing, built by wrapping a backend's pieces (backend files untouched).
+"""Per-stage callables for timing, built by wrapping a backend's pieces.
 
 A stage plan turns one PipelineInputs into zero-argument callables, one per stage in STAGES, each
 doing exactly that stage's work. The harness calls them in STAGES order in every pass, so each
@@ -74,14 +74,14 @@ class TorchStages:
 
 class OnnxRuntimeStages:
     """The OnnxRuntimeBackend's own bound sessions and buffers for this batch, run one at a time
-    (wraps the backend's per-batch pipeline object; the backend file is not changed). As in its
+    (its public per-batch `pipeline`). As in its
     run(): input_copy writes the image and initial latent, each step refreshes coeffs and noise."""
 
     def __init__(self, backend: OnnxRuntimeBackend):
         self.backend = backend
 
     def __call__(self, inputs: PipelineInputs) -> StageFns:
-        pipe = self.backend._pipeline(inputs.batch)  # noqa: SLF001 - built by the backend, reused
+        pipe = self.backend.pipeline(inputs.batch)  # built by the backend, reused
         steps = inputs.steps
 
         def input_copy() -> None:

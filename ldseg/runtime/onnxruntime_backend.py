@@ -82,7 +82,7 @@ class _Graph:
         self.session.run_with_iobinding(self.bindings[index], self.run_options[index])
 
 
-class _Pipeline:
+class BoundPipeline:
     """Sessions, buffers and bindings for one batch size."""
 
     def __init__(self, backend: OnnxRuntimeBackend, batch: int):
@@ -135,7 +135,7 @@ class OnnxRuntimeBackend:
         self.precision = self.bundle.precision
         self.threads = threads
         self.allocations = 0  # buffer sets allocated so far (one per batch size)
-        self._pipelines: dict[int, _Pipeline] = {}
+        self._pipelines: dict[int, BoundPipeline] = {}
 
     def describe(self) -> dict[str, str]:
         return {
@@ -169,9 +169,11 @@ class OnnxRuntimeBackend:
             raise ArtifactError(f"{path}: ONNX Runtime cannot load it ({str(exc).splitlines()[0]})") from exc
         return _Graph(session, info, self.device)
 
-    def _pipeline(self, batch: int) -> _Pipeline:
+    def pipeline(self, batch: int) -> BoundPipeline:
+        """The bound sessions and buffers for `batch`, made on first use. Public for stage timing
+        (ldseg.bench.stages), which runs them one at a time."""
         if batch not in self._pipelines:
-            self._pipelines[batch] = _Pipeline(self, batch)
+            self._pipelines[batch] = BoundPipeline(self, batch)
             self.allocations += 1
         return self._pipelines[batch]
 
@@ -180,7 +182,7 @@ class OnnxRuntimeBackend:
 
     def run(self, inputs: PipelineInputs, *, probabilities: bool = False) -> PipelineOutputs:
         self._check(inputs)
-        pipe = self._pipeline(inputs.batch)
+        pipe = self.pipeline(inputs.batch)
         times: dict[str, float] = {}
         clock = time.perf_counter()
         pipe.image.write(inputs.image)
