@@ -20,7 +20,7 @@ from ldseg.export.onnx_export import MIN_OPSET, export_graph
 from ldseg.export.specs import graph_specs
 from ldseg.io.atomic import check_folder_target, staged_folder
 from ldseg.model.checkpoint import load_checkpoint
-from ldseg.model.layers import phase_upsampling
+from ldseg.model.layers import folded_batchnorm, phase_upsampling
 from ldseg.model.network import LDSeg
 from ldseg.runtime.bundle import EXPORT_PRECISIONS, GRAPH_NAMES, MANIFEST
 
@@ -72,9 +72,14 @@ def export_bundle(
     model.eval()
     specs = [spec for name, spec in graph_specs(model.cfg).items() if name in graphs]
 
-    # The graphs compute nearest-x2 + conv upsampling in its phase form (same function, 8/27 of
-    # the decoder's full-resolution multiply-adds; see layers.Upsample); the weights are unchanged.
-    with staged_folder(target, overwrite=overwrite, marker=MANIFEST) as tmp, phase_upsampling(model):
+    # Two rewrites of the same function for the graphs (the checkpoint's weights are restored on
+    # exit): nearest-x2 + conv upsampling in its phase form (8/27 of the decoder's full-resolution
+    # multiply-adds; layers.Upsample), and inference BatchNorm folded into the conv before it.
+    with (
+        staged_folder(target, overwrite=overwrite, marker=MANIFEST) as tmp,
+        phase_upsampling(model),
+        folded_batchnorm(model),
+    ):
         entries: dict[str, dict[str, Any]] = {}
         for spec in specs:
             say(f"exporting {spec.name} (opset {opset}, {precision})")

@@ -80,7 +80,7 @@ def build_manifest(
             "num_classes": cfg.num_classes,
         },
         "graphs": dict(graphs),
-        "rewrites": ["upsample_phase"],  # see ldseg.model.layers.Upsample
+        "rewrites": ["upsample_phase", "batchnorm_folded"],  # see ldseg.model.layers
         "diffusion": {**dataclasses.asdict(cfg.diffusion), "table_columns": ["t", "a", "b", "c"], "table": table.rows.tolist()},
         "versions": versions(),
         "checkpoint_hash": model.checkpoint_hash,

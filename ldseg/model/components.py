@@ -12,6 +12,7 @@ from torch import nn
 from ldseg.model.config import ModelConfig
 from ldseg.model.layers import (
     BatchNorm,
+    ConvBN,
     GroupNorm,
     ResConvBlock,
     SameConv,
@@ -91,6 +92,9 @@ class LabelDecoder(nn.Module):
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return torch.softmax(self.logits(z), dim=1)
 
+    def conv_bn_pairs(self) -> list[ConvBN]:
+        return [(self.out_conv, self.out_norm)]
+
 
 class ImageBlock(nn.Module):
     """Official image-encoder `conv_block`: 1x1 residual, two 3x3 convs, swish, /2, GroupNorm."""
@@ -140,6 +144,10 @@ class ImageEncoder(nn.Module):
         if self.out_attention is not None:
             x = swish(self.out_attention(x))
         return self.out_norm(x)
+
+    def conv_bn_pairs(self) -> list[ConvBN]:
+        # 2D puts an attention block between the conv and the norm: nothing to fold there.
+        return [(self.out_conv, self.out_norm)] if self.out_attention is None else []
 
 
 class AttendedResBlock(nn.Module):

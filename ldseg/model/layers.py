@@ -74,10 +74,56 @@ class BatchNorm(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
         self.bn = nn.BatchNorm1d(channels, eps=KERAS_EPS, momentum=0.01)
+        self.folded = False  # set by folded_batchnorm: the conv before it carries the affine map
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.folded:
+            return x
         shape = x.shape
         return self.bn(x.reshape(shape[0], shape[1], -1)).reshape(shape)
+
+    def affine(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inference scale and shift per channel: forward(x) == x * scale + shift."""
+        bn = self.bn
+        assert bn.running_mean is not None and bn.running_var is not None
+        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        return scale, bn.bias - bn.running_mean * scale
+
+
+ConvBN = tuple[SameConv, BatchNorm]  # a conv and the BatchNorm reading its output
+
+
+@contextlib.contextmanager
+def folded_batchnorm(model: nn.Module) -> Iterator[int]:
+    """Inside the block every inference BatchNorm that directly follows a conv (the pairs modules
+    list in `conv_bn_pairs()`) is folded into that conv's weights and bias and becomes the
+    identity; yields how many. Exported graphs get no BatchNormalization node: in an FP16 bundle
+    an FP32 BatchNorm would need a cast pair around it at every full-resolution layer and would
+    block TensorRT's conv fusions. The weights are restored on exit."""
+    pairs: list[ConvBN] = []
+    for module in model.modules():
+        listed = getattr(module, "conv_bn_pairs", None)
+        if listed is not None:
+            pairs += listed()
+    saved = []
+    try:
+        with torch.no_grad():
+            for conv, bn in pairs:
+                c = conv.conv
+                assert c.bias is not None  # Keras convs carry a bias (use_bias=True)
+                saved.append((c.weight.detach().clone(), c.bias.detach().clone()))
+                scale, shift = bn.affine()
+                c.weight.mul_(scale.reshape(-1, *[1] * (c.weight.dim() - 1)))
+                c.bias.mul_(scale).add_(shift)
+                bn.folded = True
+        yield len(pairs)
+    finally:
+        with torch.no_grad():
+            for (conv, bn), (weight, bias) in zip(pairs, saved):
+                conv.conv.weight.copy_(weight)
+                assert conv.conv.bias is not None
+                conv.conv.bias.copy_(bias)
+                bn.folded = False
 
 
 class GroupNorm(nn.Module):
@@ -115,6 +161,9 @@ class ResConvBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.bn2(self.conv2(swish(self.bn1(self.conv1(x)))))
         return swish(self.bn_shortcut(self.shortcut(x)) + y)
+
+    def conv_bn_pairs(self) -> list[ConvBN]:
+        return [(self.conv1, self.bn1), (self.conv2, self.bn2), (self.shortcut, self.bn_shortcut)]
 
 
 # Nearest x2 upsampling then a 3-tap conv, seen from one output parity along one axis: the even

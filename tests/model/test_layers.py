@@ -2,7 +2,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ldseg.model.layers import GroupNorm, SameConv, SameConvTranspose, SelfAttention, Upsample, phase_upsampling
+from ldseg.model.layers import (
+    GroupNorm,
+    ResConvBlock,
+    SameConv,
+    SameConvTranspose,
+    SelfAttention,
+    Upsample,
+    folded_batchnorm,
+    phase_upsampling,
+)
 
 
 def test_same_conv_stride2_pads_after_only():
@@ -64,3 +73,39 @@ def test_upsample_phase_form_is_the_same_function(dims, shape):
     torch.testing.assert_close(up(x), reference, rtol=0, atol=1e-12)
     assert fast.shape == reference.shape == (shape[0], 4, *(2 * n for n in shape[2:]))
     torch.testing.assert_close(fast, reference, rtol=0, atol=1e-12)
+
+
+def test_folded_batchnorm_is_the_same_function_and_restores_the_weights():
+    """Every conv -> BatchNorm pair folded (exported graphs carry no BatchNormalization): same
+    outputs, to float32 rounding, with non-trivial running statistics; the weights come back
+    bit-exact."""
+    from ldseg.model.config import PRESETS
+    from ldseg.model.layers import BatchNorm
+    from ldseg.model.network import LDSeg
+
+    torch.manual_seed(0)
+    model = LDSeg(PRESETS["demo"]).eval()
+    for module in model.modules():
+        if isinstance(module, BatchNorm):
+            bn = module.bn
+            bn.running_mean.normal_()
+            bn.running_var.uniform_(0.2, 3.0)
+            torch.nn.init.normal_(bn.weight)
+            torch.nn.init.normal_(bn.bias)
+    cfg = model.cfg
+    image = torch.rand(2, *cfg.image_shape)
+    labels = torch.randint(0, cfg.num_classes, (2, *cfg.image_size))
+    z = torch.randn(2, *cfg.latent_shape)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        reference = (model.encode_image(image), model.encode_label(labels), model.label_decoder(z))
+        with folded_batchnorm(model) as count:
+            # 3 pairs per res block (label encoder and decoder), plus the decoder and image-encoder heads
+            assert count == 3 * sum(isinstance(m, ResConvBlock) for m in model.modules()) + 2
+            assert all(m.folded for m in model.modules() if isinstance(m, BatchNorm))
+            folded = (model.encode_image(image), model.encode_label(labels), model.label_decoder(z))
+    for a, b in zip(folded, reference):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    assert not any(m.folded for m in model.modules() if isinstance(m, BatchNorm))
