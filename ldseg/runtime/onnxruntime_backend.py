@@ -82,6 +82,20 @@ class _Graph:
         self.session.run_with_iobinding(self.bindings[index], self.run_options[index])
 
 
+_shared_cpu_arena = False
+
+
+def _register_shared_cpu_arena() -> None:
+    """One CPU memory arena for every session of this process instead of one each: the encoder's
+    and the decoder's peaks stop adding up. knee3d, 15 steps: peak RSS 9.0 -> 5.0 GB at the same
+    steady-state speed (an arena-free run takes 2.5 GB but runs ~15 % slower)."""
+    global _shared_cpu_arena
+    if not _shared_cpu_arena:
+        memory = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+        ort.create_and_register_allocator(memory, ort.OrtArenaCfg(0, -1, -1, -1))
+        _shared_cpu_arena = True
+
+
 class BoundPipeline:
     """Sessions, buffers and bindings for one batch size."""
 
@@ -160,6 +174,9 @@ class OnnxRuntimeBackend:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3
         options.add_free_dimension_override_by_name("batch", batch)
+        if self.device == "cpu":
+            _register_shared_cpu_arena()
+            options.add_session_config_entry("session.use_env_allocators", "1")
         if self.threads:
             options.intra_op_num_threads = self.threads
         path = self.bundle.path / info.file
