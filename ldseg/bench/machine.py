@@ -60,7 +60,8 @@ def library_versions() -> dict[str, str]:
 
 
 def git_state(repo: Path | None = None) -> dict[str, Any]:
-    """HEAD and whether tracked files differ from it; read-only (no index refresh)."""
+    """HEAD and whether tracked files differ from it; read-only (no index refresh). Committed
+    benchmark results do not count: a sweep rewriting them must not mark its own later runs dirty."""
     cwd = repo or Path(__file__).resolve().parents[2]
 
     def git(*args: str) -> str | None:
@@ -72,7 +73,7 @@ def git_state(repo: Path | None = None) -> dict[str, Any]:
         return done.stdout.strip()
 
     commit = git("rev-parse", "HEAD")
-    status = git("status", "--porcelain", "--untracked-files=no") if commit else None
+    status = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)benchmarks/results") if commit else None
     return {"commit": commit or "unknown", "dirty": None if status is None else bool(status)}
 
 
