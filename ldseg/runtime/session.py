@@ -82,6 +82,7 @@ def segment_prepared(
     if opts.save_probabilities:
         for c in range(cfg.num_classes):
             outputs[f"_prob{c}"] = (map_to_input_grid(prepared, mean[c]), np.float32)
+    assert list(outputs) == output_suffixes(cfg, opts)  # run_files plans the file names from that list
     return outputs, result.stage_ms
 
 
