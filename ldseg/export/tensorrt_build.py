@@ -31,6 +31,7 @@ from ldseg.export.engines import (
     BatchProfile,
     EngineFile,
     EngineSet,
+    Environment,
     bundle_hash,
     batch_profile,
     check_dla,
@@ -158,25 +159,24 @@ def build_engines(
             say(f"{graph}: {size / 2**20:.1f} MiB in {seconds:.1f} s")
             if cache_path is not None and shared_cache is not None:
                 _save_timing_cache(shared_cache, cache_path)  # after each graph: a crash keeps the work
-        engine_set = _describe(bundle, target, env.trt_version, env.gpu_name, env.compute_capability, profiles, engines,
-                               options, cache_path, time.perf_counter() - started)  # fmt: skip
+        engine_set = describe_engine_set(bundle, target, env, profiles, engines, options, cache_path,
+                                         time.perf_counter() - started)  # fmt: skip
         write_engines_json(tmp, engine_set)
     say(f"wrote {target}")
     return target
 
 
-def _describe(
+def describe_engine_set(
     bundle: Bundle,
     target: Path,
-    trt_version: str,
-    gpu_name: str,
-    compute_capability: str,
+    env: Environment,
     profiles: dict[str, BatchProfile],
     engines: dict[str, EngineFile],
     options: BuildOptions,
     cache_path: Path | None,
     seconds: float,
 ) -> EngineSet:
+    """What engines.json records about a build (also how the tests fake one without TensorRT)."""
     return EngineSet(
         path=target,
         bundle_path=str(bundle.path.absolute()),
@@ -184,9 +184,9 @@ def _describe(
         bundle_precision=bundle.precision,
         preset=bundle.preset,
         precision=options.precision,
-        tensorrt_version=trt_version,
-        gpu_name=gpu_name,
-        compute_capability=compute_capability,
+        tensorrt_version=env.trt_version,
+        gpu_name=env.gpu_name,
+        compute_capability=env.compute_capability,
         dla_core=options.dla_core,
         profiles=profiles,
         engines=engines,

@@ -10,15 +10,14 @@ import pytest
 from ldseg.export.engines import (
     ENGINE_SUFFIX,
     EngineFile,
-    EngineSet,
     Environment,
     batch_profile,
-    bundle_hash,
     file_digest,
     write_engines_json,
 )
 from ldseg.export.manifest import build_manifest, graph_entry, write_manifest
 from ldseg.export.specs import graph_specs
+from ldseg.export.tensorrt_build import BuildOptions, describe_engine_set
 from ldseg.model.config import get_preset
 from ldseg.model.network import LDSeg
 from ldseg.runtime.bundle import load_bundle
@@ -49,27 +48,8 @@ def make_fake_engine_set(folder: Path, bundle_dir: Path, env: Environment = HERE
         info = bundle.graph(graph)
         engines[graph] = EngineFile(graph, path.name, size, digest, 1.5, info.inputs, info.outputs, None)
         profiles[graph] = batch_profile(info, max_batch)
-    es = EngineSet(
-        path=folder,
-        bundle_path=str(bundle_dir),
-        bundle_hash=bundle_hash(bundle_dir),
-        bundle_precision=bundle.precision,
-        preset=bundle.preset,
-        precision=bundle.precision,
-        tensorrt_version=env.trt_version,
-        gpu_name=env.gpu_name,
-        compute_capability=env.compute_capability,
-        dla_core=None,
-        profiles=profiles,
-        engines=engines,
-        config=bundle.config,
-        sampler=bundle.sampler,
-        steps=bundle.steps,
-        table=bundle.table,
-        built_at="2026-01-01T00:00:00+00:00",
-        build_seconds=6.0,
-        builder={"strongly_typed": True, "optimization_level": 3},
-    )
+    options = BuildOptions(precision=bundle.precision, workspace_bytes=None, optimization_level=None, dla_core=None)
+    es = describe_engine_set(bundle, folder, env, profiles, engines, options, cache_path=None, seconds=6.0)
     write_engines_json(folder, es)
     return folder
 
