@@ -32,7 +32,7 @@ from ldseg.errors import ArtifactError, BackendUnavailable
 from ldseg.io.atomic import check_folder_target as check_target  # noqa: F401  (re-exported)
 from ldseg.io.atomic import staged_folder  # noqa: F401  (re-exported)
 from ldseg.model.config import ModelConfig
-from ldseg.runtime.bundle import MANIFEST, Bundle, GraphInfo, TensorInfo, sha256_file
+from ldseg.runtime.bundle import MANIFEST, Bundle, GraphInfo, TensorInfo, read_json_object, sha256_file
 
 if TYPE_CHECKING:
     import tensorrt as trt
@@ -324,13 +324,7 @@ def read_engine_set(folder: Path | str) -> EngineSet:
     path = folder / ENGINES_JSON
     if not path.is_file():
         raise ArtifactError(f"{folder}: not an ldseg engine set (no {ENGINES_JSON}); build one with `ldseg-export build-engine`")
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ArtifactError(f"{path}: unreadable ({exc})") from exc
-    if not isinstance(data, dict):
-        raise ArtifactError(f"{path}: not a JSON object")
-    return EngineSet.from_dict(folder, data)
+    return EngineSet.from_dict(folder, read_json_object(path, "engine-set description"))
 
 
 def bundle_hash(bundle_dir: Path | str) -> str:

@@ -177,19 +177,24 @@ def parse_manifest(path: Path, data: Mapping[str, Any]) -> Bundle:
     return bundle
 
 
+def read_json_object(path: Path, what: str) -> dict[str, Any]:
+    """A JSON object from `path`; ArtifactError naming the file and `what` it should be otherwise."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ArtifactError(f"{path}: unreadable {what} ({exc})") from exc
+    if not isinstance(data, dict):
+        raise ArtifactError(f"{path}: {what} is not a JSON object")
+    return data
+
+
 def load_bundle(path: Path | str, *, verify: bool = True) -> Bundle:
     """Read and check a bundle folder. `verify=False` skips the hashes (inspection only)."""
     path = Path(path)
     manifest = path / MANIFEST
     if not manifest.is_file():
         raise ArtifactError(f"{path}: not an ldseg bundle (no {MANIFEST})")
-    try:
-        data = json.loads(manifest.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ArtifactError(f"{manifest}: unreadable manifest ({exc})") from exc
-    if not isinstance(data, dict):
-        raise ArtifactError(f"{manifest}: manifest is not a JSON object")
-    bundle = parse_manifest(path, data)
+    bundle = parse_manifest(path, read_json_object(manifest, "manifest"))
     if verify:
         bundle.verify()
     return bundle
