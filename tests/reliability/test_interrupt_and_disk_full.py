@@ -63,12 +63,18 @@ def inputs(tmp_path: Path) -> list[Path]:
     return write_phantoms(tmp_path / "in", 3, tmp_path / "truth")
 
 
-def test_disk_full_fails_that_volume_only(inputs, demo_backend, tmp_path, monkeypatch):
-    out = tmp_path / "out"
+def _disk_full_at(monkeypatch: pytest.MonkeyPatch, out: Path, temp_prefix: str) -> list[str]:
+    """Make `out` and fill the disk when nibabel saves a temp file starting with `temp_prefix`."""
     out.mkdir()
     enospc = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-    save, calls = _failing_save(lambda name, n: name.startswith(".p1_seg."), enospc)
+    save, calls = _failing_save(lambda name, n: name.startswith(temp_prefix), enospc)
     monkeypatch.setattr(nib, "save", save)
+    return calls
+
+
+def test_disk_full_fails_that_volume_only(inputs, demo_backend, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    calls = _disk_full_at(monkeypatch, out, ".p1_seg.")
     events: list[tuple[str, str | None]] = []
     summary = run_files(inputs, out, demo_backend, CFG, RunOptions(steps=2),
                         on_done=lambda path, error: events.append((path.name, error)))
@@ -87,10 +93,7 @@ def test_disk_full_fails_that_volume_only(inputs, demo_backend, tmp_path, monkey
 def test_disk_full_between_maps_removes_the_volumes_other_maps(inputs, demo_backend, tmp_path, monkeypatch):
     """--samples 2 writes _seg, _confidence, _entropy: the disk fills on p0's second map."""
     out = tmp_path / "out"
-    out.mkdir()
-    enospc = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-    save, _ = _failing_save(lambda name, n: name.startswith(".p0_confidence."), enospc)
-    monkeypatch.setattr(nib, "save", save)
+    _disk_full_at(monkeypatch, out, ".p0_confidence.")
     summary = run_files(inputs[:2], out, demo_backend, CFG, RunOptions(steps=2, samples=2))
 
     assert [(p.name, type(e)) for p, e in summary.failures] == [("p0.nii.gz", OutputError)]
