@@ -286,7 +286,7 @@ def build_engine(
     Examples: ldseg-export build-engine demo-fp16 -o demo-engines; ldseg-export build-engine --check demo-engines
     """
     from ldseg.errors import BackendUnavailable, OutputError
-    from ldseg.export.engines import detect_environment, engine_set_problems
+    from ldseg.runtime.engines import detect_environment, engine_set_problems
 
     if check:
         problems = engine_set_problems(bundle, detect_environment(gpu))

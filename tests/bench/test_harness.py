@@ -14,7 +14,7 @@ from ldseg.bench.command import bench_typer
 from ldseg.bench.harness import BenchOptions, run_benchmark
 from ldseg.bench.plots import PLOT_FILES
 from ldseg.bench.report import performance_section
-from ldseg.bench.stages import STAGES
+from ldseg.runtime.backend import STAGES
 from ldseg.errors import InputError, OutputError
 
 TINY = {"preset": "demo", "backends": ("torch",), "steps": (2,), "batch": (1,), "repeat": 2, "warmup": 1, "probe_size": 128, "probe_repeat": 2}
