@@ -9,7 +9,7 @@ import logging
 import signal
 import sys
 from collections.abc import Callable
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
@@ -22,64 +22,30 @@ console = Console(stderr=True)  # what the tools decide and report
 out = Console()  # results: paths written, tables asked for
 
 
-class BackendChoice(str, enum.Enum):
-    auto = "auto"
-    torch = "torch"
-    onnxruntime = "onnxruntime"
-    tensorrt = "tensorrt"
-
-
-class DeviceChoice(str, enum.Enum):
-    auto = "auto"
-    cpu = "cpu"
-    cuda = "cuda"
-
-
-class SamplerChoice(str, enum.Enum):
-    ddim = "ddim"
-    ddpm = "ddpm"
-
-
-class PresetChoice(str, enum.Enum):
-    knee3d = "knee3d"
-    glas2d = "glas2d"
-    demo = "demo"
-
-
-class ExportPrecision(str, enum.Enum):
-    fp32 = "fp32"
-    fp16 = "fp16"
-
-
-class EnginePrecision(str, enum.Enum):
-    best = "best"
-    fp32 = "fp32"
-    fp16 = "fp16"
-    bf16 = "bf16"
-    int8 = "int8"
-    fp8 = "fp8"
-
-
-class CalibrationMethod(str, enum.Enum):
-    minmax = "minmax"
-    entropy = "entropy"
-    percentile = "percentile"
-
-
-class FreezeChoice(str, enum.Enum):
-    none = "none"
-    autoencoder = "autoencoder"
-    encoders = "encoders"
-
-
-class LrScheduleChoice(str, enum.Enum):
-    constant = "constant"
-    cosine = "cosine"
+# One str Enum per choice (functional form: a dict literal keeps mypy able to check the members).
+BackendChoice = enum.Enum("BackendChoice", {"auto": "auto", "torch": "torch", "onnxruntime": "onnxruntime",
+                                            "tensorrt": "tensorrt"}, type=str)
+DeviceChoice = enum.Enum("DeviceChoice", {"auto": "auto", "cpu": "cpu", "cuda": "cuda"}, type=str)
+SamplerChoice = enum.Enum("SamplerChoice", {"ddim": "ddim", "ddpm": "ddpm"}, type=str)
+PresetChoice = enum.Enum("PresetChoice", {"knee3d": "knee3d", "glas2d": "glas2d", "demo": "demo"}, type=str)
+ExportPrecision = enum.Enum("ExportPrecision", {"fp32": "fp32", "fp16": "fp16"}, type=str)
+EnginePrecision = enum.Enum("EnginePrecision", {"best": "best", "fp32": "fp32", "fp16": "fp16", "bf16": "bf16",
+                                                "int8": "int8", "fp8": "fp8"}, type=str)
+CalibrationMethod = enum.Enum("CalibrationMethod", {"minmax": "minmax", "entropy": "entropy",
+                                                    "percentile": "percentile"}, type=str)
+FreezeChoice = enum.Enum("FreezeChoice", {"none": "none", "autoencoder": "autoencoder", "encoders": "encoders"},
+                         type=str)
+LrScheduleChoice = enum.Enum("LrScheduleChoice", {"constant": "constant", "cosine": "cosine"}, type=str)
 
 
 def value(choice: enum.Enum | None) -> str | None:
     """The plain string the package API takes (None stays None)."""
     return None if choice is None else str(choice.value)
+
+
+def plain(option: Any) -> Any:
+    """An option as the package API takes it: a choice as its string, anything else unchanged."""
+    return option.value if isinstance(option, enum.Enum) else option
 
 
 def _print_version(flag: bool) -> None:

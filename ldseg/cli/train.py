@@ -3,13 +3,14 @@ NIfTI pairs or phantoms; a thin layer over ldseg.training."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
-from typing import Annotated, Optional, cast
+from typing import Annotated, Optional
 
 import typer
 
-from ldseg.cli.common import FreezeChoice, LrScheduleChoice, PresetChoice, VersionOption, entry, out
+from ldseg.cli.common import FreezeChoice, LrScheduleChoice, PresetChoice, VersionOption, entry, out, plain
 
 train_typer = typer.Typer(add_completion=False, help="Train LDSeg (official recipe) on NIfTI pairs or phantoms.")
 
@@ -53,36 +54,12 @@ def train(
     import torch
 
     from ldseg.training import TrainOptions
-    from ldseg.training.options import Freeze, LrSchedule
     from ldseg.training.trainer import train as run_training
 
     if threads:
         torch.set_num_threads(threads)
-    options = TrainOptions(
-        preset=preset.value,
-        data=data,
-        output=output,
-        init=init,
-        freeze=cast(Freeze, freeze.value),
-        steps=steps,
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        lr_schedule=cast(LrSchedule, lr_schedule.value),
-        device=device,
-        resume=resume,
-        seed=seed,
-        overwrite=overwrite,
-        num_train=num_train,
-        val=val,
-        autoencoder_steps=autoencoder_steps,
-        noise_draws=noise_draws,
-        checkpoint_every=checkpoint_every,
-        ema_decay=ema_decay,
-        augment=augment,
-        flips=flips,
-        progress=progress,
-    )
+    given = locals()  # every option is a TrainOptions field of the same name (so the two cannot drift)
+    options = TrainOptions(**{f.name: plain(given[f.name]) for f in dataclasses.fields(TrainOptions)})
     result = run_training(options)
     out.print_json(json.dumps({"checkpoint": str(result.checkpoint), "step": result.step,
                                "val_dice": result.val_dice, "trained": result.trained,
