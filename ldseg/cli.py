@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import signal
 import sys
@@ -74,8 +75,15 @@ def run(
     ] = None,
     demo: Annotated[bool, typer.Option(help="Segment a fresh synthetic phantom and print its Dice.")] = False,
     demo_seed: Annotated[int, typer.Option(help="Phantom seed for --demo.")] = 0,
+    output_type: Annotated[Optional[list[str]], typer.Option(
+        help="nifti | nrrd | mha | dicom-seg; repeat for several (default nifti).")] = None,
+    seg_type: Annotated[str, typer.Option(help="DICOM SEG: binary (labels) | fractional (probabilities).")] = "binary",
+    series: Annotated[Optional[str], typer.Option(
+        help="SeriesInstanceUID to read from a DICOM folder holding several series.")] = None,
 ) -> None:
-    """Examples: `ldseg-run --demo -o out/`, `ldseg-run scan.nii.gz -o out/`, `ldseg-run scans/ -o out/ --samples 8`."""
+    """Examples: `ldseg-run --demo -o out/`, `ldseg-run scan.nii.gz -o out/`, `ldseg-run scans/ -o out/ --samples 8`,
+    `ldseg-run dicom_folder/ --output-type dicom-seg -o out/`."""
+    from ldseg.runtime.outputs import algorithm_for, check_output_options
     from ldseg.runtime.select import RECONSTRUCT_NEEDS, Source, load_model, select_backend
     from ldseg.runtime.session import RunOptions
 
@@ -92,6 +100,14 @@ def run(
         return
     selection = select_backend(Source(checkpoint, bundle, engines), backend, device)
     chosen, cfg = selection.backend, selection.config
+    types = tuple(dict.fromkeys(output_type or ["nifti"]))
+    try:
+        check_output_options(cfg, types, seg_type, samples > 1 or save_probabilities)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    opts = dataclasses.replace(opts, output_types=types, seg_type=seg_type, series=series)
+    if "dicom-seg" in types:
+        opts = dataclasses.replace(opts, algorithm=algorithm_for(Source(checkpoint, bundle, engines), cfg, opts))
     console.print(f"backend: [bold]{chosen.name}[/] on {chosen.device}, {chosen.precision} ({selection.why})")
     if demo:
         _demo(cfg, chosen, out_dir, opts, demo_seed)
@@ -106,17 +122,14 @@ def run(
 
 
 def _expand_inputs(inputs: list[Path]) -> list[Path]:
-    from ldseg.runtime.volumes import is_input_file
+    from ldseg.runtime.volumes import expand_folder
 
     if not inputs:
         raise typer.BadParameter("give input files or folders, or --demo")
     paths: list[Path] = []
     for item in inputs:
         if item.is_dir():
-            found = sorted(p for p in item.iterdir() if p.is_file() and is_input_file(p))
-            if not found:
-                raise InputError(f"{item}: no .nii/.nii.gz/.png/.bmp/.jpg/.tif files in this folder")
-            paths += found
+            paths += expand_folder(item)
         elif item.exists():
             paths.append(item)
         else:
