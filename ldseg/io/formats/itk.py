@@ -99,7 +99,7 @@ class ItkFormat:
         try:
             image = reader.Execute()
         except RuntimeError as exc:
-            raise InputError(f"{path}: truncated or corrupt image data ({itk_message(exc)})") from exc
+            raise InputError(f"{path}: truncated, corrupt or inconsistent file ({itk_message(exc)})") from exc
         if image.GetDimension() > 3:  # a trailing axis of one frame (check_shape allowed only that)
             image = image[(slice(None),) * 3 + (0,) * (image.GetDimension() - 3)]
         return volume_from_sitk(image, path, labels=labels)
