@@ -85,11 +85,14 @@ def dicom_files(folder: Path) -> list[Path]:
 def _read_header(path: Path) -> Dataset:
     try:
         # defer_size: large values (the pixel data) are noted with their length, not loaded
-        return pydicom.dcmread(path, defer_size=1024)
+        ds = pydicom.dcmread(path, defer_size=1024)
     except InvalidDicomError as exc:
         raise InputError(f"{path}: not a DICOM file ({one_line(exc)})") from exc
     except _READ_ERRORS as exc:
         raise InputError(f"{path}: not a readable DICOM file ({one_line(exc)})") from exc
+    if "SOPClassUID" not in ds:  # every DICOM object has one; pydicom returns what a cut-off file held
+        raise InputError(f"{path}: not a readable DICOM file (no SOPClassUID: truncated, or not a DICOM object)")
+    return ds
 
 
 def _is_image(ds: Dataset) -> bool:
@@ -142,7 +145,7 @@ def _floats(path: Path, ds: Dataset, keyword: str, count: int) -> np.ndarray:
     except (TypeError, ValueError) as exc:
         raise InputError(f"{path}: {keyword} {value!r} is not {count} numbers") from exc
     if numbers.shape != (count,) or not np.all(np.isfinite(numbers)):
-        raise InputError(f"{path}: {keyword} {list(numbers)} is not {count} finite numbers")
+        raise InputError(f"{path}: {keyword} {numbers.tolist()} is not {count} finite numbers")
     return numbers
 
 
@@ -164,10 +167,12 @@ def _check_slice(path: Path, ds: Dataset) -> None:
     if str(syntax) in _UNCOMPRESSED:
         needed = int(ds.Rows) * int(ds.Columns) * int(ds.get("BitsAllocated", 16)) // 8
         length = getattr(element, "length", None)
+        if element.value is not None:  # read already (small): what the file really held
+            length = available = len(element.value)
+        else:  # deferred: the header's length, and what the file still holds from where the value starts
+            available = path.stat().st_size - getattr(element, "value_tell", 0)
         if length is None or length == 0xFFFFFFFF:
-            length = len(element.value or b"")
-        tell = getattr(element, "value_tell", None)  # a deferred (not yet read) value: where it starts
-        available = path.stat().st_size - tell if element.value is None and tell is not None else length
+            length = available
         if min(length, available) < needed:
             raise InputError(
                 f"{path}: truncated pixel data ({min(length, available)} bytes, "
@@ -181,7 +186,7 @@ def _sorted_slices(folder: Path, members: list[tuple[Path, Dataset]]) -> tuple[l
     orientation = _floats(first_path, first, "ImageOrientationPatient", 6)
     row, col = orientation[:3], orientation[3:]
     if abs(np.linalg.norm(row) - 1) > 1e-3 or abs(np.linalg.norm(col) - 1) > 1e-3 or abs(row @ col) > 1e-3:
-        raise InputError(f"{first_path}: ImageOrientationPatient {list(orientation)} is not two orthogonal unit vectors")
+        raise InputError(f"{first_path}: ImageOrientationPatient {orientation.tolist()} is not two orthogonal unit vectors")
     normal = np.cross(row, col)
     grid = (int(first.Rows), int(first.Columns))
     spacing = _floats(first_path, first, "PixelSpacing", 2)
