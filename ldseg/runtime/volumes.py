@@ -43,10 +43,13 @@ def is_input_file(path: Path) -> bool:
 
 def expand_folder(folder: Path) -> list[Path]:
     """The inputs a folder stands for: its volume and image files, and itself if it holds DICOM
-    slices (a series folder is one input)."""
+    slices (a series folder is one input); failing both, its subfolders that hold DICOM slices
+    (a study exported one series per folder)."""
     found = sorted(p for p in folder.iterdir() if p.is_file() and is_input_file(p))
     if holds_dicom(folder):
         found.append(folder)
+    if not found:
+        found = [p for p in sorted(folder.iterdir()) if p.is_dir() and not p.name.startswith(".") and holds_dicom(p)]
     if not found:
         raise InputError(
             f"{folder}: no .nii/.nii.gz/.nrrd/.nhdr/.mha/.mhd/.png/.bmp/.jpg/.tif files and no DICOM files in this folder"

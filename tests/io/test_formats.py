@@ -70,6 +70,11 @@ def test_folder_expansion_finds_volume_files_and_dicom_series(tmp_path):
     write_series(series, np.arange(2 * 3 * 4, dtype=np.int16).reshape(2, 3, 4))
     assert expand_folder(series) == [series]
     assert stem(series) == "series1" and stem(tmp_path / "a.nrrd") == "a"
+    study = tmp_path / "study"
+    write_series(study / "mr2", np.ones((2, 3, 4), np.int16))
+    write_series(study / "mr1", np.ones((2, 3, 4), np.int16))
+    (study / ".hidden").mkdir()
+    assert expand_folder(study) == [study / "mr1", study / "mr2"]  # one series per subfolder
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "readme.txt").write_text("nothing here")
