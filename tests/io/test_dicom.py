@@ -303,3 +303,19 @@ def test_voxel_limit_is_checked_before_decoding(tmp_path):
     _phantom_series(tmp_path / "s")
     with pytest.raises(InputError, match="over the limit"):
         DICOM.read(tmp_path / "s", max_voxels=100)
+
+
+@pytest.mark.shared
+def test_a_real_knee_volume_survives_the_trip_through_dicom(tmp_path):
+    """A shared knee case written as a DICOM series (160 slices) reads back to the NIfTI's voxels and affine."""
+    from ldseg.io.geometry import Geometry
+    from ldseg.io.nifti import read_volume
+    from tests.conftest import shared_or_skip
+
+    nifti = read_volume(shared_or_skip("knee", "images", "case1.nii.gz"))
+    geometry = Geometry.from_affine(nifti.affine)
+    write_series(tmp_path / "knee", nifti.array.transpose(2, 1, 0).astype(np.int16), spacing=geometry.spacing,
+                 origin=geometry.origin, direction=geometry.matrix, shuffle_seed=1)
+    volume = DICOM.read(tmp_path / "knee")
+    np.testing.assert_array_equal(volume.array, nifti.array)
+    np.testing.assert_allclose(volume.affine, nifti.affine, atol=1e-6)
