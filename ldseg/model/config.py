@@ -16,6 +16,8 @@ from ldseg.errors import ArtifactError
 
 Schedule = Literal["cosine", "linear", "quadratic"]
 Sampler = Literal["ddim", "ddpm"]
+# ModelConfig fields that describe sampling or presentation, not the network's architecture.
+NON_ARCHITECTURE = frozenset({"diffusion", "class_names", "class_colors"})
 # Class 0 (background) black, then a colour-blind-safe palette (Okabe-Ito).
 DEFAULT_COLORS = ("#000000", "#e69f00", "#56b4e9", "#009e73", "#f0e442", "#0072b2", "#d55e00", "#cc79a7")
 
@@ -63,23 +65,30 @@ class ModelConfig:
     class_names: tuple[str, ...] = ()
     class_colors: tuple[str, ...] = ()  # "#rrggbb", one per class
 
-    def __post_init__(self) -> None:
-        for what, values in (("class_names", self.class_names), ("class_colors", self.class_colors)):
-            if values and len(values) != self.num_classes:
-                raise ArtifactError(f"{what} has {len(values)} entries for {self.num_classes} classes")
-        for color in self.class_colors:
-            if not re.fullmatch(r"#[0-9a-fA-F]{6}", color):
-                raise ArtifactError(f"class colour {color!r} is not of the form #rrggbb")
-
     @property
     def names(self) -> tuple[str, ...]:
-        """Class names, index = class id (0 is background)."""
-        return self.class_names or ("background", *(f"class {c}" for c in range(1, self.num_classes)))
+        """Class names, index = class id (0 is background); generic where none fit num_classes
+        (a preset changed in code with dataclasses.replace; loaded configs are checked in from_dict)."""
+        if len(self.class_names) == self.num_classes:
+            return self.class_names
+        return ("background", *(f"class {c}" for c in range(1, self.num_classes)))
 
     @property
     def colors(self) -> tuple[str, ...]:
         """Display colours "#rrggbb", index = class id."""
-        return self.class_colors or tuple(DEFAULT_COLORS[c % len(DEFAULT_COLORS)] for c in range(self.num_classes))
+        if len(self.class_colors) == self.num_classes:
+            return self.class_colors
+        return tuple(DEFAULT_COLORS[c % len(DEFAULT_COLORS)] for c in range(self.num_classes))
+
+    def class_problem(self) -> str | None:
+        """Why class_names/class_colors do not describe this config's classes, or None."""
+        for what, values in (("class_names", self.class_names), ("class_colors", self.class_colors)):
+            if values and len(values) != self.num_classes:
+                return f"{what} has {len(values)} entries for {self.num_classes} classes"
+        for color in self.class_colors:
+            if not re.fullmatch(r"#[0-9a-fA-F]{6}", color):
+                return f"class colour {color!r} is not of the form #rrggbb"
+        return None
 
     @property
     def latent_size(self) -> tuple[int, ...]:
@@ -113,6 +122,9 @@ class ModelConfig:
         if "class_names" not in data and preset is not None and preset.num_classes == cfg.num_classes:
             # written before class names existed: the preset's names and colours describe it
             cfg = dataclasses.replace(cfg, class_names=preset.class_names, class_colors=preset.class_colors)
+        problem = cfg.class_problem()
+        if problem is not None:
+            raise ArtifactError(f"model config: {problem}")
         return cfg
 
     def with_diffusion(self, **changes: Any) -> ModelConfig:
