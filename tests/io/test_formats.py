@@ -150,3 +150,21 @@ def test_writers_are_atomic_and_refuse_overwrite(tmp_path, fmt):
     back = sitk.ReadImage(str(target))
     np.testing.assert_array_equal(sitk.GetArrayFromImage(back).transpose(2, 1, 0), labels)
     assert back.GetPixelID() == sitk.sitkUInt8
+
+
+def test_a_failing_itk_write_is_one_output_error_and_leaves_nothing(tmp_path, monkeypatch):
+    source = tmp_path / "in.mha"
+    sitk.WriteImage(_itk(_noise()), str(source))
+    reference = METAIMAGE.read(source)
+    out = tmp_path / "out"
+    out.mkdir()
+
+    def full_disk(image, name, useCompression=False):  # ITK half-writes, then reports in its own words
+        Path(name).write_bytes(b"partial")
+        raise RuntimeError("sitk::ERROR: ITK ERROR: NrrdImageIO(0x1): Write: Error writing: out of space")
+
+    monkeypatch.setattr(sitk, "WriteImage", full_disk)
+    with pytest.raises(OutputError, match=r"seg.nrrd: cannot write \(Write: Error writing: out of space\)"):
+        NRRD.write(out / "seg.nrrd", np.zeros(reference.array.shape, np.uint8), reference, overwrite=False,
+                   dtype=np.uint8)
+    assert os.listdir(out) == []
