@@ -101,6 +101,8 @@ def run(
     selection = select_backend(Source(checkpoint, bundle, engines), backend, device)
     chosen, cfg = selection.backend, selection.config
     types = tuple(dict.fromkeys(output_type or ["nifti"]))
+    if demo and types != ("nifti",):
+        raise typer.BadParameter("--demo segments a NIfTI phantom and scores the NIfTI result: leave out --output-type")
     try:
         check_output_options(cfg, types, seg_type, samples > 1 or save_probabilities)
     except ValueError as exc:
