@@ -24,6 +24,7 @@ from ldseg.errors import InputError, OutputError
 from ldseg.io.atomic import atomic_write
 from ldseg.io.geometry import Geometry
 from ldseg.io.validate import DEFAULT_MAX_VOXELS, as_label_ids, check_intensities, check_shape
+
 # What nibabel/gzip/zlib/numpy raise on unreadable, truncated or corrupt files.
 _READ_ERRORS = (
     ImageFileError,

@@ -76,7 +76,9 @@ def algorithm_for(source: Source, cfg: ModelConfig, opts: RunOptions) -> Algorit
     return Algorithm(digest, parameters)
 
 
-def plan_targets(out_dir: Path, input_path: Path, cfg: ModelConfig, opts: RunOptions, suffixes: list[str]) -> list[Target]:
+def plan_targets(
+    out_dir: Path, input_path: Path, cfg: ModelConfig, opts: RunOptions, suffixes: list[str]
+) -> list[Target]:
     """Every file `input_path` will produce, in writing order."""
     from ldseg.runtime.volumes import output_path
 
@@ -118,6 +120,7 @@ def write_target(
         raise ValueError("a DICOM SEG is written for a 3D volume only")
     write_dicom_seg(
         target.path, values, prepared.reference, names=cfg.names, colors=cfg.colors,
-        algorithm=opts.algorithm or Algorithm(None), seg_type="fractional" if opts.seg_type == "fractional" else "binary",
+        algorithm=opts.algorithm or Algorithm(None),
+        seg_type="fractional" if opts.seg_type == "fractional" else "binary",
         overwrite=opts.overwrite,
     )

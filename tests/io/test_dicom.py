@@ -31,7 +31,8 @@ NIBABEL_DICOM = Path(nibabel.__file__).parent / "nicom" / "tests" / "data"
 def world_of_voxel(ds: pydicom.Dataset, i: float, j: float) -> np.ndarray:
     """DICOM PS3.3 C.7.6.2.1.1: column i, row j of a slice -> patient (LPS) mm, from its header."""
     position = np.asarray(ds.ImagePositionPatient, dtype=np.float64)
-    row_dir, col_dir = np.asarray(ds.ImageOrientationPatient[:3], float), np.asarray(ds.ImageOrientationPatient[3:], float)
+    orientation = np.asarray(ds.ImageOrientationPatient, dtype=np.float64)
+    row_dir, col_dir = orientation[:3], orientation[3:]
     row_spacing, col_spacing = (float(v) for v in ds.PixelSpacing)
     return position + i * col_spacing * row_dir + j * row_spacing * col_dir
 
@@ -42,7 +43,8 @@ def real_series(folder: Path, source: Path, slices: int = 2, gap: float = 5.0) -
     files = []
     for k in range(slices):
         ds = pydicom.dcmread(source)
-        normal = np.cross(np.asarray(ds.ImageOrientationPatient[:3], float), np.asarray(ds.ImageOrientationPatient[3:], float))
+        orientation = np.asarray(ds.ImageOrientationPatient, dtype=np.float64)
+        normal = np.cross(orientation[:3], orientation[3:])
         ds.ImagePositionPatient = [f"{v:.6f}" for v in np.asarray(ds.ImagePositionPatient, float) + k * gap * normal]
         ds.SOPInstanceUID = f"{ROOT}.77.{k + 1}"
         ds.InstanceNumber = k + 1
@@ -129,7 +131,7 @@ def _set(keyword: str, value: object) -> Callable[[pydicom.Dataset], None]:
 
 
 def _shift(offset: list[float]) -> Callable[[pydicom.Dataset], None]:
-    return lambda ds: setattr(ds, "ImagePositionPatient", [float(v) + d for v, d in zip(ds.ImagePositionPatient, offset)])
+    return lambda ds: setattr(ds, "ImagePositionPatient", list(np.asarray(ds.ImagePositionPatient, float) + offset))
 
 
 def _fuzz_missing_position(files):

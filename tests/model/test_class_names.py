@@ -41,7 +41,8 @@ def test_names_survive_a_round_trip_and_bad_ones_are_refused():
     with pytest.raises(ArtifactError, match="class_names has 2 entries for 3 classes"):
         ModelConfig.from_dict(dataclasses.replace(PRESETS["demo"], class_names=("bg", "liver")).to_dict())
     with pytest.raises(ArtifactError, match="not of the form #rrggbb"):
-        ModelConfig.from_dict(dataclasses.replace(PRESETS["demo"], class_colors=("#000000", "red", "#00ff00")).to_dict())
+        bad = dataclasses.replace(PRESETS["demo"], class_colors=("#000000", "red", "#00ff00"))
+        ModelConfig.from_dict(bad.to_dict())
     # a preset changed in code keeps working, with generic names for its new classes
     assert dataclasses.replace(PRESETS["knee3d"], num_classes=2).names == ("background", "class 1")
 

@@ -186,7 +186,9 @@ def _sorted_slices(folder: Path, members: list[tuple[Path, Dataset]]) -> tuple[l
     orientation = _floats(first_path, first, "ImageOrientationPatient", 6)
     row, col = orientation[:3], orientation[3:]
     if abs(np.linalg.norm(row) - 1) > 1e-3 or abs(np.linalg.norm(col) - 1) > 1e-3 or abs(row @ col) > 1e-3:
-        raise InputError(f"{first_path}: ImageOrientationPatient {orientation.tolist()} is not two orthogonal unit vectors")
+        raise InputError(
+            f"{first_path}: ImageOrientationPatient {orientation.tolist()} is not two orthogonal unit vectors"
+        )
     normal = np.cross(row, col)
     grid = (int(first.Rows), int(first.Columns))
     spacing = _floats(first_path, first, "PixelSpacing", 2)
