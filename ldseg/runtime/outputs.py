@@ -16,7 +16,7 @@ import numpy as np
 
 from ldseg.errors import InputError
 from ldseg.io.formats import DICOM, OUTPUT_TYPES, format_of
-from ldseg.io.formats.dicom_seg import Algorithm, write_dicom_seg
+from ldseg.io.formats.dicom_seg import NEEDS_DICOM, Algorithm, write_dicom_seg
 from ldseg.io.nifti import Volume
 from ldseg.model.config import ModelConfig
 
@@ -97,10 +97,7 @@ def plan_targets(
 def refuse_unwritable(input_path: Path, opts: RunOptions) -> None:
     """A SEG asked for an input that is not a DICOM series: one sentence, before any compute."""
     if "dicom-seg" in opts.output_types and format_of(input_path) is not DICOM:
-        raise InputError(
-            f"{input_path}: DICOM SEG output needs a DICOM series as input (this input is not DICOM); "
-            "use --output-type nifti, nrrd or mha for it"
-        )
+        raise InputError(f"{input_path}: {NEEDS_DICOM}")
 
 
 def write_target(

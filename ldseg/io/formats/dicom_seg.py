@@ -25,6 +25,9 @@ from ldseg.io.validate import one_line
 from .dicom import DicomSeries
 
 SegType = Literal["binary", "fractional"]
+NEEDS_DICOM = (
+    "DICOM SEG output needs a DICOM series as input (this input is not DICOM); use --output-type nifti, nrrd or mha for it"
+)
 # Property types for the class names ldseg's presets use; any other class is coded as tissue.
 _PROPERTY_TYPES: dict[str, Code] = {"femur": codes.SCT.Femur, "tibia": codes.SCT.Tibia}
 
@@ -40,10 +43,7 @@ class Algorithm:
 def dicom_source(reference: Volume, path: Path) -> DicomSeries:
     """The DICOM series behind `reference`; the one-sentence refusal when there is none."""
     if not isinstance(reference.source, DicomSeries):
-        raise InputError(
-            f"{reference.path}: DICOM SEG output needs a DICOM series as input (this input is not DICOM); "
-            "use --output-type nifti, nrrd or mha for it"
-        )
+        raise InputError(f"{reference.path}: {NEEDS_DICOM}")
     return reference.source
 
 
