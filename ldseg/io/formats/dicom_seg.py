@@ -26,7 +26,8 @@ from .dicom import DicomSeries
 
 SegType = Literal["binary", "fractional"]
 NEEDS_DICOM = (
-    "DICOM SEG output needs a DICOM series as input (this input is not DICOM); use --output-type nifti, nrrd or mha for it"
+    "DICOM SEG output needs a DICOM series as input (this input is not DICOM); "
+    "use --output-type nifti, nrrd or mha for it"
 )
 # Property types for the class names ldseg's presets use; any other class is coded as tissue.
 _PROPERTY_TYPES: dict[str, Code] = {"femur": codes.SCT.Femur, "tibia": codes.SCT.Tibia}
@@ -40,7 +41,7 @@ class Algorithm:
     parameters: dict[str, str] = field(default_factory=dict)  # e.g. preset, steps, seed
 
 
-def dicom_source(reference: Volume, path: Path) -> DicomSeries:
+def dicom_source(reference: Volume) -> DicomSeries:
     """The DICOM series behind `reference`; the one-sentence refusal when there is none."""
     if not isinstance(reference.source, DicomSeries):
         raise InputError(f"{reference.path}: {NEEDS_DICOM}")
@@ -89,7 +90,7 @@ def write_dicom_seg(
     path = Path(path)
     if not path.name.lower().endswith(".dcm"):
         raise OutputError(f"{path}: output name must end in .dcm")
-    source = dicom_source(reference, path)
+    source = dicom_source(reference)
     if seg_type == "binary":
         if values.shape != reference.array.shape:
             raise ValueError(f"labels of shape {values.shape} for a volume of shape {reference.array.shape}")
