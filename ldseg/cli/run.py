@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -11,7 +12,18 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from ldseg.cli.common import BackendChoice, DeviceChoice, SamplerChoice, VersionOption, console, entry, out, value
+from ldseg.cli.common import (
+    BackendChoice,
+    DeviceChoice,
+    OutputType,
+    SamplerChoice,
+    SegType,
+    VersionOption,
+    console,
+    entry,
+    out,
+    value,
+)
 from ldseg.errors import InputError, LdsegError
 from ldseg.io.atomic import ensure_output_dir
 
@@ -43,9 +55,17 @@ def run(
     ] = None,
     demo: Annotated[bool, typer.Option(help="Segment a fresh synthetic phantom and print its Dice.")] = False,
     demo_seed: Annotated[int, typer.Option(help="Phantom seed for --demo.")] = 0,
+    output_type: Annotated[Optional[list[OutputType]], typer.Option(
+        help="Output format; repeat for several (default nifti).")] = None,
+    seg_type: Annotated[SegType, typer.Option(
+        help="DICOM SEG: binary (labels) or fractional (probabilities).")] = SegType.binary,
+    series: Annotated[Optional[str], typer.Option(
+        help="SeriesInstanceUID to read from a DICOM folder holding several series.")] = None,
     version: VersionOption = None,
 ) -> None:
-    """Examples: `ldseg-run --demo -o out/`, `ldseg-run scan.nii.gz -o out/`, `ldseg-run scans/ -o out/ --samples 8`."""
+    """Examples: `ldseg-run --demo -o out/`, `ldseg-run scan.nii.gz -o out/`, `ldseg-run scans/ -o out/ --samples 8`,
+    `ldseg-run dicom_folder/ --output-type dicom-seg -o out/`."""
+    from ldseg.runtime.outputs import algorithm_for, check_output_options
     from ldseg.runtime.select import RECONSTRUCT_NEEDS, Source, load_model, select_backend
     from ldseg.runtime.session import RunOptions
 
@@ -64,6 +84,16 @@ def run(
         return
     selection = select_backend(Source(checkpoint, bundle, engines), backend.value, device.value)
     chosen, cfg = selection.backend, selection.config
+    types = tuple(dict.fromkeys(t.value for t in output_type or [OutputType.nifti]))
+    if demo and types != ("nifti",):
+        raise typer.BadParameter("--demo segments a NIfTI phantom and scores the NIfTI result: leave out --output-type")
+    try:
+        check_output_options(cfg, types, seg_type.value, samples > 1 or save_probabilities)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    opts = dataclasses.replace(opts, output_types=types, seg_type=seg_type.value, series=series)
+    if "dicom-seg" in types:
+        opts = dataclasses.replace(opts, algorithm=algorithm_for(Source(checkpoint, bundle, engines), cfg, opts))
     console.print(f"backend: [bold]{chosen.name}[/] on {chosen.device}, {chosen.precision} ({selection.why})")
     if demo:
         _demo(cfg, chosen, out_dir, opts, demo_seed)
@@ -78,17 +108,14 @@ def run(
 
 
 def _expand_inputs(inputs: list[Path]) -> list[Path]:
-    from ldseg.runtime.volumes import is_input_file
+    from ldseg.runtime.volumes import expand_folder
 
     if not inputs:
         raise typer.BadParameter("give input files or folders, or --demo")
     paths: list[Path] = []
     for item in inputs:
         if item.is_dir():
-            found = sorted(p for p in item.iterdir() if p.is_file() and is_input_file(p))
-            if not found:
-                raise InputError(f"{item}: no .nii/.nii.gz/.png/.bmp/.jpg/.tif files in this folder")
-            paths += found
+            paths += expand_folder(item)
         elif item.exists():
             paths.append(item)
         else:

@@ -11,15 +11,15 @@ from pathlib import Path
 import numpy as np
 
 from ldseg.errors import InputError, LdsegError, OutputError
+from ldseg.io.formats.dicom_seg import Algorithm
 from ldseg.model.config import ModelConfig
 from ldseg.runtime.backend import Backend, make_inputs
+from ldseg.runtime.outputs import Target, plan_targets, refuse_unwritable, seg_needs_probabilities, write_target
 from ldseg.runtime.volumes import (
     Prepared,
     map_to_input_grid,
-    output_path,
     prepare,
     to_input_grid,
-    write_map,
 )
 
 
@@ -33,6 +33,10 @@ class RunOptions:
     overwrite: bool = False
     fail_fast: bool = False
     skip_existing: bool = False  # an input whose outputs all exist is skipped (resume)
+    output_types: tuple[str, ...] = ("nifti",)  # nifti | nrrd | mha | dicom-seg (ldseg.runtime.outputs)
+    seg_type: str = "binary"  # DICOM SEG: binary | fractional
+    series: str | None = None  # DICOM SeriesInstanceUID to read from a folder holding several
+    algorithm: Algorithm | None = None  # written into a DICOM SEG (checkpoint hash, parameters)
 
 
 @dataclass
@@ -59,7 +63,7 @@ def output_suffixes(cfg: ModelConfig, opts: RunOptions) -> list[str]:
     suffixes = ["_seg"]
     if opts.samples > 1:
         suffixes += ["_confidence", "_entropy"]
-    if opts.save_probabilities:
+    if opts.save_probabilities or seg_needs_probabilities(opts):
         suffixes += [f"_prob{c}" for c in range(cfg.num_classes)]
     return suffixes
 
@@ -79,21 +83,23 @@ def segment_prepared(
         outputs["_confidence"] = (map_to_input_grid(prepared, chosen), np.float32)
         entropy = vote_entropy(result.labels, cfg.num_classes)
         outputs["_entropy"] = (map_to_input_grid(prepared, entropy), np.float32)
-    if opts.save_probabilities:
+    if opts.save_probabilities or seg_needs_probabilities(opts):
         for c in range(cfg.num_classes):
             outputs[f"_prob{c}"] = (map_to_input_grid(prepared, mean[c]), np.float32)
     assert list(outputs) == output_suffixes(cfg, opts)  # run_files plans the file names from that list
     return outputs, result.stage_ms
 
 
-def _read_ahead(paths: list[Path], cfg: ModelConfig) -> Iterator[tuple[Path, Future[Prepared]]]:
+def _read_ahead(
+    paths: list[Path], cfg: ModelConfig, series: str | None = None
+) -> Iterator[tuple[Path, Future[Prepared]]]:
     """Decode the next file (gzip NIfTI can cost more than the model) while this one computes."""
     with ThreadPoolExecutor(max_workers=1) as pool:
-        pending = pool.submit(prepare, paths[0], cfg) if paths else None
+        pending = pool.submit(prepare, paths[0], cfg, series) if paths else None
         for i, path in enumerate(paths):
             assert pending is not None
             current = pending
-            pending = pool.submit(prepare, paths[i + 1], cfg) if i + 1 < len(paths) else None
+            pending = pool.submit(prepare, paths[i + 1], cfg, series) if i + 1 < len(paths) else None
             yield path, current
 
 
@@ -135,21 +141,22 @@ def run_files(
     clock = time.perf_counter()
     suffixes = output_suffixes(cfg, opts)
 
-    def targets_of(path: Path) -> dict[str, Path]:
-        return {suffix: output_path(out_dir, path, cfg, suffix) for suffix in suffixes}
+    def targets_of(path: Path) -> dict[Path, Target]:
+        return {target.path: target for target in plan_targets(out_dir, path, cfg, opts, suffixes)}
 
     todo = []
     for path in paths:
-        if opts.skip_existing and all(t.exists() for t in targets_of(path).values()):
+        if opts.skip_existing and all(t.exists() for t in targets_of(path)):
             summary.skipped.append(path)
             on_done(path, None)
         else:
             todo.append(path)
-    for path, future in _read_ahead(todo, cfg):
+    for path, future in _read_ahead(todo, cfg, opts.series):
         try:
             targets = targets_of(path)
+            refuse_unwritable(path, opts)
             if not opts.overwrite:  # checked before computing; all-or-nothing per volume
-                existing = [t for t in targets.values() if t.exists()]
+                existing = [t for t in targets if t.exists()]
                 if existing:
                     hint = "use --overwrite" + ("" if opts.skip_existing else ", or --skip-existing to resume")
                     raise OutputError(f"{existing[0]}: exists ({hint})")
@@ -157,9 +164,9 @@ def run_files(
             outputs, stage_ms = segment_prepared(prepared, backend, cfg, opts)
             written: list[Path] = []
             try:
-                for suffix, (values, dtype) in outputs.items():
-                    write_map(targets[suffix], prepared, values, overwrite=opts.overwrite, dtype=dtype)
-                    written.append(targets[suffix])
+                for planned in targets.values():
+                    write_target(planned, prepared, outputs, cfg, opts)
+                    written.append(planned.path)
             except BaseException:
                 # Disk full or Ctrl-C after some of this volume's maps: remove those, so a
                 # volume's outputs stay all-or-nothing (each file itself is written atomically).
