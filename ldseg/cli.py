@@ -74,6 +74,12 @@ def run(
     ] = None,
     demo: Annotated[bool, typer.Option(help="Segment a fresh synthetic phantom and print its Dice.")] = False,
     demo_seed: Annotated[int, typer.Option(help="Phantom seed for --demo.")] = 0,
+    preview: Annotated[bool, typer.Option(help="Write <name>_preview.png: slices, overlay, entropy (K>1).")] = False,
+    qc: Annotated[bool, typer.Option(help="Write <name>_qc.json: class volumes, components, uncertainty.")] = False,
+    labels: Annotated[Optional[Path], typer.Option(
+        help="Folder of reference labels named as the inputs: adds Dice to the QC numbers.")] = None,
+    report: Annotated[bool, typer.Option(
+        help="Write report.html, most uncertain volume first (implies --preview --qc).")] = False,
 ) -> None:
     """Examples: `ldseg-run --demo -o out/`, `ldseg-run scan.nii.gz -o out/`, `ldseg-run scans/ -o out/ --samples 8`."""
     from ldseg.runtime.select import RECONSTRUCT_NEEDS, Source, load_model, select_backend
@@ -83,8 +89,11 @@ def run(
         raise typer.BadParameter("--samples and --steps must be at least 1")
     if overwrite and skip_existing:
         raise typer.BadParameter("--overwrite and --skip-existing contradict each other: choose one")
+    if labels is not None and not labels.is_dir():
+        raise InputError(f"{labels}: --labels needs a folder of reference labels")
     out_dir = ensure_output_dir(output)
-    opts = RunOptions(steps, sampler, seed, samples, save_probabilities, overwrite, fail_fast, skip_existing)
+    opts = RunOptions(steps, sampler, seed, samples, save_probabilities, overwrite, fail_fast, skip_existing,
+                      preview=preview or report, qc=qc or report, labels=labels)
     if bundle is None and engines is None and checkpoint is None:
         checkpoint = "demo"
     if reconstruct is not None:
@@ -97,7 +106,13 @@ def run(
         _demo(cfg, chosen, out_dir, opts, demo_seed)
         return
     paths = _expand_inputs(inputs or [])
+    if report:
+        from ldseg.qc.run import report_target, write_run_report
+
+        report_path = report_target(out_dir, opts)  # refused before any compute
     summary = _run_with_progress(paths, out_dir, chosen, cfg, opts)
+    if report:
+        out.print(str(write_run_report(report_path, summary, chosen, cfg, opts)), highlight=False)
     if summary.failures:
         failure = LdsegError(f"{len(summary.failures)} of {len(paths)} input(s) failed (listed above)")
         codes = {exc.exit_code for _, exc in summary.failures}
@@ -145,6 +160,11 @@ def _run_with_progress(paths: list[Path], out_dir: Path, backend: Any, cfg: Any,
         table.add_row(stage, f"{np.median(values):.1f}")
     table.caption = f"backend {backend.name}, device {backend.device}, {backend.precision}"
     console.print(table)
+    if summary.qc:
+        from ldseg.qc.report import one_line
+
+        for record in summary.qc:
+            console.print(one_line(record), highlight=False, markup=False, soft_wrap=True)
     if summary.skipped:
         console.print(f"skipped {len(summary.skipped)} input(s) whose outputs exist (--skip-existing)")
     for path in summary.written:

@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -22,6 +23,9 @@ from ldseg.runtime.volumes import (
     write_map,
 )
 
+if TYPE_CHECKING:
+    from ldseg.qc.metrics import VolumeQC
+
 
 @dataclass(frozen=True)
 class RunOptions:
@@ -33,6 +37,9 @@ class RunOptions:
     overwrite: bool = False
     fail_fast: bool = False
     skip_existing: bool = False  # an input whose outputs all exist is skipped (resume)
+    preview: bool = False  # <name>_preview.png (ldseg.qc)
+    qc: bool = False  # <name>_qc.json sidecar with the QC numbers (ldseg.qc)
+    labels: Path | None = None  # reference labels (same file names) for Dice in the QC numbers
 
 
 @dataclass
@@ -41,6 +48,7 @@ class RunSummary:
     skipped: list[Path] = field(default_factory=list)
     failures: list[tuple[Path, LdsegError]] = field(default_factory=list)
     stage_ms: dict[str, list[float]] = field(default_factory=dict)
+    qc: list[VolumeQC] = field(default_factory=list)  # per written volume, with --qc/--labels/--report
     volumes: int = 0
     seconds: float = 0.0
 
@@ -64,10 +72,26 @@ def output_suffixes(cfg: ModelConfig, opts: RunOptions) -> list[str]:
     return suffixes
 
 
+@dataclass
+class Segmentation:
+    """One input's result: the maps to write, stage times, and (for QC) the model-grid votes."""
+
+    outputs: dict[str, tuple[np.ndarray, type]]  # {output suffix: (array on input grid, dtype)}
+    stage_ms: dict[str, float]
+    votes: np.ndarray  # (K, *grid) uint8: each sample's labels on the model grid
+    mean_probabilities: np.ndarray  # (num_classes, *grid): mean over the K samples, model grid
+
+
 def segment_prepared(
     prepared: Prepared, backend: Backend, cfg: ModelConfig, opts: RunOptions
 ) -> tuple[dict[str, tuple[np.ndarray, type]], dict[str, float]]:
     """Run one prepared input; returns {output suffix: (array on input grid, dtype)} and stage times."""
+    result = segment(prepared, backend, cfg, opts)
+    return result.outputs, result.stage_ms
+
+
+def segment(prepared: Prepared, backend: Backend, cfg: ModelConfig, opts: RunOptions) -> Segmentation:
+    """segment_prepared, also keeping the votes and model-grid labels that QC counts on."""
     seeds = [opts.seed + k for k in range(opts.samples)]
     batch = np.repeat(prepared.image[None], opts.samples, axis=0)
     result = backend.run(make_inputs(cfg, batch, seeds, opts.steps, opts.sampler), probabilities=True)
@@ -83,7 +107,7 @@ def segment_prepared(
         for c in range(cfg.num_classes):
             outputs[f"_prob{c}"] = (map_to_input_grid(prepared, mean[c]), np.float32)
     assert list(outputs) == output_suffixes(cfg, opts)  # run_files plans the file names from that list
-    return outputs, result.stage_ms
+    return Segmentation(outputs, result.stage_ms, result.labels, mean)
 
 
 def _read_ahead(paths: list[Path], cfg: ModelConfig) -> Iterator[tuple[Path, Future[Prepared]]]:
@@ -134,9 +158,13 @@ def run_files(
     summary = RunSummary()
     clock = time.perf_counter()
     suffixes = output_suffixes(cfg, opts)
+    with_qc = opts.preview or opts.qc or opts.labels is not None
+    if with_qc:  # imported only when asked: matplotlib stays off the plain run's path
+        from ldseg.qc import volume as qc_volume
 
     def targets_of(path: Path) -> dict[str, Path]:
-        return {suffix: output_path(out_dir, path, cfg, suffix) for suffix in suffixes}
+        maps = {suffix: output_path(out_dir, path, cfg, suffix) for suffix in suffixes}
+        return {**maps, **qc_volume.qc_targets(out_dir, path, opts)} if with_qc else maps
 
     todo = []
     for path in paths:
@@ -154,11 +182,18 @@ def run_files(
                     hint = "use --overwrite" + ("" if opts.skip_existing else ", or --skip-existing to resume")
                     raise OutputError(f"{existing[0]}: exists ({hint})")
             prepared = _prepared(path, future)
-            outputs, stage_ms = segment_prepared(prepared, backend, cfg, opts)
+            # a bad reference label fails the volume before any compute
+            reference = qc_volume.read_reference(prepared, cfg, opts.labels) if opts.labels is not None else None
+            result = segment(prepared, backend, cfg, opts)
+            stage_ms = dict(result.stage_ms)
+            extra = qc_volume.volume_files(prepared, result, cfg, opts, targets, reference) if with_qc else None
             written: list[Path] = []
             try:
-                for suffix, (values, dtype) in outputs.items():
+                for suffix, (values, dtype) in result.outputs.items():
                     write_map(targets[suffix], prepared, values, overwrite=opts.overwrite, dtype=dtype)
+                    written.append(targets[suffix])
+                for suffix, content in extra.contents.items() if extra is not None else ():
+                    qc_volume.write_file(targets[suffix], content, overwrite=opts.overwrite)
                     written.append(targets[suffix])
             except BaseException:
                 # Disk full or Ctrl-C after some of this volume's maps: remove those, so a
@@ -167,6 +202,10 @@ def run_files(
                     target.unlink(missing_ok=True)
                 raise
             summary.written += written
+            if extra is not None:
+                stage_ms.update(extra.stage_ms)
+                if extra.record is not None:
+                    summary.qc.append(extra.record)
             for stage, ms in stage_ms.items():
                 summary.stage_ms.setdefault(stage, []).append(ms)
             summary.volumes += 1
