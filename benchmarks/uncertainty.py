@@ -7,12 +7,13 @@ their Spearman rank correlation. Two sets:
   phantoms  the bundled demo model on phantom seeds never used in training, with Gaussian noise
             added to the raw image at increasing sigma (in units of the image's intensity range),
             as the paper's robustness experiment does
-  knee      a knee checkpoint on NIfTI images with labels of the same names (real data; the
-            weights and per-case values stay outside the repository unless you commit them)
+  knee      the QC sidecars of an ldseg-run of a knee checkpoint on NIfTI images with labels
+            of the same names (real data: the images, labels and weights stay outside the repository)
 
 Usage:
   python benchmarks/uncertainty.py phantoms -o DIR [--seeds 24] [--sigmas 0,0.05,...] [--samples 8]
-  python benchmarks/uncertainty.py knee -o DIR --checkpoint knee3d.safetensors --images I --labels L
+  ldseg-run I -o RUN --checkpoint knee3d.safetensors --samples 8 --report --labels L
+  python benchmarks/uncertainty.py knee -o DIR --run RUN   # rows from RUN/*_qc.json
   python benchmarks/uncertainty.py plot -o DIR          # table, Spearman and scatter from DIR/*.csv
 """
 
@@ -29,14 +30,15 @@ import torch
 from scipy import stats
 
 from ldseg.data.phantoms import make_phantom
-from ldseg.io.nifti import Volume, read_label_volume
+from ldseg.io.nifti import Volume
 from ldseg.io.preprocess import image_to_model_grid
 from ldseg.metrics import dice_per_class
 from ldseg.model.config import ModelConfig
 from ldseg.qc.metrics import uncertainty_stats
+from ldseg.qc.report import read_record
 from ldseg.runtime.select import Source, select_backend
 from ldseg.runtime.session import RunOptions, Segmentation, segment
-from ldseg.runtime.volumes import Prepared, prepare, stem
+from ldseg.runtime.volumes import Prepared
 
 FIELDS = ["set", "case", "sigma", "samples", "mean_entropy", "unsure_fraction", "dice_1", "dice_2",
           "one_minus_dice", "seconds"]
@@ -93,17 +95,19 @@ def _reference(cfg: ModelConfig) -> Volume:
 
 
 def knee(args: argparse.Namespace) -> None:
-    selection = select_backend(Source(str(args.checkpoint), args.bundle, None), args.backend, "cpu")
-    backend, cfg = selection.backend, selection.config
-    opts = RunOptions(samples=args.samples, seed=args.seed)
+    """Rows from the QC sidecars of an `ldseg-run --samples 8 --qc --labels L` run (the report's
+    own numbers: entropy on the model grid, Dice of the written segmentation)."""
     target = args.output / "knee.csv"
-    for image_path in sorted(args.images.glob("*.nii.gz")):
-        truth = read_label_volume(args.labels / image_path.name).array
-        prepared = prepare(image_path, cfg)
-        clock = time.perf_counter()
-        result = segment(prepared, backend, cfg, opts)
-        _append(target, _row("knee", stem(image_path), 0.0, args.samples, result, truth, cfg,
-                             time.perf_counter() - clock))
+    for sidecar in sorted(args.run.glob("*_qc.json")):
+        record = read_record(sidecar)
+        if record.mean_structure_entropy is None or record.label is None:
+            raise SystemExit(f"{sidecar}: needs K >= 2 and a reference label")
+        dice = {int(k): c.dice for k, c in record.classes.items() if c.dice is not None}
+        _append(target, {"set": "knee", "case": record.name, "sigma": 0.0, "samples": record.samples,
+                         "mean_entropy": record.mean_structure_entropy,
+                         "unsure_fraction": record.low_confidence_fraction,
+                         "dice_1": dice[1], "dice_2": dice.get(2, float("nan")),
+                         "one_minus_dice": 1.0 - float(np.mean(list(dice.values()))), "seconds": float("nan")})
 
 
 def _read(path: Path) -> list[dict]:
@@ -177,11 +181,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=24, help="phantom seeds 0..N-1 (never used in training)")
     parser.add_argument("--sigmas", type=lambda s: [float(v) for v in s.split(",")],
                         default=[0.0, 0.05, 0.1, 0.15, 0.2, 0.3])
-    parser.add_argument("--checkpoint", type=Path)
     parser.add_argument("--bundle", type=Path)
     parser.add_argument("--backend", default="auto")
-    parser.add_argument("--images", type=Path)
-    parser.add_argument("--labels", type=Path)
+    parser.add_argument("--run", type=Path, help="knee: output folder of ldseg-run --qc --labels")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

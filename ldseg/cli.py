@@ -102,15 +102,15 @@ def run(
     selection = select_backend(Source(checkpoint, bundle, engines), backend, device)
     chosen, cfg = selection.backend, selection.config
     console.print(f"backend: [bold]{chosen.name}[/] on {chosen.device}, {chosen.precision} ({selection.why})")
-    if demo:
-        _demo(cfg, chosen, out_dir, opts, demo_seed)
-        return
-    paths = _expand_inputs(inputs or [])
     if report:
         from ldseg.qc.run import report_target, write_run_report
 
         report_path = report_target(out_dir, opts)  # refused before any compute
-    summary = _run_with_progress(paths, out_dir, chosen, cfg, opts)
+    if demo:
+        summary = _demo(cfg, chosen, out_dir, opts, demo_seed)
+    else:
+        paths = _expand_inputs(inputs or [])
+        summary = _run_with_progress(paths, out_dir, chosen, cfg, opts)
     if report:
         out.print(str(write_run_report(report_path, summary, chosen, cfg, opts)), highlight=False)
     if summary.failures:
@@ -190,7 +190,7 @@ def _reconstruct(model: Any, label_path: Path, out_dir: Path, overwrite: bool) -
     out.print(str(target), highlight=False)
 
 
-def _demo(cfg: Any, backend: Any, out_dir: Path, opts: Any, seed: int) -> None:
+def _demo(cfg: Any, backend: Any, out_dir: Path, opts: Any, seed: int) -> Any:
     from ldseg.data.phantoms import make_phantom, write_phantom_nifti
     from ldseg.io.nifti import read_label_volume
     from ldseg.metrics import dice_per_class
@@ -207,6 +207,7 @@ def _demo(cfg: Any, backend: Any, out_dir: Path, opts: Any, seed: int) -> None:
     scores = dice_per_class(seg, truth, cfg.num_classes)
     line = ", ".join(f"class {c} {d:.3f}" for c, d in scores.items())
     out.print(f"Dice vs phantom truth: {line}; mean {np.mean(list(scores.values())):.3f}")
+    return summary
 
 
 # --------------------------------------------------------------------------- ldseg-export

@@ -124,3 +124,15 @@ def test_preview_and_report_for_2d_images(tiny2d_checkpoint, tmp_path):
         assert qc["shape"] == [50, 70] and qc["classes"]["1"]["volume_mm3"] is None
         assert sum(c["voxels"] for c in qc["classes"].values()) <= 50 * 70
     assert "pixels" in (out / "report.html").read_text()
+
+
+def test_resumed_run_reports_skipped_volumes_from_their_sidecars(cases, tmp_path):
+    out = tmp_path / "out"
+    first = cli("ldseg-run", str(cases / "images" / "p1.nii.gz"), "-o", str(out), "--steps", "2", "--preview", "--qc")
+    assert first.returncode == 0, first.stderr
+    sidecar = (out / "p1_qc.json").read_bytes()
+    resumed = cli("ldseg-run", str(cases / "images"), "-o", str(out), "--steps", "2", "--report", "--skip-existing")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "skipped 1 input(s)" in resumed.stderr and (out / "p1_qc.json").read_bytes() == sidecar
+    html = (out / "report.html").read_text()
+    assert "<b>p1</b>" in html and "<b>p2</b>" in html and html.count("data:image/png;base64,") == 2
