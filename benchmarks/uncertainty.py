@@ -70,7 +70,7 @@ def phantoms(args: argparse.Namespace) -> None:
     backend, cfg = selection.backend, selection.config
     opts = RunOptions(samples=args.samples, seed=args.seed)
     target = args.output / "phantoms.csv"
-    for seed in range(args.seeds):
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
         phantom = make_phantom(seed, cfg.image_size, cfg.num_classes)
         span = float(phantom.image.max() - phantom.image.min())
         for sigma in args.sigmas:
@@ -117,10 +117,10 @@ def _read(path: Path) -> list[dict]:
         return [{k: (v if k in ("set", "case") else float(v)) for k, v in row.items()} for row in csv.DictReader(f)]
 
 
-def _spearman(rows: list[dict]) -> tuple[float, float]:
-    x = [r["mean_entropy"] for r in rows]
-    y = [r["one_minus_dice"] for r in rows]
-    result = stats.spearmanr(x, y)
+def _spearman(rows: list[dict], measure: str = "mean_entropy") -> tuple[float, float]:
+    if len(rows) < 3:
+        return float("nan"), float("nan")
+    result = stats.spearmanr([r[measure] for r in rows], [r["one_minus_dice"] for r in rows])
     return float(result.statistic), float(result.pvalue)
 
 
@@ -129,16 +129,16 @@ def plot(args: argparse.Namespace) -> None:
     from matplotlib.figure import Figure
 
     phantom_rows, knee_rows = _read(args.output / "phantoms.csv"), _read(args.output / "knee.csv")
-    lines = ["| set | sigma | cases | mean entropy | 1 - Dice (mean) | Spearman rho | p |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| set | sigma | cases | mean entropy | 1 - Dice (mean) | Spearman rho (entropy) | p "
+             "| Spearman rho (unsure fraction) | p |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
 
     def add(label: str, sigma: str, rows: list[dict]) -> None:
-        if len(rows) < 3:
-            rho, p = float("nan"), float("nan")
-        else:
-            rho, p = _spearman(rows)
+        rho, p = _spearman(rows)
+        rho_u, p_u = _spearman(rows, "unsure_fraction")
         lines.append(f"| {label} | {sigma} | {len(rows)} | {np.mean([r['mean_entropy'] for r in rows]):.4f} | "
-                     f"{np.mean([r['one_minus_dice'] for r in rows]):.4f} | {rho:.3f} | {p:.2g} |")
+                     f"{np.mean([r['one_minus_dice'] for r in rows]):.4f} | {rho:.3f} | {p:.2g} | "
+                     f"{rho_u:.3f} | {p_u:.2g} |")
 
     sigmas = sorted({r["sigma"] for r in phantom_rows})
     for sigma in sigmas:
@@ -178,7 +178,8 @@ def main() -> None:
     parser.add_argument("-o", "--output", type=Path, required=True)
     parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0, help="noise seed of sample 0 (sample k: seed + k)")
-    parser.add_argument("--seeds", type=int, default=24, help="phantom seeds 0..N-1 (never used in training)")
+    parser.add_argument("--seeds", type=int, default=24, help="number of phantom seeds")
+    parser.add_argument("--first-seed", type=int, default=0, help="seeds 0-999 were never used in training")
     parser.add_argument("--sigmas", type=lambda s: [float(v) for v in s.split(",")],
                         default=[0.0, 0.05, 0.1, 0.15, 0.2, 0.3])
     parser.add_argument("--bundle", type=Path)

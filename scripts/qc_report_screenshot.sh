@@ -29,5 +29,6 @@ for seed, sigma in [(0, 0.0), (1, 0.0), (2, 0.0), (3, 0.0), (4, 0.3), (5, 0.5)]:
 PY
 .venv/bin/ldseg-run "$OUT/images" -o "$OUT/run" --samples 8 --report --labels "$OUT/labels" --overwrite
 "$BROWSER" --headless --no-sandbox --disable-gpu --hide-scrollbars --host-resolver-rules="MAP * ~NOTFOUND" \
-  --proxy-server=127.0.0.1:9 --window-size=1400,1300 --screenshot="$SHOT" "file://$(realpath "$OUT/run/report.html")"
+  --proxy-server=127.0.0.1:9 --window-size=1400,1300 --screenshot="$SHOT" "file://$(realpath "$OUT/run/report.html")" \
+  2> "$OUT/chromium.log"  # headless Chromium logs D-Bus noise on machines without a session bus
 echo "$SHOT"
