@@ -77,7 +77,7 @@ def run(
     preview: Annotated[bool, typer.Option(help="Write <name>_preview.png: slices, overlay, entropy (K>1).")] = False,
     qc: Annotated[bool, typer.Option(help="Write <name>_qc.json: class volumes, components, uncertainty.")] = False,
     labels: Annotated[Optional[Path], typer.Option(
-        help="Folder of reference labels named as the inputs: adds Dice to the QC numbers.")] = None,
+        help="Folder of reference labels named as the inputs: Dice in the QC numbers (implies --qc).")] = None,
     report: Annotated[bool, typer.Option(
         help="Write report.html, most uncertain volume first (implies --preview --qc).")] = False,
 ) -> None:
