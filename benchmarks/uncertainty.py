@@ -159,7 +159,7 @@ def plot(args: argparse.Namespace) -> None:
         fig.colorbar(shown, ax=ax, label="noise sigma (x intensity range)")
         rho, _ = _spearman(phantom_rows)
         ax.set_title(f"demo model, phantoms: Spearman rho {rho:.2f} (n = {len(phantom_rows)})", fontsize=9)
-        ax.set_xlabel("mean vote entropy in predicted structures (K = %d)" % int(phantom_rows[0]["samples"]))
+        ax.set_xlabel(f"mean vote entropy in predicted structures (K = {int(phantom_rows[0]['samples'])})")
         ax.set_ylabel("1 - mean foreground Dice")
     if knee_rows:
         ax = axes[-1]
@@ -167,7 +167,7 @@ def plot(args: argparse.Namespace) -> None:
         for r in knee_rows:
             ax.annotate(r["case"], (r["mean_entropy"], r["one_minus_dice"]), fontsize=8)
         ax.set_title(f"knee (n = {len(knee_rows)}; too few for a rank correlation)", fontsize=9)
-        ax.set_xlabel("mean vote entropy in predicted structures (K = %d)" % int(knee_rows[0]["samples"]))
+        ax.set_xlabel(f"mean vote entropy in predicted structures (K = {int(knee_rows[0]['samples'])})")
         ax.set_ylabel("1 - mean foreground Dice")
     FigureCanvasAgg(fig).print_png(str(args.output / "scatter.png"))
 

@@ -1,7 +1,6 @@
-"""`python -m ldseg.bench ...` == `ldseg-bench ...` (same error handling), usable before the
-console script is installed."""
+"""`python -m ldseg.bench ...` == `ldseg-bench ...` (ldseg/cli/bench.py), usable before the console
+script is installed."""
 
-from ldseg.bench.command import bench_typer
-from ldseg.cli import _entry
+from ldseg.cli.bench import main
 
-_entry(bench_typer, "ldseg-bench")()
+main()

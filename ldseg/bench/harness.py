@@ -23,7 +23,6 @@ import torch
 from ldseg.bench import machine, plots, report
 from ldseg.bench.flops import pipeline_flops
 from ldseg.bench.probe import DTYPES, Peak, measure_peak
-from ldseg.bench.stages import STAGES
 from ldseg.bench.stats import summarize
 from ldseg.bench.targets import FACTORIES, REFERENCE, Context, Target, Unsupported, build_target, reference
 from ldseg.bench.timing import Timer, timer_for
@@ -32,7 +31,7 @@ from ldseg.errors import InputError, OutputError
 from ldseg.io.atomic import atomic_write, ensure_output_dir
 from ldseg.metrics import agreement, dice_per_class
 from ldseg.model.network import LDSeg
-from ldseg.runtime.backend import PipelineInputs, PipelineOutputs, make_inputs
+from ldseg.runtime.backend import STAGES, PipelineInputs, PipelineOutputs, make_inputs
 from ldseg.runtime.select import resolve_device
 
 RESULTS_SCHEMA = "ldseg-bench/1"
@@ -192,7 +191,7 @@ def _measure(
         torch.cuda.reset_peak_memory_stats()
     outputs: list[PipelineOutputs] = []
     e2e = [timer(lambda: outputs.append(backend.run(inputs))) for _ in range(options.repeat)]
-    fns = target.stages(inputs)
+    fns = backend.stage_calls(inputs)
     stage_ms: dict[str, list[float]] = {name: [] for name in STAGES}
     for _ in range(options.repeat):
         for name in STAGES:

@@ -60,7 +60,9 @@ def _latency_by_backend(results: dict[str, Any]) -> Figure:
     return _figure(draw, results, f"latency by backend/precision, {steps} steps, batch {batch}")
 
 
-def _lines(results: dict[str, Any], x_key: str, fixed_key: str, fixed: int, y: Callable[[Row], float]) -> Callable[[Any], None]:
+def _lines(
+    results: dict[str, Any], x_key: str, fixed_key: str, fixed: int, y: Callable[[Row], float], y_label: str
+) -> Callable[[Any], None]:
     rows = [r for r in results["rows"] if r[fixed_key] == fixed]
 
     def draw(ax: Any) -> None:
@@ -70,6 +72,7 @@ def _lines(results: dict[str, Any], x_key: str, fixed_key: str, fixed: int, y: C
         ax.set_xticks(sorted({r[x_key] for r in rows}))
         ax.set_ylim(bottom=0)
         ax.set_xlabel(x_key)
+        ax.set_ylabel(y_label)
         ax.legend(fontsize=8)
 
     return draw
@@ -77,24 +80,16 @@ def _lines(results: dict[str, Any], x_key: str, fixed_key: str, fixed: int, y: C
 
 def _latency_vs_steps(results: dict[str, Any]) -> Figure:
     batch = min(r["batch"] for r in results["rows"])
-    draw = _lines(results, "steps", "batch", batch, lambda r: r["end_to_end"]["ms"]["p50"])
-
-    def with_axis(ax: Any) -> None:
-        draw(ax)
-        ax.set_ylabel("end-to-end latency, ms (p50)")
-
-    return _figure(with_axis, results, f"latency vs sampling steps, batch {batch}")
+    latency = _lines(results, "steps", "batch", batch, lambda r: r["end_to_end"]["ms"]["p50"],
+                     "end-to-end latency, ms (p50)")
+    return _figure(latency, results, f"latency vs sampling steps, batch {batch}")
 
 
 def _throughput_vs_batch(results: dict[str, Any]) -> Figure:
     steps, _ = headline(results)
-    draw = _lines(results, "batch", "steps", steps, lambda r: r["throughput_volumes_per_s"])
-
-    def with_axis(ax: Any) -> None:
-        draw(ax)
-        ax.set_ylabel("throughput, volumes/s (at p50 latency)")
-
-    return _figure(with_axis, results, f"throughput vs batch, {steps} steps")
+    throughput = _lines(results, "batch", "steps", steps, lambda r: r["throughput_volumes_per_s"],
+                        "throughput, volumes/s (at p50 latency)")
+    return _figure(throughput, results, f"throughput vs batch, {steps} steps")
 
 
 def _stage_breakdown(results: dict[str, Any]) -> Figure:

@@ -8,7 +8,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from ldseg.bench.stages import STAGES
+from ldseg.runtime.backend import STAGES
 from ldseg.errors import InputError
 
 Row = dict[str, Any]

@@ -1,4 +1,4 @@
-"""The registry of what can be benchmarked: backend name -> factory of (Backend, stage plan).
+"""The registry of what can be benchmarked: backend name -> factory of a Target (a Backend + words).
 
 Adding a backend is adding one factory here; the harness only sees Target. A factory raises
 Unsupported for a precision it does not run (the harness records and prints the skip) and lets
@@ -10,10 +10,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from ldseg.bench.stages import OnnxRuntimeStages, StagePlan, TorchStages
 from ldseg.model.network import LDSeg
 from ldseg.runtime.backend import Backend
 from ldseg.runtime.torch_backend import TorchBackend
@@ -35,8 +35,7 @@ class Context:
 
 @dataclass
 class Target:
-    backend: Backend
-    stages: StagePlan
+    backend: Backend[Any, Any]  # the bench times its stage methods (Backend.stage_calls)
     source: str  # what it runs: "checkpoint weights", a bundle path, ...
 
     @property
@@ -59,7 +58,7 @@ def _torch(ctx: Context, precision: str, *, eager: bool = False) -> Target:
     if precision != "fp32":
         raise Unsupported("the torch backend runs fp32 only")
     backend = TorchBackend(ctx.model, ctx.device, cuda_graph=False if eager else None)
-    return Target(backend, TorchStages(backend.model, ctx.device), "torch weights")
+    return Target(backend, "torch weights")
 
 
 def reference(ctx: Context) -> Target:
@@ -87,7 +86,7 @@ def _onnxruntime(ctx: Context, precision: str) -> Target:
         bundle, source = load_bundle(path), f"{precision} bundle exported from the benchmarked model"
     threads = torch.get_num_threads()  # the same intra-op thread count as the torch rows
     backend = OnnxRuntimeBackend(bundle, ctx.device.split(":")[0], threads=threads)
-    return Target(backend, OnnxRuntimeStages(backend), f"{source}, {threads} intra-op threads")
+    return Target(backend, f"{source}, {threads} intra-op threads")
 
 
 FACTORIES: dict[str, Factory] = {"torch": _torch, "onnxruntime": _onnxruntime}

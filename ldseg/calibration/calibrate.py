@@ -33,8 +33,9 @@ from ldseg.calibration.data import Trajectories, batches, collect, load_volumes
 from ldseg.calibration.quantize import METHODS, QuantizedGraph, quantize_graph
 from ldseg.calibration.report import CalibrationReport, compare_pipelines, graph_errors
 from ldseg.errors import ArtifactError
-from ldseg.export.engines import bundle_hash, check_target, staged_folder
+from ldseg.io.atomic import check_folder_target, staged_folder
 from ldseg.runtime.bundle import MANIFEST, Bundle, load_bundle, sha256_file
+from ldseg.runtime.engines import bundle_hash
 
 Progress = Callable[[str], None]
 INT8 = "int8"
@@ -97,7 +98,7 @@ def calibrate(
             "export one with `ldseg-export onnx --precision fp32`"
         )
     target = Path(out_dir)
-    check_target(target, overwrite, MANIFEST)
+    check_folder_target(target, overwrite, MANIFEST)
     cfg = source.config
     calib_volumes, held_volumes = load_volumes(data, cfg, max_volumes=max_volumes, holdout=holdout)
     say(f"calibrating on {len(calib_volumes)} volume(s), {len(held_volumes)} held out; method {method}")

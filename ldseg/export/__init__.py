@@ -4,8 +4,8 @@ specs.py says what each graph is, onnx_export.py how one graph is exported and c
 lowers a checked FP32 graph to FP16, manifest.py records everything, exporter.py assembles the
 bundle folder atomically; validate.py and inspect.py read a finished bundle.
 
-The public functions are imported lazily (PEP 562): `ldseg.export.engines` and other light
-submodules are imported by runtimes that should not pay for torch.onnx/onnxscript.
+The public functions are imported lazily (PEP 562): light submodules such as build_options
+import without paying for torch.onnx/onnxscript.
 """
 
 from __future__ import annotations

@@ -3,13 +3,13 @@
 TensorRT 10.12+ and 11 build *strongly typed* networks: every tensor's type comes from the ONNX
 graph, so an FP16 bundle gives FP16 engines and a Q/DQ (INT8) bundle INT8 engines, and there are
 no precision builder flags to set (they were removed in 11). `--precision` therefore only states
-what the user expects, and must agree with the bundle (engines.resolve_precision).
+what the user expects, and must agree with the bundle (build_options.resolve_precision).
 
-Per graph: parse the ONNX file, one optimization profile over the batch axis (engines.batch_profile),
+Per graph: parse the ONNX file, one optimization profile over the batch axis (build_options.batch_profile),
 workspace limit, builder optimization level, the shared persistent timing cache, optional DLA with
 GPU fallback, build, and write the plan plus the engine inspector's per-layer JSON (which layers
 really run in INT8 or FP16: TensorRT may fall back, e.g. ConvTranspose3d with Q/DQ, #4668).
-The whole set is written in a temp folder and renamed into place (engines.staged_folder).
+The whole set is written in a temp folder and renamed into place (io.atomic.staged_folder).
 
 Nothing here has run on real TensorRT: it cannot be installed on the development machines. The
 code is type-checked against tensorrt-stubs 10.13 and its pure parts are unit-tested.
@@ -25,7 +25,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ldseg.errors import ArtifactError, BackendUnavailable
-from ldseg.export.engines import (
+from ldseg.export.build_options import (
+    batch_profile,
+    check_dla,
+    check_optimization_level,
+    file_digest,
+    graphs_to_build,
+    now_iso,
+    resolve_precision,
+    write_engines_json,
+)
+from ldseg.io.atomic import check_folder_target, staged_folder
+from ldseg.runtime.engines import (
     ENGINE_SUFFIX,
     ENGINES_JSON,
     BatchProfile,
@@ -33,20 +44,10 @@ from ldseg.export.engines import (
     EngineSet,
     Environment,
     bundle_hash,
-    batch_profile,
-    check_dla,
-    check_optimization_level,
-    check_target,
     detect_environment,
-    file_digest,
-    graphs_to_build,
     logged_errors,
-    now_iso,
     require_tensorrt,
-    resolve_precision,
-    staged_folder,
     trt_logger,
-    write_engines_json,
 )
 from ldseg.io.atomic import atomic_write
 from ldseg.runtime.bundle import Bundle, load_bundle
@@ -104,7 +105,7 @@ def build_engines(
         )
     profiles = {g: batch_profile(bundle.graph(g), max_batch, opt_batch, fixed=dla_core is not None) for g in graphs}
     target = Path(out_dir)
-    check_target(target, overwrite, ENGINES_JSON)  # fail before minutes of building
+    check_folder_target(target, overwrite, ENGINES_JSON)  # fail before minutes of building
 
     require_tensorrt()
     import tensorrt as trt

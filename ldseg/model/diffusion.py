@@ -11,7 +11,9 @@ are identical, and per-sample is what lets K samples run as one batch).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -76,23 +78,38 @@ def sampler_table(cfg: DiffusionConfig, steps: int | None = None, sampler: str |
     if sampler not in ("ddim", "ddpm"):
         raise ValueError(f"unknown sampler {sampler!r}")
     times = sampling_times(cfg, steps)
-    acum = alpha_bar_at(cfg, times)
+    alpha_bar = alpha_bar_at(cfg, times)
     rows = []
     for i in reversed(range(len(times))):
         if i == 0:
-            # Last step: x0 prediction plus sqrt(beta_0) noise; beta_0 = 1 - acum[0]/1.
-            beta = 1.0 - acum[0]
-            a = 1.0 / np.sqrt(acum[0])
-            b = -np.sqrt(1.0 - acum[0]) / np.sqrt(acum[0])
+            # Last step: the x0 prediction plus sqrt(beta_0) noise, beta_0 = 1 - alpha_bar[0] / 1.
+            beta = 1.0 - alpha_bar[0]
+            a = 1.0 / np.sqrt(alpha_bar[0])
+            b = -np.sqrt(1.0 - alpha_bar[0]) / np.sqrt(alpha_bar[0])
             c = np.sqrt(max(beta, 0.0))
         else:
-            prev = acum[i - 1]
-            s = np.sqrt(((1 - prev) / (1 - acum[i])) * (1 - acum[i] / prev)) if sampler == "ddpm" else 0.0
-            a = np.sqrt(prev) / np.sqrt(acum[i])
-            b = -np.sqrt(prev) * np.sqrt(1 - acum[i]) / np.sqrt(acum[i]) + np.sqrt(max(1 - prev - s**2, 0.0))
-            c = s
+            # DDIM (Song et al. 2021) eq. 12: z_prev = sqrt(ab_prev) * x0_pred + sqrt(1 - ab_prev - sigma^2) * eps
+            # + sigma * noise, x0_pred = (z - sqrt(1 - ab) * eps) / sqrt(ab); eq. 16 with eta = 1 gives the
+            # DDPM sigma, eta = 0 (sigma = 0) deterministic DDIM.
+            ab, ab_prev = alpha_bar[i], alpha_bar[i - 1]
+            sigma = np.sqrt((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)) if sampler == "ddpm" else 0.0
+            a = np.sqrt(ab_prev) / np.sqrt(ab)
+            b = -np.sqrt(ab_prev) * np.sqrt(1 - ab) / np.sqrt(ab) + np.sqrt(max(1 - ab_prev - sigma**2, 0.0))
+            c = sigma
         rows.append((times[i], a, b, c))
     return SamplerTable(np.asarray(rows, dtype=np.float64))
+
+
+Latent = TypeVar("Latent")
+
+
+def denoise_loop(z: Latent, steps: int, step: Callable[[Latent, int], Latent]) -> Latent:
+    """The sampling loop, the one definition the PyTorch model and every backend run:
+    z <- step(z, i) for the table rows i = 0..steps-1 (t = T-1 first). What a latent is, a tensor
+    or the index of the ping-pong buffer that holds it, is the caller's business."""
+    for i in range(steps):
+        z = step(z, i)
+    return z
 
 
 def renormalize(z: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,7 @@ from torch import nn
 
 from ldseg.model.components import Denoiser, ImageEncoder, LabelDecoder, LabelEncoder
 from ldseg.model.config import ModelConfig
-from ldseg.model.diffusion import draw_noise, sampler_step, sampler_table
+from ldseg.model.diffusion import denoise_loop, draw_noise, sampler_step, sampler_table
 
 COMPONENTS = ("label_encoder", "label_decoder", "image_encoder", "denoiser")
 
@@ -63,27 +63,17 @@ class LDSeg(nn.Module):
 
     @torch.no_grad()
     def sample_latent(
-        self,
-        z_image: torch.Tensor,
-        seeds: list[int],
-        steps: int | None = None,
-        sampler: str | None = None,
+        self, z_image: torch.Tensor, seeds: list[int], steps: int | None = None, sampler: str | None = None
     ) -> torch.Tensor:
         table = sampler_table(self.cfg.diffusion, steps, sampler)
         z, noise = draw_noise(seeds, table.steps, self.cfg.latent_shape)
         z, noise = z.to(z_image.device), noise.to(z_image.device)
-        rows = table.as_tensor(z_image.device)
-        for i in range(table.steps):
-            z = self.step(z, z_image, rows[i].expand(z.shape[0], 4), noise[i])
-        return z
+        rows = table.as_tensor(z_image.device).unsqueeze(1).expand(-1, z.shape[0], 4)  # (steps, B, 4)
+        return denoise_loop(z, table.steps, lambda z_i, i: self.step(z_i, z_image, rows[i], noise[i]))
 
     @torch.no_grad()
     def segment(
-        self,
-        image: torch.Tensor,
-        seeds: list[int],
-        steps: int | None = None,
-        sampler: str | None = None,
+        self, image: torch.Tensor, seeds: list[int], steps: int | None = None, sampler: str | None = None
     ) -> torch.Tensor:
         """Image (B, C, *grid) -> class probabilities (B, K, *grid); one seed per sample."""
         if len(seeds) != image.shape[0]:

@@ -121,7 +121,8 @@ class Bundle:
                 raise ArtifactError(f"{path}: SHA-256 does not match the manifest (file altered or truncated)")
 
 
-def _tensor(data: Mapping[str, Any]) -> TensorInfo:
+def parse_tensor(data: Mapping[str, Any]) -> TensorInfo:
+    """A tensor entry of manifest.json or engines.json."""
     return TensorInfo(str(data["name"]), tuple(d if isinstance(d, str) else int(d) for d in data["shape"]), str(data["dtype"]))
 
 
@@ -129,8 +130,8 @@ def _graph(name: str, data: Mapping[str, Any]) -> GraphInfo:
     return GraphInfo(
         name=name,
         file=str(data["file"]),
-        inputs=tuple(_tensor(t) for t in data["inputs"]),
-        outputs=tuple(_tensor(t) for t in data["outputs"]),
+        inputs=tuple(parse_tensor(t) for t in data["inputs"]),
+        outputs=tuple(parse_tensor(t) for t in data["outputs"]),
         exporter=str(data["exporter"]),
         precision=str(data["precision"]),
         fallback_reason=data.get("fallback_reason"),

@@ -21,7 +21,6 @@ NOT been run: the project's CI and development machines have no GPU with onnxrun
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +28,7 @@ import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
 from ldseg.errors import ArtifactError, BackendUnavailable
-from ldseg.runtime.backend import PipelineInputs, PipelineOutputs, check_inputs
+from ldseg.runtime.backend import Backend, PipelineInputs
 from ldseg.runtime.bundle import Bundle, GraphInfo, load_bundle
 
 _ORT_ERRORS = (ort_state.Fail, ort_state.InvalidArgument, ort_state.InvalidProtobuf, ort_state.NoSuchFile)
@@ -97,7 +96,7 @@ def _register_shared_cpu_arena() -> None:
 
 
 class BoundPipeline:
-    """Sessions, buffers and bindings for one batch size."""
+    """Sessions, buffers and bindings for one batch size (the plan of every step count)."""
 
     def __init__(self, backend: OnnxRuntimeBackend, batch: int):
         bundle, dev = backend.bundle, backend.device
@@ -120,6 +119,7 @@ class BoundPipeline:
             self.argmax.bind([self.z[p]], [self.labels])
         self.probs: _Tensor | None = None
         self.decoder: _Graph | None = None
+        self.inputs: PipelineInputs | None = None  # the run's table and noise, read by each step
 
     def probabilities_graph(self) -> tuple[_Graph, _Tensor]:
         if self.decoder is None or self.probs is None:  # built on the first run that asks
@@ -131,11 +131,15 @@ class BoundPipeline:
         return self.decoder, self.probs
 
 
-class OnnxRuntimeBackend:
+class OnnxRuntimeBackend(Backend[BoundPipeline, int]):
+    """Latents are ping-pong buffer indices: step i reads z[p] and returns 1 - p."""
+
     name = "onnxruntime"
 
     def __init__(self, bundle: Bundle | Path | str, device: str = "cpu", *, threads: int | None = None):
-        self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
+        loaded = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
+        super().__init__(loaded.config, f"bundle {loaded.preset!r}")
+        self.bundle = loaded
         if device not in ("cpu", "cuda"):
             raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
         available = ort.get_available_providers()
@@ -186,44 +190,38 @@ class OnnxRuntimeBackend:
             raise ArtifactError(f"{path}: ONNX Runtime cannot load it ({str(exc).splitlines()[0]})") from exc
         return _Graph(session, info, self.device)
 
-    def pipeline(self, batch: int) -> BoundPipeline:
-        """The bound sessions and buffers for `batch`, made on first use. Public for stage timing
-        (ldseg.bench.stages), which runs them one at a time."""
+    # ------------------------------------------------------------------ stages
+    def plan(self, batch: int, steps: int) -> BoundPipeline:
+        """The bound sessions and buffers for `batch` (every step count shares them), made on first use."""
         if batch not in self._pipelines:
             self._pipelines[batch] = BoundPipeline(self, batch)
             self.allocations += 1
         return self._pipelines[batch]
 
-    def _check(self, inputs: PipelineInputs) -> None:
-        check_inputs(inputs, self.bundle.config, f"bundle {self.bundle.preset!r}")
+    def copy_in(self, plan: BoundPipeline, inputs: PipelineInputs) -> int:
+        plan.image.write(inputs.image)
+        plan.z[0].write(inputs.z_init)
+        plan.inputs = inputs
+        return 0
 
-    def run(self, inputs: PipelineInputs, *, probabilities: bool = False) -> PipelineOutputs:
-        self._check(inputs)
-        pipe = self.pipeline(inputs.batch)
-        times: dict[str, float] = {}
-        clock = time.perf_counter()
-        pipe.image.write(inputs.image)
-        pipe.encoder.run()
-        times["encoder"] = (time.perf_counter() - clock) * 1e3
+    def encode(self, plan: BoundPipeline) -> None:
+        plan.encoder.run()
 
-        clock = time.perf_counter()
-        pipe.z[0].write(inputs.z_init)
-        for i in range(inputs.steps):
-            pipe.coeffs.write(inputs.table[i])
-            pipe.noise.write(inputs.noise[i])
-            pipe.step.run(i % 2)
-        times["loop"] = (time.perf_counter() - clock) * 1e3
+    def step(self, plan: BoundPipeline, z: int, i: int) -> int:
+        assert plan.inputs is not None
+        plan.coeffs.write(plan.inputs.table[i])
+        plan.noise.write(plan.inputs.noise[i])
+        plan.step.run(z)
+        return 1 - z
 
-        clock = time.perf_counter()
-        final = inputs.steps % 2  # the buffer the last step wrote
-        out_probs: np.ndarray | None = None
+    def decode(self, plan: BoundPipeline, z: int, probabilities: bool) -> None:
         if probabilities:
-            decoder, probs = pipe.probabilities_graph()
-            decoder.run(final)
-            out_probs = probs.read()
-            labels = out_probs.argmax(axis=1).astype(np.uint8)
+            plan.probabilities_graph()[0].run(z)
         else:
-            pipe.argmax.run(final)
-            labels = pipe.labels.read()
-        times["decoder"] = (time.perf_counter() - clock) * 1e3
-        return PipelineOutputs(labels=labels, probabilities=out_probs, stage_ms=times)
+            plan.argmax.run(z)
+
+    def copy_out(self, plan: BoundPipeline, probabilities: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        if probabilities:  # labels on the host: the decoder never runs twice
+            probs = plan.probabilities_graph()[1].read()
+            return probs.argmax(axis=1).astype(np.uint8), probs
+        return plan.labels.read(), None

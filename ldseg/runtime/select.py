@@ -104,7 +104,7 @@ def _onnxruntime(source: Source, device: str) -> Selection:
 
 
 def _tensorrt(source: Source, device: str) -> Selection:
-    from ldseg.export.engines import read_engine_set
+    from ldseg.runtime.engines import read_engine_set
     from ldseg.runtime.tensorrt_backend import TensorRTBackend
 
     if source.engines is None:

@@ -1,6 +1,6 @@
 """TensorRT backend: the whole pipeline from an engine set, captured once into one CUDA graph.
 
-Before TensorRT sees a byte, the engine set is checked against this machine (export/engines.py):
+Before TensorRT sees a byte, the engine set is checked against this machine (runtime/engines.py):
 TensorRT version, GPU model and compute capability, the SHA-256 of every engine and, when given,
 the bundle it was built from. A set for another machine is refused with BackendUnavailable, a
 broken one with ArtifactError; both say why and how to rebuild.
@@ -18,14 +18,15 @@ and TensorRT may keep host-side copies of them that a later re-bind would overwr
     encoder:            image -> z_image
     denoise_step A / B: z[0] -> z[1]  /  z[1] -> z[0]   (same coeffs and noise slots)
     decoder(_argmax) A / B: z[0] -> out  /  z[1] -> out
-A run is: copy inputs host->device; encoder; for step i: copy table row i and noise i into the
-slots (device->device), run A if i is even else B; decoder(_argmax) on the parity the last step
-wrote; copy the output device->host. That sequence is enqueued once eagerly (TensorRT allocates on
-the first enqueue after a shape change), then captured in thread-local mode into one CUDA graph
-per (batch, steps, probabilities); a run is then: fill the pinned inputs, one graph launch, one
-sync. If an enqueue returns false, the capture is invalidated or instantiation fails, the capture
-is ended, the CUDA error cleared, and the backend warns once with the reason and runs the same
-sequence eagerly (per-step launches) from then on.
+The stages (ldseg/runtime/backend.py) all enqueue on one stream: copy_in fills the pinned mirrors
+and copies them host->device; encode; step i copies table row i and noise i into the slots
+(device->device) and runs A or B by the parity it reads; decode runs decoder(_argmax) on the parity
+the last step wrote; copy_out copies the output device->host and syncs. encode + loop + decode run
+once eagerly (TensorRT allocates on the first enqueue after a shape change), then are captured in
+thread-local mode into one CUDA graph per (batch, steps, probabilities); a run is then: the input
+copies, one graph launch, the output copy, one sync. If an enqueue returns false, the capture is
+invalidated or instantiation fails, the capture is ended, the CUDA error cleared, and the backend
+warns once with the reason and runs the same stages eagerly (per-step launches) from then on.
 
 Probabilities (always asked by `ldseg-run`, which averages samples) come from the decoder engine;
 labels are then their argmax on the host (first maximum, like torch and ONNX ArgMax), so the
@@ -38,7 +39,7 @@ environment, and tests/tensorrt has real-engine tests that skip here.
 
 from __future__ import annotations
 
-import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -46,7 +47,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ldseg.errors import ArtifactError, BackendUnavailable
-from ldseg.export.engines import (
+from ldseg.runtime.engines import (
     EngineSet,
     detect_environment,
     engine_set_problems,
@@ -56,7 +57,7 @@ from ldseg.export.engines import (
     trt_logger,
 )
 from ldseg.runtime import cuda
-from ldseg.runtime.backend import PipelineInputs, PipelineOutputs, check_inputs
+from ldseg.runtime.backend import STAGES, Backend, CaptureFailed, PipelineInputs
 from ldseg.runtime.bundle import TensorInfo
 
 if TYPE_CHECKING:
@@ -197,7 +198,33 @@ class _Steps:
         self.noise = _Device.make((steps, *batch.noise.shape), "float32", pinned=True)
 
 
-class TensorRTBackend:
+@dataclass
+class _Plan:
+    b: _Batch
+    s: _Steps
+
+
+class _EventClock:
+    """Stage times from CUDA events on the backend's stream: no host sync between stages."""
+
+    def __init__(self, backend: TensorRTBackend):
+        self.backend = backend
+        self.names: list[str] = []
+        backend._events[0].record(backend.stream)
+
+    def mark(self, stage: str) -> None:
+        self.names.append(stage)
+        self.backend._events[len(self.names)].record(self.backend.stream)
+
+    def result(self) -> dict[str, float]:
+        ev = self.backend._events
+        self.backend.stream.synchronize()
+        return {name: ev[i + 1].ms_since(ev[i]) for i, name in enumerate(self.names)}
+
+
+class TensorRTBackend(Backend[_Plan, int]):
+    """Latents are ping-pong buffer indices: step i reads z[p], writes z[1 - p] and returns 1 - p."""
+
     name = "tensorrt"
 
     def __init__(
@@ -210,8 +237,6 @@ class TensorRTBackend:
     ):
         self.engines_dir = Path(engines_dir)
         self.device = device
-        self.cuda_graph = cuda_graph
-        self.fallback_reason: str | None = None
         index = parse_device(device)
         require_tensorrt()
         import tensorrt as trt
@@ -224,6 +249,7 @@ class TensorRTBackend:
             [p.message for p in problems if p.kind == "artifact"],
         )
         self.engine_set: EngineSet = read_engine_set(self.engines_dir)
+        super().__init__(self.engine_set.config, f"engines for {self.engine_set.preset!r}", cuda_graph=cuda_graph)
         self.precision = self.engine_set.precision
         cuda.set_device(index)
         self.logger = trt_logger()
@@ -241,9 +267,8 @@ class TensorRTBackend:
         # One activation buffer for every context: they never run concurrently (one stream).
         self.activation = cuda.DeviceBuffer(max(e.device_memory_size_v2 for e in self.engines.values()))
         self._batches: dict[int, _Batch] = {}
-        self._steps: dict[tuple[int, int], _Steps] = {}
-        self._graphs: dict[tuple[int, int, bool], cuda.CudaGraph] = {}
-        self._events = [cuda.Event() for _ in range(5)]
+        self._plans: dict[tuple[int, int], _Plan] = {}
+        self._events = [cuda.Event() for _ in range(len(STAGES) + 1)]
 
     # ------------------------------------------------------------------ setup
 
@@ -275,69 +300,94 @@ class TensorRTBackend:
             self._batches[batch] = _Batch(self, batch)
         return self._batches[batch]
 
-    def _steps_for(self, batch: _Batch, steps: int) -> _Steps:
-        key = (batch.batch, steps)
-        if key not in self._steps:
-            self._steps[key] = _Steps(batch, steps)
-        return self._steps[key]
+    # ------------------------------------------------------------------ stages (enqueued on one stream)
 
-    # ------------------------------------------------------------------ the sequence
+    def plan(self, batch: int, steps: int) -> _Plan:
+        key = (batch, steps)
+        if key not in self._plans:
+            b = self._batch(batch)
+            self._plans[key] = _Plan(b, _Steps(b, steps))
+        return self._plans[key]
 
-    def _enqueue(self, b: _Batch, s: _Steps, probabilities: bool, timed: bool = False) -> None:
-        """The whole pipeline on the stream: what is captured, and what runs eagerly."""
-        st = self.stream
-        mark = (lambda i: self._events[i].record(st)) if timed else (lambda i: None)
-        mark(0)
-        for dev in (b.image, b.z[0], s.table, s.noise):  # host -> device, from pinned memory
+    def copy_in(self, plan: _Plan, inputs: PipelineInputs) -> int:
+        """Fill the pinned mirrors, then copy them host -> device on the stream."""
+        b, s = plan.b, plan.s
+        assert b.image.host and b.z[0].host and s.table.host and s.noise.host
+        np.copyto(b.image.host.array, inputs.image)
+        np.copyto(b.z[0].host.array, inputs.z_init)
+        np.copyto(s.table.host.array, inputs.table[:, None, :])  # one row per step, for every sample
+        np.copyto(s.noise.host.array, inputs.noise)
+        for dev in (b.image, b.z[0], s.table, s.noise):
             assert dev.host is not None
-            st.copy_htod(dev.buffer.ptr, dev.host.ptr, dev.nbytes)
-        mark(1)
-        b.encoder.enqueue(st)
-        mark(2)
-        for i in range(s.steps):
-            st.copy_dtod(b.coeffs.buffer.ptr, s.table.buffer.ptr + i * b.coeffs.nbytes, b.coeffs.nbytes)
-            st.copy_dtod(b.noise.buffer.ptr, s.noise.buffer.ptr + i * b.noise.nbytes, b.noise.nbytes)
-            b.steps[i % 2].enqueue(st)
-        mark(3)
-        final = s.steps % 2  # the latent buffer the last step wrote
-        out = b.probs if probabilities else b.labels
-        (b.decoder if probabilities else b.argmax)[final].enqueue(st)
-        assert out is not None and out.host is not None
-        st.copy_dtoh(out.host.ptr, out.buffer.ptr, out.nbytes)
-        mark(4)
+            self.stream.copy_htod(dev.buffer.ptr, dev.host.ptr, dev.nbytes)
+        return 0
 
-    def _capture(self, b: _Batch, s: _Steps, probabilities: bool) -> cuda.CudaGraph | None:
-        key = (b.batch, s.steps, probabilities)
-        if key in self._graphs:
-            return self._graphs[key]
-        if self.fallback_reason is not None:
-            return None
-        self._enqueue(b, s, probabilities)  # eager warm-up: first enqueues after shape setup allocate
+    def encode(self, plan: _Plan) -> None:
+        plan.b.encoder.enqueue(self.stream)
+
+    def step(self, plan: _Plan, z: int, i: int) -> int:
+        """Table row i and noise i into the step's slots (device -> device), then the context for z."""
+        b, s, st = plan.b, plan.s, self.stream
+        st.copy_dtod(b.coeffs.buffer.ptr, s.table.buffer.ptr + i * b.coeffs.nbytes, b.coeffs.nbytes)
+        st.copy_dtod(b.noise.buffer.ptr, s.noise.buffer.ptr + i * b.noise.nbytes, b.noise.nbytes)
+        b.steps[z].enqueue(st)
+        return 1 - z
+
+    def decode(self, plan: _Plan, z: int, probabilities: bool) -> None:
+        b = plan.b
+        if probabilities and b.probs is None:
+            raise ArtifactError(f"{self.engines_dir}: no decoder engine, so no probabilities; rebuild from a bundle with a decoder")
+        (b.decoder if probabilities else b.argmax)[z].enqueue(self.stream)
+
+    def copy_out(self, plan: _Plan, probabilities: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        b = plan.b
+        out = b.probs if probabilities else b.labels
+        assert out is not None and out.host is not None
+        self.stream.copy_dtoh(out.host.ptr, out.buffer.ptr, out.nbytes)
         self.stream.synchronize()
+        if probabilities:  # labels on the host (first maximum, like ONNX ArgMax): the decoder runs once
+            probs = out.host.array.copy()
+            return probs.argmax(axis=1).astype(np.uint8), probs
+        return out.host.array.copy(), None
+
+    def clock(self) -> _EventClock:
+        return _EventClock(self)
+
+    def synchronize(self) -> None:
+        self.stream.synchronize()
+
+    # ------------------------------------------------------------------ CUDA graph
+
+    def capture(self, plan: _Plan, body: Callable[[], None]) -> cuda.CudaGraph:
+        """One eager run first (the first enqueues after shape setup allocate), then a thread-local capture."""
+        try:
+            body()
+            self.stream.synchronize()
+        except (EnqueueFailed, cuda.CudaError) as exc:
+            raise CaptureFailed(f"eager warm-up failed: {exc}") from exc
         capture = cuda.GraphCapture(self.stream)
         failure: str | None = None
         try:
-            self._enqueue(b, s, probabilities)
+            body()
         except (EnqueueFailed, cuda.CudaError) as exc:
             failure = str(exc)
         graph = capture.end(failure is None, failure)
         if graph is None:
-            self.fallback_reason = f"CUDA-graph capture failed ({capture.reason}); running per-step launches"
-            warnings.warn(self.fallback_reason, RuntimeWarning, stacklevel=3)
-            return None
-        self._graphs[key] = graph
+            raise CaptureFailed(capture.reason or "unknown reason")
         return graph
 
-    # ------------------------------------------------------------------ Backend protocol
+    def replay(self, plan: _Plan, graph: cuda.CudaGraph) -> None:
+        graph.launch(self.stream)
+
+    # ------------------------------------------------------------------ Backend
 
     def describe(self) -> dict[str, str]:
         es = self.engine_set
-        mode = "cuda-graph" if self.cuda_graph and self.fallback_reason is None else "eager"
         out = {
             "backend": self.name,
             "device": self.device,
             "precision": self.precision,
-            "mode": mode,
+            "mode": self.mode,
             "engines": str(self.engines_dir),
             "tensorrt": self.environment.trt_version,
             "gpu": f"{self.environment.gpu_name} (sm {self.environment.compute_capability})",
@@ -347,63 +397,21 @@ class TensorRTBackend:
             out["fallback"] = self.fallback_reason
         return out
 
-    def _check(self, inputs: PipelineInputs) -> None:
-        check_inputs(inputs, self.engine_set.config, f"engines for {self.engine_set.preset!r}")
-
-    def run(self, inputs: PipelineInputs, *, probabilities: bool = False) -> PipelineOutputs:
-        self._check(inputs)
-        b = self._batch(inputs.batch)
-        if probabilities and b.probs is None:
-            raise ArtifactError(f"{self.engines_dir}: no decoder engine, so no probabilities; rebuild from a bundle with a decoder")
-        s = self._steps_for(b, inputs.steps)
-        assert b.image.host and b.z[0].host and s.table.host and s.noise.host
-        np.copyto(b.image.host.array, inputs.image)
-        np.copyto(b.z[0].host.array, inputs.z_init)
-        np.copyto(s.table.host.array, inputs.table[:, None, :])  # one row per step, for every sample
-        np.copyto(s.noise.host.array, inputs.noise)
-
-        graph = self._capture(b, s, probabilities) if self.cuda_graph else None
-        ev = self._events
-        if graph is not None:
-            ev[0].record(self.stream)
-            graph.launch(self.stream)
-            ev[4].record(self.stream)
-            self.stream.synchronize()
-            stage_ms = {"graph": ev[4].ms_since(ev[0])}
-        else:
-            self._enqueue(b, s, probabilities, timed=True)
-            self.stream.synchronize()
-            names = ("input_copy", "encoder", "loop", "decoder")
-            stage_ms = {name: ev[i + 1].ms_since(ev[i]) for i, name in enumerate(names)}
-
-        if probabilities:
-            assert b.probs is not None and b.probs.host is not None
-            probs = b.probs.host.array.copy()
-            return PipelineOutputs(labels=probs.argmax(axis=1).astype(np.uint8), probabilities=probs, stage_ms=stage_ms)
-        assert b.labels.host is not None
-        return PipelineOutputs(labels=b.labels.host.array.copy(), stage_ms=stage_ms)
-
-    def close(self) -> None:
+    def release(self) -> None:
         """Free graphs, buffers and the stream (engines and contexts go with the object)."""
         self.stream.synchronize()
         for graph in self._graphs.values():
             graph.destroy()
         self._graphs.clear()
-        for s in self._steps.values():
-            s.table.free()
-            s.noise.free()
+        for plan in self._plans.values():
+            plan.s.table.free()
+            plan.s.noise.free()
         for b in self._batches.values():
             for dev in b.buffers():
                 dev.free()
-        self._steps.clear()
+        self._plans.clear()
         self._batches.clear()
         for event in self._events:
             event.destroy()
         self.activation.free()
         self.stream.destroy()
-
-    def __enter__(self) -> TensorRTBackend:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

@@ -1,135 +1,132 @@
 """PyTorch reference backend (FP32, CPU or CUDA).
 
 On CUDA the whole pipeline — encoder, N fused steps, decoder with argmax — is captured once per
-(batch, steps) into a torch.cuda.CUDAGraph over static buffers; a request copies its inputs into
-those buffers, replays, and reads the labels: no Python work, allocation or host sync inside.
-Where capture fails the backend warns once with the reason and runs the same code eagerly.
+(batch, steps, probabilities) into a torch.cuda.CUDAGraph over the plan's static buffers; a request
+copies its inputs into those buffers, replays, and reads the outputs: no Python work, allocation or
+host sync inside. Where capture fails the backend warns once with the reason and runs the same
+stages eagerly (ldseg/runtime/backend.py).
+
+The model it is handed is never modified: a model on another device, or in training mode, is copied
+(a model shared with an exporter must stay where it was).
 """
 
 from __future__ import annotations
 
-import time
-import warnings
+import copy
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from ldseg.model.network import LDSeg
-from ldseg.runtime.backend import PipelineInputs, PipelineOutputs
+from ldseg.runtime.backend import Backend, CaptureFailed, PipelineInputs
 
 
 @dataclass
-class _Buffers:
+class TorchPlan:
+    """Static buffers of one (batch, steps); outputs are (re)assigned by decode."""
+
     image: torch.Tensor
     z_init: torch.Tensor
     noise: torch.Tensor
     table: torch.Tensor
+    z_image: torch.Tensor | None = None
     probabilities: torch.Tensor | None = None
     labels: torch.Tensor | None = None
 
 
-class TorchBackend:
+@dataclass
+class _Captured:
+    graph: torch.cuda.CUDAGraph
+    probabilities: torch.Tensor  # the graph's own output tensors (one graph per probabilities flag)
+    labels: torch.Tensor
+
+
+class TorchBackend(Backend[TorchPlan, torch.Tensor]):
     name = "torch"
 
     def __init__(self, model: LDSeg, device: str = "cpu", cuda_graph: bool | None = None):
-        self.model = model.to(device).eval()
+        super().__init__(model.cfg, f"model {model.cfg.preset!r}",
+                         cuda_graph=device.startswith("cuda") if cuda_graph is None else cuda_graph)
+        self.model = _on_device(model, torch.device(device))
         self.device = device
         self.precision = "fp32"
-        self.cuda_graph = device.startswith("cuda") if cuda_graph is None else cuda_graph
-        self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, _Buffers]] = {}
-        self.fallback_reason: str | None = None
+        self._plans: dict[tuple[int, int], TorchPlan] = {}
 
     def describe(self) -> dict[str, str]:
-        mode = "cuda-graph" if self.cuda_graph and self.fallback_reason is None else "eager"
-        return {"backend": self.name, "device": self.device, "precision": self.precision, "mode": mode}
+        return {"backend": self.name, "device": self.device, "precision": self.precision, "mode": self.mode}
 
-    def _pipeline(self, buf: _Buffers, marks: list[float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """encoder -> N fused steps -> decoder; every shape fixed by the buffers. `marks` (eager
-        only) collects a timestamp after each stage."""
+    # ------------------------------------------------------------------ stages
+    def plan(self, batch: int, steps: int) -> TorchPlan:
+        key = (batch, steps)
+        if key not in self._plans:
+            cfg, dev = self.config, torch.device(self.device)
+            self._plans[key] = TorchPlan(
+                image=torch.empty((batch, *cfg.image_shape), device=dev),
+                z_init=torch.empty((batch, *cfg.latent_shape), device=dev),
+                noise=torch.empty((steps, batch, *cfg.latent_shape), device=dev),
+                table=torch.empty((steps, 4), device=dev),
+            )
+        return self._plans[key]
 
-        def mark() -> None:
-            if marks is not None:
-                if buf.image.is_cuda:
-                    torch.cuda.synchronize()
-                marks.append(time.perf_counter())
+    def copy_in(self, plan: TorchPlan, inputs: PipelineInputs) -> torch.Tensor:
+        for target, source in ((plan.image, inputs.image), (plan.z_init, inputs.z_init),
+                               (plan.noise, inputs.noise), (plan.table, inputs.table)):
+            target.copy_(torch.from_numpy(source))
+        return plan.z_init
 
-        batch = buf.image.shape[0]
-        mark()
-        z_image = self.model.encode_image(buf.image)
-        mark()
-        z = buf.z_init
-        for i in range(buf.table.shape[0]):
-            z = self.model.step(z, z_image, buf.table[i].expand(batch, 4), buf.noise[i])
-        mark()
-        probs = self.model.label_decoder(z)
-        labels = probs.argmax(dim=1).to(torch.uint8)
-        mark()
-        return probs, labels
+    @torch.no_grad()
+    def encode(self, plan: TorchPlan) -> None:
+        plan.z_image = self.model.encode_image(plan.image)
 
-    def _buffers(self, inputs: PipelineInputs) -> _Buffers:
-        dev = torch.device(self.device)
-        return _Buffers(
-            image=torch.from_numpy(inputs.image).to(dev),
-            z_init=torch.from_numpy(inputs.z_init).to(dev),
-            noise=torch.from_numpy(inputs.noise).to(dev),
-            table=torch.from_numpy(inputs.table).to(dev),
-        )
+    @torch.no_grad()
+    def step(self, plan: TorchPlan, z: torch.Tensor, i: int) -> torch.Tensor:
+        assert plan.z_image is not None
+        return self.model.step(z, plan.z_image, plan.table[i].expand(z.shape[0], 4), plan.noise[i])
 
-    def _captured(self, inputs: PipelineInputs) -> tuple[torch.cuda.CUDAGraph, _Buffers] | None:
-        key = (inputs.batch, inputs.steps)
-        if key in self._graphs:
-            return self._graphs[key]
-        if self.fallback_reason is not None:
-            return None
-        buf = self._buffers(inputs)
+    @torch.no_grad()
+    def decode(self, plan: TorchPlan, z: torch.Tensor, probabilities: bool) -> None:
+        plan.probabilities = self.model.label_decoder(z)
+        plan.labels = plan.probabilities.argmax(dim=1).to(torch.uint8)
+
+    def copy_out(self, plan: TorchPlan, probabilities: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        assert plan.labels is not None and plan.probabilities is not None
+        probs = plan.probabilities.cpu().numpy() if probabilities else None
+        return plan.labels.cpu().numpy(), probs
+
+    # ------------------------------------------------------------------ CUDA graphs
+    def capture(self, plan: TorchPlan, body: Callable[[], None]) -> _Captured:
         try:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):  # warm-up outside capture: lazy inits, cuDNN autotune
                 for _ in range(2):
-                    self._pipeline(buf)
+                    body()
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-                buf.probabilities, buf.labels = self._pipeline(buf)
+                body()
         except RuntimeError as exc:
-            self.fallback_reason = f"CUDA-graph capture failed ({exc}); running per-step launches"
-            warnings.warn(self.fallback_reason, RuntimeWarning, stacklevel=3)
-            return None
-        self._graphs[key] = (graph, buf)
-        return graph, buf
+            raise CaptureFailed(str(exc)) from exc
+        assert plan.probabilities is not None and plan.labels is not None
+        return _Captured(graph, plan.probabilities, plan.labels)
 
-    @torch.no_grad()
-    def run(self, inputs: PipelineInputs, *, probabilities: bool = False) -> PipelineOutputs:
-        if self.cuda_graph:
-            captured = self._captured(inputs)
-            if captured is not None:
-                return self._replay(*captured, inputs, probabilities)
-        return self._eager(inputs, probabilities)
+    def replay(self, plan: TorchPlan, graph: _Captured) -> None:
+        graph.graph.replay()
+        plan.probabilities, plan.labels = graph.probabilities, graph.labels  # this graph's static outputs
 
-    def _replay(
-        self, graph: torch.cuda.CUDAGraph, buf: _Buffers, inputs: PipelineInputs, probabilities: bool
-    ) -> PipelineOutputs:
-        assert buf.labels is not None and buf.probabilities is not None
-        start, copied, replayed = (torch.cuda.Event(enable_timing=True) for _ in range(3))
-        start.record()
-        for target, source in ((buf.image, inputs.image), (buf.z_init, inputs.z_init),
-                               (buf.noise, inputs.noise), (buf.table, inputs.table)):
-            target.copy_(torch.from_numpy(source), non_blocking=False)
-        copied.record()
-        graph.replay()
-        replayed.record()
-        labels = buf.labels.cpu().numpy()
-        out_probs = buf.probabilities.cpu().numpy() if probabilities else None
-        torch.cuda.synchronize()
-        stage_ms = {"input_copy": start.elapsed_time(copied), "graph": copied.elapsed_time(replayed)}
-        return PipelineOutputs(labels=labels, probabilities=out_probs, stage_ms=stage_ms)
+    def synchronize(self) -> None:
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize(self.device)
 
-    def _eager(self, inputs: PipelineInputs, probabilities: bool) -> PipelineOutputs:
-        marks: list[float] = []
-        probs, labels = self._pipeline(self._buffers(inputs), marks)
-        out_probs: np.ndarray | None = probs.cpu().numpy() if probabilities else None
-        names = ("encoder", "loop", "decoder")
-        stage_ms = {name: (b - a) * 1e3 for name, a, b in zip(names, marks, marks[1:])}
-        return PipelineOutputs(labels=labels.cpu().numpy(), probabilities=out_probs, stage_ms=stage_ms)
+
+def _on_device(model: LDSeg, device: torch.device) -> LDSeg:
+    """The model in eval mode on `device`, without touching the caller's module: a copy whenever
+    moving it or switching its mode would change it (a shared model may be exported afterwards)."""
+    on_device = all(p.device == device for p in model.parameters())
+    if on_device and not model.training:
+        return model
+    moved = copy.deepcopy(model).to(device).eval()
+    moved.trained, moved.checkpoint_hash = dict(model.trained), model.checkpoint_hash
+    return moved

@@ -68,7 +68,7 @@ class TrainOptions:
       --val N                       [val]          validation samples (phantom seeds 9000.., or
                                                    the last N folder pairs by name); 0: none
 
-    Extra knobs, not on the CLI list above (wire them if wanted):
+    Staging and schedule:
       --autoencoder-steps N [autoencoder_steps]: the first N steps train the label autoencoder
           alone (CE + 2*(1 - Dice) on decoder(encoder(label))); later steps use the official joint
           loss. N == total steps gives an autoencoder-only run, to be continued with

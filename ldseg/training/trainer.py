@@ -27,6 +27,7 @@ import math
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -94,6 +95,36 @@ def step_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
 
 
+@dataclass
+class _State:
+    """The model and optimizer side of a run: built (or restored) once, updated by every step."""
+
+    model: LDSeg
+    init_flags: dict[str, bool]  # components trained before this run (--init / the resumed run's)
+    trained_now: set[str]  # components this run has trained
+    start: int  # first step of this process (> 0 when resumed)
+    elapsed_before: float  # wall seconds of the earlier processes of a resumed run
+    optimizer: torch.optim.Optimizer
+    ema: EMA
+    alpha_bar: torch.Tensor
+    latent_cache: dict[tuple[int, tuple[int, ...]], torch.Tensor] = field(default_factory=dict)
+    pair_cache: dict[tuple[int, tuple[int, ...]], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+    @property
+    def cfg(self) -> ModelConfig:
+        return self.model.cfg
+
+
+@dataclass(frozen=True)
+class _Data:
+    train: Source
+    per_epoch: int  # steps per pass over `train`
+    total: int  # steps of the whole run
+    every: int  # validate and save every this many steps
+    val_images: torch.Tensor
+    val_labels: torch.Tensor
+
+
 class _Run:
     def __init__(self, options: TrainOptions):
         self.o = options
@@ -102,6 +133,9 @@ class _Run:
         self.wall_start = time.perf_counter()
         self.saved_once = False  # later saves in this run replace the first one
         self.final_loss = float("nan")
+        self._check_output()
+        self.state = self._build()
+        self.data = self._open_data()
 
     # -- setup -------------------------------------------------------------------------------
 
@@ -118,42 +152,37 @@ class _Run:
             # Checked now, not after hours of training when the first save would fail.
             raise OutputError(f"{out}: exists (use --overwrite, or --resume to continue it)")
 
-    def _build(self) -> None:
+    def _build(self) -> _State:
         o = self.o
-        self.start = 0
-        self.ema_updates = 0
-        self.elapsed_before = 0.0
-        self.trained_now: set[str] = set()
-        self.resume_tensors: dict[str, torch.Tensor] = {}
-        self.resume_meta: dict[str, Any] = {}
+        start, ema_updates, elapsed_before = 0, 0, 0.0
+        trained_now: set[str] = set()
+        resume_tensors: dict[str, torch.Tensor] = {}
+        resume_meta: dict[str, Any] = {}
         if o.resume:
-            tensors, meta = load_state(self.paths.state)
-            self._check_resumable(meta)
-            cfg = ModelConfig.from_dict(meta["config"])
-            model = LDSeg(cfg)
-            weights = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
+            resume_tensors, resume_meta = load_state(self.paths.state)
+            self._check_resumable(resume_meta)
+            model = LDSeg(ModelConfig.from_dict(resume_meta["config"]))
+            weights = {k[len("model.") :]: v for k, v in resume_tensors.items() if k.startswith("model.")}
             missing = set(state_tensors(model)) - set(weights)
             if missing:
                 raise ArtifactError(f"{self.paths.state}: training state lacks {sorted(missing)[:3]}")
             model.load_state_dict(weights, strict=False)
-            self.init_flags = {k: bool(meta["init_trained"].get(k)) for k in COMPONENTS}
-            self.trained_now = set(meta["trained_now"])
-            self.start = int(meta["step"])
-            self.ema_updates = int(meta["ema_updates"])
-            self.elapsed_before = float(meta.get("elapsed_s", 0.0))
-            self.resume_tensors, self.resume_meta = tensors, meta
+            init_flags = {k: bool(resume_meta["init_trained"].get(k)) for k in COMPONENTS}
+            trained_now = set(resume_meta["trained_now"])
+            start = int(resume_meta["step"])
+            ema_updates = int(resume_meta["ema_updates"])
+            elapsed_before = float(resume_meta.get("elapsed_s", 0.0))
         elif o.init is not None:
             model = load_checkpoint(o.init)
             if model.cfg.preset != o.preset:
                 raise OptionsError(f"--init {o.init} is a {model.cfg.preset!r} checkpoint, not {o.preset!r}")
-            self.init_flags = dict(model.trained)
+            init_flags = dict(model.trained)
         else:
-            cfg = get_preset(o.preset)
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(o.seed)
-                model = LDSeg(cfg)
-            self.init_flags = {k: False for k in COMPONENTS}
-        untrained = [k for k in FROZEN[o.freeze] if not self.init_flags.get(k)]
+                model = LDSeg(get_preset(o.preset))
+            init_flags = {k: False for k in COMPONENTS}
+        untrained = [k for k in FROZEN[o.freeze] if not init_flags.get(k)]
         if untrained:
             raise OptionsError(
                 f"--freeze {o.freeze} needs --init with trained {', '.join(FROZEN[o.freeze])}; "
@@ -162,21 +191,17 @@ class _Run:
         model.to(self.device)
         if self.device.type == "cpu" and model.cfg.spatial_dims == 3:
             _prefer_channels_last(model)
-        self.model = model
-        self.cfg = model.cfg
         trainable = [c for c in COMPONENTS if c not in FROZEN[o.freeze]]
         for name in COMPONENTS:
             getattr(model, name).requires_grad_(name in trainable)
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.Adam(self.params, lr=o.lr)
-        self.ema = EMA(model.denoiser, o.ema_decay, self.ema_updates)
+        optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=o.lr)
+        ema = EMA(model.denoiser, o.ema_decay, ema_updates)
         if o.resume:
-            for name, avg in self.ema.shadow.items():
-                avg.copy_(self.resume_tensors[f"ema.{name}"])
-            load_optimizer(self.optimizer, self.resume_tensors, self.resume_meta["optimizer"])
-        self.alpha_bar = torch.as_tensor(alpha_bar_table(self.cfg.diffusion), dtype=torch.float32, device=self.device)
-        self.latent_cache: dict[tuple[int, tuple[int, ...]], torch.Tensor] = {}
-        self.pair_cache: dict[tuple[int, tuple[int, ...]], tuple[torch.Tensor, torch.Tensor]] = {}
+            for name, avg in ema.shadow.items():
+                avg.copy_(resume_tensors[f"ema.{name}"])
+            load_optimizer(optimizer, resume_tensors, resume_meta["optimizer"])
+        alpha_bar = torch.as_tensor(alpha_bar_table(model.cfg.diffusion), dtype=torch.float32, device=self.device)
+        return _State(model, init_flags, trained_now, start, elapsed_before, optimizer, ema, alpha_bar)
 
     def _check_resumable(self, meta: dict[str, Any]) -> None:
         saved = meta.get("options", {})
@@ -185,25 +210,24 @@ class _Run:
         if changed:
             raise OptionsError(f"--resume with different options: {', '.join(changed)}")
 
-    def _open_data(self) -> None:
+    def _open_data(self) -> _Data:
         o = self.o
-        self.train_src, val_src = open_sources(o.data, self.cfg, o.num_train, o.val)
-        self.per_epoch = steps_per_epoch(len(self.train_src), o.batch_size)
-        self.total = o.steps if o.steps is not None else (o.epochs or DEFAULT_EPOCHS) * self.per_epoch
-        self.every = o.checkpoint_every or self.per_epoch
-        self.val_images, self.val_labels = _stack(val_src)
+        train_src, val_src = open_sources(o.data, self.state.cfg, o.num_train, o.val)
+        per_epoch = steps_per_epoch(len(train_src), o.batch_size)
+        total = o.steps if o.steps is not None else (o.epochs or DEFAULT_EPOCHS) * per_epoch
+        return _Data(train_src, per_epoch, total, o.checkpoint_every or per_epoch, *_stack(val_src))
 
     # -- one step ----------------------------------------------------------------------------
 
     def _draws(self, step: int, gen: torch.Generator, intensity: bool) -> tuple[list[int], list[augment.Draw]]:
         o = self.o
-        indices = batch_indices(len(self.train_src), o.batch_size, o.seed, step)
-        return indices, [augment.draw(gen, self.cfg.spatial_dims, o.flips, intensity) for _ in indices]
+        indices = batch_indices(len(self.data.train), o.batch_size, o.seed, step)
+        return indices, [augment.draw(gen, self.state.cfg.spatial_dims, o.flips, intensity) for _ in indices]
 
     def _tensors(self, indices: list[int], draws: list[augment.Draw]) -> tuple[torch.Tensor, torch.Tensor]:
         images, labels = [], []
         for i, d in zip(indices, draws):
-            sample = self.train_src[i]
+            sample = self.data.train[i]
             image = minmax(torch.from_numpy(sample.image)[None])[0]  # what encode_image would see
             images.append(augment.apply_image(image, d))
             labels.append(augment.apply_label(torch.from_numpy(sample.label.astype(np.int64)), d))
@@ -212,19 +236,19 @@ class _Run:
     def _noise(self, shape: tuple[int, ...], gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-sample t ~ U{0..T-1} and eps ~ N(0, 1). (The official code repeats one eps draw
         over the batch; independent draws are the textbook estimator and equal at batch 1.)"""
-        t = torch.randint(0, self.cfg.diffusion.timesteps, (shape[0],), generator=gen)
+        t = torch.randint(0, self.state.cfg.diffusion.timesteps, (shape[0],), generator=gen)
         eps = torch.randn(shape, generator=gen)
         return t.to(self.device), eps.to(self.device)
 
     def _losses(self, phase: str, step: int) -> dict[str, torch.Tensor]:
         gen = step_generator(self.o.seed, step)
-        m = self.model
+        m = self.state.model
         k = self.o.noise_draws
         if phase == "denoiser":  # nothing at full resolution once the cache is warm
             indices, draws = self._draws(step, gen, intensity=False)
             z_l0, z_i = (z.repeat_interleave(k, dim=0) for z in self._frozen_latents(indices, draws))
             t, eps = self._noise(tuple(z_l0.shape), gen)
-            mse = noise_loss(eps, m.denoiser(q_sample(z_l0, t, eps, self.alpha_bar), z_i, t))
+            mse = noise_loss(eps, m.denoiser(q_sample(z_l0, t, eps, self.state.alpha_bar), z_i, t))
             return {"loss": mse, "loss_mse": mse}
         indices, draws = self._draws(step, gen, intensity=self.o.augment)
         images, labels = self._tensors(indices, draws)
@@ -235,7 +259,7 @@ class _Run:
             z_l0 = m.encode_label(labels)
             z_i = m.image_encoder(images)
             t, eps = self._noise(tuple(z_l0.shape), gen)
-            z_lt = q_sample(z_l0, t, eps, self.alpha_bar)
+            z_lt = q_sample(z_l0, t, eps, self.state.alpha_bar)
             z_nt = m.denoiser(z_lt, z_i, t)
             seg = segmentation_loss(m.label_decoder.logits(z_lt - z_nt), labels)
             mse = noise_loss(eps, z_nt)
@@ -243,7 +267,7 @@ class _Run:
         z_l0 = self._label_latents(indices, draws, labels).repeat_interleave(k, dim=0)
         z_i = m.image_encoder(images).repeat_interleave(k, dim=0)  # one encoder pass, k draws
         t, eps = self._noise(tuple(z_l0.shape), gen)
-        mse = noise_loss(eps, m.denoiser(q_sample(z_l0, t, eps, self.alpha_bar), z_i, t))
+        mse = noise_loss(eps, m.denoiser(q_sample(z_l0, t, eps, self.state.alpha_bar), z_i, t))
         return {"loss": mse, "loss_mse": mse}
 
     @torch.no_grad()
@@ -252,9 +276,9 @@ class _Run:
         out = []
         for row, (i, d) in enumerate(zip(indices, draws)):
             key = (i, d.flips)
-            if key not in self.latent_cache:
-                self.latent_cache[key] = self.model.encode_label(labels[row : row + 1])
-            out.append(self.latent_cache[key])
+            if key not in self.state.latent_cache:
+                self.state.latent_cache[key] = self.state.model.encode_label(labels[row : row + 1])
+            out.append(self.state.latent_cache[key])
         return torch.cat(out)
 
     @torch.no_grad()
@@ -262,55 +286,55 @@ class _Run:
         """Frozen label and image encoders: each (sample, flips) pair of latents is computed once."""
         for i, d in zip(indices, draws):
             key = (i, d.flips)
-            if key not in self.pair_cache:
+            if key not in self.state.pair_cache:
                 images, labels = self._tensors([i], [d])
-                self.pair_cache[key] = (self.model.encode_label(labels), self.model.image_encoder(images))
-        pairs = [self.pair_cache[(i, d.flips)] for i, d in zip(indices, draws)]
+                self.state.pair_cache[key] = (self.state.model.encode_label(labels), self.state.model.image_encoder(images))
+        pairs = [self.state.pair_cache[(i, d.flips)] for i, d in zip(indices, draws)]
         return torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
 
     def _set_modes(self, phase: str) -> None:
         active = PHASE_COMPONENTS[phase]
         for name in COMPONENTS:
-            getattr(self.model, name).train(name in active)
+            getattr(self.state.model, name).train(name in active)
 
     # -- validation and saving ---------------------------------------------------------------
 
     def _validate(self, phase: str) -> dict[str, dict[str, float]]:
-        if self.val_labels.shape[0] == 0:
+        if self.data.val_labels.shape[0] == 0:
             return {}
-        self.model.eval()
-        out = {"val_recon_dice": summarize(reconstruction_dice(self.model, self.val_labels))}
+        self.state.model.eval()
+        out = {"val_recon_dice": summarize(reconstruction_dice(self.state.model, self.data.val_labels))}
         if phase != "autoencoder":
-            seeds = list(range(self.val_labels.shape[0]))
-            with self.ema.swapped(self.model.denoiser):
-                dice = sampled_dice(self.model, self.val_images, self.val_labels, seeds)
+            seeds = list(range(self.data.val_labels.shape[0]))
+            with self.state.ema.swapped(self.state.model.denoiser):
+                dice = sampled_dice(self.state.model, self.data.val_images, self.data.val_labels, seeds)
             out["val_dice"] = summarize(dice)
         self._set_modes(phase)
         return out
 
     def _flags(self) -> dict[str, bool]:
-        return {k: bool(self.init_flags.get(k)) or k in self.trained_now for k in COMPONENTS}
+        return {k: bool(self.state.init_flags.get(k)) or k in self.state.trained_now for k in COMPONENTS}
 
     def _save(self, step: int, summary: dict[str, Any]) -> str:
-        m = self.model
+        m = self.state.model
         m.trained = self._flags()
-        extra = {"training": {"step": step, "total_steps": self.total, "seed": self.o.seed, "data": self.o.data,
+        extra = {"training": {"step": step, "total_steps": self.data.total, "seed": self.o.seed, "data": self.o.data,
                               "freeze": self.o.freeze, "last_validation": summary.get("last_validation")}}
         overwrite = self.o.overwrite or self.o.resume or self.saved_once
-        with self.ema.swapped(m.denoiser):  # the checkpoint carries the averaged denoiser
+        with self.state.ema.swapped(m.denoiser):  # the checkpoint carries the averaged denoiser
             digest = save_checkpoint(m, self.paths.checkpoint, overwrite=overwrite, extra=extra)
         self.saved_once = True
         tensors = {f"model.{k}": v for k, v in state_tensors(m).items()}
-        tensors.update({f"ema.{k}": v for k, v in self.ema.shadow.items()})
-        opt_tensors, opt_meta = optimizer_tensors(self.optimizer)
+        tensors.update({f"ema.{k}": v for k, v in self.state.ema.shadow.items()})
+        opt_tensors, opt_meta = optimizer_tensors(self.state.optimizer)
         tensors.update(opt_tensors)
         meta = {
             "step": step,
-            "ema_updates": self.ema.updates,
-            "config": self.cfg.to_dict(),
+            "ema_updates": self.state.ema.updates,
+            "config": self.state.cfg.to_dict(),
             "options": self.o.to_json_dict(),
-            "init_trained": self.init_flags,
-            "trained_now": sorted(self.trained_now),
+            "init_trained": self.state.init_flags,
+            "trained_now": sorted(self.state.trained_now),
             "checkpoint_sha256": digest,
             "elapsed_s": self._elapsed(),
             "optimizer": opt_meta,
@@ -319,41 +343,38 @@ class _Run:
         return digest
 
     def _elapsed(self) -> float:
-        return self.elapsed_before + time.perf_counter() - self.wall_start
+        return self.state.elapsed_before + time.perf_counter() - self.wall_start
 
     # -- the loop ----------------------------------------------------------------------------
 
     def run(self) -> TrainResult:
-        self._check_output()
-        self._build()
-        self._open_data()
-        rows, epochs = read_metrics(self.paths, self.start) if self.o.resume else ([], [])
-        digest = read_metadata(self.paths.checkpoint)["content_sha256"] if self.start >= self.total else ""
+        rows, epochs = read_metrics(self.paths, self.state.start) if self.o.resume else ([], [])
+        digest = read_metadata(self.paths.checkpoint)["content_sha256"] if self.state.start >= self.data.total else ""
         last_val: dict[str, float] | None = None
         losses_this_epoch: list[float] = []
         console = Console(stderr=True)
         with _progress(console, self.o.progress) as progress:
-            task = progress.add_task("train", total=self.total, completed=min(self.start, self.total), loss="-")
-            for step in range(self.start, self.total):
+            task = progress.add_task("train", total=self.data.total, completed=min(self.state.start, self.data.total), loss="-")
+            for step in range(self.state.start, self.data.total):
                 phase = phase_at(self.o, step)
                 self._set_modes(phase)
-                lr = lr_at(self.o, step, self.total)
-                for group in self.optimizer.param_groups:
+                lr = lr_at(self.o, step, self.data.total)
+                for group in self.state.optimizer.param_groups:
                     group["lr"] = lr
                 parts = self._losses(phase, step)
-                self.optimizer.zero_grad(set_to_none=True)
+                self.state.optimizer.zero_grad(set_to_none=True)
                 parts["loss"].backward()
-                self.optimizer.step()
+                self.state.optimizer.step()
                 if "denoiser" in PHASE_COMPONENTS[phase]:
-                    self.ema.update(self.model.denoiser)
-                self.trained_now.update(PHASE_COMPONENTS[phase])
+                    self.state.ema.update(self.state.model.denoiser)
+                self.state.trained_now.update(PHASE_COMPONENTS[phase])
                 values = {k: float(v.detach()) for k, v in parts.items()}
                 losses_this_epoch.append(values["loss"])
-                row: dict[str, Any] = {"step": step + 1, "epoch": step // self.per_epoch + 1, "phase": phase,
+                row: dict[str, Any] = {"step": step + 1, "epoch": step // self.data.per_epoch + 1, "phase": phase,
                                        "lr": lr, "elapsed_s": self._elapsed(), **values}
                 rows.append(row)
                 progress.update(task, advance=1, description=f"{phase} ep {row['epoch']}", loss=f"{values['loss']:.4f}")
-                if (step + 1) % self.every == 0 or step + 1 == self.total:
+                if (step + 1) % self.data.every == 0 or step + 1 == self.data.total:
                     val = self._validate(phase)
                     for key, summary in val.items():
                         row[key] = summary["mean"]
@@ -364,10 +385,10 @@ class _Run:
                     digest = self._save(step + 1, {"last_validation": val})
                     write_metrics(self.paths, rows, self._summary(epochs, step + 1, digest))
                     if self.o.progress:
-                        progress.console.print(_epoch_line(record, self.total))
+                        progress.console.print(_epoch_line(record, self.data.total))
                     self.final_loss = float(np.mean(losses_this_epoch))
                     losses_this_epoch = []
-        if self.start >= self.total and epochs:
+        if self.state.start >= self.data.total and epochs:
             last = epochs[-1]
             last_val = last.get("val_dice") or last.get("val_recon_dice")
             self.final_loss = float(last["train_loss"])
@@ -376,8 +397,8 @@ class _Run:
             state=self.paths.state,
             metrics_csv=self.paths.metrics_csv,
             metrics_json=self.paths.metrics_json,
-            step=max(self.start, self.total),
-            total_steps=self.total,
+            step=max(self.state.start, self.data.total),
+            total_steps=self.data.total,
             content_sha256=digest,
             final_loss=self.final_loss,
             val_dice=last_val,
@@ -388,12 +409,12 @@ class _Run:
     def _summary(self, epochs: list[dict[str, Any]], step: int, digest: str) -> dict[str, Any]:
         return {
             "options": self.o.to_json_dict(),
-            "preset": self.cfg.preset,
+            "preset": self.state.cfg.preset,
             "step": step,
-            "total_steps": self.total,
-            "steps_per_epoch": self.per_epoch,
-            "train_samples": len(self.train_src),
-            "val_samples": int(self.val_labels.shape[0]),
+            "total_steps": self.data.total,
+            "steps_per_epoch": self.data.per_epoch,
+            "train_samples": len(self.data.train),
+            "val_samples": int(self.data.val_labels.shape[0]),
             "epochs": epochs,
             "trained": self._flags(),
             "checkpoint": str(self.paths.checkpoint),

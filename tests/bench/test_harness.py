@@ -10,11 +10,11 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from ldseg.bench.command import bench_typer
+from ldseg.cli.bench import bench_typer
 from ldseg.bench.harness import BenchOptions, run_benchmark
 from ldseg.bench.plots import PLOT_FILES
 from ldseg.bench.report import performance_section
-from ldseg.bench.stages import STAGES
+from ldseg.runtime.backend import STAGES
 from ldseg.errors import InputError, OutputError
 
 TINY = {"preset": "demo", "backends": ("torch",), "steps": (2,), "batch": (1,), "repeat": 2, "warmup": 1, "probe_size": 128, "probe_repeat": 2}
@@ -95,7 +95,9 @@ def test_refuses_to_overwrite_and_bad_options(run_dir, tmp_path):
     with pytest.raises(InputError, match="--preset"):
         run_benchmark(BenchOptions(output=tmp_path, preset="demo", checkpoint="demo"))
     result = CliRunner().invoke(bench_typer, ["--steps", "1,x", "-o", str(tmp_path)])
-    assert isinstance(result.exception, InputError)
+    assert result.exit_code == 2 and "whole numbers" in result.output
+    result = CliRunner().invoke(bench_typer, ["--backends", "torch,foo", "-o", str(tmp_path)])
+    assert result.exit_code == 2 and "onnxruntime" in result.output
 
 
 @pytest.mark.slow

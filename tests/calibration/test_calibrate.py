@@ -12,7 +12,7 @@ import pytest
 
 from ldseg.calibration import calibrate
 from ldseg.errors import ArtifactError, OutputError
-from ldseg.export.engines import bundle_hash
+from ldseg.runtime.engines import bundle_hash
 from ldseg.runtime.backend import make_inputs
 from ldseg.runtime.bundle import load_bundle
 from ldseg.runtime.onnxruntime_backend import OnnxRuntimeBackend

@@ -63,7 +63,7 @@ def test_labels_match_the_torch_backend(
     assert len(np.unique(ref.labels)) > 1  # a real segmentation, not one class everywhere
     agreement = _agreement(ours.labels, ref.labels)
     assert agreement >= LABEL_TARGET, f"{agreement:.3f} % identical labels"
-    assert set(ours.stage_ms) == {"encoder", "loop", "decoder"} and ours.probabilities is None
+    assert set(ours.stage_ms) == {"input_copy", "encoder", "loop", "decoder", "output_copy"} and ours.probabilities is None
 
 
 def test_probabilities_match_and_give_the_same_labels(backend: OnnxRuntimeBackend, model: LDSeg) -> None:

@@ -30,7 +30,7 @@ def test_backend_equals_model_segment(model):
     reference = model.segment(torch.from_numpy(image), [3, 4], steps=4).numpy()
     np.testing.assert_array_equal(out.probabilities, reference)
     np.testing.assert_array_equal(out.labels, reference.argmax(1))
-    assert set(out.stage_ms) == {"encoder", "loop", "decoder"}
+    assert set(out.stage_ms) == {"input_copy", "encoder", "loop", "decoder", "output_copy"}
 
 
 def test_k_sample_batch_equals_k_single_runs(model):
@@ -62,7 +62,8 @@ def test_replays_allocate_nothing_and_keep_their_buffers(model):
     backend = TorchBackend(model, "cuda", cuda_graph=True)
     inputs = make_inputs(model.cfg, _image(2), [0], steps=15)
     backend.run(inputs)
-    graph, buf = backend._graphs[(1, 15)]
+    buf = backend.plan(1, 15)
+    assert (1, 15, False) in backend._graphs
     pointers = [buf.image.data_ptr(), buf.z_init.data_ptr(), buf.labels.data_ptr()]
     torch.cuda.synchronize()
     allocated = torch.cuda.memory_allocated()

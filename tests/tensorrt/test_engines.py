@@ -1,4 +1,4 @@
-"""engines.py: precision agreement, batch profiles, engines.json, refusal logic, atomic folders."""
+"""runtime/engines.py and export/build_options.py: precision agreement, batch profiles, engines.json, refusal logic, atomic folders."""
 
 from __future__ import annotations
 
@@ -9,20 +9,22 @@ from pathlib import Path
 import pytest
 
 from ldseg.errors import ArtifactError, OutputError
-from ldseg.export.engines import (
+from ldseg.export.build_options import (
+    batch_profile,
+    check_dla,
+    check_optimization_level,
+    graphs_to_build,
+    resolve_precision,
+    write_engines_json,
+)
+from ldseg.io.atomic import staged_folder
+from ldseg.runtime.engines import (
     ENGINES_JSON,
     Environment,
-    batch_profile,
     bundle_hash,
-    check_dla,
     check_engine_set,
-    check_optimization_level,
     engine_set_problems,
-    graphs_to_build,
     read_engine_set,
-    resolve_precision,
-    staged_folder,
-    write_engines_json,
 )
 from ldseg.runtime.bundle import load_bundle
 from tests.tensorrt.conftest import HERE, make_fake_bundle

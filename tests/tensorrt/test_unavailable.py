@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from ldseg.errors import ArtifactError, BackendUnavailable, OutputError
-from ldseg.export import engines
-from ldseg.export.engines import check_engines_here, detect_environment, require_tensorrt
+from ldseg.runtime import engines
+from ldseg.runtime.engines import check_engines_here, detect_environment, require_tensorrt
 from ldseg.export.tensorrt_build import build_engines
 from ldseg.runtime import cuda
 from ldseg.runtime.tensorrt_backend import TensorRTBackend, check_usable, parse_device

@@ -1,5 +1,7 @@
-"""TensorRT engine sets on disk: engines.json, the checks that say whether a set can run here, and
-the pure pieces of a build (precision agreement, batch profiles, DLA rules, atomic folder writes).
+"""TensorRT engine sets on disk: engines.json and the checks that say whether a set can run here.
+
+The runtime reads and checks engine sets; the builder (ldseg/export/tensorrt_build.py, with its
+pure pieces in ldseg/export/build_options.py) writes them through `EngineSet.to_dict`.
 
 An engine set is a folder with one serialized engine per graph and `engines.json`:
 
@@ -19,8 +21,6 @@ TensorRT at module level: this file is what tests and `build-engine --check` use
 
 from __future__ import annotations
 
-import datetime as _dt
-import json
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -29,10 +29,8 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any, Literal
 
 from ldseg.errors import ArtifactError, BackendUnavailable
-from ldseg.io.atomic import check_folder_target as check_target  # noqa: F401  (re-exported)
-from ldseg.io.atomic import staged_folder  # noqa: F401  (re-exported)
 from ldseg.model.config import ModelConfig
-from ldseg.runtime.bundle import MANIFEST, Bundle, GraphInfo, TensorInfo, read_json_object, sha256_file
+from ldseg.runtime.bundle import MANIFEST, TensorInfo, parse_tensor, read_json_object, sha256_file
 
 if TYPE_CHECKING:
     import tensorrt as trt
@@ -43,65 +41,8 @@ ENGINE_SUFFIX = ".engine"
 # What a run needs (decoder: probabilities, which `ldseg-run` always asks for); denoiser on request.
 REQUIRED_GRAPHS = ("encoder", "denoise_step", "decoder_argmax")
 RUNTIME_GRAPHS = ("encoder", "denoise_step", "decoder", "decoder_argmax")
-BUILD_PRECISIONS = ("best", "fp32", "fp16", "bf16", "int8", "fp8")
-DLA_PRECISIONS = ("fp16", "int8")  # DLA runs FP16/INT8 only
-MAX_OPTIMIZATION_LEVEL = 5
 
-# How to make a bundle of each precision (precision lives in the ONNX graph since TensorRT 10.12/11).
-_HOW_TO_MAKE = {
-    "fp32": "ldseg-export onnx --precision fp32 -o BUNDLE",
-    "fp16": "ldseg-export onnx --precision fp16 -o BUNDLE_FP16",
-    "int8": "ldseg-export calibrate BUNDLE_FP32 --data DIR -o BUNDLE_INT8",
-}
-
-
-# --------------------------------------------------------------------------- precision
-
-def resolve_precision(requested: str, bundle_precision: str, bundle_path: Path | str = "bundle") -> str:
-    """The engine precision for `--precision requested` on a bundle of `bundle_precision`.
-
-    TensorRT 10.12+/11 build strongly typed networks: the engine's precision is the ONNX graph's.
-    `best` takes the bundle's; any other choice must match it, otherwise ArtifactError saying
-    which bundle to make instead (there are no builder flags that could change it).
-    """
-    if requested not in BUILD_PRECISIONS:
-        raise ValueError(f"precision {requested!r}: choose one of {', '.join(BUILD_PRECISIONS)}")
-    if requested in ("best", bundle_precision):
-        return bundle_precision
-    if requested == "bf16":
-        how = "ldseg exports no BF16 bundles; use fp16 (same speed on GPUs with BF16) or fp32"
-    elif requested == "fp8":
-        how = (
-            "ldseg makes no FP8 Q/DQ bundles (that needs NVIDIA ModelOpt, quantize_mode='fp8', and an "
-            f"FP8 GPU: Ada/Hopper or newer); use int8 ({_HOW_TO_MAKE['int8']}) or fp16"
-        )
-    else:
-        how = f"make one with `{_HOW_TO_MAKE[requested]}`"
-    raise ArtifactError(
-        f"{bundle_path}: bundle precision is {bundle_precision}, so its engines are {bundle_precision}: TensorRT "
-        f"builds precision from the graph, not from builder flags. For {requested} engines, {how}; "
-        f"or build with --precision best"
-    )
-
-
-def check_dla(dla_core: int | None, precision: str) -> None:
-    if dla_core is None:
-        return
-    if dla_core < 0:
-        raise ValueError(f"DLA core must be >= 0, got {dla_core}")
-    if precision not in DLA_PRECISIONS:
-        raise ArtifactError(
-            f"DLA runs FP16 or INT8 only and this bundle is {precision}: build from an fp16 bundle "
-            f"(`{_HOW_TO_MAKE['fp16']}`) or an int8 one (`{_HOW_TO_MAKE['int8']}`)"
-        )
-
-
-def check_optimization_level(level: int | None) -> None:
-    if level is not None and not 0 <= level <= MAX_OPTIMIZATION_LEVEL:
-        raise ValueError(f"builder optimization level must be 0..{MAX_OPTIMIZATION_LEVEL} (default 3), got {level}")
-
-
-# --------------------------------------------------------------------------- profiles
+# --------------------------------------------------------------------------- engines.json
 
 @dataclass(frozen=True)
 class InputProfile:
@@ -128,40 +69,6 @@ class BatchProfile:
         return self.min_batch <= batch <= self.max_batch
 
 
-def batch_profile(graph: GraphInfo, max_batch: int, opt_batch: int | None = None, *, fixed: bool = False) -> BatchProfile:
-    """min 1, opt `opt_batch` (default: max_batch), max `max_batch`; `fixed` pins all three to
-    max_batch (DLA wants static shapes).
-
-    Why opt = max_batch by default: the batch of a run is the number of samples per volume
-    (`ldseg-run --samples K`), and whoever builds with --max-batch K means to run K. TensorRT picks
-    its tactics at opt; a tactic chosen for K stays valid (and near-best for these conv nets) for
-    smaller batches, while one chosen for batch 1 can leave the GPU idle at K. Build with
-    --max-batch 1 (the default) for single-sample latency.
-    """
-    if max_batch < 1:
-        raise ValueError(f"max batch must be >= 1, got {max_batch}")
-    opt = max_batch if opt_batch is None else opt_batch
-    if not 1 <= opt <= max_batch:
-        raise ValueError(f"opt batch must be within 1..{max_batch}, got {opt}")
-    low = max_batch if fixed else 1
-    opt = max_batch if fixed else opt
-    inputs = []
-    for tensor in graph.inputs:
-        if not tensor.shape or not isinstance(tensor.shape[0], str) or any(isinstance(d, str) for d in tensor.shape[1:]):
-            raise ArtifactError(f"{graph.name}: input {tensor.name} shape {tensor.shape}: expected a dynamic batch axis first, static after")
-        inputs.append(InputProfile(tensor.name, tensor.concrete(low), tensor.concrete(opt), tensor.concrete(max_batch)))
-    return BatchProfile(graph.name, low, opt, max_batch, tuple(inputs))
-
-
-def graphs_to_build(bundle: Bundle, include_denoiser: bool = False) -> list[str]:
-    missing = [g for g in REQUIRED_GRAPHS if g not in bundle.graphs]
-    if missing:
-        raise ArtifactError(f"{bundle.path}: bundle lacks {', '.join(missing)}, which a TensorRT run needs; re-export it")
-    wanted = RUNTIME_GRAPHS + (("denoiser",) if include_denoiser else ())
-    return [g for g in wanted if g in bundle.graphs]
-
-
-# --------------------------------------------------------------------------- engines.json
 
 @dataclass(frozen=True)
 class EngineFile:
@@ -276,8 +183,8 @@ class EngineSet:
                     bytes=int(e["bytes"]),
                     sha256=str(e["sha256"]),
                     build_seconds=float(e["build_seconds"]),
-                    inputs=tuple(_tensor(t) for t in e["inputs"]),
-                    outputs=tuple(_tensor(t) for t in e["outputs"]),
+                    inputs=tuple(parse_tensor(t) for t in e["inputs"]),
+                    outputs=tuple(parse_tensor(t) for t in e["outputs"]),
                     layers_file=e.get("layers_file"),
                 )
                 for g, e in data["engines"].items()
@@ -308,16 +215,6 @@ class EngineSet:
             raise ArtifactError(f"{path}: {ENGINES_JSON} is incomplete or malformed ({type(exc).__name__}: {exc})") from exc
 
 
-def _tensor(data: Mapping[str, Any]) -> TensorInfo:
-    return TensorInfo(str(data["name"]), tuple(d if isinstance(d, str) else int(d) for d in data["shape"]), str(data["dtype"]))
-
-
-def write_engines_json(folder: Path, engine_set: EngineSet) -> Path:
-    path = Path(folder) / ENGINES_JSON
-    path.write_text(json.dumps(engine_set.to_dict(), indent=2, sort_keys=True) + "\n")
-    return path
-
-
 def read_engine_set(folder: Path | str) -> EngineSet:
     """Parse `folder/engines.json` (ArtifactError if absent or malformed); files are not checked."""
     folder = Path(folder)
@@ -333,14 +230,6 @@ def bundle_hash(bundle_dir: Path | str) -> str:
     if not path.is_file():
         raise ArtifactError(f"{bundle_dir}: not an ldseg bundle (no {MANIFEST})")
     return sha256_file(path)
-
-
-def now_iso() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
-
-def file_digest(path: Path) -> tuple[int, str]:
-    return path.stat().st_size, sha256_file(path)
 
 
 # --------------------------------------------------------------------------- environment checks

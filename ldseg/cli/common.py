@@ -1,0 +1,82 @@
+"""What the console scripts share: consoles, the entry point that turns LdsegError into one line and
+its exit code, --version, and the choices (str Enums: a bad value is a usage error, exit 2, with the
+choices listed, and --help lists them)."""
+
+from __future__ import annotations
+
+import enum
+import logging
+import signal
+import sys
+from collections.abc import Callable
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+import ldseg
+from ldseg.errors import LdsegError
+
+console = Console(stderr=True)  # what the tools decide and report
+out = Console()  # results: paths written, tables asked for
+
+
+# One str Enum per choice (functional form: a dict literal keeps mypy able to check the members).
+BackendChoice = enum.Enum("BackendChoice", {"auto": "auto", "torch": "torch", "onnxruntime": "onnxruntime",
+                                            "tensorrt": "tensorrt"}, type=str)
+DeviceChoice = enum.Enum("DeviceChoice", {"auto": "auto", "cpu": "cpu", "cuda": "cuda"}, type=str)
+SamplerChoice = enum.Enum("SamplerChoice", {"ddim": "ddim", "ddpm": "ddpm"}, type=str)
+PresetChoice = enum.Enum("PresetChoice", {"knee3d": "knee3d", "glas2d": "glas2d", "demo": "demo"}, type=str)
+ExportPrecision = enum.Enum("ExportPrecision", {"fp32": "fp32", "fp16": "fp16"}, type=str)
+EnginePrecision = enum.Enum("EnginePrecision", {"best": "best", "fp32": "fp32", "fp16": "fp16", "bf16": "bf16",
+                                                "int8": "int8", "fp8": "fp8"}, type=str)
+CalibrationMethod = enum.Enum("CalibrationMethod", {"minmax": "minmax", "entropy": "entropy",
+                                                    "percentile": "percentile"}, type=str)
+FreezeChoice = enum.Enum("FreezeChoice", {"none": "none", "autoencoder": "autoencoder", "encoders": "encoders"},
+                         type=str)
+LrScheduleChoice = enum.Enum("LrScheduleChoice", {"constant": "constant", "cosine": "cosine"}, type=str)
+
+
+def value(choice: enum.Enum | None) -> str | None:
+    """The plain string the package API takes (None stays None)."""
+    return None if choice is None else str(choice.value)
+
+
+def plain(option: Any) -> Any:
+    """An option as the package API takes it: a choice as its string, anything else unchanged."""
+    return option.value if isinstance(option, enum.Enum) else option
+
+
+def _print_version(flag: bool) -> None:
+    if flag:
+        print(f"ldseg {ldseg.__version__}")
+        raise typer.Exit()
+
+
+VersionOption = Annotated[
+    Optional[bool],
+    typer.Option("--version", callback=_print_version, is_eager=True, help="Print the ldseg version and exit."),
+]
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def entry(app: typer.Typer, prog: str) -> Callable[[], None]:
+    """Run a Typer app; LdsegError -> 'prog: error: message' and its exit code, no traceback."""
+
+    def main() -> None:
+        # nibabel prints header fixes through its own stderr handler, in lines naming no file;
+        # a refused file gets our one line instead.
+        logging.getLogger("nibabel.global").setLevel(logging.CRITICAL)
+        signal.signal(signal.SIGTERM, _terminate)  # clean up temp files as on Ctrl-C
+        # Typer reports usage errors itself (exit 2); ours surface here as one line.
+        try:
+            app(prog_name=prog)
+        except LdsegError as exc:
+            console.print(f"[bold red]{prog}: error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+            sys.exit(exc.exit_code)
+
+    return main

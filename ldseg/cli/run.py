@@ -1,0 +1,184 @@
+"""`ldseg-run`: segment files, folders or a phantom; a thin layer over ldseg.runtime."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import numpy as np
+import typer
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from ldseg.cli.common import BackendChoice, DeviceChoice, SamplerChoice, VersionOption, console, entry, out, value
+from ldseg.errors import InputError, LdsegError
+from ldseg.io.atomic import ensure_output_dir
+
+run_typer = typer.Typer(add_completion=False, help="Segment NIfTI volumes or 2D images with LDSeg.")
+
+
+@run_typer.command()
+def run(
+    inputs: Annotated[Optional[list[Path]], typer.Argument(help="Files or folders to segment.")] = None,
+    output: Annotated[Path, typer.Option("-o", "--output", help="Output folder.")] = Path("ldseg-out"),
+    checkpoint: Annotated[
+        Optional[str], typer.Option(help="Checkpoint path, or 'demo' (the bundled model; the default).")
+    ] = None,
+    bundle: Annotated[Optional[Path], typer.Option(help="Exported ONNX bundle (ldseg-export onnx).")] = None,
+    engines: Annotated[Optional[Path], typer.Option(help="TensorRT engine set (ldseg-export build-engine).")] = None,
+    backend: Annotated[BackendChoice, typer.Option(help="Runtime; auto picks the fastest available.")] = BackendChoice.auto,
+    device: Annotated[DeviceChoice, typer.Option(help="Where to run; auto prefers a GPU.")] = DeviceChoice.auto,
+    steps: Annotated[Optional[int], typer.Option(help="Sampling steps (default: checkpoint's, 15).")] = None,
+    sampler: Annotated[Optional[SamplerChoice], typer.Option(help="Sampler (default: the checkpoint's).")] = None,
+    seed: Annotated[int, typer.Option(help="Noise seed; sample k uses seed + k.")] = 0,
+    samples: Annotated[int, typer.Option(help="K samples as one batch: adds confidence and entropy maps.")] = 1,
+    save_probabilities: Annotated[bool, typer.Option(help="Also write per-class probability maps.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace existing outputs.")] = False,
+    skip_existing: Annotated[bool, typer.Option(
+        help="Skip inputs whose outputs all exist already (resume a folder run).")] = False,
+    fail_fast: Annotated[bool, typer.Option(help="Stop at the first bad input.")] = False,
+    reconstruct: Annotated[
+        Optional[Path], typer.Option(help="Debug: encode this label and decode it (no denoiser).")
+    ] = None,
+    demo: Annotated[bool, typer.Option(help="Segment a fresh synthetic phantom and print its Dice.")] = False,
+    demo_seed: Annotated[int, typer.Option(help="Phantom seed for --demo.")] = 0,
+    preview: Annotated[bool, typer.Option(help="Write <name>_preview.png: slices, overlay, entropy (K>1).")] = False,
+    qc: Annotated[bool, typer.Option(help="Write <name>_qc.json: class volumes, components, uncertainty.")] = False,
+    labels: Annotated[Optional[Path], typer.Option(
+        help="Folder of reference labels named as the inputs: Dice in the QC numbers (implies --qc).")] = None,
+    report: Annotated[bool, typer.Option(
+        help="Write report.html, most uncertain volume first (implies --preview --qc).")] = False,
+    version: VersionOption = None,
+) -> None:
+    """Examples: `ldseg-run --demo -o out/`, `ldseg-run scan.nii.gz -o out/`, `ldseg-run scans/ -o out/ --samples 8`."""
+    from ldseg.runtime.select import RECONSTRUCT_NEEDS, Source, load_model, select_backend
+    from ldseg.runtime.session import RunOptions
+
+    if samples < 1 or (steps is not None and steps < 1):
+        raise typer.BadParameter("--samples and --steps must be at least 1")
+    if overwrite and skip_existing:
+        raise typer.BadParameter("--overwrite and --skip-existing contradict each other: choose one")
+    if labels is not None and not labels.is_dir():
+        raise InputError(f"{labels}: --labels needs a folder of reference labels")
+    out_dir = ensure_output_dir(output)
+    opts = RunOptions(steps=steps, sampler=value(sampler), seed=seed, samples=samples,
+                      save_probabilities=save_probabilities, overwrite=overwrite, fail_fast=fail_fast,
+                      skip_existing=skip_existing, preview=preview or report, qc=qc or report, labels=labels)
+    if bundle is None and engines is None and checkpoint is None:
+        checkpoint = "demo"
+    if reconstruct is not None:
+        _reconstruct(load_model(checkpoint or "demo", RECONSTRUCT_NEEDS), reconstruct, out_dir, overwrite)
+        return
+    selection = select_backend(Source(checkpoint, bundle, engines), backend.value, device.value)
+    chosen, cfg = selection.backend, selection.config
+    console.print(f"backend: [bold]{chosen.name}[/] on {chosen.device}, {chosen.precision} ({selection.why})")
+    if report:
+        from ldseg.qc.run import report_target, write_run_report
+
+        report_path = report_target(out_dir, opts)  # refused before any compute
+    if demo:
+        summary = _demo(cfg, chosen, out_dir, opts, demo_seed)
+    else:
+        paths = _expand_inputs(inputs or [])
+        summary = _run_with_progress(paths, out_dir, chosen, cfg, opts)
+    if report:
+        out.print(str(write_run_report(report_path, summary, chosen, cfg, opts)), highlight=False)
+    if summary.failures:
+        failure = LdsegError(f"{len(summary.failures)} of {len(paths)} input(s) failed (listed above)")
+        codes = {exc.exit_code for _, exc in summary.failures}
+        failure.exit_code = codes.pop() if len(codes) == 1 else 1  # one kind of failure: its own code
+        raise failure
+
+
+def _expand_inputs(inputs: list[Path]) -> list[Path]:
+    from ldseg.runtime.volumes import is_input_file
+
+    if not inputs:
+        raise typer.BadParameter("give input files or folders, or --demo")
+    paths: list[Path] = []
+    for item in inputs:
+        if item.is_dir():
+            found = sorted(p for p in item.iterdir() if p.is_file() and is_input_file(p))
+            if not found:
+                raise InputError(f"{item}: no .nii/.nii.gz/.png/.bmp/.jpg/.tif files in this folder")
+            paths += found
+        elif item.exists():
+            paths.append(item)
+        else:
+            raise InputError(f"{item}: no such file or folder")
+    return paths
+
+
+def _run_with_progress(paths: list[Path], out_dir: Path, backend: Any, cfg: Any, opts: Any) -> Any:
+    from ldseg.runtime.session import run_files
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=False) as progress:
+        task = progress.add_task("segmenting", total=len(paths))
+
+        def done(path: Path, error: str | None) -> None:
+            if error:
+                progress.console.print(f"[red]failed:[/] {escape(error)}", highlight=False, soft_wrap=True)
+            progress.advance(task)
+
+        summary = run_files(paths, out_dir, backend, cfg, opts, on_done=done)
+    table = Table(title=f"{summary.volumes} volume(s) in {summary.seconds:.1f} s "
+                  f"({summary.volumes / max(summary.seconds, 1e-9):.2f} volumes/s)")
+    table.add_column("stage")
+    table.add_column("median ms", justify="right")
+    for stage, values in summary.stage_ms.items():
+        table.add_row(stage, f"{np.median(values):.1f}")
+    table.caption = f"backend {backend.name}, device {backend.device}, {backend.precision}"
+    console.print(table)
+    if summary.qc:
+        from ldseg.qc.report import one_line
+
+        for record in summary.qc:
+            console.print(one_line(record), highlight=False, markup=False, soft_wrap=True)
+    if summary.skipped:
+        console.print(f"skipped {len(summary.skipped)} input(s) whose outputs exist (--skip-existing)")
+    for path in summary.written:
+        out.print(str(path), highlight=False, markup=False, soft_wrap=True)
+    return summary
+
+
+def _reconstruct(model: Any, label_path: Path, out_dir: Path, overwrite: bool) -> None:
+    import torch
+
+    from ldseg.runtime.volumes import output_path, prepare, prepare_label, to_input_grid, write_map
+
+    prepared = prepare(label_path, model.cfg) if model.cfg.spatial_dims == 2 else None
+    labels = prepare_label(label_path, model.cfg)
+    probs = model.reconstruct(torch.from_numpy(labels[None].astype(np.int64)))[0].numpy()
+    if prepared is None:  # 3D: the label volume itself carries the geometry
+        from ldseg.io.nifti import read_label_volume
+        from ldseg.runtime.volumes import Prepared
+
+        prepared = Prepared(label_path, np.zeros(0, np.float32), read_label_volume(label_path))
+    target = output_path(out_dir, label_path, model.cfg, "_reconstruction")
+    write_map(target, prepared, to_input_grid(prepared, probs), overwrite=overwrite, dtype=np.uint8)
+    out.print(str(target), highlight=False)
+
+
+def _demo(cfg: Any, backend: Any, out_dir: Path, opts: Any, seed: int) -> Any:
+    from ldseg.data.phantoms import make_phantom, write_phantom_nifti
+    from ldseg.io.nifti import read_label_volume
+    from ldseg.metrics import dice_per_class
+
+    phantom = make_phantom(seed, cfg.image_size, cfg.num_classes)
+    image_path, truth_path = out_dir / f"phantom{seed}.nii.gz", out_dir / f"phantom{seed}_truth.nii.gz"
+    write_phantom_nifti(phantom, image_path, truth_path, overwrite=opts.overwrite)
+    console.print(f"demo: phantom seed {seed} written to {image_path}")
+    summary = _run_with_progress([image_path], out_dir, backend, cfg, opts)
+    if summary.failures:
+        raise summary.failures[0][1]
+    seg = read_label_volume(out_dir / f"phantom{seed}_seg.nii.gz").array
+    truth = read_label_volume(truth_path).array
+    scores = dice_per_class(seg, truth, cfg.num_classes)
+    line = ", ".join(f"class {c} {d:.3f}" for c, d in scores.items())
+    out.print(f"Dice vs phantom truth: {line}; mean {np.mean(list(scores.values())):.3f}")
+    return summary
+
+
+main = entry(run_typer, "ldseg-run")

@@ -1,0 +1,121 @@
+"""The pure pieces of a TensorRT build: precision agreement with the bundle, DLA rules, builder
+optimization level, batch profiles, which graphs to build, and writing engines.json.
+
+Nothing here imports TensorRT: the tests and `build-engine` use it before (or without) TensorRT.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+from pathlib import Path
+
+from ldseg.errors import ArtifactError
+from ldseg.runtime.bundle import Bundle, GraphInfo, sha256_file
+from ldseg.runtime.engines import ENGINES_JSON, REQUIRED_GRAPHS, RUNTIME_GRAPHS, BatchProfile, EngineSet, InputProfile
+
+BUILD_PRECISIONS = ("best", "fp32", "fp16", "bf16", "int8", "fp8")
+DLA_PRECISIONS = ("fp16", "int8")  # DLA runs FP16/INT8 only
+MAX_OPTIMIZATION_LEVEL = 5
+
+# How to make a bundle of each precision (precision lives in the ONNX graph since TensorRT 10.12/11).
+_HOW_TO_MAKE = {
+    "fp32": "ldseg-export onnx --precision fp32 -o BUNDLE",
+    "fp16": "ldseg-export onnx --precision fp16 -o BUNDLE_FP16",
+    "int8": "ldseg-export calibrate BUNDLE_FP32 --data DIR -o BUNDLE_INT8",
+}
+
+
+# --------------------------------------------------------------------------- precision
+
+def resolve_precision(requested: str, bundle_precision: str, bundle_path: Path | str = "bundle") -> str:
+    """The engine precision for `--precision requested` on a bundle of `bundle_precision`.
+
+    TensorRT 10.12+/11 build strongly typed networks: the engine's precision is the ONNX graph's.
+    `best` takes the bundle's; any other choice must match it, otherwise ArtifactError saying
+    which bundle to make instead (there are no builder flags that could change it).
+    """
+    if requested not in BUILD_PRECISIONS:
+        raise ValueError(f"precision {requested!r}: choose one of {', '.join(BUILD_PRECISIONS)}")
+    if requested in ("best", bundle_precision):
+        return bundle_precision
+    if requested == "bf16":
+        how = "ldseg exports no BF16 bundles; use fp16 (same speed on GPUs with BF16) or fp32"
+    elif requested == "fp8":
+        how = (
+            "ldseg makes no FP8 Q/DQ bundles (that needs NVIDIA ModelOpt, quantize_mode='fp8', and an "
+            f"FP8 GPU: Ada/Hopper or newer); use int8 ({_HOW_TO_MAKE['int8']}) or fp16"
+        )
+    else:
+        how = f"make one with `{_HOW_TO_MAKE[requested]}`"
+    raise ArtifactError(
+        f"{bundle_path}: bundle precision is {bundle_precision}, so its engines are {bundle_precision}: TensorRT "
+        f"builds precision from the graph, not from builder flags. For {requested} engines, {how}; "
+        f"or build with --precision best"
+    )
+
+
+def check_dla(dla_core: int | None, precision: str) -> None:
+    if dla_core is None:
+        return
+    if dla_core < 0:
+        raise ValueError(f"DLA core must be >= 0, got {dla_core}")
+    if precision not in DLA_PRECISIONS:
+        raise ArtifactError(
+            f"DLA runs FP16 or INT8 only and this bundle is {precision}: build from an fp16 bundle "
+            f"(`{_HOW_TO_MAKE['fp16']}`) or an int8 one (`{_HOW_TO_MAKE['int8']}`)"
+        )
+
+
+def check_optimization_level(level: int | None) -> None:
+    if level is not None and not 0 <= level <= MAX_OPTIMIZATION_LEVEL:
+        raise ValueError(f"builder optimization level must be 0..{MAX_OPTIMIZATION_LEVEL} (default 3), got {level}")
+
+
+def batch_profile(graph: GraphInfo, max_batch: int, opt_batch: int | None = None, *, fixed: bool = False) -> BatchProfile:
+    """min 1, opt `opt_batch` (default: max_batch), max `max_batch`; `fixed` pins all three to
+    max_batch (DLA wants static shapes).
+
+    Why opt = max_batch by default: the batch of a run is the number of samples per volume
+    (`ldseg-run --samples K`), and whoever builds with --max-batch K means to run K. TensorRT picks
+    its tactics at opt; a tactic chosen for K stays valid (and near-best for these conv nets) for
+    smaller batches, while one chosen for batch 1 can leave the GPU idle at K. Build with
+    --max-batch 1 (the default) for single-sample latency.
+    """
+    if max_batch < 1:
+        raise ValueError(f"max batch must be >= 1, got {max_batch}")
+    opt = max_batch if opt_batch is None else opt_batch
+    if not 1 <= opt <= max_batch:
+        raise ValueError(f"opt batch must be within 1..{max_batch}, got {opt}")
+    low = max_batch if fixed else 1
+    opt = max_batch if fixed else opt
+    inputs = []
+    for tensor in graph.inputs:
+        if not tensor.shape or not isinstance(tensor.shape[0], str) or any(isinstance(d, str) for d in tensor.shape[1:]):
+            raise ArtifactError(f"{graph.name}: input {tensor.name} shape {tensor.shape}: expected a dynamic batch axis first, static after")
+        inputs.append(InputProfile(tensor.name, tensor.concrete(low), tensor.concrete(opt), tensor.concrete(max_batch)))
+    return BatchProfile(graph.name, low, opt, max_batch, tuple(inputs))
+
+
+def graphs_to_build(bundle: Bundle, include_denoiser: bool = False) -> list[str]:
+    missing = [g for g in REQUIRED_GRAPHS if g not in bundle.graphs]
+    if missing:
+        raise ArtifactError(f"{bundle.path}: bundle lacks {', '.join(missing)}, which a TensorRT run needs; re-export it")
+    wanted = RUNTIME_GRAPHS + (("denoiser",) if include_denoiser else ())
+    return [g for g in wanted if g in bundle.graphs]
+
+
+
+
+def write_engines_json(folder: Path, engine_set: EngineSet) -> Path:
+    path = Path(folder) / ENGINES_JSON
+    path.write_text(json.dumps(engine_set.to_dict(), indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def now_iso() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def file_digest(path: Path) -> tuple[int, str]:
+    return path.stat().st_size, sha256_file(path)
