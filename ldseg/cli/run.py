@@ -64,7 +64,7 @@ def run(
     out_dir = ensure_output_dir(output)
     opts = RunOptions(steps=steps, sampler=value(sampler), seed=seed, samples=samples,
                       save_probabilities=save_probabilities, overwrite=overwrite, fail_fast=fail_fast,
-                      skip_existing=skip_existing, preview=preview or report, qc=qc or report, labels=labels)
+                      skip_existing=skip_existing)
     if bundle is None and engines is None and checkpoint is None:
         checkpoint = "demo"
     if reconstruct is not None:
@@ -73,17 +73,19 @@ def run(
     selection = select_backend(Source(checkpoint, bundle, engines), backend.value, device.value)
     chosen, cfg = selection.backend, selection.config
     console.print(f"backend: [bold]{chosen.name}[/] on {chosen.device}, {chosen.precision} ({selection.why})")
-    if report:
-        from ldseg.qc.run import report_target, write_run_report
+    extras, report_path = None, None
+    if preview or qc or report or labels is not None:  # ldseg.qc (matplotlib, jinja2) only when asked
+        from ldseg.qc.run import qc_extras, report_target, write_run_report
 
-        report_path = report_target(out_dir, opts)  # refused before any compute
+        extras = qc_extras(cfg, samples, preview=preview, qc=qc, labels=labels, report=report)
+        report_path = report_target(out_dir, opts) if report else None  # refused before any compute
     if demo:
-        summary = _demo(cfg, chosen, out_dir, opts, demo_seed)
+        summary = _demo(cfg, chosen, out_dir, opts, demo_seed, extras)
     else:
         paths = _expand_inputs(inputs or [])
-        summary = _run_with_progress(paths, out_dir, chosen, cfg, opts)
-    if report:
-        out.print(str(write_run_report(report_path, summary, chosen, cfg, opts)), highlight=False)
+        summary = _run_with_progress(paths, out_dir, chosen, cfg, opts, extras)
+    if report_path is not None and extras is not None:
+        out.print(str(write_run_report(report_path, summary, extras, chosen, cfg, opts)), highlight=False)
     if summary.failures:
         failure = LdsegError(f"{len(summary.failures)} of {len(paths)} input(s) failed (listed above)")
         codes = {exc.exit_code for _, exc in summary.failures}
@@ -110,7 +112,9 @@ def _expand_inputs(inputs: list[Path]) -> list[Path]:
     return paths
 
 
-def _run_with_progress(paths: list[Path], out_dir: Path, backend: Any, cfg: Any, opts: Any) -> Any:
+def _run_with_progress(
+    paths: list[Path], out_dir: Path, backend: Any, cfg: Any, opts: Any, extras: Any = None
+) -> Any:
     from ldseg.runtime.session import run_files
 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
@@ -122,7 +126,7 @@ def _run_with_progress(paths: list[Path], out_dir: Path, backend: Any, cfg: Any,
                 progress.console.print(f"[red]failed:[/] {escape(error)}", highlight=False, soft_wrap=True)
             progress.advance(task)
 
-        summary = run_files(paths, out_dir, backend, cfg, opts, on_done=done)
+        summary = run_files(paths, out_dir, backend, cfg, opts, on_done=done, extras=extras)
     table = Table(title=f"{summary.volumes} volume(s) in {summary.seconds:.1f} s "
                   f"({summary.volumes / max(summary.seconds, 1e-9):.2f} volumes/s)")
     table.add_column("stage")
@@ -131,10 +135,10 @@ def _run_with_progress(paths: list[Path], out_dir: Path, backend: Any, cfg: Any,
         table.add_row(stage, f"{np.median(values):.1f}")
     table.caption = f"backend {backend.name}, device {backend.device}, {backend.precision}"
     console.print(table)
-    if summary.qc:
+    if summary.records:
         from ldseg.qc.report import one_line
 
-        for record in summary.qc:
+        for record in summary.records:
             console.print(one_line(record), highlight=False, markup=False, soft_wrap=True)
     if summary.skipped:
         console.print(f"skipped {len(summary.skipped)} input(s) whose outputs exist (--skip-existing)")
@@ -161,7 +165,7 @@ def _reconstruct(model: Any, label_path: Path, out_dir: Path, overwrite: bool) -
     out.print(str(target), highlight=False)
 
 
-def _demo(cfg: Any, backend: Any, out_dir: Path, opts: Any, seed: int) -> Any:
+def _demo(cfg: Any, backend: Any, out_dir: Path, opts: Any, seed: int, extras: Any = None) -> Any:
     from ldseg.data.phantoms import make_phantom, write_phantom_nifti
     from ldseg.io.nifti import read_label_volume
     from ldseg.metrics import dice_per_class
@@ -170,7 +174,7 @@ def _demo(cfg: Any, backend: Any, out_dir: Path, opts: Any, seed: int) -> Any:
     image_path, truth_path = out_dir / f"phantom{seed}.nii.gz", out_dir / f"phantom{seed}_truth.nii.gz"
     write_phantom_nifti(phantom, image_path, truth_path, overwrite=opts.overwrite)
     console.print(f"demo: phantom seed {seed} written to {image_path}")
-    summary = _run_with_progress([image_path], out_dir, backend, cfg, opts)
+    summary = _run_with_progress([image_path], out_dir, backend, cfg, opts, extras)
     if summary.failures:
         raise summary.failures[0][1]
     seg = read_label_volume(out_dir / f"phantom{seed}_seg.nii.gz").array

@@ -1,4 +1,5 @@
-"""The run-level side of QC: refuse an existing report up front, write it at the end."""
+"""The run-level side of QC: the per-volume extras a run asks for, and its report.html (refused up
+front if it exists, written at the end)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,19 @@ from ldseg.errors import OutputError
 from ldseg.model.config import ModelConfig
 from ldseg.qc.metrics import VolumeQC
 from ldseg.qc.report import REPORT_NAME, read_record, write_report
-from ldseg.qc.volume import QC, qc_targets
+from ldseg.qc.volume import QC, QcExtras
 from ldseg.runtime.backend import Backend
 from ldseg.runtime.session import RunOptions, RunSummary
+
+
+def qc_extras(
+    cfg: ModelConfig, samples: int, *, preview: bool, qc: bool, labels: Path | None, report: bool
+) -> QcExtras | None:
+    """What a run writes beside each volume's maps; None when nothing is asked for (the plain run
+    then imports nothing of ldseg.qc)."""
+    if not (preview or qc or report or labels is not None):
+        return None
+    return QcExtras(cfg, samples, preview=preview or report, qc=qc or report, labels=labels)
 
 
 def report_target(out_dir: Path, opts: RunOptions) -> Path:
@@ -23,12 +34,12 @@ def report_target(out_dir: Path, opts: RunOptions) -> Path:
 
 
 def write_run_report(
-    target: Path, summary: RunSummary, backend: Backend, cfg: ModelConfig, opts: RunOptions
+    target: Path, summary: RunSummary, extras: QcExtras, backend: Backend, cfg: ModelConfig, opts: RunOptions
 ) -> Path:
     """report.html for the volumes written now and those skipped (read from their sidecars)."""
-    records: list[VolumeQC] = list(summary.qc)
+    records: list[VolumeQC] = [r for r in summary.records if isinstance(r, VolumeQC)]
     for path in summary.skipped:
-        records.append(read_record(qc_targets(target.parent, path, opts)[QC]))
+        records.append(read_record(extras.targets(target.parent, path)[QC]))
     run = {
         "model": cfg.preset,
         "backend": f"{backend.name} on {backend.device}, {backend.precision}",

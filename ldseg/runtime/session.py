@@ -7,11 +7,12 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import numpy as np
 
 from ldseg.errors import InputError, LdsegError, OutputError
+from ldseg.io.atomic import atomic_write
 from ldseg.model.config import ModelConfig
 from ldseg.runtime.backend import Backend, make_inputs
 from ldseg.runtime.volumes import (
@@ -22,9 +23,6 @@ from ldseg.runtime.volumes import (
     to_input_grid,
     write_map,
 )
-
-if TYPE_CHECKING:
-    from ldseg.qc.metrics import VolumeQC
 
 
 @dataclass(frozen=True)
@@ -37,9 +35,6 @@ class RunOptions:
     overwrite: bool = False
     fail_fast: bool = False
     skip_existing: bool = False  # an input whose outputs all exist is skipped (resume)
-    preview: bool = False  # <name>_preview.png (ldseg.qc)
-    qc: bool = False  # <name>_qc.json sidecar with the QC numbers (ldseg.qc)
-    labels: Path | None = None  # reference labels (same file names) for Dice in the QC numbers
 
 
 @dataclass
@@ -48,7 +43,7 @@ class RunSummary:
     skipped: list[Path] = field(default_factory=list)
     failures: list[tuple[Path, LdsegError]] = field(default_factory=list)
     stage_ms: dict[str, list[float]] = field(default_factory=dict)
-    qc: list[VolumeQC] = field(default_factory=list)  # per written volume, with --qc/--labels/--report
+    records: list[Any] = field(default_factory=list)  # VolumeExtras' record per written volume (ldseg.qc)
     volumes: int = 0
     seconds: float = 0.0
 
@@ -110,6 +105,37 @@ def segment(prepared: Prepared, backend: Backend, cfg: ModelConfig, opts: RunOpt
     return Segmentation(outputs, result.stage_ms, result.labels, mean)
 
 
+@dataclass
+class ExtraFiles:
+    """What a VolumeExtras adds for one volume: file contents by target suffix, a record for the
+    run summary, and stage times."""
+
+    contents: dict[str, bytes] = field(default_factory=dict)
+    record: Any = None
+    stage_ms: dict[str, float] = field(default_factory=dict)
+
+
+class VolumeExtras(Protocol):
+    """More files per volume beside the maps (ldseg.qc: preview picture, QC sidecar). They are
+    planned with the maps (existing outputs, --skip-existing) and written with them, all or nothing."""
+
+    def targets(self, out_dir: Path, input_path: Path) -> dict[str, Path]:
+        """{suffix: path} of the extra files of `input_path`, known before it is read."""
+        ...
+
+    def start(self, prepared: Prepared) -> Callable[[Segmentation, dict[str, Path]], ExtraFiles]:
+        """Called before the model runs (so a bad reference label fails first); the returned
+        function makes the files from the segmentation and all of the volume's targets."""
+        ...
+
+
+def _write_bytes(path: Path, content: bytes, overwrite: bool) -> None:
+    def write(tmp: Path) -> None:
+        tmp.write_bytes(content)
+
+    atomic_write(path, write, overwrite)
+
+
 def _read_ahead(paths: list[Path], cfg: ModelConfig) -> Iterator[tuple[Path, Future[Prepared]]]:
     """Decode the next file (gzip NIfTI can cost more than the model) while this one computes."""
     with ThreadPoolExecutor(max_workers=1) as pool:
@@ -154,17 +180,15 @@ def run_files(
     cfg: ModelConfig,
     opts: RunOptions,
     on_done: Callable[[Path, str | None], None] = lambda path, error: None,
+    extras: VolumeExtras | None = None,
 ) -> RunSummary:
     summary = RunSummary()
     clock = time.perf_counter()
     suffixes = output_suffixes(cfg, opts)
-    with_qc = opts.preview or opts.qc or opts.labels is not None
-    if with_qc:  # imported only when asked: matplotlib stays off the plain run's path
-        from ldseg.qc import volume as qc_volume
 
     def targets_of(path: Path) -> dict[str, Path]:
         maps = {suffix: output_path(out_dir, path, cfg, suffix) for suffix in suffixes}
-        return {**maps, **qc_volume.qc_targets(out_dir, path, opts)} if with_qc else maps
+        return {**maps, **extras.targets(out_dir, path)} if extras is not None else maps
 
     todo = []
     for path in paths:
@@ -182,18 +206,17 @@ def run_files(
                     hint = "use --overwrite" + ("" if opts.skip_existing else ", or --skip-existing to resume")
                     raise OutputError(f"{existing[0]}: exists ({hint})")
             prepared = _prepared(path, future)
-            # a bad reference label fails the volume before any compute
-            reference = qc_volume.read_reference(prepared, cfg, opts.labels) if opts.labels is not None else None
+            finish = extras.start(prepared) if extras is not None else None
             result = segment(prepared, backend, cfg, opts)
             stage_ms = dict(result.stage_ms)
-            extra = qc_volume.volume_files(prepared, result, cfg, opts, targets, reference) if with_qc else None
+            extra = finish(result, targets) if finish is not None else None
             written: list[Path] = []
             try:
                 for suffix, (values, dtype) in result.outputs.items():
                     write_map(targets[suffix], prepared, values, overwrite=opts.overwrite, dtype=dtype)
                     written.append(targets[suffix])
                 for suffix, content in extra.contents.items() if extra is not None else ():
-                    qc_volume.write_file(targets[suffix], content, overwrite=opts.overwrite)
+                    _write_bytes(targets[suffix], content, opts.overwrite)
                     written.append(targets[suffix])
             except BaseException:
                 # Disk full or Ctrl-C after some of this volume's maps: remove those, so a
@@ -205,7 +228,7 @@ def run_files(
             if extra is not None:
                 stage_ms.update(extra.stage_ms)
                 if extra.record is not None:
-                    summary.qc.append(extra.record)
+                    summary.records.append(extra.record)
             for stage, ms in stage_ms.items():
                 summary.stage_ms.setdefault(stage, []).append(ms)
             summary.volumes += 1

@@ -87,7 +87,7 @@ def test_plain_run_imports_no_qc_code(cases, tmp_path):
         "s = select_backend(Source('demo', None, None), 'torch', 'cpu')\n"
         f"r = run_files([Path({str(cases / 'images' / 'p1.nii.gz')!r})], Path({str(tmp_path)!r}), s.backend, s.config,"
         " RunOptions(steps=1, samples=2))\n"
-        "assert r.volumes == 1 and not r.qc\n"
+        "assert r.volumes == 1 and not r.records\n"
         "print(sorted(m for m in sys.modules if m.startswith(('matplotlib', 'jinja2', 'ldseg.qc'))))\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
