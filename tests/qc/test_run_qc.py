@@ -136,3 +136,12 @@ def test_resumed_run_reports_skipped_volumes_from_their_sidecars(cases, tmp_path
     assert "skipped 1 input(s)" in resumed.stderr and (out / "p1_qc.json").read_bytes() == sidecar
     html = (out / "report.html").read_text()
     assert "<b>p1</b>" in html and "<b>p2</b>" in html and html.count("data:image/png;base64,") == 2
+
+
+def test_a_failed_preview_write_leaves_none_of_the_volumes_outputs(cases, tmp_path):
+    out = tmp_path / "out"
+    (out / "p1_preview.png").mkdir(parents=True)  # the preview cannot be written: the maps go too
+    result = cli("ldseg-run", str(cases / "images" / "p1.nii.gz"), "-o", str(out), "--steps", "1", "--preview",
+                 "--qc", "--overwrite")
+    assert result.returncode == 5 and "p1_preview.png: is a directory" in result.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["p1_preview.png"]
