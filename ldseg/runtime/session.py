@@ -86,7 +86,7 @@ def segment_prepared(
 
 
 def segment(prepared: Prepared, backend: Backend, cfg: ModelConfig, opts: RunOptions) -> Segmentation:
-    """segment_prepared, also keeping the votes and model-grid labels that QC counts on."""
+    """segment_prepared, also keeping the K votes and mean probabilities (model grid) that QC counts on."""
     seeds = [opts.seed + k for k in range(opts.samples)]
     batch = np.repeat(prepared.image[None], opts.samples, axis=0)
     result = backend.run(make_inputs(cfg, batch, seeds, opts.steps, opts.sampler), probabilities=True)
