@@ -61,6 +61,12 @@ def run(
         help="DICOM SEG: binary (labels) or fractional (probabilities).")] = SegType.binary,
     series: Annotated[Optional[str], typer.Option(
         help="SeriesInstanceUID to read from a DICOM folder holding several series.")] = None,
+    preview: Annotated[bool, typer.Option(help="Write <name>_preview.png: slices, overlay, entropy (K>1).")] = False,
+    qc: Annotated[bool, typer.Option(help="Write <name>_qc.json: class volumes, components, uncertainty.")] = False,
+    labels: Annotated[Optional[Path], typer.Option(
+        help="Folder of reference labels named as the inputs: Dice in the QC numbers (implies --qc).")] = None,
+    report: Annotated[bool, typer.Option(
+        help="Write report.html, most uncertain volume first (implies --preview --qc).")] = False,
     version: VersionOption = None,
 ) -> None:
     """Examples: `ldseg-run --demo -o out/`, `ldseg-run scan.nii.gz -o out/`, `ldseg-run scans/ -o out/ --samples 8`,
@@ -73,6 +79,8 @@ def run(
         raise typer.BadParameter("--samples and --steps must be at least 1")
     if overwrite and skip_existing:
         raise typer.BadParameter("--overwrite and --skip-existing contradict each other: choose one")
+    if labels is not None and not labels.is_dir():
+        raise InputError(f"{labels}: --labels needs a folder of reference labels")
     out_dir = ensure_output_dir(output)
     opts = RunOptions(steps=steps, sampler=value(sampler), seed=seed, samples=samples,
                       save_probabilities=save_probabilities, overwrite=overwrite, fail_fast=fail_fast,
@@ -95,11 +103,19 @@ def run(
     if "dicom-seg" in types:
         opts = dataclasses.replace(opts, algorithm=algorithm_for(Source(checkpoint, bundle, engines), cfg, opts))
     console.print(f"backend: [bold]{chosen.name}[/] on {chosen.device}, {chosen.precision} ({selection.why})")
+    extras, report_path = None, None
+    if preview or qc or report or labels is not None:  # ldseg.qc (matplotlib, jinja2) only when asked
+        from ldseg.qc.run import qc_extras, report_target, write_run_report
+
+        extras = qc_extras(cfg, samples, preview=preview, qc=qc, labels=labels, report=report)
+        report_path = report_target(out_dir, opts) if report else None  # refused before any compute
     if demo:
-        _demo(cfg, chosen, out_dir, opts, demo_seed)
-        return
-    paths = _expand_inputs(inputs or [])
-    summary = _run_with_progress(paths, out_dir, chosen, cfg, opts)
+        summary = _demo(cfg, chosen, out_dir, opts, demo_seed, extras)
+    else:
+        paths = _expand_inputs(inputs or [])
+        summary = _run_with_progress(paths, out_dir, chosen, cfg, opts, extras)
+    if report_path is not None and extras is not None:
+        out.print(str(write_run_report(report_path, summary, extras, chosen, cfg, opts)), highlight=False)
     if summary.failures:
         failure = LdsegError(f"{len(summary.failures)} of {len(paths)} input(s) failed (listed above)")
         codes = {exc.exit_code for _, exc in summary.failures}
@@ -123,7 +139,9 @@ def _expand_inputs(inputs: list[Path]) -> list[Path]:
     return paths
 
 
-def _run_with_progress(paths: list[Path], out_dir: Path, backend: Any, cfg: Any, opts: Any) -> Any:
+def _run_with_progress(
+    paths: list[Path], out_dir: Path, backend: Any, cfg: Any, opts: Any, extras: Any = None
+) -> Any:
     from ldseg.runtime.session import run_files
 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
@@ -135,7 +153,7 @@ def _run_with_progress(paths: list[Path], out_dir: Path, backend: Any, cfg: Any,
                 progress.console.print(f"[red]failed:[/] {escape(error)}", highlight=False, soft_wrap=True)
             progress.advance(task)
 
-        summary = run_files(paths, out_dir, backend, cfg, opts, on_done=done)
+        summary = run_files(paths, out_dir, backend, cfg, opts, on_done=done, extras=extras)
     table = Table(title=f"{summary.volumes} volume(s) in {summary.seconds:.1f} s "
                   f"({summary.volumes / max(summary.seconds, 1e-9):.2f} volumes/s)")
     table.add_column("stage")
@@ -144,6 +162,11 @@ def _run_with_progress(paths: list[Path], out_dir: Path, backend: Any, cfg: Any,
         table.add_row(stage, f"{np.median(values):.1f}")
     table.caption = f"backend {backend.name}, device {backend.device}, {backend.precision}"
     console.print(table)
+    if summary.records:
+        from ldseg.qc.report import one_line
+
+        for record in summary.records:
+            console.print(one_line(record), highlight=False, markup=False, soft_wrap=True)
     if summary.skipped:
         console.print(f"skipped {len(summary.skipped)} input(s) whose outputs exist (--skip-existing)")
     for path in summary.written:
@@ -169,7 +192,7 @@ def _reconstruct(model: Any, label_path: Path, out_dir: Path, overwrite: bool) -
     out.print(str(target), highlight=False)
 
 
-def _demo(cfg: Any, backend: Any, out_dir: Path, opts: Any, seed: int) -> None:
+def _demo(cfg: Any, backend: Any, out_dir: Path, opts: Any, seed: int, extras: Any = None) -> Any:
     from ldseg.data.phantoms import make_phantom, write_phantom_nifti
     from ldseg.io.nifti import read_label_volume
     from ldseg.metrics import dice_per_class
@@ -178,7 +201,7 @@ def _demo(cfg: Any, backend: Any, out_dir: Path, opts: Any, seed: int) -> None:
     image_path, truth_path = out_dir / f"phantom{seed}.nii.gz", out_dir / f"phantom{seed}_truth.nii.gz"
     write_phantom_nifti(phantom, image_path, truth_path, overwrite=opts.overwrite)
     console.print(f"demo: phantom seed {seed} written to {image_path}")
-    summary = _run_with_progress([image_path], out_dir, backend, cfg, opts)
+    summary = _run_with_progress([image_path], out_dir, backend, cfg, opts, extras)
     if summary.failures:
         raise summary.failures[0][1]
     seg = read_label_volume(out_dir / f"phantom{seed}_seg.nii.gz").array
@@ -186,6 +209,7 @@ def _demo(cfg: Any, backend: Any, out_dir: Path, opts: Any, seed: int) -> None:
     scores = dice_per_class(seg, truth, cfg.num_classes)
     line = ", ".join(f"class {c} {d:.3f}" for c, d in scores.items())
     out.print(f"Dice vs phantom truth: {line}; mean {np.mean(list(scores.values())):.3f}")
+    return summary
 
 
 main = entry(run_typer, "ldseg-run")
