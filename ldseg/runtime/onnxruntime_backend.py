@@ -24,8 +24,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
-from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
+try:
+    import onnxruntime as ort
+    from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
+except ImportError as exc:  # neither extra installed: say which one
+    from ldseg.runtime.ort_env import missing
+
+    raise missing("the onnxruntime backend") from exc
 
 from ldseg.errors import ArtifactError, BackendUnavailable
 from ldseg.runtime.backend import Backend, PipelineInputs
