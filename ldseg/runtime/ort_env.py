@@ -52,7 +52,7 @@ def cuda_problem(available_providers: list[str], dists: dict[str, str] | None = 
     if GPU_DIST not in dists:
         return (
             f"this onnxruntime ({listed}) has no CUDA provider (it offers {', '.join(available_providers)}): "
-            f"pip uninstall -y {' '.join(sorted(dists)) or CPU_DIST} && pip install -e '.[gpu]'"
+            f"pip uninstall -y {' '.join(sorted(dists)) or CPU_DIST} && pip install -e '.[gpu]' (onnxruntime-gpu)"
         )
     return (
         f"{GPU_DIST} {dists[GPU_DIST]} is installed but offers only {', '.join(available_providers)}: "

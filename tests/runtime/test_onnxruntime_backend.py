@@ -79,12 +79,17 @@ def test_probabilities_match_and_give_the_same_labels(backend: OnnxRuntimeBacken
 def test_buffers_are_allocated_once_per_batch_and_reused(bundle_dir: Path) -> None:
     backend = OnnxRuntimeBackend(bundle_dir)
     first = backend.run(_inputs([5], steps=3)).labels
-    pipe = backend._pipelines[1]
-    buffers = (pipe.image.value, pipe.z[0].value, pipe.z[1].value, pipe.noise.value, pipe.labels.value)
+    pipe, plan = backend._pipelines[1], backend._plans[1, 3]
+
+    def buffers() -> tuple[object, ...]:
+        return (pipe.image.value, pipe.z[0].value, pipe.z[1].value, pipe.labels.value, plan.table.value, plan.noise.value)
+
+    before = buffers()
     second = backend.run(_inputs([5], steps=3)).labels
-    backend.run(_inputs([6], steps=6))  # another step count: same buffers
-    assert backend.allocations == 1 and backend._pipelines[1] is pipe
-    assert all(a is b for a, b in zip(buffers, (pipe.image.value, pipe.z[0].value, pipe.z[1].value, pipe.noise.value, pipe.labels.value)))
+    backend.run(_inputs([6], steps=6))  # another step count: same batch buffers, its own table and noise
+    assert backend.allocations == 1 and backend._pipelines[1] is pipe and backend._plans[1, 3] is plan
+    assert all(a is b for a, b in zip(before, buffers()))
+    assert len(pipe.step.bindings) == 3 + 6  # one step binding per (step count, index)
     np.testing.assert_array_equal(first, second)  # reusing buffers leaks nothing between runs
     first[...] = 255  # returned labels are copies, not views of the reused buffer
     assert not (backend.run(_inputs([5], steps=3)).labels == 255).all()
@@ -115,7 +120,7 @@ def test_wrong_input_shape_is_refused(backend: OnnxRuntimeBackend) -> None:
 def test_cuda_without_onnxruntime_gpu_is_unavailable(bundle_dir: Path) -> None:
     if "CUDAExecutionProvider" in ort.get_available_providers():
         pytest.skip("onnxruntime-gpu is installed here; the refusal path cannot be exercised")
-    with pytest.raises(BackendUnavailable, match="onnxruntime-gpu"):
+    with pytest.raises(BackendUnavailable, match=r"has no CUDA provider .*pip install -e '\.\[gpu\]' \(onnxruntime-gpu\)"):
         OnnxRuntimeBackend(bundle_dir, device="cuda")
     with pytest.raises(ValueError, match="device"):
         OnnxRuntimeBackend(bundle_dir, device="tpu")
