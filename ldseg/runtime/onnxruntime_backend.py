@@ -31,6 +31,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+
 try:
     import onnxruntime as ort
     from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
@@ -231,7 +232,8 @@ class OnnxRuntimeBackend(Backend[OrtPlan, int]):
         try:
             self.run(make_inputs(self.config, zeros, [0], self.bundle.steps))
         except _ORT_ERRORS as exc:
-            raise BackendUnavailable(f"onnxruntime on {self.device} failed its first run: {str(exc).splitlines()[0]}") from exc
+            first = str(exc).splitlines()[0]
+            raise BackendUnavailable(f"onnxruntime on {self.device} failed its first run: {first}") from exc
 
     def describe(self) -> dict[str, str]:
         if self.gpu is None:
