@@ -107,7 +107,8 @@ def run_benchmark(options: BenchOptions, log: Log = _quiet) -> Path:
     log(f"model: {source.info['weights']}; device {device}, timer {timer.name}; inputs: {image_info['source']}")
 
     with tempfile.TemporaryDirectory(prefix="ldseg-bench-") as work:
-        ctx = Context(source.model, device, options.bundle, Path(work), max_batch=max(options.batch))
+        ctx = Context(source.model, device, options.bundle, Path(work),
+                      max_batch=max(options.batch))
         ref = reference(ctx)
         targets, skipped = _targets(options, ctx, ref, log)
         peaks = _peaks(device, options, targets, log)
