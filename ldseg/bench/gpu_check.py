@@ -278,7 +278,7 @@ class Checks:
             z.sum().item()
             return z
 
-        fused.forward = syncing_forward  # type: ignore[method-assign]
+        fused.forward = syncing_forward  # type: ignore[method-assign,assignment]
         images, _, seeds = self.phantoms()
         inputs = make_inputs(backend.config, images[:1], [seeds[0]])
         with warnings.catch_warnings(record=True) as caught:
