@@ -231,7 +231,7 @@ class OnnxRuntimeBackend(Backend[OrtPlan, int]):
         zeros = np.zeros((1, *self.config.image_shape), np.float32)
         try:
             self.run(make_inputs(self.config, zeros, [0], self.bundle.steps))
-        except _ORT_ERRORS as exc:
+        except (*_ORT_ERRORS, ort_state.RuntimeException, ort_state.EPFail) as exc:  # CUDA errors, capture failures
             first = str(exc).splitlines()[0]
             raise BackendUnavailable(f"onnxruntime on {self.device} failed its first run: {first}") from exc
 
