@@ -244,9 +244,10 @@ def _measure(
 
 
 def warmup_runs(backend: Backend[Any, Any], warmup: int) -> int:
-    """Untimed runs before timing: at least one for a backend that captures a graph, so that its
-    capture (and the warm-up runs inside it) never lands in a timed run, even with --warmup 0."""
-    return max(warmup, 1) if backend.cuda_graph else warmup
+    """Untimed runs before timing: at least one for a backend that captures a graph (ours, or ONNX
+    Runtime's own on its first runs), so that no capture lands in a timed run, even with --warmup 0."""
+    captures = backend.cuda_graph or backend.describe().get("cuda_graph", "").startswith("on")
+    return max(warmup, 1) if captures else warmup
 
 
 def _device_used_mb() -> float:

@@ -20,9 +20,12 @@ def ctx(tmp_path_factory) -> Context:
 
 
 def test_capturing_backends_always_get_one_untimed_run():
-    capturing, eager = SimpleNamespace(cuda_graph=True), SimpleNamespace(cuda_graph=False)
-    assert warmup_runs(capturing, 0) == 1 and warmup_runs(capturing, 3) == 3  # type: ignore[arg-type]
-    assert warmup_runs(eager, 0) == 0  # type: ignore[arg-type]
+    def backend(cuda_graph: bool, described: str = "off (CPU)") -> SimpleNamespace:
+        return SimpleNamespace(cuda_graph=cuda_graph, describe=lambda: {"cuda_graph": described})
+
+    assert warmup_runs(backend(True), 0) == 1 and warmup_runs(backend(True), 3) == 3  # type: ignore[arg-type]
+    assert warmup_runs(backend(False, "on (one CUDA graph per binding)"), 0) == 1  # type: ignore[arg-type]
+    assert warmup_runs(backend(False), 0) == 0  # type: ignore[arg-type]
 
 
 def test_tensorrt_target_is_registered_and_skips_with_a_reason(ctx: Context):
