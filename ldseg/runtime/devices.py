@@ -31,7 +31,7 @@ def torch_cuda_problem(index: int = 0) -> str | None:
     import torch
 
     if torch.version.cuda is None:
-        return f"this PyTorch ({torch.__version__}) is a CPU-only build: install a CUDA build of PyTorch"
+        return f"this PyTorch ({torch.__version__}) is a CPU-only build (the GPU route needs a CUDA build)"
     try:
         torch.cuda.init()  # raises with the driver's own words (no driver, driver too old...)
     except (RuntimeError, AssertionError) as exc:

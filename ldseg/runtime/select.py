@@ -166,13 +166,13 @@ def select_backend(source: Source, backend: str = "auto", device: str = "auto", 
             devices = [gpu_device, "cpu"]
         candidates = [(backend, d) for d in devices]
     skipped: list[str] = []
+    errors: list[BackendUnavailable] = []
     for name, dev in candidates:
         try:
             selection = _FACTORIES[name](source, dev)
         except BackendUnavailable as exc:  # announced, then the next candidate
-            if len(candidates) == 1 and backend != "auto":  # nothing else was tried: its own error
-                raise
             skipped.append(f"{name}/{dev}: {exc}")
+            errors.append(exc)
             continue
         if backend != "auto":
             selection.why = "asked for" + (f"; skipped {'; '.join(skipped)}" if skipped else "")
@@ -181,4 +181,6 @@ def select_backend(source: Source, backend: str = "auto", device: str = "auto", 
             first = f"first available for this source on {on}"
             selection.why = f"auto: {'; '.join(skipped)}" if skipped else f"auto: {first}"
         return selection
+    if backend != "auto" and len({str(e) for e in errors}) == 1:  # one backend, one reason (e.g. wrong source)
+        raise errors[0]
     raise BackendUnavailable("no backend can run this source here: " + "; ".join(skipped))

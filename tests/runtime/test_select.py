@@ -12,6 +12,7 @@ from ldseg.model.config import get_preset
 from ldseg.runtime import select
 from ldseg.runtime.select import Selection, Source, select_backend
 
+
 class _Fake:
     def __init__(self, name: str, device: str):
         self.name, self.device, self.precision = name, device, "fp32"
@@ -111,3 +112,10 @@ def test_more_than_one_source_is_refused(tried):
     with pytest.raises(BackendUnavailable, match="exactly one"):
         select_backend(Source(checkpoint="demo", bundle=Path("bundle")))
     assert tried == []
+
+
+def test_one_backend_refused_for_one_reason_says_it_once(monkeypatch):
+    monkeypatch.setattr(torch.version, "cuda", None)
+    with pytest.raises(BackendUnavailable) as refused:
+        select_backend(Source(checkpoint="demo"), backend="onnxruntime")
+    assert str(refused.value) == "the onnxruntime backend runs an exported bundle (--bundle)"
