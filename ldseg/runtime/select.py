@@ -157,6 +157,8 @@ def select_backend(source: Source, backend: str = "auto", device: str = "auto", 
     gpu_device = None if device == "cpu" else cuda_device(gpu if index is None else index)
     if backend == "auto":
         candidates = _auto_candidates(source, gpu_device)
+        if index is not None:  # --device cuda: the GPU candidates only
+            candidates = [(name, dev) for name, dev in candidates if dev != "cpu"]
     else:  # only this backend: on the asked device, or (auto) GPU first, then CPU where it runs there
         if gpu_device is None:
             devices = ["cpu"]

@@ -119,3 +119,9 @@ def test_one_backend_refused_for_one_reason_says_it_once(monkeypatch):
     with pytest.raises(BackendUnavailable) as refused:
         select_backend(Source(checkpoint="demo"), backend="onnxruntime")
     assert str(refused.value) == "the onnxruntime backend runs an exported bundle (--bundle)"
+
+
+def test_device_cuda_tries_only_gpu_candidates(tried):
+    with pytest.raises(BackendUnavailable, match="no backend can run this source"):
+        select_backend(Source(bundle=Path("bundle")), device="cuda:1")
+    assert tried == ["onnxruntime/cuda:1"]
