@@ -244,10 +244,14 @@ def _measure(
 
 
 def warmup_runs(backend: Backend[Any, Any], warmup: int) -> int:
-    """Untimed runs before timing: at least one for a backend that captures a graph (ours, or ONNX
-    Runtime's own on its first runs), so that no capture lands in a timed run, even with --warmup 0."""
-    captures = backend.cuda_graph or backend.describe().get("cuda_graph", "").startswith("on")
-    return max(warmup, 1) if captures else warmup
+    """Untimed runs before timing, so that no graph capture lands in a timed run, even with --warmup 0:
+    one for a backend that captures in its first run (torch, TensorRT), three for ONNX Runtime's CUDA
+    graphs (captured on the third run of each binding)."""
+    from ldseg.runtime.ort_env import RUNS_TO_CAPTURE
+
+    if backend.describe().get("cuda_graph", "").startswith("on"):
+        return max(warmup, RUNS_TO_CAPTURE)
+    return max(warmup, 1) if backend.cuda_graph else warmup
 
 
 def _device_used_mb() -> float:

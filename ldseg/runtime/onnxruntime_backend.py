@@ -17,12 +17,12 @@ never runs twice.
 
 CUDA (device "cuda"/"cuda:N", needs onnxruntime-gpu, ldseg/runtime/ort_env.py): the CUDA EP with
 TF32 off (fp32 means FP32) and enable_cuda_graph; every binding has its own gpu_graph_id, so ORT
-captures one graph per binding on its first runs. Sessions are created, checked (their first
-provider must be CUDA: ORT silently falls back to CPU when the CUDA libraries do not load) and run
-once on zeros when the backend is built, so a route that cannot work is refused up front with the
-reason (auto-selection then moves on). A session that refuses graph capture (nodes not on the CUDA
-EP, control flow) is recreated without it, and describe() says so. This path has NOT been run: the
-project's machines have had no GPU with onnxruntime-gpu.
+captures one graph per binding, on the binding's third run. Sessions are created, checked (their
+first provider must be CUDA: ORT silently falls back to CPU when the CUDA libraries do not load) and
+run on zeros up to that capturing run when the backend is built, so a route that cannot work is
+refused up front with the reason (auto-selection then moves on). A session that refuses graph
+capture (nodes not on the CUDA EP, control flow) is recreated without it, and describe() says so.
+This path has NOT been run: the project's machines have had no GPU with onnxruntime-gpu.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ from ldseg.errors import ArtifactError, BackendUnavailable
 from ldseg.runtime.backend import Backend, PipelineInputs, make_inputs
 from ldseg.runtime.bundle import Bundle, GraphInfo, load_bundle
 from ldseg.runtime.devices import device_index
-from ldseg.runtime.ort_env import CUDA_PROVIDER, cuda_problem
+from ldseg.runtime.ort_env import CUDA_PROVIDER, RUNS_TO_CAPTURE, cuda_problem
 
 _ORT_ERRORS = (ort_state.Fail, ort_state.InvalidArgument, ort_state.InvalidProtobuf, ort_state.NoSuchFile)
 _DTYPES = {"float32": np.float32, "float16": np.float16, "uint8": np.uint8}
@@ -229,8 +229,9 @@ class OnnxRuntimeBackend(Backend[OrtPlan, int]):
                     "could not load: its CUDA/cuDNN libraries are missing or do not match this onnxruntime-gpu)"
                 )
         zeros = np.zeros((1, *self.config.image_shape), np.float32)
-        try:
-            self.run(make_inputs(self.config, zeros, [0], self.bundle.steps))
+        try:  # up to the run that captures (so a capture failure surfaces here too)
+            for _ in range(RUNS_TO_CAPTURE):
+                self.run(make_inputs(self.config, zeros, [0], self.bundle.steps))
         except (*_ORT_ERRORS, ort_state.RuntimeException, ort_state.EPFail) as exc:  # CUDA errors, capture failures
             first = str(exc).splitlines()[0]
             raise BackendUnavailable(f"onnxruntime on {self.device} failed its first run: {first}") from exc

@@ -16,6 +16,9 @@ CPU_DIST, GPU_DIST = "onnxruntime", "onnxruntime-gpu"
 # Every distribution that installs the `onnxruntime` module (any two of them clash).
 DISTRIBUTIONS = (CPU_DIST, GPU_DIST, "onnxruntime-directml", "onnxruntime-openvino", "onnxruntime-qnn")
 CUDA_PROVIDER = "CUDAExecutionProvider"
+# The CUDA EP captures a graph id on its third run: two regular runs first allocate what the
+# capture may not (onnxruntime cuda_execution_provider.h, min_num_runs_before_cuda_graph_capture_ = 2).
+RUNS_TO_CAPTURE = 3
 
 
 def installed() -> dict[str, str]:
