@@ -31,7 +31,7 @@ from ldseg.errors import InputError, OutputError
 from ldseg.io.atomic import atomic_write, ensure_output_dir
 from ldseg.metrics import agreement, dice_per_class
 from ldseg.model.network import LDSeg
-from ldseg.runtime.backend import STAGES, PipelineInputs, PipelineOutputs, make_inputs
+from ldseg.runtime.backend import STAGES, Backend, PipelineInputs, PipelineOutputs, make_inputs
 from ldseg.runtime.select import resolve_device
 
 RESULTS_SCHEMA = "ldseg-bench/1"
@@ -107,7 +107,8 @@ def run_benchmark(options: BenchOptions, log: Log = _quiet) -> Path:
     log(f"model: {source.info['weights']}; device {device}, timer {timer.name}; inputs: {image_info['source']}")
 
     with tempfile.TemporaryDirectory(prefix="ldseg-bench-") as work:
-        ctx = Context(source.model, device, options.bundle, Path(work))
+        ctx = Context(source.model, device, options.bundle, Path(work),
+                      max_batch=max(options.batch))
         ref = reference(ctx)
         targets, skipped = _targets(options, ctx, ref, log)
         peaks = _peaks(device, options, targets, log)
@@ -183,7 +184,7 @@ def _measure(
     target: Target, inputs: PipelineInputs, options: BenchOptions, timer: Timer, model: LDSeg, peaks: dict[str, Peak]
 ) -> tuple[dict[str, Any], np.ndarray]:
     backend = target.backend
-    for _ in range(options.warmup):
+    for _ in range(warmup_runs(backend, options.warmup)):
         backend.run(inputs)
     cuda = target.backend.device.startswith("cuda")
     rss_scope = "row" if machine.reset_peak_rss() else "process"
@@ -240,6 +241,17 @@ def _measure(
     row["executed_flops"] = pipeline_flops(model.cfg, inputs.batch, phase=backend.name != "torch").end_to_end(inputs.steps)
     row["throughput_volumes_per_s"] = inputs.batch / (row["end_to_end"]["ms"]["p50"] / 1e3)
     return row, outputs[-1].labels
+
+
+def warmup_runs(backend: Backend[Any, Any], warmup: int) -> int:
+    """Untimed runs before timing, so that no graph capture lands in a timed run, even with --warmup 0:
+    one for a backend that captures in its first run (torch, TensorRT), three for ONNX Runtime's CUDA
+    graphs (captured on the third run of each binding)."""
+    from ldseg.runtime.ort_env import RUNS_TO_CAPTURE
+
+    if backend.describe().get("cuda_graph", "").startswith("on"):
+        return max(warmup, RUNS_TO_CAPTURE)
+    return max(warmup, 1) if backend.cuda_graph else warmup
 
 
 def _device_used_mb() -> float:

@@ -27,7 +27,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import onnxruntime
+try:
+    import onnxruntime
+except ImportError as exc:  # neither extra installed: say which one
+    from ldseg.runtime.ort_env import missing
+
+    raise missing("INT8 calibration") from exc
 
 from ldseg.calibration.data import Trajectories, batches, collect, load_volumes
 from ldseg.calibration.quantize import METHODS, QuantizedGraph, quantize_graph

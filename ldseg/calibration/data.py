@@ -15,8 +15,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
-from onnxruntime.quantization import CalibrationDataReader
+
+try:
+    import onnxruntime as ort
+    from onnxruntime.quantization import CalibrationDataReader
+except ImportError as exc:  # neither extra installed: say which one
+    from ldseg.runtime.ort_env import missing
+
+    raise missing("INT8 calibration") from exc
 
 from ldseg.errors import InputError
 from ldseg.model.config import ModelConfig

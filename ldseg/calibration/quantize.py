@@ -43,9 +43,14 @@ from typing import Any
 
 import onnx
 from onnx import numpy_helper
-import onnxruntime
-from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, create_calibrator, quantize_static
-from onnxruntime.quantization.shape_inference import quant_pre_process
+try:
+    import onnxruntime
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, create_calibrator, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+except ImportError as exc:  # neither extra installed: say which one
+    from ldseg.runtime.ort_env import missing
+
+    raise missing("INT8 calibration") from exc
 
 from ldseg.calibration.data import Feed, FeedReader
 from ldseg.errors import ArtifactError

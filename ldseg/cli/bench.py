@@ -13,7 +13,7 @@ import typer
 from ldseg.cli.common import DeviceChoice, PresetChoice, SamplerChoice, VersionOption, console, entry, value
 
 bench_typer = typer.Typer(add_completion=False, help="Benchmark LDSeg backends: latency, throughput, FLOPs, accuracy.")
-BENCH_BACKENDS = ("torch", "onnxruntime")  # the registry in ldseg/bench/targets.py
+BENCH_BACKENDS = ("torch", "onnxruntime", "tensorrt")  # the registry in ldseg/bench/targets.py
 BENCH_PRECISIONS = ("fp32", "fp16", "int8")
 
 

@@ -41,6 +41,8 @@ def run(
     engines: Annotated[Optional[Path], typer.Option(help="TensorRT engine set (ldseg-export build-engine).")] = None,
     backend: Annotated[BackendChoice, typer.Option(help="Runtime; auto picks the fastest available.")] = BackendChoice.auto,
     device: Annotated[DeviceChoice, typer.Option(help="Where to run; auto prefers a GPU.")] = DeviceChoice.auto,
+    gpu: Annotated[Optional[int], typer.Option(
+        help="GPU index for every backend (torch cuda:N, ONNX Runtime device_id, TensorRT); default 0.")] = None,
     steps: Annotated[Optional[int], typer.Option(help="Sampling steps (default: checkpoint's, 15).")] = None,
     sampler: Annotated[Optional[SamplerChoice], typer.Option(help="Sampler (default: the checkpoint's).")] = None,
     seed: Annotated[int, typer.Option(help="Noise seed; sample k uses seed + k.")] = 0,
@@ -77,6 +79,8 @@ def run(
 
     if samples < 1 or (steps is not None and steps < 1):
         raise typer.BadParameter("--samples and --steps must be at least 1")
+    if gpu is not None and (gpu < 0 or device == DeviceChoice.cpu):
+        raise typer.BadParameter("--gpu N is a GPU index >= 0, and contradicts --device cpu")
     if overwrite and skip_existing:
         raise typer.BadParameter("--overwrite and --skip-existing contradict each other: choose one")
     if labels is not None and not labels.is_dir():
@@ -90,7 +94,7 @@ def run(
     if reconstruct is not None:
         _reconstruct(load_model(checkpoint or "demo", RECONSTRUCT_NEEDS), reconstruct, out_dir, overwrite)
         return
-    selection = select_backend(Source(checkpoint, bundle, engines), backend.value, device.value)
+    selection = select_backend(Source(checkpoint, bundle, engines), backend.value, device.value, gpu=gpu or 0)
     chosen, cfg = selection.backend, selection.config
     types = tuple(dict.fromkeys(t.value for t in output_type or [OutputType.nifti]))
     if demo and types != ("nifti",):

@@ -14,7 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
+
+try:
+    import onnxruntime as ort
+except ImportError as exc:  # neither extra installed: say which one
+    from ldseg.runtime.ort_env import missing
+
+    raise missing("bundle validation") from exc
 import torch
 from rich.markup import escape
 from rich.table import Table

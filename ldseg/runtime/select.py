@@ -12,13 +12,12 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-import torch
-
 from ldseg.errors import ArtifactError, BackendUnavailable
 from ldseg.model.checkpoint import load_checkpoint
 from ldseg.model.config import ModelConfig
 from ldseg.model.network import LDSeg
 from ldseg.runtime.backend import Backend
+from ldseg.runtime.devices import cuda_device, device_index, torch_cuda_problem
 
 SEGMENT_NEEDS = ("image_encoder", "denoiser", "label_decoder")
 RECONSTRUCT_NEEDS = ("label_encoder", "label_decoder")
@@ -53,17 +52,20 @@ def load_model(checkpoint: str | Path, needs: tuple[str, ...] = SEGMENT_NEEDS) -
     return model
 
 
-def cuda_available() -> bool:
-    return torch.cuda.is_available()
+def cuda_available(index: int = 0) -> bool:
+    """PyTorch can run on GPU `index` (the torch route only: other routes ask their own stack)."""
+    return torch_cuda_problem(index) is None
 
 
 def resolve_device(device: str) -> str:
+    """A device for the torch route (the bench's reference): auto -> cuda if PyTorch can use one."""
     if device == "auto":
         return "cuda" if cuda_available() else "cpu"
-    if device not in ("cpu", "cuda"):
-        raise BackendUnavailable(f"--device {device}: choose cpu, cuda or auto")
-    if device == "cuda" and not cuda_available():
-        raise BackendUnavailable("--device cuda: no CUDA GPU is visible to PyTorch")
+    index = device_index(device)
+    if index is not None:
+        problem = torch_cuda_problem(index)
+        if problem:
+            raise BackendUnavailable(f"--device {device}: {problem}")
     return device
 
 
@@ -88,6 +90,10 @@ def _torch(source: Source, device: str) -> Selection:
 
     if source.checkpoint is None:
         raise BackendUnavailable("the torch backend runs a checkpoint (--checkpoint)")
+    index = device_index(device)
+    problem = None if index is None else torch_cuda_problem(index)
+    if problem:
+        raise BackendUnavailable(problem)
     model = load_model(source.checkpoint)
     return Selection(TorchBackend(model, device), model.cfg, "")
 
@@ -109,7 +115,7 @@ def _tensorrt(source: Source, device: str) -> Selection:
 
     if source.engines is None:
         raise BackendUnavailable("the tensorrt backend runs an engine set (--engines)")
-    if device != "cuda":
+    if device_index(device) is None:
         raise BackendUnavailable("the tensorrt backend needs --device cuda (or auto on a GPU machine)")
     engine_set = read_engine_set(source.engines)
     return Selection(TensorRTBackend(source.engines, device), engine_set.config, "")
@@ -118,14 +124,14 @@ def _tensorrt(source: Source, device: str) -> Selection:
 _FACTORIES = {"torch": _torch, "onnxruntime": _onnxruntime, "tensorrt": _tensorrt}
 
 
-def _auto_candidates(source: Source, gpu: bool) -> list[tuple[str, str]]:
+def _auto_candidates(source: Source, gpu: str | None) -> list[tuple[str, str]]:
     order = []
     if source.engines is not None and gpu:
-        order.append(("tensorrt", "cuda"))
+        order.append(("tensorrt", gpu))
     if source.bundle is not None and gpu:
-        order.append(("onnxruntime", "cuda"))
+        order.append(("onnxruntime", gpu))
     if source.checkpoint is not None and gpu:
-        order.append(("torch", "cuda"))
+        order.append(("torch", gpu))
     if source.bundle is not None:
         order.append(("onnxruntime", "cpu"))
     if source.checkpoint is not None:
@@ -133,29 +139,50 @@ def _auto_candidates(source: Source, gpu: bool) -> list[tuple[str, str]]:
     return order
 
 
-def select_backend(source: Source, backend: str = "auto", device: str = "auto") -> Selection:
-    """The chosen backend, its model config, and a sentence saying why."""
+def select_backend(source: Source, backend: str = "auto", device: str = "auto", gpu: int = 0) -> Selection:
+    """The chosen backend, its model config, and a sentence saying why.
+
+    GPU candidates are not gated on any one library: each factory checks its own route (torch.cuda,
+    ONNX Runtime's providers, cuda-python) and a refusal, with its reason, moves on to the next
+    candidate. `gpu` is the device index every backend uses (torch cuda:N, ORT device_id, TensorRT).
+    """
     given = [s for s in (source.checkpoint, source.bundle, source.engines) if s is not None]
     if len(given) != 1:
         raise BackendUnavailable("give exactly one of --checkpoint, --bundle, --engines")
     if backend not in BACKENDS:
         raise BackendUnavailable(f"--backend {backend}: choose one of {', '.join(BACKENDS)}")
-    if backend != "auto":
-        selection = _FACTORIES[backend](source, resolve_device(device))
-        selection.why = "asked for"
-        return selection
-    if device != "auto":
-        resolve_device(device)
-    gpu = cuda_available() and device != "cpu"
+    if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
+        raise BackendUnavailable(f"--device {device}: choose cpu, cuda or auto")
+    index = device_index(device) if device != "auto" else None
+    gpu_device = None if device == "cpu" else cuda_device(gpu if index is None else index)
+    if backend == "auto":
+        candidates = _auto_candidates(source, gpu_device)
+        if index is not None:  # --device cuda: the GPU candidates only
+            candidates = [(name, dev) for name, dev in candidates if dev != "cpu"]
+    else:  # only this backend: on the asked device, or (auto) GPU first, then CPU where it runs there
+        if gpu_device is None:
+            devices = ["cpu"]
+        elif device != "auto" or backend == "tensorrt":
+            devices = [gpu_device]
+        else:
+            devices = [gpu_device, "cpu"]
+        candidates = [(backend, d) for d in devices]
     skipped: list[str] = []
-    for name, dev in _auto_candidates(source, gpu):
+    errors: list[BackendUnavailable] = []
+    for name, dev in candidates:
         try:
             selection = _FACTORIES[name](source, dev)
         except BackendUnavailable as exc:  # announced, then the next candidate
             skipped.append(f"{name}/{dev}: {exc}")
+            errors.append(exc)
             continue
-        reasons = "; ".join(skipped) or "first available"
-        selection.why = f"auto: {reasons}" if skipped else f"auto: {reasons} for this source on {'a GPU' if gpu else 'CPU'}"
+        if backend != "auto":
+            selection.why = "asked for" + (f"; skipped {'; '.join(skipped)}" if skipped else "")
+        else:
+            on = "a GPU" if dev != "cpu" else "CPU"
+            first = f"first available for this source on {on}"
+            selection.why = f"auto: {'; '.join(skipped)}" if skipped else f"auto: {first}"
         return selection
+    if backend != "auto" and len({str(e) for e in errors}) == 1:  # one backend, one reason (e.g. wrong source)
+        raise errors[0]
     raise BackendUnavailable("no backend can run this source here: " + "; ".join(skipped))
-

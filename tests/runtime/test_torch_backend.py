@@ -72,3 +72,38 @@ def test_replays_allocate_nothing_and_keep_their_buffers(model):
     torch.cuda.synchronize()
     assert torch.cuda.memory_allocated() == allocated
     assert [buf.image.data_ptr(), buf.z_init.data_ptr(), buf.labels.data_ptr()] == pointers
+
+
+def test_the_model_handed_over_is_never_modified():
+    torch.manual_seed(0)
+    model = LDSeg(PRESETS["demo"]).train()  # training mode: the backend needs eval, so it must copy
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    backend = TorchBackend(model)
+    assert model.training and backend.model is not model and not backend.model.training
+    on_meta = TorchBackend(model.eval(), "meta", cuda_graph=False)  # another device: a copy moves, not ours
+    assert on_meta.model is not model and next(on_meta.model.parameters()).device.type == "meta"
+    assert all(p.device.type == "cpu" for p in model.parameters())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert TorchBackend(model).model is model  # already in eval mode on the device: no copy needed
+
+
+def test_fp32_means_tf32_off_inside_every_stage_and_restored_after(model, monkeypatch):
+    backend = TorchBackend(model)
+    seen = []
+
+    def spy(image):
+        seen.append((torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32))
+        return original(image)
+
+    original = backend.model.encode_image
+    monkeypatch.setattr(backend.model, "encode_image", spy)
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    saved = (matmul.allow_tf32, cudnn.allow_tf32)  # properties, not attributes: monkeypatch cannot undo them
+    matmul.allow_tf32 = cudnn.allow_tf32 = True
+    try:
+        backend.run(make_inputs(model.cfg, _image(0), [0], steps=1))
+        assert seen == [(False, False)]
+        assert matmul.allow_tf32 and cudnn.allow_tf32  # the caller's settings, back
+    finally:
+        matmul.allow_tf32, cudnn.allow_tf32 = saved
+    assert backend.describe()["tf32"] == "off"
