@@ -45,7 +45,8 @@ def bench(
     batch: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "1",
     repeat: Annotated[int, typer.Option(help="Timed runs per configuration and per stage.")] = 10,
     warmup: Annotated[int, typer.Option(help="Untimed runs first.")] = 2,
-    data: Annotated[Optional[Path], typer.Option(help="Folder of inputs (default: synthetic phantoms).")] = None,
+    data: Annotated[Optional[Path], typer.Option(
+        help="Folder of inputs, or with images/ and labels/ (adds Dice vs truth); default synthetic phantoms.")] = None,
     device: Annotated[str, typer.Option(help="cpu | cuda | auto")] = "auto",
     sampler: Annotated[Optional[str], typer.Option(help="ddim | ddpm (default: the model's).")] = None,
     seed: Annotated[int, typer.Option(help="Weights (presets), phantoms and noise seed.")] = 0,
