@@ -108,6 +108,8 @@ def run_benchmark(options: BenchOptions, log: Log = _quiet) -> Path:
     images, image_info, prepared = load_images(cfg, max(options.batch), options.data, options.seed)
     truth = _truth(cfg, options.data, prepared, image_info)
     weights_note = untrained_note(source.model.trained)
+    if truth is not None:
+        _check_probabilities(options.bundle)
     ensure_output_dir(out_dir)  # inputs are fine: make the folder now, not after the measurements
     timer = timer_for(device)
     log(f"model: {source.info['weights']}; device {device}, timer {timer.name}; inputs: {image_info['source']}")
@@ -265,6 +267,17 @@ def _truth(cfg: ModelConfig, data: Path | None, prepared: list[Prepared] | None,
         return None
     image_info["labels"] = str(labels_dir)
     return load_truth(cfg, labels_dir, prepared)
+
+
+def _check_probabilities(bundle_dir: Path | None) -> None:
+    """Dice vs truth needs probabilities: refuse a --bundle without a decoder before timing anything."""
+    if bundle_dir is None:
+        return
+    from ldseg.runtime.bundle import load_bundle
+
+    if "decoder" not in load_bundle(bundle_dir).graphs:
+        raise InputError(f"{bundle_dir}: Dice vs truth (--data with labels/) needs the bundle's decoder graph "
+                         "(probabilities), which it lacks; export it with all graphs")
 
 
 def _vs_truth(target: Target, inputs: PipelineInputs, truth: list[TruthCase] | None,
