@@ -21,6 +21,8 @@ from ldseg.bench.report import performance_section
 from ldseg.bench.stages import STAGES
 from ldseg.data.phantoms import make_phantom, write_phantom_nifti
 from ldseg.errors import InputError, OutputError
+from ldseg.export.manifest import build_manifest, graph_entry, write_manifest
+from ldseg.export.specs import graph_specs
 from ldseg.metrics import dice_per_class
 from ldseg.model.config import get_preset
 from ldseg.model.network import COMPONENTS
@@ -127,6 +129,23 @@ def test_a_missing_label_is_one_clear_error(labelled_data, tmp_path):
     (data / "images").symlink_to(labelled_data / "images")
     with pytest.raises(InputError, match=r"labels: no label for p1\.nii\.gz"):
         run_benchmark(BenchOptions(output=tmp_path / "out", data=data, **TINY))  # type: ignore[arg-type]
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_bundle_without_decoder_is_refused_before_timing(labelled_data, tmp_path):
+    model = load_model("demo")
+    bundle = tmp_path / "no-decoder"
+    bundle.mkdir()
+    entries = {}
+    for name, spec in graph_specs(model.cfg).items():
+        if name != "decoder":  # placeholders: the refusal comes before any graph is loaded
+            (bundle / spec.file).write_bytes(f"placeholder {name}".encode())
+            entries[name] = graph_entry(spec, exporter="dynamo", fallback_reason=None, precision="fp32")
+    write_manifest(bundle, build_manifest(model, entries, folder=bundle, precision="fp32", opset=18, batch=1))
+    options = {**TINY, "backends": ("onnxruntime",)}
+    with pytest.raises(InputError, match="needs the bundle's decoder graph"):
+        run_benchmark(BenchOptions(output=tmp_path / "out", data=labelled_data, bundle=bundle,
+                                   **options))  # type: ignore[arg-type]
     assert not (tmp_path / "out").exists()
 
 
