@@ -33,6 +33,7 @@ class Context:
     bundle: Path | None  # an exported bundle given with --bundle
     workdir: Path  # where a factory may export what it needs for this run
     max_batch: int = 1  # the largest batch the run times (TensorRT profiles are built for it)
+    probabilities: bool = False  # backends must also return probabilities (Dice vs truth, as ldseg-run)
 
 
 @dataclass
@@ -83,8 +84,8 @@ def _onnxruntime(ctx: Context, precision: str) -> Target:
 
         if precision not in EXPORT_PRECISIONS:
             raise Unsupported(f"bundles are exported in {' or '.join(EXPORT_PRECISIONS)}")
-        path = export_bundle(ctx.model, ctx.workdir / f"bundle-{precision}", precision=precision,
-                             graphs=("encoder", "denoise_step", "decoder_argmax"))
+        graphs = ("encoder", "denoise_step", "decoder_argmax", *(("decoder",) if ctx.probabilities else ()))
+        path = export_bundle(ctx.model, ctx.workdir / f"bundle-{precision}", precision=precision, graphs=graphs)
         bundle, source = load_bundle(path), f"{precision} bundle exported from the benchmarked model"
     threads = torch.get_num_threads()  # the same intra-op thread count as the torch rows
     backend = OnnxRuntimeBackend(bundle, ctx.device, threads=threads)

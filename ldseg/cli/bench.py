@@ -46,7 +46,8 @@ def bench(
     batch: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "1",
     repeat: Annotated[int, typer.Option(help="Timed runs per configuration and per stage.")] = 10,
     warmup: Annotated[int, typer.Option(help="Untimed runs first.")] = 2,
-    data: Annotated[Optional[Path], typer.Option(help="Folder of inputs (default: synthetic phantoms).")] = None,
+    data: Annotated[Optional[Path], typer.Option(
+        help="Folder of inputs, or with images/ and labels/ (adds Dice vs truth); default synthetic phantoms.")] = None,
     device: Annotated[DeviceChoice, typer.Option(help="Where to run; auto prefers a GPU.")] = DeviceChoice.auto,
     sampler: Annotated[Optional[SamplerChoice], typer.Option(help="Sampler (default: the model's).")] = None,
     seed: Annotated[int, typer.Option(help="Weights (presets), phantoms and noise seed.")] = 0,
