@@ -75,7 +75,7 @@ def prepare(folder: Path, wheels: bool = True, log: Callable[[str], None] = prin
     folder.mkdir(parents=True, exist_ok=True)
     cfg = get_preset("demo")
     truth = [make_phantom(seed, cfg.image_size, cfg.num_classes).label for seed in PHANTOM_SEEDS]
-    images, _ = load_images(cfg, len(PHANTOM_SEEDS), None, PHANTOM_SEEDS[0])  # phantoms, preprocessed as the bench does
+    images, _, _ = load_images(cfg, len(PHANTOM_SEEDS), None, PHANTOM_SEEDS[0])  # phantoms, preprocessed as the bench does
     np.savez_compressed(folder / "phantoms.npz", seeds=np.array(PHANTOM_SEEDS), images=images.astype(np.float32),
                         truth=np.stack(truth).astype(np.uint8))
     graphs = ("encoder", "denoise_step", "decoder", "decoder_argmax")
