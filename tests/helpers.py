@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
+import pytest
+import torch
+from torch import nn
 
 from ldseg.data.phantoms import make_phantom
 from ldseg.io.preprocess import min_max_standardize
-from ldseg.model.config import ModelConfig
+from ldseg.model.config import ModelConfig, get_preset
+from ldseg.model.network import LDSeg
 from ldseg.runtime.backend import Backend, PipelineInputs, PipelineOutputs, make_inputs
 
+SHARED_DATA = (Path(__file__).resolve().parents[1] / ".." / "shared" / "data").resolve()
+OFFICIAL = SHARED_DATA / "official-keras-weights"
 MIN_CLASS_FRACTION = 0.01  # a class must cover at least 1 % of the voxels to count
 
 
@@ -78,3 +85,33 @@ def phantom_images(cfg: ModelConfig, seeds: Sequence[int]) -> np.ndarray:
     classes = min(max(cfg.num_classes, 2), 3)
     images = [min_max_standardize(make_phantom(s, cfg.image_size, classes).image) for s in seeds]
     return np.stack([np.repeat(image[None], cfg.image_channels, axis=0) for image in images]).astype(np.float32)
+
+
+def shared_or_skip(*parts: str) -> Path:
+    path = SHARED_DATA.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"{path} is absent: the real-data checks need ../shared beside the repository")
+    return path
+
+
+def informative_model(preset: str, seed: int = 0) -> LDSeg:
+    """Random weights, with every BatchNorm calibrated on random inputs.
+
+    Untrained decoders put every voxel in one class (their logits barely vary), which would make
+    label-agreement checks trivially 100 %; calibrated BN statistics give O(1) logits that vary
+    across the volume, so the checks see real class boundaries and near-ties."""
+    torch.manual_seed(seed)
+    model = LDSeg(get_preset(preset))
+    cfg = model.cfg
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm1d)]
+    for bn in norms:
+        bn.reset_running_stats()
+        bn.momentum = None  # cumulative average over the calibration batches
+        bn.train()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _ in range(2):
+            model.image_encoder(torch.rand((2, *cfg.image_shape), generator=gen))
+            model.label_decoder(torch.randn((2, *cfg.latent_shape), generator=gen))
+            model.encode_label(torch.randint(0, cfg.num_classes, (2, *cfg.image_size), generator=gen))
+    return model.eval()

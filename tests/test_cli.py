@@ -17,7 +17,7 @@ from ldseg.model.checkpoint import save_checkpoint
 from ldseg.model.config import PRESETS
 from ldseg.model.network import COMPONENTS, LDSeg
 from ldseg.runtime.select import demo_checkpoint_path
-from tests.conftest import shared_or_skip
+from tests.helpers import shared_or_skip
 from tests.helpers import assert_several_classes
 
 BIN = Path(sys.executable).parent

@@ -20,7 +20,7 @@ from ldseg.export import export_bundle
 from ldseg.model.config import get_preset
 from ldseg.model.keras_import import load_keras_weights
 from ldseg.model.network import LDSeg
-from tests.conftest import shared_or_skip
+from tests.helpers import shared_or_skip
 
 pytestmark = [pytest.mark.slow, pytest.mark.shared]
 

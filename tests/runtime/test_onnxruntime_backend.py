@@ -14,7 +14,7 @@ from ldseg.errors import ArtifactError, BackendUnavailable
 from ldseg.export import export_bundle
 from ldseg.model.config import get_preset
 from ldseg.model.network import LDSeg
-from tests.conftest import informative_model
+from tests.helpers import informative_model
 from tests.helpers import assert_replays_follow_inputs, assert_several_classes, replay_requests
 from ldseg.runtime.backend import PipelineInputs, make_inputs
 from ldseg.runtime.bundle import load_bundle
