@@ -318,7 +318,8 @@ def calibrate(
     holdout: Annotated[int, typer.Option(help="Further volumes held out for the accuracy report.")] = 2,
     method: Annotated[str, typer.Option(help="minmax | entropy | percentile")] = "minmax",
     overwrite: Annotated[bool, typer.Option(help="Replace an existing bundle.")] = False,
-    keep_failed: Annotated[bool, typer.Option(help="Write the INT8 bundle even if it misses its accuracy target.")] = False,
+    keep_failed: Annotated[bool, typer.Option(
+        help="Write the INT8 bundle even if it misses its accuracy target.")] = False,
     trust_unvalidated: Annotated[bool, typer.Option(help="Calibrate a bundle not recorded as validated.")] = False,
 ) -> None:
     """INT8 (Q/DQ) bundle calibrated on real pipeline activations, with an accuracy report.

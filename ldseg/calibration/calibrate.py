@@ -36,7 +36,14 @@ import numpy as np
 import onnxruntime
 
 from ldseg.calibration.data import CalibrationVolume, Feed, FeedReader, collect, load_volumes, walk
-from ldseg.calibration.quantize import METHODS, QUANTIZED_OPS, PreparedGraph, QuantizedGraph, finish_graph, prepare_graph
+from ldseg.calibration.quantize import (
+    METHODS,
+    QUANTIZED_OPS,
+    PreparedGraph,
+    QuantizedGraph,
+    finish_graph,
+    prepare_graph,
+)
 from ldseg.calibration.ranges import RangeTracker
 from ldseg.calibration.report import CalibrationReport, compare_pipelines, graph_errors
 from ldseg.errors import ArtifactError

@@ -152,7 +152,8 @@ def walk(bundle: Bundle, volumes: Iterable[CalibrationVolume], run: Runner) -> l
 
 def collect(bundle: Bundle, volumes: Sequence[CalibrationVolume], *, threads: int | None = None) -> Trajectories:
     """Run the bundle's pipeline (ORT CPU) on each volume and record every graph's inputs."""
-    sessions = {name: session(bundle.graph_path(name), threads) for name in ("encoder", "denoise_step", "decoder_argmax")}
+    pipeline = ("encoder", "denoise_step", "decoder_argmax")
+    sessions = {name: session(bundle.graph_path(name), threads) for name in pipeline}
     out = Trajectories()
 
     def record(graph: str, feed: Feed) -> np.ndarray | None:

@@ -249,7 +249,9 @@ def _entropy_cache(source: Path, reader: FeedReader, folder: Path) -> Path:
     return cache
 
 
-def _quantize(source: Path, target: Path, reader: FeedReader | None, nodes: list[str], method: str, cache: Path | None) -> None:
+def _quantize(
+    source: Path, target: Path, reader: FeedReader | None, nodes: list[str], method: str, cache: Path | None
+) -> None:
     """quantize_static on `source`, with ranges from `cache` (a TensorsData JSON) when given,
     else from `reader` (ORT's calibrators)."""
     options: dict[str, Any] = {}

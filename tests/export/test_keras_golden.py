@@ -40,8 +40,8 @@ def knee(tmp_path_factory: pytest.TempPathFactory) -> tuple[LDSeg, Path, dict[st
     load_keras_weights(model.image_encoder, weights / "imageEncoder3D.hdf5")
     load_keras_weights(model.label_decoder, weights / "labelDecoder3D.hdf5")
     # Compared with the goldens below; the export's own validation would add minutes at this size.
-    bundle = export_bundle(model.eval(), tmp_path_factory.mktemp("knee") / "knee3d.bundle", graphs=["encoder", "decoder"],
-                           validate=False)
+    folder = tmp_path_factory.mktemp("knee") / "knee3d.bundle"
+    bundle = export_bundle(model.eval(), folder, graphs=["encoder", "decoder"], validate=False)
     return model, bundle, golden
 
 
