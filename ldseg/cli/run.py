@@ -69,6 +69,8 @@ def run(
         help="Folder of reference labels named as the inputs: Dice in the QC numbers (implies --qc).")] = None,
     report: Annotated[bool, typer.Option(
         help="Write report.html, most uncertain volume first (implies --preview --qc).")] = False,
+    trust_unvalidated: Annotated[bool, typer.Option(
+        help="Run a bundle whose manifest records a failed validation or none.")] = False,
     version: VersionOption = None,
 ) -> None:
     """Examples: `ldseg-run --demo -o out/`, `ldseg-run scan.nii.gz -o out/`, `ldseg-run scans/ -o out/ --samples 8`,
@@ -94,7 +96,8 @@ def run(
     if reconstruct is not None:
         _reconstruct(load_model(checkpoint or "demo", RECONSTRUCT_NEEDS), reconstruct, out_dir, overwrite)
         return
-    selection = select_backend(Source(checkpoint, bundle, engines), backend.value, device.value, gpu=gpu or 0)
+    source = Source(checkpoint, bundle, engines, trust_unvalidated=trust_unvalidated)
+    selection = select_backend(source, backend.value, device.value, gpu=gpu or 0)
     chosen, cfg = selection.backend, selection.config
     types = tuple(dict.fromkeys(t.value for t in output_type or [OutputType.nifti]))
     if demo and types != ("nifti",):
@@ -105,7 +108,7 @@ def run(
         raise typer.BadParameter(str(exc)) from exc
     opts = dataclasses.replace(opts, output_types=types, seg_type=seg_type.value, series=series)
     if "dicom-seg" in types:
-        opts = dataclasses.replace(opts, algorithm=algorithm_for(Source(checkpoint, bundle, engines), cfg, opts))
+        opts = dataclasses.replace(opts, algorithm=algorithm_for(source, cfg, opts))
     console.print(f"backend: [bold]{chosen.name}[/] on {chosen.device}, {chosen.precision} ({selection.why})")
     extras, report_path = None, None
     if preview or qc or report or labels is not None:  # ldseg.qc (matplotlib, jinja2) only when asked
