@@ -8,9 +8,9 @@ one it finds can do the job, saying exactly how to fix the install when it canno
 
 from __future__ import annotations
 
-from importlib import metadata
 
 from ldseg.errors import BackendUnavailable
+from ldseg.versions import installed_versions
 
 CPU_DIST, GPU_DIST = "onnxruntime", "onnxruntime-gpu"
 # Every distribution that installs the `onnxruntime` module (any two of them clash).
@@ -23,13 +23,7 @@ RUNS_TO_CAPTURE = 3
 
 def installed() -> dict[str, str]:
     """{distribution: version} of every installed onnxruntime distribution."""
-    found = {}
-    for name in DISTRIBUTIONS:
-        try:
-            found[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            continue
-    return found
+    return installed_versions(DISTRIBUTIONS)
 
 
 def missing(purpose: str) -> BackendUnavailable:
