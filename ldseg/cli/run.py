@@ -11,7 +11,17 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from ldseg.cli.common import BackendChoice, DeviceChoice, SamplerChoice, VersionOption, console, entry, out, value
+from ldseg.cli.common import (
+    BackendChoice,
+    DeviceChoice,
+    RunPrecision,
+    SamplerChoice,
+    VersionOption,
+    console,
+    entry,
+    out,
+    value,
+)
 from ldseg.errors import InputError, LdsegError
 from ldseg.io.atomic import ensure_output_dir
 
@@ -27,8 +37,13 @@ def run(
     ] = None,
     bundle: Annotated[Optional[Path], typer.Option(help="Exported ONNX bundle (ldseg-export onnx).")] = None,
     engines: Annotated[Optional[Path], typer.Option(help="TensorRT engine set (ldseg-export build-engine).")] = None,
-    backend: Annotated[BackendChoice, typer.Option(help="Runtime; auto picks the fastest available.")] = BackendChoice.auto,
+    backend: Annotated[BackendChoice, typer.Option(
+        help="Runtime; auto picks the fastest available.")] = BackendChoice.auto,
     device: Annotated[DeviceChoice, typer.Option(help="Where to run; auto prefers a GPU.")] = DeviceChoice.auto,
+    precision: Annotated[RunPrecision, typer.Option(
+        help="auto: what the source holds (never a silent reduction); bf16 (openvino, CPUs with native BF16), "
+        "int8 (an int8 bundle).")] = RunPrecision.auto,
+    threads: Annotated[Optional[int], typer.Option(help="CPU threads (default: all cores).")] = None,
     steps: Annotated[Optional[int], typer.Option(help="Sampling steps (default: checkpoint's, 15).")] = None,
     sampler: Annotated[Optional[SamplerChoice], typer.Option(help="Sampler (default: the checkpoint's).")] = None,
     seed: Annotated[int, typer.Option(help="Noise seed; sample k uses seed + k.")] = 0,
@@ -46,11 +61,17 @@ def run(
     version: VersionOption = None,
 ) -> None:
     """Examples: `ldseg-run --demo -o out/`, `ldseg-run scan.nii.gz -o out/`, `ldseg-run scans/ -o out/ --samples 8`."""
-    from ldseg.runtime.select import RECONSTRUCT_NEEDS, Source, load_model, select_backend
+    from ldseg.runtime.select import RECONSTRUCT_NEEDS, Source, Wants, load_model, select_backend
     from ldseg.runtime.session import RunOptions
 
     if samples < 1 or (steps is not None and steps < 1):
         raise typer.BadParameter("--samples and --steps must be at least 1")
+    if threads is not None and threads < 1:
+        raise typer.BadParameter("--threads must be at least 1")
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)  # the torch backend's (and --reconstruct's) intra-op threads
     if overwrite and skip_existing:
         raise typer.BadParameter("--overwrite and --skip-existing contradict each other: choose one")
     out_dir = ensure_output_dir(output)
@@ -62,7 +83,8 @@ def run(
     if reconstruct is not None:
         _reconstruct(load_model(checkpoint or "demo", RECONSTRUCT_NEEDS), reconstruct, out_dir, overwrite)
         return
-    selection = select_backend(Source(checkpoint, bundle, engines), backend.value, device.value)
+    selection = select_backend(Source(checkpoint, bundle, engines), backend.value, device.value,
+                               Wants(precision.value, threads))
     chosen, cfg = selection.backend, selection.config
     console.print(f"backend: [bold]{chosen.name}[/] on {chosen.device}, {chosen.precision} ({selection.why})")
     if demo:

@@ -1,9 +1,14 @@
 """One registry that turns (model source, backend name, device) into a Backend, and says why.
 
-Sources: a checkpoint (torch), a bundle (onnxruntime), an engine set (tensorrt). `auto` prefers,
-in order, TensorRT (engines given, TensorRT importable, engines built for this GPU), ONNX Runtime on
-CUDA, PyTorch on CUDA, ONNX Runtime on CPU, PyTorch on CPU — among what the given source can run.
-Backends import lazily: a machine without onnxruntime-gpu or TensorRT never loads them.
+Sources: a checkpoint (torch), a bundle (openvino, onnxruntime), an engine set (tensorrt). `auto`
+prefers, in order, TensorRT (engines given, TensorRT importable, engines built for this GPU), ONNX
+Runtime on CUDA, PyTorch on CUDA, OpenVINO on CPU, ONNX Runtime on CPU, PyTorch on CPU — among what
+the given source can run. On CPU OpenVINO comes first because it measured fastest there (knee3d:
+benchmarks/results/amd-epyc-2c-2026-11-30/knee3d-openvino). Backends import lazily: a machine without
+openvino, onnxruntime-gpu or TensorRT never loads them, and auto says why it skipped them.
+
+`precision` "auto" runs what the source holds (FP32, or the INT8/FP16 of a calibrated/exported
+bundle): reduced precision is never chosen silently; "bf16" must be asked for (OpenVINO only).
 """
 
 from __future__ import annotations
@@ -22,7 +27,8 @@ from ldseg.runtime.backend import Backend
 
 SEGMENT_NEEDS = ("image_encoder", "denoiser", "label_decoder")
 RECONSTRUCT_NEEDS = ("label_encoder", "label_decoder")
-BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt")
+BACKENDS = ("auto", "torch", "onnxruntime", "openvino", "tensorrt")
+PRECISIONS = ("auto", "fp32", "fp16", "bf16", "int8")
 
 
 def demo_checkpoint_path() -> Path:
@@ -76,6 +82,19 @@ class Source:
     engines: Path | None = None
 
 
+@dataclass(frozen=True)
+class Wants:
+    """What the user asked of any backend: a precision ("auto": the source's own) and a thread count."""
+
+    precision: str = "auto"
+    threads: int | None = None  # None: the backend's default (all cores)
+
+
+def _refuse_precision(name: str, wants: Wants, runs: str) -> None:
+    if wants.precision not in ("auto", runs):
+        raise BackendUnavailable(f"the {name} backend runs {runs} here, not {wants.precision}")
+
+
 @dataclass
 class Selection:
     backend: Backend
@@ -83,16 +102,17 @@ class Selection:
     why: str
 
 
-def _torch(source: Source, device: str) -> Selection:
+def _torch(source: Source, device: str, wants: Wants) -> Selection:
     from ldseg.runtime.torch_backend import TorchBackend
 
     if source.checkpoint is None:
         raise BackendUnavailable("the torch backend runs a checkpoint (--checkpoint)")
+    _refuse_precision("torch", wants, "fp32")
     model = load_model(source.checkpoint)
     return Selection(TorchBackend(model, device), model.cfg, "")
 
 
-def _onnxruntime(source: Source, device: str) -> Selection:
+def _onnxruntime(source: Source, device: str, wants: Wants) -> Selection:
     from ldseg.runtime.bundle import load_bundle
     from ldseg.runtime.onnxruntime_backend import OnnxRuntimeBackend
 
@@ -100,10 +120,26 @@ def _onnxruntime(source: Source, device: str) -> Selection:
         raise BackendUnavailable("the onnxruntime backend runs an exported bundle (--bundle)")
     bundle = load_bundle(source.bundle)
     _refuse_untrained(source.bundle, dict(bundle.trained), SEGMENT_NEEDS)
-    return Selection(OnnxRuntimeBackend(bundle, device), bundle.config, "")
+    _refuse_precision("onnxruntime", wants, bundle.precision)
+    return Selection(OnnxRuntimeBackend(bundle, device, threads=wants.threads), bundle.config, "")
 
 
-def _tensorrt(source: Source, device: str) -> Selection:
+def _openvino(source: Source, device: str, wants: Wants) -> Selection:
+    from ldseg.runtime.bundle import load_bundle
+    from ldseg.runtime.openvino_backend import OpenVinoBackend, import_openvino
+
+    if source.bundle is None:
+        raise BackendUnavailable("the openvino backend runs an exported bundle (--bundle)")
+    if device != "cpu":
+        raise BackendUnavailable("the openvino backend runs on the CPU (--device cpu, or auto)")
+    import_openvino()  # not installed: say so before reading the bundle
+    bundle = load_bundle(source.bundle)
+    _refuse_untrained(source.bundle, dict(bundle.trained), SEGMENT_NEEDS)
+    backend = OpenVinoBackend(bundle, wants.precision, threads=wants.threads)
+    return Selection(backend, bundle.config, "")
+
+
+def _tensorrt(source: Source, device: str, wants: Wants) -> Selection:
     from ldseg.runtime.engines import read_engine_set
     from ldseg.runtime.tensorrt_backend import TensorRTBackend
 
@@ -112,10 +148,11 @@ def _tensorrt(source: Source, device: str) -> Selection:
     if device != "cuda":
         raise BackendUnavailable("the tensorrt backend needs --device cuda (or auto on a GPU machine)")
     engine_set = read_engine_set(source.engines)
+    _refuse_precision("tensorrt", wants, engine_set.precision)
     return Selection(TensorRTBackend(source.engines, device), engine_set.config, "")
 
 
-_FACTORIES = {"torch": _torch, "onnxruntime": _onnxruntime, "tensorrt": _tensorrt}
+_FACTORIES = {"torch": _torch, "onnxruntime": _onnxruntime, "openvino": _openvino, "tensorrt": _tensorrt}
 
 
 def _auto_candidates(source: Source, gpu: bool) -> list[tuple[str, str]]:
@@ -127,21 +164,26 @@ def _auto_candidates(source: Source, gpu: bool) -> list[tuple[str, str]]:
     if source.checkpoint is not None and gpu:
         order.append(("torch", "cuda"))
     if source.bundle is not None:
-        order.append(("onnxruntime", "cpu"))
+        order += [("openvino", "cpu"), ("onnxruntime", "cpu")]
     if source.checkpoint is not None:
         order.append(("torch", "cpu"))
     return order
 
 
-def select_backend(source: Source, backend: str = "auto", device: str = "auto") -> Selection:
+def select_backend(
+    source: Source, backend: str = "auto", device: str = "auto", wants: Wants | None = None
+) -> Selection:
     """The chosen backend, its model config, and a sentence saying why."""
+    wants = wants or Wants()
     given = [s for s in (source.checkpoint, source.bundle, source.engines) if s is not None]
     if len(given) != 1:
         raise BackendUnavailable("give exactly one of --checkpoint, --bundle, --engines")
     if backend not in BACKENDS:
         raise BackendUnavailable(f"--backend {backend}: choose one of {', '.join(BACKENDS)}")
+    if wants.precision not in PRECISIONS:
+        raise BackendUnavailable(f"--precision {wants.precision}: choose one of {', '.join(PRECISIONS)}")
     if backend != "auto":
-        selection = _FACTORIES[backend](source, resolve_device(device))
+        selection = _FACTORIES[backend](source, resolve_device(device), wants)
         selection.why = "asked for"
         return selection
     if device != "auto":
@@ -150,12 +192,13 @@ def select_backend(source: Source, backend: str = "auto", device: str = "auto") 
     skipped: list[str] = []
     for name, dev in _auto_candidates(source, gpu):
         try:
-            selection = _FACTORIES[name](source, dev)
+            selection = _FACTORIES[name](source, dev, wants)
         except BackendUnavailable as exc:  # announced, then the next candidate
             skipped.append(f"{name}/{dev}: {exc}")
             continue
         reasons = "; ".join(skipped) or "first available"
-        selection.why = f"auto: {reasons}" if skipped else f"auto: {reasons} for this source on {'a GPU' if gpu else 'CPU'}"
+        where = "a GPU" if gpu else "CPU"
+        selection.why = f"auto: {reasons}" if skipped else f"auto: {reasons} for this source on {where}"
         return selection
     raise BackendUnavailable("no backend can run this source here: " + "; ".join(skipped))
 

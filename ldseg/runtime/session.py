@@ -64,6 +64,11 @@ def output_suffixes(cfg: ModelConfig, opts: RunOptions) -> list[str]:
     return suffixes
 
 
+def precision_note(backend: Backend) -> str | None:
+    """What a reduced-precision result records in its header ("ldseg openvino bf16"); None for FP32."""
+    return None if backend.precision == "fp32" else f"ldseg {backend.name} {backend.precision}"
+
+
 def segment_prepared(
     prepared: Prepared, backend: Backend, cfg: ModelConfig, opts: RunOptions
 ) -> tuple[dict[str, tuple[np.ndarray, type]], dict[str, float]]:
@@ -134,6 +139,7 @@ def run_files(
     summary = RunSummary()
     clock = time.perf_counter()
     suffixes = output_suffixes(cfg, opts)
+    note = precision_note(backend)
 
     def targets_of(path: Path) -> dict[str, Path]:
         return {suffix: output_path(out_dir, path, cfg, suffix) for suffix in suffixes}
@@ -158,7 +164,8 @@ def run_files(
             written: list[Path] = []
             try:
                 for suffix, (values, dtype) in outputs.items():
-                    write_map(targets[suffix], prepared, values, overwrite=opts.overwrite, dtype=dtype)
+                    write_map(targets[suffix], prepared, values, overwrite=opts.overwrite, dtype=dtype,
+                              description=note)
                     written.append(targets[suffix])
             except BaseException:
                 # Disk full or Ctrl-C after some of this volume's maps: remove those, so a

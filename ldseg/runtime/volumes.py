@@ -48,7 +48,8 @@ class Prepared:
 
     @property
     def input_shape(self) -> tuple[int, ...]:
-        return tuple(self.reference.array.shape[:2] if isinstance(self.reference, Image2D) else self.reference.array.shape)
+        shape = self.reference.array.shape
+        return tuple(shape[:2] if isinstance(self.reference, Image2D) else shape)
 
 
 def prepare(path: Path, cfg: ModelConfig) -> Prepared:
@@ -107,10 +108,13 @@ def output_path(out_dir: Path, input_path: Path, cfg: ModelConfig, suffix: str) 
     return out_dir / f"{stem(input_path)}{suffix}{extension}"
 
 
-def write_map(path: Path, prepared: Prepared, values: np.ndarray, *, overwrite: bool, dtype: type) -> None:
+def write_map(
+    path: Path, prepared: Prepared, values: np.ndarray, *, overwrite: bool, dtype: type, description: str | None = None
+) -> None:
+    """`description`: the NIfTI header's descrip, or a PNG tEXt chunk (what produced the map)."""
     if isinstance(prepared.reference, Image2D):
         if np.dtype(dtype) != np.uint8:
             values = np.clip(values * 255.0, 0, 255)  # PNG: float maps in [0, 1] scaled to 0..255
-        write_label2d(path, values.astype(np.uint8), overwrite=overwrite)
+        write_label2d(path, values.astype(np.uint8), overwrite=overwrite, description=description)
     else:
-        write_volume(path, values, prepared.reference, overwrite=overwrite, dtype=dtype)
+        write_volume(path, values, prepared.reference, overwrite=overwrite, dtype=dtype, description=description)
