@@ -22,7 +22,7 @@ import torch
 
 from ldseg.bench import machine, plots, report
 from ldseg.bench.flops import pipeline_flops
-from ldseg.bench.probe import DTYPES, Peak, measure_peak
+from ldseg.bench.probe import DTYPES, OPENVINO_DTYPES, Peak, best_peak
 from ldseg.bench.stats import summarize
 from ldseg.bench.targets import FACTORIES, REFERENCE, Context, Target, Unsupported, build_target, reference
 from ldseg.bench.timing import Timer, timer_for
@@ -35,7 +35,7 @@ from ldseg.runtime.backend import STAGES, PipelineInputs, PipelineOutputs, make_
 from ldseg.runtime.select import resolve_device
 
 RESULTS_SCHEMA = "ldseg-bench/1"
-PRECISIONS = ("fp32", "fp16", "int8")
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 Log = Callable[[str], None]
 
 
@@ -45,6 +45,7 @@ class BenchOptions:
     preset: str | None = None  # none of preset/checkpoint/bundle: the demo preset
     checkpoint: str | Path | None = None  # a path, or "demo" for the bundled model
     bundle: Path | None = None  # an exported bundle (needs its checkpoint for the reference)
+    int8_bundle: Path | None = None  # a calibrated INT8 bundle of the same model, for the int8 rows
     backends: tuple[str, ...] = ("torch", "onnxruntime")
     precisions: tuple[str, ...] = ("fp32",)
     steps: tuple[int, ...] = ()  # empty: the model's default step count
@@ -107,7 +108,7 @@ def run_benchmark(options: BenchOptions, log: Log = _quiet) -> Path:
     log(f"model: {source.info['weights']}; device {device}, timer {timer.name}; inputs: {image_info['source']}")
 
     with tempfile.TemporaryDirectory(prefix="ldseg-bench-") as work:
-        ctx = Context(source.model, device, options.bundle, Path(work))
+        ctx = Context(source.model, device, options.bundle, Path(work), options.int8_bundle)
         ref = reference(ctx)
         targets, skipped = _targets(options, ctx, ref, log)
         peaks = _peaks(device, options, targets, log)
@@ -168,14 +169,16 @@ def _targets(options: BenchOptions, ctx: Context, ref: Target, log: Log) -> tupl
 
 
 def _peaks(device: str, options: BenchOptions, targets: list[Target], log: Log) -> dict[str, Peak]:
-    """fp32 always; on CUDA also each other float precision a target runs (tensor-core peak)."""
+    """fp32 always, plus each other precision a target runs that has a probe: on CUDA the float ones
+    (tensor cores), on CPU bf16 and int8 (best of torch and OpenVINO, see probe.py)."""
     wanted = {"fp32"}
-    if device.startswith("cuda"):
-        wanted |= {t.backend.precision for t in targets if t.backend.precision in DTYPES}
+    probed = set(DTYPES) if device.startswith("cuda") else set(OPENVINO_DTYPES)
+    wanted |= {t.backend.precision for t in targets if t.backend.precision in probed}
     peaks = {}
     for dtype in sorted(wanted):
-        peaks[dtype] = measure_peak(device, dtype, options.probe_size, options.probe_repeat)
-        log(f"peak {dtype} matmul {options.probe_size}^3 on {device}: {peaks[dtype].gflops:.1f} GFLOP/s")
+        peaks[dtype] = best_peak(device, dtype, options.probe_size, options.probe_repeat)
+        log(f"peak {dtype} matmul {options.probe_size}^3 on {device}: {peaks[dtype].gflops:.1f} GFLOP/s "
+            f"({peaks[dtype].library})")
     return peaks
 
 
