@@ -15,7 +15,7 @@ from typing import Any
 import psutil
 import torch
 
-LIBRARIES = ("ldseg", "torch", "numpy", "onnx", "onnxruntime", "onnxruntime-gpu", "tensorrt")
+LIBRARIES = ("ldseg", "torch", "numpy", "onnx", "onnxruntime", "onnxruntime-gpu", "tensorrt", "openvino")
 
 
 def cpu_model() -> str:

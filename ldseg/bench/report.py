@@ -117,7 +117,8 @@ def performance_section(paths: Sequence[Path], heading: str = "## Performance") 
         peaks = ", ".join(f"{k} {v['gflops']:.0f} GFLOP/s" for k, v in res["peaks"].items())
         notes.append(f"- {res['model']['preset']}, {res['created'][:10]}: {res['model']['weights']}; "
                      f"commit {res['git']['commit'][:12]}; torch {res['versions'].get('torch', '?')}, "
-                     f"onnxruntime {res['versions'].get('onnxruntime', '–')}; matmul peak {peaks}; "
+                     f"onnxruntime {res['versions'].get('onnxruntime', '–')}, "
+                     f"openvino {res['versions'].get('openvino', '–')}; matmul peak {peaks}; "
                      f"{res['rows'][0]['repeat']} repeats after {res['rows'][0]['warmup']} warm-up")
     lines = [
         heading,
@@ -125,7 +126,8 @@ def performance_section(paths: Sequence[Path], heading: str = "## Performance") 
         "Latency is end to end (host arrays in, labels out); speed-up is against PyTorch eager FP32 on the "
         "same device in the same run; agreement is the fraction of voxels whose label equals that "
         "reference's on the same inputs; % of peak is the reference model's counted FLOPs per second "
-        "over the measured matmul peak of the row's precision (fp32 on CPU), i.e. the compute floor "
+        "over the measured matmul peak of the row's precision (on CPU fp32, bf16, int8: the best of torch and "
+        "OpenVINO), i.e. the compute floor "
         "divided by the measured time (exported graphs execute fewer FLOPs: phase-form upsampling, "
         "see ldseg/model/layers.py). Reproduce with `bash benchmarks/run_cpu.sh` (see benchmarks/README.md).",
         "",

@@ -20,6 +20,7 @@ from ldseg.model.network import LDSeg
 from ldseg.runtime import openvino_backend
 from ldseg.runtime.backend import PipelineInputs, make_inputs
 from ldseg.runtime.bundle import load_bundle
+from ldseg.runtime.onnxruntime_backend import OnnxRuntimeBackend
 from ldseg.runtime.select import load_model
 from ldseg.runtime.session import RunOptions, run_files
 from ldseg.runtime.torch_backend import TorchBackend
@@ -29,6 +30,7 @@ from ldseg.runtime.openvino_backend import OpenVinoBackend  # noqa: E402
 
 FP32_TARGET, BF16_TARGET = 99.9, 99.5  # % identical voxels vs PyTorch FP32 (issue 19)
 INT8_TARGET = 99.0  # % identical voxels vs PyTorch FP32 for the small phantom-calibrated INT8 bundle
+INT8_VS_ORT = 99.5  # vs ONNX Runtime on the same INT8 bundle (measured 99.88 %; 98.5 % without _keep_concats_float)
 GRAPHS = ["encoder", "denoise_step", "decoder", "decoder_argmax"]
 
 
@@ -147,10 +149,13 @@ def test_int8_bundle_runs_on_integer_kernels(int8_dir: Path, model: LDSeg) -> No
     ours, ref = backend.run(inputs), TorchBackend(model).run(inputs)
     agreement = _identical(ours.labels, ref.labels)
     assert agreement >= INT8_TARGET, f"int8: {agreement:.3f} % identical labels to PyTorch FP32"
+    same_graphs = OnnxRuntimeBackend(int8_dir, threads=2).run(inputs)  # the same Q/DQ graphs, other kernels
+    agreement = _identical(ours.labels, same_graphs.labels)
+    assert agreement >= INT8_VS_ORT, f"int8: {agreement:.3f} % identical labels to ONNX Runtime INT8"
     runtime = backend.compiled("decoder_argmax", 1).get_runtime_model()
     kinds = {(op.get_rt_info()["layerType"].astype(str), op.get_rt_info()["runtimePrecision"].astype(str))
              for op in runtime.get_ordered_ops()}
-    assert any(layer == "Convolution" and precision in ("I8", "U8") for layer, precision in kinds), sorted(kinds)
+    assert any(layer == "Convolution" and precision.lower() in ("i8", "u8") for layer, precision in kinds), sorted(kinds)
 
 
 def test_reduced_precision_is_recorded_in_the_output_header(int8_dir: Path, model: LDSeg, tmp_path: Path) -> None:
