@@ -162,6 +162,7 @@ def test_reduced_precision_is_recorded_in_the_output_header(int8_dir: Path, mode
     phantom = make_phantom(7, model.cfg.image_size, model.cfg.num_classes)
     image = tmp_path / "p7.nii.gz"
     write_phantom_nifti(phantom, image, tmp_path / "p7_truth.nii.gz", overwrite=False)
+    (tmp_path / "out").mkdir()
     summary = run_files([image], tmp_path / "out", OpenVinoBackend(int8_dir, threads=2), model.cfg, RunOptions())
     assert not summary.failures and summary.written
     header = nib.load(summary.written[0]).header
