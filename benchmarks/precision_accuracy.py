@@ -114,7 +114,8 @@ def main() -> None:
 
 
 def render(result: dict[str, Any]) -> str:
-    lines = ["| precision | case | Dice vs label (1 / 2) | Dice vs FP32 (1 / 2) | identical to FP32 | one run s | load |",
+    lines = ["| precision | case | Dice vs label (1 / 2) | Dice vs FP32 (1 / 2) | identical to FP32 | one run s "
+             "| load |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in result["rows"]:
         if "skipped" in r:
