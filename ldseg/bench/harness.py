@@ -125,6 +125,7 @@ def run_benchmark(options: BenchOptions, log: Log = _quiet) -> Path:
                     rows.append(_finish(row, ref_row, labels, ref_labels, cfg.num_classes))
                     log(_line(rows[-1]))
 
+    _relative_to(rows, ("onnxruntime", "fp32"))
     results = {
         "schema": RESULTS_SCHEMA,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -259,6 +260,17 @@ def _finish(row: dict[str, Any], ref_row: dict[str, Any], labels: np.ndarray, re
         "mean_dice": float(np.mean(list(dice.values()))) if dice else 1.0,
     }
     return row
+
+
+def _relative_to(rows: list[dict[str, Any]], baseline: tuple[str, str]) -> None:
+    """Each row's speed-up against the `baseline` (backend, precision) row of its (steps, batch), where
+    one was measured: e.g. OpenVINO against ONNX Runtime FP32, beside the speed-up against torch eager."""
+    key = f"speedup_vs_{'_'.join(baseline)}"
+    for row in rows:
+        twins = [r for r in rows if (r["backend"], r["precision"]) == baseline
+                 and (r["steps"], r["batch"]) == (row["steps"], row["batch"])]
+        if twins:
+            row[key] = twins[0]["end_to_end"]["ms"]["p50"] / row["end_to_end"]["ms"]["p50"]
 
 
 def _line(row: dict[str, Any]) -> str:

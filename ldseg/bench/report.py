@@ -66,13 +66,14 @@ def render_results(results: dict[str, Any]) -> str:
         "",
     ]
     header = ["backend", "steps", "batch", "p50 ms", "p95 ms", "p99 ms", "min ms", "mean ms", "vol/s",
-              "speed-up", "GFLOP/s", "% of peak", "agreement", "Dice per class", "peak RSS MB"]
+              "speed-up", "vs ORT fp32", "GFLOP/s", "% of peak", "agreement", "Dice per class", "peak RSS MB"]
     body = []
     for r in results["rows"]:
         ms, e2e = r["end_to_end"]["ms"], r["end_to_end"]
         body.append([r["label"] + (" (ref)" if r["reference"] else ""), str(r["steps"]), str(r["batch"]),
                      _f(ms["p50"]), _f(ms["p95"]), _f(ms["p99"]), _f(ms["min"]), _f(ms["mean"]),
                      _f(r["throughput_volumes_per_s"], 2), _f(r["speedup_vs_reference"], 2),
+                     _f(r.get("speedup_vs_onnxruntime_fp32"), 2),
                      _f(e2e["gflops_per_s"]), _f(100 * e2e["roofline"]), f"{r['accuracy']['agreement']:.4f}",
                      _dice(r), _f(r["memory"]["peak_rss_mb"], 0)])
     lines += _table(header, body)
