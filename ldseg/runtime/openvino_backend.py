@@ -240,7 +240,7 @@ def _check_precision(bundle: Bundle, precision: str | None) -> str:
     """The precision this bundle runs at when `precision` is asked for, or BackendUnavailable."""
     if bundle.precision not in ("fp32", "int8"):
         raise BackendUnavailable(
-            f"{bundle.path}: a {bundle.precision} bundle; the openvino backend runs fp32 bundles (fp32, bf16) "
+            f"{bundle.path}: the bundle is {bundle.precision}; the openvino backend runs fp32 bundles (fp32, bf16) "
             "and int8 bundles from `ldseg-export calibrate`"
         )
     if precision is None or precision == "auto":
@@ -249,5 +249,5 @@ def _check_precision(bundle: Bundle, precision: str | None) -> str:
         raise BackendUnavailable(f"precision {precision}: the openvino backend runs {', '.join(PRECISIONS)}")
     if (precision == "int8") != (bundle.precision == "int8"):
         need = "an int8 bundle (ldseg-export calibrate)" if precision == "int8" else "an fp32 bundle"
-        raise BackendUnavailable(f"{bundle.path}: a {bundle.precision} bundle; {precision} needs {need}")
+        raise BackendUnavailable(f"{bundle.path}: the bundle is {bundle.precision}; {precision} needs {need}")
     return precision
