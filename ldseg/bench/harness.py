@@ -24,7 +24,7 @@ import torch
 from ldseg.bench import machine, plots, report
 from ldseg.bench.accuracy import TruthCase, dice_vs_truth, load_truth, row_accuracy, truth_folders, untrained_note
 from ldseg.bench.flops import pipeline_flops
-from ldseg.bench.probe import DTYPES, Peak, measure_peak
+from ldseg.bench.probe import DTYPES, OPENVINO_DTYPES, Peak, best_peak
 from ldseg.bench.stats import summarize
 from ldseg.bench.targets import FACTORIES, REFERENCE, Context, Target, Unsupported, build_target, reference
 from ldseg.bench.timing import Timer, timer_for
@@ -38,7 +38,7 @@ from ldseg.runtime.select import resolve_device
 from ldseg.runtime.volumes import Prepared
 
 RESULTS_SCHEMA = "ldseg-bench/2"  # 2: accuracy null where not meaningful, with a note; vs_truth
-PRECISIONS = ("fp32", "fp16", "int8")
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 Log = Callable[[str], None]
 
 
@@ -48,6 +48,7 @@ class BenchOptions:
     preset: str | None = None  # none of preset/checkpoint/bundle: the demo preset
     checkpoint: str | Path | None = None  # a path, or "demo" for the bundled model
     bundle: Path | None = None  # an exported bundle (needs its checkpoint for the reference)
+    int8_bundle: Path | None = None  # a calibrated INT8 bundle of the same model, for the int8 rows
     backends: tuple[str, ...] = ("torch", "onnxruntime")
     precisions: tuple[str, ...] = ("fp32",)
     steps: tuple[int, ...] = ()  # empty: the model's default step count
@@ -114,8 +115,8 @@ def run_benchmark(options: BenchOptions, log: Log = _quiet) -> Path:
     log(f"model: {source.info['weights']}; device {device}, timer {timer.name}; inputs: {image_info['source']}")
 
     with tempfile.TemporaryDirectory(prefix="ldseg-bench-") as work:
-        ctx = Context(source.model, device, options.bundle, Path(work),
-                      max_batch=max(options.batch), probabilities=truth is not None)
+        ctx = Context(source.model, device, options.bundle, Path(work), max_batch=max(options.batch),
+                      probabilities=truth is not None, int8_bundle=options.int8_bundle)
         ref = reference(ctx)
         targets, skipped = _targets(options, ctx, ref, log)
         peaks = _peaks(device, options, targets, log)
@@ -136,6 +137,7 @@ def run_benchmark(options: BenchOptions, log: Log = _quiet) -> Path:
                                                                    vs_truth=_vs_truth(target, inputs, truth, cfg))))
                     log(_line(rows[-1]))
 
+    _relative_to(rows, ("onnxruntime", "fp32"))
     results = {
         "schema": RESULTS_SCHEMA,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -180,14 +182,16 @@ def _targets(options: BenchOptions, ctx: Context, ref: Target, log: Log) -> tupl
 
 
 def _peaks(device: str, options: BenchOptions, targets: list[Target], log: Log) -> dict[str, Peak]:
-    """fp32 always; on CUDA also each other float precision a target runs (tensor-core peak)."""
+    """fp32 always, plus each other precision a target runs that has a probe: on CUDA the float ones
+    (tensor cores), on CPU bf16 and int8 (best of torch and OpenVINO, see probe.py)."""
     wanted = {"fp32"}
-    if device.startswith("cuda"):
-        wanted |= {t.backend.precision for t in targets if t.backend.precision in DTYPES}
+    probed = set(DTYPES) if device.startswith("cuda") else set(OPENVINO_DTYPES)
+    wanted |= {t.backend.precision for t in targets if t.backend.precision in probed}
     peaks = {}
     for dtype in sorted(wanted):
-        peaks[dtype] = measure_peak(device, dtype, options.probe_size, options.probe_repeat)
-        log(f"peak {dtype} matmul {options.probe_size}^3 on {device}: {peaks[dtype].gflops:.1f} GFLOP/s")
+        peaks[dtype] = best_peak(device, dtype, options.probe_size, options.probe_repeat)
+        log(f"peak {dtype} matmul {options.probe_size}^3 on {device}: {peaks[dtype].gflops:.1f} GFLOP/s "
+            f"({peaks[dtype].library})")
     return peaks
 
 
@@ -305,6 +309,17 @@ def _finish(row: dict[str, Any], ref_row: dict[str, Any], accuracy: dict[str, An
     row["speedup_vs_reference"] = ref_row["end_to_end"]["ms"]["p50"] / row["end_to_end"]["ms"]["p50"]
     row["accuracy"] = accuracy
     return row
+
+
+def _relative_to(rows: list[dict[str, Any]], baseline: tuple[str, str]) -> None:
+    """Each row's speed-up against the `baseline` (backend, precision) row of its (steps, batch), where
+    one was measured: e.g. OpenVINO against ONNX Runtime FP32, beside the speed-up against torch eager."""
+    key = f"speedup_vs_{'_'.join(baseline)}"
+    for row in rows:
+        twins = [r for r in rows if (r["backend"], r["precision"]) == baseline
+                 and (r["steps"], r["batch"]) == (row["steps"], row["batch"])]
+        if twins:
+            row[key] = twins[0]["end_to_end"]["ms"]["p50"] / row["end_to_end"]["ms"]["p50"]
 
 
 def _line(row: dict[str, Any]) -> str:

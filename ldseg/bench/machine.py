@@ -16,7 +16,7 @@ import torch
 
 from ldseg.versions import installed_versions
 
-LIBRARIES = ("ldseg", "torch", "numpy", "onnx", "onnxruntime", "onnxruntime-gpu", "tensorrt")
+LIBRARIES = ("ldseg", "torch", "numpy", "onnx", "onnxruntime", "onnxruntime-gpu", "tensorrt", "openvino")
 
 
 def cpu_model() -> str:

@@ -90,14 +90,15 @@ def render_results(results: dict[str, Any]) -> str:
         "",
     ]
     header = ["backend", "steps", "batch", "p50 ms", "p95 ms", "p99 ms", "min ms", "mean ms", "vol/s",
-              "speed-up", "GFLOP/s", "% of peak", "agreement", "Dice vs ref per class", "Dice vs truth per class",
-              "peak RSS MB"]
+              "speed-up", "vs ORT fp32", "GFLOP/s", "% of peak", "agreement", "Dice vs ref per class",
+              "Dice vs truth per class", "peak RSS MB"]
     body = []
     for r in results["rows"]:
         ms, e2e = r["end_to_end"]["ms"], r["end_to_end"]
         body.append([r["label"] + (" (ref)" if r["reference"] else ""), str(r["steps"]), str(r["batch"]),
                      _f(ms["p50"]), _f(ms["p95"]), _f(ms["p99"]), _f(ms["min"]), _f(ms["mean"]),
                      _f(r["throughput_volumes_per_s"], 2), _f(r["speedup_vs_reference"], 2),
+                     _f(r.get("speedup_vs_onnxruntime_fp32"), 2),
                      _f(e2e["gflops_per_s"]), _f(100 * e2e["roofline"]), *vs_reference(results, r),
                      vs_truth(r), _f(r["memory"]["peak_rss_mb"], 0)])
     lines += _table(header, body)
@@ -149,7 +150,8 @@ def performance_section(paths: Sequence[Path], heading: str = "## Performance") 
         peaks = ", ".join(f"{k} {v['gflops']:.0f} GFLOP/s" for k, v in res["peaks"].items())
         notes.append(f"- {res['model']['preset']}, {res['created'][:10]}: {res['model']['weights']}; "
                      f"commit {res['git']['commit'][:12]}; torch {res['versions'].get('torch', '?')}, "
-                     f"onnxruntime {res['versions'].get('onnxruntime', '–')}; matmul peak {peaks}; "
+                     f"onnxruntime {res['versions'].get('onnxruntime', '–')}, "
+                     f"openvino {res['versions'].get('openvino', '–')}; matmul peak {peaks}; "
                      f"{res['rows'][0]['repeat']} repeats after {res['rows'][0]['warmup']} warm-up; "
                      f"inputs {_inputs(res['inputs'])}")
     lines = [
@@ -160,7 +162,8 @@ def performance_section(paths: Sequence[Path], heading: str = "## Performance") 
         "reference's on the same inputs (given only for trained models whose reference output has "
         "several classes); Dice vs truth is per class against the labels of `--data` (input grid); "
         "% of peak is the reference model's counted FLOPs per second "
-        "over the measured matmul peak of the row's precision (fp32 on CPU), i.e. the compute floor "
+        "over the measured matmul peak of the row's precision (on CPU fp32, bf16, int8: the best of torch and "
+        "OpenVINO), i.e. the compute floor "
         "divided by the measured time (exported graphs execute fewer FLOPs: phase-form upsampling, "
         "see ldseg/model/layers.py). Reproduce with `bash benchmarks/run_cpu.sh` (see benchmarks/README.md).",
         "",

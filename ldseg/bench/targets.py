@@ -17,6 +17,7 @@ import torch
 from ldseg.errors import BackendUnavailable
 from ldseg.model.network import LDSeg
 from ldseg.runtime.backend import Backend
+from ldseg.runtime.bundle import Bundle
 from ldseg.runtime.torch_backend import TorchBackend
 
 REFERENCE = ("torch", "fp32", "eager")  # backend, precision, mode of the baseline every row is compared to
@@ -34,6 +35,7 @@ class Context:
     workdir: Path  # where a factory may export what it needs for this run
     max_batch: int = 1  # the largest batch the run times (TensorRT profiles are built for it)
     probabilities: bool = False  # backends must also return probabilities (Dice vs truth, as ldseg-run)
+    int8_bundle: Path | None = None  # a calibrated INT8 bundle given with --int8-bundle
 
 
 @dataclass
@@ -69,24 +71,42 @@ def reference(ctx: Context) -> Target:
     return _torch(ctx, "fp32", eager=True)
 
 
-def _onnxruntime(ctx: Context, precision: str) -> Target:
-    """The --bundle if given (its one precision), else a bundle exported from the model for this run."""
+def _bundle(ctx: Context, precision: str) -> tuple[Bundle, str]:
+    """The bundle holding `precision`: --int8-bundle for int8, else the --bundle if given (its one
+    precision), else one exported from the model for this run (once, shared by the backends)."""
     from ldseg.runtime.bundle import EXPORT_PRECISIONS, load_bundle
-    from ldseg.runtime.onnxruntime_backend import OnnxRuntimeBackend
 
+    if precision == "int8":
+        if ctx.int8_bundle is None and (ctx.bundle is None or load_bundle(ctx.bundle).precision != "int8"):
+            raise Unsupported("int8 runs a calibrated bundle: give --int8-bundle (ldseg-export calibrate)")
+        path = ctx.int8_bundle or ctx.bundle
+        assert path is not None
+        bundle = load_bundle(path)
+        if bundle.precision != "int8":
+            raise Unsupported(f"the given --int8-bundle is {bundle.precision}")
+        return bundle, f"bundle {path}"
     if ctx.bundle is not None:
         bundle = load_bundle(ctx.bundle)
         if bundle.precision != precision:
             raise Unsupported(f"the given bundle is {bundle.precision}")
-        source = f"bundle {ctx.bundle}"
-    else:
+        return bundle, f"bundle {ctx.bundle}"
+    if precision not in EXPORT_PRECISIONS:
+        raise Unsupported(f"bundles are exported in {' or '.join(EXPORT_PRECISIONS)}")
+    path = ctx.workdir / f"bundle-{precision}"
+    if not path.exists():
         from ldseg.export.exporter import export_bundle
 
-        if precision not in EXPORT_PRECISIONS:
-            raise Unsupported(f"bundles are exported in {' or '.join(EXPORT_PRECISIONS)}")
         graphs = ("encoder", "denoise_step", "decoder_argmax", *(("decoder",) if ctx.probabilities else ()))
-        path = export_bundle(ctx.model, ctx.workdir / f"bundle-{precision}", precision=precision, graphs=graphs)
-        bundle, source = load_bundle(path), f"{precision} bundle exported from the benchmarked model"
+        export_bundle(ctx.model, path, precision=precision, graphs=graphs)
+    return load_bundle(path), f"{precision} bundle exported from the benchmarked model"
+
+
+def _onnxruntime(ctx: Context, precision: str) -> Target:
+    from ldseg.runtime.onnxruntime_backend import OnnxRuntimeBackend
+
+    if precision == "bf16":
+        raise Unsupported("onnxruntime runs the bundle's fp32, fp16 or int8 only")
+    bundle, source = _bundle(ctx, precision)
     threads = torch.get_num_threads()  # the same intra-op thread count as the torch rows
     backend = OnnxRuntimeBackend(bundle, ctx.device, threads=threads)
     return Target(backend, f"{source}, {threads} intra-op threads")
@@ -125,7 +145,28 @@ def _tensorrt(ctx: Context, precision: str) -> Target:
     return Target(TensorRTBackend(engines, ctx.device), f"engines built from {bundle_dir}")
 
 
-FACTORIES: dict[str, Factory] = {"torch": _torch, "onnxruntime": _onnxruntime, "tensorrt": _tensorrt}
+def _openvino(ctx: Context, precision: str) -> Target:
+    """fp32 and bf16 run the FP32 bundle (bf16 by OpenVINO's precision hint), int8 the INT8 bundle."""
+    from ldseg.errors import BackendUnavailable
+    from ldseg.runtime.openvino_backend import OpenVinoBackend, import_openvino
+
+    if ctx.device != "cpu":
+        raise Unsupported("openvino runs on the CPU")
+    if precision not in ("fp32", "bf16", "int8"):
+        raise Unsupported("openvino runs fp32, bf16 (from an fp32 bundle) and int8 (an int8 bundle)")
+    import_openvino()  # not installed: the run stops here, like any missing library
+    bundle, source = _bundle(ctx, "fp32" if precision == "bf16" else precision)
+    threads = torch.get_num_threads()
+    try:
+        backend = OpenVinoBackend(bundle, precision, threads=threads)
+    except BackendUnavailable as exc:  # bf16 on a CPU without native BF16: a skip with the reason
+        raise Unsupported(str(exc)) from exc
+    return Target(backend, f"{source}, {threads} threads")
+
+
+FACTORIES: dict[str, Factory] = {
+    "torch": _torch, "onnxruntime": _onnxruntime, "openvino": _openvino, "tensorrt": _tensorrt,
+}
 
 
 def build_target(name: str, ctx: Context, precision: str) -> Target:

@@ -13,8 +13,8 @@ import typer
 from ldseg.cli.common import DeviceChoice, PresetChoice, SamplerChoice, VersionOption, console, entry, value
 
 bench_typer = typer.Typer(add_completion=False, help="Benchmark LDSeg backends: latency, throughput, FLOPs, accuracy.")
-BENCH_BACKENDS = ("torch", "onnxruntime", "tensorrt")  # the registry in ldseg/bench/targets.py
-BENCH_PRECISIONS = ("fp32", "fp16", "int8")
+BENCH_BACKENDS = ("torch", "onnxruntime", "openvino", "tensorrt")  # the registry in ldseg/bench/targets.py
+BENCH_PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 
 
 def parse_list(option: str, text: str, choices: tuple[str, ...] | None = None) -> tuple[str, ...]:
@@ -40,6 +40,8 @@ def bench(
     preset: Annotated[Optional[PresetChoice], typer.Option(help="A preset with random weights (default demo).")] = None,
     checkpoint: Annotated[Optional[str], typer.Option(help="Checkpoint path, or 'demo' for the bundled model.")] = None,
     bundle: Annotated[Optional[Path], typer.Option(help="Exported bundle for onnxruntime (with --checkpoint for the reference).")] = None,
+    int8_bundle: Annotated[Optional[Path], typer.Option(
+        help="Calibrated INT8 bundle of the same model (ldseg-export calibrate) for the int8 rows.")] = None,
     backends: Annotated[str, typer.Option(help="Comma-separated backends (registry: ldseg/bench/targets.py).")] = "torch,onnxruntime",
     precisions: Annotated[str, typer.Option(help="Comma-separated precisions, e.g. fp32,fp16.")] = "fp32",
     steps: Annotated[Optional[str], typer.Option(help="Comma-separated step counts (default: the model's).")] = None,
@@ -65,6 +67,7 @@ def bench(
         preset=value(preset),
         checkpoint=checkpoint,
         bundle=bundle,
+        int8_bundle=int8_bundle,
         backends=parse_list("--backends", backends, BENCH_BACKENDS),
         precisions=parse_list("--precisions", precisions, BENCH_PRECISIONS),
         steps=parse_ints("--steps", steps) if steps is not None else (),

@@ -24,7 +24,9 @@ out = Console()  # results: paths written, tables asked for
 
 # One str Enum per choice (functional form: a dict literal keeps mypy able to check the members).
 BackendChoice = enum.Enum("BackendChoice", {"auto": "auto", "torch": "torch", "onnxruntime": "onnxruntime",
-                                            "tensorrt": "tensorrt"}, type=str)
+                                            "openvino": "openvino", "tensorrt": "tensorrt"}, type=str)
+RunPrecision = enum.Enum("RunPrecision", {"auto": "auto", "fp32": "fp32", "fp16": "fp16", "bf16": "bf16",
+                                          "int8": "int8"}, type=str)
 DeviceChoice = enum.Enum("DeviceChoice", {"auto": "auto", "cpu": "cpu", "cuda": "cuda"}, type=str)
 SamplerChoice = enum.Enum("SamplerChoice", {"ddim": "ddim", "ddpm": "ddpm"}, type=str)
 PresetChoice = enum.Enum("PresetChoice", {"knee3d": "knee3d", "glas2d": "glas2d", "demo": "demo"}, type=str)

@@ -16,6 +16,7 @@ from ldseg.cli.common import (
     BackendChoice,
     DeviceChoice,
     OutputType,
+    RunPrecision,
     SamplerChoice,
     SegType,
     VersionOption,
@@ -39,10 +40,15 @@ def run(
     ] = None,
     bundle: Annotated[Optional[Path], typer.Option(help="Exported ONNX bundle (ldseg-export onnx).")] = None,
     engines: Annotated[Optional[Path], typer.Option(help="TensorRT engine set (ldseg-export build-engine).")] = None,
-    backend: Annotated[BackendChoice, typer.Option(help="Runtime; auto picks the fastest available.")] = BackendChoice.auto,
+    backend: Annotated[BackendChoice, typer.Option(
+        help="Runtime; auto picks the fastest available.")] = BackendChoice.auto,
     device: Annotated[DeviceChoice, typer.Option(help="Where to run; auto prefers a GPU.")] = DeviceChoice.auto,
     gpu: Annotated[Optional[int], typer.Option(
         help="GPU index for every backend (torch cuda:N, ONNX Runtime device_id, TensorRT); default 0.")] = None,
+    precision: Annotated[RunPrecision, typer.Option(
+        help="auto: what the source holds (never a silent reduction); bf16 (openvino, CPUs with native BF16), "
+        "int8 (an int8 bundle).")] = RunPrecision.auto,
+    threads: Annotated[Optional[int], typer.Option(help="CPU threads (default: all cores).")] = None,
     steps: Annotated[Optional[int], typer.Option(help="Sampling steps (default: checkpoint's, 15).")] = None,
     sampler: Annotated[Optional[SamplerChoice], typer.Option(help="Sampler (default: the checkpoint's).")] = None,
     seed: Annotated[int, typer.Option(help="Noise seed; sample k uses seed + k.")] = 0,
@@ -76,13 +82,19 @@ def run(
     """Examples: `ldseg-run --demo -o out/`, `ldseg-run scan.nii.gz -o out/`, `ldseg-run scans/ -o out/ --samples 8`,
     `ldseg-run dicom_folder/ --output-type dicom-seg -o out/`."""
     from ldseg.runtime.outputs import algorithm_for, check_output_options
-    from ldseg.runtime.select import RECONSTRUCT_NEEDS, Source, load_model, select_backend
+    from ldseg.runtime.select import RECONSTRUCT_NEEDS, Source, Wants, load_model, select_backend
     from ldseg.runtime.session import RunOptions
 
     if samples < 1 or (steps is not None and steps < 1):
         raise typer.BadParameter("--samples and --steps must be at least 1")
     if gpu is not None and (gpu < 0 or device == DeviceChoice.cpu):
         raise typer.BadParameter("--gpu N is a GPU index >= 0, and contradicts --device cpu")
+    if threads is not None and threads < 1:
+        raise typer.BadParameter("--threads must be at least 1")
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)  # the torch backend's (and --reconstruct's) intra-op threads
     if overwrite and skip_existing:
         raise typer.BadParameter("--overwrite and --skip-existing contradict each other: choose one")
     if labels is not None and not labels.is_dir():
@@ -97,7 +109,8 @@ def run(
         _reconstruct(load_model(checkpoint or "demo", RECONSTRUCT_NEEDS), reconstruct, out_dir, overwrite)
         return
     source = Source(checkpoint, bundle, engines, trust_unvalidated=trust_unvalidated)
-    selection = select_backend(source, backend.value, device.value, gpu=gpu or 0)
+    selection = select_backend(source, backend.value, device.value, gpu=gpu or 0,
+                               wants=Wants(precision.value, threads))
     chosen, cfg = selection.backend, selection.config
     types = tuple(dict.fromkeys(t.value for t in output_type or [OutputType.nifti]))
     if demo and types != ("nifti",):

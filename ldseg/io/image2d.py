@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from PIL.PngImagePlugin import PngInfo
 
 from ldseg.errors import InputError, OutputError
 from ldseg.io.atomic import atomic_write
@@ -92,8 +93,9 @@ def read_label2d(path: Path) -> np.ndarray:
     return ids.astype(np.uint8 if hi <= 255 else np.uint16 if hi <= 65535 else np.uint32)
 
 
-def write_label2d(path: Path, labels: np.ndarray, overwrite: bool) -> None:
-    """Write (H, W) labels (0..255) as an 8-bit grayscale PNG, atomically."""
+def write_label2d(path: Path, labels: np.ndarray, overwrite: bool, description: str | None = None) -> None:
+    """Write (H, W) labels (0..255) as an 8-bit grayscale PNG, atomically; `description` (e.g. the
+    precision it ran at) goes into a tEXt chunk "ldseg"."""
     path = Path(path)
     if path.suffix.lower() != ".png":
         raise OutputError(f"{path}: output name must end in .png")
@@ -104,7 +106,11 @@ def write_label2d(path: Path, labels: np.ndarray, overwrite: bool) -> None:
         raise ValueError("labels must be within 0..255 to be stored as 8-bit PNG")
     im = Image.fromarray(np.ascontiguousarray(labels, dtype=np.uint8))  # uint8 2D -> mode L
 
+    info = PngInfo()
+    if description is not None:
+        info.add_text("ldseg", description)
+
     def write(tmp: Path) -> None:
-        im.save(tmp, format="PNG")
+        im.save(tmp, format="PNG", pnginfo=info)
 
     atomic_write(path, write, overwrite)

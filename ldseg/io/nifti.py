@@ -174,11 +174,13 @@ def write_volume(
     *,
     overwrite: bool,
     dtype: DTypeLike = np.uint8,
+    description: str | None = None,
 ) -> None:
     """Write `array` (nibabel order, reference's shape) on the reference's grid, atomically.
 
     The header is the reference's (same qform/sform and codes, so the output overlays the input)
     with the data type set to `dtype` and no intensity scaling, so labels are stored verbatim.
+    `description` (<= 80 bytes) goes into the header's descrip field, e.g. the precision it ran at.
     """
     path = Path(path)
     if not _has_nifti_suffix(path):
@@ -198,6 +200,8 @@ def write_volume(
     header.set_data_dtype(out_dtype)
     header.set_slope_inter(None, None)  # raw values on disk: labels must not be rescaled
     header["cal_min"], header["cal_max"] = 0, 0  # the input's display window means nothing here
+    if description is not None:
+        header["descrip"] = description.encode()[:80]
     # Same header affine => nibabel keeps qform/sform untouched (it only rewrites on mismatch).
     image_class = nib.Nifti2Image if isinstance(header, nib.Nifti2Header) else nib.Nifti1Image
     img = image_class(data, reference.affine, header=header)

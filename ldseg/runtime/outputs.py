@@ -101,13 +101,20 @@ def refuse_unwritable(input_path: Path, opts: RunOptions) -> None:
 
 
 def write_target(
-    target: Target, prepared: Prepared, outputs: dict[str, tuple[np.ndarray, type]], cfg: ModelConfig, opts: RunOptions
+    target: Target,
+    prepared: Prepared,
+    outputs: dict[str, tuple[np.ndarray, type]],
+    cfg: ModelConfig,
+    opts: RunOptions,
+    description: str | None = None,
 ) -> None:
+    """One planned file; `description` (e.g. "ldseg openvino bf16") goes into a volume's header."""
     from ldseg.runtime.volumes import write_map
 
     if target.output_type != "dicom-seg":
         values, dtype = outputs[target.suffix]
-        write_map(target.path, prepared, values, overwrite=opts.overwrite, dtype=dtype, output_type=target.output_type)
+        write_map(target.path, prepared, values, overwrite=opts.overwrite, dtype=dtype,
+                  output_type=target.output_type, description=description)
         return
     if opts.seg_type == "fractional":
         values = np.stack([outputs[f"_prob{c}"][0] for c in range(1, cfg.num_classes)])

@@ -71,6 +71,11 @@ def output_suffixes(cfg: ModelConfig, opts: RunOptions) -> list[str]:
     return suffixes
 
 
+def precision_note(backend: Backend) -> str | None:
+    """What a reduced-precision result records in its header ("ldseg openvino bf16"); None for FP32."""
+    return None if backend.precision == "fp32" else f"ldseg {backend.name} {backend.precision}"
+
+
 @dataclass
 class Segmentation:
     """One input's result: the maps to write, stage times, and (for QC) the model-grid votes."""
@@ -191,6 +196,7 @@ def run_files(
     summary = RunSummary()
     clock = time.perf_counter()
     suffixes = output_suffixes(cfg, opts)
+    note = precision_note(backend)
 
     def targets_of(path: Path) -> tuple[list[Target], dict[str, Path]]:
         """The maps to write (every output type asked for) and the extras' files, by suffix."""
@@ -224,7 +230,7 @@ def run_files(
             written: list[Path] = []
             try:
                 for target in maps:
-                    write_target(target, prepared, result.outputs, cfg, opts)
+                    write_target(target, prepared, result.outputs, cfg, opts, description=note)
                     written.append(target.path)
                 for suffix, content in extra.contents.items() if extra is not None else ():
                     _write_bytes(extra_paths[suffix], content, opts.overwrite)

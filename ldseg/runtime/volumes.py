@@ -67,7 +67,8 @@ class Prepared:
 
     @property
     def input_shape(self) -> tuple[int, ...]:
-        return tuple(self.reference.array.shape[:2] if isinstance(self.reference, Image2D) else self.reference.array.shape)
+        shape = self.reference.array.shape
+        return tuple(shape[:2] if isinstance(self.reference, Image2D) else shape)
 
 
 def prepare(path: Path, cfg: ModelConfig, series: str | None = None) -> Prepared:
@@ -129,11 +130,20 @@ def output_path(out_dir: Path, input_path: Path, cfg: ModelConfig, suffix: str, 
 
 
 def write_map(
-    path: Path, prepared: Prepared, values: np.ndarray, *, overwrite: bool, dtype: type, output_type: str = "nifti"
+    path: Path,
+    prepared: Prepared,
+    values: np.ndarray,
+    *,
+    overwrite: bool,
+    dtype: type,
+    output_type: str = "nifti",
+    description: str | None = None,
 ) -> None:
+    """`description`: the header's descrip (NIfTI; a key in NRRD/MetaImage), or a PNG tEXt chunk."""
     if isinstance(prepared.reference, Image2D):
         if np.dtype(dtype) != np.uint8:
             values = np.clip(values * 255.0, 0, 255)  # PNG: float maps in [0, 1] scaled to 0..255
-        write_label2d(path, values.astype(np.uint8), overwrite=overwrite)
+        write_label2d(path, values.astype(np.uint8), overwrite=overwrite, description=description)
     else:
-        WRITERS[output_type].write(path, values, prepared.reference, overwrite=overwrite, dtype=dtype)
+        WRITERS[output_type].write(path, values, prepared.reference, overwrite=overwrite, dtype=dtype,
+                                   description=description)

@@ -10,7 +10,7 @@ import torch
 from ldseg.errors import BackendUnavailable
 from ldseg.model.config import get_preset
 from ldseg.runtime import select
-from ldseg.runtime.select import Selection, Source, select_backend
+from ldseg.runtime.select import Selection, Source, Wants, select_backend
 
 
 class _Fake:
@@ -22,23 +22,26 @@ class Calls(list[str]):
     """The (backend/device) candidates tried, in order; `allow` lists those that succeed."""
 
     allow: set[str]
+    wants: list[Wants]
 
 
 @pytest.fixture
 def tried(monkeypatch: pytest.MonkeyPatch) -> Calls:
     calls = Calls()
     calls.allow = allow = set()
+    calls.wants = []
 
     def factory(name: str):
-        def make(source: Source, device: str) -> Selection:
+        def make(source: Source, device: str, wants: Wants) -> Selection:
             calls.append(f"{name}/{device}")
+            calls.wants.append(wants)
             if f"{name}/{device}" not in allow:
                 raise BackendUnavailable(f"{name} refused on {device}")
             return Selection(_Fake(name, device), get_preset("demo"), "")  # type: ignore[arg-type]
 
         return make
 
-    monkeypatch.setattr(select, "_FACTORIES", {n: factory(n) for n in ("torch", "onnxruntime", "tensorrt")})
+    monkeypatch.setattr(select, "_FACTORIES", {n: factory(n) for n in ("torch", "onnxruntime", "openvino", "tensorrt")})
     return calls
 
 
@@ -46,7 +49,7 @@ def tried(monkeypatch: pytest.MonkeyPatch) -> Calls:
     ("source", "order"),
     [
         (Source(engines=Path("engines")), ["tensorrt/cuda:0"]),
-        (Source(bundle=Path("bundle")), ["onnxruntime/cuda:0", "onnxruntime/cpu"]),
+        (Source(bundle=Path("bundle")), ["onnxruntime/cuda:0", "openvino/cpu", "onnxruntime/cpu"]),
         (Source(checkpoint="demo"), ["torch/cuda:0", "torch/cpu"]),
     ],
 )
@@ -62,8 +65,9 @@ def test_gpu_first_then_cpu_and_every_skip_is_announced(tried, source, order):
 def test_first_available_wins_and_says_what_it_skipped(tried):
     tried.allow.add("onnxruntime/cpu")
     chosen = select_backend(Source(bundle=Path("bundle")))
-    assert tried == ["onnxruntime/cuda:0", "onnxruntime/cpu"]
+    assert tried == ["onnxruntime/cuda:0", "openvino/cpu", "onnxruntime/cpu"]
     assert chosen.backend.device == "cpu" and "onnxruntime refused on cuda:0" in chosen.why
+    assert "openvino refused on cpu" in chosen.why
 
 
 def test_a_cpu_only_torch_does_not_hide_the_gpu_from_other_backends(tried, monkeypatch):
@@ -125,3 +129,44 @@ def test_device_cuda_tries_only_gpu_candidates(tried):
     with pytest.raises(BackendUnavailable, match="no backend can run this source"):
         select_backend(Source(bundle=Path("bundle")), device="cuda:1")
     assert tried == ["onnxruntime/cuda:1"]
+
+
+def test_on_cpu_a_bundle_tries_openvino_then_onnxruntime(tried, monkeypatch):
+    tried.allow |= {"openvino/cpu", "onnxruntime/cpu"}
+    chosen = select_backend(Source(bundle=Path("bundle")), device="cpu")
+    assert tried == ["openvino/cpu"] and chosen.backend.name == "openvino"
+    assert chosen.why == "auto: first available for this source on CPU"
+
+
+def test_precision_and_threads_reach_every_candidate(tried, monkeypatch):
+    tried.allow.add("onnxruntime/cpu")
+    select_backend(Source(bundle=Path("bundle")), device="cpu", wants=Wants("int8", 3))
+    assert tried.wants == [Wants("int8", 3)] * 2
+    assert select_backend(Source(bundle=Path("bundle")), device="cpu") and tried.wants[-1] == Wants("auto", None)
+    with pytest.raises(BackendUnavailable, match="--precision fp64"):
+        select_backend(Source(bundle=Path("bundle")), wants=Wants("fp64"))
+
+
+def test_auto_skips_openvino_when_it_is_not_installed_and_says_why(monkeypatch, tmp_path):
+    """The real openvino factory, with the import failing as on a platform without a wheel."""
+    from ldseg.runtime import openvino_backend
+
+    def missing() -> None:
+        raise BackendUnavailable("openvino is not installed (no wheel for this platform)")
+
+    monkeypatch.setattr(openvino_backend, "import_openvino", missing)
+    taken = []
+
+    def onnxruntime(source: Source, device: str, wants: Wants) -> Selection:
+        taken.append(device)
+        return Selection(_Fake("onnxruntime", device), get_preset("demo"), "")  # type: ignore[arg-type]
+
+    monkeypatch.setitem(select._FACTORIES, "onnxruntime", onnxruntime)
+    chosen = select_backend(Source(bundle=tmp_path / "bundle"), device="cpu")
+    assert taken == ["cpu"] and chosen.backend.name == "onnxruntime"
+    assert "openvino/cpu: openvino is not installed" in chosen.why
+
+
+def test_a_backend_refuses_a_precision_it_does_not_run():
+    with pytest.raises(BackendUnavailable, match="the torch backend runs fp32 here, not bf16"):
+        select_backend(Source(checkpoint="demo"), backend="torch", device="cpu", wants=Wants("bf16"))

@@ -100,7 +100,10 @@ class ItkFormat:
             image = image[(slice(None),) * 3 + (0,) * (image.GetDimension() - 3)]
         return volume_from_sitk(image, path, labels=labels)
 
-    def write(self, path: Path, array: np.ndarray, reference: Volume, *, overwrite: bool, dtype: DTypeLike) -> None:
+    def write(
+        self, path: Path, array: np.ndarray, reference: Volume, *, overwrite: bool, dtype: DTypeLike,
+        description: str | None = None,
+    ) -> None:
         path = Path(path)
         if not path.name.lower().endswith(self.write_suffix):
             raise OutputError(f"{path}: output name must end in {self.write_suffix}")
@@ -108,6 +111,8 @@ class ItkFormat:
         check_write_shape(array, reference)
         image = sitk.GetImageFromArray(np.ascontiguousarray(array.astype(dtype, copy=False).transpose(2, 1, 0)))
         reference.itk_geometry().apply_to(image)
+        if description is not None:
+            image.SetMetaData("ldseg", description)  # a header key in NRRD and MetaImage
 
         def write(tmp: Path) -> None:
             try:

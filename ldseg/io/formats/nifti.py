@@ -23,5 +23,8 @@ class NiftiFormat:
         reader = nifti.read_label_volume if labels else nifti.read_volume
         return reader(path, max_voxels=max_voxels)
 
-    def write(self, path: Path, array: np.ndarray, reference: Volume, *, overwrite: bool, dtype: DTypeLike) -> None:
-        nifti.write_volume(path, array, reference, overwrite=overwrite, dtype=dtype)
+    def write(
+        self, path: Path, array: np.ndarray, reference: Volume, *, overwrite: bool, dtype: DTypeLike,
+        description: str | None = None,
+    ) -> None:
+        nifti.write_volume(path, array, reference, overwrite=overwrite, dtype=dtype, description=description)
