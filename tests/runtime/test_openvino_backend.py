@@ -175,7 +175,7 @@ def test_bench_target_runs_fp32_bf16_from_one_bundle_and_int8_from_the_given_one
 ) -> None:
     from ldseg.bench.targets import Context, Unsupported, build_target
 
-    ctx = Context(model, "cpu", bundle_dir, tmp_path, int8_dir)
+    ctx = Context(model, "cpu", bundle_dir, tmp_path, int8_bundle=int8_dir)
     targets = {p: build_target("openvino", ctx, p) for p in ("fp32", "int8")}
     assert {p: t.backend.precision for p, t in targets.items()} == {"fp32": "fp32", "int8": "int8"}
     assert str(int8_dir) in targets["int8"].source and targets["fp32"].label == "openvino/fp32"

@@ -89,7 +89,7 @@ def test_gpu_index_reaches_every_candidate(tried):
         select_backend(Source(bundle=Path("bundle")), gpu=2)
     with pytest.raises(BackendUnavailable):
         select_backend(Source(engines=Path("e")), device="cuda:1")
-    assert tried == ["onnxruntime/cuda:2", "onnxruntime/cpu", "tensorrt/cuda:1"]
+    assert tried == ["onnxruntime/cuda:2", "openvino/cpu", "onnxruntime/cpu", "tensorrt/cuda:1"]
 
 
 def test_asking_for_one_backend_tries_only_it(tried):
