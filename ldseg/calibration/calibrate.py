@@ -11,30 +11,38 @@ add a large dependency tree (it pulls torch extensions, CuPy/ONNX-GraphSurgeon a
 not installed, and its `modelopt.onnx.quantization.quantize` gives the same graph form; it remains
 the route for FP8 (not offered here).
 
-Steps: load and verify the FP32 bundle; split the volumes into calibration and held-out sets; run
-the real FP32 pipeline (ORT CPU) on the calibration volumes, recording every graph's inputs at
-every sampler step; quantize each graph (calibration/quantize.py); write the INT8 bundle (same
-manifest, precision "int8", new hashes, `source_bundle` recorded) in a temp folder; load it with
-the ordinary bundle loader and run it with OnnxRuntimeBackend against the FP32 bundle on the
-held-out volumes; write calibration.json/.md into it; rename it into place.
+Steps: load and verify the FP32 bundle (refused if its manifest does not record a passed
+validation, unless trusted); split the volumes into calibration and held-out sets; pre-process each
+graph (calibration/quantize.py); run the real FP32 pipeline one calibration volume at a time through
+each graph's range-tracking copy (calibration/ranges.py: running min/max, memory of one inference
+whatever the number of volumes; the histogram methods record the graph inputs instead); quantize
+each graph with those ranges; write the INT8 bundle (same manifest, precision "int8", new hashes,
+`source_bundle` recorded) in a temp folder; load it with the ordinary bundle loader and run it with
+OnnxRuntimeBackend against the FP32 bundle on the held-out volumes; write calibration.json/.md into
+it, and the report's verdict into its manifest (ldseg.export.manifest); rename it into place, or,
+if the verdict is "failed", remove it unless `keep_failed`.
 """
 
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnxruntime
 
-from ldseg.calibration.data import Trajectories, batches, collect, load_volumes
-from ldseg.calibration.quantize import METHODS, QuantizedGraph, quantize_graph
+from ldseg.calibration.data import CalibrationVolume, Feed, FeedReader, collect, load_volumes, walk
+from ldseg.calibration.quantize import METHODS, QUANTIZED_OPS, PreparedGraph, QuantizedGraph, finish_graph, prepare_graph
+from ldseg.calibration.ranges import RangeTracker
 from ldseg.calibration.report import CalibrationReport, compare_pipelines, graph_errors
 from ldseg.errors import ArtifactError
+from ldseg.export.manifest import with_validation, write_manifest
 from ldseg.io.atomic import check_folder_target, staged_folder
-from ldseg.runtime.bundle import MANIFEST, Bundle, load_bundle, sha256_file
+from ldseg.runtime.bundle import MANIFEST, PASSED, Bundle, load_bundle, sha256_file
 from ldseg.runtime.engines import bundle_hash
 
 Progress = Callable[[str], None]
@@ -79,6 +87,8 @@ def calibrate(
     overwrite: bool = False,
     threads: int | None = None,
     progress: Progress | None = None,
+    keep_failed: bool = False,
+    trust_unvalidated: bool = False,
 ) -> CalibrationReport:
     """Quantize an FP32 bundle to INT8 (Q/DQ), calibrated on `data` ("phantoms" or a folder of
     NIfTI volumes: DIR/*.nii.gz or DIR/images/*.nii.gz, optional DIR/labels/ for Dice vs truth).
@@ -91,7 +101,7 @@ def calibrate(
     clock = time.perf_counter()
     if method not in METHODS:
         raise ValueError(f"calibration method {method!r}: choose one of {', '.join(METHODS)}")
-    source = load_bundle(bundle_dir)
+    source = load_bundle(bundle_dir, trust_unvalidated=trust_unvalidated)
     if source.precision != "fp32":
         raise ArtifactError(
             f"{source.path}: a {source.precision} bundle; calibration quantizes the FP32 graphs: "
@@ -103,31 +113,34 @@ def calibrate(
     calib_volumes, held_volumes = load_volumes(data, cfg, max_volumes=max_volumes, holdout=holdout)
     say(f"calibrating on {len(calib_volumes)} volume(s), {len(held_volumes)} held out; method {method}")
 
-    say(f"running the FP32 pipeline ({source.steps} steps) on the calibration volumes")
-    trajectories: Trajectories = collect(source, calib_volumes, threads=threads)
     say("running the FP32 pipeline on the held-out volumes")
     held_traj = collect(source, held_volumes, threads=threads)
 
     source_manifest = json.loads((source.path / MANIFEST).read_text())
     graphs: dict[str, QuantizedGraph] = {}
-    with staged_folder(target, overwrite=overwrite, marker=MANIFEST) as tmp:
-        for name in source.graphs:
-            feeds = batches(trajectories.feeds[name])
-            say(f"quantizing {name} on {len(trajectories.feeds[name])} sample(s)")
-            graphs[name] = quantize_graph(name, source.graph_path(name), tmp / source.graph(name).file, feeds, method=method)
+    with tempfile.TemporaryDirectory(prefix="ldseg-quant-") as work_dir, staged_folder(
+        target, overwrite=overwrite, marker=MANIFEST
+    ) as tmp:
+        work = Path(work_dir)
+        prepared = {name: prepare_graph(name, source.graph_path(name), work) for name in source.graphs}
+        say(f"running the FP32 pipeline ({source.steps} steps) on the calibration volumes, one at a time")
+        samples, timesteps = _calibrate(source, prepared, calib_volumes, method, work, tmp, graphs, threads, say)
         calibration = {
             "tool": f"onnxruntime.quantization.quantize_static {onnxruntime.__version__}",
             "format": "QDQ S8S8 symmetric, per-channel weights, float bias",
             "method": method,
+            "ranges": "streaming running min/max, one volume at a time (ldseg.calibration.ranges)"
+            if method == "minmax"
+            else "onnxruntime histogram calibrator, one sample per collect",
             "data": str(data),
             "volumes": [v.name for v in calib_volumes],
             "holdout": [v.name for v in held_volumes],
         }
         manifest = int8_manifest(source, source_manifest, tmp, graphs, calibration)
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        write_manifest(tmp, manifest)
 
         say("checking the INT8 bundle against FP32 on the held-out volumes")
-        quantized = load_bundle(tmp)  # the ordinary loader: manifest, precision, hashes
+        quantized = load_bundle(tmp, trust_unvalidated=True)  # being validated here; checks manifest and hashes
         report = CalibrationReport(
             bundle=target,
             source_bundle=source.path,
@@ -136,8 +149,8 @@ def calibrate(
             data=str(data),
             calibration_volumes=[v.name for v in calib_volumes],
             holdout_volumes=[v.name for v in held_volumes],
-            samples={name: len(feeds) for name, feeds in trajectories.feeds.items() if name in source.graphs},
-            timesteps=sorted(set(trajectories.timesteps), reverse=True),
+            samples=samples,
+            timesteps=sorted(set(timesteps), reverse=True),
             graphs=graphs,
             errors=graph_errors(source, quantized, held_traj, threads=threads),
             volumes=compare_pipelines(source, quantized, held_volumes, threads=threads),
@@ -145,5 +158,46 @@ def calibrate(
         )
         report.seconds = time.perf_counter() - clock
         report.write(tmp)
+        validation = report.validation()
+        write_manifest(tmp, with_validation(manifest, validation))
+        if validation["verdict"] != PASSED and not keep_failed:
+            raise ArtifactError(f"{target}: INT8 bundle not written: {validation['summary']} (--keep-failed keeps it)")
     say(f"wrote {target}")
     return report
+
+
+def _calibrate(
+    source: Bundle,
+    prepared: dict[str, PreparedGraph],
+    volumes: list[CalibrationVolume],
+    method: str,
+    work: Path,
+    out: Path,
+    graphs: dict[str, QuantizedGraph],
+    threads: int | None,
+    say: Progress,
+) -> tuple[dict[str, int], list[float]]:
+    """Calibrate and quantize every prepared graph into `out` (filling `graphs`); returns the
+    calibration samples per graph and the t of every denoise_step call. minmax: one streaming pass
+    of the pipeline through RangeTrackers (memory of one inference, whatever the number of
+    volumes); the histogram methods: recorded graph inputs, one sample per ORT collect."""
+    if method == "minmax":
+        trackers = {name: RangeTracker(g.path, QUANTIZED_OPS, threads=threads) for name, g in prepared.items()}
+
+        def through(graph: str, feed: Feed) -> np.ndarray | None:
+            return trackers[graph].run(feed)[0] if graph in trackers else None
+
+        timesteps = walk(source, volumes, through)
+        samples = {name: t.samples for name, t in trackers.items()}
+        caches = {name: t.save(work / f"{name}.ranges.json") for name, t in trackers.items()}
+        del trackers  # free the sessions before quantizing
+        for name, graph in prepared.items():
+            say(f"quantizing {name} (ranges from {samples[name]} sample(s))")
+            graphs[name] = finish_graph(graph, out / source.graph(name).file, method, cache=caches[name])
+        return samples, timesteps
+    trajectories = collect(source, volumes, threads=threads)
+    for name, graph in prepared.items():
+        feeds = trajectories.feeds[name]
+        say(f"quantizing {name} on {len(feeds)} sample(s)")
+        graphs[name] = finish_graph(graph, out / source.graph(name).file, method, reader=FeedReader(feeds))
+    return {name: len(trajectories.feeds[name]) for name in prepared}, trajectories.timesteps

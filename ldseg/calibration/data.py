@@ -10,7 +10,7 @@ reproducible.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -118,31 +118,53 @@ def session(path: Path, threads: int | None = None) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def collect(bundle: Bundle, volumes: Sequence[CalibrationVolume], *, threads: int | None = None) -> Trajectories:
-    """Run the bundle's pipeline (ORT CPU) on each volume and record every graph's inputs."""
+Runner = Callable[[str, Feed], "np.ndarray | None"]
+
+
+def walk(bundle: Bundle, volumes: Iterable[CalibrationVolume], run: Runner) -> list[float]:
+    """The bundle's FP32 pipeline on each volume, one volume at a time, every graph call made
+    through `run(graph, feed)` (which returns the first output, or None for a graph it skips: the
+    raw denoiser and the probability decoder are called beside the pipeline, for their inputs).
+    Returns the t of every denoise_step call."""
     cfg, steps = bundle.config, bundle.steps
     table = bundle.table_array()  # the bundle's own sampler rows, execution order
-    encoder = session(bundle.graph_path("encoder"), threads)
-    step = session(bundle.graph_path("denoise_step"), threads)
-    argmax = session(bundle.graph_path("decoder_argmax"), threads)
-    out = Trajectories()
+    timesteps: list[float] = []
+
+    def needed(graph: str, feed: Feed) -> np.ndarray:
+        out = run(graph, feed)
+        assert out is not None, f"{graph} is part of the pipeline"
+        return out
+
     for i, volume in enumerate(volumes):
-        image = volume.image[None]
         z_init, noise = draw_noise([SAMPLING_SEED + i], steps, cfg.latent_shape)
-        out.add("encoder", {"image": image})
-        (z_image,) = encoder.run(None, {"image": image})
+        z_image = needed("encoder", {"image": volume.image[None]})
         z = z_init.numpy()
         for k in range(steps):
             coeffs = table[k][None]
             feed = {"z": z, "z_image": z_image, "coeffs": coeffs, "noise": noise[k].numpy()}
-            out.add("denoise_step", feed)
-            out.add("denoiser", {"z": z, "z_image": z_image, "t": coeffs[:, 0].copy()})
-            out.timesteps.append(float(coeffs[0, 0]))
-            (z,) = step.run(None, feed)
-        out.add("decoder", {"z": z})
-        out.add("decoder_argmax", {"z": z})
-        (labels,) = argmax.run(None, {"z": z})
-        out.labels.append(labels[0])
+            run("denoiser", {"z": z, "z_image": z_image, "t": coeffs[:, 0].copy()})
+            timesteps.append(float(coeffs[0, 0]))
+            z = needed("denoise_step", feed)
+        run("decoder", {"z": z})
+        needed("decoder_argmax", {"z": z})
+    return timesteps
+
+
+def collect(bundle: Bundle, volumes: Sequence[CalibrationVolume], *, threads: int | None = None) -> Trajectories:
+    """Run the bundle's pipeline (ORT CPU) on each volume and record every graph's inputs."""
+    sessions = {name: session(bundle.graph_path(name), threads) for name in ("encoder", "denoise_step", "decoder_argmax")}
+    out = Trajectories()
+
+    def record(graph: str, feed: Feed) -> np.ndarray | None:
+        out.add(graph, feed)
+        if graph not in sessions:
+            return None
+        result = sessions[graph].run(None, feed)[0]
+        if graph == "decoder_argmax":
+            out.labels.append(result[0])
+        return result
+
+    out.timesteps = walk(bundle, volumes, record)
     return out
 
 

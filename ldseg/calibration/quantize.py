@@ -37,6 +37,7 @@ import inspect
 import io
 import tempfile
 from collections import Counter, defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,7 @@ from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, 
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from ldseg.calibration.data import Feed, FeedReader
+from ldseg.calibration.ranges import RangeTracker
 from ldseg.errors import ArtifactError
 from ldseg.export.onnx_export import check_and_infer
 
@@ -247,15 +249,20 @@ def _entropy_cache(source: Path, reader: FeedReader, folder: Path) -> Path:
     return cache
 
 
-def _quantize(source: Path, target: Path, reader: FeedReader, nodes: list[str], method: str) -> None:
-    cache: dict[str, Any] = {}
-    if method == "entropy":
-        cache = {"calibration_cache_path": str(_entropy_cache(source, reader, target.parent))}
+def _quantize(source: Path, target: Path, reader: FeedReader | None, nodes: list[str], method: str, cache: Path | None) -> None:
+    """quantize_static on `source`, with ranges from `cache` (a TensorsData JSON) when given,
+    else from `reader` (ORT's calibrators)."""
+    options: dict[str, Any] = {}
+    if method == "entropy" and cache is None:
+        assert reader is not None
+        cache = _entropy_cache(source, reader, target.parent)
+    if cache is not None:
+        options = {"calibration_cache_path": str(cache)}
     quantize_static(
         str(source),
         str(target),
-        None if cache else reader,
-        **cache,
+        None if cache is not None else reader,
+        **options,
         quant_format=QuantFormat.QDQ,
         activation_type=QuantType.QInt8,
         weight_type=QuantType.QInt8,
@@ -274,39 +281,73 @@ def _quantize(source: Path, target: Path, reader: FeedReader, nodes: list[str], 
     )
 
 
-def quantize_graph(
-    name: str, source: Path, target: Path, feeds: list[Feed], *, method: str = "minmax"
+@dataclass(frozen=True)
+class PreparedGraph:
+    """A graph ready for calibration: pre-processed, every node named, value_info inferred."""
+
+    name: str
+    source: Path  # the bundle's graph
+    path: Path  # the prepared graph (calibrate and quantize this one)
+    to_quantize: list[str]
+    kept: list[KeptNode]
+    note: str | None  # why pre-processing was skipped, if it was
+
+
+def prepare_graph(name: str, source: Path, folder: Path) -> PreparedGraph:
+    """Steps 1-2 of the recipe: pre-process, name the nodes, choose the nodes to quantize."""
+    pre = folder / f"{name}.pre.onnx"
+    note: str | None = None
+    try:
+        quant_pre_process(str(source), str(pre), skip_symbolic_shape=True)
+        model = onnx.load(str(pre))
+    except Exception as exc:  # noqa: BLE001 - any pre-processing failure: quantize the raw graph, say so
+        note = f"quant_pre_process failed ({type(exc).__name__}: {str(exc)[:200]}); quantized the exported graph"
+        model = onnx.load(str(source))
+    _name_nodes(model)
+    model = onnx.shape_inference.infer_shapes(model)
+    to_quantize, kept = select_nodes(model)
+    named = folder / f"{name}.named.onnx"
+    onnx.save(model, str(named))
+    return PreparedGraph(name, source, named, to_quantize, kept, note)
+
+
+def finish_graph(
+    graph: PreparedGraph, target: Path, method: str, *, reader: FeedReader | None = None, cache: Path | None = None
 ) -> QuantizedGraph:
-    """Write the Q/DQ INT8 version of `source` to `target`, calibrated on `feeds` (batched)."""
+    """Steps 3-5: quantize `graph` with ranges from `cache` (or calibrated on `reader`), dedicate
+    the Q/DQ pairs, check, and write `target`."""
+    out = graph.path.with_name(f"{graph.name}.int8.onnx")
+    with contextlib.redirect_stdout(io.StringIO()):  # the histogram calibrators print progress
+        _quantize(graph.path, out, reader, graph.to_quantize, method, cache)
+    result = onnx.load(str(out))
+    quantized = set(graph.to_quantize)
+    rewired = dedicate_qdq(result, quantized)
+    result = check_and_infer(result)
+    _check_signature(onnx.load(str(graph.source), load_external_data=False), result, graph.name)
+    props = {p.key: p.value for p in result.metadata_props}
+    onnx.helper.set_model_props(result, {**props, "ldseg.precision": "int8", "ldseg.calibration": method})
+    onnx.save(result, str(target))
+    q_ops, fp32_ops, fp32_nodes = _summary(result, quantized)
+    return QuantizedGraph(graph.name, graph.note is None, graph.note, q_ops, graph.kept, fp32_ops, fp32_nodes, rewired)
+
+
+def quantize_graph(
+    name: str, source: Path, target: Path, feeds: Sequence[Feed], *, method: str = "minmax", threads: int | None = None
+) -> QuantizedGraph:
+    """Write the Q/DQ INT8 version of `source` to `target`, calibrated on `feeds`. "minmax" streams
+    the feeds one sample at a time through a RangeTracker (ranges.py); the histogram methods hand
+    them to ORT's calibrators one feed per collect."""
     if method not in METHODS:
         raise ValueError(f"calibration method {method!r}: choose one of {', '.join(METHODS)}")
     if not feeds:
         raise ValueError(f"{name}: no calibration data")
     with tempfile.TemporaryDirectory(prefix="ldseg-quant-") as tmp:
-        pre = Path(tmp) / f"{name}.pre.onnx"
-        note: str | None = None
-        try:
-            quant_pre_process(str(source), str(pre), skip_symbolic_shape=True)
-            model = onnx.load(str(pre))
-        except Exception as exc:  # noqa: BLE001 - any pre-processing failure: quantize the raw graph, say so
-            note = f"quant_pre_process failed ({type(exc).__name__}: {str(exc)[:200]}); quantized the exported graph"
-            model = onnx.load(str(source))
-        _name_nodes(model)
-        model = onnx.shape_inference.infer_shapes(model)
-        to_quantize, kept = select_nodes(model)
-        named = Path(tmp) / f"{name}.named.onnx"
-        onnx.save(model, str(named))
-        out = Path(tmp) / f"{name}.int8.onnx"
-        reader = FeedReader(feeds)
-        with contextlib.redirect_stdout(io.StringIO()):  # the histogram calibrators print progress
-            _quantize(named, out, reader, to_quantize, method)
-        result = onnx.load(str(out))
-    quantized = set(to_quantize)
-    rewired = dedicate_qdq(result, quantized)
-    result = check_and_infer(result)
-    _check_signature(onnx.load(str(source), load_external_data=False), result, name)
-    props = {p.key: p.value for p in result.metadata_props}
-    onnx.helper.set_model_props(result, {**props, "ldseg.precision": "int8", "ldseg.calibration": method})
-    onnx.save(result, str(target))
-    q_ops, fp32_ops, fp32_nodes = _summary(result, quantized)
-    return QuantizedGraph(name, note is None, note, q_ops, kept, fp32_ops, fp32_nodes, rewired)
+        graph = prepare_graph(name, source, Path(tmp))
+        if method != "minmax":
+            return finish_graph(graph, target, method, reader=FeedReader(feeds))
+        tracker = RangeTracker(graph.path, QUANTIZED_OPS, threads=threads)
+        for feed in feeds:
+            for sample in range(len(next(iter(feed.values())))):  # batch 1 per run
+                tracker.run({k: v[sample : sample + 1] for k, v in feed.items()})
+        cache = tracker.save(Path(tmp) / f"{name}.ranges.json")
+        return finish_graph(graph, target, method, cache=cache)

@@ -21,10 +21,12 @@ from ldseg.calibration.quantize import QuantizedGraph
 from ldseg.metrics import agreement, dice_per_class
 from ldseg.model.diffusion import draw_noise
 from ldseg.runtime.backend import PipelineInputs
-from ldseg.runtime.bundle import Bundle
+from ldseg.runtime.bundle import FAILED, PASSED, Bundle
 from ldseg.runtime.onnxruntime_backend import OnnxRuntimeBackend
 
 REPORT_JSON = "calibration.json"
+MAX_DICE_DROP_POINTS = 1.0  # the project's INT8 target (issue 13)
+MIN_DICE_VS_FP32 = 0.99
 REPORT_MD = "calibration.md"
 
 
@@ -98,6 +100,29 @@ class CalibrationReport:
         if a is None or b is None:
             return None
         return {c: 100.0 * (a[c] - b[c]) for c in a}
+
+    def validation(self) -> dict[str, Any]:
+        """The verdict the INT8 bundle's manifest records: with ground truth, INT8 loses at most
+        MAX_DICE_DROP_POINTS Dice points per class against FP32 on the held-out volumes; without,
+        its labels reach Dice >= MIN_DICE_VS_FP32 per class against the FP32 labels."""
+        drop = self.dice_drop_points
+        if drop is not None:
+            criterion = f"held-out Dice vs truth, FP32 - INT8 <= {MAX_DICE_DROP_POINTS} points per class"
+            worst = max(drop.values())
+            passed = worst <= MAX_DICE_DROP_POINTS
+            summary = f"largest Dice drop {worst:+.2f} points against the limit {MAX_DICE_DROP_POINTS}"
+        else:
+            criterion = f"held-out Dice INT8 vs FP32 labels >= {MIN_DICE_VS_FP32} per class"
+            lowest = min(self.dice_vs_fp32.values())
+            passed = lowest >= MIN_DICE_VS_FP32
+            summary = f"lowest Dice INT8 vs FP32 {lowest:.4f} against the limit {MIN_DICE_VS_FP32}"
+        return {
+            "verdict": PASSED if passed else FAILED,
+            "by": f"ldseg calibration report ({REPORT_MD}), ONNX Runtime CPU, held-out {', '.join(self.holdout_volumes)}",
+            "criterion": criterion,
+            "summary": summary,
+            "measured": self.to_dict()["summary"],
+        }
 
     def to_dict(self) -> dict[str, Any]:
         def classes(d: dict[int, float] | None) -> dict[str, float] | None:

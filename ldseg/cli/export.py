@@ -76,12 +76,13 @@ def export_onnx(
     opset: Annotated[int, typer.Option(help="ONNX opset (18 or newer).")] = 18,
     precision: Annotated[ExportPrecision, typer.Option(help="fp16 keeps normalizations, softmax in FP32.")] = ExportPrecision.fp32,
     batch: Annotated[int, typer.Option(help="Batch the graphs are traced at (the axis stays dynamic).")] = 1,
-    validate: Annotated[bool, typer.Option(help="Compare ONNX Runtime with PyTorch after writing.")] = True,
+    validate: Annotated[bool, typer.Option(
+        help="Compare ONNX Runtime with PyTorch before writing; the manifest records the verdict.")] = True,
+    keep_failed: Annotated[bool, typer.Option(help="Write the bundle even if it fails validation.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing bundle.")] = False,
 ) -> None:
     """Write a validated, self-describing ONNX bundle. Example: ldseg-export onnx demo -o demo-bundle"""
     from ldseg.export.exporter import export_bundle
-    from ldseg.export.validate import validate_bundle
     from ldseg.model.checkpoint import load_checkpoint
     from ldseg.runtime.select import resolve_checkpoint
 
@@ -89,14 +90,11 @@ def export_onnx(
     console.print(f"exporting {model.cfg.preset} ({precision.value}, opset {opset}) to {output}")
     try:
         bundle = export_bundle(model, output, opset=opset, precision=precision.value, batch=batch,
-                               overwrite=overwrite, progress=lambda line: console.print(line, highlight=False))
+                               overwrite=overwrite, progress=lambda line: console.print(line, highlight=False),
+                               validate=validate, keep_failed=keep_failed,
+                               on_validated=lambda report: out.print(report.table()))
     except ValueError as exc:  # bad option values
         raise typer.BadParameter(str(exc)) from exc
-    if validate:
-        report = validate_bundle(bundle, model)
-        out.print(report.table())
-        if not report.passed:
-            raise ArtifactError(f"{bundle}: a graph misses its tolerance (table above)")
     out.print(str(bundle), highlight=False)
 
 
@@ -115,6 +113,7 @@ def build_engine(
     gpu: Annotated[int, typer.Option("--gpu", help="CUDA device index.")] = 0,
     check: Annotated[bool, typer.Option(help="Only say whether the engine set BUNDLE is usable here.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing engine set.")] = False,
+    trust_unvalidated: Annotated[bool, typer.Option(help="Build from a bundle not recorded as validated.")] = False,
 ) -> None:
     """Build strongly typed TensorRT engines from a bundle (precision comes from the ONNX graphs).
 
@@ -139,7 +138,7 @@ def build_engine(
     built = build_engines(bundle, output, precision=precision.value, max_batch=max_batch, opt_batch=opt_batch,
                           workspace_gb=workspace, timing_cache=timing_cache, dla_core=dla,
                           optimization_level=builder_optimization_level, include_denoiser=include_denoiser,
-                          device=gpu, overwrite=overwrite,
+                          device=gpu, overwrite=overwrite, trust_unvalidated=trust_unvalidated,
                           progress=lambda line: console.print(line, highlight=False))
     out.print(str(built), highlight=False)
 
@@ -153,6 +152,9 @@ def calibrate(
     holdout: Annotated[int, typer.Option(help="Further volumes held out for the accuracy report.")] = 2,
     method: Annotated[CalibrationMethod, typer.Option(help="Activation range estimator.")] = CalibrationMethod.minmax,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing bundle.")] = False,
+    keep_failed: Annotated[bool, typer.Option(
+        help="Write the INT8 bundle even if it misses its accuracy target.")] = False,
+    trust_unvalidated: Annotated[bool, typer.Option(help="Calibrate a bundle not recorded as validated.")] = False,
 ) -> None:
     """INT8 (Q/DQ) bundle calibrated on real pipeline activations, with an accuracy report.
 
@@ -161,7 +163,8 @@ def calibrate(
     from ldseg.calibration import calibrate as run_calibration
 
     report = run_calibration(bundle, data, output, max_volumes=max_volumes, method=method.value, holdout=holdout,
-                             overwrite=overwrite, progress=lambda line: console.print(line, highlight=False))
+                             overwrite=overwrite, progress=lambda line: console.print(line, highlight=False),
+                             keep_failed=keep_failed, trust_unvalidated=trust_unvalidated)
     out.print(report.to_markdown())
 
 

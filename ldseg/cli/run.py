@@ -43,6 +43,8 @@ def run(
     ] = None,
     demo: Annotated[bool, typer.Option(help="Segment a fresh synthetic phantom and print its Dice.")] = False,
     demo_seed: Annotated[int, typer.Option(help="Phantom seed for --demo.")] = 0,
+    trust_unvalidated: Annotated[bool, typer.Option(
+        help="Run a bundle whose manifest records a failed validation or none.")] = False,
     version: VersionOption = None,
 ) -> None:
     """Examples: `ldseg-run --demo -o out/`, `ldseg-run scan.nii.gz -o out/`, `ldseg-run scans/ -o out/ --samples 8`."""
@@ -62,7 +64,7 @@ def run(
     if reconstruct is not None:
         _reconstruct(load_model(checkpoint or "demo", RECONSTRUCT_NEEDS), reconstruct, out_dir, overwrite)
         return
-    selection = select_backend(Source(checkpoint, bundle, engines), backend.value, device.value)
+    selection = select_backend(Source(checkpoint, bundle, engines, trust_unvalidated), backend.value, device.value)
     chosen, cfg = selection.backend, selection.config
     console.print(f"backend: [bold]{chosen.name}[/] on {chosen.device}, {chosen.precision} ({selection.why})")
     if demo:

@@ -1,28 +1,33 @@
 """`export_bundle`: checkpoint -> bundle folder (ONNX graphs + manifest.json), written atomically.
 
 The bundle is assembled in a hidden temp folder beside the target and renamed into place only once
-every graph has been exported, checked, (optionally) lowered to FP16 and hashed: a reader never
-sees a half-written bundle, and a failed export leaves nothing behind.
+every graph has been exported, checked, (optionally) lowered to FP16, hashed and validated against
+the model: a reader never sees a half-written bundle, and a failed export or validation leaves
+nothing behind (unless asked to keep a failed bundle, whose manifest then says it failed).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import onnx
 
-from ldseg.errors import OutputError
+from ldseg.errors import ArtifactError, OutputError
 from ldseg.export.fp16 import convert_to_fp16, fp32_scopes
-from ldseg.export.manifest import build_manifest, graph_entry, write_manifest
+from ldseg.export.manifest import build_manifest, graph_entry, with_validation, write_manifest
 from ldseg.export.onnx_export import MIN_OPSET, export_graph
-from ldseg.export.specs import graph_specs
+from ldseg.export.specs import GraphSpec, graph_specs
 from ldseg.io.atomic import check_folder_target, staged_folder
 from ldseg.model.checkpoint import load_checkpoint
 from ldseg.model.layers import folded_batchnorm, phase_upsampling
 from ldseg.model.network import LDSeg
 from ldseg.runtime.bundle import EXPORT_PRECISIONS, GRAPH_NAMES, MANIFEST
+
+if TYPE_CHECKING:
+    from ldseg.export.validate import ValidationReport
 
 Progress = Callable[[str], None]
 
@@ -52,13 +57,20 @@ def export_bundle(
     overwrite: bool = False,
     graphs: Sequence[str] = GRAPH_NAMES,
     progress: Progress | None = None,
+    validate: bool = True,
+    keep_failed: bool = False,
+    on_validated: Callable[[ValidationReport], None] | None = None,
 ) -> Path:
     """Export a checkpoint (or an in-memory LDSeg, set to eval mode) as a bundle folder.
 
     `batch` is the batch the graphs are exported for and recorded as the optimization hint; the
     batch axis stays dynamic. `graphs` exports a subset (a runtime needs encoder, denoise_step and
-    decoder_argmax; decoder for probabilities). Raises OutputError if `out_dir` exists without
-    `overwrite` or cannot be written, ValueError for unsupported options.
+    decoder_argmax; decoder for probabilities). With `validate` (the default) the staged bundle is
+    compared with the model (ldseg.export.validate) before it is moved into place, `on_validated`
+    gets the report, and the manifest records it; a bundle that fails is not written (ArtifactError)
+    unless `keep_failed`. Without `validate` the manifest records no verdict, and loaders refuse the
+    bundle unless told to trust it. Raises OutputError if `out_dir` exists without `overwrite` or
+    cannot be written, ValueError for unsupported options.
     """
     graphs = tuple(graphs)
     _check_options(opset, precision, batch, graphs)
@@ -75,32 +87,37 @@ def export_bundle(
     # Two rewrites of the same function for the graphs (the checkpoint's weights are restored on
     # exit): nearest-x2 + conv upsampling in its phase form (8/27 of the decoder's full-resolution
     # multiply-adds; layers.Upsample), and inference BatchNorm folded into the conv before it.
-    with (
-        staged_folder(target, overwrite=overwrite, marker=MANIFEST) as tmp,
-        phase_upsampling(model),
-        folded_batchnorm(model),
-    ):
-        entries: dict[str, dict[str, Any]] = {}
-        for spec in specs:
-            say(f"exporting {spec.name} (opset {opset}, {precision})")
-            result = export_graph(spec, model, tmp / spec.file, opset=opset, batch=batch)
-            if result.exporter != "dynamo":
-                say(f"{spec.name}: dynamo export failed ({result.fallback_reason}); used the TorchScript exporter")
-            extra: dict[str, Any] = {}
-            if precision == "fp16":
-                keep = fp32_scopes(spec.build(model))
-                lowered, stats = convert_to_fp16(onnx.load(str(result.path)), spec.fp16_body, keep)
-                onnx.save(lowered, str(result.path))
-                extra = {
-                    "fp16_nodes": stats.fp16_nodes,
-                    "fp32_nodes": stats.fp32_nodes,
-                    "casts": stats.casts,
-                    "fp32_scopes": list(keep),
-                }
-            entries[spec.name] = graph_entry(
-                spec, exporter=result.exporter, fallback_reason=result.fallback_reason, precision=precision, **extra
-            )
+    with staged_folder(target, overwrite=overwrite, marker=MANIFEST) as tmp:
+        with phase_upsampling(model), folded_batchnorm(model):
+            entries = {spec.name: _export_one(spec, model, tmp, opset, precision, batch, say) for spec in specs}
         manifest = build_manifest(model, entries, folder=tmp, precision=precision, opset=opset, batch=batch)
         write_manifest(tmp, manifest)
+        if validate:
+            from ldseg.export.validate import validate_bundle
+
+            say(f"validating {len(specs)} graph(s) and the pipeline against PyTorch (ONNX Runtime CPU)")
+            pipeline = {"encoder", "denoise_step", "decoder_argmax"} <= set(graphs)  # what a runtime needs
+            report = dataclasses.replace(validate_bundle(tmp, model, pipeline=pipeline), bundle=target)
+            if on_validated is not None:
+                on_validated(report)
+            record = report.record()
+            write_manifest(tmp, with_validation(manifest, record))
+            if not report.passed and not keep_failed:
+                raise ArtifactError(f"{target}: not written: the bundle {record['summary']} (--keep-failed writes it anyway)")
     say(f"wrote {target}")
     return target
+
+
+def _export_one(spec: GraphSpec, model: LDSeg, folder: Path, opset: int, precision: str, batch: int, say: Progress) -> dict[str, Any]:
+    """Export one graph (inside the rewrites), lower it to FP16 if asked; its manifest entry."""
+    say(f"exporting {spec.name} (opset {opset}, {precision})")
+    result = export_graph(spec, model, folder / spec.file, opset=opset, batch=batch)
+    if result.exporter != "dynamo":
+        say(f"{spec.name}: dynamo export failed ({result.fallback_reason}); used the TorchScript exporter")
+    extra: dict[str, Any] = {}
+    if precision == "fp16":
+        keep = fp32_scopes(spec.build(model))
+        lowered, stats = convert_to_fp16(onnx.load(str(result.path)), spec.fp16_body, keep)
+        onnx.save(lowered, str(result.path))
+        extra = {"fp16_nodes": stats.fp16_nodes, "fp32_nodes": stats.fp32_nodes, "casts": stats.casts, "fp32_scopes": list(keep)}
+    return graph_entry(spec, exporter=result.exporter, fallback_reason=result.fallback_reason, precision=precision, **extra)

@@ -46,6 +46,11 @@ def graph_stats(path: Path) -> tuple[Counter[str], int, dict[str, int]]:
     return ops, params, dict(nbytes)
 
 
+def _verdict(bundle: Bundle) -> str:
+    record = bundle.validation or {}
+    return f"{record.get('verdict', 'none recorded')}: {record.get('summary', 'loaders refuse it without --trust-unvalidated')}"
+
+
 def _summary(bundle: Bundle) -> Table:
     cfg = bundle.config
     table = Table(title=f"bundle {bundle.path}", show_header=False)
@@ -62,6 +67,7 @@ def _summary(bundle: Bundle) -> Table:
         ("sampler", f"{bundle.sampler}, {bundle.steps} steps, {cfg.diffusion.schedule} schedule"),
         ("checkpoint", bundle.checkpoint_hash or "(in-memory model)"),
         ("untrained components", ", ".join(untrained) or "none"),
+        ("validation", _verdict(bundle)),
         ("versions", ", ".join(f"{k} {v}" for k, v in sorted(bundle.versions.items()))),
     ]
     for key, value in rows:
@@ -100,5 +106,5 @@ def _graphs(bundle: Bundle) -> Table:
 
 def inspect_bundle(bundle_dir: Path | str) -> Group:
     """Manifest summary and one row per graph; print with rich's Console.print."""
-    bundle = load_bundle(bundle_dir, verify=False)
+    bundle = load_bundle(bundle_dir, verify=False, trust_unvalidated=True)  # show it, whatever it is
     return Group(_summary(bundle), _graphs(bundle))

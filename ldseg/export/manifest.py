@@ -23,7 +23,7 @@ import ldseg
 from ldseg.export.specs import GraphSpec, TensorSpec
 from ldseg.model.diffusion import sampler_table
 from ldseg.model.network import LDSeg
-from ldseg.runtime.bundle import BUNDLE_FORMAT, MANIFEST, sha256_file
+from ldseg.runtime.bundle import BUNDLE_FORMAT, FAILED, MANIFEST, PASSED, sha256_file
 
 
 def _tensor(t: TensorSpec) -> dict[str, Any]:
@@ -87,6 +87,14 @@ def build_manifest(
         "trained": dict(model.trained),
         "files": {name: sha256_file(folder / name) for name in files},
     }
+
+
+def with_validation(manifest: Mapping[str, Any], validation: Mapping[str, Any]) -> dict[str, Any]:
+    """The manifest plus the record of its validation: `verdict` ("passed" or "failed"), who
+    judged it and by which tolerance, and the numbers (ldseg.runtime.bundle reads the verdict)."""
+    if validation.get("verdict") not in (PASSED, FAILED):
+        raise ValueError(f"validation verdict must be {PASSED!r} or {FAILED!r}, got {validation.get('verdict')!r}")
+    return {**manifest, "validation": dict(validation)}
 
 
 def write_manifest(folder: Path, manifest: Mapping[str, Any]) -> Path:

@@ -81,6 +81,7 @@ def build_engines(
     device: int = 0,
     overwrite: bool = False,
     progress: Progress | None = None,
+    trust_unvalidated: bool = False,
 ) -> Path:
     """Build one engine per graph of the bundle into `out_dir` (written atomically).
 
@@ -89,7 +90,7 @@ def build_engines(
     OutputError (`out_dir` exists without `overwrite`), ValueError (bad option values).
     """
     say = progress or (lambda _msg: None)
-    bundle = load_bundle(bundle_dir)  # verifies every graph's SHA-256
+    bundle = load_bundle(bundle_dir, trust_unvalidated=trust_unvalidated)  # verifies every graph's SHA-256
     engine_precision = resolve_precision(precision, bundle.precision, bundle.path)
     check_dla(dla_core, engine_precision)
     check_optimization_level(optimization_level)

@@ -9,9 +9,11 @@ comparator it reports the numbers, not only pass/fail, so a failing export can b
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -24,7 +26,7 @@ from ldseg.export.specs import graph_specs
 from ldseg.model.checkpoint import load_checkpoint
 from ldseg.model.network import LDSeg
 from ldseg.runtime.backend import make_inputs
-from ldseg.runtime.bundle import Bundle, load_bundle
+from ldseg.runtime.bundle import FAILED, PASSED, Bundle, load_bundle
 from ldseg.runtime.onnxruntime_backend import OnnxRuntimeBackend
 from ldseg.runtime.torch_backend import TorchBackend
 
@@ -67,6 +69,17 @@ class ValidationReport:
     @property
     def pipeline_agreement(self) -> float | None:
         return next((c.agreement for c in self.checks if c.graph == "pipeline"), None)
+
+    def record(self) -> dict[str, Any]:
+        """What the manifest records (ldseg.export.manifest.with_validation): verdict, tolerance, rows."""
+        failing = [f"{c.graph} {c.output}" for c in self.checks if not c.passed]
+        return {
+            "verdict": PASSED if self.passed else FAILED,
+            "by": "ldseg.export.validate: ONNX Runtime (CPU) vs PyTorch FP32 (CPU)",
+            "tolerance": dataclasses.asdict(TOLERANCES[self.precision]),
+            "summary": f"fails {', '.join(failing)}" if failing else f"all {len(self.checks)} checks within tolerance",
+            "checks": [dataclasses.asdict(c) for c in self.checks],
+        }
 
     def table(self) -> Table:
         table = Table(title=escape(f"ONNX Runtime (CPU) vs PyTorch — {self.bundle.name} ({self.precision})"))
@@ -141,7 +154,7 @@ def validate_bundle(
     """Compare every graph of the bundle (or `graphs`) on random inputs of `batch` samples and, if
     `pipeline`, the whole pipeline on one phantom, ONNX Runtime CPU vs PyTorch CPU. `model` is the
     LDSeg (or its checkpoint) that was exported; it is moved to the CPU and set to eval mode."""
-    bundle = load_bundle(bundle_dir)
+    bundle = load_bundle(bundle_dir, trust_unvalidated=True)  # judging it is the point
     if not isinstance(model, LDSeg):
         model = load_checkpoint(model)
     model.cpu().eval()

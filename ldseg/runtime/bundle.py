@@ -26,6 +26,7 @@ GRAPH_NAMES = ("encoder", "denoise_step", "denoiser", "decoder", "decoder_argmax
 EXPORT_PRECISIONS = ("fp32", "fp16")  # what `ldseg-export onnx` writes
 PRECISIONS = (*EXPORT_PRECISIONS, "int8")  # what a bundle may hold (int8: Q/DQ graphs from calibration)
 _CHUNK = 1 << 20
+PASSED, FAILED = "passed", "failed"  # manifest["validation"]["verdict"]
 
 
 def sha256_file(path: Path) -> str:
@@ -73,6 +74,7 @@ class Bundle:
     checkpoint_hash: str | None
     trained: Mapping[str, bool]
     files: Mapping[str, str]  # file name -> SHA-256
+    validation: Mapping[str, Any] | None = None  # the export's (or calibration's) verdict and numbers
 
     @property
     def preset(self) -> str:
@@ -163,6 +165,7 @@ def parse_manifest(path: Path, data: Mapping[str, Any]) -> Bundle:
             checkpoint_hash=data.get("checkpoint_hash"),
             trained={str(k): bool(v) for k, v in data.get("trained", {}).items()},
             files=files,
+            validation=data.get("validation"),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise ArtifactError(f"{path}: manifest is incomplete or malformed ({type(exc).__name__}: {exc})") from exc
@@ -189,8 +192,28 @@ def read_json_object(path: Path, what: str) -> dict[str, Any]:
     return data
 
 
-def load_bundle(path: Path | str, *, verify: bool = True) -> Bundle:
-    """Read and check a bundle folder. `verify=False` skips the hashes (inspection only)."""
+def check_validated(bundle: Bundle) -> None:
+    """Refuse, in one sentence, a bundle whose manifest records a failed validation or none."""
+    record = bundle.validation
+    verdict = record.get("verdict") if isinstance(record, Mapping) else None
+    if verdict == PASSED:
+        return
+    if verdict == FAILED:
+        summary = record.get("summary") if isinstance(record, Mapping) else None
+        why = f" ({summary})" if summary else ""
+        raise ArtifactError(
+            f"{bundle.path}: this bundle failed its validation{why}; "
+            "re-export it, or pass --trust-unvalidated to use it anyway"
+        )
+    raise ArtifactError(
+        f"{bundle.path}: the manifest records no validation verdict (exported without validation or by an "
+        "older ldseg); re-export it, or pass --trust-unvalidated to use it anyway"
+    )
+
+
+def load_bundle(path: Path | str, *, verify: bool = True, trust_unvalidated: bool = False) -> Bundle:
+    """Read and check a bundle folder. `verify=False` skips the hashes (inspection only); a bundle
+    whose validation failed or was never recorded is refused unless `trust_unvalidated`."""
     path = Path(path)
     manifest = path / MANIFEST
     if not manifest.is_file():
@@ -198,4 +221,6 @@ def load_bundle(path: Path | str, *, verify: bool = True) -> Bundle:
     bundle = parse_manifest(path, read_json_object(manifest, "manifest"))
     if verify:
         bundle.verify()
+    if not trust_unvalidated:
+        check_validated(bundle)
     return bundle

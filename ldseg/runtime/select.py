@@ -74,6 +74,7 @@ class Source:
     checkpoint: str | None = None
     bundle: Path | None = None
     engines: Path | None = None
+    trust_unvalidated: bool = False  # load a bundle whose manifest records no passed validation
 
 
 @dataclass
@@ -98,7 +99,7 @@ def _onnxruntime(source: Source, device: str) -> Selection:
 
     if source.bundle is None:
         raise BackendUnavailable("the onnxruntime backend runs an exported bundle (--bundle)")
-    bundle = load_bundle(source.bundle)
+    bundle = load_bundle(source.bundle, trust_unvalidated=source.trust_unvalidated)
     _refuse_untrained(source.bundle, dict(bundle.trained), SEGMENT_NEEDS)
     return Selection(OnnxRuntimeBackend(bundle, device), bundle.config, "")
 
