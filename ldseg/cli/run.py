@@ -1,18 +1,20 @@
-"""`ldseg-run`: segment files, folders or a phantom; a thin layer over ldseg.runtime."""
+"""`ldseg-run`: segment files, folders or a phantom; a thin layer over the Python API (ldseg.api)."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import numpy as np
 import typer
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from ldseg.cli.common import BackendChoice, DeviceChoice, SamplerChoice, VersionOption, console, entry, out, value
-from ldseg.errors import InputError, LdsegError
+from ldseg.errors import LdsegError
 from ldseg.io.atomic import ensure_output_dir
 
 run_typer = typer.Typer(add_completion=False, help="Segment NIfTI volumes or 2D images with LDSeg.")
@@ -27,7 +29,8 @@ def run(
     ] = None,
     bundle: Annotated[Optional[Path], typer.Option(help="Exported ONNX bundle (ldseg-export onnx).")] = None,
     engines: Annotated[Optional[Path], typer.Option(help="TensorRT engine set (ldseg-export build-engine).")] = None,
-    backend: Annotated[BackendChoice, typer.Option(help="Runtime; auto picks the fastest available.")] = BackendChoice.auto,
+    backend: Annotated[BackendChoice, typer.Option(
+        help="Runtime; auto picks the fastest available.")] = BackendChoice.auto,
     device: Annotated[DeviceChoice, typer.Option(help="Where to run; auto prefers a GPU.")] = DeviceChoice.auto,
     steps: Annotated[Optional[int], typer.Option(help="Sampling steps (default: checkpoint's, 15).")] = None,
     sampler: Annotated[Optional[SamplerChoice], typer.Option(help="Sampler (default: the checkpoint's).")] = None,
@@ -45,33 +48,36 @@ def run(
     demo_seed: Annotated[int, typer.Option(help="Phantom seed for --demo.")] = 0,
     trust_unvalidated: Annotated[bool, typer.Option(
         help="Run a bundle whose manifest records a failed validation or none.")] = False,
+    cache: Annotated[bool, typer.Option(
+        help="Keep a checkpoint's exported bundle/engines in the artifact cache (LDSEG_CACHE); --no-cache "
+        "exports into a temporary folder for this run only.")] = True,
     version: VersionOption = None,
 ) -> None:
-    """Examples: `ldseg-run --demo -o out/`, `ldseg-run scan.nii.gz -o out/`, `ldseg-run scans/ -o out/ --samples 8`."""
-    from ldseg.runtime.select import RECONSTRUCT_NEEDS, Source, load_model, select_backend
-    from ldseg.runtime.session import RunOptions
+    """Examples: `ldseg-run --demo -o out/`, `ldseg-run scan.nii.gz -o out/ --checkpoint my.safetensors`."""
+    from ldseg.api import Segmenter, expand_inputs
+    from ldseg.runtime.select import RECONSTRUCT_NEEDS, load_model
 
     if samples < 1 or (steps is not None and steps < 1):
         raise typer.BadParameter("--samples and --steps must be at least 1")
     if overwrite and skip_existing:
         raise typer.BadParameter("--overwrite and --skip-existing contradict each other: choose one")
+    if not demo and reconstruct is None and not inputs:
+        raise typer.BadParameter("give input files or folders, or --demo")
     out_dir = ensure_output_dir(output)
-    opts = RunOptions(steps=steps, sampler=value(sampler), seed=seed, samples=samples,
-                      save_probabilities=save_probabilities, overwrite=overwrite, fail_fast=fail_fast,
-                      skip_existing=skip_existing)
-    if bundle is None and engines is None and checkpoint is None:
-        checkpoint = "demo"
     if reconstruct is not None:
         _reconstruct(load_model(checkpoint or "demo", RECONSTRUCT_NEEDS), reconstruct, out_dir, overwrite)
         return
-    selection = select_backend(Source(checkpoint, bundle, engines, trust_unvalidated), backend.value, device.value)
-    chosen, cfg = selection.backend, selection.config
-    console.print(f"backend: [bold]{chosen.name}[/] on {chosen.device}, {chosen.precision} ({selection.why})")
-    if demo:
-        _demo(cfg, chosen, out_dir, opts, demo_seed)
-        return
-    paths = _expand_inputs(inputs or [])
-    summary = _run_with_progress(paths, out_dir, chosen, cfg, opts)
+    paths = [] if demo else expand_inputs(inputs or [])  # a missing input is reported before any export
+    with Segmenter(checkpoint, bundle=bundle, engines=engines, backend=backend.value, device=device.value,
+                   cache=cache, steps=steps, sampler=value(sampler), seed=seed, samples=samples,
+                   trust_unvalidated=trust_unvalidated, warn_demo=not demo, reporter=ConsoleReporter()) as seg:
+        chosen = seg.backend
+        console.print(f"backend: [bold]{chosen.name}[/] on {chosen.device}, {chosen.precision} ({escape(seg.why)})")
+        if demo:
+            _demo(seg, out_dir, overwrite, save_probabilities, demo_seed)
+            return
+        summary = _run_with_progress(seg, paths, out_dir, probabilities=save_probabilities, overwrite=overwrite,
+                                     skip_existing=skip_existing, fail_fast=fail_fast)
     if summary.failures:
         failure = LdsegError(f"{len(summary.failures)} of {len(paths)} input(s) failed (listed above)")
         codes = {exc.exit_code for _, exc in summary.failures}
@@ -79,28 +85,27 @@ def run(
         raise failure
 
 
-def _expand_inputs(inputs: list[Path]) -> list[Path]:
-    from ldseg.runtime.volumes import is_input_file
+class ConsoleReporter:
+    """The artifact cache and the demo warning, on the console: first builds with a progress bar."""
 
-    if not inputs:
-        raise typer.BadParameter("give input files or folders, or --demo")
-    paths: list[Path] = []
-    for item in inputs:
-        if item.is_dir():
-            found = sorted(p for p in item.iterdir() if p.is_file() and is_input_file(p))
-            if not found:
-                raise InputError(f"{item}: no .nii/.nii.gz/.png/.bmp/.jpg/.tif files in this folder")
-            paths += found
-        elif item.exists():
-            paths.append(item)
-        else:
-            raise InputError(f"{item}: no such file or folder")
-    return paths
+    def note(self, line: str) -> None:
+        console.print(escape(line), highlight=False, soft_wrap=True)
+
+    def warn(self, line: str) -> None:
+        console.print(f"[bold yellow]warning:[/] {escape(line)}", highlight=False, soft_wrap=True)
+
+    @contextlib.contextmanager
+    def building(self, action: str, path: Path) -> Iterator[Callable[[str], None]]:
+        console.print(f"first use: {escape(action)} into the cache at {escape(str(path))}", highlight=False,
+                      soft_wrap=True)
+        columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn())
+        with Progress(*columns, console=console, transient=True) as progress:
+            task = progress.add_task(escape(action), total=None)
+            yield lambda line: progress.update(task, description=escape(line))
 
 
-def _run_with_progress(paths: list[Path], out_dir: Path, backend: Any, cfg: Any, opts: Any) -> Any:
-    from ldseg.runtime.session import run_files
-
+def _run_with_progress(seg: Any, paths: list[Path], out_dir: Path, **write: Any) -> Any:
+    backend = seg.backend
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=False) as progress:
         task = progress.add_task("segmenting", total=len(paths))
@@ -110,7 +115,7 @@ def _run_with_progress(paths: list[Path], out_dir: Path, backend: Any, cfg: Any,
                 progress.console.print(f"[red]failed:[/] {escape(error)}", highlight=False, soft_wrap=True)
             progress.advance(task)
 
-        summary = run_files(paths, out_dir, backend, cfg, opts, on_done=done)
+        summary = seg.write(paths, out_dir, on_done=done, **write)
     table = Table(title=f"{summary.volumes} volume(s) in {summary.seconds:.1f} s "
                   f"({summary.volumes / max(summary.seconds, 1e-9):.2f} volumes/s)")
     table.add_column("stage")
@@ -144,21 +149,23 @@ def _reconstruct(model: Any, label_path: Path, out_dir: Path, overwrite: bool) -
     out.print(str(target), highlight=False)
 
 
-def _demo(cfg: Any, backend: Any, out_dir: Path, opts: Any, seed: int) -> None:
+def _demo(seg: Any, out_dir: Path, overwrite: bool, save_probabilities: bool, seed: int) -> None:
     from ldseg.data.phantoms import make_phantom, write_phantom_nifti
     from ldseg.io.nifti import read_label_volume
     from ldseg.metrics import dice_per_class
 
+    cfg = seg.config
     phantom = make_phantom(seed, cfg.image_size, cfg.num_classes)
     image_path, truth_path = out_dir / f"phantom{seed}.nii.gz", out_dir / f"phantom{seed}_truth.nii.gz"
-    write_phantom_nifti(phantom, image_path, truth_path, overwrite=opts.overwrite)
+    write_phantom_nifti(phantom, image_path, truth_path, overwrite=overwrite)
     console.print(f"demo: phantom seed {seed} written to {image_path}")
-    summary = _run_with_progress([image_path], out_dir, backend, cfg, opts)
+    summary = _run_with_progress(seg, [image_path], out_dir, overwrite=overwrite,
+                                 probabilities=save_probabilities)
     if summary.failures:
         raise summary.failures[0][1]
-    seg = read_label_volume(out_dir / f"phantom{seed}_seg.nii.gz").array
+    seg_map = read_label_volume(out_dir / f"phantom{seed}_seg.nii.gz").array
     truth = read_label_volume(truth_path).array
-    scores = dice_per_class(seg, truth, cfg.num_classes)
+    scores = dice_per_class(seg_map, truth, cfg.num_classes)
     line = ", ".join(f"class {c} {d:.3f}" for c, d in scores.items())
     out.print(f"Dice vs phantom truth: {line}; mean {np.mean(list(scores.values())):.3f}")
 

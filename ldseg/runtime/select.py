@@ -1,16 +1,21 @@
 """One registry that turns (model source, backend name, device) into a Backend, and says why.
 
-Sources: a checkpoint (torch), a bundle (onnxruntime), an engine set (tensorrt). `auto` prefers,
-in order, TensorRT (engines given, TensorRT importable, engines built for this GPU), ONNX Runtime on
-CUDA, PyTorch on CUDA, ONNX Runtime on CPU, PyTorch on CPU — among what the given source can run.
-Backends import lazily: a machine without onnxruntime-gpu or TensorRT never loads them.
+Sources: a checkpoint (torch; with an artifact cache also onnxruntime and tensorrt, whose bundle and
+engines the cache exports or builds on first use), a bundle (onnxruntime), an engine set (tensorrt).
+`auto` tries AUTO_ORDER — TensorRT, ONNX Runtime on CUDA, PyTorch on CUDA, ONNX Runtime on CPU,
+PyTorch on CPU — among what the given source can run, and says what it skipped. Each candidate
+checks that it can run here (TensorRT and a GPU, onnxruntime's CUDA provider) before the cache
+exports or builds anything. Backends import lazily: a machine without onnxruntime-gpu or TensorRT
+never loads them.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -19,10 +24,23 @@ from ldseg.model.checkpoint import load_checkpoint
 from ldseg.model.config import ModelConfig
 from ldseg.model.network import LDSeg
 from ldseg.runtime.backend import Backend
+from ldseg.runtime.engines import Environment
+
+if TYPE_CHECKING:
+    from ldseg.runtime.cache import ArtifactCache
 
 SEGMENT_NEEDS = ("image_encoder", "denoiser", "label_decoder")
 RECONSTRUCT_NEEDS = ("label_encoder", "label_decoder")
 BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt")
+# `auto`: the first of these that the source can run and that loads here wins (fastest first).
+AUTO_ORDER = [
+    ("tensorrt", "cuda"),
+    ("onnxruntime", "cuda"),
+    ("torch", "cuda"),
+    ("onnxruntime", "cpu"),
+    ("torch", "cpu"),
+]
+TENSORRT_BUNDLE_PRECISION = "fp16"  # what a checkpoint is exported to for TensorRT (validated like any bundle)
 
 
 def demo_checkpoint_path() -> Path:
@@ -69,12 +87,27 @@ def resolve_device(device: str) -> str:
 
 @dataclass(frozen=True)
 class Source:
-    """Exactly one of checkpoint, bundle, engines."""
+    """Exactly one of checkpoint, bundle, engines (plus the cache that turns a checkpoint into the others)."""
 
     checkpoint: str | None = None
     bundle: Path | None = None
     engines: Path | None = None
     trust_unvalidated: bool = False  # load a bundle whose manifest records no passed validation
+    artifacts: ArtifactCache | None = None  # exports/builds a checkpoint's bundle and engines on first use
+    samples: int = 1  # batch the engines must take (K samples run as one batch)
+    _models: dict[str, LDSeg] = field(default_factory=dict, compare=False, repr=False)
+
+    def model(self) -> LDSeg:
+        """The checkpoint's model, loaded (and its hash verified) once however many candidates use it."""
+        assert self.checkpoint is not None
+        if self.checkpoint not in self._models:
+            self._models[self.checkpoint] = load_model(self.checkpoint)
+        return self._models[self.checkpoint]
+
+    @property
+    def cached(self) -> bool:
+        """A checkpoint with a cache: every backend can run it."""
+        return self.checkpoint is not None and self.artifacts is not None
 
 
 @dataclass
@@ -82,6 +115,7 @@ class Selection:
     backend: Backend
     config: ModelConfig
     why: str
+    checkpoint_hash: str | None = None  # content SHA-256 of the checkpoint behind the backend, where known
 
 
 def _torch(source: Source, device: str) -> Selection:
@@ -89,49 +123,77 @@ def _torch(source: Source, device: str) -> Selection:
 
     if source.checkpoint is None:
         raise BackendUnavailable("the torch backend runs a checkpoint (--checkpoint)")
-    model = load_model(source.checkpoint)
-    return Selection(TorchBackend(model, device), model.cfg, "")
+    model = source.model()
+    return Selection(TorchBackend(model, device), model.cfg, "", model.checkpoint_hash)
+
+
+def _onnxruntime_device(device: str) -> None:
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if device == "cuda" and "CUDAExecutionProvider" not in available:
+        raise BackendUnavailable(
+            f"onnxruntime on cuda needs onnxruntime-gpu and a CUDA GPU; this onnxruntime offers {', '.join(available)}"
+        )
 
 
 def _onnxruntime(source: Source, device: str) -> Selection:
     from ldseg.runtime.bundle import load_bundle
     from ldseg.runtime.onnxruntime_backend import OnnxRuntimeBackend
 
-    if source.bundle is None:
-        raise BackendUnavailable("the onnxruntime backend runs an exported bundle (--bundle)")
-    bundle = load_bundle(source.bundle, trust_unvalidated=source.trust_unvalidated)
-    _refuse_untrained(source.bundle, dict(bundle.trained), SEGMENT_NEEDS)
-    return Selection(OnnxRuntimeBackend(bundle, device), bundle.config, "")
+    if source.bundle is not None:
+        path = source.bundle
+    elif source.cached:
+        assert source.artifacts is not None
+        _onnxruntime_device(device)  # before minutes of exporting
+        path = source.artifacts.bundle(source.model())
+    else:
+        raise BackendUnavailable("the onnxruntime backend runs an exported bundle (--bundle) or a --checkpoint")
+    bundle = load_bundle(path, trust_unvalidated=source.trust_unvalidated)
+    _refuse_untrained(path, dict(bundle.trained), SEGMENT_NEEDS)
+    return Selection(OnnxRuntimeBackend(bundle, device), bundle.config, "", bundle.checkpoint_hash)
 
 
 def _tensorrt(source: Source, device: str) -> Selection:
     from ldseg.runtime.engines import read_engine_set
     from ldseg.runtime.tensorrt_backend import TensorRTBackend
 
-    if source.engines is None:
-        raise BackendUnavailable("the tensorrt backend runs an engine set (--engines)")
     if device != "cuda":
         raise BackendUnavailable("the tensorrt backend needs --device cuda (or auto on a GPU machine)")
-    engine_set = read_engine_set(source.engines)
-    return Selection(TensorRTBackend(source.engines, device), engine_set.config, "")
+    checkpoint_hash = None
+    if source.engines is not None:
+        path = source.engines
+    elif source.cached:
+        assert source.artifacts is not None
+        environment = tensorrt_environment()  # TensorRT and a GPU, before minutes of exporting
+        model = source.model()
+        bundle = source.artifacts.bundle(model, precision=TENSORRT_BUNDLE_PRECISION)
+        path = source.artifacts.engines(bundle, environment, max_batch=source.samples)
+        checkpoint_hash = model.checkpoint_hash
+    else:
+        raise BackendUnavailable("the tensorrt backend runs an engine set (--engines) or a --checkpoint")
+    engine_set = read_engine_set(path)
+    return Selection(TensorRTBackend(path, device), engine_set.config, "", checkpoint_hash)
+
+
+def tensorrt_environment() -> Environment:
+    """This machine's TensorRT version and GPU; BackendUnavailable without either (tests fake this)."""
+    from ldseg.runtime.engines import detect_environment
+
+    return detect_environment()
 
 
 _FACTORIES = {"torch": _torch, "onnxruntime": _onnxruntime, "tensorrt": _tensorrt}
+# Which sources each backend runs (a checkpoint with a cache runs on every backend).
+_RUNS: dict[str, Callable[[Source], bool]] = {
+    "tensorrt": lambda s: s.engines is not None or s.cached,
+    "onnxruntime": lambda s: s.bundle is not None or s.cached,
+    "torch": lambda s: s.checkpoint is not None,
+}
 
 
 def _auto_candidates(source: Source, gpu: bool) -> list[tuple[str, str]]:
-    order = []
-    if source.engines is not None and gpu:
-        order.append(("tensorrt", "cuda"))
-    if source.bundle is not None and gpu:
-        order.append(("onnxruntime", "cuda"))
-    if source.checkpoint is not None and gpu:
-        order.append(("torch", "cuda"))
-    if source.bundle is not None:
-        order.append(("onnxruntime", "cpu"))
-    if source.checkpoint is not None:
-        order.append(("torch", "cpu"))
-    return order
+    return [(name, dev) for name, dev in AUTO_ORDER if (gpu or dev == "cpu") and _RUNS[name](source)]
 
 
 def select_backend(source: Source, backend: str = "auto", device: str = "auto") -> Selection:
@@ -148,6 +210,8 @@ def select_backend(source: Source, backend: str = "auto", device: str = "auto") 
     if device != "auto":
         resolve_device(device)
     gpu = cuda_available() and device != "cpu"
+    if source.cached:
+        source.model()  # a bad checkpoint is its own error (exit 4), not a reason to skip candidates
     skipped: list[str] = []
     for name, dev in _auto_candidates(source, gpu):
         try:
@@ -155,8 +219,15 @@ def select_backend(source: Source, backend: str = "auto", device: str = "auto") 
         except BackendUnavailable as exc:  # announced, then the next candidate
             skipped.append(f"{name}/{dev}: {exc}")
             continue
-        reasons = "; ".join(skipped) or "first available"
-        selection.why = f"auto: {reasons}" if skipped else f"auto: {reasons} for this source on {'a GPU' if gpu else 'CPU'}"
+        except ArtifactError as exc:
+            if not (source.cached and name != "torch"):
+                raise
+            # The checkpoint loaded: this is its export failing validation. The next candidate
+            # (in the end PyTorch on the checkpoint itself) still runs it correctly.
+            skipped.append(f"{name}/{dev}: {exc}")
+            continue
+        first = f"first available for this source on {'a GPU' if gpu else 'CPU'}"
+        selection.why = f"auto: {'; '.join(skipped) or first}"
         return selection
     raise BackendUnavailable("no backend can run this source here: " + "; ".join(skipped))
 
