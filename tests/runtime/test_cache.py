@@ -233,7 +233,7 @@ def test_two_processes_asking_for_one_entry_build_it_once(tmp_path: Path) -> Non
                               stderr=subprocess.PIPE, text=True, env=env)
              for me, other in (("one", "two"), ("two", "one"))]
     outputs = [proc.communicate(timeout=300) for proc in procs]
-    for proc, (stdout, stderr) in zip(procs, outputs):
+    for proc, (_stdout, stderr) in zip(procs, outputs):
         assert proc.returncode == 0, stderr
     builds = (tmp_path / "builds.log").read_text().split()
     assert len(builds) == 1, builds
