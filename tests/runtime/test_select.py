@@ -91,3 +91,101 @@ def test_more_than_one_source_is_refused(tried):
     with pytest.raises(BackendUnavailable, match="exactly one"):
         select_backend(Source(checkpoint="demo", bundle=Path("bundle")))
     assert tried == []
+
+
+# --------------------------------------------------------------------------- a checkpoint with the cache
+
+
+def _cached_source(tmp_path: Path, samples: int = 1):  # type: ignore[no-untyped-def]
+    from ldseg.runtime.cache import ArtifactCache
+    from tests.runtime.cache_fakes import GPU_A, FakeBundleBuilder, FakeEngineBuilder
+
+    artifacts = ArtifactCache(tmp_path / "cache", build_bundle=FakeBundleBuilder(),
+                              build_engines=FakeEngineBuilder(GPU_A))
+    return Source(checkpoint="demo", artifacts=artifacts, samples=samples)
+
+
+def test_a_checkpoint_with_the_cache_tries_every_backend_fastest_first(tried, monkeypatch, tmp_path):
+    monkeypatch.setattr(select, "cuda_available", lambda: True)
+    with pytest.raises(BackendUnavailable, match="no backend can run this source"):
+        select_backend(_cached_source(tmp_path))
+    assert tried == ["tensorrt/cuda", "onnxruntime/cuda", "torch/cuda", "onnxruntime/cpu", "torch/cpu"]
+    assert [f"{n}/{d}" for n, d in select.AUTO_ORDER] == tried  # one plain list: a new backend is one line
+
+
+def test_a_checkpoint_with_the_cache_on_cpu_prefers_onnxruntime(tried, monkeypatch, tmp_path):
+    monkeypatch.setattr(select, "cuda_available", lambda: False)
+    tried.allow.update({"onnxruntime/cpu", "torch/cpu"})
+    chosen = select_backend(_cached_source(tmp_path))
+    assert tried == ["onnxruntime/cpu"] and chosen.backend.name == "onnxruntime"
+
+
+def test_gpu_candidates_check_the_machine_before_exporting(monkeypatch, tmp_path):
+    """No TensorRT / no CUDA provider: refused at once, nothing exported into the cache."""
+    source = _cached_source(tmp_path)
+    if not _tensorrt_present():
+        with pytest.raises(BackendUnavailable, match="TensorRT"):
+            select._tensorrt(source, "cuda")
+    import onnxruntime
+
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        with pytest.raises(BackendUnavailable, match="onnxruntime-gpu"):
+            select._onnxruntime(source, "cuda")
+    assert source.artifacts is not None and source.artifacts.build_bundle.calls == []  # type: ignore[union-attr]
+
+
+def _tensorrt_present() -> bool:
+    try:
+        from ldseg.runtime.engines import require_tensorrt
+
+        require_tensorrt()
+    except BackendUnavailable:
+        return False
+    return True
+
+
+def test_tensorrt_from_a_checkpoint_exports_fp16_then_builds_engines(monkeypatch, tmp_path):
+    """Faked GPU machine: TensorRT 'present' on GPU_A; the chosen engines come from the cache."""
+    from ldseg.runtime import tensorrt_backend
+    from tests.runtime.cache_fakes import GPU_A
+
+    made: list[Path] = []
+
+    class FakeTensorRTBackend:
+        name, precision = "tensorrt", "fp16"
+
+        def __init__(self, path: Path, device: str):
+            made.append(path)
+            self.device = device
+
+    monkeypatch.setattr(select, "cuda_available", lambda: True)
+    monkeypatch.setattr(select, "tensorrt_environment", lambda: GPU_A)
+    monkeypatch.setattr(tensorrt_backend, "TensorRTBackend", FakeTensorRTBackend)
+    source = _cached_source(tmp_path, samples=4)
+    chosen = select_backend(source)
+    assert chosen.backend.name == "tensorrt" and chosen.why.startswith("auto: first available")
+    artifacts = source.artifacts
+    assert artifacts is not None
+    [key] = artifacts.build_bundle.calls  # type: ignore[union-attr]
+    assert key.precision == select.TENSORRT_BUNDLE_PRECISION
+    [(bundle_dir, max_batch, _timing)] = artifacts.build_engines.calls  # type: ignore[union-attr]
+    assert max_batch == 4 and made == [artifacts.hits[-1].path]
+    select_backend(source)  # second run: both entries reused
+    assert len(artifacts.build_bundle.calls) == 1 and len(artifacts.build_engines.calls) == 1  # type: ignore[union-attr]
+
+
+def test_a_failed_export_falls_back_to_the_next_candidate(tried, monkeypatch, tmp_path):
+    from ldseg.errors import ArtifactError
+
+    monkeypatch.setattr(select, "cuda_available", lambda: False)
+    tried.allow.add("torch/cpu")
+    factories = dict(select._FACTORIES)
+
+    def failing_export(source: Source, device: str) -> Selection:
+        tried.append(f"onnxruntime/{device}")
+        raise ArtifactError("bundle: not written: the bundle failed validation")
+
+    factories["onnxruntime"] = failing_export
+    monkeypatch.setattr(select, "_FACTORIES", factories)
+    chosen = select_backend(_cached_source(tmp_path))
+    assert tried == ["onnxruntime/cpu", "torch/cpu"] and "failed validation" in chosen.why
