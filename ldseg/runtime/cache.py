@@ -133,6 +133,21 @@ EngineBuilder = Callable[[Path, Path, int, Path, Progress], None]
 
 
 @dataclass(frozen=True)
+class CheckpointRef:
+    """A checkpoint as the cache needs it: its verified content hash, and the model only on a miss."""
+
+    sha256: str
+    preset: str
+    load: Callable[[], LDSeg]  # loads (builds) the model; called only when an entry must be exported
+
+    @staticmethod
+    def of(model: LDSeg) -> CheckpointRef:
+        if model.checkpoint_hash is None:
+            raise ArtifactError("only a model loaded from a checkpoint can be cached (it has no content hash)")
+        return CheckpointRef(model.checkpoint_hash, model.cfg.preset, lambda: model)
+
+
+@dataclass(frozen=True)
 class CacheHit:
     path: Path
     built: bool  # False: reused
@@ -155,19 +170,19 @@ class ArtifactCache:
         self.hits: list[CacheHit] = []  # what this cache object reused or built, in order
 
     # ------------------------------------------------------------------ bundles
-    def bundle(self, model: LDSeg, *, precision: str = "fp32", opset: int = 18, batch: int = 1) -> Path:
-        """The validated bundle of `model` (loaded from a checkpoint): reused, or exported now."""
-        if model.checkpoint_hash is None:
-            raise ArtifactError("only a model loaded from a checkpoint can be cached (it has no content hash)")
-        key = BundleKey(model.checkpoint_hash, model.cfg.preset, precision, opset, batch)
+    def bundle(self, checkpoint: CheckpointRef | LDSeg, *, precision: str = "fp32", opset: int = 18,
+               batch: int = 1) -> Path:
+        """The validated bundle of a checkpoint: reused, or exported now (the model is loaded only then)."""
+        ref = checkpoint if isinstance(checkpoint, CheckpointRef) else CheckpointRef.of(checkpoint)
+        key = BundleKey(ref.sha256, ref.preset, precision, opset, batch)
         builder = self.build_bundle
         if builder is None:
             raise ArtifactError("this artifact cache has no bundle builder")
 
         def build(target: Path, progress: Progress) -> None:
-            builder(model, target, key, progress)
+            builder(ref.load(), target, key, progress)
 
-        what = f"{precision} ONNX bundle of {model.cfg.preset} (checkpoint {key.checkpoint_sha256[:12]})"
+        what = f"{precision} ONNX bundle of {ref.preset} (checkpoint {key.checkpoint_sha256[:12]})"
         return self.entry(BUNDLES, key.name, what, lambda path: check_bundle(path, key), build, verb="exporting")
 
     # ------------------------------------------------------------------ engines

@@ -15,19 +15,19 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ldseg.errors import ArtifactError, BackendUnavailable
-from ldseg.model.checkpoint import load_checkpoint
+from ldseg.model.checkpoint import load_checkpoint, verify_checkpoint
 from ldseg.model.config import ModelConfig
 from ldseg.model.network import LDSeg
 from ldseg.runtime.backend import Backend
 from ldseg.runtime.engines import Environment
 
 if TYPE_CHECKING:
-    from ldseg.runtime.cache import ArtifactCache
+    from ldseg.runtime.cache import ArtifactCache, CheckpointRef
 
 SEGMENT_NEEDS = ("image_encoder", "denoiser", "label_decoder")
 RECONSTRUCT_NEEDS = ("label_encoder", "label_decoder")
@@ -95,14 +95,28 @@ class Source:
     trust_unvalidated: bool = False  # load a bundle whose manifest records no passed validation
     artifacts: ArtifactCache | None = None  # exports/builds a checkpoint's bundle and engines on first use
     samples: int = 1  # batch the engines must take (K samples run as one batch)
-    _models: dict[str, LDSeg] = field(default_factory=dict, compare=False, repr=False)
+    _memo: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def model(self) -> LDSeg:
         """The checkpoint's model, loaded (and its hash verified) once however many candidates use it."""
         assert self.checkpoint is not None
-        if self.checkpoint not in self._models:
-            self._models[self.checkpoint] = load_model(self.checkpoint)
-        return self._models[self.checkpoint]
+        if "model" not in self._memo:
+            self._memo["model"] = load_model(self.checkpoint)
+        return self._memo["model"]  # type: ignore[no-any-return]
+
+    def reference(self) -> CheckpointRef:
+        """The checkpoint as the cache keys it: content hash verified, trained components checked, and
+        the model built only if an entry must be exported (a cache hit never builds it)."""
+        from ldseg.runtime.cache import CheckpointRef
+
+        assert self.checkpoint is not None
+        if "reference" not in self._memo:
+            path = resolve_checkpoint(self.checkpoint)
+            meta, _ = verify_checkpoint(path)
+            _refuse_untrained(path, dict(meta.get("trained", {})), SEGMENT_NEEDS)
+            preset = str(meta.get("config", {}).get("preset", "model"))
+            self._memo["reference"] = CheckpointRef(str(meta["content_sha256"]), preset, self.model)
+        return self._memo["reference"]  # type: ignore[no-any-return]
 
     @property
     def cached(self) -> bool:
@@ -146,7 +160,7 @@ def _onnxruntime(source: Source, device: str) -> Selection:
     elif source.cached:
         assert source.artifacts is not None
         _onnxruntime_device(device)  # before minutes of exporting
-        path = source.artifacts.bundle(source.model())
+        path = source.artifacts.bundle(source.reference())
     else:
         raise BackendUnavailable("the onnxruntime backend runs an exported bundle (--bundle) or a --checkpoint")
     bundle = load_bundle(path, trust_unvalidated=source.trust_unvalidated)
@@ -166,10 +180,10 @@ def _tensorrt(source: Source, device: str) -> Selection:
     elif source.cached:
         assert source.artifacts is not None
         environment = tensorrt_environment()  # TensorRT and a GPU, before minutes of exporting
-        model = source.model()
-        bundle = source.artifacts.bundle(model, precision=TENSORRT_BUNDLE_PRECISION)
+        reference = source.reference()
+        bundle = source.artifacts.bundle(reference, precision=TENSORRT_BUNDLE_PRECISION)
         path = source.artifacts.engines(bundle, environment, max_batch=source.samples)
-        checkpoint_hash = model.checkpoint_hash
+        checkpoint_hash = reference.sha256
     else:
         raise BackendUnavailable("the tensorrt backend runs an engine set (--engines) or a --checkpoint")
     engine_set = read_engine_set(path)
@@ -211,7 +225,7 @@ def select_backend(source: Source, backend: str = "auto", device: str = "auto") 
         resolve_device(device)
     gpu = cuda_available() and device != "cpu"
     if source.cached:
-        source.model()  # a bad checkpoint is its own error (exit 4), not a reason to skip candidates
+        source.reference()  # a bad checkpoint is its own error (exit 4), not a reason to skip candidates
     skipped: list[str] = []
     for name, dev in _auto_candidates(source, gpu):
         try:
