@@ -106,3 +106,15 @@ def test_no_cache_exports_into_a_temporary_folder_for_this_run_only(runs, case: 
         [folder] = exported
         assert folder.is_dir() and "ldseg-nocache-" in str(folder)
     assert not folder.exists() and not (tmp_path / "user-cache").exists()
+
+
+def test_a_disk_full_while_exporting_leaves_no_entry_and_exits_5(case: Path, tmp_path: Path) -> None:
+    from tests.reliability.test_interrupt_and_disk_full import _tiny_tmpfs
+
+    with _tiny_tmpfs(tmp_path / "disk", size="3m") as disk:  # the demo bundle needs 7.4 MB
+        full = ldseg_run(disk / "cache", str(case), "--checkpoint", "demo", "-o", str(tmp_path / "out"))
+        assert full.returncode == 5, full.stderr
+        assert "no space left on device" in full.stderr and "Traceback" not in full.stderr
+        leftovers = [p.name for p in (disk / "cache" / BUNDLES).iterdir() if not p.name.endswith(".lock")]
+        assert leftovers == [], "a half entry or a staged folder was left"
+        assert list_entries(disk / "cache") == []
