@@ -29,7 +29,9 @@ BIN = Path(sys.executable).parent
 def _machine() -> dict[str, object]:
     import psutil
 
-    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+    names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+             if line.startswith("model name")] if Path("/proc/cpuinfo").is_file() else []
+    return {"cpu": names[0] if names else platform.processor() or platform.machine(), "cores": os.cpu_count(),
             "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
             "memory_gb": round(psutil.virtual_memory().total / 2**30, 1), "python": platform.python_version()}
 

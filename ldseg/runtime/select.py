@@ -227,6 +227,9 @@ def select_backend(source: Source, backend: str = "auto", device: str = "auto") 
     if source.cached:
         source.reference()  # a bad checkpoint is its own error (exit 4), not a reason to skip candidates
     skipped: list[str] = []
+    on_gpu = [f"{name}/{dev}" for name, dev in AUTO_ORDER if dev == "cuda" and _RUNS[name](source)]
+    if not gpu and on_gpu:
+        skipped.append(f"{', '.join(on_gpu)}: {'--device cpu' if device == 'cpu' else 'no CUDA GPU visible'}")
     for name, dev in _auto_candidates(source, gpu):
         try:
             selection = _FACTORIES[name](source, dev)

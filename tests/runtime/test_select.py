@@ -189,3 +189,13 @@ def test_a_failed_export_falls_back_to_the_next_candidate(tried, monkeypatch, tm
     monkeypatch.setattr(select, "_FACTORIES", factories)
     chosen = select_backend(_cached_source(tmp_path))
     assert tried == ["onnxruntime/cpu", "torch/cpu"] and "failed validation" in chosen.why
+
+
+def test_without_a_gpu_the_gpu_candidates_are_announced_as_skipped(tried, monkeypatch):
+    monkeypatch.setattr(select, "cuda_available", lambda: False)
+    with pytest.raises(BackendUnavailable, match="tensorrt/cuda: no CUDA GPU visible"):
+        select_backend(Source(engines=Path("engines")))
+    assert tried == []
+    tried.allow.add("onnxruntime/cpu")
+    chosen = select_backend(Source(bundle=Path("bundle")), device="cpu")
+    assert chosen.why == "auto: onnxruntime/cuda: --device cpu"
