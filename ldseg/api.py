@@ -16,6 +16,7 @@ entry is missing), so that ldseg.runtime never imports ldseg.export.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import tempfile
 from collections.abc import Callable, Iterable
@@ -30,8 +31,8 @@ from ldseg.io.image2d import Image2D
 from ldseg.io.nifti import Volume
 from ldseg.runtime.cache import ArtifactCache, BundleKey, Progress, QuietReporter, Reporter
 from ldseg.runtime.select import Selection, Source, demo_checkpoint_path, select_backend
-from ldseg.runtime.session import RunOptions, RunSummary, run_files, segment_prepared
-from ldseg.runtime.volumes import is_input_file, prepare
+from ldseg.runtime.session import RunOptions, RunSummary, VolumeExtras, run_files, segment_prepared
+from ldseg.runtime.volumes import expand_folder, prepare
 
 if TYPE_CHECKING:
     from ldseg.model.network import LDSeg
@@ -59,14 +60,12 @@ class Segmentation:
 
 
 def expand_inputs(inputs: Iterable[PathLike]) -> list[Path]:
-    """Files as given, folders as their input files (sorted); InputError naming what is missing or empty."""
+    """Files as given, folders as the inputs they hold (volume and image files, DICOM series folders);
+    InputError naming what is missing or empty."""
     paths: list[Path] = []
     for item in map(Path, inputs):
         if item.is_dir():
-            found = sorted(p for p in item.iterdir() if p.is_file() and is_input_file(p))
-            if not found:
-                raise InputError(f"{item}: no .nii/.nii.gz/.png/.bmp/.jpg/.tif files in this folder")
-            paths += found
+            paths += expand_folder(item)
         elif item.exists():
             paths.append(item)
         else:
@@ -144,10 +143,10 @@ class Segmenter:
                 self.reporter.note(f"--no-cache: exporting into {root}, removed after this run")
             self.artifacts = artifact_cache(None if cache is True else (root if cache is False else cache),
                                             self.reporter)
-        source = Source(None if checkpoint is None else str(checkpoint), None if bundle is None else Path(bundle),
-                        None if engines is None else Path(engines), trust_unvalidated, self.artifacts, samples)
+        self.source = Source(None if checkpoint is None else str(checkpoint), None if bundle is None else Path(bundle),
+                             None if engines is None else Path(engines), trust_unvalidated, self.artifacts, samples)
         try:
-            self.selection: Selection = select_backend(source, backend, device)
+            self.selection: Selection = select_backend(self.source, backend, device)
         except BaseException:
             self._closing.close()
             raise
@@ -167,14 +166,17 @@ class Segmenter:
             self._warn_demo = False  # once per Segmenter
             self.reporter.warn(DEMO_WARNING)
 
-    def segment(self, inputs: PathLike | Iterable[PathLike], *, probabilities: bool = False) -> list[Segmentation]:
-        """Segment files (or folders of them) in memory; raises on the first bad input."""
+    def segment(
+        self, inputs: PathLike | Iterable[PathLike], *, probabilities: bool = False, series: str | None = None
+    ) -> list[Segmentation]:
+        """Segment files (or folders of them) in memory; raises on the first bad input. `series` picks
+        a DICOM series in a folder holding several."""
         paths = expand_inputs([inputs] if isinstance(inputs, (str, Path)) else inputs)
         self._demo_warning()
-        opts = RunOptions(**{**self.options.__dict__, "save_probabilities": probabilities})
+        opts = dataclasses.replace(self.options, save_probabilities=probabilities, series=series)
         results = []
         for path in paths:
-            prepared = prepare(path, self.config)
+            prepared = prepare(path, self.config, series)
             outputs, _ = segment_prepared(prepared, self.backend, self.config, opts)
             maps: dict[str, np.ndarray] = {s.lstrip("_"): v.astype(dtype) for s, (v, dtype) in outputs.items()}
             labels = maps.pop("seg")
@@ -190,18 +192,31 @@ class Segmenter:
         overwrite: bool = False,
         skip_existing: bool = False,
         fail_fast: bool = False,
+        output_types: Iterable[str] = ("nifti",),
+        seg_type: str = "binary",
+        series: str | None = None,
+        extras: VolumeExtras | None = None,
         on_done: Callable[[Path, str | None], None] | None = None,
     ) -> RunSummary:
         """Segment files into `output` as ldseg-run does (atomic, never overwriting without `overwrite`);
-        a bad input is listed in the summary's failures and skipped (`fail_fast` stops there)."""
+        a bad input is listed in the summary's failures and skipped (`fail_fast` stops there).
+        `output_types`: nifti, nrrd, mha, dicom-seg (`seg_type` binary or fractional); `extras` adds
+        files per volume (ldseg.qc). ValueError for output options that cannot be combined."""
         from ldseg.io.atomic import ensure_output_dir
+        from ldseg.runtime.outputs import algorithm_for, check_output_options
 
+        types = tuple(dict.fromkeys(output_types))
+        check_output_options(self.config, types, seg_type, self.options.samples > 1 or probabilities)
         paths = expand_inputs([inputs] if isinstance(inputs, (str, Path)) else inputs)
         out_dir = ensure_output_dir(Path(output))
         self._demo_warning()
-        opts = RunOptions(**{**self.options.__dict__, "save_probabilities": probabilities, "overwrite": overwrite,
-                             "skip_existing": skip_existing, "fail_fast": fail_fast})
-        return run_files(paths, out_dir, self.backend, self.config, opts, on_done=on_done or (lambda p, e: None))
+        opts = dataclasses.replace(self.options, save_probabilities=probabilities, overwrite=overwrite,
+                                   skip_existing=skip_existing, fail_fast=fail_fast, output_types=types,
+                                   seg_type=seg_type, series=series)
+        if "dicom-seg" in types:  # the SEG names the checkpoint and the sampling settings
+            opts = dataclasses.replace(opts, algorithm=algorithm_for(self.source, self.config, opts))
+        return run_files(paths, out_dir, self.backend, self.config, opts, on_done=on_done or (lambda p, e: None),
+                         extras=extras)
 
     def close(self) -> None:
         """Release the backend (and a --no-cache temporary folder)."""
@@ -227,8 +242,8 @@ def segment(
     `options` are Segmenter's (bundle, engines, device, cache, steps, sampler, seed, samples...) and,
     with `output`, write's (probabilities, overwrite, skip_existing, fail_fast).
     """
-    write_keys = {"overwrite", "skip_existing", "fail_fast", "on_done"} if output is not None else set()
-    call_keys = write_keys | {"probabilities"}
+    write_keys = {"overwrite", "skip_existing", "fail_fast", "on_done", "output_types", "seg_type", "extras"}
+    call_keys = (write_keys if output is not None else set()) | {"probabilities", "series"}
     with Segmenter(checkpoint, backend=backend, **{k: v for k, v in options.items() if k not in call_keys}) as seg:
         call = {k: v for k, v in options.items() if k in call_keys}
         return seg.segment(inputs, **call) if output is None else seg.write(inputs, output, **call)

@@ -36,6 +36,9 @@ CalibrationMethod = enum.Enum("CalibrationMethod", {"minmax": "minmax", "entropy
 FreezeChoice = enum.Enum("FreezeChoice", {"none": "none", "autoencoder": "autoencoder", "encoders": "encoders"},
                          type=str)
 LrScheduleChoice = enum.Enum("LrScheduleChoice", {"constant": "constant", "cosine": "cosine"}, type=str)
+OutputType = enum.Enum("OutputType", {"nifti": "nifti", "nrrd": "nrrd", "mha": "mha", "dicom_seg": "dicom-seg"},
+                       type=str)
+SegType = enum.Enum("SegType", {"binary": "binary", "fractional": "fractional"}, type=str)
 
 
 def value(choice: enum.Enum | None) -> str | None:

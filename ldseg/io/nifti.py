@@ -12,6 +12,7 @@ import math
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -21,8 +22,9 @@ from numpy.typing import DTypeLike
 
 from ldseg.errors import InputError, OutputError
 from ldseg.io.atomic import atomic_write
+from ldseg.io.geometry import Geometry
+from ldseg.io.validate import DEFAULT_MAX_VOXELS, as_label_ids, check_intensities, check_shape
 
-DEFAULT_MAX_VOXELS = 512**3
 # What nibabel/gzip/zlib/numpy raise on unreadable, truncated or corrupt files.
 _READ_ERRORS = (
     ImageFileError,
@@ -49,6 +51,14 @@ class Volume:
     affine: np.ndarray
     header: nib.Nifti1Header
     path: Path
+    # Set by the ITK-format readers (NRRD, MetaImage, DICOM): the geometry exactly as the file
+    # states it, so writers of those formats copy it rather than recompute it from `affine`.
+    geometry: Geometry | None = None
+    # DICOM: the series read (its files and headers), for outputs that reference it (SEG).
+    source: Any = None
+
+    def itk_geometry(self) -> Geometry:
+        return self.geometry if self.geometry is not None else Geometry.from_affine(self.affine)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -98,26 +108,8 @@ def _load_header(path: Path, max_voxels: int) -> tuple[nib.Nifti1Image, tuple[in
         label = img.header.get_value_label("datatype")
         raise InputError(f"{path}: unsupported data type {label} (scalar voxels are required)")
 
-    shape = tuple(int(s) for s in img.shape)
-    if any(s < 0 for s in shape):
-        raise InputError(f"{path}: invalid shape {shape} in the header (negative size)")
-    if len(shape) < 3:
-        raise InputError(f"{path}: {len(shape)}D image of shape {shape}; a 3D volume is required")
-    if len(shape) > 3 and math.prod(shape[3:]) != 1:
-        raise InputError(
-            f"{path}: {len(shape)}D image of shape {shape} with {math.prod(shape[3:])} frames; "
-            "a single 3D volume is required"
-        )
-    shape = shape[:3]
-    if 0 in shape:
-        raise InputError(f"{path}: empty volume of shape {shape}")
+    shape = check_shape(path, img.shape, max_voxels)
     voxels = math.prod(shape)
-    if voxels > max_voxels:
-        # Checked before any data is read: a huge (or lying) header must not exhaust memory.
-        raise InputError(
-            f"{path}: volume of shape {shape} has {voxels} voxels, over the limit of "
-            f"{max_voxels} voxels"
-        )
 
     affine = np.asarray(img.affine, dtype=np.float64)
     if not np.all(np.isfinite(affine)):
@@ -163,20 +155,7 @@ def read_volume(path: Path, *, max_voxels: int = DEFAULT_MAX_VOXELS) -> Volume:
     path = Path(path)
     img, shape = _load_header(path, max_voxels)
     array = _read_array(img, path, shape, labels=False).astype(np.float32, copy=False)
-    lo, hi = float(array.min()), float(array.max())  # NaN propagates; +-Inf shows up here too
-    if not (math.isfinite(lo) and math.isfinite(hi)):
-        raise InputError(f"{path}: image contains NaN or infinite intensities")
-    if lo == hi:
-        raise InputError(
-            f"{path}: constant image (every voxel is {lo:g}); "
-            "min-max standardization needs contrast"
-        )
-    with np.errstate(over="ignore"):
-        span = np.float32(hi) - np.float32(lo)
-    if not math.isfinite(span):  # the float32 standardization would turn it into NaN
-        raise InputError(
-            f"{path}: intensity range {lo:g} to {hi:g} is too wide for float32 standardization"
-        )
+    check_intensities(path, array)
     return _volume(img, array, path)
 
 
@@ -185,20 +164,7 @@ def read_label_volume(path: Path, *, max_voxels: int = DEFAULT_MAX_VOXELS) -> Vo
     path = Path(path)
     img, shape = _load_header(path, max_voxels)
     raw = _read_array(img, path, shape, labels=True)
-    if raw.dtype.kind == "f":
-        if not np.all(np.isfinite(raw)):
-            raise InputError(f"{path}: label map contains NaN or infinite values")
-        if not np.array_equal(raw, np.round(raw)):
-            raise InputError(f"{path}: label map has non-integer values")
-    elif raw.dtype.kind not in "iub":
-        raise InputError(f"{path}: label map has unsupported data type {raw.dtype}")
-    lo, hi = float(raw.min()), float(raw.max())
-    if lo < 0:
-        raise InputError(f"{path}: label map has negative labels (min {lo:g})")
-    dtype = np.uint8 if hi <= 255 else np.uint16 if hi <= 65535 else np.uint32
-    if hi > np.iinfo(np.uint32).max:
-        raise InputError(f"{path}: label ids up to {hi:g} exceed uint32")
-    return _volume(img, raw.astype(dtype), path)
+    return _volume(img, as_label_ids(path, raw), path)
 
 
 def write_volume(

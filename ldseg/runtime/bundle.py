@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from ldseg.errors import ArtifactError
-from ldseg.model.config import ModelConfig, get_preset
+from ldseg.model.config import NON_ARCHITECTURE, ModelConfig, get_preset
 
 BUNDLE_FORMAT = "ldseg-bundle/1"
 MANIFEST = "manifest.json"
@@ -106,7 +106,8 @@ class Bundle:
             reasons.append(f"latent shape {mine.latent_shape}, expected {cfg.latent_shape}")
         if not reasons:  # same preset and shapes: the architecture fields must agree too
             differing = [
-                f.name for f in fields(ModelConfig) if f.name != "diffusion" and getattr(mine, f.name) != getattr(cfg, f.name)
+                f.name for f in fields(ModelConfig)
+                if f.name not in NON_ARCHITECTURE and getattr(mine, f.name) != getattr(cfg, f.name)
             ]
             if differing:
                 reasons.append(f"architecture differs in {', '.join(differing)}")

@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 
 from ldseg.errors import InputError
+from ldseg.io.formats import EXTENSIONS, VOLUME_SUFFIXES, WRITERS, format_of, holds_dicom
 from ldseg.io.image2d import Image2D, read_image2d, read_label2d, write_label2d
-from ldseg.io.nifti import Volume, read_label_volume, read_volume, write_volume
+from ldseg.io.nifti import Volume, read_label_volume
 from ldseg.io.preprocess import (
     image2d_to_model_grid,
     image_to_model_grid,
@@ -28,14 +29,32 @@ IMAGE_SUFFIXES = (".png", ".bmp", ".jpg", ".jpeg", ".tif", ".tiff")
 
 def stem(path: Path) -> str:
     name = path.name
-    for suffix in (".nii.gz", *NIFTI_SUFFIXES, *IMAGE_SUFFIXES):
+    if path.is_dir():  # a DICOM series folder
+        return name
+    for suffix in (".nii.gz", *VOLUME_SUFFIXES, *IMAGE_SUFFIXES):
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
     return path.stem
 
 
 def is_input_file(path: Path) -> bool:
-    return path.name.lower().endswith(NIFTI_SUFFIXES + IMAGE_SUFFIXES) and not path.name.startswith(".")
+    return path.name.lower().endswith(VOLUME_SUFFIXES + IMAGE_SUFFIXES) and not path.name.startswith(".")
+
+
+def expand_folder(folder: Path) -> list[Path]:
+    """The inputs a folder stands for: its volume and image files, and itself if it holds DICOM
+    slices (a series folder is one input); failing both, its subfolders that hold DICOM slices
+    (a study exported one series per folder)."""
+    found = sorted(p for p in folder.iterdir() if p.is_file() and is_input_file(p))
+    if holds_dicom(folder):
+        found.append(folder)
+    if not found:
+        found = [p for p in sorted(folder.iterdir()) if p.is_dir() and not p.name.startswith(".") and holds_dicom(p)]
+    if not found:
+        raise InputError(
+            f"{folder}: no .nii/.nii.gz/.nrrd/.nhdr/.mha/.mhd/.png/.bmp/.jpg/.tif files and no DICOM files in this folder"
+        )
+    return found
 
 
 @dataclass(frozen=True)
@@ -51,12 +70,14 @@ class Prepared:
         return tuple(self.reference.array.shape[:2] if isinstance(self.reference, Image2D) else self.reference.array.shape)
 
 
-def prepare(path: Path, cfg: ModelConfig) -> Prepared:
-    """Read and preprocess one input exactly as the official pipeline does."""
+def prepare(path: Path, cfg: ModelConfig, series: str | None = None) -> Prepared:
+    """Read and preprocess one input exactly as the official pipeline does.
+
+    3D: any volume format (ldseg.io.formats picks the reader); `series` picks a DICOM series."""
     if cfg.spatial_dims == 3:
-        if not path.name.lower().endswith(NIFTI_SUFFIXES):
-            raise InputError(f"{path}: a 3D model needs a NIfTI volume (.nii or .nii.gz)")
-        volume = read_volume(path)
+        if path.name.lower().endswith(IMAGE_SUFFIXES):
+            raise InputError(f"{path}: a 3D model needs a volume (NIfTI, NRRD, MetaImage or a DICOM series folder)")
+        volume = format_of(path).read(path, series=series)
         if volume.array.ndim != 3:
             raise InputError(f"{path}: expected a 3D volume, got shape {volume.array.shape}")
         try:
@@ -100,17 +121,19 @@ def map_to_input_grid(prepared: Prepared, values: np.ndarray) -> np.ndarray:
     return zoom_to(values.astype(np.float32), shape_dhw).transpose(2, 1, 0)
 
 
-def output_path(out_dir: Path, input_path: Path, cfg: ModelConfig, suffix: str) -> Path:
+def output_path(out_dir: Path, input_path: Path, cfg: ModelConfig, suffix: str, output_type: str = "nifti") -> Path:
     """Where the `suffix` map of `input_path` goes: known before the input is read, so a run can
     refuse (or skip) existing outputs without computing them first."""
-    extension = ".nii.gz" if cfg.spatial_dims == 3 else ".png"
+    extension = EXTENSIONS[output_type] if cfg.spatial_dims == 3 else ".png"
     return out_dir / f"{stem(input_path)}{suffix}{extension}"
 
 
-def write_map(path: Path, prepared: Prepared, values: np.ndarray, *, overwrite: bool, dtype: type) -> None:
+def write_map(
+    path: Path, prepared: Prepared, values: np.ndarray, *, overwrite: bool, dtype: type, output_type: str = "nifti"
+) -> None:
     if isinstance(prepared.reference, Image2D):
         if np.dtype(dtype) != np.uint8:
             values = np.clip(values * 255.0, 0, 255)  # PNG: float maps in [0, 1] scaled to 0..255
         write_label2d(path, values.astype(np.uint8), overwrite=overwrite)
     else:
-        write_volume(path, values, prepared.reference, overwrite=overwrite, dtype=dtype)
+        WRITERS[output_type].write(path, values, prepared.reference, overwrite=overwrite, dtype=dtype)

@@ -89,6 +89,7 @@ def test_bundle_from_another_preset_or_shape_is_refused(demo_bundle: Path) -> No
     bundle = load_bundle(demo_bundle)
     bundle.check_compatible("demo")
     bundle.check_compatible(get_preset("demo").with_diffusion(steps=50))  # sampler settings may differ
+    bundle.check_compatible(dataclasses.replace(get_preset("demo"), class_names=("bg", "a", "b")))  # labels only
     with pytest.raises(ArtifactError, match="preset 'demo', expected 'knee3d'.*image shape"):
         bundle.check_compatible("knee3d")
     demo = get_preset("demo")

@@ -117,10 +117,10 @@ def test_unexpected_reader_error_fails_only_that_file(inputs, demo_backend, tmp_
     """A reader bug on one odd file (here a RuntimeError) must not end a run of thousands."""
     real_prepare = session.prepare
 
-    def prepare(path, cfg):
+    def prepare(path, cfg, series=None):
         if path.name == "p0.nii.gz":
             raise RuntimeError("boom\nsecond line")
-        return real_prepare(path, cfg)
+        return real_prepare(path, cfg, series)
 
     monkeypatch.setattr(session, "prepare", prepare)
     out = tmp_path / "out"
