@@ -140,7 +140,7 @@ class Segmenter:
         if checkpoint is not None and backend != "torch":
             if cache is False:
                 root = self._closing.enter_context(tempfile.TemporaryDirectory(prefix="ldseg-nocache-"))
-                self.reporter.note(f"--no-cache: exporting into {root}, removed after this run")
+                self.reporter.note(f"no cache (--no-cache): artifacts go to {root}, removed after this run")
             self.artifacts = artifact_cache(None if cache is True else (root if cache is False else cache),
                                             self.reporter)
         self.source = Source(None if checkpoint is None else str(checkpoint), None if bundle is None else Path(bundle),
