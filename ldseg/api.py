@@ -106,9 +106,9 @@ class Segmenter:
     """A model on its backend, loaded once and kept warm across calls.
 
     Give one of `checkpoint` (a path, or "demo"; the default when nothing is given), `bundle` or
-    `engines`. With a checkpoint, `cache=True` takes bundles and engines from the artifact cache
-    (LDSEG_CACHE or the user cache folder), a path names another cache folder, and `cache=False`
-    exports into a temporary folder removed by `close()`. Errors are ldseg.errors exceptions; the
+    `engines`; `gpu` is the GPU index every backend uses. With a checkpoint, `cache=True` takes
+    bundles and engines from the artifact cache (LDSEG_CACHE or the user cache folder), a path names
+    another cache folder, and `cache=False` exports into a temporary folder removed by `close()`. Errors are ldseg.errors exceptions; the
     demo model warns (UserWarning through `reporter`) before it segments a file.
     """
 
@@ -120,6 +120,7 @@ class Segmenter:
         engines: PathLike | None = None,
         backend: str = "auto",
         device: str = "auto",
+        gpu: int = 0,
         cache: bool | PathLike = True,
         steps: int | None = None,
         sampler: str | None = None,
@@ -146,7 +147,7 @@ class Segmenter:
         self.source = Source(None if checkpoint is None else str(checkpoint), None if bundle is None else Path(bundle),
                              None if engines is None else Path(engines), trust_unvalidated, self.artifacts, samples)
         try:
-            self.selection: Selection = select_backend(self.source, backend, device)
+            self.selection: Selection = select_backend(self.source, backend, device, gpu=gpu)
         except BaseException:
             self._closing.close()
             raise

@@ -116,8 +116,8 @@ def test_dicom_seg_for_a_nifti_input_is_refused(tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--output-type", "dicom-seg", "--samples", "2"], "a DICOM SEG holds the segmentation only"),
-    (["--output-type", "png"], "--output-type png: choose from nifti, nrrd, mha, dicom-seg"),
-    (["--seg-type", "soft"], "--seg-type soft: choose binary or fractional"),
+    (["--output-type", "png"], "'png' is not one of 'nifti', 'nrrd', 'mha', 'dicom-seg'"),
+    (["--seg-type", "soft"], "'soft' is not one of 'binary', 'fractional'"),
     (["--demo", "--output-type", "nrrd"], "--demo segments a NIfTI phantom"),
 ])
 def test_unwritable_output_options_are_usage_errors(series, tmp_path, args, message):

@@ -2,7 +2,8 @@
 
 results.json (schema RESULTS_SCHEMA, documented in benchmarks/README.md), results.md and PNG plots.
 For each configuration the reference runs first on the same PipelineInputs (same image, latents,
-noise and table), so each row has a speed-up and label agreement / Dice against it.
+noise and table), so each row has a speed-up and, where it can disagree, label agreement / Dice
+against it (ldseg/bench/accuracy.py); with labelled --data also Dice against the truth.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import numpy as np
 import torch
 
 from ldseg.bench import machine, plots, report
+from ldseg.bench.accuracy import TruthCase, dice_vs_truth, load_truth, row_accuracy, truth_folders, untrained_note
 from ldseg.bench.flops import pipeline_flops
 from ldseg.bench.probe import DTYPES, Peak, measure_peak
 from ldseg.bench.stats import summarize
@@ -29,12 +31,13 @@ from ldseg.bench.timing import Timer, timer_for
 from ldseg.bench.sources import load_images, load_source
 from ldseg.errors import InputError, OutputError
 from ldseg.io.atomic import atomic_write, ensure_output_dir
-from ldseg.metrics import agreement, dice_per_class
+from ldseg.model.config import ModelConfig
 from ldseg.model.network import LDSeg
-from ldseg.runtime.backend import STAGES, PipelineInputs, PipelineOutputs, make_inputs
+from ldseg.runtime.backend import STAGES, Backend, PipelineInputs, PipelineOutputs, make_inputs
 from ldseg.runtime.select import resolve_device
+from ldseg.runtime.volumes import Prepared
 
-RESULTS_SCHEMA = "ldseg-bench/1"
+RESULTS_SCHEMA = "ldseg-bench/2"  # 2: accuracy null where not meaningful, with a note; vs_truth
 PRECISIONS = ("fp32", "fp16", "int8")
 Log = Callable[[str], None]
 
@@ -101,13 +104,18 @@ def run_benchmark(options: BenchOptions, log: Log = _quiet) -> Path:
     source = load_source(options.preset, options.checkpoint, options.bundle, options.seed)
     cfg = source.model.cfg
     steps_list = options.steps or (cfg.diffusion.steps,)
-    images, image_info = load_images(cfg, max(options.batch), options.data, options.seed)
+    images, image_info, prepared = load_images(cfg, max(options.batch), options.data, options.seed)
+    truth = _truth(cfg, options.data, prepared, image_info)
+    weights_note = untrained_note(source.model.trained)
+    if truth is not None:
+        _check_probabilities(options.bundle)
     ensure_output_dir(out_dir)  # inputs are fine: make the folder now, not after the measurements
     timer = timer_for(device)
     log(f"model: {source.info['weights']}; device {device}, timer {timer.name}; inputs: {image_info['source']}")
 
     with tempfile.TemporaryDirectory(prefix="ldseg-bench-") as work:
-        ctx = Context(source.model, device, options.bundle, Path(work))
+        ctx = Context(source.model, device, options.bundle, Path(work),
+                      max_batch=max(options.batch), probabilities=truth is not None)
         ref = reference(ctx)
         targets, skipped = _targets(options, ctx, ref, log)
         peaks = _peaks(device, options, targets, log)
@@ -117,11 +125,15 @@ def run_benchmark(options: BenchOptions, log: Log = _quiet) -> Path:
                 inputs = make_inputs(cfg, images[:batch], [options.seed + k for k in range(batch)], steps, options.sampler)
                 ref_row, ref_labels = _measure(ref, inputs, options, timer, source.model, peaks)
                 ref_row["reference"] = True
-                rows.append(_finish(ref_row, ref_row, ref_labels, ref_labels, cfg.num_classes))
+                rows.append(_finish(ref_row, ref_row, row_accuracy(ref_labels, ref_labels, cfg, is_reference=True,
+                                                                   weights_note=weights_note,
+                                                                   vs_truth=_vs_truth(ref, inputs, truth, cfg))))
                 log(_line(rows[-1]))
                 for target in targets:
                     row, labels = _measure(target, inputs, options, timer, source.model, peaks)
-                    rows.append(_finish(row, ref_row, labels, ref_labels, cfg.num_classes))
+                    rows.append(_finish(row, ref_row, row_accuracy(labels, ref_labels, cfg, is_reference=False,
+                                                                   weights_note=weights_note,
+                                                                   vs_truth=_vs_truth(target, inputs, truth, cfg))))
                     log(_line(rows[-1]))
 
     results = {
@@ -183,7 +195,7 @@ def _measure(
     target: Target, inputs: PipelineInputs, options: BenchOptions, timer: Timer, model: LDSeg, peaks: dict[str, Peak]
 ) -> tuple[dict[str, Any], np.ndarray]:
     backend = target.backend
-    for _ in range(options.warmup):
+    for _ in range(warmup_runs(backend, options.warmup)):
         backend.run(inputs)
     cuda = target.backend.device.startswith("cuda")
     rss_scope = "row" if machine.reset_peak_rss() else "process"
@@ -242,27 +254,67 @@ def _measure(
     return row, outputs[-1].labels
 
 
+def warmup_runs(backend: Backend[Any, Any], warmup: int) -> int:
+    """Untimed runs before timing, so that no graph capture lands in a timed run, even with --warmup 0:
+    one for a backend that captures in its first run (torch, TensorRT), three for ONNX Runtime's CUDA
+    graphs (captured on the third run of each binding)."""
+    from ldseg.runtime.ort_env import RUNS_TO_CAPTURE
+
+    if backend.describe().get("cuda_graph", "").startswith("on"):
+        return max(warmup, RUNS_TO_CAPTURE)
+    return max(warmup, 1) if backend.cuda_graph else warmup
+
+
 def _device_used_mb() -> float:
     free, total = torch.cuda.mem_get_info()
     return (total - free) / 2**20
 
 
-def _finish(row: dict[str, Any], ref_row: dict[str, Any], labels: np.ndarray, ref_labels: np.ndarray, classes: int) -> dict[str, Any]:
-    dice = dice_per_class(labels, ref_labels, classes)
+def _truth(cfg: ModelConfig, data: Path | None, prepared: list[Prepared] | None,
+           image_info: dict[str, Any]) -> list[TruthCase] | None:
+    """The labels of the inputs when --data has a labels/ folder beside images/."""
+    labels_dir = truth_folders(data)[1] if data is not None else None
+    if labels_dir is None or prepared is None:
+        return None
+    image_info["labels"] = str(labels_dir)
+    return load_truth(cfg, labels_dir, prepared)
+
+
+def _check_probabilities(bundle_dir: Path | None) -> None:
+    """Dice vs truth needs probabilities: refuse a --bundle without a decoder before timing anything."""
+    if bundle_dir is None:
+        return
+    from ldseg.runtime.bundle import load_bundle
+
+    if "decoder" not in load_bundle(bundle_dir).graphs:
+        raise InputError(f"{bundle_dir}: Dice vs truth (--data with labels/) needs the bundle's decoder graph "
+                         "(probabilities), which it lacks; export it with all graphs")
+
+
+def _vs_truth(target: Target, inputs: PipelineInputs, truth: list[TruthCase] | None,
+              cfg: ModelConfig) -> dict[str, Any] | None:
+    """Dice against the labels of --data, from one more (untimed) run that returns probabilities."""
+    if truth is None:
+        return None
+    probabilities = target.backend.run(inputs, probabilities=True).probabilities
+    assert probabilities is not None
+    return dice_vs_truth(probabilities, truth, cfg)
+
+
+def _finish(row: dict[str, Any], ref_row: dict[str, Any], accuracy: dict[str, Any]) -> dict[str, Any]:
     row["speedup_vs_reference"] = ref_row["end_to_end"]["ms"]["p50"] / row["end_to_end"]["ms"]["p50"]
-    row["accuracy"] = {
-        "agreement": agreement(labels, ref_labels),
-        "dice": {str(c): d for c, d in dice.items()},
-        "mean_dice": float(np.mean(list(dice.values()))) if dice else 1.0,
-    }
+    row["accuracy"] = accuracy
     return row
 
 
 def _line(row: dict[str, Any]) -> str:
-    e2e = row["end_to_end"]
-    return (f"{row['label']:<28} steps {row['steps']:>3} batch {row['batch']:>2}: p50 {e2e['ms']['p50']:.1f} ms, "
+    e2e, acc = row["end_to_end"], row["accuracy"]
+    text = (f"{row['label']:<28} steps {row['steps']:>3} batch {row['batch']:>2}: p50 {e2e['ms']['p50']:.1f} ms, "
             f"{row['throughput_volumes_per_s']:.2f} vol/s, x{row['speedup_vs_reference']:.2f}, "
-            f"agreement {row['accuracy']['agreement']:.4f}")
+            + (f"agreement {acc['agreement']:.4f}" if acc["agreement"] is not None else acc["note"]))
+    if acc["vs_truth"]:
+        text += ", Dice vs truth " + " / ".join(f"{d:.4f}" for d in acc["vs_truth"]["dice"].values())
+    return text
 
 
 def _jsonable(value: Any) -> Any:

@@ -8,12 +8,13 @@ import re
 import resource
 import subprocess
 import sys
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import psutil
 import torch
+
+from ldseg.versions import installed_versions
 
 LIBRARIES = ("ldseg", "torch", "numpy", "onnx", "onnxruntime", "onnxruntime-gpu", "tensorrt")
 
@@ -50,13 +51,7 @@ def machine_slug(info: dict[str, Any]) -> str:
 
 
 def library_versions() -> dict[str, str]:
-    found = {"python": sys.version.split()[0]}
-    for name in LIBRARIES:
-        try:
-            found[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            continue
-    return found
+    return {"python": sys.version.split()[0], **installed_versions(LIBRARIES)}
 
 
 def git_state(repo: Path | None = None) -> dict[str, Any]:

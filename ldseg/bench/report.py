@@ -8,10 +8,16 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from ldseg.bench.accuracy import REFERENCE_NOTE, untrained_note
 from ldseg.runtime.backend import STAGES
 from ldseg.errors import InputError
 
 Row = dict[str, Any]
+ACCURACY_NOTE = (
+    "Agreement and Dice vs ref compare each row's labels with the reference's on the same inputs; they are "
+    "given only for trained models whose reference output has at least two classes of >= 1 % of the voxels "
+    "each. Dice vs truth: against the labels of --data, on each input's own grid (mean over the batch)."
+)
 
 
 def load_results(path: Path) -> dict[str, Any]:
@@ -42,8 +48,26 @@ def machine_line(results: dict[str, Any]) -> str:
     return f"{m['gpu']} + {cpu}" if m["gpu"] else cpu
 
 
-def _dice(row: Row) -> str:
-    return " / ".join(f"{d:.4f}" for d in row["accuracy"]["dice"].values())
+def _scores(dice: dict[str, float] | None) -> str:
+    return "–" if not dice else " / ".join(f"{d:.4f}" for d in dice.values())
+
+
+def vs_reference(results: dict[str, Any], row: Row) -> tuple[str, str]:
+    """(agreement, Dice per class) against the reference, or the note saying why there is no number.
+    Schema-1 results (no note recorded) get the same rule as ldseg/bench/accuracy.py applies now."""
+    acc = row["accuracy"]
+    if "note" in acc:
+        note = acc["note"]
+    else:
+        note = REFERENCE_NOTE if row["reference"] else untrained_note(results["model"].get("trained", {}))
+    if note:
+        return note, "–"
+    return f"{acc['agreement']:.4f}", _scores(acc["dice"])
+
+
+def vs_truth(row: Row) -> str:
+    truth = row["accuracy"].get("vs_truth")
+    return _scores(truth["dice"]) if truth else "–"
 
 
 def render_results(results: dict[str, Any]) -> str:
@@ -66,16 +90,18 @@ def render_results(results: dict[str, Any]) -> str:
         "",
     ]
     header = ["backend", "steps", "batch", "p50 ms", "p95 ms", "p99 ms", "min ms", "mean ms", "vol/s",
-              "speed-up", "GFLOP/s", "% of peak", "agreement", "Dice per class", "peak RSS MB"]
+              "speed-up", "GFLOP/s", "% of peak", "agreement", "Dice vs ref per class", "Dice vs truth per class",
+              "peak RSS MB"]
     body = []
     for r in results["rows"]:
         ms, e2e = r["end_to_end"]["ms"], r["end_to_end"]
         body.append([r["label"] + (" (ref)" if r["reference"] else ""), str(r["steps"]), str(r["batch"]),
                      _f(ms["p50"]), _f(ms["p95"]), _f(ms["p99"]), _f(ms["min"]), _f(ms["mean"]),
                      _f(r["throughput_volumes_per_s"], 2), _f(r["speedup_vs_reference"], 2),
-                     _f(e2e["gflops_per_s"]), _f(100 * e2e["roofline"]), f"{r['accuracy']['agreement']:.4f}",
-                     _dice(r), _f(r["memory"]["peak_rss_mb"], 0)])
+                     _f(e2e["gflops_per_s"]), _f(100 * e2e["roofline"]), *vs_reference(results, r),
+                     vs_truth(r), _f(r["memory"]["peak_rss_mb"], 0)])
     lines += _table(header, body)
+    lines += ["", ACCURACY_NOTE]
     lines += ["", "## Stages (p50 ms, each stage timed alone; GFLOP/s and % of peak in brackets)", ""]
     body = []
     for r in results["rows"]:
@@ -95,6 +121,12 @@ def render_results(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _inputs(inputs: dict[str, Any]) -> str:
+    files = inputs.get("files")
+    text = f"{inputs['source']} ({', '.join(dict.fromkeys(files))})" if files else inputs["source"]
+    return text + (f", labels {inputs['labels']}" if inputs.get("labels") else "")
+
+
 def performance_section(paths: Sequence[Path], heading: str = "## Performance") -> str:
     """README section from one or more results.json: one row per measurement, each with its machine
     and date."""
@@ -102,7 +134,7 @@ def performance_section(paths: Sequence[Path], heading: str = "## Performance") 
     if not runs:
         raise InputError("performance_section needs at least one results.json")
     header = ["model", "backend", "steps", "batch", "p50 ms", "p95 ms", "vol/s", "speed-up", "% of peak",
-              "agreement", "machine", "date"]
+              "agreement", "Dice vs truth", "machine", "date"]
     body = []
     for res in runs:
         host = res["machine"]["gpu"] or f"{res['machine']['cpu']}, {res['machine']['cores_logical']} cores"
@@ -110,7 +142,7 @@ def performance_section(paths: Sequence[Path], heading: str = "## Performance") 
             ms = r["end_to_end"]["ms"]
             body.append([res["model"]["preset"], r["label"], str(r["steps"]), str(r["batch"]), _f(ms["p50"]),
                          _f(ms["p95"]), _f(r["throughput_volumes_per_s"], 2), _f(r["speedup_vs_reference"], 2),
-                         _f(100 * r["end_to_end"]["roofline"]), f"{r['accuracy']['agreement']:.4f}",
+                         _f(100 * r["end_to_end"]["roofline"]), vs_reference(res, r)[0], vs_truth(r),
                          f"{host} ({res['device']})", res["created"][:10]])
     notes = []
     for res in runs:
@@ -118,13 +150,16 @@ def performance_section(paths: Sequence[Path], heading: str = "## Performance") 
         notes.append(f"- {res['model']['preset']}, {res['created'][:10]}: {res['model']['weights']}; "
                      f"commit {res['git']['commit'][:12]}; torch {res['versions'].get('torch', '?')}, "
                      f"onnxruntime {res['versions'].get('onnxruntime', '–')}; matmul peak {peaks}; "
-                     f"{res['rows'][0]['repeat']} repeats after {res['rows'][0]['warmup']} warm-up")
+                     f"{res['rows'][0]['repeat']} repeats after {res['rows'][0]['warmup']} warm-up; "
+                     f"inputs {_inputs(res['inputs'])}")
     lines = [
         heading,
         "",
         "Latency is end to end (host arrays in, labels out); speed-up is against PyTorch eager FP32 on the "
         "same device in the same run; agreement is the fraction of voxels whose label equals that "
-        "reference's on the same inputs; % of peak is the reference model's counted FLOPs per second "
+        "reference's on the same inputs (given only for trained models whose reference output has "
+        "several classes); Dice vs truth is per class against the labels of `--data` (input grid); "
+        "% of peak is the reference model's counted FLOPs per second "
         "over the measured matmul peak of the row's precision (fp32 on CPU), i.e. the compute floor "
         "divided by the measured time (exported graphs execute fewer FLOPs: phase-form upsampling, "
         "see ldseg/model/layers.py). Reproduce with `bash benchmarks/run_cpu.sh` (see benchmarks/README.md).",

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ldseg.bench.accuracy import truth_folders
 from ldseg.data.phantoms import make_phantom
 from ldseg.errors import ArtifactError, InputError
 from ldseg.io.preprocess import min_max_standardize
@@ -17,7 +18,7 @@ from ldseg.model.checkpoint import load_checkpoint, read_metadata
 from ldseg.model.config import ModelConfig, get_preset
 from ldseg.model.network import LDSeg
 from ldseg.runtime.select import demo_checkpoint_path, resolve_checkpoint
-from ldseg.runtime.volumes import is_input_file, prepare
+from ldseg.runtime.volumes import Prepared, is_input_file, prepare
 
 
 @dataclass(frozen=True)
@@ -77,21 +78,26 @@ def _info(cfg: ModelConfig, weights: str, digest: str | None, trained: dict[str,
     }
 
 
-def load_images(cfg: ModelConfig, count: int, data: Path | None, seed: int) -> tuple[np.ndarray, dict[str, Any]]:
+def load_images(
+    cfg: ModelConfig, count: int, data: Path | None, seed: int
+) -> tuple[np.ndarray, dict[str, Any], list[Prepared] | None]:
     """`count` model-grid images (count, C, *grid): phantoms seed.., or a folder's files in name
-    order (cycled when the folder has fewer than `count`)."""
+    order (cycled when the folder has fewer than `count`), with their Prepared (None for phantoms).
+    A folder holding images/ (and labels/) is read from images/."""
     if data is None:
         classes = min(max(cfg.num_classes, 2), 3)  # phantoms have 2 or 3 classes; the image is what matters
         images = [_phantom_image(cfg, seed + k, classes) for k in range(count)]
-        return np.stack(images), {"source": "phantoms", "seeds": [seed + k for k in range(count)]}
+        return np.stack(images), {"source": "phantoms", "seeds": [seed + k for k in range(count)]}, None
     if not data.is_dir():
         raise InputError(f"{data}: --data must be a folder of volumes or images")
-    files = sorted(p for p in data.iterdir() if p.is_file() and is_input_file(p))
+    folder, _ = truth_folders(data)
+    files = sorted(p for p in folder.iterdir() if p.is_file() and is_input_file(p))
     if not files:
-        raise InputError(f"{data}: no .nii/.nii.gz/.png/.bmp/.jpg/.tif files in this folder")
+        raise InputError(f"{folder}: no .nii/.nii.gz/.png/.bmp/.jpg/.tif files in this folder")
     chosen = [files[k % len(files)] for k in range(count)]
-    prepared = {p: prepare(p, cfg).image for p in dict.fromkeys(chosen)}
-    return np.stack([prepared[p] for p in chosen]), {"source": str(data), "files": [p.name for p in chosen]}
+    prepared = {p: prepare(p, cfg) for p in dict.fromkeys(chosen)}
+    items = [prepared[p] for p in chosen]
+    return np.stack([item.image for item in items]), {"source": str(folder), "files": [p.name for p in chosen]}, items
 
 
 def _phantom_image(cfg: ModelConfig, seed: int, classes: int) -> np.ndarray:

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from ldseg.errors import BackendUnavailable
 from ldseg.model.network import LDSeg
 from ldseg.runtime.backend import Backend
 from ldseg.runtime.torch_backend import TorchBackend
@@ -31,6 +32,8 @@ class Context:
     device: str
     bundle: Path | None  # an exported bundle given with --bundle
     workdir: Path  # where a factory may export what it needs for this run
+    max_batch: int = 1  # the largest batch the run times (TensorRT profiles are built for it)
+    probabilities: bool = False  # backends must also return probabilities (Dice vs truth, as ldseg-run)
 
 
 @dataclass
@@ -81,15 +84,48 @@ def _onnxruntime(ctx: Context, precision: str) -> Target:
 
         if precision not in EXPORT_PRECISIONS:
             raise Unsupported(f"bundles are exported in {' or '.join(EXPORT_PRECISIONS)}")
-        path = export_bundle(ctx.model, ctx.workdir / f"bundle-{precision}", precision=precision,
-                             graphs=("encoder", "denoise_step", "decoder_argmax"))
+        graphs = ("encoder", "denoise_step", "decoder_argmax", *(("decoder",) if ctx.probabilities else ()))
+        path = export_bundle(ctx.model, ctx.workdir / f"bundle-{precision}", precision=precision, graphs=graphs)
         bundle, source = load_bundle(path), f"{precision} bundle exported from the benchmarked model"
     threads = torch.get_num_threads()  # the same intra-op thread count as the torch rows
-    backend = OnnxRuntimeBackend(bundle, ctx.device.split(":")[0], threads=threads)
+    backend = OnnxRuntimeBackend(bundle, ctx.device, threads=threads)
     return Target(backend, f"{source}, {threads} intra-op threads")
 
 
-FACTORIES: dict[str, Factory] = {"torch": _torch, "onnxruntime": _onnxruntime}
+def _tensorrt(ctx: Context, precision: str) -> Target:
+    """Engines built into the workdir from the --bundle (its precision), or from a bundle exported
+    from the model (fp32/fp16); INT8 needs a calibrated --bundle. Skipped, with the reason, where
+    TensorRT or a GPU is absent."""
+    from ldseg.export.tensorrt_build import build_engines
+    from ldseg.runtime.bundle import EXPORT_PRECISIONS, load_bundle
+    from ldseg.runtime.devices import device_index
+    from ldseg.runtime.engines import require_tensorrt
+    from ldseg.runtime.tensorrt_backend import TensorRTBackend
+
+    index = device_index(ctx.device)
+    if index is None:
+        raise Unsupported("TensorRT runs on an NVIDIA GPU: use --device cuda")
+    try:
+        require_tensorrt()
+    except BackendUnavailable as exc:
+        raise Unsupported(str(exc)) from exc
+    if ctx.bundle is not None:
+        bundle_dir = ctx.bundle
+        if load_bundle(bundle_dir).precision != precision:
+            raise Unsupported(f"the given bundle is {load_bundle(bundle_dir).precision}")
+    elif precision in EXPORT_PRECISIONS:
+        from ldseg.export.exporter import export_bundle
+
+        bundle_dir = export_bundle(ctx.model, ctx.workdir / f"trt-bundle-{precision}", precision=precision,
+                                   graphs=("encoder", "denoise_step", "decoder", "decoder_argmax"))
+    else:
+        raise Unsupported(f"{precision} engines need a calibrated bundle (--bundle from ldseg-export calibrate)")
+    engines = build_engines(bundle_dir, ctx.workdir / f"engines-{precision}", precision=precision,
+                            max_batch=ctx.max_batch, device=index)
+    return Target(TensorRTBackend(engines, ctx.device), f"engines built from {bundle_dir}")
+
+
+FACTORIES: dict[str, Factory] = {"torch": _torch, "onnxruntime": _onnxruntime, "tensorrt": _tensorrt}
 
 
 def build_target(name: str, ctx: Context, precision: str) -> Target:

@@ -33,10 +33,23 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnxruntime
+
+try:
+    import onnxruntime
+except ImportError as exc:  # neither extra installed: say which one
+    from ldseg.runtime.ort_env import missing
+
+    raise missing("INT8 calibration") from exc
 
 from ldseg.calibration.data import CalibrationVolume, Feed, FeedReader, collect, load_volumes, walk
-from ldseg.calibration.quantize import METHODS, QUANTIZED_OPS, PreparedGraph, QuantizedGraph, finish_graph, prepare_graph
+from ldseg.calibration.quantize import (
+    METHODS,
+    QUANTIZED_OPS,
+    PreparedGraph,
+    QuantizedGraph,
+    finish_graph,
+    prepare_graph,
+)
 from ldseg.calibration.ranges import RangeTracker
 from ldseg.calibration.report import CalibrationReport, compare_pipelines, graph_errors
 from ldseg.errors import ArtifactError

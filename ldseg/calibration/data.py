@@ -15,8 +15,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
-from onnxruntime.quantization import CalibrationDataReader
+
+try:
+    import onnxruntime as ort
+    from onnxruntime.quantization import CalibrationDataReader
+except ImportError as exc:  # neither extra installed: say which one
+    from ldseg.runtime.ort_env import missing
+
+    raise missing("INT8 calibration") from exc
 
 from ldseg.errors import InputError
 from ldseg.model.config import ModelConfig
@@ -152,7 +158,8 @@ def walk(bundle: Bundle, volumes: Iterable[CalibrationVolume], run: Runner) -> l
 
 def collect(bundle: Bundle, volumes: Sequence[CalibrationVolume], *, threads: int | None = None) -> Trajectories:
     """Run the bundle's pipeline (ORT CPU) on each volume and record every graph's inputs."""
-    sessions = {name: session(bundle.graph_path(name), threads) for name in ("encoder", "denoise_step", "decoder_argmax")}
+    pipeline = ("encoder", "denoise_step", "decoder_argmax")
+    sessions = {name: session(bundle.graph_path(name), threads) for name in pipeline}
     out = Trajectories()
 
     def record(graph: str, feed: Feed) -> np.ndarray | None:

@@ -44,9 +44,14 @@ from typing import Any
 
 import onnx
 from onnx import numpy_helper
-import onnxruntime
-from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, create_calibrator, quantize_static
-from onnxruntime.quantization.shape_inference import quant_pre_process
+try:
+    import onnxruntime
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, create_calibrator, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+except ImportError as exc:  # neither extra installed: say which one
+    from ldseg.runtime.ort_env import missing
+
+    raise missing("INT8 calibration") from exc
 
 from ldseg.calibration.data import Feed, FeedReader
 from ldseg.calibration.ranges import RangeTracker
@@ -249,7 +254,9 @@ def _entropy_cache(source: Path, reader: FeedReader, folder: Path) -> Path:
     return cache
 
 
-def _quantize(source: Path, target: Path, reader: FeedReader | None, nodes: list[str], method: str, cache: Path | None) -> None:
+def _quantize(
+    source: Path, target: Path, reader: FeedReader | None, nodes: list[str], method: str, cache: Path | None
+) -> None:
     """quantize_static on `source`, with ranges from `cache` (a TensorsData JSON) when given,
     else from `reader` (ORT's calibrators)."""
     options: dict[str, Any] = {}

@@ -42,13 +42,30 @@ def tensors_to_calibrate(model: onnx.ModelProto, op_types: Sequence[str]) -> lis
 
 
 def augment(model: onnx.ModelProto, tensors: Sequence[str]) -> onnx.ModelProto:
-    """A copy of `model` with a scalar ReduceMin and ReduceMax output per tensor (keepdims 0)."""
+    """A copy of `model` with a scalar ReduceMin and ReduceMax output per tensor (keepdims 0),
+    each placed right after the node that produces the tensor: in graph order they run as soon
+    as it exists, so no activation is kept alive for its statistics (appended at the end, every
+    calibrated tensor would stay allocated until the last node)."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
     g = out.graph
+    wanted = set(tensors)
+
+    def reductions(names: Sequence[str]) -> list[onnx.NodeProto]:
+        return [
+            helper.make_node(op, [name], [name + suffix], keepdims=0, name=name + suffix)
+            for name in names
+            if name in wanted
+            for op, suffix in zip(("ReduceMin", "ReduceMax"), _SUFFIX)
+        ]
+
+    nodes = reductions([i.name for i in g.input])
+    for node in g.node:
+        nodes += [node, *reductions(list(node.output))]
+    del g.node[:]
+    g.node.extend(nodes)
     for name in tensors:
-        for op, suffix in zip(("ReduceMin", "ReduceMax"), _SUFFIX):
-            g.node.append(helper.make_node(op, [name], [name + suffix], keepdims=0, name=name + suffix))
+        for suffix in _SUFFIX:
             g.output.append(helper.make_tensor_value_info(name + suffix, TensorProto.FLOAT, []))
     return out
 

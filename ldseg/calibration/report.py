@@ -118,7 +118,8 @@ class CalibrationReport:
             summary = f"lowest Dice INT8 vs FP32 {lowest:.4f} against the limit {MIN_DICE_VS_FP32}"
         return {
             "verdict": PASSED if passed else FAILED,
-            "by": f"ldseg calibration report ({REPORT_MD}), ONNX Runtime CPU, held-out {', '.join(self.holdout_volumes)}",
+            "by": f"ldseg calibration report ({REPORT_MD}), ONNX Runtime CPU, held-out "
+            + ", ".join(self.holdout_volumes),
             "criterion": criterion,
             "summary": summary,
             "measured": self.to_dict()["summary"],

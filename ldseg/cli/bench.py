@@ -13,7 +13,7 @@ import typer
 from ldseg.cli.common import DeviceChoice, PresetChoice, SamplerChoice, VersionOption, console, entry, value
 
 bench_typer = typer.Typer(add_completion=False, help="Benchmark LDSeg backends: latency, throughput, FLOPs, accuracy.")
-BENCH_BACKENDS = ("torch", "onnxruntime")  # the registry in ldseg/bench/targets.py
+BENCH_BACKENDS = ("torch", "onnxruntime", "tensorrt")  # the registry in ldseg/bench/targets.py
 BENCH_PRECISIONS = ("fp32", "fp16", "int8")
 
 
@@ -46,7 +46,8 @@ def bench(
     batch: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "1",
     repeat: Annotated[int, typer.Option(help="Timed runs per configuration and per stage.")] = 10,
     warmup: Annotated[int, typer.Option(help="Untimed runs first.")] = 2,
-    data: Annotated[Optional[Path], typer.Option(help="Folder of inputs (default: synthetic phantoms).")] = None,
+    data: Annotated[Optional[Path], typer.Option(
+        help="Folder of inputs, or with images/ and labels/ (adds Dice vs truth); default synthetic phantoms.")] = None,
     device: Annotated[DeviceChoice, typer.Option(help="Where to run; auto prefers a GPU.")] = DeviceChoice.auto,
     sampler: Annotated[Optional[SamplerChoice], typer.Option(help="Sampler (default: the model's).")] = None,
     seed: Annotated[int, typer.Option(help="Weights (presets), phantoms and noise seed.")] = 0,

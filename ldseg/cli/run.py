@@ -44,6 +44,8 @@ def run(
     backend: Annotated[BackendChoice, typer.Option(
         help="Runtime; auto picks the fastest available.")] = BackendChoice.auto,
     device: Annotated[DeviceChoice, typer.Option(help="Where to run; auto prefers a GPU.")] = DeviceChoice.auto,
+    gpu: Annotated[Optional[int], typer.Option(
+        help="GPU index for every backend (torch cuda:N, ONNX Runtime device_id, TensorRT); default 0.")] = None,
     steps: Annotated[Optional[int], typer.Option(help="Sampling steps (default: checkpoint's, 15).")] = None,
     sampler: Annotated[Optional[SamplerChoice], typer.Option(help="Sampler (default: the checkpoint's).")] = None,
     seed: Annotated[int, typer.Option(help="Noise seed; sample k uses seed + k.")] = 0,
@@ -85,6 +87,8 @@ def run(
 
     if samples < 1 or (steps is not None and steps < 1):
         raise typer.BadParameter("--samples and --steps must be at least 1")
+    if gpu is not None and (gpu < 0 or device == DeviceChoice.cpu):
+        raise typer.BadParameter("--gpu N is a GPU index >= 0, and contradicts --device cpu")
     if overwrite and skip_existing:
         raise typer.BadParameter("--overwrite and --skip-existing contradict each other: choose one")
     if not demo and reconstruct is None and not inputs:
@@ -100,7 +104,7 @@ def run(
         return
     paths = [] if demo else expand_inputs(inputs or [])  # a missing input is reported before any export
     with Segmenter(checkpoint, bundle=bundle, engines=engines, backend=backend.value, device=device.value,
-                   cache=cache, steps=steps, sampler=value(sampler), seed=seed, samples=samples,
+                   gpu=gpu or 0, cache=cache, steps=steps, sampler=value(sampler), seed=seed, samples=samples,
                    trust_unvalidated=trust_unvalidated, warn_demo=not demo, reporter=ConsoleReporter()) as seg:
         chosen, cfg = seg.backend, seg.config
         try:

@@ -103,12 +103,15 @@ def export_bundle(
             record = report.record()
             write_manifest(tmp, with_validation(manifest, record))
             if not report.passed and not keep_failed:
-                raise ArtifactError(f"{target}: not written: the bundle {record['summary']} (--keep-failed writes it anyway)")
+                why = record["summary"]
+                raise ArtifactError(f"{target}: not written: the bundle {why} (--keep-failed writes it anyway)")
     say(f"wrote {target}")
     return target
 
 
-def _export_one(spec: GraphSpec, model: LDSeg, folder: Path, opset: int, precision: str, batch: int, say: Progress) -> dict[str, Any]:
+def _export_one(
+    spec: GraphSpec, model: LDSeg, folder: Path, opset: int, precision: str, batch: int, say: Progress
+) -> dict[str, Any]:
     """Export one graph (inside the rewrites), lower it to FP16 if asked; its manifest entry."""
     say(f"exporting {spec.name} (opset {opset}, {precision})")
     result = export_graph(spec, model, folder / spec.file, opset=opset, batch=batch)
@@ -119,5 +122,12 @@ def _export_one(spec: GraphSpec, model: LDSeg, folder: Path, opset: int, precisi
         keep = fp32_scopes(spec.build(model))
         lowered, stats = convert_to_fp16(onnx.load(str(result.path)), spec.fp16_body, keep)
         onnx.save(lowered, str(result.path))
-        extra = {"fp16_nodes": stats.fp16_nodes, "fp32_nodes": stats.fp32_nodes, "casts": stats.casts, "fp32_scopes": list(keep)}
-    return graph_entry(spec, exporter=result.exporter, fallback_reason=result.fallback_reason, precision=precision, **extra)
+        extra = {
+            "fp16_nodes": stats.fp16_nodes,
+            "fp32_nodes": stats.fp32_nodes,
+            "casts": stats.casts,
+            "fp32_scopes": list(keep),
+        }
+    return graph_entry(
+        spec, exporter=result.exporter, fallback_reason=result.fallback_reason, precision=precision, **extra
+    )

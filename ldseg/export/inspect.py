@@ -48,7 +48,8 @@ def graph_stats(path: Path) -> tuple[Counter[str], int, dict[str, int]]:
 
 def _verdict(bundle: Bundle) -> str:
     record = bundle.validation or {}
-    return f"{record.get('verdict', 'none recorded')}: {record.get('summary', 'loaders refuse it without --trust-unvalidated')}"
+    verdict = record.get("verdict", "none recorded")
+    return f"{verdict}: {record.get('summary', 'loaders refuse it without --trust-unvalidated')}"
 
 
 def _summary(bundle: Bundle) -> Table:

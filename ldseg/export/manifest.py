@@ -15,7 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import onnx
-import onnxruntime
+
+try:
+    import onnxruntime
+except ImportError as exc:  # neither extra installed: say which one
+    from ldseg.runtime.ort_env import missing
+
+    raise missing("writing a bundle manifest") from exc
 import onnxscript
 import torch
 

@@ -12,7 +12,8 @@ really run in INT8 or FP16: TensorRT may fall back, e.g. ConvTranspose3d with Q/
 The whole set is written in a temp folder and renamed into place (io.atomic.staged_folder).
 
 Nothing here has run on real TensorRT: it cannot be installed on the development machines. The
-code is type-checked against tensorrt-stubs 10.13 and its pure parts are unit-tested.
+code is type-checked against tensorrt-stubs 10.13 (the newest stubs; none exist for 11), what
+differs between TensorRT 10 and 11 is in runtime/trt_compat.py, and its pure parts are unit-tested.
 """
 
 from __future__ import annotations
@@ -50,6 +51,8 @@ from ldseg.runtime.engines import (
     trt_logger,
 )
 from ldseg.io.atomic import atomic_write
+from ldseg.runtime import trt_compat
+from ldseg.runtime.trt_compat import TrtApi
 from ldseg.runtime.bundle import Bundle, load_bundle
 
 if TYPE_CHECKING:
@@ -162,7 +165,7 @@ def build_engines(
             if cache_path is not None and shared_cache is not None:
                 _save_timing_cache(shared_cache, cache_path)  # after each graph: a crash keeps the work
         engine_set = describe_engine_set(bundle, target, env, profiles, engines, options, cache_path,
-                                         time.perf_counter() - started)  # fmt: skip
+                                         time.perf_counter() - started, trt_compat.api(trt))  # fmt: skip
         write_engines_json(tmp, engine_set)
     say(f"wrote {target}")
     return target
@@ -177,8 +180,10 @@ def describe_engine_set(
     options: BuildOptions,
     cache_path: Path | None,
     seconds: float,
+    api: TrtApi | None = None,
 ) -> EngineSet:
     """What engines.json records about a build (also how the tests fake one without TensorRT)."""
+    api = api or TrtApi(env.trt_version, trt_compat.major_of(env.trt_version), 0, False)
     return EngineSet(
         path=target,
         bundle_path=str(bundle.path.absolute()),
@@ -199,7 +204,7 @@ def describe_engine_set(
         built_at=now_iso(),
         build_seconds=round(seconds, 2),
         builder={
-            "strongly_typed": True,
+            **api.describe(),
             "workspace_bytes": options.workspace_bytes,
             "optimization_level": 3 if options.optimization_level is None else options.optimization_level,
             "timing_cache": None if cache_path is None else str(cache_path.absolute()),
@@ -244,8 +249,7 @@ def _build_one(
 ) -> trt.IHostMemory:
     import tensorrt as trt
 
-    # Referenced by name: STRONGLY_TYPED is 1 in TensorRT 10 and 0 (and always on) in 11.
-    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    network = builder.create_network(trt_compat.api(trt).network_flags)  # strongly typed, 10 and 11 alike
     parser = trt.OnnxParser(network, logger)
     path = bundle.graph_path(graph)
     if not parser.parse_from_file(str(path)):
@@ -297,7 +301,7 @@ def _write_layer_info(runtime: trt.Runtime, plan: trt.IHostMemory, path: Path, s
         raise BackendUnavailable(f"TensorRT cannot deserialize the engine it just built ({path.stem})")
     info = engine.create_engine_inspector().get_engine_information(trt.LayerInformationFormat.JSON)
     path.write_text(info)
-    int8 = info.count("Int8")
-    if int8:
-        say(f"{path.stem}: {int8} INT8 tensor formats in the engine (see {path.name})")
+    summary = trt_compat.layer_summary(info)  # reads 10's "Bindings" and 11's "I/O Tensors" alike
+    say(f"{path.stem}: {summary['layers']} layers, {summary['int8_layers']} with an INT8 format, "
+        f"{summary['io_tensors']} I/O tensors (see {path.name})")
     return path.name

@@ -87,11 +87,9 @@ class GpuInfo:
 
 
 def device_count() -> int:
-    cudart = runtime()
-    err, count = cudart.cudaGetDeviceCount()
-    if err != cudart.cudaError_t.cudaSuccess:
-        return 0  # cudaErrorNoDevice, cudaErrorInsufficientDriver...: no usable GPU
-    return int(count)
+    """GPUs the CUDA runtime sees; CudaError with the real error name (cudaErrorNoDevice,
+    cudaErrorInsufficientDriver...) when it cannot tell, so "no GPU" is never a guess."""
+    return int(check(runtime().cudaGetDeviceCount(), "cudaGetDeviceCount"))
 
 
 def gpu_info(index: int = 0) -> GpuInfo:

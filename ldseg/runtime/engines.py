@@ -7,7 +7,7 @@ An engine set is a folder with one serialized engine per graph and `engines.json
 
     {"format": "ldseg-engines/1",
      "bundle": {"path", "manifest_sha256", "precision", "preset"},   # what it was built from
-     "tensorrt_version", "gpu": {"name", "compute_capability"},      # where it can run
+     "tensorrt_version", "tensorrt_major", "gpu": {"name", "compute_capability"},  # where it can run
      "precision", "dla_core", "builder": {...}, "profiles": {graph: {input: {min, opt, max}}},
      "config", "diffusion": {"sampler", "steps", "table"},           # enough to run without the bundle
      "built_at", "build_seconds",
@@ -21,7 +21,7 @@ TensorRT at module level: this file is what tests and `build-engine --check` use
 
 from __future__ import annotations
 
-import warnings
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +30,9 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from ldseg.errors import ArtifactError, BackendUnavailable
 from ldseg.model.config import ModelConfig
+from ldseg.runtime import trt_compat
 from ldseg.runtime.bundle import MANIFEST, TensorInfo, parse_tensor, read_json_object, sha256_file
+from ldseg.runtime.trt_compat import major_of
 
 if TYPE_CHECKING:
     import tensorrt as trt
@@ -118,6 +120,10 @@ class EngineSet:
             raise ArtifactError(f"{self.path}: engine set has no {graph!r} engine (it has {', '.join(self.engines)})")
         return self.path / self.engines[graph].file
 
+    @property
+    def tensorrt_major(self) -> int:
+        return major_of(self.tensorrt_version)
+
     def to_dict(self) -> dict[str, Any]:
         def tensors(ts: Sequence[TensorInfo]) -> list[dict[str, Any]]:
             return [{"name": t.name, "shape": list(t.shape), "dtype": t.dtype} for t in ts]
@@ -131,6 +137,7 @@ class EngineSet:
                 "preset": self.preset,
             },
             "tensorrt_version": self.tensorrt_version,
+            "tensorrt_major": self.tensorrt_major,  # engines never cross majors (10: Jetson, 11: x86 pip)
             "gpu": {"name": self.gpu_name, "compute_capability": self.compute_capability},
             "precision": self.precision,
             "dla_core": self.dla_core,
@@ -197,7 +204,7 @@ class EngineSet:
                 bundle_precision=str(bundle["precision"]),
                 preset=str(bundle["preset"]),
                 precision=str(data["precision"]),
-                tensorrt_version=str(data["tensorrt_version"]),
+                tensorrt_version=_tensorrt_version(data),
                 gpu_name=str(gpu["name"]),
                 compute_capability=str(gpu["compute_capability"]),
                 dla_core=None if dla is None else int(dla),
@@ -213,6 +220,16 @@ class EngineSet:
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ArtifactError(f"{path}: {ENGINES_JSON} is incomplete or malformed ({type(exc).__name__}: {exc})") from exc
+
+
+def _tensorrt_version(data: Mapping[str, Any]) -> str:
+    """The recorded version; a recorded major must agree with it (ValueError: malformed)."""
+    version = str(data["tensorrt_version"])
+    major = major_of(version)
+    recorded = data.get("tensorrt_major")  # absent in sets written before it was recorded
+    if recorded is not None and int(recorded) != major:
+        raise ValueError(f"tensorrt_major {recorded} contradicts tensorrt_version {version}")
+    return version
 
 
 def read_engine_set(folder: Path | str) -> EngineSet:
@@ -267,7 +284,16 @@ def engine_set_problems(
                 f"{bundle_hash[:12]}...): rebuild from this bundle",
             )
         )
-    if es.tensorrt_version != environment.trt_version:
+    if es.tensorrt_major != major_of(environment.trt_version):
+        problems.append(
+            Problem(
+                "environment",
+                f"built with TensorRT {es.tensorrt_version} (major {es.tensorrt_major}), this machine has TensorRT "
+                f"{environment.trt_version} (major {major_of(environment.trt_version)}): a TensorRT major cannot "
+                "load another's engines (Jetson stays on 10, x86 pip is 11)",
+            )
+        )
+    elif es.tensorrt_version != environment.trt_version:
         problems.append(
             Problem(
                 "environment",
@@ -323,8 +349,14 @@ def require_tensorrt() -> ModuleType:
     return trt
 
 
+TRT_LOG = logging.getLogger("ldseg.tensorrt")
+TRT_LOG.addHandler(logging.NullHandler())  # quiet unless the application configures logging
+
+
 def trt_logger() -> trt.ILogger:
-    """A logger that prints warnings and keeps errors, so a failed build can say why."""
+    """TensorRT's messages go to the `ldseg.tensorrt` logger (not Python warnings: TensorRT warns a
+    lot, and the CLI must not print each as a RuntimeWarning); errors are also kept, so a failed
+    build or run can say why in its one error line."""
     import tensorrt as trt
 
     class _Logger(trt.ILogger):
@@ -336,10 +368,12 @@ def trt_logger() -> trt.ILogger:
             level = int(severity)  # INTERNAL_ERROR 0 < ERROR 1 < WARNING 2 < INFO 3 < VERBOSE 4
             if level <= int(trt.ILogger.Severity.ERROR):
                 self.errors.append(msg)
-            if level <= int(trt.ILogger.Severity.WARNING):
-                warnings.warn(f"TensorRT: {msg}", RuntimeWarning, stacklevel=2)
+            TRT_LOG.log(_LOG_LEVELS.get(level, logging.DEBUG), "TensorRT: %s", msg)
 
     return _Logger()
+
+
+_LOG_LEVELS = {0: logging.CRITICAL, 1: logging.ERROR, 2: logging.WARNING, 3: logging.INFO, 4: logging.DEBUG}
 
 
 def logged_errors(logger: trt.ILogger) -> str:
@@ -352,6 +386,7 @@ def detect_environment(device: int = 0) -> Environment:
     trt = require_tensorrt()
     from ldseg.runtime.cuda import gpu_info
 
+    trt_compat.check_version(str(trt.__version__))  # refuses a TensorRT older than 10.3
     gpu = gpu_info(device)
     return Environment(str(trt.__version__), gpu.name, gpu.compute_capability)
 

@@ -17,13 +17,12 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from ldseg.errors import ArtifactError, BackendUnavailable
 from ldseg.model.checkpoint import load_checkpoint, verify_checkpoint
 from ldseg.model.config import ModelConfig
 from ldseg.model.network import LDSeg
 from ldseg.runtime.backend import Backend
+from ldseg.runtime.devices import cuda_device, device_index, ort_cuda_problem, torch_cuda_problem
 from ldseg.runtime.engines import Environment
 
 if TYPE_CHECKING:
@@ -71,17 +70,20 @@ def load_model(checkpoint: str | Path, needs: tuple[str, ...] = SEGMENT_NEEDS) -
     return model
 
 
-def cuda_available() -> bool:
-    return torch.cuda.is_available()
+def cuda_available(index: int = 0) -> bool:
+    """PyTorch can run on GPU `index` (the torch route only: other routes ask their own stack)."""
+    return torch_cuda_problem(index) is None
 
 
 def resolve_device(device: str) -> str:
+    """A device for the torch route (the bench's reference): auto -> cuda if PyTorch can use one."""
     if device == "auto":
         return "cuda" if cuda_available() else "cpu"
-    if device not in ("cpu", "cuda"):
-        raise BackendUnavailable(f"--device {device}: choose cpu, cuda or auto")
-    if device == "cuda" and not cuda_available():
-        raise BackendUnavailable("--device cuda: no CUDA GPU is visible to PyTorch")
+    index = device_index(device)
+    if index is not None:
+        problem = torch_cuda_problem(index)
+        if problem:
+            raise BackendUnavailable(f"--device {device}: {problem}")
     return device
 
 
@@ -137,18 +139,18 @@ def _torch(source: Source, device: str) -> Selection:
 
     if source.checkpoint is None:
         raise BackendUnavailable("the torch backend runs a checkpoint (--checkpoint)")
+    index = device_index(device)
+    problem = None if index is None else torch_cuda_problem(index)
+    if problem:
+        raise BackendUnavailable(problem)
     model = source.model()
     return Selection(TorchBackend(model, device), model.cfg, "", model.checkpoint_hash)
 
 
 def _onnxruntime_device(device: str) -> None:
-    import onnxruntime as ort
-
-    available = ort.get_available_providers()
-    if device == "cuda" and "CUDAExecutionProvider" not in available:
-        raise BackendUnavailable(
-            f"onnxruntime on cuda needs onnxruntime-gpu and a CUDA GPU; this onnxruntime offers {', '.join(available)}"
-        )
+    problem = None if device_index(device) is None else ort_cuda_problem()
+    if problem:
+        raise BackendUnavailable(problem)
 
 
 def _onnxruntime(source: Source, device: str) -> Selection:
@@ -162,7 +164,7 @@ def _onnxruntime(source: Source, device: str) -> Selection:
         _onnxruntime_device(device)  # before minutes of exporting
         path = source.artifacts.bundle(source.reference())
     else:
-        raise BackendUnavailable("the onnxruntime backend runs an exported bundle (--bundle) or a --checkpoint")
+        raise BackendUnavailable("the onnxruntime backend runs an exported bundle (--bundle)")
     bundle = load_bundle(path, trust_unvalidated=source.trust_unvalidated)
     _refuse_untrained(path, dict(bundle.trained), SEGMENT_NEEDS)
     return Selection(OnnxRuntimeBackend(bundle, device), bundle.config, "", bundle.checkpoint_hash)
@@ -172,29 +174,30 @@ def _tensorrt(source: Source, device: str) -> Selection:
     from ldseg.runtime.engines import read_engine_set
     from ldseg.runtime.tensorrt_backend import TensorRTBackend
 
-    if device != "cuda":
+    index = device_index(device)
+    if index is None:
         raise BackendUnavailable("the tensorrt backend needs --device cuda (or auto on a GPU machine)")
     checkpoint_hash = None
     if source.engines is not None:
         path = source.engines
     elif source.cached:
         assert source.artifacts is not None
-        environment = tensorrt_environment()  # TensorRT and a GPU, before minutes of exporting
+        environment = tensorrt_environment(index)  # TensorRT and this GPU, before minutes of exporting
         reference = source.reference()
         bundle = source.artifacts.bundle(reference, precision=TENSORRT_BUNDLE_PRECISION)
         path = source.artifacts.engines(bundle, environment, max_batch=source.samples)
         checkpoint_hash = reference.sha256
     else:
-        raise BackendUnavailable("the tensorrt backend runs an engine set (--engines) or a --checkpoint")
+        raise BackendUnavailable("the tensorrt backend runs an engine set (--engines)")
     engine_set = read_engine_set(path)
     return Selection(TensorRTBackend(path, device), engine_set.config, "", checkpoint_hash)
 
 
-def tensorrt_environment() -> Environment:
-    """This machine's TensorRT version and GPU; BackendUnavailable without either (tests fake this)."""
+def tensorrt_environment(index: int = 0) -> Environment:
+    """This machine's TensorRT version and GPU `index`; BackendUnavailable without either (tests fake this)."""
     from ldseg.runtime.engines import detect_environment
 
-    return detect_environment()
+    return detect_environment(index)
 
 
 _FACTORIES = {"torch": _torch, "onnxruntime": _onnxruntime, "tensorrt": _tensorrt}
@@ -206,45 +209,68 @@ _RUNS: dict[str, Callable[[Source], bool]] = {
 }
 
 
-def _auto_candidates(source: Source, gpu: bool) -> list[tuple[str, str]]:
-    return [(name, dev) for name, dev in AUTO_ORDER if (gpu or dev == "cpu") and _RUNS[name](source)]
+def _auto_candidates(source: Source, gpu: str | None) -> list[tuple[str, str]]:
+    """AUTO_ORDER among what the source runs; "cuda" is the GPU asked for (None: CPU only)."""
+    devices = {"cpu": "cpu", **({"cuda": gpu} if gpu is not None else {})}
+    return [(name, devices[dev]) for name, dev in AUTO_ORDER if dev in devices and _RUNS[name](source)]
 
 
-def select_backend(source: Source, backend: str = "auto", device: str = "auto") -> Selection:
-    """The chosen backend, its model config, and a sentence saying why."""
+def select_backend(source: Source, backend: str = "auto", device: str = "auto", gpu: int = 0) -> Selection:
+    """The chosen backend, its model config, and a sentence saying why.
+
+    GPU candidates are not gated on any one library: each factory checks its own route (torch.cuda,
+    ONNX Runtime's providers, cuda-python) and a refusal, with its reason, moves on to the next
+    candidate. `gpu` is the device index every backend uses (torch cuda:N, ORT device_id, TensorRT).
+    """
     given = [s for s in (source.checkpoint, source.bundle, source.engines) if s is not None]
     if len(given) != 1:
         raise BackendUnavailable("give exactly one of --checkpoint, --bundle, --engines")
     if backend not in BACKENDS:
         raise BackendUnavailable(f"--backend {backend}: choose one of {', '.join(BACKENDS)}")
-    if backend != "auto":
-        selection = _FACTORIES[backend](source, resolve_device(device))
-        selection.why = "asked for"
-        return selection
-    if device != "auto":
-        resolve_device(device)
-    gpu = cuda_available() and device != "cpu"
+    if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
+        raise BackendUnavailable(f"--device {device}: choose cpu, cuda or auto")
+    index = device_index(device) if device != "auto" else None
+    gpu_device = None if device == "cpu" else cuda_device(gpu if index is None else index)
+    if backend == "auto":
+        candidates = _auto_candidates(source, gpu_device)
+        if index is not None:  # --device cuda: the GPU candidates only
+            candidates = [(name, dev) for name, dev in candidates if dev != "cpu"]
+    else:  # only this backend: on the asked device, or (auto) GPU first, then CPU where it runs there
+        if gpu_device is None:
+            devices = ["cpu"]
+        elif device != "auto" or backend == "tensorrt":
+            devices = [gpu_device]
+        else:
+            devices = [gpu_device, "cpu"]
+        candidates = [(backend, d) for d in devices]
     if source.cached:
         source.reference()  # a bad checkpoint is its own error (exit 4), not a reason to skip candidates
     skipped: list[str] = []
     on_gpu = [f"{name}/{dev}" for name, dev in AUTO_ORDER if dev == "cuda" and _RUNS[name](source)]
-    if not gpu and on_gpu:
-        skipped.append(f"{', '.join(on_gpu)}: {'--device cpu' if device == 'cpu' else 'no CUDA GPU visible'}")
-    for name, dev in _auto_candidates(source, gpu):
+    if backend == "auto" and gpu_device is None and on_gpu:
+        skipped.append(f"{', '.join(on_gpu)}: --device cpu")
+    errors: list[BackendUnavailable] = []
+    for name, dev in candidates:
         try:
             selection = _FACTORIES[name](source, dev)
         except BackendUnavailable as exc:  # announced, then the next candidate
             skipped.append(f"{name}/{dev}: {exc}")
+            errors.append(exc)
             continue
         except ArtifactError as exc:
-            if not (source.cached and name != "torch"):
+            if not (backend == "auto" and source.cached and name != "torch"):
                 raise
             # The checkpoint loaded: this is its export failing validation. The next candidate
             # (in the end PyTorch on the checkpoint itself) still runs it correctly.
             skipped.append(f"{name}/{dev}: {exc}")
             continue
-        first = f"first available for this source on {'a GPU' if gpu else 'CPU'}"
-        selection.why = f"auto: {'; '.join(skipped) or first}"
+        if backend != "auto":
+            selection.why = "asked for" + (f"; skipped {'; '.join(skipped)}" if skipped else "")
+        else:
+            on = "a GPU" if dev != "cpu" else "CPU"
+            first = f"first available for this source on {on}"
+            selection.why = f"auto: {'; '.join(skipped)}" if skipped else f"auto: {first}"
         return selection
+    if backend != "auto" and len({str(e) for e in errors}) == 1:  # one backend, one reason (e.g. wrong source)
+        raise errors[0]
     raise BackendUnavailable("no backend can run this source here: " + "; ".join(skipped))
-

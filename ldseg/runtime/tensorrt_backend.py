@@ -33,8 +33,9 @@ labels are then their argmax on the host (first maximum, like torch and ONNX Arg
 decoder never runs twice. Without probabilities, decoder_argmax writes uint8 labels on the GPU.
 
 NOT RUN: TensorRT cannot be installed on the development machines and they have no GPU. This file
-is type-checked against tensorrt-stubs 10.13; its refusal logic is unit-tested with a faked
-environment, and tests/tensorrt has real-engine tests that skip here.
+is type-checked against tensorrt-stubs 10.13 (no stubs exist for 11); what differs between
+TensorRT 10 and 11 goes through runtime/trt_compat.py, unit-tested with faked 10.x and 11.x
+modules; tests/tensorrt has real-engine tests that skip here.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ from ldseg.runtime.engines import (
     require_tensorrt,
     trt_logger,
 )
-from ldseg.runtime import cuda
+from ldseg.runtime import cuda, trt_compat
 from ldseg.runtime.backend import STAGES, Backend, CaptureFailed, PipelineInputs
 from ldseg.runtime.bundle import TensorInfo
 
@@ -109,8 +110,13 @@ class _Context:
         context = engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
         if context is None:  # the binding returns None on failure; the stubs do not say so
             raise BackendUnavailable(f"TensorRT could not create an execution context for {graph}: {logged_errors(logger)}")
-        context.set_device_memory(activation.ptr, activation.nbytes)
-        if not context.set_optimization_profile_async(0, stream.ptr):
+        trt_compat.set_device_memory(context, activation.ptr, activation.nbytes)
+        try:  # a refusal raises (the bool it returns is true whenever it returns)
+            accepted = context.set_optimization_profile_async(0, stream.ptr)
+        except RuntimeError as exc:
+            reason = f"{exc} ({logged_errors(logger)})"
+            raise BackendUnavailable(f"{graph}: TensorRT refused optimization profile 0: {reason}") from exc
+        if not accepted:
             raise BackendUnavailable(f"{graph}: TensorRT refused optimization profile 0: {logged_errors(logger)}")
         for name, (_, shape) in bindings.items():
             if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT and not context.set_input_shape(name, shape):
@@ -265,7 +271,7 @@ class TensorRTBackend(Backend[_Plan, int]):
             self.engines[graph] = engine
         self.stream = cuda.Stream()
         # One activation buffer for every context: they never run concurrently (one stream).
-        self.activation = cuda.DeviceBuffer(max(e.device_memory_size_v2 for e in self.engines.values()))
+        self.activation = cuda.DeviceBuffer(max(trt_compat.device_memory_size(e) for e in self.engines.values()))
         self._batches: dict[int, _Batch] = {}
         self._plans: dict[tuple[int, int], _Plan] = {}
         self._events = [cuda.Event() for _ in range(len(STAGES) + 1)]

@@ -8,12 +8,17 @@ stages eagerly (ldseg/runtime/backend.py).
 
 The model it is handed is never modified: a model on another device, or in training mode, is copied
 (a model shared with an exporter must stay where it was).
+
+"fp32" is FP32 math: cuDNN convolutions and matmuls default to TF32 on Ampere and later, so every
+stage (and the graph capture, which bakes the kernels in) runs under `strict_fp32()`, which turns
+TF32 off and restores the caller's settings afterwards: no global state is left changed.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -47,15 +52,17 @@ class TorchBackend(Backend[TorchPlan, torch.Tensor]):
     name = "torch"
 
     def __init__(self, model: LDSeg, device: str = "cpu", cuda_graph: bool | None = None):
+        target = _torch_device(device)
         super().__init__(model.cfg, f"model {model.cfg.preset!r}",
-                         cuda_graph=device.startswith("cuda") if cuda_graph is None else cuda_graph)
-        self.model = _on_device(model, torch.device(device))
-        self.device = device
+                         cuda_graph=target.type == "cuda" if cuda_graph is None else cuda_graph)
+        self.model = _on_device(model, target)
+        self.device = str(target)  # "cpu" or "cuda:N"
         self.precision = "fp32"
         self._plans: dict[tuple[int, int], TorchPlan] = {}
 
     def describe(self) -> dict[str, str]:
-        return {"backend": self.name, "device": self.device, "precision": self.precision, "mode": self.mode}
+        return {"backend": self.name, "device": self.device, "precision": self.precision, "mode": self.mode,
+                "tf32": "off"}
 
     # ------------------------------------------------------------------ stages
     def plan(self, batch: int, steps: int) -> TorchPlan:
@@ -78,16 +85,19 @@ class TorchBackend(Backend[TorchPlan, torch.Tensor]):
 
     @torch.no_grad()
     def encode(self, plan: TorchPlan) -> None:
-        plan.z_image = self.model.encode_image(plan.image)
+        with strict_fp32():
+            plan.z_image = self.model.encode_image(plan.image)
 
     @torch.no_grad()
     def step(self, plan: TorchPlan, z: torch.Tensor, i: int) -> torch.Tensor:
         assert plan.z_image is not None
-        return self.model.step(z, plan.z_image, plan.table[i].expand(z.shape[0], 4), plan.noise[i])
+        with strict_fp32():
+            return self.model.step(z, plan.z_image, plan.table[i].expand(z.shape[0], 4), plan.noise[i])
 
     @torch.no_grad()
     def decode(self, plan: TorchPlan, z: torch.Tensor, probabilities: bool) -> None:
-        plan.probabilities = self.model.label_decoder(z)
+        with strict_fp32():
+            plan.probabilities = self.model.label_decoder(z)
         plan.labels = plan.probabilities.argmax(dim=1).to(torch.uint8)
 
     def copy_out(self, plan: TorchPlan, probabilities: bool) -> tuple[np.ndarray, np.ndarray | None]:
@@ -97,6 +107,10 @@ class TorchBackend(Backend[TorchPlan, torch.Tensor]):
 
     # ------------------------------------------------------------------ CUDA graphs
     def capture(self, plan: TorchPlan, body: Callable[[], None]) -> _Captured:
+        with strict_fp32():  # the stages set it too; this covers everything the capture records
+            return self._capture(plan, body)
+
+    def _capture(self, plan: TorchPlan, body: Callable[[], None]) -> _Captured:
         try:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
@@ -119,6 +133,24 @@ class TorchBackend(Backend[TorchPlan, torch.Tensor]):
     def synchronize(self) -> None:
         if self.device.startswith("cuda"):
             torch.cuda.synchronize(self.device)
+
+
+@contextmanager
+def strict_fp32() -> Iterator[None]:
+    """TF32 off for CUDA matmuls and cuDNN convolutions inside, the caller's settings restored after."""
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    saved = (matmul.allow_tf32, cudnn.allow_tf32)
+    matmul.allow_tf32 = cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        matmul.allow_tf32, cudnn.allow_tf32 = saved
+
+
+def _torch_device(device: str) -> torch.device:
+    """'cuda' means GPU 0, as for the other backends (parameters report cuda:0, never bare cuda)."""
+    target = torch.device(device)
+    return torch.device("cuda", 0) if target.type == "cuda" and target.index is None else target
 
 
 def _on_device(model: LDSeg, device: torch.device) -> LDSeg:

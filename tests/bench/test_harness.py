@@ -1,5 +1,6 @@
-"""The harness end to end on the demo preset with tiny repeats: files and their structure, never
-timings. The onnxruntime test exports a bundle (tens of seconds on 2 cores) and is marked slow."""
+"""The harness end to end on the trained demo model with tiny repeats: files and their structure,
+never timings; accuracy only where it can disagree. The onnxruntime test exports a bundle (tens of
+seconds on 2 cores) and is marked slow."""
 
 from __future__ import annotations
 
@@ -7,17 +8,33 @@ import json
 from pathlib import Path
 from typing import Any
 
+import nibabel as nib
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from ldseg.cli.bench import bench_typer
+from ldseg.bench.accuracy import ONE_CLASS_NOTE, RANDOM_WEIGHTS_NOTE, REFERENCE_NOTE, row_accuracy, untrained_note
 from ldseg.bench.harness import BenchOptions, run_benchmark
 from ldseg.bench.plots import PLOT_FILES
 from ldseg.bench.report import performance_section
+from ldseg.cli.bench import bench_typer
+from ldseg.data.phantoms import make_phantom, write_phantom_nifti
 from ldseg.runtime.backend import STAGES
 from ldseg.errors import InputError, OutputError
+from ldseg.export.manifest import build_manifest, graph_entry, write_manifest
+from ldseg.export.specs import graph_specs
+from ldseg.metrics import dice_per_class
+from ldseg.model.config import get_preset
+from ldseg.model.network import COMPONENTS
+from ldseg.runtime.select import load_model
+from ldseg.runtime.session import RunOptions, segment_prepared
+from ldseg.runtime.torch_backend import TorchBackend
+from ldseg.runtime.volumes import prepare
+from tests.helpers import assert_several_classes
 
-TINY = {"preset": "demo", "backends": ("torch",), "steps": (2,), "batch": (1,), "repeat": 2, "warmup": 1, "probe_size": 128, "probe_repeat": 2}
+REPO = Path(__file__).resolve().parents[2]
+TINY = {"checkpoint": "demo", "backends": ("torch",), "steps": (15,), "batch": (1,), "repeat": 2, "warmup": 1,
+        "probe_size": 128, "probe_repeat": 2}
 SUMMARY_KEYS = {"p50", "p95", "p99", "min", "mean", "n"}
 TOP_KEYS = {"schema", "created", "machine", "versions", "git", "device", "timer", "model", "inputs", "options",
             "reference", "peaks", "skipped", "rows"}
@@ -27,9 +44,22 @@ ROW_KEYS = {"label", "backend", "precision", "mode", "device", "describe", "sour
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
+def labelled_data(tmp_path_factory) -> Path:
+    """images/ + labels/ as in ../shared/data/knee: two off-grid phantoms and their truth."""
+    root = tmp_path_factory.mktemp("data")
+    (root / "images").mkdir()
+    (root / "labels").mkdir()
+    for seed in (1, 2):
+        name = f"p{seed}.nii.gz"
+        write_phantom_nifti(make_phantom(seed, (30, 60, 70)), root / "images" / name, root / "labels" / name,
+                            overwrite=False)
+    return root
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, labelled_data: Path) -> Path:
     out = tmp_path_factory.mktemp("bench") / "cpu-run"
-    assert run_benchmark(BenchOptions(output=out, **TINY)) == out  # type: ignore[arg-type]
+    assert run_benchmark(BenchOptions(output=out, data=labelled_data, **TINY)) == out  # type: ignore[arg-type]
     return out
 
 
@@ -50,30 +80,112 @@ def _check_timed(block: dict[str, Any], repeat: int) -> None:
 def test_results_json_structure(run_dir):
     res = _results(run_dir)
     assert set(res) == TOP_KEYS
-    assert res["schema"] == "ldseg-bench/1" and res["device"] == "cpu" and res["timer"] == "perf_counter"
+    assert res["schema"] == "ldseg-bench/2" and res["device"] == "cpu" and res["timer"] == "perf_counter"
     assert res["machine"]["cpu"] and res["machine"]["cores_logical"] >= 1
     assert res["versions"]["torch"] and res["git"]["commit"]
     assert res["peaks"]["fp32"]["gflops"] > 0 and res["peaks"]["fp32"]["size"] == 128
-    assert res["model"]["preset"] == "demo" and res["inputs"]["source"] == "phantoms"
+    assert res["model"]["preset"] == "demo" and res["model"]["checkpoint_sha256"]
+    assert res["inputs"]["files"] == ["p1.nii.gz"] and res["inputs"]["labels"].endswith("labels")
     (row,) = res["rows"]  # CPU torch is torch eager: the reference, measured once
     assert set(row) == ROW_KEYS
     assert row["reference"] and row["label"] == "torch/fp32/eager" and row["speedup_vs_reference"] == 1.0
-    assert (row["steps"], row["batch"], row["repeat"]) == (2, 1, 2)
+    assert (row["steps"], row["batch"], row["repeat"]) == (15, 1, 2)
     _check_timed(row["end_to_end"], 2)
     assert list(row["stages"]) == list(STAGES)
     for block in row["stages"].values():
         _check_timed(block, 2)
-    assert row["stages"]["loop"]["flops"] == 2 * row["stages"]["step"]["flops"]
+    assert row["stages"]["loop"]["flops"] == 15 * row["stages"]["step"]["flops"]
     assert row["end_to_end"]["flops"] == sum(row["stages"][s]["flops"] for s in ("encoder", "loop", "decoder"))
     assert row["executed_flops"] == row["end_to_end"]["flops"]  # torch runs the reference form
-    assert row["accuracy"]["agreement"] == 1.0 and set(row["accuracy"]["dice"]) == {"1", "2"}
+    accuracy = row["accuracy"]
+    assert accuracy["note"] == REFERENCE_NOTE and accuracy["agreement"] is None  # never compared with itself
+    assert_several_classes(accuracy["reference_class_fractions"], "demo model on p1")
     assert row["memory"]["peak_rss_mb"] > 0 and row["memory"]["device_peak_mb"] is None
     assert row["throughput_volumes_per_s"] == pytest.approx(1e3 / row["end_to_end"]["ms"]["p50"])
+
+
+def test_dice_against_the_labels_of_data(run_dir, labelled_data):
+    (row,) = _results(run_dir)["rows"]
+    truth = row["accuracy"]["vs_truth"]
+    assert [case["file"] for case in truth["cases"]] == ["p1.nii.gz"] and set(truth["dice"]) == {"1", "2"}
+    assert_several_classes(np.asarray(nib.load(labelled_data / "labels" / "p1.nii.gz").dataobj), "truth of p1")
+    # The trained demo model segments phantoms (README: mean Dice 0.919 at 15 steps on seeds 0-9).
+    assert min(truth["dice"].values()) >= 0.85, truth
+
+
+def test_dice_vs_truth_scores_what_ldseg_run_writes(run_dir, labelled_data):
+    (row,) = _results(run_dir)["rows"]
+    model = load_model("demo")
+    prepared = prepare(labelled_data / "images" / "p1.nii.gz", model.cfg)
+    outputs, _ = segment_prepared(prepared, TorchBackend(model), model.cfg, RunOptions(steps=15, seed=0))
+    truth = np.asarray(nib.load(labelled_data / "labels" / "p1.nii.gz").dataobj)
+    expected = dice_per_class(outputs["_seg"][0], truth, 3)
+    assert row["accuracy"]["vs_truth"]["dice"] == pytest.approx({str(c): d for c, d in expected.items()}, abs=1e-12)
+
+
+def test_a_missing_label_is_one_clear_error(labelled_data, tmp_path):
+    data = tmp_path / "data"
+    (data / "labels").mkdir(parents=True)
+    (data / "images").symlink_to(labelled_data / "images")
+    with pytest.raises(InputError, match=r"labels: no label for p1\.nii\.gz"):
+        run_benchmark(BenchOptions(output=tmp_path / "out", data=data, **TINY))  # type: ignore[arg-type]
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_bundle_without_decoder_is_refused_before_timing(labelled_data, tmp_path):
+    model = load_model("demo")
+    bundle = tmp_path / "no-decoder"
+    bundle.mkdir()
+    entries = {}
+    for name, spec in graph_specs(model.cfg).items():
+        if name != "decoder":  # placeholders: the refusal comes before any graph is loaded
+            (bundle / spec.file).write_bytes(f"placeholder {name}".encode())
+            entries[name] = graph_entry(spec, exporter="dynamo", fallback_reason=None, precision="fp32")
+    write_manifest(bundle, build_manifest(model, entries, folder=bundle, precision="fp32", opset=18, batch=1))
+    options = {**TINY, "backends": ("onnxruntime",)}
+    with pytest.raises(InputError, match="needs the bundle's decoder graph"):
+        run_benchmark(BenchOptions(output=tmp_path / "out", data=labelled_data, bundle=bundle,
+                                   **options))  # type: ignore[arg-type]
+    assert not (tmp_path / "out").exists()
+
+
+def test_accuracy_only_where_it_can_disagree():
+    cfg = get_preset("demo")
+    rng = np.random.default_rng(0)
+    ref = rng.integers(0, 3, (1, *cfg.image_size)).astype(np.uint8)
+    other = ref.copy()
+    other[0, 0] = (other[0, 0] + 1) % 3  # one slice of 32 differs
+    acc = row_accuracy(other, ref, cfg, is_reference=False, weights_note=None, vs_truth=None)
+    assert acc["note"] is None and acc["agreement"] == pytest.approx(31 / 32, abs=1e-6)
+    assert set(acc["dice"]) == {"1", "2"} and max(acc["dice"].values()) < 1.0
+    untrained = untrained_note(dict.fromkeys(COMPONENTS, False))
+    assert untrained == RANDOM_WEIGHTS_NOTE
+    assert "untrained denoiser" in str(untrained_note({"image_encoder": True, "denoiser": False}))
+    assert untrained_note({"image_encoder": True, "denoiser": True}) is None
+    random = row_accuracy(other, ref, cfg, is_reference=False, weights_note=untrained, vs_truth=None)
+    assert random["note"] == RANDOM_WEIGHTS_NOTE and random["agreement"] is None and random["dice"] is None
+    one_class = np.zeros_like(ref)
+    one_class[0, 0, 0, :5] = 1  # 5 voxels of class 1: far below 1 %
+    flat = row_accuracy(one_class, one_class, cfg, is_reference=False, weights_note=None, vs_truth=None)
+    assert flat["note"] == ONE_CLASS_NOTE and flat["agreement"] is None
+
+
+def test_random_weight_rows_render_a_note_not_a_number():
+    # The committed 2026-11-25 demo run (schema 1) recorded agreement 1.0000 on random weights.
+    committed = REPO / "benchmarks" / "results" / "amd-epyc-2c-2026-11-25" / "demo" / "results.json"
+    text = performance_section([committed])
+    rows = [line for line in text.splitlines() if line.startswith("| demo |")]
+    assert len(rows) == 32
+    for line in rows:
+        assert "1.0000" not in line
+        assert RANDOM_WEIGHTS_NOTE in line or f"| {REFERENCE_NOTE} |" in line, line
+    assert sum(RANDOM_WEIGHTS_NOTE in line for line in rows) == 16
 
 
 def test_markdown_and_plots_written(run_dir):
     md = (run_dir / "results.md").read_text()
     assert "| backend | steps | batch | p50 ms |" in md and "torch/fp32/eager (ref)" in md
+    assert "Dice vs truth per class" in md and "| reference | – |" in md
     for name in PLOT_FILES:
         assert (run_dir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
 
@@ -108,4 +220,19 @@ def test_onnxruntime_rows_beside_the_reference(tmp_path):
     assert ref["reference"] and not ort["reference"] and ort["backend"] == "onnxruntime"
     assert list(ort["stages"]) == list(STAGES) and ort["stages"]["encoder"]["flops"] == ref["stages"]["encoder"]["flops"]
     assert ort["speedup_vs_reference"] > 0
-    assert ort["accuracy"]["agreement"] >= 0.99, f"onnxruntime fp32 vs torch fp32 agreement {ort['accuracy']['agreement']}"
+    accuracy = ort["accuracy"]
+    assert_several_classes(accuracy["reference_class_fractions"], "torch reference on phantom 0")
+    assert accuracy["note"] is None and ref["accuracy"]["agreement"] is None
+    assert accuracy["agreement"] >= 0.99, f"onnxruntime fp32 vs torch fp32 agreement {accuracy['agreement']}"
+    assert accuracy["vs_truth"] is None  # phantoms from seeds: no --data labels
+
+
+@pytest.mark.slow
+def test_random_weight_preset_rows_say_agreement_is_not_meaningful(tmp_path):
+    options = {**TINY, "checkpoint": None, "preset": "demo", "backends": ("torch", "onnxruntime")}
+    res = _results(run_benchmark(BenchOptions(output=tmp_path / "random", **options)))  # type: ignore[arg-type]
+    ref, ort = res["rows"]
+    assert ref["accuracy"]["note"] == REFERENCE_NOTE
+    assert ort["accuracy"]["note"] == RANDOM_WEIGHTS_NOTE and ort["accuracy"]["agreement"] is None
+    md = (tmp_path / "random" / "results.md").read_text()
+    assert f"| {RANDOM_WEIGHTS_NOTE} | – |" in md

@@ -10,7 +10,7 @@ import pytest
 from ldseg.calibration import CalibrationReport, calibrate
 from ldseg.export import export_bundle
 from ldseg.model.network import LDSeg
-from tests.conftest import informative_model
+from tests.helpers import informative_model
 from ldseg.runtime import bundle as bundle_module
 
 STEPS = 4

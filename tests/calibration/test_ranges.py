@@ -40,14 +40,20 @@ def test_streamed_ranges_equal_ort_minmax_calibrator(tmp_path: Path) -> None:
     assert tracker.samples == 4 and outputs[0][0].shape == (1, 2, 8, 8)  # the graph's own output comes back
     ours = tracker.tensors_data()
 
-    calibrator = create_calibrator(tmp_path / "m.onnx", list(QUANTIZED_OPS), augmented_model_path=str(tmp_path / "a.onnx"),
-                                   calibrate_method=CalibrationMethod.MinMax, extra_options={"symmetric": True})
+    calibrator = create_calibrator(
+        tmp_path / "m.onnx",
+        list(QUANTIZED_OPS),
+        augmented_model_path=str(tmp_path / "a.onnx"),
+        calibrate_method=CalibrationMethod.MinMax,
+        extra_options={"symmetric": True},
+    )
     calibrator.collect_data(FeedReader(feeds))
     theirs = calibrator.compute_data()
     assert set(ours.keys()) == set(theirs.keys()) == {"x", "c1", "s", "y"}
     for name in theirs.keys():
-        np.testing.assert_allclose(np.asarray(ours[name].range_value, dtype=np.float64).ravel(),
-                                   np.asarray(theirs[name].range_value, dtype=np.float64).ravel(), rtol=1e-6, err_msg=name)
+        mine = np.asarray(ours[name].range_value, dtype=np.float64).ravel()
+        reference = np.asarray(theirs[name].range_value, dtype=np.float64).ravel()
+        np.testing.assert_allclose(mine, reference, rtol=1e-6, err_msg=name)
     # The range is the largest |x| over all feeds, not the last one's: the last feed is the widest here,
     # so check the first-tensor bound against numpy directly as well.
     assert float(ours["x"].range_value[1]) == max(float(np.abs(f["x"]).max()) for f in feeds)

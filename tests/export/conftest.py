@@ -13,7 +13,7 @@ import pytest
 
 from ldseg.export import export_bundle
 from ldseg.model.network import LDSeg
-from tests.conftest import informative_model
+from tests.helpers import informative_model
 
 
 @pytest.fixture(scope="session")

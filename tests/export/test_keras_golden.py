@@ -20,7 +20,7 @@ from ldseg.export import export_bundle
 from ldseg.model.config import get_preset
 from ldseg.model.keras_import import load_keras_weights
 from ldseg.model.network import LDSeg
-from tests.conftest import shared_or_skip
+from tests.helpers import shared_or_skip
 
 pytestmark = [pytest.mark.slow, pytest.mark.shared]
 
@@ -39,7 +39,9 @@ def knee(tmp_path_factory: pytest.TempPathFactory) -> tuple[LDSeg, Path, dict[st
     model = LDSeg(get_preset("knee3d"))
     load_keras_weights(model.image_encoder, weights / "imageEncoder3D.hdf5")
     load_keras_weights(model.label_decoder, weights / "labelDecoder3D.hdf5")
-    bundle = export_bundle(model.eval(), tmp_path_factory.mktemp("knee") / "knee3d.bundle", graphs=["encoder", "decoder"])
+    # Compared with the goldens below; the export's own validation would add minutes at this size.
+    folder = tmp_path_factory.mktemp("knee") / "knee3d.bundle"
+    bundle = export_bundle(model.eval(), folder, graphs=["encoder", "decoder"], validate=False)
     return model, bundle, golden
 
 
@@ -60,9 +62,10 @@ def test_knee3d_encoder_onnx_matches_pytorch_on_the_golden_image(knee: tuple[LDS
     got = _run(bundle / "encoder.onnx", image)
     with torch.no_grad():
         ref = model.encode_image(torch.from_numpy(image)).numpy()
-    # Summation order over 4M voxels per GroupNorm group: measured 2.3e-4 on max |ref| 3.0.
+    # GroupNorm over 4M voxels per group: 2.3e-4 on max |ref| 3.0 with one ReduceMean per group,
+    # ~1e-6 relative since the statistics reduce in two levels (layers.GroupNorm).
     error = np.abs(got - ref).max()
-    assert error <= 5e-4 * np.abs(ref).max(), f"max abs error {error:.2e}"
+    assert error <= 2e-5 * np.abs(ref).max(), f"max abs error {error:.2e} (max |ref| {np.abs(ref).max():.3g})"
 
 
 def test_glas2d_decoder_onnx_reproduces_official_probabilities(tmp_path: Path) -> None:
@@ -71,7 +74,7 @@ def test_glas2d_decoder_onnx_reproduces_official_probabilities(tmp_path: Path) -
     torch.manual_seed(0)
     model = LDSeg(get_preset("glas2d"))
     load_keras_weights(model.label_decoder, weights / "labelDecoder.hdf5")
-    bundle = export_bundle(model.eval(), tmp_path / "glas2d.bundle", graphs=["decoder"])
+    bundle = export_bundle(model.eval(), tmp_path / "glas2d.bundle", graphs=["decoder"], validate=False)
     probs = _run(bundle / "decoder.onnx", np.ascontiguousarray(golden["z_label"].transpose(0, 3, 1, 2)))[0]
     expected = golden["probs_from_z_label"][0].astype(np.float32).transpose(2, 0, 1)
     assert np.abs(probs - expected).max() <= 1e-3  # golden stored as float16

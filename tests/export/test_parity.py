@@ -14,6 +14,7 @@ from ldseg.export.specs import graph_specs
 from ldseg.model.diffusion import sampler_step, sampler_table
 from ldseg.model.network import LDSeg
 from ldseg.runtime.bundle import GRAPH_NAMES
+from tests.helpers import assert_several_classes
 
 FP16_GRAPHS = ("encoder", "denoise_step", "decoder", "decoder_argmax")  # as exported in conftest.py
 # FP32: max abs error on latents/probabilities (values are O(1)); FP16: relative to max |ref|.
@@ -48,6 +49,7 @@ def test_fp32_graph_matches_pytorch(demo_bundle: Path, demo_model: LDSeg, name: 
     got, ref = _run(demo_bundle, name, args, demo_model), _reference(demo_model, name, args)
     assert got.dtype == ref.dtype and got.shape == ref.shape
     if ref.dtype == np.uint8:
+        assert_several_classes(ref, f"{name}: PyTorch labels")
         agreement = (got == ref).mean() * 100
         assert agreement >= 99.9, f"{name}: {agreement:.3f} % identical labels"
     else:
@@ -61,6 +63,7 @@ def test_fp16_graph_matches_pytorch_within_fp16_tolerance(demo_bundle_fp16: Path
     got, ref = _run(demo_bundle_fp16, name, args, demo_model), _reference(demo_model, name, args)
     assert got.dtype == ref.dtype and got.shape == ref.shape  # FP32 I/O (keep_io_types)
     if ref.dtype == np.uint8:
+        assert_several_classes(ref, f"{name}: PyTorch labels")
         agreement = (got == ref).mean() * 100
         assert agreement >= 99.5, f"{name}: {agreement:.3f} % identical labels"
     else:

@@ -33,7 +33,7 @@ def test_glas2d_bundle_validates_graphs_and_pipeline(tmp_path: Path) -> None:
     model = LDSeg(get_preset("glas2d")).eval()
     # Everything but the raw denoiser, whose module is also inside denoise_step (saves a trace).
     graphs = ["encoder", "denoise_step", "decoder", "decoder_argmax"]
-    out = export_bundle(model, tmp_path / "glas2d.bundle", graphs=graphs)
+    out = export_bundle(model, tmp_path / "glas2d.bundle", graphs=graphs, validate=False)  # validated here, at batch 1
     report = validate_bundle(out, model, batch=1)  # the dynamic batch is covered on the demo preset
     assert report.passed, _text(report)
     assert [c.graph for c in report.checks] == [*graphs, "pipeline"]
@@ -57,8 +57,9 @@ def test_knee3d_bundle_exports_and_its_latent_graphs_match(tmp_path: Path) -> No
     decoder_argmax, and every export costs tens of seconds here."""
     torch.manual_seed(0)
     model = LDSeg(get_preset("knee3d")).eval()
-    out = export_bundle(model, tmp_path / "knee3d.bundle", graphs=["encoder", "denoise_step", "decoder_argmax"])
-    bundle = load_bundle(out)
+    out = export_bundle(model, tmp_path / "knee3d.bundle", graphs=["encoder", "denoise_step", "decoder_argmax"],
+                        validate=False)  # the full-size graphs are checked in test_keras_golden.py
+    bundle = load_bundle(out, trust_unvalidated=True)
     assert bundle.graph("encoder").inputs[0].shape == ("batch", 1, 128, 128, 256)
     assert bundle.graph("decoder_argmax").outputs[0].shape == ("batch", 128, 128, 256)
     assert bundle.graph("denoise_step").inputs[0].shape == ("batch", 1, 8, 8, 16)

@@ -5,15 +5,19 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from rich.console import Console
 
 from ldseg.errors import ArtifactError
 from ldseg.export import validate_bundle
-from ldseg.export.validate import ValidationReport
+from ldseg.export.validate import ValidationReport, phantom_image
 from ldseg.model.network import LDSeg
-from ldseg.runtime.bundle import GRAPH_NAMES
+from ldseg.runtime.backend import make_inputs
+from ldseg.runtime.bundle import GRAPH_NAMES, load_bundle
+from ldseg.runtime.torch_backend import TorchBackend
+from tests.helpers import assert_several_classes
 
 
 def _text(report: ValidationReport) -> str:
@@ -22,7 +26,15 @@ def _text(report: ValidationReport) -> str:
     return console.export_text()
 
 
+def _pipeline_reference(bundle_dir: Path, model: LDSeg, seed: int) -> np.ndarray:
+    """The PyTorch labels the validation's pipeline row compares with (same phantom, seed and table)."""
+    bundle = load_bundle(bundle_dir)
+    inputs = make_inputs(model.cfg, phantom_image(model, seed), [seed], bundle.steps, bundle.sampler)
+    return TorchBackend(model).run(inputs).labels
+
+
 def test_fp32_bundle_passes_with_identical_pipeline_labels(demo_bundle: Path, demo_model: LDSeg) -> None:
+    assert_several_classes(_pipeline_reference(demo_bundle, demo_model, 0), "pipeline reference")
     report = validate_bundle(demo_bundle, demo_model, seed=0)
     assert report.passed, _text(report)
     assert [c.graph for c in report.checks] == [*GRAPH_NAMES, "pipeline"]
@@ -35,6 +47,7 @@ def test_fp32_bundle_passes_with_identical_pipeline_labels(demo_bundle: Path, de
 
 
 def test_fp16_bundle_passes_its_looser_targets(demo_bundle_fp16: Path, demo_model: LDSeg) -> None:
+    assert_several_classes(_pipeline_reference(demo_bundle_fp16, demo_model, 1), "pipeline reference")
     report = validate_bundle(demo_bundle_fp16, demo_model, seed=1)
     assert report.passed, _text(report)
     assert report.precision == "fp16" and (report.pipeline_agreement or 0) >= 99.5

@@ -44,7 +44,9 @@ def test_manifest_records_the_validation_table(demo_bundle: Path) -> None:
 
 
 @pytest.mark.parametrize("verdict", [None, "failed"])
-def test_unvalidated_or_failed_bundle_is_refused_in_one_sentence(demo_bundle: Path, tmp_path: Path, verdict: str | None) -> None:
+def test_unvalidated_or_failed_bundle_is_refused_in_one_sentence(
+    demo_bundle: Path, tmp_path: Path, verdict: str | None
+) -> None:
     folder = Path(shutil.copytree(demo_bundle, tmp_path / "b"))
     record = None if verdict is None else {**_manifest(folder)["validation"], "verdict": verdict, "summary": "fails x"}
     trained = dict.fromkeys(_manifest(folder)["trained"], True)  # the fixture's weights are random; runnable here
@@ -63,7 +65,9 @@ def test_unvalidated_or_failed_bundle_is_refused_in_one_sentence(demo_bundle: Pa
     assert chosen.backend.name == "onnxruntime"
 
 
-def test_failed_export_leaves_nothing_unless_kept(demo_model: LDSeg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_failed_export_leaves_nothing_unless_kept(
+    demo_model: LDSeg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # A tolerance nothing can meet: the decoder_argmax labels would have to be 100.1 % identical.
     impossible = validate.Tolerance(rel=0.0, atol=0.0, agreement=100.1)
     monkeypatch.setitem(validate.TOLERANCES, "fp32", impossible)

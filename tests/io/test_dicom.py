@@ -312,7 +312,7 @@ def test_a_real_knee_volume_survives_the_trip_through_dicom(tmp_path):
     """A shared knee case written as a DICOM series (160 slices) reads back to the NIfTI's voxels and affine."""
     from ldseg.io.geometry import Geometry
     from ldseg.io.nifti import read_volume
-    from tests.conftest import shared_or_skip
+    from tests.helpers import shared_or_skip
 
     nifti = read_volume(shared_or_skip("knee", "images", "case1.nii.gz"))
     geometry = Geometry.from_affine(nifti.affine)

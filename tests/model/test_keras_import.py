@@ -11,7 +11,7 @@ from ldseg.model.components import ImageEncoder, LabelDecoder, LabelEncoder
 from ldseg.model.config import PRESETS
 from ldseg.model.keras_import import load_keras_weights
 from ldseg.model.layers import GroupNorm
-from tests.conftest import shared_or_skip
+from tests.helpers import shared_or_skip
 
 pytestmark = pytest.mark.shared
 

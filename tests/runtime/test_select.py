@@ -5,11 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from ldseg.errors import BackendUnavailable
 from ldseg.model.config import get_preset
 from ldseg.runtime import select
 from ldseg.runtime.select import Selection, Source, select_backend
+
 
 class _Fake:
     def __init__(self, name: str, device: str):
@@ -43,13 +45,12 @@ def tried(monkeypatch: pytest.MonkeyPatch) -> Calls:
 @pytest.mark.parametrize(
     ("source", "order"),
     [
-        (Source(engines=Path("engines")), ["tensorrt/cuda"]),
-        (Source(bundle=Path("bundle")), ["onnxruntime/cuda", "onnxruntime/cpu"]),
-        (Source(checkpoint="demo"), ["torch/cuda", "torch/cpu"]),
+        (Source(engines=Path("engines")), ["tensorrt/cuda:0"]),
+        (Source(bundle=Path("bundle")), ["onnxruntime/cuda:0", "onnxruntime/cpu"]),
+        (Source(checkpoint="demo"), ["torch/cuda:0", "torch/cpu"]),
     ],
 )
-def test_gpu_first_then_cpu_and_every_skip_is_announced(tried, monkeypatch, source, order):
-    monkeypatch.setattr(select, "cuda_available", lambda: True)
+def test_gpu_first_then_cpu_and_every_skip_is_announced(tried, source, order):
     with pytest.raises(BackendUnavailable, match="no backend can run this source") as refused:
         select_backend(source)
     assert tried == order
@@ -58,39 +59,72 @@ def test_gpu_first_then_cpu_and_every_skip_is_announced(tried, monkeypatch, sour
         assert f"{name} refused on {device}" in str(refused.value)
 
 
-def test_first_available_wins_and_says_what_it_skipped(tried, monkeypatch):
-    monkeypatch.setattr(select, "cuda_available", lambda: True)
+def test_first_available_wins_and_says_what_it_skipped(tried):
     tried.allow.add("onnxruntime/cpu")
     chosen = select_backend(Source(bundle=Path("bundle")))
-    assert tried == ["onnxruntime/cuda", "onnxruntime/cpu"]
-    assert chosen.backend.device == "cpu" and "onnxruntime refused on cuda" in chosen.why
+    assert tried == ["onnxruntime/cuda:0", "onnxruntime/cpu"]
+    assert chosen.backend.device == "cpu" and "onnxruntime refused on cuda:0" in chosen.why
 
 
-def test_without_a_gpu_only_cpu_candidates(tried, monkeypatch):
-    monkeypatch.setattr(select, "cuda_available", lambda: False)
-    tried.allow.add("torch/cpu")
-    select_backend(Source(checkpoint="demo"))
-    assert tried == ["torch/cpu"]
+def test_a_cpu_only_torch_does_not_hide_the_gpu_from_other_backends(tried, monkeypatch):
+    monkeypatch.setattr(torch.version, "cuda", None)  # the project's CPU constraint
+    tried.allow.add("onnxruntime/cuda:0")
+    chosen = select_backend(Source(bundle=Path("bundle")))
+    assert tried == ["onnxruntime/cuda:0"] and chosen.backend.device == "cuda:0"
+    assert chosen.why == "auto: first available for this source on a GPU"
 
 
-def test_device_cpu_skips_gpu_candidates_even_with_a_gpu(tried, monkeypatch):
-    monkeypatch.setattr(select, "cuda_available", lambda: True)
+def test_device_cpu_skips_gpu_candidates(tried):
     tried.allow.add("torch/cpu")
     select_backend(Source(checkpoint="demo"), device="cpu")
     assert tried == ["torch/cpu"]
 
 
-def test_asking_for_one_backend_tries_only_it(tried, monkeypatch):
-    monkeypatch.setattr(select, "cuda_available", lambda: False)
+def test_gpu_index_reaches_every_candidate(tried):
+    with pytest.raises(BackendUnavailable):
+        select_backend(Source(bundle=Path("bundle")), gpu=2)
+    with pytest.raises(BackendUnavailable):
+        select_backend(Source(engines=Path("e")), device="cuda:1")
+    assert tried == ["onnxruntime/cuda:2", "onnxruntime/cpu", "tensorrt/cuda:1"]
+
+
+def test_asking_for_one_backend_tries_only_it(tried):
     with pytest.raises(BackendUnavailable, match="onnxruntime refused on cpu"):
         select_backend(Source(bundle=Path("bundle")), backend="onnxruntime", device="cpu")
     assert tried == ["onnxruntime/cpu"]
+
+
+def test_one_backend_on_auto_device_tries_its_gpu_then_cpu(tried):
+    tried.allow.add("torch/cpu")
+    chosen = select_backend(Source(checkpoint="demo"), backend="torch")
+    assert tried == ["torch/cuda:0", "torch/cpu"] and chosen.why.startswith("asked for; skipped torch/cuda:0")
+    with pytest.raises(BackendUnavailable, match="tensorrt refused on cuda:0"):
+        select_backend(Source(engines=Path("e")), backend="tensorrt")  # never on the CPU
+
+
+def test_torch_on_cuda_with_a_cpu_only_build_says_so(monkeypatch):
+    monkeypatch.setattr(torch.version, "cuda", None)
+    with pytest.raises(BackendUnavailable, match="CPU-only build"):
+        select_backend(Source(checkpoint="demo"), backend="torch", device="cuda")
 
 
 def test_more_than_one_source_is_refused(tried):
     with pytest.raises(BackendUnavailable, match="exactly one"):
         select_backend(Source(checkpoint="demo", bundle=Path("bundle")))
     assert tried == []
+
+
+def test_one_backend_refused_for_one_reason_says_it_once(monkeypatch):
+    monkeypatch.setattr(torch.version, "cuda", None)
+    with pytest.raises(BackendUnavailable) as refused:
+        select_backend(Source(checkpoint="demo"), backend="onnxruntime")
+    assert str(refused.value) == "the onnxruntime backend runs an exported bundle (--bundle)"
+
+
+def test_device_cuda_tries_only_gpu_candidates(tried):
+    with pytest.raises(BackendUnavailable, match="no backend can run this source"):
+        select_backend(Source(bundle=Path("bundle")), device="cuda:1")
+    assert tried == ["onnxruntime/cuda:1"]
 
 
 # --------------------------------------------------------------------------- a checkpoint with the cache
@@ -105,19 +139,20 @@ def _cached_source(tmp_path: Path, samples: int = 1):  # type: ignore[no-untyped
     return Source(checkpoint="demo", artifacts=artifacts, samples=samples)
 
 
-def test_a_checkpoint_with_the_cache_tries_every_backend_fastest_first(tried, monkeypatch, tmp_path):
-    monkeypatch.setattr(select, "cuda_available", lambda: True)
+def test_a_checkpoint_with_the_cache_tries_every_backend_fastest_first(tried, tmp_path):
     with pytest.raises(BackendUnavailable, match="no backend can run this source"):
         select_backend(_cached_source(tmp_path))
-    assert tried == ["tensorrt/cuda", "onnxruntime/cuda", "torch/cuda", "onnxruntime/cpu", "torch/cpu"]
-    assert [f"{n}/{d}" for n, d in select.AUTO_ORDER] == tried  # one plain list: a new backend is one line
+    assert tried == ["tensorrt/cuda:0", "onnxruntime/cuda:0", "torch/cuda:0", "onnxruntime/cpu", "torch/cpu"]
+    assert [f"{n}/{d}" for n, d in select.AUTO_ORDER] == [t.replace(":0", "") for t in tried]  # one plain list
 
 
-def test_a_checkpoint_with_the_cache_on_cpu_prefers_onnxruntime(tried, monkeypatch, tmp_path):
-    monkeypatch.setattr(select, "cuda_available", lambda: False)
+def test_a_checkpoint_with_the_cache_on_cpu_prefers_onnxruntime(tried, tmp_path):
     tried.allow.update({"onnxruntime/cpu", "torch/cpu"})
     chosen = select_backend(_cached_source(tmp_path))
-    assert tried == ["onnxruntime/cpu"] and chosen.backend.name == "onnxruntime"
+    assert tried[-1] == "onnxruntime/cpu" and chosen.backend.name == "onnxruntime"
+    tried.clear()
+    select_backend(_cached_source(tmp_path), device="cpu")
+    assert tried == ["onnxruntime/cpu"]
 
 
 def test_gpu_candidates_check_the_machine_before_exporting(monkeypatch, tmp_path):
@@ -158,8 +193,7 @@ def test_tensorrt_from_a_checkpoint_exports_fp16_then_builds_engines(monkeypatch
             made.append(path)
             self.device = device
 
-    monkeypatch.setattr(select, "cuda_available", lambda: True)
-    monkeypatch.setattr(select, "tensorrt_environment", lambda: GPU_A)
+    monkeypatch.setattr(select, "tensorrt_environment", lambda index=0: GPU_A)
     monkeypatch.setattr(tensorrt_backend, "TensorRTBackend", FakeTensorRTBackend)
     source = _cached_source(tmp_path, samples=4)
     chosen = select_backend(source)
@@ -177,7 +211,6 @@ def test_tensorrt_from_a_checkpoint_exports_fp16_then_builds_engines(monkeypatch
 def test_a_failed_export_falls_back_to_the_next_candidate(tried, monkeypatch, tmp_path):
     from ldseg.errors import ArtifactError
 
-    monkeypatch.setattr(select, "cuda_available", lambda: False)
     tried.allow.add("torch/cpu")
     factories = dict(select._FACTORIES)
 
@@ -187,14 +220,13 @@ def test_a_failed_export_falls_back_to_the_next_candidate(tried, monkeypatch, tm
 
     factories["onnxruntime"] = failing_export
     monkeypatch.setattr(select, "_FACTORIES", factories)
-    chosen = select_backend(_cached_source(tmp_path))
+    chosen = select_backend(_cached_source(tmp_path), device="cpu")
     assert tried == ["onnxruntime/cpu", "torch/cpu"] and "failed validation" in chosen.why
 
 
-def test_without_a_gpu_the_gpu_candidates_are_announced_as_skipped(tried, monkeypatch):
-    monkeypatch.setattr(select, "cuda_available", lambda: False)
-    with pytest.raises(BackendUnavailable, match="tensorrt/cuda: no CUDA GPU visible"):
-        select_backend(Source(engines=Path("engines")))
+def test_device_cpu_announces_the_gpu_candidates_it_skipped(tried):
+    with pytest.raises(BackendUnavailable, match="tensorrt/cuda: --device cpu"):
+        select_backend(Source(engines=Path("engines")), device="cpu")
     assert tried == []
     tried.allow.add("onnxruntime/cpu")
     chosen = select_backend(Source(bundle=Path("bundle")), device="cpu")

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from ldseg.export.build_options import batch_profile, file_digest, write_engines_json
-from ldseg.runtime.engines import ENGINE_SUFFIX, EngineFile, Environment
 from ldseg.export.manifest import build_manifest, graph_entry, with_validation, write_manifest
+from ldseg.runtime.engines import ENGINE_SUFFIX, EngineFile, Environment
 from ldseg.export.specs import graph_specs
 from ldseg.export.tensorrt_build import BuildOptions, describe_engine_set
 from ldseg.model.config import get_preset

@@ -18,6 +18,7 @@ from ldseg.errors import ArtifactError, BackendUnavailable
 from ldseg.runtime.engines import Environment, check_engines_here, detect_environment, read_engine_set
 from ldseg.metrics import agreement, dice_per_class
 from ldseg.runtime.backend import make_inputs
+from tests.helpers import assert_replays_follow_inputs, assert_several_classes, replay_requests
 
 pytestmark = pytest.mark.tensorrt
 
@@ -102,6 +103,8 @@ def _labels(engines_dir: Path, model, phantoms, **kwargs) -> list[np.ndarray]:  
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_engines_agree_with_torch(precision, engines, model, phantoms, reference) -> None:  # noqa: ANN001
     labels = _labels(engines[precision], model, phantoms)
+    for seed, ref in zip(SEEDS, reference):
+        assert_several_classes(ref, f"torch FP32 labels of phantom {seed}")
     worst = min(agreement(a, b) for a, b in zip(labels, reference))
     assert worst >= MIN_AGREEMENT[precision], f"{precision}: {100 * worst:.3f} % of voxels agree with torch FP32"
 
@@ -109,6 +112,8 @@ def test_engines_agree_with_torch(precision, engines, model, phantoms, reference
 def test_int8_dice_within_one_point(engines, model, phantoms, reference) -> None:  # noqa: ANN001
     labels = _labels(engines["int8"], model, phantoms)
     k = model.cfg.num_classes
+    for seed, (_, truth) in zip(SEEDS, phantoms):
+        assert_several_classes(truth, f"truth of phantom {seed}")
     for c in range(1, k):
         fp32 = np.mean([dice_per_class(r, t, k)[c] for r, (_, t) in zip(reference, phantoms)])
         int8 = np.mean([dice_per_class(q, t, k)[c] for q, (_, t) in zip(labels, phantoms)])
@@ -119,18 +124,16 @@ def test_int8_dice_within_one_point(engines, model, phantoms, reference) -> None
 def test_graph_replay_equals_per_step_launches(precision, engines, model, phantoms) -> None:  # noqa: ANN001
     from ldseg.runtime.tensorrt_backend import TensorRTBackend
 
-    inputs = make_inputs(model.cfg, phantoms[0][0][None], [0])
-    with TensorRTBackend(engines[precision], cuda_graph=True) as graph, TensorRTBackend(engines[precision], cuda_graph=False) as eager:
-        replayed = graph.run(inputs, probabilities=True)
-        replayed_again = graph.run(inputs, probabilities=True)
-        stepped = eager.run(inputs, probabilities=True)
+    # Captured on the first request (batch 2), replayed on new seeds, then on new images.
+    requests = replay_requests(model.cfg, np.stack([image for image, _ in phantoms]))
+    with TensorRTBackend(engines[precision], cuda_graph=True) as graph, \
+            TensorRTBackend(engines[precision], cuda_graph=False) as eager:
+        replayed = assert_replays_follow_inputs(graph, eager, requests, atol=1e-6, min_agreement=1.0)
         assert graph.describe()["mode"] == "cuda-graph", graph.fallback_reason
-        assert set(replayed.stage_ms) == {"input_copy", "graph", "output_copy"}
-        assert set(stepped.stage_ms) == {"input_copy", "encoder", "loop", "decoder", "output_copy"}
-    np.testing.assert_array_equal(replayed.labels, replayed_again.labels)
-    np.testing.assert_array_equal(replayed.labels, stepped.labels)
-    assert replayed.probabilities is not None and stepped.probabilities is not None
-    np.testing.assert_allclose(replayed.probabilities, stepped.probabilities, atol=1e-6)
+        assert list(graph._graphs) == [(2, model.cfg.diffusion.steps, True)]  # one capture served all three
+        stepped = eager.run(requests[0], probabilities=True)
+    assert all(set(out.stage_ms) == {"input_copy", "graph", "output_copy"} for out in replayed)
+    assert set(stepped.stage_ms) == {"input_copy", "encoder", "loop", "decoder", "output_copy"}
 
 
 def test_batch_of_two_equals_two_single_runs(engines, model, phantoms) -> None:  # noqa: ANN001
@@ -143,6 +146,8 @@ def test_batch_of_two_equals_two_single_runs(engines, model, phantoms) -> None: 
         labels_only = backend.run(make_inputs(model.cfg, image[:1], [0]), probabilities=False).labels[0]
         with pytest.raises(ArtifactError, match="--max-batch 3"):
             backend.run(make_inputs(model.cfg, np.repeat(image[:1], 3, axis=0), [0, 1, 2]))
+    for i in range(2):
+        assert_several_classes(singles[i], f"phantom {i}, run alone")
     assert min(agreement(pair[i], singles[i]) for i in range(2)) >= 0.9999
     np.testing.assert_array_equal(labels_only, singles[0])
 

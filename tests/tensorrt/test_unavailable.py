@@ -12,7 +12,7 @@ from ldseg.errors import ArtifactError, BackendUnavailable, OutputError
 from ldseg.runtime import engines
 from ldseg.runtime.engines import check_engines_here, detect_environment, require_tensorrt
 from ldseg.export.tensorrt_build import build_engines
-from ldseg.runtime import cuda
+from ldseg.runtime import cuda, tensorrt_backend
 from ldseg.runtime.tensorrt_backend import TensorRTBackend, check_usable, parse_device
 
 
@@ -133,10 +133,18 @@ def test_device_names() -> None:
             parse_device(bad)
 
 
-def test_problem_kinds_drive_the_backend_error(fake_engines: Path) -> None:
-    # The backend's split of problems, on a faked environment: another GPU -> BackendUnavailable.
-    env = engines.Environment("10.13.0.35", "Orin", "8.7")
-    problems = engines.engine_set_problems(fake_engines, env)
-    with pytest.raises(BackendUnavailable, match="Orin"):
-        check_usable(fake_engines, [p.message for p in problems if p.kind == "environment"],
-                     [p.message for p in problems if p.kind == "artifact"])  # fmt: skip
+def test_problem_kinds_drive_the_backend_error(fake_engines: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The backend's own constructor, on a faked TensorRT module and GPU: it refuses before touching
+    # either. A set built for another GPU is BackendUnavailable (rebuild here); a broken set is
+    # ArtifactError, even when it was also built elsewhere.
+    fake = types.ModuleType("tensorrt")
+    fake.Builder = object  # type: ignore[attr-defined]
+    fake.__version__ = "10.13.0.35"  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "tensorrt", fake)
+    orin = engines.Environment("10.13.0.35", "Orin", "8.7")
+    monkeypatch.setattr(tensorrt_backend, "detect_environment", lambda device=0: orin)
+    with pytest.raises(BackendUnavailable, match=r"another machine: built for NVIDIA H100 .* this GPU is Orin"):
+        TensorRTBackend(fake_engines)
+    (fake_engines / f"encoder{engines.ENGINE_SUFFIX}").write_bytes(b"altered")
+    with pytest.raises(ArtifactError, match=r"engine set refused: .*encoder.* SHA-256 does not match"):
+        TensorRTBackend(fake_engines)

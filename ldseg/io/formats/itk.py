@@ -78,11 +78,7 @@ class ItkFormat:
     def read(
         self, path: Path, *, labels: bool = False, series: str | None = None, max_voxels: int = DEFAULT_MAX_VOXELS
     ) -> Volume:
-        path = Path(path)
-        if not path.exists():
-            raise InputError(f"{path}: no such file")
-        if path.is_dir():
-            raise InputError(f"{path}: is a directory, expected a {self.name.upper()} file")
+        path = _existing_file(Path(path), self.name)
         reader = sitk.ImageFileReader()
         reader.SetFileName(str(path))
         reader.SetImageIO(self.image_io)
@@ -124,3 +120,11 @@ class ItkFormat:
 
 NRRD = ItkFormat("nrrd", "NrrdImageIO", (".nrrd", ".nhdr"), ".nrrd")
 METAIMAGE = ItkFormat("mha", "MetaImageIO", (".mha", ".mhd"), ".mha")
+
+
+def _existing_file(path: Path, name: str) -> Path:
+    if not path.exists():
+        raise InputError(f"{path}: no such file")
+    if path.is_dir():
+        raise InputError(f"{path}: is a directory, expected a {name.upper()} file")
+    return path

@@ -1,0 +1,17 @@
+"""Installed distribution versions (for records and for telling clashing installs apart)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from importlib import metadata
+
+
+def installed_versions(names: Iterable[str]) -> dict[str, str]:
+    """{distribution: version} of those of `names` that are installed."""
+    found = {}
+    for name in names:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return found

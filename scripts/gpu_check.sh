@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# One GPU verification run of every CUDA/TensorRT path (ldseg/bench/gpu_check.py): < 8 min, no network,
+# one JSON report (default benchmarks/results/<gpu>-<date>/gpu_check.json).
+#   bash scripts/gpu_check.sh --prepare       on a CPU machine (uses .venv): bundles, phantoms, wheels
+#                                             into work/gpu-check, which travels with the working tree
+#   bash scripts/gpu_check.sh [--output DIR]  on the GPU machine, with its own Python (PYTHON=..., default
+#                                             python3: the one with CUDA PyTorch), never the CPU .venv
+# Without a GPU it prints one line and exits 6.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PREPARED=${LDSEG_GPU_CHECK_DIR:-work/gpu-check}
+if [ "${1:-}" = "--prepare" ]; then
+  PY=${PYTHON:-.venv/bin/python}
+  exec "$PY" -m ldseg.bench.gpu_check --prepared "$PREPARED" "$@"
+fi
+PY=${PYTHON:-python3}
+export PYTHONPATH="$PWD:$PWD/$PREPARED/site${PYTHONPATH:+:$PYTHONPATH}"
+# Offline: install the prepared wheels this Python lacks (import name -> wheel), into the prepared folder.
+missing=$("$PY" - <<'PYEOF'
+import importlib.util
+wanted = {"nibabel": "nibabel", "packaging": "packaging", "safetensors": "safetensors", "psutil": "psutil",
+          "typer": "typer", "click": "click", "rich": "rich", "shellingham": "shellingham",
+          "markdown_it": "markdown-it-py", "mdurl": "mdurl", "pygments": "pygments",
+          "typing_extensions": "typing_extensions", "importlib_resources": "importlib_resources"}
+print(" ".join(dist for module, dist in wanted.items() if importlib.util.find_spec(module) is None))
+PYEOF
+)
+if [ -n "$missing" ] && [ -d "$PREPARED/wheels" ]; then
+  # shellcheck disable=SC2086
+  "$PY" -m pip install --quiet --no-index --no-deps --find-links "$PREPARED/wheels" --target "$PREPARED/site" \
+    $missing || echo "gpu_check: could not install $missing from $PREPARED/wheels (checks needing them will say so)" >&2
+fi
+exec "$PY" -m ldseg.bench.gpu_check --prepared "$PREPARED" "$@"

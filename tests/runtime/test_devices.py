@@ -1,0 +1,92 @@
+"""runtime/devices.py: each route reports its own reason, with the GPU stack faked."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ldseg.errors import BackendUnavailable
+from ldseg.runtime import cuda, devices
+
+
+def test_device_names():
+    assert devices.device_index("cpu") is None
+    assert devices.device_index("cuda") == 0 and devices.device_index("cuda:3") == 3
+    with pytest.raises(BackendUnavailable, match="choose cpu, cuda or cuda:N"):
+        devices.device_index("gpu")
+
+
+def test_cpu_only_torch_is_named_as_such(monkeypatch):
+    monkeypatch.setattr(torch.version, "cuda", None)
+    assert "CPU-only build" in devices.torch_cuda_problem(0)
+
+
+def test_torch_driver_error_is_reported_verbatim(monkeypatch):
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+
+    def init():
+        raise RuntimeError("The NVIDIA driver on your system is too old (found version 11040).\nmore")
+
+    monkeypatch.setattr(torch.cuda, "init", init)
+    problem = devices.torch_cuda_problem(0)
+    expected = "PyTorch cannot initialize CUDA: The NVIDIA driver on your system is too old (found version 11040)."
+    assert problem == expected
+
+
+def test_torch_counts_gpus(monkeypatch):
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    monkeypatch.setattr(torch.cuda, "init", lambda: None)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert devices.torch_cuda_problem(0) is None
+    assert "GPU 1 requested, PyTorch sees 1" in devices.torch_cuda_problem(1)
+
+
+class _FakeCudart:
+    """cuda-python's calling convention: (error, *values); error names via cudaGetErrorName."""
+
+    class cudaError_t:  # noqa: N801 - the binding's name
+        cudaSuccess = 0
+        cudaErrorInsufficientDriver = 35
+
+    def __init__(self, error: int, count: int = 0):
+        self.error, self.count = error, count
+
+    def cudaGetDeviceCount(self):  # noqa: N802
+        return (self.error, self.count)
+
+    def cudaGetErrorName(self, err):  # noqa: N802
+        return (0, b"cudaErrorInsufficientDriver" if err == 35 else b"cudaSuccess")
+
+
+@pytest.fixture
+def fake_cudart(monkeypatch):
+    def install(error: int, count: int = 0) -> None:
+        monkeypatch.setattr(cuda, "runtime", lambda: _FakeCudart(error, count))
+
+    return install
+
+
+def test_cuda_runtime_error_name_not_no_gpu(fake_cudart):
+    fake_cudart(35)
+    problem = devices.cuda_runtime_problem(0)
+    assert problem == "CUDA call cudaGetDeviceCount failed: cudaErrorInsufficientDriver"
+    with pytest.raises(BackendUnavailable, match="cudaErrorInsufficientDriver"):
+        cuda.gpu_info(0)
+
+
+def test_cuda_runtime_sees_gpus(fake_cudart):
+    fake_cudart(0, 2)
+    assert devices.cuda_runtime_problem(1) is None
+    assert "GPU 2 requested, the CUDA runtime sees 2" in devices.cuda_runtime_problem(2)
+
+
+def test_cuda_python_missing_says_what_to_install(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "cuda", None)
+    monkeypatch.setitem(sys.modules, "cuda.bindings", None)
+    cuda.runtime.cache_clear()
+    try:
+        assert "cuda-python is not installed" in devices.cuda_runtime_problem(0)
+    finally:
+        cuda.runtime.cache_clear()
