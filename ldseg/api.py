@@ -108,8 +108,9 @@ class Segmenter:
     Give one of `checkpoint` (a path, or "demo"; the default when nothing is given), `bundle` or
     `engines`; `gpu` is the GPU index every backend uses. With a checkpoint, `cache=True` takes
     bundles and engines from the artifact cache (LDSEG_CACHE or the user cache folder), a path names
-    another cache folder, and `cache=False` exports into a temporary folder removed by `close()`. Errors are ldseg.errors exceptions; the
-    demo model warns (UserWarning through `reporter`) before it segments a file.
+    another cache folder, and `cache=False` exports into a temporary folder removed by `close()`.
+    Errors are ldseg.errors exceptions; the demo model warns (UserWarning through `reporter`) before
+    it segments a file.
     """
 
     def __init__(
