@@ -83,7 +83,7 @@ def test_the_demo_model_warns_before_segmenting_a_user_file(runs, case: Path, tm
 def test_backend_onnxruntime_with_a_checkpoint_uses_the_cache(runs, case: Path) -> None:  # type: ignore[no-untyped-def]
     notes = Notes()
     with ldseg.Segmenter("demo", backend="onnxruntime", cache=runs["root"] / "cache", reporter=notes) as seg:
-        assert seg.backend.name == "onnxruntime" and seg.why == "asked for"
+        assert seg.backend.name == "onnxruntime" and seg.why.startswith("asked for")
         assert seg.artifacts is not None and [hit.built for hit in seg.artifacts.hits] == [False]
         [result] = seg.segment(case)
     ref = np.asarray(nib.load(runs["root"] / "torch" / "case_seg.nii.gz").dataobj)
