@@ -23,6 +23,8 @@ from tests.helpers import assert_several_classes
 BIN = Path(sys.executable).parent
 
 
+# File-handling tests pin --backend torch: a checkpoint under auto would export an ONNX bundle into the
+# artifact cache first (tests/runtime/test_cache_cli.py covers that path).
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
     tool, *rest = args
     return subprocess.run([str(BIN / tool), *rest], capture_output=True, text=True, timeout=600)
@@ -51,7 +53,7 @@ def phantom_dir(tmp_path) -> Path:
 
 def test_run_writes_label_on_the_input_grid(random_checkpoint, phantom_dir, tmp_path):
     result = cli("ldseg-run", str(phantom_dir / "p1.nii.gz"), "-o", str(tmp_path / "out"),
-                 "--checkpoint", str(random_checkpoint), "--steps", "3")
+                 "--checkpoint", str(random_checkpoint), "--backend", "torch", "--steps", "3")
     assert result.returncode == 0, result.stderr
     seg, image = nib.load(tmp_path / "out" / "p1_seg.nii.gz"), nib.load(phantom_dir / "p1.nii.gz")
     assert seg.shape == image.shape == (70, 60, 30)
@@ -62,7 +64,7 @@ def test_run_writes_label_on_the_input_grid(random_checkpoint, phantom_dir, tmp_
 
 def test_existing_output_is_kept_without_overwrite(random_checkpoint, phantom_dir, tmp_path):
     args = ("ldseg-run", str(phantom_dir / "p1.nii.gz"), "-o", str(tmp_path / "out"),
-            "--checkpoint", str(random_checkpoint), "--steps", "2")
+            "--checkpoint", str(random_checkpoint), "--backend", "torch", "--steps", "2")
     assert cli(*args).returncode == 0
     target = tmp_path / "out" / "p1_seg.nii.gz"
     before = target.read_bytes()
@@ -75,7 +77,7 @@ def test_existing_output_is_kept_without_overwrite(random_checkpoint, phantom_di
 
 def test_skip_existing_resumes_a_folder_run(random_checkpoint, phantom_dir, tmp_path):
     out_dir = tmp_path / "out"
-    common = ("-o", str(out_dir), "--checkpoint", str(random_checkpoint), "--steps", "2")
+    common = ("-o", str(out_dir), "--checkpoint", str(random_checkpoint), "--backend", "torch", "--steps", "2")
     assert cli("ldseg-run", str(phantom_dir / "p1.nii.gz"), *common).returncode == 0
     first = (out_dir / "p1_seg.nii.gz").read_bytes()
     resumed = cli("ldseg-run", str(phantom_dir), *common, "--skip-existing")
@@ -93,7 +95,7 @@ def test_skip_existing_resumes_a_folder_run(random_checkpoint, phantom_dir, tmp_
 def test_folder_run_skips_a_bad_file_and_fails_at_the_end(random_checkpoint, phantom_dir, tmp_path):
     (phantom_dir / "broken.nii.gz").write_bytes(b"\x1f\x8b not really gzip")
     result = cli("ldseg-run", str(phantom_dir), "-o", str(tmp_path / "out"),
-                 "--checkpoint", str(random_checkpoint), "--steps", "2")
+                 "--checkpoint", str(random_checkpoint), "--backend", "torch", "--steps", "2")
     assert result.returncode == 3
     assert "broken.nii.gz" in result.stderr and "1 of 3 input(s) failed" in result.stderr
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["p1_seg.nii.gz", "p2_seg.nii.gz"]
@@ -102,14 +104,14 @@ def test_folder_run_skips_a_bad_file_and_fails_at_the_end(random_checkpoint, pha
 def test_fail_fast_stops_at_the_first_bad_file(random_checkpoint, phantom_dir, tmp_path):
     (phantom_dir / "a_broken.nii.gz").write_bytes(b"nope")
     result = cli("ldseg-run", str(phantom_dir), "-o", str(tmp_path / "out"),
-                 "--checkpoint", str(random_checkpoint), "--steps", "2", "--fail-fast")
+                 "--checkpoint", str(random_checkpoint), "--backend", "torch", "--steps", "2", "--fail-fast")
     assert result.returncode == 3
     assert list((tmp_path / "out").iterdir()) == []
 
 
 def test_samples_write_uncertainty_maps(random_checkpoint, phantom_dir, tmp_path):
     result = cli("ldseg-run", str(phantom_dir / "p2.nii.gz"), "-o", str(tmp_path / "out"),
-                 "--checkpoint", str(random_checkpoint), "--steps", "2", "--samples", "3")
+                 "--checkpoint", str(random_checkpoint), "--backend", "torch", "--steps", "2", "--samples", "3")
     assert result.returncode == 0, result.stderr
     entropy = np.asarray(nib.load(tmp_path / "out" / "p2_entropy.nii.gz").dataobj)
     confidence = np.asarray(nib.load(tmp_path / "out" / "p2_confidence.nii.gz").dataobj)
@@ -182,7 +184,7 @@ def test_export_onnx_then_run_the_bundle_like_the_checkpoint(phantom_dir, tmp_pa
     assert by_bundle.returncode == 0, by_bundle.stderr
     assert "onnxruntime" in by_bundle.stderr
     by_torch = cli("ldseg-run", image, "-o", str(tmp_path / "torch"), "--checkpoint", str(checkpoint),
-                   "--steps", "3")
+                   "--backend", "torch", "--steps", "3")
     assert by_torch.returncode == 0, by_torch.stderr
     ort_labels = np.asarray(nib.load(tmp_path / "ort" / "p1_seg.nii.gz").dataobj)
     torch_labels = np.asarray(nib.load(tmp_path / "torch" / "p1_seg.nii.gz").dataobj)

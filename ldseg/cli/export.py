@@ -183,4 +183,48 @@ def inspect(artifact: Annotated[Path, typer.Argument(help="A checkpoint (.safete
     out.print_json(json.dumps(read_metadata(artifact)))
 
 
+cache_typer = typer.Typer(add_completion=False, no_args_is_help=True,
+                          help="The artifact cache (LDSEG_CACHE): bundles and engines built from checkpoints.")
+export_typer.add_typer(cache_typer, name="cache")
+
+
+@cache_typer.command("list")
+def cache_list() -> None:
+    """Entries with their size and last use, most recent first. Example: ldseg-export cache list"""
+    import datetime
+
+    from rich.table import Table
+
+    from ldseg.runtime.cache import cache_root, list_entries
+
+    root = cache_root()
+    entries = list_entries(root)
+    table = Table(title=f"{root}: {len(entries)} entr{'y' if len(entries) == 1 else 'ies'}, "
+                  f"{sum(e.bytes for e in entries) / 2**20:.1f} MiB")
+    for column in ("kind", "entry", "MiB", "last used"):
+        table.add_column(column, justify="right" if column == "MiB" else "left", overflow="fold")
+    for e in entries:
+        used = datetime.datetime.fromtimestamp(e.last_used).isoformat(sep=" ", timespec="seconds")
+        table.add_row(e.kind, e.name, f"{e.bytes / 2**20:.1f}", used)
+    out.print(table)
+
+
+@cache_typer.command("clear")
+def cache_clear(
+    older_than: Annotated[Optional[float], typer.Option(
+        "--older-than", help="Only entries not used for this many days.", metavar="DAYS")] = None,
+) -> None:
+    """Remove entries (all, or those unused for DAYS). Example: ldseg-export cache clear --older-than 30"""
+    from ldseg.runtime.cache import cache_root, clear
+
+    if older_than is not None and older_than < 0:
+        raise typer.BadParameter("--older-than must be >= 0 days")
+    root = cache_root()
+    removed, busy = clear(root, older_than_days=older_than)
+    for item in busy:
+        console.print(f"{item.path}: in use by another process (being built); left alone", highlight=False)
+    out.print(f"removed {len(removed)} entr{'y' if len(removed) == 1 else 'ies'} "
+              f"({sum(e.bytes for e in removed) / 2**20:.1f} MiB) from {root}", highlight=False)
+
+
 main = entry(export_typer, "ldseg-export")

@@ -1,15 +1,17 @@
-"""`ldseg-run`: segment files, folders or a phantom; a thin layer over ldseg.runtime."""
+"""`ldseg-run`: segment files, folders or a phantom; a thin layer over the Python API (ldseg.api)."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import numpy as np
 import typer
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from ldseg.cli.common import (
@@ -77,13 +79,16 @@ def run(
         help="Write report.html, most uncertain volume first (implies --preview --qc).")] = False,
     trust_unvalidated: Annotated[bool, typer.Option(
         help="Run a bundle whose manifest records a failed validation or none.")] = False,
+    cache: Annotated[bool, typer.Option(
+        help="Keep a checkpoint's exported bundle/engines in the artifact cache (LDSEG_CACHE); --no-cache "
+        "exports into a temporary folder for this run only.")] = True,
     version: VersionOption = None,
 ) -> None:
     """Examples: `ldseg-run --demo -o out/`, `ldseg-run scan.nii.gz -o out/`, `ldseg-run scans/ -o out/ --samples 8`,
     `ldseg-run dicom_folder/ --output-type dicom-seg -o out/`."""
-    from ldseg.runtime.outputs import algorithm_for, check_output_options
-    from ldseg.runtime.select import RECONSTRUCT_NEEDS, Source, Wants, load_model, select_backend
-    from ldseg.runtime.session import RunOptions
+    from ldseg.api import Segmenter, expand_inputs
+    from ldseg.runtime.outputs import check_output_options
+    from ldseg.runtime.select import RECONSTRUCT_NEEDS, load_model
 
     if samples < 1 or (steps is not None and steps < 1):
         raise typer.BadParameter("--samples and --steps must be at least 1")
@@ -97,45 +102,43 @@ def run(
         torch.set_num_threads(threads)  # the torch backend's (and --reconstruct's) intra-op threads
     if overwrite and skip_existing:
         raise typer.BadParameter("--overwrite and --skip-existing contradict each other: choose one")
+    if not demo and reconstruct is None and not inputs:
+        raise typer.BadParameter("give input files or folders, or --demo")
     if labels is not None and not labels.is_dir():
         raise InputError(f"{labels}: --labels needs a folder of reference labels")
-    out_dir = ensure_output_dir(output)
-    opts = RunOptions(steps=steps, sampler=value(sampler), seed=seed, samples=samples,
-                      save_probabilities=save_probabilities, overwrite=overwrite, fail_fast=fail_fast,
-                      skip_existing=skip_existing)
-    if bundle is None and engines is None and checkpoint is None:
-        checkpoint = "demo"
-    if reconstruct is not None:
-        _reconstruct(load_model(checkpoint or "demo", RECONSTRUCT_NEEDS), reconstruct, out_dir, overwrite)
-        return
-    source = Source(checkpoint, bundle, engines, trust_unvalidated=trust_unvalidated)
-    selection = select_backend(source, backend.value, device.value, gpu=gpu or 0,
-                               wants=Wants(precision.value, threads))
-    chosen, cfg = selection.backend, selection.config
     types = tuple(dict.fromkeys(t.value for t in output_type or [OutputType.nifti]))
     if demo and types != ("nifti",):
         raise typer.BadParameter("--demo segments a NIfTI phantom and scores the NIfTI result: leave out --output-type")
-    try:
-        check_output_options(cfg, types, seg_type.value, samples > 1 or save_probabilities)
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc)) from exc
-    opts = dataclasses.replace(opts, output_types=types, seg_type=seg_type.value, series=series)
-    if "dicom-seg" in types:
-        opts = dataclasses.replace(opts, algorithm=algorithm_for(source, cfg, opts))
-    console.print(f"backend: [bold]{chosen.name}[/] on {chosen.device}, {chosen.precision} ({selection.why})")
-    extras, report_path = None, None
-    if preview or qc or report or labels is not None:  # ldseg.qc (matplotlib, jinja2) only when asked
-        from ldseg.qc.run import qc_extras, report_target, write_run_report
+    out_dir = ensure_output_dir(output)
+    if reconstruct is not None:
+        _reconstruct(load_model(checkpoint or "demo", RECONSTRUCT_NEEDS), reconstruct, out_dir, overwrite)
+        return
+    paths = [] if demo else expand_inputs(inputs or [])  # a missing input is reported before any export
+    with Segmenter(checkpoint, bundle=bundle, engines=engines, backend=backend.value, device=device.value,
+                   gpu=gpu or 0, cache=cache, steps=steps, sampler=value(sampler), seed=seed, samples=samples,
+                   trust_unvalidated=trust_unvalidated, precision=precision.value, threads=threads,
+                   warn_demo=not demo, reporter=ConsoleReporter()) as seg:
+        chosen, cfg = seg.backend, seg.config
+        try:
+            check_output_options(cfg, types, seg_type.value, samples > 1 or save_probabilities)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc)) from exc
+        console.print(f"backend: [bold]{chosen.name}[/] on {chosen.device}, {chosen.precision} ({escape(seg.why)})")
+        extras, report_path = None, None
+        write = {"probabilities": save_probabilities, "overwrite": overwrite, "skip_existing": skip_existing,
+                 "fail_fast": fail_fast, "output_types": types, "seg_type": seg_type.value, "series": series}
+        if preview or qc or report or labels is not None:  # ldseg.qc (matplotlib, jinja2) only when asked
+            from ldseg.qc.run import qc_extras, report_target, write_run_report
 
-        extras = qc_extras(cfg, samples, preview=preview, qc=qc, labels=labels, report=report)
-        report_path = report_target(out_dir, opts) if report else None  # refused before any compute
-    if demo:
-        summary = _demo(cfg, chosen, out_dir, opts, demo_seed, extras)
-    else:
-        paths = _expand_inputs(inputs or [])
-        summary = _run_with_progress(paths, out_dir, chosen, cfg, opts, extras)
-    if report_path is not None and extras is not None:
-        out.print(str(write_run_report(report_path, summary, extras, chosen, cfg, opts)), highlight=False)
+            extras = qc_extras(cfg, samples, preview=preview, qc=qc, labels=labels, report=report)
+            report_opts = dataclasses.replace(seg.options, overwrite=overwrite, skip_existing=skip_existing)
+            report_path = report_target(out_dir, report_opts) if report else None  # refused before any compute
+        if demo:
+            summary = _demo(seg, out_dir, demo_seed, extras, write)
+        else:
+            summary = _run_with_progress(seg, paths, out_dir, extras, write)
+        if report_path is not None and extras is not None:
+            out.print(str(write_run_report(report_path, summary, extras, chosen, cfg, report_opts)), highlight=False)
     if summary.failures:
         failure = LdsegError(f"{len(summary.failures)} of {len(paths)} input(s) failed (listed above)")
         codes = {exc.exit_code for _, exc in summary.failures}
@@ -143,27 +146,27 @@ def run(
         raise failure
 
 
-def _expand_inputs(inputs: list[Path]) -> list[Path]:
-    from ldseg.runtime.volumes import expand_folder
+class ConsoleReporter:
+    """The artifact cache and the demo warning, on the console: first builds with a progress bar."""
 
-    if not inputs:
-        raise typer.BadParameter("give input files or folders, or --demo")
-    paths: list[Path] = []
-    for item in inputs:
-        if item.is_dir():
-            paths += expand_folder(item)
-        elif item.exists():
-            paths.append(item)
-        else:
-            raise InputError(f"{item}: no such file or folder")
-    return paths
+    def note(self, line: str) -> None:
+        console.print(escape(line), highlight=False, soft_wrap=True)
+
+    def warn(self, line: str) -> None:
+        console.print(f"[bold yellow]warning:[/] {escape(line)}", highlight=False, soft_wrap=True)
+
+    @contextlib.contextmanager
+    def building(self, action: str, path: Path) -> Iterator[Callable[[str], None]]:
+        console.print(f"first use: {escape(action)} into the cache at {escape(str(path))}", highlight=False,
+                      soft_wrap=True)
+        columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn())
+        with Progress(*columns, console=console, transient=True) as progress:
+            task = progress.add_task(escape(action), total=None)
+            yield lambda line: progress.update(task, description=escape(line))
 
 
-def _run_with_progress(
-    paths: list[Path], out_dir: Path, backend: Any, cfg: Any, opts: Any, extras: Any = None
-) -> Any:
-    from ldseg.runtime.session import run_files
-
+def _run_with_progress(seg: Any, paths: list[Path], out_dir: Path, extras: Any, write: dict[str, Any]) -> Any:
+    backend = seg.backend
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=False) as progress:
         task = progress.add_task("segmenting", total=len(paths))
@@ -173,7 +176,7 @@ def _run_with_progress(
                 progress.console.print(f"[red]failed:[/] {escape(error)}", highlight=False, soft_wrap=True)
             progress.advance(task)
 
-        summary = run_files(paths, out_dir, backend, cfg, opts, on_done=done, extras=extras)
+        summary = seg.write(paths, out_dir, extras=extras, on_done=done, **write)
     table = Table(title=f"{summary.volumes} volume(s) in {summary.seconds:.1f} s "
                   f"({summary.volumes / max(summary.seconds, 1e-9):.2f} volumes/s)")
     table.add_column("stage")
@@ -212,16 +215,17 @@ def _reconstruct(model: Any, label_path: Path, out_dir: Path, overwrite: bool) -
     out.print(str(target), highlight=False)
 
 
-def _demo(cfg: Any, backend: Any, out_dir: Path, opts: Any, seed: int, extras: Any = None) -> Any:
+def _demo(seg: Any, out_dir: Path, seed: int, extras: Any, write: dict[str, Any]) -> Any:
     from ldseg.data.phantoms import make_phantom, write_phantom_nifti
     from ldseg.io.nifti import read_label_volume
     from ldseg.metrics import dice_per_class
 
+    cfg = seg.config
     phantom = make_phantom(seed, cfg.image_size, cfg.num_classes)
     image_path, truth_path = out_dir / f"phantom{seed}.nii.gz", out_dir / f"phantom{seed}_truth.nii.gz"
-    write_phantom_nifti(phantom, image_path, truth_path, overwrite=opts.overwrite)
+    write_phantom_nifti(phantom, image_path, truth_path, overwrite=write["overwrite"])
     console.print(f"demo: phantom seed {seed} written to {image_path}")
-    summary = _run_with_progress([image_path], out_dir, backend, cfg, opts, extras)
+    summary = _run_with_progress(seg, [image_path], out_dir, extras, write)
     if summary.failures:
         raise summary.failures[0][1]
     seg = read_label_volume(out_dir / f"phantom{seed}_seg.nii.gz").array

@@ -111,6 +111,11 @@ def _as_output_error(path: Path, exc: BaseException) -> OutputError | None:
     return None
 
 
+def disk_error(path: Path, exc: BaseException) -> OutputError | None:
+    """OutputError naming `path` if `exc` (or an error it wraps) is a full disk or a refused write; else None."""
+    return _as_output_error(path, exc)
+
+
 def ensure_output_dir(path: Path) -> Path:
     """Create `path` (and parents) if needed; OutputError if it is a file or cannot be made."""
     path = Path(path)

@@ -71,7 +71,9 @@ def read_metadata(path: Path) -> dict[str, Any]:
     return meta
 
 
-def load_checkpoint(path: Path | str) -> LDSeg:
+def verify_checkpoint(path: Path | str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The header metadata and tensors of a checkpoint whose content hash matches its header
+    (ArtifactError otherwise): enough to key a cache without building the model."""
     path = Path(path)
     if not path.is_file():
         raise ArtifactError(f"{path}: checkpoint not found")
@@ -83,6 +85,13 @@ def load_checkpoint(path: Path | str) -> LDSeg:
     digest = tensors_hash(tensors)
     if digest != meta.get("content_sha256"):
         raise ArtifactError(f"{path}: content hash mismatch (file altered or truncated)")
+    return meta, tensors
+
+
+def load_checkpoint(path: Path | str) -> LDSeg:
+    path = Path(path)
+    meta, tensors = verify_checkpoint(path)
+    digest = str(meta["content_sha256"])
     cfg = ModelConfig.from_dict(meta["config"])
     model = LDSeg(cfg, trained={k: bool(meta.get("trained", {}).get(k)) for k in COMPONENTS})
     expected = state_tensors(model)

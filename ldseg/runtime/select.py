@@ -1,33 +1,52 @@
 """One registry that turns (model source, backend name, device) into a Backend, and says why.
 
-Sources: a checkpoint (torch), a bundle (openvino, onnxruntime), an engine set (tensorrt). `auto`
-prefers, in order, TensorRT (engines given, TensorRT importable, engines built for this GPU), ONNX
-Runtime on CUDA, PyTorch on CUDA, OpenVINO on CPU, ONNX Runtime on CPU, PyTorch on CPU — among what
-the given source can run. On CPU OpenVINO comes first because it measured fastest there (knee3d:
-benchmarks/results/amd-epyc-2c-2026-11-30/knee3d-openvino). Backends import lazily: a machine without
-openvino, onnxruntime-gpu or TensorRT never loads them, and auto says why it skipped them.
+Sources: a checkpoint (torch; with an artifact cache also openvino, onnxruntime and tensorrt, whose
+bundle and engines the cache exports or builds on first use), a bundle (openvino, onnxruntime), an
+engine set (tensorrt). `auto` tries AUTO_ORDER — TensorRT, ONNX Runtime on CUDA, PyTorch on CUDA,
+OpenVINO on CPU, ONNX Runtime on CPU, PyTorch on CPU — among what the given source can run, and says
+what it skipped. On CPU OpenVINO comes first because it measured fastest there (knee3d:
+benchmarks/results/amd-epyc-2c-2026-11-30/knee3d-openvino). Each candidate checks that it can run
+here (TensorRT and a GPU, onnxruntime's CUDA provider, openvino importable) before the cache exports
+or builds anything. Backends import lazily: a machine without openvino, onnxruntime-gpu or TensorRT
+never loads them.
 
-`precision` "auto" runs what the source holds (FP32, or the INT8/FP16 of a calibrated/exported
+`Wants.precision` "auto" runs what the source holds (FP32, or the INT8/FP16 of a calibrated/exported
 bundle): reduced precision is never chosen silently; "bf16" must be asked for (OpenVINO only).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from ldseg.errors import ArtifactError, BackendUnavailable
-from ldseg.model.checkpoint import load_checkpoint
+from ldseg.model.checkpoint import load_checkpoint, verify_checkpoint
 from ldseg.model.config import ModelConfig
 from ldseg.model.network import LDSeg
 from ldseg.runtime.backend import Backend
-from ldseg.runtime.devices import cuda_device, device_index, torch_cuda_problem
+from ldseg.runtime.devices import cuda_device, device_index, ort_cuda_problem, torch_cuda_problem
+from ldseg.runtime.engines import Environment
+
+if TYPE_CHECKING:
+    from ldseg.runtime.cache import ArtifactCache, CheckpointRef
 
 SEGMENT_NEEDS = ("image_encoder", "denoiser", "label_decoder")
 RECONSTRUCT_NEEDS = ("label_encoder", "label_decoder")
 BACKENDS = ("auto", "torch", "onnxruntime", "openvino", "tensorrt")
 PRECISIONS = ("auto", "fp32", "fp16", "bf16", "int8")
+# `auto`: the first of these that the source can run and that loads here wins (fastest first).
+AUTO_ORDER = [
+    ("tensorrt", "cuda"),
+    ("onnxruntime", "cuda"),
+    ("torch", "cuda"),
+    ("openvino", "cpu"),
+    ("onnxruntime", "cpu"),
+    ("torch", "cpu"),
+]
+TENSORRT_BUNDLE_PRECISION = "fp16"  # what a checkpoint is exported to for TensorRT (validated like any bundle)
 
 
 def demo_checkpoint_path() -> Path:
@@ -77,12 +96,41 @@ def resolve_device(device: str) -> str:
 
 @dataclass(frozen=True)
 class Source:
-    """Exactly one of checkpoint, bundle, engines."""
+    """Exactly one of checkpoint, bundle, engines (plus the cache that turns a checkpoint into the others)."""
 
     checkpoint: str | None = None
     bundle: Path | None = None
     engines: Path | None = None
     trust_unvalidated: bool = False  # load a bundle whose manifest records no passed validation
+    artifacts: ArtifactCache | None = None  # exports/builds a checkpoint's bundle and engines on first use
+    samples: int = 1  # batch the engines must take (K samples run as one batch)
+    _memo: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    def model(self) -> LDSeg:
+        """The checkpoint's model, loaded (and its hash verified) once however many candidates use it."""
+        assert self.checkpoint is not None
+        if "model" not in self._memo:
+            self._memo["model"] = load_model(self.checkpoint)
+        return self._memo["model"]  # type: ignore[no-any-return]
+
+    def reference(self) -> CheckpointRef:
+        """The checkpoint as the cache keys it: content hash verified, trained components checked, and
+        the model built only if an entry must be exported (a cache hit never builds it)."""
+        from ldseg.runtime.cache import CheckpointRef
+
+        assert self.checkpoint is not None
+        if "reference" not in self._memo:
+            path = resolve_checkpoint(self.checkpoint)
+            meta, _ = verify_checkpoint(path)
+            _refuse_untrained(path, dict(meta.get("trained", {})), SEGMENT_NEEDS)
+            preset = str(meta.get("config", {}).get("preset", "model"))
+            self._memo["reference"] = CheckpointRef(str(meta["content_sha256"]), preset, self.model)
+        return self._memo["reference"]  # type: ignore[no-any-return]
+
+    @property
+    def cached(self) -> bool:
+        """A checkpoint with a cache: every backend can run it."""
+        return self.checkpoint is not None and self.artifacts is not None
 
 
 @dataclass(frozen=True)
@@ -103,6 +151,7 @@ class Selection:
     backend: Backend
     config: ModelConfig
     why: str
+    checkpoint_hash: str | None = None  # content SHA-256 of the checkpoint behind the backend, where known
 
 
 def _torch(source: Source, device: str, wants: Wants) -> Selection:
@@ -115,66 +164,99 @@ def _torch(source: Source, device: str, wants: Wants) -> Selection:
     if problem:
         raise BackendUnavailable(problem)
     _refuse_precision("torch", wants, "fp32")
-    model = load_model(source.checkpoint)
-    return Selection(TorchBackend(model, device), model.cfg, "")
+    model = source.model()
+    return Selection(TorchBackend(model, device), model.cfg, "", model.checkpoint_hash)
+
+
+def _onnxruntime_device(device: str) -> None:
+    problem = None if device_index(device) is None else ort_cuda_problem()
+    if problem:
+        raise BackendUnavailable(problem)
+
+
+def _bundle_path(source: Source, name: str) -> Path:
+    """The bundle a bundle backend runs: the one given, or the checkpoint's FP32 export from the cache."""
+    if source.bundle is not None:
+        return source.bundle
+    if source.cached:
+        assert source.artifacts is not None
+        return source.artifacts.bundle(source.reference())
+    raise BackendUnavailable(f"the {name} backend runs an exported bundle (--bundle)")
 
 
 def _onnxruntime(source: Source, device: str, wants: Wants) -> Selection:
     from ldseg.runtime.bundle import load_bundle
     from ldseg.runtime.onnxruntime_backend import OnnxRuntimeBackend
 
-    if source.bundle is None:
-        raise BackendUnavailable("the onnxruntime backend runs an exported bundle (--bundle)")
-    bundle = load_bundle(source.bundle, trust_unvalidated=source.trust_unvalidated)
-    _refuse_untrained(source.bundle, dict(bundle.trained), SEGMENT_NEEDS)
+    if source.bundle is None and source.cached:
+        _onnxruntime_device(device)  # before minutes of exporting
+    path = _bundle_path(source, "onnxruntime")
+    bundle = load_bundle(path, trust_unvalidated=source.trust_unvalidated)
+    _refuse_untrained(path, dict(bundle.trained), SEGMENT_NEEDS)
     _refuse_precision("onnxruntime", wants, bundle.precision)
-    return Selection(OnnxRuntimeBackend(bundle, device, threads=wants.threads), bundle.config, "")
+    backend = OnnxRuntimeBackend(bundle, device, threads=wants.threads)
+    return Selection(backend, bundle.config, "", bundle.checkpoint_hash)
 
 
 def _openvino(source: Source, device: str, wants: Wants) -> Selection:
     from ldseg.runtime.bundle import load_bundle
     from ldseg.runtime.openvino_backend import OpenVinoBackend, import_openvino
 
-    if source.bundle is None:
-        raise BackendUnavailable("the openvino backend runs an exported bundle (--bundle)")
     if device != "cpu":
         raise BackendUnavailable("the openvino backend runs on the CPU (--device cpu, or auto)")
-    import_openvino()  # not installed: say so before reading the bundle
-    bundle = load_bundle(source.bundle, trust_unvalidated=source.trust_unvalidated)
-    _refuse_untrained(source.bundle, dict(bundle.trained), SEGMENT_NEEDS)
+    import_openvino()  # not installed: say so before reading or exporting a bundle
+    path = _bundle_path(source, "openvino")
+    bundle = load_bundle(path, trust_unvalidated=source.trust_unvalidated)
+    _refuse_untrained(path, dict(bundle.trained), SEGMENT_NEEDS)
     backend = OpenVinoBackend(bundle, wants.precision, threads=wants.threads)
-    return Selection(backend, bundle.config, "")
+    return Selection(backend, bundle.config, "", bundle.checkpoint_hash)
 
 
 def _tensorrt(source: Source, device: str, wants: Wants) -> Selection:
     from ldseg.runtime.engines import read_engine_set
     from ldseg.runtime.tensorrt_backend import TensorRTBackend
 
-    if source.engines is None:
-        raise BackendUnavailable("the tensorrt backend runs an engine set (--engines)")
-    if device_index(device) is None:
+    index = device_index(device)
+    if index is None:
         raise BackendUnavailable("the tensorrt backend needs --device cuda (or auto on a GPU machine)")
-    engine_set = read_engine_set(source.engines)
+    checkpoint_hash = None
+    if source.engines is not None:
+        path = source.engines
+    elif source.cached:
+        assert source.artifacts is not None
+        environment = tensorrt_environment(index)  # TensorRT and this GPU, before minutes of exporting
+        reference = source.reference()
+        bundle = source.artifacts.bundle(reference, precision=TENSORRT_BUNDLE_PRECISION)
+        path = source.artifacts.engines(bundle, environment, max_batch=source.samples)
+        checkpoint_hash = reference.sha256
+    else:
+        raise BackendUnavailable("the tensorrt backend runs an engine set (--engines)")
+    engine_set = read_engine_set(path)
     _refuse_precision("tensorrt", wants, engine_set.precision)
-    return Selection(TensorRTBackend(source.engines, device), engine_set.config, "")
+    return Selection(TensorRTBackend(path, device), engine_set.config, "", checkpoint_hash)
+
+
+def tensorrt_environment(index: int = 0) -> Environment:
+    """This machine's TensorRT version and GPU `index`; BackendUnavailable without either (tests fake this)."""
+    from ldseg.runtime.engines import detect_environment
+
+    return detect_environment(index)
 
 
 _FACTORIES = {"torch": _torch, "onnxruntime": _onnxruntime, "openvino": _openvino, "tensorrt": _tensorrt}
+# Which sources each backend runs (a checkpoint with a cache runs on every backend).
+_RUNS: dict[str, Callable[[Source], bool]] = {
+    "tensorrt": lambda s: s.engines is not None or s.cached,
+    "onnxruntime": lambda s: s.bundle is not None or s.cached,
+    "openvino": lambda s: s.bundle is not None or s.cached,
+    "torch": lambda s: s.checkpoint is not None,
+}
 
 
 def _auto_candidates(source: Source, gpu: str | None) -> list[tuple[str, str]]:
-    order = []
-    if source.engines is not None and gpu:
-        order.append(("tensorrt", gpu))
-    if source.bundle is not None and gpu:
-        order.append(("onnxruntime", gpu))
-    if source.checkpoint is not None and gpu:
-        order.append(("torch", gpu))
-    if source.bundle is not None:
-        order += [("openvino", "cpu"), ("onnxruntime", "cpu")]
-    if source.checkpoint is not None:
-        order.append(("torch", "cpu"))
-    return order
+    """AUTO_ORDER among what the source runs; "cuda" is the GPU asked for (None: CPU only)."""
+    devices = {"cpu": "cpu", **({"cuda": gpu} if gpu is not None else {})}
+    return [(name, devices[dev]) for name, dev in AUTO_ORDER if dev in devices and _RUNS[name](source)]
 
 
 def select_backend(
@@ -210,7 +292,12 @@ def select_backend(
         else:
             devices = [gpu_device, "cpu"]
         candidates = [(backend, d) for d in devices]
+    if source.cached:
+        source.reference()  # a bad checkpoint is its own error (exit 4), not a reason to skip candidates
     skipped: list[str] = []
+    on_gpu = [f"{name}/{dev}" for name, dev in AUTO_ORDER if dev == "cuda" and _RUNS[name](source)]
+    if backend == "auto" and gpu_device is None and on_gpu:
+        skipped.append(f"{', '.join(on_gpu)}: --device cpu")
     errors: list[BackendUnavailable] = []
     for name, dev in candidates:
         try:
@@ -218,6 +305,13 @@ def select_backend(
         except BackendUnavailable as exc:  # announced, then the next candidate
             skipped.append(f"{name}/{dev}: {exc}")
             errors.append(exc)
+            continue
+        except ArtifactError as exc:
+            if not (backend == "auto" and source.cached and name != "torch"):
+                raise
+            # The checkpoint loaded: this is its export failing validation. The next candidate
+            # (in the end PyTorch on the checkpoint itself) still runs it correctly.
+            skipped.append(f"{name}/{dev}: {exc}")
             continue
         if backend != "auto":
             selection.why = "asked for" + (f"; skipped {'; '.join(skipped)}" if skipped else "")

@@ -32,7 +32,8 @@ def test_mixed_failure_kinds_exit_1(demo_checkpoint, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "p0_seg.nii.gz").write_bytes(b"kept")  # 5: output exists
-    result = _run(str(tmp_path / "in"), "-o", str(out), "--checkpoint", str(demo_checkpoint), "--steps", "1")
+    result = _run(str(tmp_path / "in"), "-o", str(out), "--checkpoint", str(demo_checkpoint), "--backend", "torch",
+                  "--steps", "1")
     assert result.returncode == 1, result.stderr
     assert "2 of 2 input(s) failed" in result.stderr
     assert (out / "p0_seg.nii.gz").read_bytes() == b"kept"
@@ -44,11 +45,11 @@ def test_mixed_failure_kinds_exit_1(demo_checkpoint, tmp_path):
         (("--samples", "0"), 2),  # Typer usage error
         (("--no-such-option",), 2),
         ((), 2),  # no inputs and no --demo
-        (("--backend", "onnxruntime"), 6),
+        (("--backend", "tensorrt", "--device", "cpu"), 6),  # a checkpoint runs on every backend, not this one
         (("--device", "cuda"), 6),
         (("--checkpoint", "/nonexistent.safetensors"), 4),
     ],
-    ids=["samples-0", "unknown-option", "no-inputs", "backend-without-bundle", "no-cuda", "no-checkpoint"],
+    ids=["samples-0", "unknown-option", "no-inputs", "tensorrt-on-cpu", "no-cuda", "no-checkpoint"],
 )
 def test_exit_codes(args, code, demo_checkpoint, tmp_path):
     if "cuda" in args and torch.cuda.is_available():
@@ -77,7 +78,7 @@ def test_each_failure_is_one_exact_line_in_a_log(demo_checkpoint, tmp_path):
     bad.append(folder / "negative_offset.nii")
     bad[-1].write_bytes(hdr.binaryblock + bytes(4 + 8**3 * 2))
     out = tmp_path / "out"
-    result = _run(str(folder), "-o", str(out), "--checkpoint", str(demo_checkpoint),
+    result = _run(str(folder), "-o", str(out), "--checkpoint", str(demo_checkpoint), "--backend", "torch",
                   "--steps", "1", columns=None)
     assert result.returncode == 3, result.stderr
     lines = result.stderr.splitlines()

@@ -149,7 +149,7 @@ def test_sigint_stops_a_folder_run_cleanly(demo_checkpoint, tmp_path):
     log = (tmp_path / "stderr.txt").open("w")
     proc = subprocess.Popen(
         [str(BIN / "ldseg-run"), str(tmp_path / "in"), "-o", str(out),
-         "--checkpoint", str(demo_checkpoint), "--steps", "2"],
+         "--checkpoint", str(demo_checkpoint), "--backend", "torch", "--steps", "2"],
         stdout=subprocess.DEVNULL, stderr=log,
     )
     try:
@@ -211,7 +211,8 @@ def test_full_tmpfs_through_the_cli(demo_checkpoint, tmp_path):
     write_phantoms(tmp_path / "in", 2, tmp_path / "truth")
     with _tiny_tmpfs(tmp_path / "disk") as disk:
         filler = _fill(disk)
-        args = (str(tmp_path / "in"), "-o", str(disk), "--checkpoint", str(demo_checkpoint), "--steps", "2")
+        args = (str(tmp_path / "in"), "-o", str(disk), "--checkpoint", str(demo_checkpoint), "--backend", "torch",
+                "--steps", "2")
         full = _cli(*args)
         assert full.returncode == 5, full.stderr
         for name in ("p0_seg.nii.gz", "p1_seg.nii.gz"):

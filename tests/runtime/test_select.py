@@ -170,3 +170,110 @@ def test_auto_skips_openvino_when_it_is_not_installed_and_says_why(monkeypatch, 
 def test_a_backend_refuses_a_precision_it_does_not_run():
     with pytest.raises(BackendUnavailable, match="the torch backend runs fp32 here, not bf16"):
         select_backend(Source(checkpoint="demo"), backend="torch", device="cpu", wants=Wants("bf16"))
+
+
+# --------------------------------------------------------------------------- a checkpoint with the cache
+
+
+def _cached_source(tmp_path: Path, samples: int = 1):  # type: ignore[no-untyped-def]
+    from ldseg.runtime.cache import ArtifactCache
+    from tests.runtime.cache_fakes import GPU_A, FakeBundleBuilder, FakeEngineBuilder
+
+    artifacts = ArtifactCache(tmp_path / "cache", build_bundle=FakeBundleBuilder(),
+                              build_engines=FakeEngineBuilder(GPU_A))
+    return Source(checkpoint="demo", artifacts=artifacts, samples=samples)
+
+
+def test_a_checkpoint_with_the_cache_tries_every_backend_fastest_first(tried, tmp_path):
+    with pytest.raises(BackendUnavailable, match="no backend can run this source"):
+        select_backend(_cached_source(tmp_path))
+    assert tried == ["tensorrt/cuda:0", "onnxruntime/cuda:0", "torch/cuda:0", "openvino/cpu", "onnxruntime/cpu",
+                     "torch/cpu"]
+    assert [f"{n}/{d}" for n, d in select.AUTO_ORDER] == [t.replace(":0", "") for t in tried]  # one plain list
+
+
+def test_a_checkpoint_with_the_cache_on_cpu_tries_openvino_then_onnxruntime(tried, tmp_path):
+    tried.allow.update({"onnxruntime/cpu", "torch/cpu"})
+    chosen = select_backend(_cached_source(tmp_path))
+    assert tried[-1] == "onnxruntime/cpu" and chosen.backend.name == "onnxruntime"
+    tried.clear()
+    select_backend(_cached_source(tmp_path), device="cpu")
+    assert tried == ["openvino/cpu", "onnxruntime/cpu"]
+
+
+def test_gpu_candidates_check_the_machine_before_exporting(monkeypatch, tmp_path):
+    """No TensorRT / no CUDA provider: refused at once, nothing exported into the cache."""
+    source = _cached_source(tmp_path)
+    if not _tensorrt_present():
+        with pytest.raises(BackendUnavailable, match="TensorRT"):
+            select._tensorrt(source, "cuda", Wants())
+    import onnxruntime
+
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        with pytest.raises(BackendUnavailable, match="onnxruntime-gpu"):
+            select._onnxruntime(source, "cuda", Wants())
+    assert source.artifacts is not None and source.artifacts.build_bundle.calls == []  # type: ignore[union-attr]
+
+
+def _tensorrt_present() -> bool:
+    try:
+        from ldseg.runtime.engines import require_tensorrt
+
+        require_tensorrt()
+    except BackendUnavailable:
+        return False
+    return True
+
+
+def test_tensorrt_from_a_checkpoint_exports_fp16_then_builds_engines(monkeypatch, tmp_path):
+    """Faked GPU machine: TensorRT 'present' on GPU_A; the chosen engines come from the cache."""
+    from ldseg.runtime import tensorrt_backend
+    from tests.runtime.cache_fakes import GPU_A
+
+    made: list[Path] = []
+
+    class FakeTensorRTBackend:
+        name, precision = "tensorrt", "fp16"
+
+        def __init__(self, path: Path, device: str):
+            made.append(path)
+            self.device = device
+
+    monkeypatch.setattr(select, "tensorrt_environment", lambda index=0: GPU_A)
+    monkeypatch.setattr(tensorrt_backend, "TensorRTBackend", FakeTensorRTBackend)
+    source = _cached_source(tmp_path, samples=4)
+    chosen = select_backend(source)
+    assert chosen.backend.name == "tensorrt" and chosen.why.startswith("auto: first available")
+    artifacts = source.artifacts
+    assert artifacts is not None
+    [key] = artifacts.build_bundle.calls  # type: ignore[union-attr]
+    assert key.precision == select.TENSORRT_BUNDLE_PRECISION
+    [(bundle_dir, max_batch, _timing)] = artifacts.build_engines.calls  # type: ignore[union-attr]
+    assert max_batch == 4 and made == [artifacts.hits[-1].path]
+    select_backend(source)  # second run: both entries reused
+    assert len(artifacts.build_bundle.calls) == 1 and len(artifacts.build_engines.calls) == 1  # type: ignore[union-attr]
+
+
+def test_a_failed_export_falls_back_to_the_next_candidate(tried, monkeypatch, tmp_path):
+    from ldseg.errors import ArtifactError
+
+    tried.allow.add("torch/cpu")
+    factories = dict(select._FACTORIES)
+
+    def failing_export(source: Source, device: str, wants: Wants) -> Selection:
+        tried.append(f"onnxruntime/{device}")
+        raise ArtifactError("bundle: not written: the bundle failed validation")
+
+    factories["onnxruntime"] = failing_export
+    monkeypatch.setattr(select, "_FACTORIES", factories)
+    chosen = select_backend(_cached_source(tmp_path), device="cpu")
+    assert tried == ["openvino/cpu", "onnxruntime/cpu", "torch/cpu"] and "failed validation" in chosen.why
+
+
+def test_device_cpu_announces_the_gpu_candidates_it_skipped(tried):
+    with pytest.raises(BackendUnavailable, match="tensorrt/cuda: --device cpu"):
+        select_backend(Source(engines=Path("engines")), device="cpu")
+    assert tried == []
+    tried.allow.add("onnxruntime/cpu")
+    chosen = select_backend(Source(bundle=Path("bundle")), device="cpu")
+    assert chosen.why == "auto: onnxruntime/cuda: --device cpu"

@@ -1,0 +1,254 @@
+"""The Python API: what `ldseg-run` does, for a program.
+
+    import ldseg
+
+    with ldseg.Segmenter(checkpoint="knee3d.safetensors") as seg:   # backend chosen, loaded once
+        result = seg.segment("case1.nii.gz")[0]                    # labels on the input grid + geometry
+        seg.write(["case2.nii.gz", "case3.nii.gz"], "out/")        # or files, exactly as ldseg-run writes them
+
+`ldseg.segment(paths, checkpoint=..., output=...)` does one call's worth. A checkpoint runs on the
+fastest backend here (ldseg.runtime.select.AUTO_ORDER): its ONNX bundle and TensorRT engines come
+from the artifact cache (ldseg.runtime.cache), exported or built on first use. This module is where
+the cache gets its builders (the exporter and the TensorRT builder, imported only when a cache
+entry is missing), so that ldseg.runtime never imports ldseg.export.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import tempfile
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ldseg.errors import InputError
+from ldseg.io.image2d import Image2D
+from ldseg.io.nifti import Volume
+from ldseg.runtime.cache import ArtifactCache, BundleKey, Progress, QuietReporter, Reporter
+from ldseg.runtime.select import Selection, Source, Wants, demo_checkpoint_path, select_backend
+from ldseg.runtime.session import RunOptions, RunSummary, VolumeExtras, run_files, segment_prepared
+from ldseg.runtime.volumes import expand_folder, prepare
+
+if TYPE_CHECKING:
+    from ldseg.model.network import LDSeg
+
+DEMO_WARNING = (
+    "the bundled demo model was trained on synthetic phantoms only: its output is not a segmentation of "
+    "real anatomy. Use --checkpoint (Python: checkpoint=...) with a model trained for your data."
+)
+PathLike = str | Path
+
+
+@dataclass(frozen=True)
+class Segmentation:
+    """One input's result on the input's own grid and axis order (what ldseg-run would write)."""
+
+    path: Path
+    labels: np.ndarray  # uint8 class per voxel/pixel: (X, Y, Z) for NIfTI, (H, W) for 2D images
+    maps: dict[str, np.ndarray] = field(default_factory=dict)  # "confidence", "entropy" (samples > 1), "prob<c>"
+    reference: Volume | Image2D | None = None  # the input as read: its header and geometry
+
+    @property
+    def affine(self) -> np.ndarray | None:
+        """Voxel-to-world matrix of a NIfTI input (None for 2D images)."""
+        return self.reference.affine if isinstance(self.reference, Volume) else None
+
+
+def expand_inputs(inputs: Iterable[PathLike]) -> list[Path]:
+    """Files as given, folders as the inputs they hold (volume and image files, DICOM series folders);
+    InputError naming what is missing or empty."""
+    paths: list[Path] = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            paths += expand_folder(item)
+        elif item.exists():
+            paths.append(item)
+        else:
+            raise InputError(f"{item}: no such file or folder")
+    return paths
+
+
+# --------------------------------------------------------------------------- the cache's builders
+
+def build_bundle(model: LDSeg, target: Path, key: BundleKey, progress: Progress) -> None:
+    """Export and validate; export_bundle writes only a bundle that passed (staged, then renamed)."""
+    from ldseg.export.exporter import export_bundle
+
+    export_bundle(model, target, opset=key.opset, precision=key.precision, batch=key.batch, progress=progress)
+
+
+def build_engines(bundle_dir: Path, target: Path, max_batch: int, timing_cache: Path, progress: Progress) -> None:
+    from ldseg.export.tensorrt_build import build_engines as build
+
+    build(bundle_dir, target, max_batch=max_batch, timing_cache=timing_cache, progress=progress)
+
+
+def artifact_cache(root: PathLike | None = None, reporter: Reporter | None = None) -> ArtifactCache:
+    """The artifact cache (at `root`, else LDSEG_CACHE or the user cache folder) with the real builders."""
+    return ArtifactCache(root, build_bundle=build_bundle, build_engines=build_engines, reporter=reporter)
+
+
+@functools.cache
+def _demo_hash() -> str:
+    from ldseg.model.checkpoint import read_metadata
+
+    return str(read_metadata(demo_checkpoint_path())["content_sha256"])
+
+
+# --------------------------------------------------------------------------- Segmenter
+
+class Segmenter:
+    """A model on its backend, loaded once and kept warm across calls.
+
+    Give one of `checkpoint` (a path, or "demo"; the default when nothing is given), `bundle` or
+    `engines`; `gpu` is the GPU index every backend uses. With a checkpoint, `cache=True` takes
+    bundles and engines from the artifact cache (LDSEG_CACHE or the user cache folder), a path names
+    another cache folder, and `cache=False` exports into a temporary folder removed by `close()`.
+    Errors are ldseg.errors exceptions; the demo model warns (UserWarning through `reporter`) before
+    it segments a file.
+    """
+
+    def __init__(
+        self,
+        checkpoint: PathLike | None = None,
+        *,
+        bundle: PathLike | None = None,
+        engines: PathLike | None = None,
+        backend: str = "auto",
+        device: str = "auto",
+        gpu: int = 0,
+        cache: bool | PathLike = True,
+        steps: int | None = None,
+        sampler: str | None = None,
+        seed: int = 0,
+        samples: int = 1,
+        trust_unvalidated: bool = False,
+        precision: str = "auto",
+        threads: int | None = None,
+        warn_demo: bool = True,
+        reporter: Reporter | None = None,
+    ):
+        if samples < 1 or (steps is not None and steps < 1):
+            raise ValueError("samples and steps must be at least 1")
+        if checkpoint is None and bundle is None and engines is None:
+            checkpoint = "demo"
+        self.reporter: Reporter = reporter or QuietReporter()
+        self.options = RunOptions(steps=steps, sampler=sampler, seed=seed, samples=samples)
+        self._closing = contextlib.ExitStack()
+        self.artifacts: ArtifactCache | None = None
+        if checkpoint is not None and backend != "torch":
+            if cache is False:
+                root = self._closing.enter_context(tempfile.TemporaryDirectory(prefix="ldseg-nocache-"))
+                self.reporter.note(f"no cache (--no-cache): artifacts go to {root}, removed after this run")
+            self.artifacts = artifact_cache(None if cache is True else (root if cache is False else cache),
+                                            self.reporter)
+        self.source = Source(None if checkpoint is None else str(checkpoint), None if bundle is None else Path(bundle),
+                             None if engines is None else Path(engines), trust_unvalidated, self.artifacts, samples)
+        try:
+            wants = Wants(precision, threads)  # "auto": what the source holds, never a silent reduction
+            self.selection: Selection = select_backend(self.source, backend, device, gpu=gpu, wants=wants)
+        except BaseException:
+            self._closing.close()
+            raise
+        self.backend = self.selection.backend
+        self.config = self.selection.config
+        self._closing.callback(self.backend.close)
+        self.is_demo = self.selection.checkpoint_hash == _demo_hash()
+        self._warn_demo = warn_demo and self.is_demo
+
+    @property
+    def why(self) -> str:
+        """Why this backend (auto: what it skipped)."""
+        return self.selection.why
+
+    def _demo_warning(self) -> None:
+        if self._warn_demo:
+            self._warn_demo = False  # once per Segmenter
+            self.reporter.warn(DEMO_WARNING)
+
+    def segment(
+        self, inputs: PathLike | Iterable[PathLike], *, probabilities: bool = False, series: str | None = None
+    ) -> list[Segmentation]:
+        """Segment files (or folders of them) in memory; raises on the first bad input. `series` picks
+        a DICOM series in a folder holding several."""
+        paths = expand_inputs([inputs] if isinstance(inputs, (str, Path)) else inputs)
+        self._demo_warning()
+        opts = dataclasses.replace(self.options, save_probabilities=probabilities, series=series)
+        results = []
+        for path in paths:
+            prepared = prepare(path, self.config, series)
+            outputs, _ = segment_prepared(prepared, self.backend, self.config, opts)
+            maps: dict[str, np.ndarray] = {s.lstrip("_"): v.astype(dtype) for s, (v, dtype) in outputs.items()}
+            labels = maps.pop("seg")
+            results.append(Segmentation(path, labels, maps, prepared.reference))
+        return results
+
+    def write(
+        self,
+        inputs: PathLike | Iterable[PathLike],
+        output: PathLike,
+        *,
+        probabilities: bool = False,
+        overwrite: bool = False,
+        skip_existing: bool = False,
+        fail_fast: bool = False,
+        output_types: Iterable[str] = ("nifti",),
+        seg_type: str = "binary",
+        series: str | None = None,
+        extras: VolumeExtras | None = None,
+        on_done: Callable[[Path, str | None], None] | None = None,
+    ) -> RunSummary:
+        """Segment files into `output` as ldseg-run does (atomic, never overwriting without `overwrite`);
+        a bad input is listed in the summary's failures and skipped (`fail_fast` stops there).
+        `output_types`: nifti, nrrd, mha, dicom-seg (`seg_type` binary or fractional); `extras` adds
+        files per volume (ldseg.qc). ValueError for output options that cannot be combined."""
+        from ldseg.io.atomic import ensure_output_dir
+        from ldseg.runtime.outputs import algorithm_for, check_output_options
+
+        types = tuple(dict.fromkeys(output_types))
+        check_output_options(self.config, types, seg_type, self.options.samples > 1 or probabilities)
+        paths = expand_inputs([inputs] if isinstance(inputs, (str, Path)) else inputs)
+        out_dir = ensure_output_dir(Path(output))
+        self._demo_warning()
+        opts = dataclasses.replace(self.options, save_probabilities=probabilities, overwrite=overwrite,
+                                   skip_existing=skip_existing, fail_fast=fail_fast, output_types=types,
+                                   seg_type=seg_type, series=series)
+        if "dicom-seg" in types:  # the SEG names the checkpoint and the sampling settings
+            opts = dataclasses.replace(opts, algorithm=algorithm_for(self.source, self.config, opts))
+        return run_files(paths, out_dir, self.backend, self.config, opts, on_done=on_done or (lambda p, e: None),
+                         extras=extras)
+
+    def close(self) -> None:
+        """Release the backend (and a --no-cache temporary folder)."""
+        self._closing.close()
+
+    def __enter__(self) -> Segmenter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def segment(
+    inputs: PathLike | Iterable[PathLike],
+    checkpoint: PathLike | None = None,
+    *,
+    output: PathLike | None = None,
+    backend: str = "auto",
+    **options: Any,
+) -> list[Segmentation] | RunSummary:
+    """One call: arrays + geometry (no `output`), or files written into `output` (a RunSummary).
+
+    `options` are Segmenter's (bundle, engines, device, cache, steps, sampler, seed, samples...) and,
+    with `output`, write's (probabilities, overwrite, skip_existing, fail_fast).
+    """
+    write_keys = {"overwrite", "skip_existing", "fail_fast", "on_done", "output_types", "seg_type", "extras"}
+    call_keys = (write_keys if output is not None else set()) | {"probabilities", "series"}
+    with Segmenter(checkpoint, backend=backend, **{k: v for k, v in options.items() if k not in call_keys}) as seg:
+        call = {k: v for k, v in options.items() if k in call_keys}
+        return seg.segment(inputs, **call) if output is None else seg.write(inputs, output, **call)
