@@ -135,7 +135,7 @@ def test_on_cpu_a_bundle_tries_openvino_then_onnxruntime(tried, monkeypatch):
     tried.allow |= {"openvino/cpu", "onnxruntime/cpu"}
     chosen = select_backend(Source(bundle=Path("bundle")), device="cpu")
     assert tried == ["openvino/cpu"] and chosen.backend.name == "openvino"
-    assert chosen.why == "auto: first available for this source on CPU"
+    assert chosen.why == "auto: onnxruntime/cuda: --device cpu"  # nothing on CPU was skipped
 
 
 def test_precision_and_threads_reach_every_candidate(tried, monkeypatch):
@@ -276,4 +276,4 @@ def test_device_cpu_announces_the_gpu_candidates_it_skipped(tried):
     assert tried == []
     tried.allow.add("onnxruntime/cpu")
     chosen = select_backend(Source(bundle=Path("bundle")), device="cpu")
-    assert chosen.why == "auto: onnxruntime/cuda: --device cpu"
+    assert chosen.why == "auto: onnxruntime/cuda: --device cpu; openvino/cpu: openvino refused on cpu"
