@@ -29,11 +29,22 @@ BIN = Path(sys.executable).parent
 def _machine() -> dict[str, object]:
     import psutil
 
-    names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-             if line.startswith("model name")] if Path("/proc/cpuinfo").is_file() else []
-    return {"cpu": names[0] if names else platform.processor() or platform.machine(), "cores": os.cpu_count(),
-            "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
-            "memory_gb": round(psutil.virtual_memory().total / 2**30, 1), "python": platform.python_version()}
+    names = (
+        [
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ]
+        if Path("/proc/cpuinfo").is_file()
+        else []
+    )
+    return {
+        "cpu": names[0] if names else platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+        "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "python": platform.python_version(),
+    }
 
 
 def _timed(args: list[str], env: dict[str, str]) -> tuple[float, str]:
@@ -67,10 +78,18 @@ def cli(opts: argparse.Namespace) -> dict[str, object]:
             print(f"run {i + 1}: --{name} {seconds:.1f} s")
     ckpt, bndl = statistics.median(times["checkpoint"]), statistics.median(times["bundle"])
     print(f"median end to end: --checkpoint (cached) {ckpt:.1f} s, --bundle {bndl:.1f} s, ratio {ckpt / bndl:.3f}")
-    return {"kind": "cli", "checkpoint": opts.checkpoint, "input": str(opts.input), "first_run_s": round(first_s, 2),
-            "export_s": export_s, "checkpoint_runs_s": [round(t, 2) for t in times["checkpoint"]],
-            "bundle_runs_s": [round(t, 2) for t in times["bundle"]], "median_checkpoint_s": round(ckpt, 2),
-            "median_bundle_s": round(bndl, 2), "ratio": round(ckpt / bndl, 3)}
+    return {
+        "kind": "cli",
+        "checkpoint": opts.checkpoint,
+        "input": str(opts.input),
+        "first_run_s": round(first_s, 2),
+        "export_s": export_s,
+        "checkpoint_runs_s": [round(t, 2) for t in times["checkpoint"]],
+        "bundle_runs_s": [round(t, 2) for t in times["bundle"]],
+        "median_checkpoint_s": round(ckpt, 2),
+        "median_bundle_s": round(bndl, 2),
+        "ratio": round(ckpt / bndl, 3),
+    }
 
 
 def api(opts: argparse.Namespace) -> dict[str, object]:
@@ -87,8 +106,12 @@ def api(opts: argparse.Namespace) -> dict[str, object]:
     inputs = work / "in"
     inputs.mkdir()
     for seed in range(opts.volumes):  # unseen phantom seeds on the demo grid
-        write_phantom_nifti(make_phantom(2000 + seed, (32, 64, 64)), inputs / f"v{seed:03d}.nii.gz",
-                            work / f"truth{seed:03d}.nii.gz", overwrite=False)
+        write_phantom_nifti(
+            make_phantom(2000 + seed, (32, 64, 64)),
+            inputs / f"v{seed:03d}.nii.gz",
+            work / f"truth{seed:03d}.nii.gz",
+            overwrite=False,
+        )
     counts = {"checkpoint loads": 0, "onnxruntime sessions": 0}
     real_load, real_session = select.load_checkpoint, onnxruntime.InferenceSession
 
@@ -111,11 +134,21 @@ def api(opts: argparse.Namespace) -> dict[str, object]:
         backend = f"{seg.backend.name}/{seg.backend.device}/{seg.backend.precision}"
     assert not summary.failures and summary.volumes == opts.volumes
     rate = opts.volumes / run_s
-    print(f"{backend}: Segmenter opened in {open_s:.2f} s ({counts['checkpoint loads']} checkpoint load, "
-          f"{counts['onnxruntime sessions']} ONNX Runtime sessions); {opts.volumes} volumes written in {run_s:.1f} s "
-          f"= {rate:.2f} volumes/s (read, preprocess, 15-step sampling, resample, write)")
-    return {"kind": "api", "checkpoint": opts.checkpoint, "backend": backend, "volumes": opts.volumes,
-            "open_s": round(open_s, 3), "run_s": round(run_s, 2), "volumes_per_s": round(rate, 3), **counts}
+    print(
+        f"{backend}: Segmenter opened in {open_s:.2f} s ({counts['checkpoint loads']} checkpoint load, "
+        f"{counts['onnxruntime sessions']} ONNX Runtime sessions); {opts.volumes} volumes written in {run_s:.1f} s "
+        f"= {rate:.2f} volumes/s (read, preprocess, 15-step sampling, resample, write)"
+    )
+    return {
+        "kind": "api",
+        "checkpoint": opts.checkpoint,
+        "backend": backend,
+        "volumes": opts.volumes,
+        "open_s": round(open_s, 3),
+        "run_s": round(run_s, 2),
+        "volumes_per_s": round(rate, 3),
+        **counts,
+    }
 
 
 def main() -> None:
@@ -132,8 +165,11 @@ def main() -> None:
     opts.work.mkdir(parents=True, exist_ok=True)
     machine = _machine()
     result = cli(opts) if opts.kind == "cli" else api(opts)
-    result.update(machine=machine, load_average_at_end=[round(x, 2) for x in os.getloadavg()],
-                  date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
+    result.update(
+        machine=machine,
+        load_average_at_end=[round(x, 2) for x in os.getloadavg()],
+        date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    )
     print(json.dumps(result, indent=2))
     if opts.output is not None:
         opts.output.mkdir(parents=True, exist_ok=True)

@@ -96,7 +96,11 @@ def main() -> None:
                 fp32_labels[case] = labels
             ref = fp32_labels[case]
             row = {
-                "row": name, "case": case, "seconds": seconds, "stage_ms": stage_ms, "uptime": load,
+                "row": name,
+                "case": case,
+                "seconds": seconds,
+                "stage_ms": stage_ms,
+                "uptime": load,
                 "dice_vs_label": {str(k): v for k, v in dice_per_class(labels, truth[case], cfg.num_classes).items()},
                 "dice_vs_fp32": {str(k): v for k, v in dice_per_class(labels, ref, cfg.num_classes).items()},
                 "identical_to_fp32_percent": float((labels == ref).mean() * 100),
@@ -106,17 +110,24 @@ def main() -> None:
             print(json.dumps(row), flush=True)
         backend.close()
     args.output.mkdir(parents=True, exist_ok=True)
-    result = {"checkpoint": str(args.checkpoint), "bundle": str(args.bundle), "int8_bundle": str(args.int8_bundle),
-              "cases": args.cases, "threads": args.threads, "rows": rows}
+    result = {
+        "checkpoint": str(args.checkpoint),
+        "bundle": str(args.bundle),
+        "int8_bundle": str(args.int8_bundle),
+        "cases": args.cases,
+        "threads": args.threads,
+        "rows": rows,
+    }
     (args.output / "accuracy.json").write_text(json.dumps(result, indent=2) + "\n")
     (args.output / "accuracy.md").write_text(render(result))
     print(render(result))
 
 
 def render(result: dict[str, Any]) -> str:
-    lines = ["| precision | case | Dice vs label (1 / 2) | Dice vs FP32 (1 / 2) | identical to FP32 | one run s "
-             "| load |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "| precision | case | Dice vs label (1 / 2) | Dice vs FP32 (1 / 2) | identical to FP32 | one run s | load |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for r in result["rows"]:
         if "skipped" in r:
             lines.append(f"| {r['row']} | – | skipped: {r['skipped']} | | | | |")
@@ -124,8 +135,10 @@ def render(result: dict[str, Any]) -> str:
         label = " / ".join(f"{v:.4f}" for v in r["dice_vs_label"].values())
         fp32 = " / ".join(f"{v:.4f}" for v in r["dice_vs_fp32"].values())
         load = r["uptime"].split("load average:")[-1].strip()
-        lines.append(f"| {r['row']} | {r['case']} | {label} | {fp32} | {r['identical_to_fp32_percent']:.3f} % "
-                     f"| {r['seconds']:.2f} | {load} |")
+        lines.append(
+            f"| {r['row']} | {r['case']} | {label} | {fp32} | {r['identical_to_fp32_percent']:.3f} % "
+            f"| {r['seconds']:.2f} | {load} |"
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -33,8 +33,10 @@ def main() -> None:
             clock = time.perf_counter()
             png = preview_3d(image.array, seg, entropy if with_entropy else None, image.affine, args.image.name)
             times.append((time.perf_counter() - clock) * 1e3)
-        print(f"shape {image.array.shape}, entropy row {with_entropy}: median {np.median(times):.0f} ms, "
-              f"max {max(times):.0f} ms over {args.repeat}, {len(png)} bytes")
+        print(
+            f"shape {image.array.shape}, entropy row {with_entropy}: median {np.median(times):.0f} ms, "
+            f"max {max(times):.0f} ms over {args.repeat}, {len(png)} bytes"
+        )
     if args.out:
         args.out.write_bytes(png)
 

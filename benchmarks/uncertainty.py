@@ -40,19 +40,45 @@ from ldseg.runtime.select import Source, select_backend
 from ldseg.runtime.session import RunOptions, Segmentation, segment
 from ldseg.runtime.volumes import Prepared
 
-FIELDS = ["set", "case", "sigma", "samples", "mean_entropy", "unsure_fraction", "dice_1", "dice_2",
-          "one_minus_dice", "seconds"]
+FIELDS = [
+    "set",
+    "case",
+    "sigma",
+    "samples",
+    "mean_entropy",
+    "unsure_fraction",
+    "dice_1",
+    "dice_2",
+    "one_minus_dice",
+    "seconds",
+]
 
 
-def _row(set_name: str, case: str, sigma: float, samples: int, result: Segmentation, truth: np.ndarray,
-         cfg: ModelConfig, seconds: float) -> dict:
+def _row(
+    set_name: str,
+    case: str,
+    sigma: float,
+    samples: int,
+    result: Segmentation,
+    truth: np.ndarray,
+    cfg: ModelConfig,
+    seconds: float,
+) -> dict:
     """Uncertainty as report.html counts it (model grid); Dice of the written `_seg` (input grid)."""
     entropy, unsure = uncertainty_stats(result.votes, result.mean_probabilities.argmax(axis=0), cfg.num_classes)
     dice = dice_per_class(result.outputs["_seg"][0], truth, cfg.num_classes)
-    return {"set": set_name, "case": case, "sigma": sigma, "samples": samples,
-            "mean_entropy": entropy, "unsure_fraction": unsure,
-            "dice_1": dice[1], "dice_2": dice.get(2, float("nan")),
-            "one_minus_dice": 1.0 - float(np.mean(list(dice.values()))), "seconds": round(seconds, 2)}
+    return {
+        "set": set_name,
+        "case": case,
+        "sigma": sigma,
+        "samples": samples,
+        "mean_entropy": entropy,
+        "unsure_fraction": unsure,
+        "dice_1": dice[1],
+        "dice_2": dice.get(2, float("nan")),
+        "one_minus_dice": 1.0 - float(np.mean(list(dice.values()))),
+        "seconds": round(seconds, 2),
+    }
 
 
 def _append(path: Path, row: dict) -> None:
@@ -81,8 +107,16 @@ def phantoms(args: argparse.Namespace) -> None:
             prepared = Prepared(Path(f"phantom{seed}"), image.astype(np.float32), _reference(cfg))
             clock = time.perf_counter()
             result = segment(prepared, backend, cfg, opts)
-            row = _row("phantoms", f"seed{seed}", sigma, args.samples, result, phantom.label.transpose(2, 1, 0), cfg,
-                       time.perf_counter() - clock)
+            row = _row(
+                "phantoms",
+                f"seed{seed}",
+                sigma,
+                args.samples,
+                result,
+                phantom.label.transpose(2, 1, 0),
+                cfg,
+                time.perf_counter() - clock,
+            )
             _append(target, row)
 
 
@@ -103,11 +137,21 @@ def knee(args: argparse.Namespace) -> None:
         if record.mean_structure_entropy is None or record.label is None:
             raise SystemExit(f"{sidecar}: needs K >= 2 and a reference label")
         dice = {int(k): c.dice for k, c in record.classes.items() if c.dice is not None}
-        _append(target, {"set": "knee", "case": record.name, "sigma": 0.0, "samples": record.samples,
-                         "mean_entropy": record.mean_structure_entropy,
-                         "unsure_fraction": record.low_confidence_fraction,
-                         "dice_1": dice[1], "dice_2": dice.get(2, float("nan")),
-                         "one_minus_dice": 1.0 - float(np.mean(list(dice.values()))), "seconds": float("nan")})
+        _append(
+            target,
+            {
+                "set": "knee",
+                "case": record.name,
+                "sigma": 0.0,
+                "samples": record.samples,
+                "mean_entropy": record.mean_structure_entropy,
+                "unsure_fraction": record.low_confidence_fraction,
+                "dice_1": dice[1],
+                "dice_2": dice.get(2, float("nan")),
+                "one_minus_dice": 1.0 - float(np.mean(list(dice.values()))),
+                "seconds": float("nan"),
+            },
+        )
 
 
 def _read(path: Path) -> list[dict]:
@@ -129,16 +173,20 @@ def plot(args: argparse.Namespace) -> None:
     from matplotlib.figure import Figure
 
     phantom_rows, knee_rows = _read(args.output / "phantoms.csv"), _read(args.output / "knee.csv")
-    lines = ["| set | sigma | cases | mean entropy | 1 - Dice (mean) | Spearman rho (entropy) | p "
-             "| Spearman rho (unsure fraction) | p |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "| set | sigma | cases | mean entropy | 1 - Dice (mean) | Spearman rho (entropy) | p "
+        "| Spearman rho (unsure fraction) | p |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
 
     def add(label: str, sigma: str, rows: list[dict]) -> None:
         rho, p = _spearman(rows)
         rho_u, p_u = _spearman(rows, "unsure_fraction")
-        lines.append(f"| {label} | {sigma} | {len(rows)} | {np.mean([r['mean_entropy'] for r in rows]):.4f} | "
-                     f"{np.mean([r['one_minus_dice'] for r in rows]):.4f} | {rho:.3f} | {p:.2g} | "
-                     f"{rho_u:.3f} | {p_u:.2g} |")
+        lines.append(
+            f"| {label} | {sigma} | {len(rows)} | {np.mean([r['mean_entropy'] for r in rows]):.4f} | "
+            f"{np.mean([r['one_minus_dice'] for r in rows]):.4f} | {rho:.3f} | {p:.2g} | "
+            f"{rho_u:.3f} | {p_u:.2g} |"
+        )
 
     sigmas = sorted({r["sigma"] for r in phantom_rows})
     for sigma in sigmas:
@@ -154,8 +202,13 @@ def plot(args: argparse.Namespace) -> None:
     axes = fig.subplots(1, 2 if knee_rows else 1, squeeze=False)[0]
     if phantom_rows:
         ax = axes[0]
-        shown = ax.scatter([r["mean_entropy"] for r in phantom_rows], [r["one_minus_dice"] for r in phantom_rows],
-                           c=[r["sigma"] for r in phantom_rows], cmap="viridis", s=18)
+        shown = ax.scatter(
+            [r["mean_entropy"] for r in phantom_rows],
+            [r["one_minus_dice"] for r in phantom_rows],
+            c=[r["sigma"] for r in phantom_rows],
+            cmap="viridis",
+            s=18,
+        )
         fig.colorbar(shown, ax=ax, label="noise sigma (x intensity range)")
         rho, _ = _spearman(phantom_rows)
         ax.set_title(f"demo model, phantoms: Spearman rho {rho:.2f} (n = {len(phantom_rows)})", fontsize=9)
@@ -180,8 +233,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="noise seed of sample 0 (sample k: seed + k)")
     parser.add_argument("--seeds", type=int, default=24, help="number of phantom seeds")
     parser.add_argument("--first-seed", type=int, default=0, help="seeds 0-999 were never used in training")
-    parser.add_argument("--sigmas", type=lambda s: [float(v) for v in s.split(",")],
-                        default=[0.0, 0.05, 0.1, 0.15, 0.2, 0.3])
+    parser.add_argument(
+        "--sigmas", type=lambda s: [float(v) for v in s.split(",")], default=[0.0, 0.05, 0.1, 0.15, 0.2, 0.3]
+    )
     parser.add_argument("--bundle", type=Path)
     parser.add_argument("--backend", default="auto")
     parser.add_argument("--run", type=Path, help="knee: output folder of ldseg-run --qc --labels")

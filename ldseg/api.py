@@ -75,6 +75,7 @@ def expand_inputs(inputs: Iterable[PathLike]) -> list[Path]:
 
 # --------------------------------------------------------------------------- the cache's builders
 
+
 def build_bundle(model: LDSeg, target: Path, key: BundleKey, progress: Progress) -> None:
     """Export and validate; export_bundle writes only a bundle that passed (staged, then renamed)."""
     from ldseg.export.exporter import export_bundle
@@ -101,6 +102,7 @@ def _demo_hash() -> str:
 
 
 # --------------------------------------------------------------------------- Segmenter
+
 
 class Segmenter:
     """A model on its backend, loaded once and kept warm across calls.
@@ -145,10 +147,17 @@ class Segmenter:
             if cache is False:
                 root = self._closing.enter_context(tempfile.TemporaryDirectory(prefix="ldseg-nocache-"))
                 self.reporter.note(f"no cache (--no-cache): artifacts go to {root}, removed after this run")
-            self.artifacts = artifact_cache(None if cache is True else (root if cache is False else cache),
-                                            self.reporter)
-        self.source = Source(None if checkpoint is None else str(checkpoint), None if bundle is None else Path(bundle),
-                             None if engines is None else Path(engines), trust_unvalidated, self.artifacts, samples)
+            self.artifacts = artifact_cache(
+                None if cache is True else (root if cache is False else cache), self.reporter
+            )
+        self.source = Source(
+            None if checkpoint is None else str(checkpoint),
+            None if bundle is None else Path(bundle),
+            None if engines is None else Path(engines),
+            trust_unvalidated,
+            self.artifacts,
+            samples,
+        )
         try:
             wants = Wants(precision, threads)  # "auto": what the source holds, never a silent reduction
             self.selection: Selection = select_backend(self.source, backend, device, gpu=gpu, wants=wants)
@@ -215,13 +224,21 @@ class Segmenter:
         paths = expand_inputs([inputs] if isinstance(inputs, (str, Path)) else inputs)
         out_dir = ensure_output_dir(Path(output))
         self._demo_warning()
-        opts = dataclasses.replace(self.options, save_probabilities=probabilities, overwrite=overwrite,
-                                   skip_existing=skip_existing, fail_fast=fail_fast, output_types=types,
-                                   seg_type=seg_type, series=series)
+        opts = dataclasses.replace(
+            self.options,
+            save_probabilities=probabilities,
+            overwrite=overwrite,
+            skip_existing=skip_existing,
+            fail_fast=fail_fast,
+            output_types=types,
+            seg_type=seg_type,
+            series=series,
+        )
         if "dicom-seg" in types:  # the SEG names the checkpoint and the sampling settings
             opts = dataclasses.replace(opts, algorithm=algorithm_for(self.source, self.config, opts))
-        return run_files(paths, out_dir, self.backend, self.config, opts, on_done=on_done or (lambda p, e: None),
-                         extras=extras)
+        return run_files(
+            paths, out_dir, self.backend, self.config, opts, on_done=on_done or (lambda p, e: None), extras=extras
+        )
 
     def close(self) -> None:
         """Release the backend (and a --no-cache temporary folder)."""

@@ -76,8 +76,11 @@ def replay_requests(cfg: ModelConfig, images: np.ndarray, steps: int | None = No
     has the same images and new seeds (new noise), the third new images and the first's seeds."""
     first, second = images[:2], images[2:4]
     assert len(first) == len(second) == 2, "give four images"
-    return [make_inputs(cfg, first, [0, 1], steps), make_inputs(cfg, first, [2, 3], steps),
-            make_inputs(cfg, second, [0, 1], steps)]
+    return [
+        make_inputs(cfg, first, [0, 1], steps),
+        make_inputs(cfg, first, [2, 3], steps),
+        make_inputs(cfg, second, [0, 1], steps),
+    ]
 
 
 def phantom_images(cfg: ModelConfig, seeds: Sequence[int]) -> np.ndarray:

@@ -17,8 +17,7 @@ from ldseg.model.checkpoint import save_checkpoint
 from ldseg.model.config import PRESETS
 from ldseg.model.network import COMPONENTS, LDSeg
 from ldseg.runtime.select import demo_checkpoint_path
-from tests.helpers import shared_or_skip
-from tests.helpers import assert_several_classes
+from tests.helpers import assert_several_classes, shared_or_skip
 
 BIN = Path(sys.executable).parent
 
@@ -52,8 +51,18 @@ def phantom_dir(tmp_path) -> Path:
 
 
 def test_run_writes_label_on_the_input_grid(random_checkpoint, phantom_dir, tmp_path):
-    result = cli("ldseg-run", str(phantom_dir / "p1.nii.gz"), "-o", str(tmp_path / "out"),
-                 "--checkpoint", str(random_checkpoint), "--backend", "torch", "--steps", "3")
+    result = cli(
+        "ldseg-run",
+        str(phantom_dir / "p1.nii.gz"),
+        "-o",
+        str(tmp_path / "out"),
+        "--checkpoint",
+        str(random_checkpoint),
+        "--backend",
+        "torch",
+        "--steps",
+        "3",
+    )
     assert result.returncode == 0, result.stderr
     seg, image = nib.load(tmp_path / "out" / "p1_seg.nii.gz"), nib.load(phantom_dir / "p1.nii.gz")
     assert seg.shape == image.shape == (70, 60, 30)
@@ -63,8 +72,18 @@ def test_run_writes_label_on_the_input_grid(random_checkpoint, phantom_dir, tmp_
 
 
 def test_existing_output_is_kept_without_overwrite(random_checkpoint, phantom_dir, tmp_path):
-    args = ("ldseg-run", str(phantom_dir / "p1.nii.gz"), "-o", str(tmp_path / "out"),
-            "--checkpoint", str(random_checkpoint), "--backend", "torch", "--steps", "2")
+    args = (
+        "ldseg-run",
+        str(phantom_dir / "p1.nii.gz"),
+        "-o",
+        str(tmp_path / "out"),
+        "--checkpoint",
+        str(random_checkpoint),
+        "--backend",
+        "torch",
+        "--steps",
+        "2",
+    )
     assert cli(*args).returncode == 0
     target = tmp_path / "out" / "p1_seg.nii.gz"
     before = target.read_bytes()
@@ -94,8 +113,18 @@ def test_skip_existing_resumes_a_folder_run(random_checkpoint, phantom_dir, tmp_
 
 def test_folder_run_skips_a_bad_file_and_fails_at_the_end(random_checkpoint, phantom_dir, tmp_path):
     (phantom_dir / "broken.nii.gz").write_bytes(b"\x1f\x8b not really gzip")
-    result = cli("ldseg-run", str(phantom_dir), "-o", str(tmp_path / "out"),
-                 "--checkpoint", str(random_checkpoint), "--backend", "torch", "--steps", "2")
+    result = cli(
+        "ldseg-run",
+        str(phantom_dir),
+        "-o",
+        str(tmp_path / "out"),
+        "--checkpoint",
+        str(random_checkpoint),
+        "--backend",
+        "torch",
+        "--steps",
+        "2",
+    )
     assert result.returncode == 3
     assert "broken.nii.gz" in result.stderr and "1 of 3 input(s) failed" in result.stderr
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["p1_seg.nii.gz", "p2_seg.nii.gz"]
@@ -103,15 +132,38 @@ def test_folder_run_skips_a_bad_file_and_fails_at_the_end(random_checkpoint, pha
 
 def test_fail_fast_stops_at_the_first_bad_file(random_checkpoint, phantom_dir, tmp_path):
     (phantom_dir / "a_broken.nii.gz").write_bytes(b"nope")
-    result = cli("ldseg-run", str(phantom_dir), "-o", str(tmp_path / "out"),
-                 "--checkpoint", str(random_checkpoint), "--backend", "torch", "--steps", "2", "--fail-fast")
+    result = cli(
+        "ldseg-run",
+        str(phantom_dir),
+        "-o",
+        str(tmp_path / "out"),
+        "--checkpoint",
+        str(random_checkpoint),
+        "--backend",
+        "torch",
+        "--steps",
+        "2",
+        "--fail-fast",
+    )
     assert result.returncode == 3
     assert list((tmp_path / "out").iterdir()) == []
 
 
 def test_samples_write_uncertainty_maps(random_checkpoint, phantom_dir, tmp_path):
-    result = cli("ldseg-run", str(phantom_dir / "p2.nii.gz"), "-o", str(tmp_path / "out"),
-                 "--checkpoint", str(random_checkpoint), "--backend", "torch", "--steps", "2", "--samples", "3")
+    result = cli(
+        "ldseg-run",
+        str(phantom_dir / "p2.nii.gz"),
+        "-o",
+        str(tmp_path / "out"),
+        "--checkpoint",
+        str(random_checkpoint),
+        "--backend",
+        "torch",
+        "--steps",
+        "2",
+        "--samples",
+        "3",
+    )
     assert result.returncode == 0, result.stderr
     entropy = np.asarray(nib.load(tmp_path / "out" / "p2_entropy.nii.gz").dataobj)
     confidence = np.asarray(nib.load(tmp_path / "out" / "p2_confidence.nii.gz").dataobj)
@@ -129,8 +181,9 @@ def test_untrained_checkpoint_is_refused(tmp_path, phantom_dir):
 
 
 def test_missing_input_is_one_line_error(random_checkpoint, tmp_path):
-    result = cli("ldseg-run", str(tmp_path / "nope.nii.gz"), "-o", str(tmp_path / "out"),
-                 "--checkpoint", str(random_checkpoint))
+    result = cli(
+        "ldseg-run", str(tmp_path / "nope.nii.gz"), "-o", str(tmp_path / "out"), "--checkpoint", str(random_checkpoint)
+    )
     assert result.returncode == 3 and "nope.nii.gz: no such file" in result.stderr
     assert "Traceback" not in result.stderr
 
@@ -151,10 +204,20 @@ def test_import_keras_and_reconstruct_a_knee_case(tmp_path):
     label = shared_or_skip("knee", "labels", "case1.nii.gz")
     image = shared_or_skip("knee", "images", "case1.nii.gz")
     checkpoint = tmp_path / "knee3d.safetensors"
-    result = cli("ldseg-export", "import-keras", "--preset", "knee3d", "-o", str(checkpoint),
-                 "--label-encoder", str(weights / "labelEncoder3D.hdf5"),
-                 "--label-decoder", str(weights / "labelDecoder3D.hdf5"),
-                 "--image-encoder", str(weights / "imageEncoder3D.hdf5"))
+    result = cli(
+        "ldseg-export",
+        "import-keras",
+        "--preset",
+        "knee3d",
+        "-o",
+        str(checkpoint),
+        "--label-encoder",
+        str(weights / "labelEncoder3D.hdf5"),
+        "--label-decoder",
+        str(weights / "labelDecoder3D.hdf5"),
+        "--image-encoder",
+        str(weights / "imageEncoder3D.hdf5"),
+    )
     assert result.returncode == 0, result.stderr
     inspect = cli("ldseg-export", "inspect", str(checkpoint))
     assert '"denoiser": false' in inspect.stdout and '"preset": "knee3d"' in inspect.stdout
@@ -183,8 +246,18 @@ def test_export_onnx_then_run_the_bundle_like_the_checkpoint(phantom_dir, tmp_pa
     by_bundle = cli("ldseg-run", image, "-o", str(tmp_path / "ort"), "--bundle", str(bundle), "--steps", "3")
     assert by_bundle.returncode == 0, by_bundle.stderr
     assert "onnxruntime" in by_bundle.stderr
-    by_torch = cli("ldseg-run", image, "-o", str(tmp_path / "torch"), "--checkpoint", str(checkpoint),
-                   "--backend", "torch", "--steps", "3")
+    by_torch = cli(
+        "ldseg-run",
+        image,
+        "-o",
+        str(tmp_path / "torch"),
+        "--checkpoint",
+        str(checkpoint),
+        "--backend",
+        "torch",
+        "--steps",
+        "3",
+    )
     assert by_torch.returncode == 0, by_torch.stderr
     ort_labels = np.asarray(nib.load(tmp_path / "ort" / "p1_seg.nii.gz").dataobj)
     torch_labels = np.asarray(nib.load(tmp_path / "torch" / "p1_seg.nii.gz").dataobj)

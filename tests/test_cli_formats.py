@@ -32,8 +32,9 @@ def cli(*args: str) -> subprocess.CompletedProcess[str]:
     tool, *rest = args
     if tool == "ldseg-run" and "--backend" not in rest:
         rest += ["--backend", "torch"]  # these tests are about files: no ONNX export into the artifact cache
-    return subprocess.run([str(BIN / tool), *rest], capture_output=True, text=True, encoding="utf-8",
-                          errors="replace", timeout=600)
+    return subprocess.run(
+        [str(BIN / tool), *rest], capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=600
+    )
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +50,18 @@ def series(tmp_path, phantom) -> Path:
 
 def test_dicom_series_in_dicom_seg_out(series, phantom, tmp_path):
     out = tmp_path / "out"
-    result = cli("ldseg-run", str(series), "--checkpoint", "demo", "--output-type", "dicom-seg",
-                 "--output-type", "nifti", "-o", str(out))
+    result = cli(
+        "ldseg-run",
+        str(series),
+        "--checkpoint",
+        "demo",
+        "--output-type",
+        "dicom-seg",
+        "--output-type",
+        "nifti",
+        "-o",
+        str(out),
+    )
     assert result.returncode == 0, result.stderr
     assert sorted(os.listdir(out)) == ["mr1_seg.dcm", "mr1_seg.nii.gz"]
 
@@ -58,14 +69,18 @@ def test_dicom_series_in_dicom_seg_out(series, phantom, tmp_path):
     sources = [pydicom.dcmread(p) for p in sorted(series.iterdir())]
     by_position = sorted(sources, key=lambda ds: float(np.dot(ds.ImagePositionPatient, oblique_direction()[:, 2])))
     uids = [ds.SOPInstanceUID for ds in by_position]
-    labels = seg.get_pixels_by_source_instance(source_sop_instance_uids=uids, combine_segments=True,
-                                               skip_overlap_checks=True)
+    labels = seg.get_pixels_by_source_instance(
+        source_sop_instance_uids=uids, combine_segments=True, skip_overlap_checks=True
+    )
     dice = dice_per_class(labels, phantom.label, 3)  # (slices, rows, cols) == the phantom's order
     assert min(dice.values()) >= 0.90, dice  # measured 0.943 / 0.957 (the same as ldseg-run --demo)
     for frame in seg.PerFrameFunctionalGroupsSequence:  # frames sit on their source slices
         uid = frame.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
-        np.testing.assert_allclose(frame.PlanePositionSequence[0].ImagePositionPatient,
-                                   by_position[uids.index(uid)].ImagePositionPatient, atol=1e-4)
+        np.testing.assert_allclose(
+            frame.PlanePositionSequence[0].ImagePositionPatient,
+            by_position[uids.index(uid)].ImagePositionPatient,
+            atol=1e-4,
+        )
     assert [seg.get_segment_description(n).segment_label for n in (1, 2)] == ["structure 1", "structure 2"]
 
     nifti = nib.load(out / "mr1_seg.nii.gz")  # the same labels, on the same grid
@@ -101,7 +116,8 @@ def test_several_series_are_listed_and_nothing_is_computed(series, tmp_path, pha
     result = cli("ldseg-run", str(series), "--output-type", "dicom-seg", "-o", str(out))
     assert result.returncode == 3
     assert f"2 DICOM series; choose one with --series UID: {ROOT}.1 (MR, 32 files); {ROOT}.2 (MR, 4 files)" in (
-        " ".join(result.stderr.split()))
+        " ".join(result.stderr.split())
+    )
     assert os.listdir(out) == []
 
 
@@ -114,12 +130,15 @@ def test_dicom_seg_for_a_nifti_input_is_refused(tmp_path):
     assert os.listdir(out) == []
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--output-type", "dicom-seg", "--samples", "2"], "a DICOM SEG holds the segmentation only"),
-    (["--output-type", "png"], "'png' is not one of 'nifti', 'nrrd', 'mha', 'dicom-seg'"),
-    (["--seg-type", "soft"], "'soft' is not one of 'binary', 'fractional'"),
-    (["--demo", "--output-type", "nrrd"], "--demo segments a NIfTI phantom"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--output-type", "dicom-seg", "--samples", "2"], "a DICOM SEG holds the segmentation only"),
+        (["--output-type", "png"], "'png' is not one of 'nifti', 'nrrd', 'mha', 'dicom-seg'"),
+        (["--seg-type", "soft"], "'soft' is not one of 'binary', 'fractional'"),
+        (["--demo", "--output-type", "nrrd"], "--demo segments a NIfTI phantom"),
+    ],
+)
 def test_unwritable_output_options_are_usage_errors(series, tmp_path, args, message):
     result = cli("ldseg-run", str(series), "-o", str(tmp_path / "out"), *args)
     assert result.returncode == 2

@@ -96,8 +96,9 @@ def load_truth(cfg: ModelConfig, labels_dir: Path, prepared: list[Prepared]) -> 
             if tuple(labels.shape) != item.input_shape:
                 raise InputError(f"{path}: label shape {labels.shape} differs from its image's {item.input_shape}")
             if int(labels.max()) >= cfg.num_classes:
-                raise InputError(f"{path}: label values up to {int(labels.max())}, "
-                                 f"the model has {cfg.num_classes} classes")
+                raise InputError(
+                    f"{path}: label values up to {int(labels.max())}, the model has {cfg.num_classes} classes"
+                )
             cases[item.path] = TruthCase(path.name, labels, item)
         out.append(cases[item.path])
     return out
@@ -127,11 +128,19 @@ def row_accuracy(
     """The row's `accuracy` block (schema in benchmarks/README.md); `vs_truth` from dice_vs_truth."""
     fractions = class_fractions(ref_labels, cfg.num_classes)
     note = REFERENCE_NOTE if is_reference else weights_note or (None if informative(fractions) else ONE_CLASS_NOTE)
-    block: dict[str, Any] = {"agreement": None, "dice": None, "mean_dice": None, "note": note,
-                             "reference_class_fractions": fractions}
+    block: dict[str, Any] = {
+        "agreement": None,
+        "dice": None,
+        "mean_dice": None,
+        "note": note,
+        "reference_class_fractions": fractions,
+    }
     if note is None:
         dice = dice_per_class(labels, ref_labels, cfg.num_classes)
-        block.update(agreement=agreement(labels, ref_labels), dice={str(c): d for c, d in dice.items()},
-                     mean_dice=float(np.mean(list(dice.values()))))
+        block.update(
+            agreement=agreement(labels, ref_labels),
+            dice={str(c): d for c, d in dice.items()},
+            mean_dice=float(np.mean(list(dice.values()))),
+        )
     block["vs_truth"] = vs_truth
     return block

@@ -43,8 +43,14 @@ class PipelineFlops:
     decoder: int
 
     def stages(self, steps: int) -> dict[str, int]:
-        return {"input_copy": 0, "encoder": self.encoder, "step": self.step,
-                "loop": steps * self.step, "decoder": self.decoder, "output_copy": 0}
+        return {
+            "input_copy": 0,
+            "encoder": self.encoder,
+            "step": self.step,
+            "loop": steps * self.step,
+            "decoder": self.decoder,
+            "output_copy": 0,
+        }
 
     def end_to_end(self, steps: int) -> int:
         return self.encoder + steps * self.step + self.decoder
@@ -64,7 +70,9 @@ def pipeline_flops(cfg: ModelConfig, batch: int, phase: bool = False) -> Pipelin
     return _count(model, image, z, z_image, coeffs)
 
 
-def _count(model: LDSeg, image: torch.Tensor, z: torch.Tensor, z_image: torch.Tensor, coeffs: torch.Tensor) -> PipelineFlops:
+def _count(
+    model: LDSeg, image: torch.Tensor, z: torch.Tensor, z_image: torch.Tensor, coeffs: torch.Tensor
+) -> PipelineFlops:
     return PipelineFlops(
         encoder=count_flops(lambda: model.encode_image(image)),
         step=count_flops(lambda: model.step(z, z_image, coeffs, torch.empty_like(z))),

@@ -44,8 +44,21 @@ BUNDLES = {"fp32": "demo-fp32", "fp16": "demo-fp16", "int8": "demo-int8"}
 TARGET_AGREEMENT = {"fp32": 0.999, "fp16": 0.99, "int8": 0.98}  # fraction of voxels equal to the reference
 BUDGET_S = 420.0  # checks still pending after this are "not run: time budget" (the run must stay < 8 min)
 # Pure (or abi3) wheels the GPU machine may lack; the shell script installs only the missing ones.
-WHEELS = ("nibabel", "packaging", "importlib_resources", "typing_extensions", "safetensors", "psutil",
-          "typer", "click", "rich", "shellingham", "markdown-it-py", "mdurl", "pygments")
+WHEELS = (
+    "nibabel",
+    "packaging",
+    "importlib_resources",
+    "typing_extensions",
+    "safetensors",
+    "psutil",
+    "typer",
+    "click",
+    "rich",
+    "shellingham",
+    "markdown-it-py",
+    "mdurl",
+    "pygments",
+)
 
 Result = dict[str, Any]
 
@@ -75,23 +88,48 @@ def prepare(folder: Path, wheels: bool = True, log: Callable[[str], None] = prin
     folder.mkdir(parents=True, exist_ok=True)
     cfg = get_preset("demo")
     truth = [make_phantom(seed, cfg.image_size, cfg.num_classes).label for seed in PHANTOM_SEEDS]
-    images, _, _ = load_images(cfg, len(PHANTOM_SEEDS), None, PHANTOM_SEEDS[0])  # phantoms, preprocessed as the bench does
-    np.savez_compressed(folder / "phantoms.npz", seeds=np.array(PHANTOM_SEEDS), images=images.astype(np.float32),
-                        truth=np.stack(truth).astype(np.uint8))
+    images, _, _ = load_images(
+        cfg, len(PHANTOM_SEEDS), None, PHANTOM_SEEDS[0]
+    )  # phantoms, preprocessed as the bench does
+    np.savez_compressed(
+        folder / "phantoms.npz",
+        seeds=np.array(PHANTOM_SEEDS),
+        images=images.astype(np.float32),
+        truth=np.stack(truth).astype(np.uint8),
+    )
     graphs = ("encoder", "denoise_step", "decoder", "decoder_argmax")
     for precision in ("fp32", "fp16"):
         log(f"exporting the {precision} bundle")
-        export_bundle(demo_checkpoint_path(), folder / BUNDLES[precision], precision=precision, graphs=graphs,
-                      overwrite=True)
+        export_bundle(
+            demo_checkpoint_path(), folder / BUNDLES[precision], precision=precision, graphs=graphs, overwrite=True
+        )
     log("calibrating the int8 bundle on phantoms")
     calibrate(folder / BUNDLES["fp32"], "phantoms", folder / BUNDLES["int8"], overwrite=True)
     if wheels:
         log("downloading wheels")
-        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
-                        "-d", str(folder / "wheels"), *WHEELS], check=True)
-    info = {"created": _now(), "git": _git(), "python": platform.python_version(), "bundles": BUNDLES,
-            "phantom_seeds": list(PHANTOM_SEEDS), "wheels": sorted(p.name for p in (folder / "wheels").glob("*.whl"))
-            if wheels else []}
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--quiet",
+                "--no-deps",
+                "--only-binary=:all:",
+                "-d",
+                str(folder / "wheels"),
+                *WHEELS,
+            ],
+            check=True,
+        )
+    info = {
+        "created": _now(),
+        "git": _git(),
+        "python": platform.python_version(),
+        "bundles": BUNDLES,
+        "phantom_seeds": list(PHANTOM_SEEDS),
+        "wheels": sorted(p.name for p in (folder / "wheels").glob("*.whl")) if wheels else [],
+    }
     (folder / "prepared.json").write_text(json.dumps(info, indent=2) + "\n")
     log(f"prepared {folder}")
     return folder
@@ -118,8 +156,11 @@ class Checks:
         try:
             result = check()
         except Exception as exc:  # noqa: BLE001 - a failing check is recorded and the next one runs
-            result = {"status": "fail", "error": f"{type(exc).__name__}: {exc}",
-                      "traceback": traceback.format_exc(limit=8)}
+            result = {
+                "status": "fail",
+                "error": f"{type(exc).__name__}: {exc}",
+                "traceback": traceback.format_exc(limit=8),
+            }
         result["seconds"] = round(time.perf_counter() - clock, 2)
         self.results[name] = result
         print(f"gpu_check: {name}: {result['status']} ({result['seconds']} s)", flush=True)
@@ -139,8 +180,9 @@ class Checks:
         from ldseg.runtime.backend import make_inputs
 
         images, _, seeds = self.phantoms()
-        return np.concatenate([backend.run(make_inputs(backend.config, images[k:k + 1], [seed])).labels
-                               for k, seed in enumerate(seeds)])
+        return np.concatenate(
+            [backend.run(make_inputs(backend.config, images[k : k + 1], [seed])).labels for k, seed in enumerate(seeds)]
+        )
 
     def scored(self, labels: np.ndarray, precision: str = "fp32") -> Result:
         from ldseg.metrics import dice_per_class
@@ -151,8 +193,12 @@ class Checks:
         classes = int(max(truth.max(), self.reference.max())) + 1
         dice = [dice_per_class(labels[k], truth[k], classes) for k in range(len(seeds))]
         target = TARGET_AGREEMENT[precision]
-        return {"status": "pass" if min(per) >= target else "fail", "agreement_per_phantom": per,
-                "agreement_target": target, "dice_vs_truth": [{str(c): d for c, d in x.items()} for x in dice]}
+        return {
+            "status": "pass" if min(per) >= target else "fail",
+            "agreement_per_phantom": per,
+            "agreement_target": target,
+            "dice_vs_truth": [{str(c): d for c, d in x.items()} for x in dice],
+        }
 
     # ---------------------------------------------------------------- checks
     def torch_cpu_reference(self) -> Result:
@@ -211,8 +257,12 @@ class Checks:
             pinned.free()
         stream.destroy()
         ok = all(relaunch) and fallback is None and broken.reason is not None and eager_ok
-        return {"status": "pass" if ok else "fail", "relaunch_follows_inputs": relaunch,
-                "broken_capture_reason": broken.reason, "eager_after_failed_capture": eager_ok}
+        return {
+            "status": "pass" if ok else "fail",
+            "relaunch_follows_inputs": relaunch,
+            "broken_capture_reason": broken.reason,
+            "eager_after_failed_capture": eager_ok,
+        }
 
     def torch_graph(self) -> Result:
         import torch
@@ -225,13 +275,14 @@ class Checks:
         images, _, seeds = self.phantoms()
         max_diff, label_equal = [], []
         for k, seed in enumerate(seeds):
-            inputs = make_inputs(model.cfg, images[k:k + 1], [seed])
+            inputs = make_inputs(model.cfg, images[k : k + 1], [seed])
             g, e = graphed.run(inputs, probabilities=True), eager.run(inputs, probabilities=True)
             assert g.probabilities is not None and e.probabilities is not None
             max_diff.append(float(np.abs(g.probabilities - e.probabilities).max()))
             label_equal.append(float((g.labels == e.labels).mean()))
-        same_image = [graphed.run(make_inputs(model.cfg, images[:1], [s]), probabilities=True).probabilities
-                      for s in (100, 101)]
+        same_image = [
+            graphed.run(make_inputs(model.cfg, images[:1], [s]), probabilities=True).probabilities for s in (100, 101)
+        ]
         assert same_image[0] is not None and same_image[1] is not None
         seeds_differ = float(np.abs(same_image[0] - same_image[1]).max())
         inputs = make_inputs(model.cfg, images[:1], [seeds[0]])
@@ -239,25 +290,42 @@ class Checks:
         torch.cuda.synchronize()
         allocated = torch.cuda.memory_allocated()
         for i in range(100):
-            graphed.run(make_inputs(model.cfg, images[i % len(seeds):i % len(seeds) + 1], [i]))
+            graphed.run(make_inputs(model.cfg, images[i % len(seeds) : i % len(seeds) + 1], [i]))
         torch.cuda.synchronize()
         growth = torch.cuda.memory_allocated() - allocated
         batch = graphed.run(make_inputs(model.cfg, images, seeds), probabilities=True)
-        singles = [graphed.run(make_inputs(model.cfg, images[k:k + 1], [s]), probabilities=True)
-                   for k, s in enumerate(seeds)]
+        singles = [
+            graphed.run(make_inputs(model.cfg, images[k : k + 1], [s]), probabilities=True) for k, s in enumerate(seeds)
+        ]
         assert batch.probabilities is not None
-        batch_diff = max(float(np.abs(batch.probabilities[k] - s.probabilities[0]).max())  # type: ignore[index]
-                         for k, s in enumerate(singles))
+        batch_diff = max(
+            float(np.abs(batch.probabilities[k] - s.probabilities[0]).max())  # type: ignore[index]
+            for k, s in enumerate(singles)
+        )
         batch_labels = float(np.mean([(batch.labels[k] == s.labels[0]).mean() for k, s in enumerate(singles)]))
         self.torch_labels = self.labels_of(graphed)
         # Same kernels for graph and eager; another batch may pick other cuDNN algorithms (so a looser bound).
-        ok = (graphed.mode == "cuda-graph" and max(max_diff) <= 1e-5 and min(label_equal) >= 0.999
-              and seeds_differ > 0 and growth == 0 and batch_diff <= 1e-3 and batch_labels >= 0.999)
-        return {"status": "pass" if ok else "fail", "mode": graphed.mode, "fallback": graphed.fallback_reason,
-                "graph_vs_eager_max_abs": max_diff, "graph_vs_eager_labels_equal": label_equal,
-                "seeds_differ_max_abs": seeds_differ, "allocation_growth_bytes_over_100_replays": int(growth),
-                "batch4_vs_batch1_max_abs": batch_diff, "batch4_vs_batch1_labels_equal": batch_labels,
-                "describe": graphed.describe()}
+        ok = (
+            graphed.mode == "cuda-graph"
+            and max(max_diff) <= 1e-5
+            and min(label_equal) >= 0.999
+            and seeds_differ > 0
+            and growth == 0
+            and batch_diff <= 1e-3
+            and batch_labels >= 0.999
+        )
+        return {
+            "status": "pass" if ok else "fail",
+            "mode": graphed.mode,
+            "fallback": graphed.fallback_reason,
+            "graph_vs_eager_max_abs": max_diff,
+            "graph_vs_eager_labels_equal": label_equal,
+            "seeds_differ_max_abs": seeds_differ,
+            "allocation_growth_bytes_over_100_replays": int(growth),
+            "batch4_vs_batch1_max_abs": batch_diff,
+            "batch4_vs_batch1_labels_equal": batch_labels,
+            "describe": graphed.describe(),
+        }
 
     def torch_agreement(self) -> Result:
         if self.torch_labels is None:
@@ -288,8 +356,13 @@ class Checks:
         eager = TorchBackend(self.model(), "cuda:0", cuda_graph=False).run(inputs).labels
         equal = float((labels == eager).mean())
         ok = backend.mode == "eager" and backend.fallback_reason is not None and equal == 1.0 and bool(caught)
-        return {"status": "pass" if ok else "fail", "mode": backend.mode, "reason": backend.fallback_reason,
-                "warned": [str(w.message) for w in caught][:2], "labels_equal_eager": equal}
+        return {
+            "status": "pass" if ok else "fail",
+            "mode": backend.mode,
+            "reason": backend.fallback_reason,
+            "warned": [str(w.message) for w in caught][:2],
+            "labels_equal_eager": equal,
+        }
 
     def onnxruntime_cuda(self) -> Result:
         from ldseg.errors import BackendUnavailable
@@ -317,8 +390,13 @@ class Checks:
             self.available["tensorrt"] = False
             return {"status": f"not run: {exc}"}
         self.available["tensorrt"] = True
-        engines = build_engines(self.prepared / BUNDLES[precision], self.out_dir / "engines" / precision,
-                                precision=precision, max_batch=4, overwrite=True)
+        engines = build_engines(
+            self.prepared / BUNDLES[precision],
+            self.out_dir / "engines" / precision,
+            precision=precision,
+            max_batch=4,
+            overwrite=True,
+        )
         backend = TensorRTBackend(engines, "cuda:0")
         result = self.scored(self.labels_of(backend), precision)
         result["describe"] = backend.describe()
@@ -328,39 +406,82 @@ class Checks:
     def bench(self) -> Result:
         import importlib.util
 
-        lacking = [m for m in ("matplotlib", "scipy", "typer", "rich", "psutil", "nibabel", "safetensors")
-                   if importlib.util.find_spec(m) is None]
+        lacking = [
+            m
+            for m in ("matplotlib", "scipy", "typer", "rich", "psutil", "nibabel", "safetensors")
+            if importlib.util.find_spec(m) is None
+        ]
         if lacking:
             return {"status": f"not run: ldseg-bench needs {', '.join(lacking)}, not installed on this machine"}
         backends = ["torch"] + [b for b in ("onnxruntime", "tensorrt") if self.available.get(b)]
         out = self.out_dir / "bench"
-        command = [sys.executable, "-m", "ldseg.bench", "--device", "cuda", "--checkpoint", "demo",
-                   "--bundle", str(self.prepared / BUNDLES["fp32"]), "--backends", ",".join(backends),
-                   "--steps", "15", "--batch", "1,4", "--repeat", "10", "--warmup", "0", "-o", str(out),
-                   "--overwrite"]
+        command = [
+            sys.executable,
+            "-m",
+            "ldseg.bench",
+            "--device",
+            "cuda",
+            "--checkpoint",
+            "demo",
+            "--bundle",
+            str(self.prepared / BUNDLES["fp32"]),
+            "--backends",
+            ",".join(backends),
+            "--steps",
+            "15",
+            "--batch",
+            "1,4",
+            "--repeat",
+            "10",
+            "--warmup",
+            "0",
+            "-o",
+            str(out),
+            "--overwrite",
+        ]
         if backends == ["torch"]:
             command.remove("--bundle")
             command.remove(str(self.prepared / BUNDLES["fp32"]))
         done = subprocess.run(command, capture_output=True, text=True, timeout=240)
-        result: Result = {"status": "pass" if done.returncode == 0 else "fail", "command": " ".join(command[1:]),
-                          "returncode": done.returncode, "output_tail": (done.stdout + done.stderr)[-3000:]}
+        result: Result = {
+            "status": "pass" if done.returncode == 0 else "fail",
+            "command": " ".join(command[1:]),
+            "returncode": done.returncode,
+            "output_tail": (done.stdout + done.stderr)[-3000:],
+        }
         if done.returncode == 0:
             rows = json.loads((out / "results.json").read_text())["rows"]
-            result["rows"] = [{"label": r["label"], "steps": r["steps"], "batch": r["batch"],
-                               "p50_ms": r["end_to_end"]["ms"]["p50"], "speedup": r["speedup_vs_reference"],
-                               "agreement": r["accuracy"]["agreement"]} for r in rows]
+            result["rows"] = [
+                {
+                    "label": r["label"],
+                    "steps": r["steps"],
+                    "batch": r["batch"],
+                    "p50_ms": r["end_to_end"]["ms"]["p50"],
+                    "speedup": r["speedup_vs_reference"],
+                    "agreement": r["accuracy"]["agreement"],
+                }
+                for r in rows
+            ]
         return result
 
 
 def environment() -> dict[str, Any]:
     import torch
 
-    info: dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__,
-                            "torch_cuda": torch.version.cuda, "machine": platform.node()}
+    info: dict[str, Any] = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "machine": platform.node(),
+    }
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
-        info["gpu"] = {"name": props.name, "compute_capability": f"{props.major}.{props.minor}",
-                       "memory_gb": round(props.total_memory / 2**30, 1), "count": torch.cuda.device_count()}
+        info["gpu"] = {
+            "name": props.name,
+            "compute_capability": f"{props.major}.{props.minor}",
+            "memory_gb": round(props.total_memory / 2**30, 1),
+            "count": torch.cuda.device_count(),
+        }
     for module in ("onnxruntime", "tensorrt", "cuda.bindings", "nibabel"):
         try:
             imported = __import__(module, fromlist=["__version__"])
@@ -378,8 +499,10 @@ def environment() -> dict[str, Any]:
 
 def run_checks(prepared: Path, out_dir: Path, budget_s: float = BUDGET_S) -> tuple[Path, dict[str, Any]]:
     if not (prepared / "prepared.json").is_file():
-        raise SystemExit(f"gpu_check: {prepared} is not prepared: run `bash scripts/gpu_check.sh --prepare` on a "
-                         "CPU machine first (it travels with the working tree)")
+        raise SystemExit(
+            f"gpu_check: {prepared} is not prepared: run `bash scripts/gpu_check.sh --prepare` on a "
+            "CPU machine first (it travels with the working tree)"
+        )
     out_dir.mkdir(parents=True, exist_ok=True)
     checks = Checks(prepared, out_dir, budget_s)
     checks.run("torch_cpu_reference", checks.torch_cpu_reference)
@@ -398,9 +521,12 @@ def run_checks(prepared: Path, out_dir: Path, budget_s: float = BUDGET_S) -> tup
         "git": _git(),
         "environment": environment(),
         "prepared": json.loads((prepared / "prepared.json").read_text()),
-        "summary": {"pass": statuses.count("pass"), "fail": statuses.count("fail"),
-                    "not_run": sum(s.startswith("not run") for s in statuses),
-                    "seconds": round(time.perf_counter() - checks.started, 1)},
+        "summary": {
+            "pass": statuses.count("pass"),
+            "fail": statuses.count("fail"),
+            "not_run": sum(s.startswith("not run") for s in statuses),
+            "seconds": round(time.perf_counter() - checks.started, 1),
+        },
         "checks": checks.results,
     }
     path = out_dir / "gpu_check.json"

@@ -9,8 +9,8 @@ against it (ldseg/bench/accuracy.py); with labelled --data also Dice against the
 from __future__ import annotations
 
 import dataclasses
-import functools
 import datetime as dt
+import functools
 import json
 import tempfile
 from collections.abc import Callable
@@ -25,10 +25,10 @@ from ldseg.bench import machine, plots, report
 from ldseg.bench.accuracy import TruthCase, dice_vs_truth, load_truth, row_accuracy, truth_folders, untrained_note
 from ldseg.bench.flops import pipeline_flops
 from ldseg.bench.probe import DTYPES, OPENVINO_DTYPES, Peak, best_peak
+from ldseg.bench.sources import load_images, load_source
 from ldseg.bench.stats import summarize
 from ldseg.bench.targets import FACTORIES, REFERENCE, Context, Target, Unsupported, build_target, reference
 from ldseg.bench.timing import Timer, timer_for
-from ldseg.bench.sources import load_images, load_source
 from ldseg.errors import InputError, OutputError
 from ldseg.io.atomic import atomic_write, ensure_output_dir
 from ldseg.model.config import ModelConfig
@@ -115,26 +115,57 @@ def run_benchmark(options: BenchOptions, log: Log = _quiet) -> Path:
     log(f"model: {source.info['weights']}; device {device}, timer {timer.name}; inputs: {image_info['source']}")
 
     with tempfile.TemporaryDirectory(prefix="ldseg-bench-") as work:
-        ctx = Context(source.model, device, options.bundle, Path(work), max_batch=max(options.batch),
-                      probabilities=truth is not None, int8_bundle=options.int8_bundle)
+        ctx = Context(
+            source.model,
+            device,
+            options.bundle,
+            Path(work),
+            max_batch=max(options.batch),
+            probabilities=truth is not None,
+            int8_bundle=options.int8_bundle,
+        )
         ref = reference(ctx)
         targets, skipped = _targets(options, ctx, ref, log)
         peaks = _peaks(device, options, targets, log)
         rows: list[dict[str, Any]] = []
         for steps in steps_list:
             for batch in options.batch:
-                inputs = make_inputs(cfg, images[:batch], [options.seed + k for k in range(batch)], steps, options.sampler)
+                inputs = make_inputs(
+                    cfg, images[:batch], [options.seed + k for k in range(batch)], steps, options.sampler
+                )
                 ref_row, ref_labels = _measure(ref, inputs, options, timer, source.model, peaks)
                 ref_row["reference"] = True
-                rows.append(_finish(ref_row, ref_row, row_accuracy(ref_labels, ref_labels, cfg, is_reference=True,
-                                                                   weights_note=weights_note,
-                                                                   vs_truth=_vs_truth(ref, inputs, truth, cfg))))
+                rows.append(
+                    _finish(
+                        ref_row,
+                        ref_row,
+                        row_accuracy(
+                            ref_labels,
+                            ref_labels,
+                            cfg,
+                            is_reference=True,
+                            weights_note=weights_note,
+                            vs_truth=_vs_truth(ref, inputs, truth, cfg),
+                        ),
+                    )
+                )
                 log(_line(rows[-1]))
                 for target in targets:
                     row, labels = _measure(target, inputs, options, timer, source.model, peaks)
-                    rows.append(_finish(row, ref_row, row_accuracy(labels, ref_labels, cfg, is_reference=False,
-                                                                   weights_note=weights_note,
-                                                                   vs_truth=_vs_truth(target, inputs, truth, cfg))))
+                    rows.append(
+                        _finish(
+                            row,
+                            ref_row,
+                            row_accuracy(
+                                labels,
+                                ref_labels,
+                                cfg,
+                                is_reference=False,
+                                weights_note=weights_note,
+                                vs_truth=_vs_truth(target, inputs, truth, cfg),
+                            ),
+                        )
+                    )
                     log(_line(rows[-1]))
 
     _relative_to(rows, ("onnxruntime", "fp32"))
@@ -190,8 +221,10 @@ def _peaks(device: str, options: BenchOptions, targets: list[Target], log: Log) 
     peaks = {}
     for dtype in sorted(wanted):
         peaks[dtype] = best_peak(device, dtype, options.probe_size, options.probe_repeat)
-        log(f"peak {dtype} matmul {options.probe_size}^3 on {device}: {peaks[dtype].gflops:.1f} GFLOP/s "
-            f"({peaks[dtype].library})")
+        log(
+            f"peak {dtype} matmul {options.probe_size}^3 on {device}: {peaks[dtype].gflops:.1f} GFLOP/s "
+            f"({peaks[dtype].library})"
+        )
     return peaks
 
 
@@ -220,8 +253,12 @@ def _measure(
     def timed(samples: list[float], count: int) -> dict[str, Any]:
         summary = summarize(samples)
         achieved = count / summary.p50 / 1e6 if count else None
-        return {"ms": summary.to_dict(), "flops": count, "gflops_per_s": achieved,
-                "roofline": achieved / peak if achieved is not None else None}
+        return {
+            "ms": summary.to_dict(),
+            "flops": count,
+            "gflops_per_s": achieved,
+            "roofline": achieved / peak if achieved is not None else None,
+        }
 
     reported: dict[str, list[float]] = {}
     for out in outputs:
@@ -253,7 +290,9 @@ def _measure(
     }
     # What this backend's graphs execute (exported bundles: phase-form upsampling) beside the
     # reference count the rates above use.
-    row["executed_flops"] = pipeline_flops(model.cfg, inputs.batch, phase=backend.name != "torch").end_to_end(inputs.steps)
+    row["executed_flops"] = pipeline_flops(model.cfg, inputs.batch, phase=backend.name != "torch").end_to_end(
+        inputs.steps
+    )
     row["throughput_volumes_per_s"] = inputs.batch / (row["end_to_end"]["ms"]["p50"] / 1e3)
     return row, outputs[-1].labels
 
@@ -274,8 +313,9 @@ def _device_used_mb() -> float:
     return (total - free) / 2**20
 
 
-def _truth(cfg: ModelConfig, data: Path | None, prepared: list[Prepared] | None,
-           image_info: dict[str, Any]) -> list[TruthCase] | None:
+def _truth(
+    cfg: ModelConfig, data: Path | None, prepared: list[Prepared] | None, image_info: dict[str, Any]
+) -> list[TruthCase] | None:
     """The labels of the inputs when --data has a labels/ folder beside images/."""
     labels_dir = truth_folders(data)[1] if data is not None else None
     if labels_dir is None or prepared is None:
@@ -291,12 +331,15 @@ def _check_probabilities(bundle_dir: Path | None) -> None:
     from ldseg.runtime.bundle import load_bundle
 
     if "decoder" not in load_bundle(bundle_dir).graphs:
-        raise InputError(f"{bundle_dir}: Dice vs truth (--data with labels/) needs the bundle's decoder graph "
-                         "(probabilities), which it lacks; export it with all graphs")
+        raise InputError(
+            f"{bundle_dir}: Dice vs truth (--data with labels/) needs the bundle's decoder graph "
+            "(probabilities), which it lacks; export it with all graphs"
+        )
 
 
-def _vs_truth(target: Target, inputs: PipelineInputs, truth: list[TruthCase] | None,
-              cfg: ModelConfig) -> dict[str, Any] | None:
+def _vs_truth(
+    target: Target, inputs: PipelineInputs, truth: list[TruthCase] | None, cfg: ModelConfig
+) -> dict[str, Any] | None:
     """Dice against the labels of --data, from one more (untimed) run that returns probabilities."""
     if truth is None:
         return None
@@ -316,17 +359,22 @@ def _relative_to(rows: list[dict[str, Any]], baseline: tuple[str, str]) -> None:
     one was measured: e.g. OpenVINO against ONNX Runtime FP32, beside the speed-up against torch eager."""
     key = f"speedup_vs_{'_'.join(baseline)}"
     for row in rows:
-        twins = [r for r in rows if (r["backend"], r["precision"]) == baseline
-                 and (r["steps"], r["batch"]) == (row["steps"], row["batch"])]
+        twins = [
+            r
+            for r in rows
+            if (r["backend"], r["precision"]) == baseline and (r["steps"], r["batch"]) == (row["steps"], row["batch"])
+        ]
         if twins:
             row[key] = twins[0]["end_to_end"]["ms"]["p50"] / row["end_to_end"]["ms"]["p50"]
 
 
 def _line(row: dict[str, Any]) -> str:
     e2e, acc = row["end_to_end"], row["accuracy"]
-    text = (f"{row['label']:<28} steps {row['steps']:>3} batch {row['batch']:>2}: p50 {e2e['ms']['p50']:.1f} ms, "
-            f"{row['throughput_volumes_per_s']:.2f} vol/s, x{row['speedup_vs_reference']:.2f}, "
-            + (f"agreement {acc['agreement']:.4f}" if acc["agreement"] is not None else acc["note"]))
+    text = (
+        f"{row['label']:<28} steps {row['steps']:>3} batch {row['batch']:>2}: p50 {e2e['ms']['p50']:.1f} ms, "
+        f"{row['throughput_volumes_per_s']:.2f} vol/s, x{row['speedup_vs_reference']:.2f}, "
+        + (f"agreement {acc['agreement']:.4f}" if acc["agreement"] is not None else acc["note"])
+    )
     if acc["vs_truth"]:
         text += ", Dice vs truth " + " / ".join(f"{d:.4f}" for d in acc["vs_truth"]["dice"].values())
     return text

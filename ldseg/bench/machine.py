@@ -61,14 +61,19 @@ def git_state(repo: Path | None = None) -> dict[str, Any]:
 
     def git(*args: str) -> str | None:
         try:
-            done = subprocess.run(["git", "--no-optional-locks", *args], cwd=cwd, capture_output=True,
-                                  text=True, timeout=30, check=True)
+            done = subprocess.run(
+                ["git", "--no-optional-locks", *args], cwd=cwd, capture_output=True, text=True, timeout=30, check=True
+            )
         except (OSError, subprocess.SubprocessError):
             return None
         return done.stdout.strip()
 
     commit = git("rev-parse", "HEAD")
-    status = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)benchmarks/results") if commit else None
+    status = (
+        git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)benchmarks/results")
+        if commit
+        else None
+    )
     return {"commit": commit or "unknown", "dirty": None if status is None else bool(status)}
 
 

@@ -52,8 +52,13 @@ def _latency_by_backend(results: dict[str, Any]) -> Figure:
     def draw(ax: Any) -> None:
         p50 = [r["end_to_end"]["ms"]["p50"] for r in rows]
         p95 = [r["end_to_end"]["ms"]["p95"] for r in rows]
-        ax.bar([r["label"] for r in rows], p50, yerr=[[0] * len(rows), [b - a for a, b in zip(p50, p95)]],
-               capsize=4, color="tab:blue")
+        ax.bar(
+            [r["label"] for r in rows],
+            p50,
+            yerr=[[0] * len(rows), [b - a for a, b in zip(p50, p95)]],
+            capsize=4,
+            color="tab:blue",
+        )
         ax.set_ylabel("end-to-end latency, ms (p50, bar to p95)")
         ax.tick_params(axis="x", labelrotation=20)
 
@@ -80,15 +85,22 @@ def _lines(
 
 def _latency_vs_steps(results: dict[str, Any]) -> Figure:
     batch = min(r["batch"] for r in results["rows"])
-    latency = _lines(results, "steps", "batch", batch, lambda r: r["end_to_end"]["ms"]["p50"],
-                     "end-to-end latency, ms (p50)")
+    latency = _lines(
+        results, "steps", "batch", batch, lambda r: r["end_to_end"]["ms"]["p50"], "end-to-end latency, ms (p50)"
+    )
     return _figure(latency, results, f"latency vs sampling steps, batch {batch}")
 
 
 def _throughput_vs_batch(results: dict[str, Any]) -> Figure:
     steps, _ = headline(results)
-    throughput = _lines(results, "batch", "steps", steps, lambda r: r["throughput_volumes_per_s"],
-                        "throughput, volumes/s (at p50 latency)")
+    throughput = _lines(
+        results,
+        "batch",
+        "steps",
+        steps,
+        lambda r: r["throughput_volumes_per_s"],
+        "throughput, volumes/s (at p50 latency)",
+    )
     return _figure(throughput, results, f"throughput vs batch, {steps} steps")
 
 

@@ -52,8 +52,9 @@ def measure_peak(device: str, dtype: str = "fp32", size: int = 2048, repeat: int
     return Peak(device, dtype, size, repeat, flops / times[0] / 1e6, flops / times[len(times) // 2] / 1e6)
 
 
-def measure_openvino_peak(dtype: str, size: int = 2048, repeat: int = 5, warmup: int = 1,
-                          threads: int | None = None) -> Peak | None:
+def measure_openvino_peak(
+    dtype: str, size: int = 2048, repeat: int = 5, warmup: int = 1, threads: int | None = None
+) -> Peak | None:
     """The same matmul as one OpenVINO CPU graph; None where openvino is not installed."""
     try:
         import openvino as ov
@@ -68,8 +69,11 @@ def measure_openvino_peak(dtype: str, size: int = 2048, repeat: int = 5, warmup:
         lo, hi = ops.constant(np.float32(-4.0)), ops.constant(np.float32(4.0))
         lhs, w = ops.fake_quantize(x, lo, hi, lo, hi, 256), ops.fake_quantize(w, lo, hi, lo, hi, 255)
     model = ov.Model([ops.matmul(lhs, w, False, False)], [x], "peak")
-    config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": "bf16" if dtype == "bf16" else "f32",
-                              "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1}
+    config: dict[str, Any] = {
+        "INFERENCE_PRECISION_HINT": "bf16" if dtype == "bf16" else "f32",
+        "PERFORMANCE_HINT": "LATENCY",
+        "NUM_STREAMS": 1,
+    }
     if threads:
         config["INFERENCE_NUM_THREADS"] = threads
     request = ov.Core().compile_model(model, "CPU", config).create_infer_request()

@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from ldseg.bench.accuracy import REFERENCE_NOTE, untrained_note
-from ldseg.runtime.backend import STAGES
 from ldseg.errors import InputError
+from ldseg.runtime.backend import STAGES
 
 Row = dict[str, Any]
 ACCURACY_NOTE = (
@@ -44,7 +44,8 @@ def _table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
 
 def machine_line(results: dict[str, Any]) -> str:
     m = results["machine"]
-    cpu = f"{m['cpu']} ({m['cores_physical']} physical / {m['cores_logical']} logical cores, {m['torch_threads']} torch threads)"
+    cores = f"{m['cores_physical']} physical / {m['cores_logical']} logical cores"
+    cpu = f"{m['cpu']} ({cores}, {m['torch_threads']} torch threads)"
     return f"{m['gpu']} + {cpu}" if m["gpu"] else cpu
 
 
@@ -89,18 +90,48 @@ def render_results(results: dict[str, Any]) -> str:
         "## End to end",
         "",
     ]
-    header = ["backend", "steps", "batch", "p50 ms", "p95 ms", "p99 ms", "min ms", "mean ms", "vol/s",
-              "speed-up", "vs ORT fp32", "GFLOP/s", "% of peak", "agreement", "Dice vs ref per class",
-              "Dice vs truth per class", "peak RSS MB"]
+    header = [
+        "backend",
+        "steps",
+        "batch",
+        "p50 ms",
+        "p95 ms",
+        "p99 ms",
+        "min ms",
+        "mean ms",
+        "vol/s",
+        "speed-up",
+        "vs ORT fp32",
+        "GFLOP/s",
+        "% of peak",
+        "agreement",
+        "Dice vs ref per class",
+        "Dice vs truth per class",
+        "peak RSS MB",
+    ]
     body = []
     for r in results["rows"]:
         ms, e2e = r["end_to_end"]["ms"], r["end_to_end"]
-        body.append([r["label"] + (" (ref)" if r["reference"] else ""), str(r["steps"]), str(r["batch"]),
-                     _f(ms["p50"]), _f(ms["p95"]), _f(ms["p99"]), _f(ms["min"]), _f(ms["mean"]),
-                     _f(r["throughput_volumes_per_s"], 2), _f(r["speedup_vs_reference"], 2),
-                     _f(r.get("speedup_vs_onnxruntime_fp32"), 2),
-                     _f(e2e["gflops_per_s"]), _f(100 * e2e["roofline"]), *vs_reference(results, r),
-                     vs_truth(r), _f(r["memory"]["peak_rss_mb"], 0)])
+        body.append(
+            [
+                r["label"] + (" (ref)" if r["reference"] else ""),
+                str(r["steps"]),
+                str(r["batch"]),
+                _f(ms["p50"]),
+                _f(ms["p95"]),
+                _f(ms["p99"]),
+                _f(ms["min"]),
+                _f(ms["mean"]),
+                _f(r["throughput_volumes_per_s"], 2),
+                _f(r["speedup_vs_reference"], 2),
+                _f(r.get("speedup_vs_onnxruntime_fp32"), 2),
+                _f(e2e["gflops_per_s"]),
+                _f(100 * e2e["roofline"]),
+                *vs_reference(results, r),
+                vs_truth(r),
+                _f(r["memory"]["peak_rss_mb"], 0),
+            ]
+        )
     lines += _table(header, body)
     lines += ["", ACCURACY_NOTE]
     lines += ["", "## Stages (p50 ms, each stage timed alone; GFLOP/s and % of peak in brackets)", ""]
@@ -113,12 +144,19 @@ def render_results(results: dict[str, Any]) -> str:
             cells.append(_f(s["ms"]["p50"], 2) + extra)
         body.append([r["label"], str(r["steps"]), str(r["batch"]), *cells])
     lines += _table(["backend", "steps", "batch", *STAGES], body)
-    executed = "; ".join(f"{r['label']} {r['executed_flops'] / 1e9:.1f}" for r in results["rows"] if "executed_flops" in r)
-    lines += ["", "FLOPs are counted by torch.utils.flop_counter (convolutions and matmuls only), for the reference "
-              "model: GFLOP/s and % of peak read as the compute floor (reference FLOPs at the measured peak) "
-              "divided by the measured time. Exported graphs compute the decoder's upsampling in its phase "
-              "form (same function, fewer multiply-adds); GFLOP per run actually executed, end to end: "
-              + (executed or "not recorded") + ".", ""]
+    executed = "; ".join(
+        f"{r['label']} {r['executed_flops'] / 1e9:.1f}" for r in results["rows"] if "executed_flops" in r
+    )
+    lines += [
+        "",
+        "FLOPs are counted by torch.utils.flop_counter (convolutions and matmuls only), for the reference "
+        "model: GFLOP/s and % of peak read as the compute floor (reference FLOPs at the measured peak) "
+        "divided by the measured time. Exported graphs compute the decoder's upsampling in its phase "
+        "form (same function, fewer multiply-adds); GFLOP per run actually executed, end to end: "
+        + (executed or "not recorded")
+        + ".",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -134,26 +172,54 @@ def performance_section(paths: Sequence[Path], heading: str = "## Performance") 
     runs = [load_results(p) for p in paths]
     if not runs:
         raise InputError("performance_section needs at least one results.json")
-    header = ["model", "backend", "steps", "batch", "p50 ms", "p95 ms", "vol/s", "speed-up", "% of peak",
-              "agreement", "Dice vs truth", "machine", "date"]
+    header = [
+        "model",
+        "backend",
+        "steps",
+        "batch",
+        "p50 ms",
+        "p95 ms",
+        "vol/s",
+        "speed-up",
+        "% of peak",
+        "agreement",
+        "Dice vs truth",
+        "machine",
+        "date",
+    ]
     body = []
     for res in runs:
         host = res["machine"]["gpu"] or f"{res['machine']['cpu']}, {res['machine']['cores_logical']} cores"
         for r in res["rows"]:
             ms = r["end_to_end"]["ms"]
-            body.append([res["model"]["preset"], r["label"], str(r["steps"]), str(r["batch"]), _f(ms["p50"]),
-                         _f(ms["p95"]), _f(r["throughput_volumes_per_s"], 2), _f(r["speedup_vs_reference"], 2),
-                         _f(100 * r["end_to_end"]["roofline"]), vs_reference(res, r)[0], vs_truth(r),
-                         f"{host} ({res['device']})", res["created"][:10]])
+            body.append(
+                [
+                    res["model"]["preset"],
+                    r["label"],
+                    str(r["steps"]),
+                    str(r["batch"]),
+                    _f(ms["p50"]),
+                    _f(ms["p95"]),
+                    _f(r["throughput_volumes_per_s"], 2),
+                    _f(r["speedup_vs_reference"], 2),
+                    _f(100 * r["end_to_end"]["roofline"]),
+                    vs_reference(res, r)[0],
+                    vs_truth(r),
+                    f"{host} ({res['device']})",
+                    res["created"][:10],
+                ]
+            )
     notes = []
     for res in runs:
         peaks = ", ".join(f"{k} {v['gflops']:.0f} GFLOP/s" for k, v in res["peaks"].items())
-        notes.append(f"- {res['model']['preset']}, {res['created'][:10]}: {res['model']['weights']}; "
-                     f"commit {res['git']['commit'][:12]}; torch {res['versions'].get('torch', '?')}, "
-                     f"onnxruntime {res['versions'].get('onnxruntime', '–')}, "
-                     f"openvino {res['versions'].get('openvino', '–')}; matmul peak {peaks}; "
-                     f"{res['rows'][0]['repeat']} repeats after {res['rows'][0]['warmup']} warm-up; "
-                     f"inputs {_inputs(res['inputs'])}")
+        notes.append(
+            f"- {res['model']['preset']}, {res['created'][:10]}: {res['model']['weights']}; "
+            f"commit {res['git']['commit'][:12]}; torch {res['versions'].get('torch', '?')}, "
+            f"onnxruntime {res['versions'].get('onnxruntime', '–')}, "
+            f"openvino {res['versions'].get('openvino', '–')}; matmul peak {peaks}; "
+            f"{res['rows'][0]['repeat']} repeats after {res['rows'][0]['warmup']} warm-up; "
+            f"inputs {_inputs(res['inputs'])}"
+        )
     lines = [
         heading,
         "",

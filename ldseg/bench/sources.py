@@ -40,7 +40,9 @@ def load_source(preset: str | None, checkpoint: str | Path | None, bundle: Path 
     name = preset or "demo"
     torch.manual_seed(seed)
     model = LDSeg(get_preset(name)).eval()
-    return ModelSource(model, _info(model.cfg, f"preset {name}, random weights (torch seed {seed})", None, model.trained))
+    return ModelSource(
+        model, _info(model.cfg, f"preset {name}, random weights (torch seed {seed})", None, model.trained)
+    )
 
 
 def _bundle_source(bundle_path: Path, checkpoint: str | Path | None) -> ModelSource:
@@ -49,7 +51,11 @@ def _bundle_source(bundle_path: Path, checkpoint: str | Path | None) -> ModelSou
     bundle = load_bundle(bundle_path)
     if checkpoint is None:  # the bundled demo model is the one checkpoint findable without a path
         demo = demo_checkpoint_path()
-        if bundle.checkpoint_hash is None or not demo.is_file() or read_metadata(demo).get("content_sha256") != bundle.checkpoint_hash:
+        if (
+            bundle.checkpoint_hash is None
+            or not demo.is_file()
+            or read_metadata(demo).get("content_sha256") != bundle.checkpoint_hash
+        ):
             raise InputError(
                 f"{bundle_path}: the torch FP32 reference needs the weights the bundle was exported from; "
                 f"add --checkpoint (bundle made from checkpoint sha256 {str(bundle.checkpoint_hash)[:12]})"
@@ -60,7 +66,12 @@ def _bundle_source(bundle_path: Path, checkpoint: str | Path | None) -> ModelSou
     bundle.check_compatible(model.cfg)
     if bundle.checkpoint_hash is not None and bundle.checkpoint_hash != model.checkpoint_hash:
         raise ArtifactError(f"{bundle_path}: exported from checkpoint {bundle.checkpoint_hash[:12]}, not from {path}")
-    info = _info(model.cfg, f"bundle {bundle_path} ({bundle.precision}) with checkpoint {path}", model.checkpoint_hash, model.trained)
+    info = _info(
+        model.cfg,
+        f"bundle {bundle_path} ({bundle.precision}) with checkpoint {path}",
+        model.checkpoint_hash,
+        model.trained,
+    )
     return ModelSource(model, info)
 
 

@@ -136,12 +136,17 @@ def _tensorrt(ctx: Context, precision: str) -> Target:
     elif precision in EXPORT_PRECISIONS:
         from ldseg.export.exporter import export_bundle
 
-        bundle_dir = export_bundle(ctx.model, ctx.workdir / f"trt-bundle-{precision}", precision=precision,
-                                   graphs=("encoder", "denoise_step", "decoder", "decoder_argmax"))
+        bundle_dir = export_bundle(
+            ctx.model,
+            ctx.workdir / f"trt-bundle-{precision}",
+            precision=precision,
+            graphs=("encoder", "denoise_step", "decoder", "decoder_argmax"),
+        )
     else:
         raise Unsupported(f"{precision} engines need a calibrated bundle (--bundle from ldseg-export calibrate)")
-    engines = build_engines(bundle_dir, ctx.workdir / f"engines-{precision}", precision=precision,
-                            max_batch=ctx.max_batch, device=index)
+    engines = build_engines(
+        bundle_dir, ctx.workdir / f"engines-{precision}", precision=precision, max_batch=ctx.max_batch, device=index
+    )
     return Target(TensorRTBackend(engines, ctx.device), f"engines built from {bundle_dir}")
 
 
@@ -165,7 +170,10 @@ def _openvino(ctx: Context, precision: str) -> Target:
 
 
 FACTORIES: dict[str, Factory] = {
-    "torch": _torch, "onnxruntime": _onnxruntime, "openvino": _openvino, "tensorrt": _tensorrt,
+    "torch": _torch,
+    "onnxruntime": _onnxruntime,
+    "openvino": _openvino,
+    "tensorrt": _tensorrt,
 }
 
 

@@ -63,7 +63,11 @@ INT8 = "int8"
 
 
 def int8_manifest(
-    source: Bundle, source_manifest: dict[str, Any], folder: Path, graphs: dict[str, QuantizedGraph], calibration: dict[str, Any]
+    source: Bundle,
+    source_manifest: dict[str, Any],
+    folder: Path,
+    graphs: dict[str, QuantizedGraph],
+    calibration: dict[str, Any],
 ) -> dict[str, Any]:
     """The source manifest with precision int8, each graph's quantization summary, new file
     hashes, and where it came from."""
@@ -131,9 +135,10 @@ def calibrate(
 
     source_manifest = json.loads((source.path / MANIFEST).read_text())
     graphs: dict[str, QuantizedGraph] = {}
-    with tempfile.TemporaryDirectory(prefix="ldseg-quant-") as work_dir, staged_folder(
-        target, overwrite=overwrite, marker=MANIFEST
-    ) as tmp:
+    with (
+        tempfile.TemporaryDirectory(prefix="ldseg-quant-") as work_dir,
+        staged_folder(target, overwrite=overwrite, marker=MANIFEST) as tmp,
+    ):
         work = Path(work_dir)
         prepared = {name: prepare_graph(name, source.graph_path(name), work) for name in source.graphs}
         say(f"running the FP32 pipeline ({source.steps} steps) on the calibration volumes, one at a time")

@@ -51,7 +51,9 @@ def _nifti_files(folder: Path) -> list[Path]:
     for candidate in (folder, folder / "images"):
         if candidate.is_dir():
             files = sorted(
-                p for p in candidate.iterdir() if p.is_file() and p.name.lower().endswith(NIFTI_SUFFIXES) and not p.name.startswith(".")
+                p
+                for p in candidate.iterdir()
+                if p.is_file() and p.name.lower().endswith(NIFTI_SUFFIXES) and not p.name.startswith(".")
             )
             if files:
                 return files
@@ -72,7 +74,9 @@ def _phantom(cfg: ModelConfig, seed: int) -> CalibrationVolume:
     from ldseg.io.preprocess import min_max_standardize
 
     if cfg.num_classes not in (2, 3):
-        raise InputError(f"phantoms have 2 or 3 classes; preset {cfg.preset!r} has {cfg.num_classes}: calibrate on --data DIR")
+        raise InputError(
+            f"phantoms have 2 or 3 classes; preset {cfg.preset!r} has {cfg.num_classes}: calibrate on --data DIR"
+        )
     ph = make_phantom(seed, shape=cfg.image_size, num_classes=cfg.num_classes)
     image = np.repeat(min_max_standardize(ph.image)[None], cfg.image_channels, axis=0).astype(np.float32)
     return CalibrationVolume(f"phantom-{seed}", image, ph.label.astype(np.uint8))
@@ -94,7 +98,10 @@ def load_volumes(
         return calib, held
     files = _nifti_files(Path(source))
     if len(files) < 2:
-        raise InputError(f"{source}: {len(files)} volume(s); calibration needs at least 2 (one is held out to measure the INT8 error)")
+        raise InputError(
+            f"{source}: {len(files)} volume(s); calibration needs at least 2 "
+            "(one is held out to measure the INT8 error)"
+        )
     holdout = min(holdout, len(files) // 2)
     held_files, calib_files = files[len(files) - holdout :], files[: len(files) - holdout][:max_volumes]
 

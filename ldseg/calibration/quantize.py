@@ -44,6 +44,7 @@ from typing import Any
 
 import onnx
 from onnx import numpy_helper
+
 try:
     import onnxruntime
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, create_calibrator, quantize_static
@@ -59,7 +60,11 @@ from ldseg.errors import ArtifactError
 from ldseg.export.onnx_export import check_and_infer
 
 QUANTIZED_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
-METHODS = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy, "percentile": CalibrationMethod.Percentile}
+METHODS = {
+    "minmax": CalibrationMethod.MinMax,
+    "entropy": CalibrationMethod.Entropy,
+    "percentile": CalibrationMethod.Percentile,
+}
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 _HIERARCHY_KEY = "pkg.torch.onnx.class_hierarchy"
 
@@ -117,7 +122,9 @@ def select_nodes(model: onnx.ModelProto) -> tuple[list[str], list[KeptNode]]:
             quantize.append(node.name)
         elif node.op_type in ("MatMul", "Gemm"):
             if node.input[1] not in weights:
-                kept.append(KeptNode(node.name, node.op_type, "activation x activation (attention scores / weights x values)"))
+                kept.append(
+                    KeptNode(node.name, node.op_type, "activation x activation (attention scores / weights x values)")
+                )
             elif _in_time_embedding(node) or ranks.get(node.input[0], 0) < 3:
                 kept.append(KeptNode(node.name, node.op_type, "time path (rank-2 dense on the time embedding)"))
             else:
@@ -210,7 +217,19 @@ def _summary(model: onnx.ModelProto, quantized: set[str]) -> tuple[dict[str, int
             continue
         if node.name in quantized:
             q_ops[node.op_type] += 1
-        elif node.op_type not in ("Reshape", "Shape", "Constant", "Unsqueeze", "Squeeze", "Gather", "Concat", "Transpose", "Identity", "Slice", "Cast"):
+        elif node.op_type not in (
+            "Reshape",
+            "Shape",
+            "Constant",
+            "Unsqueeze",
+            "Squeeze",
+            "Gather",
+            "Concat",
+            "Transpose",
+            "Identity",
+            "Slice",
+            "Cast",
+        ):
             fp32_ops[node.op_type] += 1  # compute nodes (data movement ops have no precision to speak of)
             fp32_nodes.append(node.name)
     return dict(sorted(q_ops.items())), dict(sorted(fp32_ops.items())), fp32_nodes

@@ -145,7 +145,9 @@ class CalibrationReport:
                 "dice_int8_vs_truth": classes(self.dice_int8_vs_truth),
                 "dice_drop_points": classes(self.dice_drop_points),
             },
-            "graphs": {name: {**g.to_dict(), "error": _error_dict(self.errors.get(name))} for name, g in self.graphs.items()},
+            "graphs": {
+                name: {**g.to_dict(), "error": _error_dict(self.errors.get(name))} for name, g in self.graphs.items()
+            },
             "volumes": [
                 {
                     "name": v.name,
@@ -226,10 +228,18 @@ class CalibrationReport:
 def _error_dict(e: GraphError | None) -> dict[str, Any] | None:
     if e is None:
         return None
-    return {"samples": e.samples, "max_abs": e.max_abs, "max_rel": e.max_rel, "mean_abs": e.mean_abs, "label_agreement": e.label_agreement}
+    return {
+        "samples": e.samples,
+        "max_abs": e.max_abs,
+        "max_rel": e.max_rel,
+        "mean_abs": e.mean_abs,
+        "label_agreement": e.label_agreement,
+    }
 
 
-def graph_errors(fp32: Bundle, int8: Bundle, trajectories: Trajectories, *, threads: int | None = None) -> dict[str, GraphError]:
+def graph_errors(
+    fp32: Bundle, int8: Bundle, trajectories: Trajectories, *, threads: int | None = None
+) -> dict[str, GraphError]:
     """Run each graph of both bundles on the same inputs and compare the outputs."""
     errors = {}
     for name in int8.graphs:
@@ -268,7 +278,9 @@ def compare_pipelines(
     results = []
     for i, volume in enumerate(volumes):
         z_init, noise = draw_noise([SAMPLING_SEED + i], fp32.steps, fp32.config.latent_shape)
-        inputs = PipelineInputs(volume.image[None].astype(np.float32), z_init.numpy(), noise.numpy(), fp32.table_array())
+        inputs = PipelineInputs(
+            volume.image[None].astype(np.float32), z_init.numpy(), noise.numpy(), fp32.table_array()
+        )
         a = ref.run(inputs).labels[0]
         b = quant.run(inputs).labels[0]
         truth = volume.label

@@ -36,20 +36,33 @@ def parse_ints(option: str, text: str) -> tuple[int, ...]:
 
 @bench_typer.command()
 def bench(
-    output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Result folder (default benchmarks/results/<machine>-<date>).")] = None,
+    output: Annotated[
+        Optional[Path],
+        typer.Option("-o", "--output", help="Result folder (default benchmarks/results/<machine>-<date>)."),
+    ] = None,
     preset: Annotated[Optional[PresetChoice], typer.Option(help="A preset with random weights (default demo).")] = None,
     checkpoint: Annotated[Optional[str], typer.Option(help="Checkpoint path, or 'demo' for the bundled model.")] = None,
-    bundle: Annotated[Optional[Path], typer.Option(help="Exported bundle for onnxruntime (with --checkpoint for the reference).")] = None,
-    int8_bundle: Annotated[Optional[Path], typer.Option(
-        help="Calibrated INT8 bundle of the same model (ldseg-export calibrate) for the int8 rows.")] = None,
-    backends: Annotated[str, typer.Option(help="Comma-separated backends (registry: ldseg/bench/targets.py).")] = "torch,onnxruntime",
+    bundle: Annotated[
+        Optional[Path], typer.Option(help="Exported bundle for onnxruntime (with --checkpoint for the reference).")
+    ] = None,
+    int8_bundle: Annotated[
+        Optional[Path],
+        typer.Option(help="Calibrated INT8 bundle of the same model (ldseg-export calibrate) for the int8 rows."),
+    ] = None,
+    backends: Annotated[
+        str, typer.Option(help="Comma-separated backends (registry: ldseg/bench/targets.py).")
+    ] = "torch,onnxruntime",
     precisions: Annotated[str, typer.Option(help="Comma-separated precisions, e.g. fp32,fp16.")] = "fp32",
     steps: Annotated[Optional[str], typer.Option(help="Comma-separated step counts (default: the model's).")] = None,
     batch: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "1",
     repeat: Annotated[int, typer.Option(help="Timed runs per configuration and per stage.")] = 10,
     warmup: Annotated[int, typer.Option(help="Untimed runs first.")] = 2,
-    data: Annotated[Optional[Path], typer.Option(
-        help="Folder of inputs, or with images/ and labels/ (adds Dice vs truth); default synthetic phantoms.")] = None,
+    data: Annotated[
+        Optional[Path],
+        typer.Option(
+            help="Folder of inputs, or with images/ and labels/ (adds Dice vs truth); default synthetic phantoms."
+        ),
+    ] = None,
     device: Annotated[DeviceChoice, typer.Option(help="Where to run; auto prefers a GPU.")] = DeviceChoice.auto,
     sampler: Annotated[Optional[SamplerChoice], typer.Option(help="Sampler (default: the model's).")] = None,
     seed: Annotated[int, typer.Option(help="Weights (presets), phantoms and noise seed.")] = 0,

@@ -23,23 +23,33 @@ out = Console()  # results: paths written, tables asked for
 
 
 # One str Enum per choice (functional form: a dict literal keeps mypy able to check the members).
-BackendChoice = enum.Enum("BackendChoice", {"auto": "auto", "torch": "torch", "onnxruntime": "onnxruntime",
-                                            "openvino": "openvino", "tensorrt": "tensorrt"}, type=str)
-RunPrecision = enum.Enum("RunPrecision", {"auto": "auto", "fp32": "fp32", "fp16": "fp16", "bf16": "bf16",
-                                          "int8": "int8"}, type=str)
+BackendChoice = enum.Enum(
+    "BackendChoice",
+    {"auto": "auto", "torch": "torch", "onnxruntime": "onnxruntime", "openvino": "openvino", "tensorrt": "tensorrt"},
+    type=str,
+)
+RunPrecision = enum.Enum(
+    "RunPrecision", {"auto": "auto", "fp32": "fp32", "fp16": "fp16", "bf16": "bf16", "int8": "int8"}, type=str
+)
 DeviceChoice = enum.Enum("DeviceChoice", {"auto": "auto", "cpu": "cpu", "cuda": "cuda"}, type=str)
 SamplerChoice = enum.Enum("SamplerChoice", {"ddim": "ddim", "ddpm": "ddpm"}, type=str)
 PresetChoice = enum.Enum("PresetChoice", {"knee3d": "knee3d", "glas2d": "glas2d", "demo": "demo"}, type=str)
 ExportPrecision = enum.Enum("ExportPrecision", {"fp32": "fp32", "fp16": "fp16"}, type=str)
-EnginePrecision = enum.Enum("EnginePrecision", {"best": "best", "fp32": "fp32", "fp16": "fp16", "bf16": "bf16",
-                                                "int8": "int8", "fp8": "fp8"}, type=str)
-CalibrationMethod = enum.Enum("CalibrationMethod", {"minmax": "minmax", "entropy": "entropy",
-                                                    "percentile": "percentile"}, type=str)
-FreezeChoice = enum.Enum("FreezeChoice", {"none": "none", "autoencoder": "autoencoder", "encoders": "encoders"},
-                         type=str)
+EnginePrecision = enum.Enum(
+    "EnginePrecision",
+    {"best": "best", "fp32": "fp32", "fp16": "fp16", "bf16": "bf16", "int8": "int8", "fp8": "fp8"},
+    type=str,
+)
+CalibrationMethod = enum.Enum(
+    "CalibrationMethod", {"minmax": "minmax", "entropy": "entropy", "percentile": "percentile"}, type=str
+)
+FreezeChoice = enum.Enum(
+    "FreezeChoice", {"none": "none", "autoencoder": "autoencoder", "encoders": "encoders"}, type=str
+)
 LrScheduleChoice = enum.Enum("LrScheduleChoice", {"constant": "constant", "cosine": "cosine"}, type=str)
-OutputType = enum.Enum("OutputType", {"nifti": "nifti", "nrrd": "nrrd", "mha": "mha", "dicom_seg": "dicom-seg"},
-                       type=str)
+OutputType = enum.Enum(
+    "OutputType", {"nifti": "nifti", "nrrd": "nrrd", "mha": "mha", "dicom_seg": "dicom-seg"}, type=str
+)
 SegType = enum.Enum("SegType", {"binary": "binary", "fractional": "fractional"}, type=str)
 
 

@@ -52,8 +52,12 @@ def import_keras(
 
     torch.manual_seed(0)  # components without a file stay randomly (but reproducibly) initialized
     model = LDSeg(get_preset(preset.value))
-    files = {"label_encoder": label_encoder, "label_decoder": label_decoder,
-             "image_encoder": image_encoder, "denoiser": denoiser}
+    files = {
+        "label_encoder": label_encoder,
+        "label_decoder": label_decoder,
+        "image_encoder": image_encoder,
+        "denoiser": denoiser,
+    }
     for name, path in files.items():
         if path is None:
             console.print(f"{name}: no file given, left untrained (random)")
@@ -63,10 +67,15 @@ def import_keras(
         load_keras_weights(getattr(model, name), path)
         model.trained[name] = True
         console.print(f"{name}: imported {path}")
-    digest = save_checkpoint(model.eval(), output, overwrite=overwrite,
-                             extra={"source": {k: str(v) for k, v in files.items() if v is not None}})
-    out.print(f"{output} (sha256 {digest[:12]}, trained: "
-              f"{', '.join(k for k, v in model.trained.items() if v) or 'nothing'})")
+    digest = save_checkpoint(
+        model.eval(),
+        output,
+        overwrite=overwrite,
+        extra={"source": {k: str(v) for k, v in files.items() if v is not None}},
+    )
+    out.print(
+        f"{output} (sha256 {digest[:12]}, trained: {', '.join(k for k, v in model.trained.items() if v) or 'nothing'})"
+    )
 
 
 @export_typer.command("onnx")
@@ -74,10 +83,13 @@ def export_onnx(
     checkpoint: Annotated[str, typer.Argument(help="Checkpoint path, or 'demo'.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Bundle folder to write.")],
     opset: Annotated[int, typer.Option(help="ONNX opset (18 or newer).")] = 18,
-    precision: Annotated[ExportPrecision, typer.Option(help="fp16 keeps normalizations, softmax in FP32.")] = ExportPrecision.fp32,
+    precision: Annotated[
+        ExportPrecision, typer.Option(help="fp16 keeps normalizations, softmax in FP32.")
+    ] = ExportPrecision.fp32,
     batch: Annotated[int, typer.Option(help="Batch the graphs are traced at (the axis stays dynamic).")] = 1,
-    validate: Annotated[bool, typer.Option(
-        help="Compare ONNX Runtime with PyTorch before writing; the manifest records the verdict.")] = True,
+    validate: Annotated[
+        bool, typer.Option(help="Compare ONNX Runtime with PyTorch before writing; the manifest records the verdict.")
+    ] = True,
     keep_failed: Annotated[bool, typer.Option(help="Write the bundle even if it fails validation.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing bundle.")] = False,
 ) -> None:
@@ -89,10 +101,18 @@ def export_onnx(
     model = load_checkpoint(resolve_checkpoint(checkpoint))
     console.print(f"exporting {model.cfg.preset} ({precision.value}, opset {opset}) to {output}")
     try:
-        bundle = export_bundle(model, output, opset=opset, precision=precision.value, batch=batch,
-                               overwrite=overwrite, progress=lambda line: console.print(line, highlight=False),
-                               validate=validate, keep_failed=keep_failed,
-                               on_validated=lambda report: out.print(report.table()))
+        bundle = export_bundle(
+            model,
+            output,
+            opset=opset,
+            precision=precision.value,
+            batch=batch,
+            overwrite=overwrite,
+            progress=lambda line: console.print(line, highlight=False),
+            validate=validate,
+            keep_failed=keep_failed,
+            on_validated=lambda report: out.print(report.table()),
+        )
     except ValueError as exc:  # bad option values
         raise typer.BadParameter(str(exc)) from exc
     out.print(str(bundle), highlight=False)
@@ -102,7 +122,9 @@ def export_onnx(
 def build_engine(
     bundle: Annotated[Path, typer.Argument(help="Bundle folder, or with --check an engine set.")],
     output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Engine set folder.")] = None,
-    precision: Annotated[EnginePrecision, typer.Option(help="Must match the bundle's; best takes it.")] = EnginePrecision.best,
+    precision: Annotated[
+        EnginePrecision, typer.Option(help="Must match the bundle's; best takes it.")
+    ] = EnginePrecision.best,
     max_batch: Annotated[int, typer.Option("--max-batch", "--batch", help="Largest batch (K samples).")] = 1,
     opt_batch: Annotated[Optional[int], typer.Option(help="Batch to tune for (default: max).")] = None,
     workspace: Annotated[Optional[float], typer.Option("--workspace", help="Workspace limit in GB.")] = None,
@@ -135,11 +157,22 @@ def build_engine(
         raise OutputError("build-engine needs -o ENGINES")
     from ldseg.export.tensorrt_build import build_engines
 
-    built = build_engines(bundle, output, precision=precision.value, max_batch=max_batch, opt_batch=opt_batch,
-                          workspace_gb=workspace, timing_cache=timing_cache, dla_core=dla,
-                          optimization_level=builder_optimization_level, include_denoiser=include_denoiser,
-                          device=gpu, overwrite=overwrite, trust_unvalidated=trust_unvalidated,
-                          progress=lambda line: console.print(line, highlight=False))
+    built = build_engines(
+        bundle,
+        output,
+        precision=precision.value,
+        max_batch=max_batch,
+        opt_batch=opt_batch,
+        workspace_gb=workspace,
+        timing_cache=timing_cache,
+        dla_core=dla,
+        optimization_level=builder_optimization_level,
+        include_denoiser=include_denoiser,
+        device=gpu,
+        overwrite=overwrite,
+        trust_unvalidated=trust_unvalidated,
+        progress=lambda line: console.print(line, highlight=False),
+    )
     out.print(str(built), highlight=False)
 
 
@@ -152,8 +185,9 @@ def calibrate(
     holdout: Annotated[int, typer.Option(help="Further volumes held out for the accuracy report.")] = 2,
     method: Annotated[CalibrationMethod, typer.Option(help="Activation range estimator.")] = CalibrationMethod.minmax,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing bundle.")] = False,
-    keep_failed: Annotated[bool, typer.Option(
-        help="Write the INT8 bundle even if it misses its accuracy target.")] = False,
+    keep_failed: Annotated[
+        bool, typer.Option(help="Write the INT8 bundle even if it misses its accuracy target.")
+    ] = False,
     trust_unvalidated: Annotated[bool, typer.Option(help="Calibrate a bundle not recorded as validated.")] = False,
 ) -> None:
     """INT8 (Q/DQ) bundle calibrated on real pipeline activations, with an accuracy report.
@@ -162,9 +196,18 @@ def calibrate(
     """
     from ldseg.calibration import calibrate as run_calibration
 
-    report = run_calibration(bundle, data, output, max_volumes=max_volumes, method=method.value, holdout=holdout,
-                             overwrite=overwrite, progress=lambda line: console.print(line, highlight=False),
-                             keep_failed=keep_failed, trust_unvalidated=trust_unvalidated)
+    report = run_calibration(
+        bundle,
+        data,
+        output,
+        max_volumes=max_volumes,
+        method=method.value,
+        holdout=holdout,
+        overwrite=overwrite,
+        progress=lambda line: console.print(line, highlight=False),
+        keep_failed=keep_failed,
+        trust_unvalidated=trust_unvalidated,
+    )
     out.print(report.to_markdown())
 
 
@@ -183,8 +226,11 @@ def inspect(artifact: Annotated[Path, typer.Argument(help="A checkpoint (.safete
     out.print_json(json.dumps(read_metadata(artifact)))
 
 
-cache_typer = typer.Typer(add_completion=False, no_args_is_help=True,
-                          help="The artifact cache (LDSEG_CACHE): bundles and engines built from checkpoints.")
+cache_typer = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="The artifact cache (LDSEG_CACHE): bundles and engines built from checkpoints.",
+)
 export_typer.add_typer(cache_typer, name="cache")
 
 
@@ -199,8 +245,10 @@ def cache_list() -> None:
 
     root = cache_root()
     entries = list_entries(root)
-    table = Table(title=f"{root}: {len(entries)} entr{'y' if len(entries) == 1 else 'ies'}, "
-                  f"{sum(e.bytes for e in entries) / 2**20:.1f} MiB")
+    table = Table(
+        title=f"{root}: {len(entries)} entr{'y' if len(entries) == 1 else 'ies'}, "
+        f"{sum(e.bytes for e in entries) / 2**20:.1f} MiB"
+    )
     for column in ("kind", "entry", "MiB", "last used"):
         table.add_column(column, justify="right" if column == "MiB" else "left", overflow="fold")
     for e in entries:
@@ -211,8 +259,9 @@ def cache_list() -> None:
 
 @cache_typer.command("clear")
 def cache_clear(
-    older_than: Annotated[Optional[float], typer.Option(
-        "--older-than", help="Only entries not used for this many days.", metavar="DAYS")] = None,
+    older_than: Annotated[
+        Optional[float], typer.Option("--older-than", help="Only entries not used for this many days.", metavar="DAYS")
+    ] = None,
 ) -> None:
     """Remove entries (all, or those unused for DAYS). Example: ldseg-export cache clear --older-than 30"""
     from ldseg.runtime.cache import cache_root, clear
@@ -223,8 +272,11 @@ def cache_clear(
     removed, busy = clear(root, older_than_days=older_than)
     for item in busy:
         console.print(f"{item.path}: in use by another process (being built); left alone", highlight=False)
-    out.print(f"removed {len(removed)} entr{'y' if len(removed) == 1 else 'ies'} "
-              f"({sum(e.bytes for e in removed) / 2**20:.1f} MiB) from {root}", highlight=False)
+    out.print(
+        f"removed {len(removed)} entr{'y' if len(removed) == 1 else 'ies'} "
+        f"({sum(e.bytes for e in removed) / 2**20:.1f} MiB) from {root}",
+        highlight=False,
+    )
 
 
 main = entry(export_typer, "ldseg-export")

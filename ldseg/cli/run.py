@@ -42,14 +42,21 @@ def run(
     ] = None,
     bundle: Annotated[Optional[Path], typer.Option(help="Exported ONNX bundle (ldseg-export onnx).")] = None,
     engines: Annotated[Optional[Path], typer.Option(help="TensorRT engine set (ldseg-export build-engine).")] = None,
-    backend: Annotated[BackendChoice, typer.Option(
-        help="Runtime; auto picks the fastest available.")] = BackendChoice.auto,
+    backend: Annotated[
+        BackendChoice, typer.Option(help="Runtime; auto picks the fastest available.")
+    ] = BackendChoice.auto,
     device: Annotated[DeviceChoice, typer.Option(help="Where to run; auto prefers a GPU.")] = DeviceChoice.auto,
-    gpu: Annotated[Optional[int], typer.Option(
-        help="GPU index for every backend (torch cuda:N, ONNX Runtime device_id, TensorRT); default 0.")] = None,
-    precision: Annotated[RunPrecision, typer.Option(
-        help="auto: what the source holds (never a silent reduction); bf16 (openvino, CPUs with native BF16), "
-        "int8 (an int8 bundle).")] = RunPrecision.auto,
+    gpu: Annotated[
+        Optional[int],
+        typer.Option(help="GPU index for every backend (torch cuda:N, ONNX Runtime device_id, TensorRT); default 0."),
+    ] = None,
+    precision: Annotated[
+        RunPrecision,
+        typer.Option(
+            help="auto: what the source holds (never a silent reduction); bf16 (openvino, CPUs with native BF16), "
+            "int8 (an int8 bundle)."
+        ),
+    ] = RunPrecision.auto,
     threads: Annotated[Optional[int], typer.Option(help="CPU threads (default: all cores).")] = None,
     steps: Annotated[Optional[int], typer.Option(help="Sampling steps (default: checkpoint's, 15).")] = None,
     sampler: Annotated[Optional[SamplerChoice], typer.Option(help="Sampler (default: the checkpoint's).")] = None,
@@ -57,31 +64,43 @@ def run(
     samples: Annotated[int, typer.Option(help="K samples as one batch: adds confidence and entropy maps.")] = 1,
     save_probabilities: Annotated[bool, typer.Option(help="Also write per-class probability maps.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace existing outputs.")] = False,
-    skip_existing: Annotated[bool, typer.Option(
-        help="Skip inputs whose outputs all exist already (resume a folder run).")] = False,
+    skip_existing: Annotated[
+        bool, typer.Option(help="Skip inputs whose outputs all exist already (resume a folder run).")
+    ] = False,
     fail_fast: Annotated[bool, typer.Option(help="Stop at the first bad input.")] = False,
     reconstruct: Annotated[
         Optional[Path], typer.Option(help="Debug: encode this label and decode it (no denoiser).")
     ] = None,
     demo: Annotated[bool, typer.Option(help="Segment a fresh synthetic phantom and print its Dice.")] = False,
     demo_seed: Annotated[int, typer.Option(help="Phantom seed for --demo.")] = 0,
-    output_type: Annotated[Optional[list[OutputType]], typer.Option(
-        help="Output format; repeat for several (default nifti).")] = None,
-    seg_type: Annotated[SegType, typer.Option(
-        help="DICOM SEG: binary (labels) or fractional (probabilities).")] = SegType.binary,
-    series: Annotated[Optional[str], typer.Option(
-        help="SeriesInstanceUID to read from a DICOM folder holding several series.")] = None,
+    output_type: Annotated[
+        Optional[list[OutputType]], typer.Option(help="Output format; repeat for several (default nifti).")
+    ] = None,
+    seg_type: Annotated[
+        SegType, typer.Option(help="DICOM SEG: binary (labels) or fractional (probabilities).")
+    ] = SegType.binary,
+    series: Annotated[
+        Optional[str], typer.Option(help="SeriesInstanceUID to read from a DICOM folder holding several series.")
+    ] = None,
     preview: Annotated[bool, typer.Option(help="Write <name>_preview.png: slices, overlay, entropy (K>1).")] = False,
     qc: Annotated[bool, typer.Option(help="Write <name>_qc.json: class volumes, components, uncertainty.")] = False,
-    labels: Annotated[Optional[Path], typer.Option(
-        help="Folder of reference labels named as the inputs: Dice in the QC numbers (implies --qc).")] = None,
-    report: Annotated[bool, typer.Option(
-        help="Write report.html, most uncertain volume first (implies --preview --qc).")] = False,
-    trust_unvalidated: Annotated[bool, typer.Option(
-        help="Run a bundle whose manifest records a failed validation or none.")] = False,
-    cache: Annotated[bool, typer.Option(
-        help="Keep a checkpoint's exported bundle/engines in the artifact cache (LDSEG_CACHE); --no-cache "
-        "exports into a temporary folder for this run only.")] = True,
+    labels: Annotated[
+        Optional[Path],
+        typer.Option(help="Folder of reference labels named as the inputs: Dice in the QC numbers (implies --qc)."),
+    ] = None,
+    report: Annotated[
+        bool, typer.Option(help="Write report.html, most uncertain volume first (implies --preview --qc).")
+    ] = False,
+    trust_unvalidated: Annotated[
+        bool, typer.Option(help="Run a bundle whose manifest records a failed validation or none.")
+    ] = False,
+    cache: Annotated[
+        bool,
+        typer.Option(
+            help="Keep a checkpoint's exported bundle/engines in the artifact cache (LDSEG_CACHE); --no-cache "
+            "exports into a temporary folder for this run only."
+        ),
+    ] = True,
     version: VersionOption = None,
 ) -> None:
     """Examples: `ldseg-run --demo -o out/`, `ldseg-run scan.nii.gz -o out/`, `ldseg-run scans/ -o out/ --samples 8`,
@@ -114,10 +133,24 @@ def run(
         _reconstruct(load_model(checkpoint or "demo", RECONSTRUCT_NEEDS), reconstruct, out_dir, overwrite)
         return
     paths = [] if demo else expand_inputs(inputs or [])  # a missing input is reported before any export
-    with Segmenter(checkpoint, bundle=bundle, engines=engines, backend=backend.value, device=device.value,
-                   gpu=gpu or 0, cache=cache, steps=steps, sampler=value(sampler), seed=seed, samples=samples,
-                   trust_unvalidated=trust_unvalidated, precision=precision.value, threads=threads,
-                   warn_demo=not demo, reporter=ConsoleReporter()) as seg:
+    with Segmenter(
+        checkpoint,
+        bundle=bundle,
+        engines=engines,
+        backend=backend.value,
+        device=device.value,
+        gpu=gpu or 0,
+        cache=cache,
+        steps=steps,
+        sampler=value(sampler),
+        seed=seed,
+        samples=samples,
+        trust_unvalidated=trust_unvalidated,
+        precision=precision.value,
+        threads=threads,
+        warn_demo=not demo,
+        reporter=ConsoleReporter(),
+    ) as seg:
         chosen, cfg = seg.backend, seg.config
         try:
             check_output_options(cfg, types, seg_type.value, samples > 1 or save_probabilities)
@@ -125,8 +158,15 @@ def run(
             raise typer.BadParameter(str(exc)) from exc
         console.print(f"backend: [bold]{chosen.name}[/] on {chosen.device}, {chosen.precision} ({escape(seg.why)})")
         extras, report_path = None, None
-        write = {"probabilities": save_probabilities, "overwrite": overwrite, "skip_existing": skip_existing,
-                 "fail_fast": fail_fast, "output_types": types, "seg_type": seg_type.value, "series": series}
+        write = {
+            "probabilities": save_probabilities,
+            "overwrite": overwrite,
+            "skip_existing": skip_existing,
+            "fail_fast": fail_fast,
+            "output_types": types,
+            "seg_type": seg_type.value,
+            "series": series,
+        }
         if preview or qc or report or labels is not None:  # ldseg.qc (matplotlib, jinja2) only when asked
             from ldseg.qc.run import qc_extras, report_target, write_run_report
 
@@ -157,8 +197,9 @@ class ConsoleReporter:
 
     @contextlib.contextmanager
     def building(self, action: str, path: Path) -> Iterator[Callable[[str], None]]:
-        console.print(f"first use: {escape(action)} into the cache at {escape(str(path))}", highlight=False,
-                      soft_wrap=True)
+        console.print(
+            f"first use: {escape(action)} into the cache at {escape(str(path))}", highlight=False, soft_wrap=True
+        )
         columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn())
         with Progress(*columns, console=console, transient=True) as progress:
             task = progress.add_task(escape(action), total=None)
@@ -177,8 +218,10 @@ def _run_with_progress(seg: Any, paths: list[Path], out_dir: Path, extras: Any, 
             progress.advance(task)
 
         summary = seg.write(paths, out_dir, extras=extras, on_done=done, **write)
-    table = Table(title=f"{summary.volumes} volume(s) in {summary.seconds:.1f} s "
-                  f"({summary.volumes / max(summary.seconds, 1e-9):.2f} volumes/s)")
+    table = Table(
+        title=f"{summary.volumes} volume(s) in {summary.seconds:.1f} s "
+        f"({summary.volumes / max(summary.seconds, 1e-9):.2f} volumes/s)"
+    )
     table.add_column("stage")
     table.add_column("median ms", justify="right")
     for stage, values in summary.stage_ms.items():

@@ -21,8 +21,11 @@ def train(
     data: Annotated[str, typer.Option(help="DIR with images/NAME.nii.gz + labels/NAME.nii.gz, or 'phantoms'.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Checkpoint to write (.safetensors).")],
     init: Annotated[Optional[Path], typer.Option(help="Start from this checkpoint.")] = None,
-    freeze: Annotated[FreezeChoice, typer.Option(
-        help="'autoencoder': train image encoder + denoiser; 'encoders': the denoiser alone (latents cached).")
+    freeze: Annotated[
+        FreezeChoice,
+        typer.Option(
+            help="'autoencoder': train image encoder + denoiser; 'encoders': the denoiser alone (latents cached)."
+        ),
     ] = FreezeChoice.none,
     steps: Annotated[Optional[int], typer.Option(help="Optimizer steps (wins over --epochs).")] = None,
     epochs: Annotated[Optional[int], typer.Option(help="Passes over the training set.")] = None,
@@ -61,10 +64,18 @@ def train(
     given = locals()  # every option is a TrainOptions field of the same name (so the two cannot drift)
     options = TrainOptions(**{f.name: plain(given[f.name]) for f in dataclasses.fields(TrainOptions)})
     result = run_training(options)
-    out.print_json(json.dumps({"checkpoint": str(result.checkpoint), "step": result.step,
-                               "val_dice": result.val_dice, "trained": result.trained,
-                               "content_sha256": result.content_sha256,
-                               "wall_time_s": round(result.wall_time_s, 1)}))
+    out.print_json(
+        json.dumps(
+            {
+                "checkpoint": str(result.checkpoint),
+                "step": result.step,
+                "val_dice": result.val_dice,
+                "trained": result.trained,
+                "content_sha256": result.content_sha256,
+                "wall_time_s": round(result.wall_time_s, 1),
+            }
+        )
+    )
 
 
 main = entry(train_typer, "ldseg-train")

@@ -36,9 +36,7 @@ def _random_rotation(rng: np.random.Generator, n: int) -> np.ndarray:
     return np.asarray(q * np.sign(np.diag(r)))
 
 
-def _structures(
-    rng: np.random.Generator, axes: list[np.ndarray], count: int
-) -> list[np.ndarray]:
+def _structures(rng: np.random.Generator, axes: list[np.ndarray], count: int) -> list[np.ndarray]:
     """Rejection-sample `count` disjoint superellipsoid masks inside the field of view."""
     n = len(axes)
     # one structure: centered; two: either side of the center along a random direction
@@ -54,8 +52,7 @@ def _structures(
             power = 2.0 if k == 0 else rng.uniform(2.0, 3.0)  # class 2: a boxier superellipsoid
             rot = _random_rotation(rng, n)
             level = sum(
-                np.abs(sum(rot[j, i] * (axes[j] - center[j]) for j in range(n)) / radii[i]) ** power
-                for i in range(n)
+                np.abs(sum(rot[j, i] * (axes[j] - center[j]) for j in range(n)) / radii[i]) ** power for i in range(n)
             )
             masks.append(np.asarray(level <= 1.0))
         if _acceptable(masks):
@@ -95,10 +92,7 @@ def make_phantom(seed: int, shape: tuple[int, ...] = (32, 64, 64), num_classes: 
     rng = np.random.default_rng(seed)
     n = len(shape)
     # Normalized coordinates in [-1, 1] per axis, as broadcastable open grids (cheap).
-    axes = [
-        np.linspace(-1.0, 1.0, s).reshape([s if k == i else 1 for k in range(n)])
-        for i, s in enumerate(shape)
-    ]
+    axes = [np.linspace(-1.0, 1.0, s).reshape([s if k == i else 1 for k in range(n)]) for i, s in enumerate(shape)]
     label = np.zeros(shape, dtype=np.uint8)
     for c, mask in enumerate(_structures(rng, axes, num_classes - 1), start=1):
         label[mask] = c
@@ -129,9 +123,7 @@ def _nifti(array_nib: np.ndarray, dtype: type[np.generic]) -> nib.Nifti1Image:
     return img
 
 
-def write_phantom_nifti(
-    phantom: Phantom, image_path: Path, label_path: Path, overwrite: bool
-) -> None:
+def write_phantom_nifti(phantom: Phantom, image_path: Path, label_path: Path, overwrite: bool) -> None:
     """Write a 3D phantom as NIfTI in nibabel order (X, Y, Z) = model order reversed.
 
     The image is int16 (lossless: intensities are whole numbers in range), the label uint8, so

@@ -28,6 +28,7 @@ _HOW_TO_MAKE = {
 
 # --------------------------------------------------------------------------- precision
 
+
 def resolve_precision(requested: str, bundle_precision: str, bundle_path: Path | str = "bundle") -> str:
     """The engine precision for `--precision requested` on a bundle of `bundle_precision`.
 
@@ -72,7 +73,9 @@ def check_optimization_level(level: int | None) -> None:
         raise ValueError(f"builder optimization level must be 0..{MAX_OPTIMIZATION_LEVEL} (default 3), got {level}")
 
 
-def batch_profile(graph: GraphInfo, max_batch: int, opt_batch: int | None = None, *, fixed: bool = False) -> BatchProfile:
+def batch_profile(
+    graph: GraphInfo, max_batch: int, opt_batch: int | None = None, *, fixed: bool = False
+) -> BatchProfile:
     """min 1, opt `opt_batch` (default: max_batch), max `max_batch`; `fixed` pins all three to
     max_batch (DLA wants static shapes).
 
@@ -91,8 +94,15 @@ def batch_profile(graph: GraphInfo, max_batch: int, opt_batch: int | None = None
     opt = max_batch if fixed else opt
     inputs = []
     for tensor in graph.inputs:
-        if not tensor.shape or not isinstance(tensor.shape[0], str) or any(isinstance(d, str) for d in tensor.shape[1:]):
-            raise ArtifactError(f"{graph.name}: input {tensor.name} shape {tensor.shape}: expected a dynamic batch axis first, static after")
+        if (
+            not tensor.shape
+            or not isinstance(tensor.shape[0], str)
+            or any(isinstance(d, str) for d in tensor.shape[1:])
+        ):
+            raise ArtifactError(
+                f"{graph.name}: input {tensor.name} shape {tensor.shape}: "
+                "expected a dynamic batch axis first, static after"
+            )
         inputs.append(InputProfile(tensor.name, tensor.concrete(low), tensor.concrete(opt), tensor.concrete(max_batch)))
     return BatchProfile(graph.name, low, opt, max_batch, tuple(inputs))
 
@@ -100,11 +110,11 @@ def batch_profile(graph: GraphInfo, max_batch: int, opt_batch: int | None = None
 def graphs_to_build(bundle: Bundle, include_denoiser: bool = False) -> list[str]:
     missing = [g for g in REQUIRED_GRAPHS if g not in bundle.graphs]
     if missing:
-        raise ArtifactError(f"{bundle.path}: bundle lacks {', '.join(missing)}, which a TensorRT run needs; re-export it")
+        raise ArtifactError(
+            f"{bundle.path}: bundle lacks {', '.join(missing)}, which a TensorRT run needs; re-export it"
+        )
     wanted = RUNTIME_GRAPHS + (("denoiser",) if include_denoiser else ())
     return [g for g in wanted if g in bundle.graphs]
-
-
 
 
 def write_engines_json(folder: Path, engine_set: EngineSet) -> Path:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import onnx
 
-from ldseg.errors import ArtifactError, OutputError
+from ldseg.errors import ArtifactError
 from ldseg.export.fp16 import convert_to_fp16, fp32_scopes
 from ldseg.export.manifest import build_manifest, graph_entry, with_validation, write_manifest
 from ldseg.export.onnx_export import MIN_OPSET, export_graph
@@ -38,7 +38,8 @@ def _check_options(opset: int, precision: str, batch: int, graphs: Sequence[str]
         raise ValueError(f"opset {opset} not supported: choose {MIN_OPSET}..{highest}")
     if precision not in EXPORT_PRECISIONS:
         raise ValueError(
-            f"precision {precision!r} not supported: choose {' or '.join(EXPORT_PRECISIONS)} (int8 comes from calibration)"
+            f"precision {precision!r} not supported: choose {' or '.join(EXPORT_PRECISIONS)} "
+            "(int8 comes from calibration)"
         )
     if batch < 1:
         raise ValueError(f"batch must be >= 1, got {batch}")

@@ -53,7 +53,11 @@ KEEP_FP32_OPS = frozenset(
 )  # fmt: skip
 # Float inputs that are parameters of the op, not data: they keep their type (Resize's roi/scales
 # are FP32-only), and inputs of type-agnostic ops (Shape) need no cast.
-_PARAM_INPUTS: dict[str, frozenset[int]] = {"Resize": frozenset({1, 2}), "Shape": frozenset({0}), "Size": frozenset({0})}
+_PARAM_INPUTS: dict[str, frozenset[int]] = {
+    "Resize": frozenset({1, 2}),
+    "Shape": frozenset({0}),
+    "Size": frozenset({0}),
+}
 _FP16_MAX = float(np.finfo(np.float16).max)
 
 
@@ -137,7 +141,9 @@ def convert_to_fp16(
     if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in graph.node for a in n.attribute):
         raise ValueError("FP16 pass: graphs with subgraphs (If/Loop/Scan) are not supported")
     if not any(_hierarchy(n) is not None for n in graph.node):
-        raise ValueError("FP16 pass needs the dynamo exporter's node metadata; this graph has none (TorchScript export?)")
+        raise ValueError(
+            "FP16 pass needs the dynamo exporter's node metadata; this graph has none (TorchScript export?)"
+        )
     types = _elem_types(graph)
     body_names, keep_names = {_qualname(c) for c in body}, {_qualname(c) for c in KEEP_FP32_MODULES}
     # Indexed by position: protobuf hands out a fresh wrapper object on every access.

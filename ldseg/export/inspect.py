@@ -83,7 +83,16 @@ def _graphs(bundle: Bundle) -> Table:
     for name, info in bundle.graphs.items():
         path = bundle.path / info.file
         if not path.is_file():
-            table.add_row(name, _signature(info.inputs), _signature(info.outputs), info.exporter, "", "", info.file, "[red]missing[/red]")
+            table.add_row(
+                name,
+                _signature(info.inputs),
+                _signature(info.outputs),
+                info.exporter,
+                "",
+                "",
+                info.file,
+                "[red]missing[/red]",
+            )
             continue
         ok = sha256_file(path) == bundle.files.get(info.file)
         try:

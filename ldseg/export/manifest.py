@@ -36,7 +36,9 @@ def _tensor(t: TensorSpec) -> dict[str, Any]:
     return {"name": t.name, "shape": list(t.shape), "dtype": t.dtype}
 
 
-def graph_entry(spec: GraphSpec, *, exporter: str, fallback_reason: str | None, precision: str, **extra: Any) -> dict[str, Any]:
+def graph_entry(
+    spec: GraphSpec, *, exporter: str, fallback_reason: str | None, precision: str, **extra: Any
+) -> dict[str, Any]:
     return {
         "file": spec.file,
         "inputs": [_tensor(t) for t in spec.inputs],
@@ -87,7 +89,11 @@ def build_manifest(
         },
         "graphs": dict(graphs),
         "rewrites": ["upsample_phase", "batchnorm_folded"],  # see ldseg.model.layers
-        "diffusion": {**dataclasses.asdict(cfg.diffusion), "table_columns": ["t", "a", "b", "c"], "table": table.rows.tolist()},
+        "diffusion": {
+            **dataclasses.asdict(cfg.diffusion),
+            "table_columns": ["t", "a", "b", "c"],
+            "table": table.rows.tolist(),
+        },
         "versions": versions(),
         "checkpoint_hash": model.checkpoint_hash,
         "trained": dict(model.trained),

@@ -57,7 +57,9 @@ def _quiet_exporter() -> Iterator[None]:
         logger.setLevel(level)
 
 
-def _export_dynamo(module: torch.nn.Module, args: tuple[torch.Tensor, ...], spec: GraphSpec, opset: int) -> onnx.ModelProto:
+def _export_dynamo(
+    module: torch.nn.Module, args: tuple[torch.Tensor, ...], spec: GraphSpec, opset: int
+) -> onnx.ModelProto:
     batch = torch.export.Dim(BATCH_AXIS, min=1, max=4096)
     # Keyed by the forward()'s parameter names, which the spec's input names follow.
     dynamic = {name: {0: batch} for name in spec.input_names}
@@ -98,7 +100,10 @@ def _export_torchscript(
 
 def _fix_signature(proto: onnx.ModelProto, spec: GraphSpec) -> None:
     """Name the batch axis "batch" everywhere and refuse a graph whose signature is not the spec's."""
-    for values, tensors, kind in ((proto.graph.input, spec.inputs, "input"), (proto.graph.output, spec.outputs, "output")):
+    for values, tensors, kind in (
+        (proto.graph.input, spec.inputs, "input"),
+        (proto.graph.output, spec.outputs, "output"),
+    ):
         names = [v.name for v in values]
         if names != [t.name for t in tensors]:
             raise ArtifactError(f"{spec.name}: exported {kind}s {names}, expected {[t.name for t in tensors]}")
@@ -117,10 +122,14 @@ def _check_value(graph: str, value: onnx.ValueInfoProto, tensor: TensorSpec) -> 
     for axis, (dim, want) in enumerate(zip(dims, tensor.shape)):
         if want == BATCH_AXIS:
             if dim.HasField("dim_value"):
-                raise ArtifactError(f"{graph}: {value.name} axis 0 was specialized to {dim.dim_value}; batch must stay dynamic")
+                raise ArtifactError(
+                    f"{graph}: {value.name} axis 0 was specialized to {dim.dim_value}; batch must stay dynamic"
+                )
             dim.dim_param = BATCH_AXIS
         elif dim.dim_value != want:
-            raise ArtifactError(f"{graph}: {value.name} axis {axis} is {dim.dim_param or dim.dim_value}, expected {want}")
+            raise ArtifactError(
+                f"{graph}: {value.name} axis {axis} is {dim.dim_param or dim.dim_value}, expected {want}"
+            )
 
 
 def check_and_infer(proto: onnx.ModelProto) -> onnx.ModelProto:

@@ -41,7 +41,9 @@ class DenoiseStepGraph(nn.Module):
         super().__init__()
         self.step = model.step
 
-    def forward(self, z: torch.Tensor, z_image: torch.Tensor, coeffs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, z: torch.Tensor, z_image: torch.Tensor, coeffs: torch.Tensor, noise: torch.Tensor
+    ) -> torch.Tensor:
         return self.step(z, z_image, coeffs, noise)
 
 
@@ -187,4 +189,3 @@ def graph_specs(cfg: ModelConfig) -> dict[str, GraphSpec]:
         ),
     ]
     return {s.name: s for s in specs}
-

@@ -36,7 +36,9 @@ from ldseg.export.build_options import (
     resolve_precision,
     write_engines_json,
 )
-from ldseg.io.atomic import check_folder_target, staged_folder
+from ldseg.io.atomic import atomic_write, check_folder_target, staged_folder
+from ldseg.runtime import trt_compat
+from ldseg.runtime.bundle import Bundle, load_bundle
 from ldseg.runtime.engines import (
     ENGINE_SUFFIX,
     ENGINES_JSON,
@@ -50,10 +52,7 @@ from ldseg.runtime.engines import (
     require_tensorrt,
     trt_logger,
 )
-from ldseg.io.atomic import atomic_write
-from ldseg.runtime import trt_compat
 from ldseg.runtime.trt_compat import TrtApi
-from ldseg.runtime.bundle import Bundle, load_bundle
 
 if TYPE_CHECKING:
     import tensorrt as trt
@@ -160,7 +159,9 @@ def build_engines(
             layers_file = _write_layer_info(runtime, plan, tmp / f"{graph}.layers.json", say)
             size, digest = file_digest(engine_file)
             info = bundle.graph(graph)
-            engines[graph] = EngineFile(graph, engine_file.name, size, digest, round(seconds, 2), info.inputs, info.outputs, layers_file)
+            engines[graph] = EngineFile(
+                graph, engine_file.name, size, digest, round(seconds, 2), info.inputs, info.outputs, layers_file
+            )
             say(f"{graph}: {size / 2**20:.1f} MiB in {seconds:.1f} s")
             if cache_path is not None and shared_cache is not None:
                 _save_timing_cache(shared_cache, cache_path)  # after each graph: a crash keeps the work
@@ -254,7 +255,9 @@ def _build_one(
     path = bundle.graph_path(graph)
     if not parser.parse_from_file(str(path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise ArtifactError(f"{path}: TensorRT {trt.__version__} cannot parse this graph: {errors or logged_errors(logger)}")
+        raise ArtifactError(
+            f"{path}: TensorRT {trt.__version__} cannot parse this graph: {errors or logged_errors(logger)}"
+        )
     _check_network_io(network, bundle, graph, path)
 
     trt_profile = builder.create_optimization_profile()
@@ -302,6 +305,8 @@ def _write_layer_info(runtime: trt.Runtime, plan: trt.IHostMemory, path: Path, s
     info = engine.create_engine_inspector().get_engine_information(trt.LayerInformationFormat.JSON)
     path.write_text(info)
     summary = trt_compat.layer_summary(info)  # reads 10's "Bindings" and 11's "I/O Tensors" alike
-    say(f"{path.stem}: {summary['layers']} layers, {summary['int8_layers']} with an INT8 format, "
-        f"{summary['io_tensors']} I/O tensors (see {path.name})")
+    say(
+        f"{path.stem}: {summary['layers']} layers, {summary['int8_layers']} with an INT8 format, "
+        f"{summary['io_tensors']} I/O tensors (see {path.name})"
+    )
     return path.name

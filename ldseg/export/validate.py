@@ -49,7 +49,10 @@ class Tolerance:
 # (layers.GroupNorm; one 4.2M-voxel ReduceMean in ONNX Runtime had put it at 2.3e-3). FP16
 # adds FP16 rounding of weights and activations (normalizations, softmax and the sampler update
 # stay FP32, see fp16.py): measured 1e-4 to 1.2e-3 of max |ref|.
-TOLERANCES = {"fp32": Tolerance(rel=5e-4, atol=1e-5, agreement=99.9), "fp16": Tolerance(rel=2e-2, atol=1e-3, agreement=99.5)}
+TOLERANCES = {
+    "fp32": Tolerance(rel=5e-4, atol=1e-5, agreement=99.9),
+    "fp16": Tolerance(rel=2e-2, atol=1e-3, agreement=99.5),
+}
 
 
 @dataclass(frozen=True)
@@ -111,7 +114,9 @@ class ValidationReport:
 def compare_arrays(graph: str, output: str, got: np.ndarray, ref: np.ndarray, tol: Tolerance) -> GraphCheck:
     if ref.dtype == np.uint8:
         agreement = float((got == ref).mean() * 100.0)
-        return GraphCheck(graph, output, None, None, agreement, f">= {tol.agreement} % identical", agreement >= tol.agreement)
+        return GraphCheck(
+            graph, output, None, None, agreement, f">= {tol.agreement} % identical", agreement >= tol.agreement
+        )
     err = float(np.abs(got.astype(np.float64) - ref.astype(np.float64)).max())
     scale = float(np.abs(ref).max())
     rel = err / scale if scale > 0 else err
@@ -167,7 +172,9 @@ def validate_bundle(
     model.cpu().eval()
     bundle.check_compatible(model.cfg)
     if bundle.precision not in TOLERANCES:
-        raise ValueError(f"{bundle.path}: no export tolerances for a {bundle.precision} bundle (see its calibration report)")
+        raise ValueError(
+            f"{bundle.path}: no export tolerances for a {bundle.precision} bundle (see its calibration report)"
+        )
     tol = TOLERANCES[bundle.precision]
     names = [g for g in bundle.graphs if graphs is None or g in graphs]
     checks = [_check_graph(bundle, model, name, tol, seed, batch) for name in names]

@@ -131,6 +131,7 @@ def ensure_output_dir(path: Path) -> Path:
 
 # --------------------------------------------------------------------------- whole folders
 
+
 def check_folder_target(target: Path, overwrite: bool, marker: str) -> None:
     """Refuse an existing target without `overwrite`, and never replace a folder that is not an
     artifact of the same kind (`marker` file inside), whatever `overwrite` says."""

@@ -52,9 +52,7 @@ def _open(path: Path, modes: frozenset[str], what: str) -> Image.Image:
         with Image.open(path) as im:
             im.load()
             if im.mode not in modes:
-                raise InputError(
-                    f"{path}: unsupported {what} mode {im.mode} (expected one of {sorted(modes)})"
-                )
+                raise InputError(f"{path}: unsupported {what} mode {im.mode} (expected one of {sorted(modes)})")
             # copy() detaches the pixels from the file handle closed on leaving the block
             return im.copy()
     except InputError:
@@ -72,8 +70,7 @@ def read_image2d(path: Path) -> Image2D:
         raise InputError(f"{path}: empty image")
     if array.min() == array.max():
         raise InputError(
-            f"{path}: constant image (every pixel is {array.min():g}); "
-            "min-max standardization needs contrast"
+            f"{path}: constant image (every pixel is {array.min():g}); min-max standardization needs contrast"
         )
     return Image2D(array=array, path=path)
 

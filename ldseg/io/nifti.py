@@ -123,15 +123,12 @@ def _load_header(path: Path, max_voxels: int) -> tuple[nib.Nifti1Image, tuple[in
     size = _verify_gzip(path)
     if size < needed:
         raise InputError(
-            f"{path}: truncated or corrupt image data (the header needs {needed} bytes, "
-            f"the file holds {size})"
+            f"{path}: truncated or corrupt image data (the header needs {needed} bytes, the file holds {size})"
         )
     return img, shape
 
 
-def _read_array(
-    img: nib.Nifti1Image, path: Path, shape: tuple[int, ...], *, labels: bool
-) -> np.ndarray:
+def _read_array(img: nib.Nifti1Image, path: Path, shape: tuple[int, ...], *, labels: bool) -> np.ndarray:
     try:
         if labels:
             array = np.asanyarray(img.dataobj)

@@ -92,9 +92,7 @@ def image_to_model_grid(array_nib: np.ndarray, grid: Sequence[int]) -> np.ndarra
     return zoom_to(vol, target).astype(np.float32, copy=False)
 
 
-def labels_to_model_grid(
-    label_nib: np.ndarray, grid: Sequence[int], num_classes: int
-) -> np.ndarray:
+def labels_to_model_grid(label_nib: np.ndarray, grid: Sequence[int], num_classes: int) -> np.ndarray:
     """Input label map -> model grid, uint8. 3D: nibabel order in, (D, H, W) out, official
     per-class rule. 2D: binarized nearest resize (num_classes must be 2)."""
     target = _as_shape(grid)
@@ -114,9 +112,7 @@ def probabilities_to_input_grid(probs: np.ndarray, input_shape_nib: Sequence[int
     """
     shape_nib = _as_shape(input_shape_nib)
     if probs.ndim != 4 or len(shape_nib) != 3:
-        raise ValueError(
-            f"need probs (C, D, H, W) and a 3D input shape, got {probs.shape}, {shape_nib}"
-        )
+        raise ValueError(f"need probs (C, D, H, W) and a 3D input shape, got {probs.shape}, {shape_nib}")
     target = shape_nib[::-1]
     best = zoom_to(np.asarray(probs[0], dtype=np.float32), target)
     labels = np.zeros(target, dtype=np.uint8)
@@ -128,9 +124,7 @@ def probabilities_to_input_grid(probs: np.ndarray, input_shape_nib: Sequence[int
     return labels.transpose(_TO_MODEL)
 
 
-def labels_to_input_grid(
-    labels: np.ndarray, input_shape_nib: Sequence[int], num_classes: int
-) -> np.ndarray:
+def labels_to_input_grid(labels: np.ndarray, input_shape_nib: Sequence[int], num_classes: int) -> np.ndarray:
     """Model-grid labels (D, H, W) -> uint8 labels (X, Y, Z) with the official per-class rule."""
     shape_nib = _as_shape(input_shape_nib)
     if labels.ndim != 3 or len(shape_nib) != 3:

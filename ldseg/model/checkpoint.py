@@ -103,7 +103,9 @@ def load_checkpoint(path: Path | str) -> LDSeg:
         )
     for name, t in tensors.items():
         if t.shape != expected[name].shape:
-            raise ArtifactError(f"{path}: {name} has shape {tuple(t.shape)}, preset expects {tuple(expected[name].shape)}")
+            raise ArtifactError(
+                f"{path}: {name} has shape {tuple(t.shape)}, preset expects {tuple(expected[name].shape)}"
+            )
     model.load_state_dict(tensors, strict=False)
     model.checkpoint_hash = digest
     return model.eval()

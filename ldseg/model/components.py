@@ -133,7 +133,9 @@ class ImageEncoder(nn.Module):
             cin = width
         # 3D ends in a 3x3 conv; 2D in a 1x1 conv, a 1-channel attention and swish.
         self.out_conv = SameConv(dims, cin, 1, 1 if cfg.image_final_attention else 3)
-        self.out_attention = SelfAttention(1, groups=1, heads=1, normalized_residual=False) if cfg.image_final_attention else None
+        self.out_attention = (
+            SelfAttention(1, groups=1, heads=1, normalized_residual=False) if cfg.image_final_attention else None
+        )
         self.out_norm = BatchNorm(1)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:

@@ -136,8 +136,13 @@ PRESETS: dict[str, ModelConfig] = {
     # Classes 1 / 2 are the femur and tibia sides of the joint (../shared/data/README.md; each
     # covers ~0.63 L in a case, so bone with its cartilage rather than cartilage alone).
     "knee3d": ModelConfig(
-        preset="knee3d", spatial_dims=3, image_channels=1, image_size=(128, 128, 256), num_classes=3,
-        class_names=("background", "femur", "tibia"), class_colors=("#000000", "#e69f00", "#56b4e9"),
+        preset="knee3d",
+        spatial_dims=3,
+        image_channels=1,
+        image_size=(128, 128, 256),
+        num_classes=3,
+        class_names=("background", "femur", "tibia"),
+        class_colors=("#000000", "#e69f00", "#56b4e9"),
     ),
     # Official GlaS histology model (LDSeg.py / utilities/model.py).
     "glas2d": ModelConfig(

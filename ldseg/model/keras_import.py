@@ -120,9 +120,7 @@ def load_keras_weights(component: nn.Module, path: Path) -> None:
             ours[kind].append(module)
     if {k: len(v) for k, v in ours.items()} != {k: len(v) for k, v in file_layers.items()}:
         counts = {k: (len(ours.get(k, [])), len(file_layers.get(k, []))) for k in set(ours) | set(file_layers)}
-        raise ArtifactError(
-            f"{path}: layers do not match a {type(component).__name__} (ours, file per kind: {counts})"
-        )
+        raise ArtifactError(f"{path}: layers do not match a {type(component).__name__} (ours, file per kind: {counts})")
     for kind, modules in ours.items():
         for index, (module, weights) in enumerate(zip(modules, file_layers[kind])):
             state = module.state_dict()

@@ -329,4 +329,3 @@ class TimeResBlock(nn.Module):
         h = self.conv1(swish(self.norm1(x))) + t
         h = self.conv2(swish(self.norm2(h)))
         return h + residual
-

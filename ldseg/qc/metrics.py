@@ -92,9 +92,7 @@ def class_stats(
     return stats
 
 
-def uncertainty_stats(
-    votes: np.ndarray, labels: np.ndarray, num_classes: int
-) -> tuple[float | None, float | None]:
+def uncertainty_stats(votes: np.ndarray, labels: np.ndarray, num_classes: int) -> tuple[float | None, float | None]:
     """(mean vote entropy, fraction with vote confidence < LOW_CONFIDENCE) over the predicted
     structures' union (`labels` > 0). `votes` (K, *grid) are the K samples' labels, `labels` the
     final segmentation on the same grid. Vote confidence of a voxel = share of the K votes equal

@@ -98,8 +98,7 @@ def _figure(
     grid = []
     for r, name in enumerate(row_names):
         y = fig_h - top - (r + 1) * row_h - r * gap
-        fig.text(0.5 * left / fig_w, (y + row_h / 2) / fig_h, name, rotation=90, ha="center", va="center",
-                 fontsize=8)
+        fig.text(0.5 * left / fig_w, (y + row_h / 2) / fig_h, name, rotation=90, ha="center", va="center", fontsize=8)
         x, row = left, []
         for w, _ in sizes:
             ax = fig.add_axes((x / fig_w, y / fig_h, w * scale / fig_w, row_h / fig_h))
@@ -119,20 +118,30 @@ def _png(fig: Figure) -> bytes:
 
 
 def _entropy_panel(
-    ax: Axes, image: np.ndarray, entropy: np.ndarray, window: tuple[float, float], aspect: float,
+    ax: Axes,
+    image: np.ndarray,
+    entropy: np.ndarray,
+    window: tuple[float, float],
+    aspect: float,
     origin: Literal["lower", "upper"] = "lower",
 ) -> AxesImage:
     """Entropy in colour over the dimmed image (zero entropy shows the image: where it lies)."""
     lo, hi = window
-    ax.imshow(image, cmap="gray", vmin=lo, vmax=lo + 2.5 * (hi - lo), origin=origin, aspect=aspect,
-              interpolation="nearest")  # dimmed: the colours stand out
-    return ax.imshow(np.ma.masked_less_equal(entropy, 0.0), cmap="magma", vmin=0.0, vmax=1.0,
-                     origin=origin, aspect=aspect, interpolation="nearest")
+    ax.imshow(
+        image, cmap="gray", vmin=lo, vmax=lo + 2.5 * (hi - lo), origin=origin, aspect=aspect, interpolation="nearest"
+    )  # dimmed: the colours stand out
+    return ax.imshow(
+        np.ma.masked_less_equal(entropy, 0.0),
+        cmap="magma",
+        vmin=0.0,
+        vmax=1.0,
+        origin=origin,
+        aspect=aspect,
+        interpolation="nearest",
+    )
 
 
-def preview_3d(
-    image: np.ndarray, seg: np.ndarray, entropy: np.ndarray | None, affine: np.ndarray, title: str
-) -> bytes:
+def preview_3d(image: np.ndarray, seg: np.ndarray, entropy: np.ndarray | None, affine: np.ndarray, title: str) -> bytes:
     """PNG bytes for a volume; arrays in nibabel order (X, Y, Z) on the input grid."""
     arrays = [image, seg] + ([entropy] if entropy is not None else [])
     ras, zooms = _to_ras(arrays, affine)
@@ -148,14 +157,17 @@ def preview_3d(
     ):
         aspect = zooms[ax_v] / zooms[ax_h]
         for row in (0, 1):
-            grid[row][col].imshow(img_s, cmap="gray", vmin=lo, vmax=hi, origin="lower", aspect=aspect,
-                                  interpolation="nearest")
+            grid[row][col].imshow(
+                img_s, cmap="gray", vmin=lo, vmax=hi, origin="lower", aspect=aspect, interpolation="nearest"
+            )
         grid[1][col].imshow(_overlay(seg_s), origin="lower", aspect=aspect, interpolation="nearest")
         grid[0][col].set_title(f"{view} ({'xyz'[3 - ax_h - ax_v]} = {centre[3 - ax_h - ax_v]})", fontsize=8)
-        grid[0][col].text(0.98, 0.5, right, transform=grid[0][col].transAxes, color="yellow", fontsize=8,
-                          ha="right", va="center")
-        grid[0][col].text(0.5, 0.98, up, transform=grid[0][col].transAxes, color="yellow", fontsize=8,
-                          ha="center", va="top")
+        grid[0][col].text(
+            0.98, 0.5, right, transform=grid[0][col].transAxes, color="yellow", fontsize=8, ha="right", va="center"
+        )
+        grid[0][col].text(
+            0.5, 0.98, up, transform=grid[0][col].transAxes, color="yellow", fontsize=8, ha="center", va="top"
+        )
         if entropy is not None:
             shown = _entropy_panel(grid[2][col], img_s, _slices(ras[2], centre)[col], (lo, hi), aspect)
     if cax is not None:

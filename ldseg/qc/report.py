@@ -76,8 +76,7 @@ def cohort_flags(records: list[VolumeQC]) -> dict[str, list[str]]:
 
 def ranked(records: list[VolumeQC]) -> list[VolumeQC]:
     """Most uncertain first (mean structure entropy); volumes without one last, by name."""
-    return sorted(records, key=lambda r: (r.mean_structure_entropy is None, -(r.mean_structure_entropy or 0.0),
-                                          r.name))
+    return sorted(records, key=lambda r: (r.mean_structure_entropy is None, -(r.mean_structure_entropy or 0.0), r.name))
 
 
 def _thumbnail(path: Path) -> str | None:
@@ -109,10 +108,14 @@ def render_report(
         for i, r in enumerate(ranked(records))
     ]
     keys = sorted({k for r in records for k in r.classes}, key=int)
-    classes = [(k, next(r.classes[k].name for r in records if k in r.classes), class_color_hex(int(k)))
-               for k in keys]
-    env = Environment(loader=PackageLoader("ldseg.qc", "templates"), autoescape=select_autoescape(["html", "j2"]),
-                      undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    classes = [(k, next(r.classes[k].name for r in records if k in r.classes), class_color_hex(int(k))) for k in keys]
+    env = Environment(
+        loader=PackageLoader("ldseg.qc", "templates"),
+        autoescape=select_autoescape(["html", "j2"]),
+        undefined=StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
     return env.get_template("report.html.j2").render(
         rows=rows,
         classes=classes,
@@ -152,6 +155,7 @@ def one_line(record: VolumeQC) -> str:
         dice = f", Dice {qc.dice:.4f}" if qc.dice is not None else ""
         parts.append(f"{qc.name} {size}, {qc.components} component{'s' if qc.components != 1 else ''}{dice}")
     if record.mean_structure_entropy is not None and record.low_confidence_fraction is not None:
-        parts.append(f"mean entropy {record.mean_structure_entropy:.4f}, "
-                     f"unsure {100 * record.low_confidence_fraction:.2f} %")
+        parts.append(
+            f"mean entropy {record.mean_structure_entropy:.4f}, unsure {100 * record.low_confidence_fraction:.2f} %"
+        )
     return f"{record.name}: " + "; ".join(parts)

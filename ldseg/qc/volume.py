@@ -47,11 +47,11 @@ def read_reference(prepared: Prepared, cfg: ModelConfig, labels_dir: Path) -> Re
     else:
         labels = read_label_volume(path).array
     if labels.shape != prepared.input_shape:
-        raise InputError(f"{path}: label of shape {labels.shape}, its image {prepared.path.name} "
-                         f"has shape {prepared.input_shape}")
+        raise InputError(
+            f"{path}: label of shape {labels.shape}, its image {prepared.path.name} has shape {prepared.input_shape}"
+        )
     if labels.max() >= cfg.num_classes:
-        raise InputError(f"{path}: label values up to {labels.max()}, the model has classes "
-                         f"0..{cfg.num_classes - 1}")
+        raise InputError(f"{path}: label values up to {labels.max()}, the model has classes 0..{cfg.num_classes - 1}")
     return Reference(path, labels)
 
 
@@ -88,8 +88,9 @@ class QcExtras:
             if isinstance(prepared.reference, Image2D):
                 out.contents[PREVIEW] = preview_2d(prepared.reference.array, seg, entropy, title)
             else:
-                out.contents[PREVIEW] = preview_3d(prepared.reference.array, seg, entropy,
-                                                   prepared.reference.affine, title)
+                out.contents[PREVIEW] = preview_3d(
+                    prepared.reference.array, seg, entropy, prepared.reference.affine, title
+                )
             out.stage_ms["preview"] = (time.perf_counter() - clock) * 1e3
         if QC in targets:
             clock = time.perf_counter()

@@ -106,7 +106,8 @@ class Bundle:
             reasons.append(f"latent shape {mine.latent_shape}, expected {cfg.latent_shape}")
         if not reasons:  # same preset and shapes: the architecture fields must agree too
             differing = [
-                f.name for f in fields(ModelConfig)
+                f.name
+                for f in fields(ModelConfig)
                 if f.name not in NON_ARCHITECTURE and getattr(mine, f.name) != getattr(cfg, f.name)
             ]
             if differing:
@@ -126,7 +127,9 @@ class Bundle:
 
 def parse_tensor(data: Mapping[str, Any]) -> TensorInfo:
     """A tensor entry of manifest.json or engines.json."""
-    return TensorInfo(str(data["name"]), tuple(d if isinstance(d, str) else int(d) for d in data["shape"]), str(data["dtype"]))
+    return TensorInfo(
+        str(data["name"]), tuple(d if isinstance(d, str) else int(d) for d in data["shape"]), str(data["dtype"])
+    )
 
 
 def _graph(name: str, data: Mapping[str, Any]) -> GraphInfo:
@@ -144,7 +147,9 @@ def _graph(name: str, data: Mapping[str, Any]) -> GraphInfo:
 def parse_manifest(path: Path, data: Mapping[str, Any]) -> Bundle:
     fmt = data.get("format")
     if fmt != BUNDLE_FORMAT:
-        raise ArtifactError(f"{path}: bundle format {fmt!r} is not one this ldseg reads ({BUNDLE_FORMAT!r}); re-export it")
+        raise ArtifactError(
+            f"{path}: bundle format {fmt!r} is not one this ldseg reads ({BUNDLE_FORMAT!r}); re-export it"
+        )
     try:
         order = {name: i for i, name in enumerate(GRAPH_NAMES)}  # pipeline order, unknown names last
         items = sorted(data["graphs"].items(), key=lambda kv: order.get(kv[0], len(order)))

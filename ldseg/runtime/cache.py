@@ -75,8 +75,10 @@ class BundleKey:
 
     @property
     def name(self) -> str:
-        return (f"{_slug(self.preset)}-{self.checkpoint_sha256[:16]}-{self.precision}-opset{self.opset}"
-                f"-b{self.batch}-ldseg{_slug(self.ldseg_version)}")
+        return (
+            f"{_slug(self.preset)}-{self.checkpoint_sha256[:16]}-{self.precision}-opset{self.opset}"
+            f"-b{self.batch}-ldseg{_slug(self.ldseg_version)}"
+        )
 
 
 @dataclass(frozen=True)
@@ -93,8 +95,10 @@ class EngineKey:
     @property
     def name(self) -> str:
         digest = hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
-        return (f"{_slug(self.bundle.preset)}-{self.bundle.precision}-b{self.max_batch}-{_slug(self.gpu_name)}"
-                f"-sm{_slug(self.compute_capability)}-trt{_slug(self.tensorrt_version)}-{digest}")
+        return (
+            f"{_slug(self.bundle.preset)}-{self.bundle.precision}-b{self.max_batch}-{_slug(self.gpu_name)}"
+            f"-sm{_slug(self.compute_capability)}-trt{_slug(self.tensorrt_version)}-{digest}"
+        )
 
 
 class Reporter(Protocol):
@@ -170,8 +174,9 @@ class ArtifactCache:
         self.hits: list[CacheHit] = []  # what this cache object reused or built, in order
 
     # ------------------------------------------------------------------ bundles
-    def bundle(self, checkpoint: CheckpointRef | LDSeg, *, precision: str = "fp32", opset: int = 18,
-               batch: int = 1) -> Path:
+    def bundle(
+        self, checkpoint: CheckpointRef | LDSeg, *, precision: str = "fp32", opset: int = 18, batch: int = 1
+    ) -> Path:
         """The validated bundle of a checkpoint: reused, or exported now (the model is loaded only then)."""
         ref = checkpoint if isinstance(checkpoint, CheckpointRef) else CheckpointRef.of(checkpoint)
         key = BundleKey(ref.sha256, ref.preset, precision, opset, batch)
@@ -193,14 +198,23 @@ class ArtifactCache:
             raise ArtifactError(f"{bundle_dir}: the bundle records no checkpoint hash")
         key = EngineKey(
             BundleKey(bundle.checkpoint_hash, bundle.preset, bundle.precision, bundle.opset, bundle.batch),
-            bundle_hash(bundle_dir), environment.gpu_name, environment.compute_capability,
-            environment.trt_version, max_batch,
+            bundle_hash(bundle_dir),
+            environment.gpu_name,
+            environment.compute_capability,
+            environment.trt_version,
+            max_batch,
         )
         builder = self.build_engines
         if builder is None:
             raise ArtifactError("this artifact cache has no engine builder")
-        timing = self.root / TENSORRT / (f"timing-trt{_slug(environment.trt_version)}-{_slug(environment.gpu_name)}"
-                                         f"-sm{_slug(environment.compute_capability)}.cache")
+        timing = (
+            self.root
+            / TENSORRT
+            / (
+                f"timing-trt{_slug(environment.trt_version)}-{_slug(environment.gpu_name)}"
+                f"-sm{_slug(environment.compute_capability)}.cache"
+            )
+        )
 
         def build(target: Path, progress: Progress) -> None:
             _mkdir(timing.parent)
@@ -216,8 +230,14 @@ class ArtifactCache:
 
     # ------------------------------------------------------------------ one entry
     def entry(
-        self, kind: str, name: str, what: str, check: Callable[[Path], None], build: Callable[[Path, Progress], None],
-        *, verb: str = "building",
+        self,
+        kind: str,
+        name: str,
+        what: str,
+        check: Callable[[Path], None],
+        build: Callable[[Path, Progress], None],
+        *,
+        verb: str = "building",
     ) -> Path:
         """The entry `kind/name`: checked and reused, or (re)built under its lock and checked.
 
@@ -256,19 +276,25 @@ class ArtifactCache:
 
 def _reason(exc: ArtifactError, path: Path) -> str:
     text = str(exc)
-    return text[len(str(path)) + 2:] if text.startswith(f"{path}: ") else text
+    return text[len(str(path)) + 2 :] if text.startswith(f"{path}: ") else text
 
 
 def check_bundle(path: Path, key: BundleKey) -> None:
     """A cached bundle is the one its key names: every file's SHA-256, a passed validation, same key fields."""
     bundle = load_bundle(path)  # SHA-256 of every file; refuses a bundle without a passed validation
     found = {
-        "checkpoint": bundle.checkpoint_hash, "precision": bundle.precision, "opset": bundle.opset,
-        "batch": bundle.batch, "ldseg version": bundle.versions.get("ldseg"),
+        "checkpoint": bundle.checkpoint_hash,
+        "precision": bundle.precision,
+        "opset": bundle.opset,
+        "batch": bundle.batch,
+        "ldseg version": bundle.versions.get("ldseg"),
     }
     wanted = {
-        "checkpoint": key.checkpoint_sha256, "precision": key.precision, "opset": key.opset,
-        "batch": key.batch, "ldseg version": key.ldseg_version,
+        "checkpoint": key.checkpoint_sha256,
+        "precision": key.precision,
+        "opset": key.opset,
+        "batch": key.batch,
+        "ldseg version": key.ldseg_version,
     }
     for field, value in wanted.items():
         if found[field] != value:
@@ -314,6 +340,7 @@ def _remove(path: Path) -> None:
 
 
 # --------------------------------------------------------------------------- list / clear
+
 
 @dataclass(frozen=True)
 class CacheEntry:

@@ -145,7 +145,9 @@ class Stream:
 
     def __init__(self) -> None:
         cudart = runtime()
-        self.handle: Any = check(cudart.cudaStreamCreateWithFlags(cudart.cudaStreamNonBlocking), "cudaStreamCreateWithFlags")
+        self.handle: Any = check(
+            cudart.cudaStreamCreateWithFlags(cudart.cudaStreamNonBlocking), "cudaStreamCreateWithFlags"
+        )
 
     @property
     def ptr(self) -> int:

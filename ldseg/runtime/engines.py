@@ -46,6 +46,7 @@ RUNTIME_GRAPHS = ("encoder", "denoise_step", "decoder", "decoder_argmax")
 
 # --------------------------------------------------------------------------- engines.json
 
+
 @dataclass(frozen=True)
 class InputProfile:
     name: str
@@ -69,7 +70,6 @@ class BatchProfile:
 
     def accepts(self, batch: int) -> bool:
         return self.min_batch <= batch <= self.max_batch
-
 
 
 @dataclass(frozen=True)
@@ -168,7 +168,9 @@ class EngineSet:
     def from_dict(path: Path, data: Mapping[str, Any]) -> EngineSet:
         fmt = data.get("format")
         if fmt != ENGINES_FORMAT:
-            raise ArtifactError(f"{path}: engine set format {fmt!r} is not one this ldseg reads ({ENGINES_FORMAT!r}); rebuild it")
+            raise ArtifactError(
+                f"{path}: engine set format {fmt!r} is not one this ldseg reads ({ENGINES_FORMAT!r}); rebuild it"
+            )
         try:
             bundle, gpu, diffusion = data["bundle"], data["gpu"], data["diffusion"]
             profiles = {
@@ -178,7 +180,8 @@ class EngineSet:
                     int(p["opt_batch"]),
                     int(p["max_batch"]),
                     tuple(
-                        InputProfile(name, tuple(s["min"]), tuple(s["opt"]), tuple(s["max"])) for name, s in p["inputs"].items()
+                        InputProfile(name, tuple(s["min"]), tuple(s["opt"]), tuple(s["max"]))
+                        for name, s in p["inputs"].items()
                     ),
                 )
                 for g, p in data["profiles"].items()
@@ -219,7 +222,9 @@ class EngineSet:
                 builder=dict(data.get("builder", {})),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise ArtifactError(f"{path}: {ENGINES_JSON} is incomplete or malformed ({type(exc).__name__}: {exc})") from exc
+            raise ArtifactError(
+                f"{path}: {ENGINES_JSON} is incomplete or malformed ({type(exc).__name__}: {exc})"
+            ) from exc
 
 
 def _tensorrt_version(data: Mapping[str, Any]) -> str:
@@ -237,7 +242,9 @@ def read_engine_set(folder: Path | str) -> EngineSet:
     folder = Path(folder)
     path = folder / ENGINES_JSON
     if not path.is_file():
-        raise ArtifactError(f"{folder}: not an ldseg engine set (no {ENGINES_JSON}); build one with `ldseg-export build-engine`")
+        raise ArtifactError(
+            f"{folder}: not an ldseg engine set (no {ENGINES_JSON}); build one with `ldseg-export build-engine`"
+        )
     return EngineSet.from_dict(folder, read_json_object(path, "engine-set description"))
 
 
@@ -250,6 +257,7 @@ def bundle_hash(bundle_dir: Path | str) -> str:
 
 
 # --------------------------------------------------------------------------- environment checks
+
 
 @dataclass(frozen=True)
 class Environment:
@@ -312,12 +320,14 @@ def engine_set_problems(
     missing = [g for g in REQUIRED_GRAPHS if g not in es.engines]
     if missing:
         problems.append(Problem("artifact", f"engines for {', '.join(missing)} are missing from {ENGINES_JSON}"))
-    for graph, entry in es.engines.items():
+    for entry in es.engines.values():
         path = folder / entry.file
         if not path.is_file():
             problems.append(Problem("artifact", f"{path}: listed in {ENGINES_JSON} but missing"))
         elif sha256_file(path) != entry.sha256:
-            problems.append(Problem("artifact", f"{path}: SHA-256 does not match {ENGINES_JSON} (file altered or truncated)"))
+            problems.append(
+                Problem("artifact", f"{path}: SHA-256 does not match {ENGINES_JSON} (file altered or truncated)")
+            )
     return problems
 
 

@@ -282,8 +282,11 @@ class OnnxRuntimeBackend(Backend[OrtPlan, int]):
                     raise
                 # Nodes off the CUDA EP (or control flow): this graph runs without capture, announced.
                 self.graph_refusals[name] = str(exc).strip().splitlines()[0]
-                warnings.warn(f"onnxruntime: {name} runs without a CUDA graph: {self.graph_refusals[name]}",
-                              RuntimeWarning, stacklevel=2)
+                warnings.warn(
+                    f"onnxruntime: {name} runs without a CUDA graph: {self.graph_refusals[name]}",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
                 graphs = False
                 session = ort.InferenceSession(str(path), options, providers=self._providers(graphs))
         except _ORT_ERRORS as exc:

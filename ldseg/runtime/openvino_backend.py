@@ -81,8 +81,10 @@ class OpenVinoPlan:
         self.noise = np.zeros(step.inputs[3].concrete(batch), np.float32)
         self.labels = np.zeros(argmax.outputs[0].concrete(batch), np.dtype(argmax.outputs[0].dtype))
         self.probs: np.ndarray | None = None
-        self.tensors = {id(a): ov.Tensor(a, shared_memory=True) for a in (
-            self.image, self.z_image, *self.z, self.coeffs, self.noise, self.labels)}
+        self.tensors = {
+            id(a): ov.Tensor(a, shared_memory=True)
+            for a in (self.image, self.z_image, *self.z, self.coeffs, self.noise, self.labels)
+        }
         self.encoder = self._request("encoder", [self.image], [self.z_image])
         self.step = self._request("denoise_step", [self.z[0], self.z_image, self.coeffs, self.noise], [self.z[1]])
         self.argmax = self._request("decoder_argmax", [self.z[0]], [self.labels])
@@ -172,12 +174,16 @@ class OpenVinoBackend(Backend[OpenVinoPlan, int]):
                 if self.precision == "int8" and name in ("denoise_step", "denoiser"):
                     _keep_concats_float(self.ov, model)
                 model.reshape({t.name: list(t.concrete(batch)) for t in info.inputs})
-                self._compiled[key] = self.core.compile_model(model, "CPU", {
-                    "INFERENCE_PRECISION_HINT": _HINTS[self.precision],
-                    "INFERENCE_NUM_THREADS": self.threads,
-                    "PERFORMANCE_HINT": "LATENCY",
-                    "NUM_STREAMS": 1,
-                })
+                self._compiled[key] = self.core.compile_model(
+                    model,
+                    "CPU",
+                    {
+                        "INFERENCE_PRECISION_HINT": _HINTS[self.precision],
+                        "INFERENCE_NUM_THREADS": self.threads,
+                        "PERFORMANCE_HINT": "LATENCY",
+                        "NUM_STREAMS": 1,
+                    },
+                )
             except RuntimeError as exc:
                 raise ArtifactError(f"{path}: OpenVINO cannot compile it ({str(exc).splitlines()[0]})") from exc
         return self._compiled[key]
@@ -230,8 +236,11 @@ def _keep_concats_float(ov: Any, model: Any) -> None:
     (relative L2) and the labels' agreement with FP32 from ~99.8 % to ~98.5 %. Applied to the
     denoiser graphs only: there the Concats sit on latent-sized tensors (skips, time embedding), so
     the extra outputs cost nothing; the decoder's INT8 output already matched ONNX Runtime's."""
-    concats = [op.output(0) for op in model.get_ordered_ops()
-               if op.get_type_name() == "Concat" and op.get_output_element_type(0) == ov.Type.f32]
+    concats = [
+        op.output(0)
+        for op in model.get_ordered_ops()
+        if op.get_type_name() == "Concat" and op.get_output_element_type(0) == ov.Type.f32
+    ]
     if concats:
         model.add_outputs(concats)
 

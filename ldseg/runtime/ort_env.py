@@ -8,7 +8,6 @@ one it finds can do the job, saying exactly how to fix the install when it canno
 
 from __future__ import annotations
 
-
 from ldseg.errors import BackendUnavailable
 from ldseg.versions import installed_versions
 

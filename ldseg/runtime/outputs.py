@@ -113,8 +113,15 @@ def write_target(
 
     if target.output_type != "dicom-seg":
         values, dtype = outputs[target.suffix]
-        write_map(target.path, prepared, values, overwrite=opts.overwrite, dtype=dtype,
-                  output_type=target.output_type, description=description)
+        write_map(
+            target.path,
+            prepared,
+            values,
+            overwrite=opts.overwrite,
+            dtype=dtype,
+            output_type=target.output_type,
+            description=description,
+        )
         return
     if opts.seg_type == "fractional":
         values = np.stack([outputs[f"_prob{c}"][0] for c in range(1, cfg.num_classes)])
@@ -123,7 +130,11 @@ def write_target(
     if not isinstance(prepared.reference, Volume):  # check_output_options keeps 2D models off this path
         raise ValueError("a DICOM SEG is written for a 3D volume only")
     write_dicom_seg(
-        target.path, values, prepared.reference, names=cfg.names, colors=cfg.colors,
+        target.path,
+        values,
+        prepared.reference,
+        names=cfg.names,
+        colors=cfg.colors,
         algorithm=opts.algorithm or Algorithm(None),
         seg_type="fractional" if opts.seg_type == "fractional" else "binary",
         overwrite=opts.overwrite,

@@ -48,6 +48,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ldseg.errors import ArtifactError, BackendUnavailable
+from ldseg.runtime import cuda, trt_compat
+from ldseg.runtime.backend import STAGES, Backend, CaptureFailed, PipelineInputs
+from ldseg.runtime.bundle import TensorInfo
 from ldseg.runtime.engines import (
     EngineSet,
     detect_environment,
@@ -57,14 +60,19 @@ from ldseg.runtime.engines import (
     require_tensorrt,
     trt_logger,
 )
-from ldseg.runtime import cuda, trt_compat
-from ldseg.runtime.backend import STAGES, Backend, CaptureFailed, PipelineInputs
-from ldseg.runtime.bundle import TensorInfo
 
 if TYPE_CHECKING:
     import tensorrt as trt
 
-_NUMPY_OF_TRT = {"FLOAT": "float32", "HALF": "float16", "UINT8": "uint8", "INT8": "int8", "INT32": "int32", "INT64": "int64", "BOOL": "bool"}
+_NUMPY_OF_TRT = {
+    "FLOAT": "float32",
+    "HALF": "float16",
+    "UINT8": "uint8",
+    "INT8": "int8",
+    "INT32": "int32",
+    "INT64": "int64",
+    "BOOL": "bool",
+}
 
 
 class EnqueueFailed(BackendUnavailable):
@@ -77,7 +85,9 @@ def parse_device(device: str) -> int:
         return 0
     if device.startswith("cuda:") and device[5:].isdigit():
         return int(device[5:])
-    raise BackendUnavailable(f"the TensorRT backend runs on an NVIDIA GPU: device must be 'cuda' or 'cuda:N', got {device!r}")
+    raise BackendUnavailable(
+        f"the TensorRT backend runs on an NVIDIA GPU: device must be 'cuda' or 'cuda:N', got {device!r}"
+    )
 
 
 def check_usable(engines_dir: Path, environment_problems: list[str], artifact_problems: list[str]) -> None:
@@ -109,7 +119,9 @@ class _Context:
         self.graph, self.logger = graph, logger
         context = engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
         if context is None:  # the binding returns None on failure; the stubs do not say so
-            raise BackendUnavailable(f"TensorRT could not create an execution context for {graph}: {logged_errors(logger)}")
+            raise BackendUnavailable(
+                f"TensorRT could not create an execution context for {graph}: {logged_errors(logger)}"
+            )
         trt_compat.set_device_memory(context, activation.ptr, activation.nbytes)
         try:  # a refusal raises (the bool it returns is true whenever it returns)
             accepted = context.set_optimization_profile_async(0, stream.ptr)
@@ -155,7 +167,9 @@ class _Device:
     def make(shape: tuple[int, ...], dtype: str, pinned: bool) -> _Device:
         np_dtype = np.dtype(dtype)
         nbytes = int(np.prod(shape, dtype=np.int64)) * np_dtype.itemsize
-        return _Device(shape, np_dtype, cuda.DeviceBuffer(nbytes), cuda.PinnedArray(shape, np_dtype) if pinned else None)
+        return _Device(
+            shape, np_dtype, cuda.DeviceBuffer(nbytes), cuda.PinnedArray(shape, np_dtype) if pinned else None
+        )
 
     def free(self) -> None:
         self.buffer.free()
@@ -172,7 +186,9 @@ class _Batch:
         self.batch = batch
         self.image = _Device.make(enc.inputs[0].concrete(batch), "float32", pinned=True)
         self.z_image = _Device.make(enc.outputs[0].concrete(batch), "float32", pinned=False)
-        self.z = [_Device.make(step.inputs[0].concrete(batch), "float32", pinned=i == 0) for i in range(2)]  # z[0] <- z_init
+        self.z = [
+            _Device.make(step.inputs[0].concrete(batch), "float32", pinned=i == 0) for i in range(2)
+        ]  # z[0] <- z_init
         self.coeffs = _Device.make(step.inputs[2].concrete(batch), "float32", pinned=False)
         self.noise = _Device.make(step.inputs[3].concrete(batch), "float32", pinned=False)
         argmax = es.engines["decoder_argmax"].outputs[0]
@@ -180,7 +196,8 @@ class _Batch:
         ctx = backend.context
         self.encoder = ctx("encoder", {"image": self.image, "z_image": self.z_image})
         self.steps = [
-            ctx("denoise_step", {"z": self.z[p], "z_image": self.z_image, "coeffs": self.coeffs, "noise": self.noise, "z_next": self.z[1 - p]})
+            ctx("denoise_step", {"z": self.z[p], "z_image": self.z_image, "coeffs": self.coeffs,
+                                 "noise": self.noise, "z_next": self.z[1 - p]})
             for p in (0, 1)
         ]  # fmt: skip
         self.argmax = [ctx("decoder_argmax", {"z": self.z[p], "labels": self.labels}) for p in (0, 1)]
@@ -192,7 +209,15 @@ class _Batch:
             self.decoder = [ctx("decoder", {"z": self.z[p], out.name: self.probs}) for p in (0, 1)]
 
     def buffers(self) -> list[_Device]:
-        return [self.image, self.z_image, *self.z, self.coeffs, self.noise, self.labels, *([self.probs] if self.probs else [])]
+        return [
+            self.image,
+            self.z_image,
+            *self.z,
+            self.coeffs,
+            self.noise,
+            self.labels,
+            *([self.probs] if self.probs else []),
+        ]
 
 
 class _Steps:
@@ -266,7 +291,10 @@ class TensorRTBackend(Backend[_Plan, int]):
         for graph, entry in self.engine_set.engines.items():
             engine = self.runtime.deserialize_cuda_engine(self.engine_set.engine_path(graph).read_bytes())
             if engine is None:  # the binding returns None on failure; the stubs do not say so
-                raise ArtifactError(f"{self.engine_set.engine_path(graph)}: TensorRT cannot deserialize it: {logged_errors(self.logger)}")
+                raise ArtifactError(
+                    f"{self.engine_set.engine_path(graph)}: TensorRT cannot deserialize it: "
+                    f"{logged_errors(self.logger)}"
+                )
             self._check_io(graph, engine, entry.inputs, entry.outputs)
             self.engines[graph] = engine
         self.stream = cuda.Stream()
@@ -278,11 +306,15 @@ class TensorRTBackend(Backend[_Plan, int]):
 
     # ------------------------------------------------------------------ setup
 
-    def _check_io(self, graph: str, engine: trt.ICudaEngine, inputs: tuple[TensorInfo, ...], outputs: tuple[TensorInfo, ...]) -> None:
+    def _check_io(
+        self, graph: str, engine: trt.ICudaEngine, inputs: tuple[TensorInfo, ...], outputs: tuple[TensorInfo, ...]
+    ) -> None:
         import tensorrt as trt
 
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
-        expected = {t.name: (t, trt.TensorIOMode.INPUT) for t in inputs} | {t.name: (t, trt.TensorIOMode.OUTPUT) for t in outputs}
+        expected = {t.name: (t, trt.TensorIOMode.INPUT) for t in inputs} | {
+            t.name: (t, trt.TensorIOMode.OUTPUT) for t in outputs
+        }
         if sorted(names) != sorted(expected):
             raise ArtifactError(f"{graph}: engine I/O {sorted(names)} does not match {sorted(expected)}")
         for name in names:
@@ -342,7 +374,9 @@ class TensorRTBackend(Backend[_Plan, int]):
     def decode(self, plan: _Plan, z: int, probabilities: bool) -> None:
         b = plan.b
         if probabilities and b.probs is None:
-            raise ArtifactError(f"{self.engines_dir}: no decoder engine, so no probabilities; rebuild from a bundle with a decoder")
+            raise ArtifactError(
+                f"{self.engines_dir}: no decoder engine, so no probabilities; rebuild from a bundle with a decoder"
+            )
         (b.decoder if probabilities else b.argmax)[z].enqueue(self.stream)
 
     def copy_out(self, plan: _Plan, probabilities: bool) -> tuple[np.ndarray, np.ndarray | None]:

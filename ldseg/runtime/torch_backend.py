@@ -53,16 +53,24 @@ class TorchBackend(Backend[TorchPlan, torch.Tensor]):
 
     def __init__(self, model: LDSeg, device: str = "cpu", cuda_graph: bool | None = None):
         target = _torch_device(device)
-        super().__init__(model.cfg, f"model {model.cfg.preset!r}",
-                         cuda_graph=target.type == "cuda" if cuda_graph is None else cuda_graph)
+        super().__init__(
+            model.cfg,
+            f"model {model.cfg.preset!r}",
+            cuda_graph=target.type == "cuda" if cuda_graph is None else cuda_graph,
+        )
         self.model = _on_device(model, target)
         self.device = str(target)  # "cpu" or "cuda:N"
         self.precision = "fp32"
         self._plans: dict[tuple[int, int], TorchPlan] = {}
 
     def describe(self) -> dict[str, str]:
-        return {"backend": self.name, "device": self.device, "precision": self.precision, "mode": self.mode,
-                "tf32": "off"}
+        return {
+            "backend": self.name,
+            "device": self.device,
+            "precision": self.precision,
+            "mode": self.mode,
+            "tf32": "off",
+        }
 
     # ------------------------------------------------------------------ stages
     def plan(self, batch: int, steps: int) -> TorchPlan:
@@ -78,8 +86,12 @@ class TorchBackend(Backend[TorchPlan, torch.Tensor]):
         return self._plans[key]
 
     def copy_in(self, plan: TorchPlan, inputs: PipelineInputs) -> torch.Tensor:
-        for target, source in ((plan.image, inputs.image), (plan.z_init, inputs.z_init),
-                               (plan.noise, inputs.noise), (plan.table, inputs.table)):
+        for target, source in (
+            (plan.image, inputs.image),
+            (plan.z_init, inputs.z_init),
+            (plan.noise, inputs.noise),
+            (plan.table, inputs.table),
+        ):
             target.copy_(torch.from_numpy(source))
         return plan.z_init
 

@@ -52,7 +52,8 @@ def expand_folder(folder: Path) -> list[Path]:
         found = [p for p in sorted(folder.iterdir()) if p.is_dir() and not p.name.startswith(".") and holds_dicom(p)]
     if not found:
         raise InputError(
-            f"{folder}: no .nii/.nii.gz/.nrrd/.nhdr/.mha/.mhd/.png/.bmp/.jpg/.tif files and no DICOM files in this folder"
+            f"{folder}: no .nii/.nii.gz/.nrrd/.nhdr/.mha/.mhd/.png/.bmp/.jpg/.tif files "
+            "and no DICOM files in this folder"
         )
     return found
 
@@ -145,5 +146,6 @@ def write_map(
             values = np.clip(values * 255.0, 0, 255)  # PNG: float maps in [0, 1] scaled to 0..255
         write_label2d(path, values.astype(np.uint8), overwrite=overwrite, description=description)
     else:
-        WRITERS[output_type].write(path, values, prepared.reference, overwrite=overwrite, dtype=dtype,
-                                   description=description)
+        WRITERS[output_type].write(
+            path, values, prepared.reference, overwrite=overwrite, dtype=dtype, description=description
+        )

@@ -24,9 +24,7 @@ class EMA:
         self.decay = float(decay)
         self.updates = int(updates)
         # Floating-point state only (parameters and float buffers); the denoiser has no others.
-        self.shadow = {
-            k: v.detach().clone() for k, v in module.state_dict().items() if v.is_floating_point()
-        }
+        self.shadow = {k: v.detach().clone() for k, v in module.state_dict().items() if v.is_floating_point()}
 
     def decay_at(self, updates: int) -> float:
         return min(self.decay, (1.0 + updates) / (WARMUP + updates))

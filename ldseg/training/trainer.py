@@ -147,7 +147,9 @@ class _Run:
             raise OutputError(f"{out}: is a directory")
         if self.o.resume:
             if not self.paths.state.is_file():
-                raise ArtifactError(f"{self.paths.state}: no training state to resume (was {out} written by ldseg-train?)")
+                raise ArtifactError(
+                    f"{self.paths.state}: no training state to resume (was {out} written by ldseg-train?)"
+                )
         elif out.exists() and not self.o.overwrite:
             # Checked now, not after hours of training when the first save would fail.
             raise OutputError(f"{out}: exists (use --overwrite, or --resume to continue it)")
@@ -288,7 +290,10 @@ class _Run:
             key = (i, d.flips)
             if key not in self.state.pair_cache:
                 images, labels = self._tensors([i], [d])
-                self.state.pair_cache[key] = (self.state.model.encode_label(labels), self.state.model.image_encoder(images))
+                self.state.pair_cache[key] = (
+                    self.state.model.encode_label(labels),
+                    self.state.model.image_encoder(images),
+                )
         pairs = [self.state.pair_cache[(i, d.flips)] for i, d in zip(indices, draws)]
         return torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
 
@@ -318,8 +323,16 @@ class _Run:
     def _save(self, step: int, summary: dict[str, Any]) -> str:
         m = self.state.model
         m.trained = self._flags()
-        extra = {"training": {"step": step, "total_steps": self.data.total, "seed": self.o.seed, "data": self.o.data,
-                              "freeze": self.o.freeze, "last_validation": summary.get("last_validation")}}
+        extra = {
+            "training": {
+                "step": step,
+                "total_steps": self.data.total,
+                "seed": self.o.seed,
+                "data": self.o.data,
+                "freeze": self.o.freeze,
+                "last_validation": summary.get("last_validation"),
+            }
+        }
         overwrite = self.o.overwrite or self.o.resume or self.saved_once
         with self.state.ema.swapped(m.denoiser):  # the checkpoint carries the averaged denoiser
             digest = save_checkpoint(m, self.paths.checkpoint, overwrite=overwrite, extra=extra)
@@ -354,7 +367,9 @@ class _Run:
         losses_this_epoch: list[float] = []
         console = Console(stderr=True)
         with _progress(console, self.o.progress) as progress:
-            task = progress.add_task("train", total=self.data.total, completed=min(self.state.start, self.data.total), loss="-")
+            task = progress.add_task(
+                "train", total=self.data.total, completed=min(self.state.start, self.data.total), loss="-"
+            )
             for step in range(self.state.start, self.data.total):
                 phase = phase_at(self.o, step)
                 self._set_modes(phase)
@@ -370,16 +385,27 @@ class _Run:
                 self.state.trained_now.update(PHASE_COMPONENTS[phase])
                 values = {k: float(v.detach()) for k, v in parts.items()}
                 losses_this_epoch.append(values["loss"])
-                row: dict[str, Any] = {"step": step + 1, "epoch": step // self.data.per_epoch + 1, "phase": phase,
-                                       "lr": lr, "elapsed_s": self._elapsed(), **values}
+                row: dict[str, Any] = {
+                    "step": step + 1,
+                    "epoch": step // self.data.per_epoch + 1,
+                    "phase": phase,
+                    "lr": lr,
+                    "elapsed_s": self._elapsed(),
+                    **values,
+                }
                 rows.append(row)
                 progress.update(task, advance=1, description=f"{phase} ep {row['epoch']}", loss=f"{values['loss']:.4f}")
                 if (step + 1) % self.data.every == 0 or step + 1 == self.data.total:
                     val = self._validate(phase)
                     for key, summary in val.items():
                         row[key] = summary["mean"]
-                    record = {"epoch": row["epoch"], "step": step + 1, "phase": phase,
-                              "train_loss": float(np.mean(losses_this_epoch)), **val}
+                    record = {
+                        "epoch": row["epoch"],
+                        "step": step + 1,
+                        "phase": phase,
+                        "train_loss": float(np.mean(losses_this_epoch)),
+                        **val,
+                    }
                     epochs.append(record)
                     last_val = val.get("val_dice") or val.get("val_recon_dice")
                     digest = self._save(step + 1, {"last_validation": val})
@@ -464,8 +490,12 @@ def _progress(console: Console, enabled: bool) -> Iterator[Progress]:
 
 
 def _epoch_line(record: dict[str, Any], total: int) -> str:
-    parts = [f"epoch {record['epoch']}", f"step {record['step']}/{total}", record["phase"],
-             f"loss {record['train_loss']:.4f}"]
+    parts = [
+        f"epoch {record['epoch']}",
+        f"step {record['step']}/{total}",
+        record["phase"],
+        f"loss {record['train_loss']:.4f}",
+    ]
     for key, label in (("val_dice", "val dice"), ("val_recon_dice", "recon dice")):
         if key in record:
             per = ", ".join(f"{k}: {v:.3f}" for k, v in record[key].items() if k != "mean")

@@ -18,8 +18,14 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.mark.skipif(gpu_check.no_gpu_reason() is None, reason="a GPU is visible: the real check would run")
 def test_without_a_gpu_it_exits_quickly_with_one_line():
     clock = time.perf_counter()
-    done = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh")], capture_output=True, text=True,
-                          timeout=120, env={"PYTHON": sys.executable, "PATH": "/usr/bin:/bin"}, cwd=ROOT)
+    done = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "gpu_check.sh")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"PYTHON": sys.executable, "PATH": "/usr/bin:/bin"},
+        cwd=ROOT,
+    )
     assert done.returncode == 6, done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("gpu_check: no GPU here (PyTorch: ")
@@ -35,8 +41,9 @@ def test_an_unprepared_folder_is_named(tmp_path):
 def test_agreement_is_scored_per_phantom_against_its_target(tmp_path):
     truth = np.zeros((4, 2, 4, 4), np.uint8)
     truth[:, :, :2] = 1
-    np.savez_compressed(tmp_path / "phantoms.npz", seeds=np.arange(4), images=np.zeros((4, 1, 2, 4, 4), np.float32),
-                        truth=truth)
+    np.savez_compressed(
+        tmp_path / "phantoms.npz", seeds=np.arange(4), images=np.zeros((4, 1, 2, 4, 4), np.float32), truth=truth
+    )
     checks = gpu_check.Checks(tmp_path, tmp_path / "out", budget_s=60)
     checks.reference = truth.copy()
     assert checks.scored(truth.copy())["status"] == "pass"

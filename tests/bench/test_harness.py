@@ -19,13 +19,13 @@ from ldseg.bench.plots import PLOT_FILES
 from ldseg.bench.report import performance_section
 from ldseg.cli.bench import bench_typer
 from ldseg.data.phantoms import make_phantom, write_phantom_nifti
-from ldseg.runtime.backend import STAGES
 from ldseg.errors import InputError, OutputError
 from ldseg.export.manifest import build_manifest, graph_entry, with_validation, write_manifest
 from ldseg.export.specs import graph_specs
 from ldseg.metrics import dice_per_class
 from ldseg.model.config import get_preset
 from ldseg.model.network import COMPONENTS
+from ldseg.runtime.backend import STAGES
 from ldseg.runtime.select import load_model
 from ldseg.runtime.session import RunOptions, segment_prepared
 from ldseg.runtime.torch_backend import TorchBackend
@@ -33,14 +33,56 @@ from ldseg.runtime.volumes import prepare
 from tests.helpers import assert_several_classes
 
 REPO = Path(__file__).resolve().parents[2]
-TINY = {"checkpoint": "demo", "backends": ("torch",), "steps": (15,), "batch": (1,), "repeat": 2, "warmup": 1,
-        "probe_size": 128, "probe_repeat": 2}
+TINY = {
+    "checkpoint": "demo",
+    "backends": ("torch",),
+    "steps": (15,),
+    "batch": (1,),
+    "repeat": 2,
+    "warmup": 1,
+    "probe_size": 128,
+    "probe_repeat": 2,
+}
 SUMMARY_KEYS = {"p50", "p95", "p99", "min", "mean", "n"}
-TOP_KEYS = {"schema", "created", "machine", "versions", "git", "device", "timer", "model", "inputs", "options",
-            "reference", "peaks", "skipped", "rows"}
-ROW_KEYS = {"label", "backend", "precision", "mode", "device", "describe", "source", "reference", "steps", "batch",
-            "repeat", "warmup", "end_to_end", "stages", "backend_stage_ms_p50", "peak_dtype", "memory",
-            "throughput_volumes_per_s", "speedup_vs_reference", "accuracy", "executed_flops"}
+TOP_KEYS = {
+    "schema",
+    "created",
+    "machine",
+    "versions",
+    "git",
+    "device",
+    "timer",
+    "model",
+    "inputs",
+    "options",
+    "reference",
+    "peaks",
+    "skipped",
+    "rows",
+}
+ROW_KEYS = {
+    "label",
+    "backend",
+    "precision",
+    "mode",
+    "device",
+    "describe",
+    "source",
+    "reference",
+    "steps",
+    "batch",
+    "repeat",
+    "warmup",
+    "end_to_end",
+    "stages",
+    "backend_stage_ms_p50",
+    "peak_dtype",
+    "memory",
+    "throughput_volumes_per_s",
+    "speedup_vs_reference",
+    "accuracy",
+    "executed_flops",
+}
 
 
 @pytest.fixture(scope="module")
@@ -51,8 +93,9 @@ def labelled_data(tmp_path_factory) -> Path:
     (root / "labels").mkdir()
     for seed in (1, 2):
         name = f"p{seed}.nii.gz"
-        write_phantom_nifti(make_phantom(seed, (30, 60, 70)), root / "images" / name, root / "labels" / name,
-                            overwrite=False)
+        write_phantom_nifti(
+            make_phantom(seed, (30, 60, 70)), root / "images" / name, root / "labels" / name, overwrite=False
+        )
     return root
 
 
@@ -146,8 +189,7 @@ def test_a_bundle_without_decoder_is_refused_before_timing(labelled_data, tmp_pa
     write_manifest(bundle, with_validation(manifest, verdict))  # the loaders accept it; the decoder check refuses
     options = {**TINY, "backends": ("onnxruntime",)}
     with pytest.raises(InputError, match="needs the bundle's decoder graph"):
-        run_benchmark(BenchOptions(output=tmp_path / "out", data=labelled_data, bundle=bundle,
-                                   **options))  # type: ignore[arg-type]
+        run_benchmark(BenchOptions(output=tmp_path / "out", data=labelled_data, bundle=bundle, **options))  # type: ignore[arg-type]
     assert not (tmp_path / "out").exists()
 
 
@@ -220,7 +262,9 @@ def test_onnxruntime_rows_beside_the_reference(tmp_path):
     res = _results(out)
     ref, ort = res["rows"]
     assert ref["reference"] and not ort["reference"] and ort["backend"] == "onnxruntime"
-    assert list(ort["stages"]) == list(STAGES) and ort["stages"]["encoder"]["flops"] == ref["stages"]["encoder"]["flops"]
+    assert (
+        list(ort["stages"]) == list(STAGES) and ort["stages"]["encoder"]["flops"] == ref["stages"]["encoder"]["flops"]
+    )
     assert ort["speedup_vs_reference"] > 0
     accuracy = ort["accuracy"]
     assert_several_classes(accuracy["reference_class_fractions"], "torch reference on phantom 0")

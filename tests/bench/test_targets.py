@@ -56,4 +56,3 @@ def test_fp32_peak_is_measured_with_tf32_off_and_leaves_the_setting_alone():
         still = matmul.allow_tf32
         matmul.allow_tf32 = saved
     assert seen and not any(seen) and still
-

@@ -10,8 +10,8 @@ import pytest
 from ldseg.calibration import CalibrationReport, calibrate
 from ldseg.export import export_bundle
 from ldseg.model.network import LDSeg
-from tests.helpers import informative_model
 from ldseg.runtime import bundle as bundle_module
+from tests.helpers import informative_model
 
 STEPS = 4
 GRAPHS = ("encoder", "denoise_step", "decoder", "decoder_argmax")

@@ -12,9 +12,9 @@ import pytest
 
 from ldseg.calibration import calibrate
 from ldseg.errors import ArtifactError, OutputError
-from ldseg.runtime.engines import bundle_hash
 from ldseg.runtime.backend import make_inputs
 from ldseg.runtime.bundle import load_bundle
+from ldseg.runtime.engines import bundle_hash
 from ldseg.runtime.onnxruntime_backend import OnnxRuntimeBackend
 
 
@@ -56,7 +56,9 @@ def test_report_is_written_with_its_numbers(calibrated) -> None:  # noqa: ANN001
     kept = data["graphs"]["denoise_step"]["kept_compute"]
     assert {k["op"] for k in kept} == {"MatMul", "Gemm"} and "Softmax" in data["graphs"]["denoise_step"]["fp32_ops"]
     assert "ReduceMean" in data["graphs"]["denoise_step"]["fp32_ops"]
-    assert "Dice INT8 vs FP32" in markdown and "left in FP32" in markdown.replace("Compute nodes deliberately left in FP32", "left in FP32")
+    assert "Dice INT8 vs FP32" in markdown and "left in FP32" in markdown.replace(
+        "Compute nodes deliberately left in FP32", "left in FP32"
+    )
     # Random weights: the pipeline is still nearly identical in INT8 (a trained model is checked by hand).
     assert report.label_agreement > 0.9
 

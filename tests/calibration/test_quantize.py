@@ -36,8 +36,12 @@ def test_every_conv_and_projection_is_quantized(int8_models, graph: str) -> None
             assert source is not None and source.op_type == "DequantizeLinear", f"{node.name} input {k} not dequantized"
         if len(node.input) > 2 and node.input[2]:
             assert node.input[2] in inits  # bias stays a float initializer (TensorRT fuses it)
-    projections = [n for n in model.graph.node if n.op_type == "MatMul" and producer.get(n.input[1]) is not None
-                   and producer[n.input[1]].op_type == "DequantizeLinear" and producer[n.input[1]].input[0] in inits]  # fmt: skip
+
+    def dequantized_weight(node: onnx.NodeProto) -> bool:
+        source = producer.get(node.input[1])
+        return source is not None and source.op_type == "DequantizeLinear" and source.input[0] in inits
+
+    projections = [n for n in model.graph.node if n.op_type == "MatMul" and dequantized_weight(n)]
     if graph == "denoise_step":
         assert len(projections) == 20  # q, k, v, out of every attention block
 
@@ -51,7 +55,9 @@ def test_qdq_only_in_front_of_quantized_ops(int8_models, graph: str) -> None:  #
     for pair in pairs:
         consumer_ops = {op for _, op in pair["consumers"]}
         assert consumer_ops and consumer_ops <= set(QUANTIZED_OPS), f"{pair['dq']} feeds {pair['consumers']}"
-        assert pair["source_op"] not in UNQUANTIZED_NEIGHBOURS, f"{pair['dq']} quantizes the output of {pair['source_op']}"
+        assert pair["source_op"] not in UNQUANTIZED_NEIGHBOURS, (
+            f"{pair['dq']} quantizes the output of {pair['source_op']}"
+        )
     # No Q reads a normalization / Softmax output, no normalization reads a DQ output.
     for node in model.graph.node:
         if node.op_type == "QuantizeLinear":
@@ -126,7 +132,9 @@ def test_percentile_quantizes_the_step(fp32_bundle: Path, tmp_path: Path) -> Non
     bundle = load_bundle(fp32_bundle)
     calib, _ = load_volumes("phantoms", bundle.config, max_volumes=1, holdout=1)
     feeds = collect(bundle, calib, threads=2).feeds["denoise_step"]
-    result = quantize_graph("denoise_step", bundle.graph_path("denoise_step"), tmp_path / "q.onnx", batches(feeds), method="percentile")
+    result = quantize_graph(
+        "denoise_step", bundle.graph_path("denoise_step"), tmp_path / "q.onnx", batches(feeds), method="percentile"
+    )
     assert result.quantized == {"Conv": 29, "MatMul": 20} and result.preprocessed
     model = onnx.load(str(tmp_path / "q.onnx"))
     assert all(not p["zero_point"].any() for p in qdq_pairs(model))
@@ -138,7 +146,9 @@ def _tiny_conv(path: Path) -> None:
     w = numpy_helper.from_array(np.random.default_rng(0).normal(size=(2, 2, 3, 3)).astype(np.float32), "w")
     conv = helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1])
     relu = helper.make_node("Relu", ["c"], ["y"], name="relu")
-    model = helper.make_model(helper.make_graph([conv, relu], "tiny", [x], [y], [w]), opset_imports=[helper.make_opsetid("", 18)])
+    model = helper.make_model(
+        helper.make_graph([conv, relu], "tiny", [x], [y], [w]), opset_imports=[helper.make_opsetid("", 18)]
+    )
     onnx.save(model, str(path))
 
 

@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import nibabel as nib
@@ -38,17 +37,6 @@ def test_shapes_fractions_and_contrast(seed: int) -> None:
         assert not np.take(ph.label, [0, -1], axis=axis).any()
 
 
-def test_fast() -> None:
-    best = min(_timed(lambda: make_phantom(s)) for s in range(3))
-    assert best < 0.2
-
-
-def _timed(fn) -> float:  # type: ignore[no-untyped-def]
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
 @pytest.mark.parametrize("seed", range(4))
 def test_2d(seed: int) -> None:
     ph = make_phantom(seed, shape=(96, 80))
@@ -80,9 +68,7 @@ def test_nifti_round_trip_reproduces_model_arrays(tmp_path: Path) -> None:
     assert nib.load(lab_path).get_data_dtype() == np.uint8
 
     vol = read_volume(img_path)
-    np.testing.assert_array_equal(
-        image_to_model_grid(vol.array, ph.image.shape), min_max_standardize(ph.image)
-    )
+    np.testing.assert_array_equal(image_to_model_grid(vol.array, ph.image.shape), min_max_standardize(ph.image))
     labels = read_label_volume(lab_path)
     np.testing.assert_array_equal(labels_to_model_grid(labels.array, ph.label.shape, 3), ph.label)
 

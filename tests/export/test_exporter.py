@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ldseg.errors import OutputError
-from ldseg.export import exporter, export_bundle
+from ldseg.export import export_bundle, exporter
 from ldseg.model.checkpoint import save_checkpoint
 from ldseg.model.diffusion import sampler_table
 from ldseg.model.network import LDSeg
@@ -91,7 +91,12 @@ def test_failed_export_leaves_nothing(demo_model: LDSeg, tmp_path: Path, monkeyp
 
 @pytest.mark.parametrize(
     ("options", "message"),
-    [({"opset": 17}, "opset 17"), ({"precision": "int8"}, "precision"), ({"batch": 0}, "batch"), ({"graphs": ["x"]}, "unknown graphs")],
+    [
+        ({"opset": 17}, "opset 17"),
+        ({"precision": "int8"}, "precision"),
+        ({"batch": 0}, "batch"),
+        ({"graphs": ["x"]}, "unknown graphs"),
+    ],
 )
 def test_unsupported_options_are_refused_before_any_work(
     demo_model: LDSeg, tmp_path: Path, options: dict[str, object], message: str

@@ -49,7 +49,13 @@ def exported() -> tuple[onnx.ModelProto, Wrapper, torch.Tensor]:
     x = torch.randn(2, 4, 16, 16)
     batch = torch.export.Dim("batch")
     program = torch.onnx.export(
-        module, (x,), dynamo=True, input_names=["x"], output_names=["y"], dynamic_shapes={"x": {0: batch}}, verbose=False
+        module,
+        (x,),
+        dynamo=True,
+        input_names=["x"],
+        output_names=["y"],
+        dynamic_shapes={"x": {0: batch}},
+        verbose=False,
     )
     assert program is not None
     return program.model_proto, module, x
@@ -62,7 +68,9 @@ def _types(model: onnx.ModelProto) -> dict[str, int]:
     return types
 
 
-def test_body_in_fp16_normalization_softmax_and_head_in_fp32(exported: tuple[onnx.ModelProto, Wrapper, torch.Tensor]) -> None:
+def test_body_in_fp16_normalization_softmax_and_head_in_fp32(
+    exported: tuple[onnx.ModelProto, Wrapper, torch.Tensor],
+) -> None:
     proto, module, x = exported
     lowered, stats = convert_to_fp16(proto, [Body])
     types = _types(lowered)
@@ -75,13 +83,17 @@ def test_body_in_fp16_normalization_softmax_and_head_in_fp32(exported: tuple[onn
     assert by_op["ReduceMean"] == {TensorProto.FLOAT}  # GroupNorm statistics
     assert by_op["Softmax"] == {TensorProto.FLOAT}
     assert by_op["ReduceSum"] == {TensorProto.FLOAT}  # the wrapper's head, outside the body
-    assert [v.type.tensor_type.elem_type for v in [*lowered.graph.input, *lowered.graph.output]] == [TensorProto.FLOAT] * 2
+    assert [v.type.tensor_type.elem_type for v in [*lowered.graph.input, *lowered.graph.output]] == [
+        TensorProto.FLOAT
+    ] * 2
     conv_weights = [types[n.input[1]] for n in lowered.graph.node if n.op_type == "Conv"]
     assert conv_weights == [TensorProto.FLOAT16] * 2
     assert stats.fp16_nodes > 0 and stats.fp32_nodes > 0 and stats.casts > 0
     onnx.checker.check_model(lowered, full_check=True)
 
-    got = ort.InferenceSession(lowered.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
+    got = ort.InferenceSession(lowered.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"x": x.numpy()}
+    )[0]
     with torch.no_grad():
         ref = module(x).numpy()
     assert got.dtype == np.float32
@@ -94,7 +106,9 @@ def test_fp16_output_gets_a_cast_back_to_fp32(exported: tuple[onnx.ModelProto, W
     lowered, _ = convert_to_fp16(proto, [Wrapper])
     last = lowered.graph.node[-1]
     assert last.op_type == "Cast" and last.output[0] == "y"
-    got = ort.InferenceSession(lowered.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
+    got = ort.InferenceSession(lowered.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"x": x.numpy()}
+    )[0]
     assert got.dtype == np.float32
 
 
@@ -127,7 +141,12 @@ def test_narrow_attention_blocks_stay_fp32() -> None:
 
     x = torch.randn(2, 4, 8, 8)
     program = torch.onnx.export(
-        module, (x,), dynamo=True, input_names=["x"], output_names=["y"], dynamic_shapes={"x": {0: torch.export.Dim("batch")}}
+        module,
+        (x,),
+        dynamo=True,
+        input_names=["x"],
+        output_names=["y"],
+        dynamic_shapes={"x": {0: torch.export.Dim("batch")}},
     )
     assert program is not None
     lowered, _ = convert_to_fp16(program.model_proto, [NarrowAttention], fp32_scopes(module))

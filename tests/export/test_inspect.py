@@ -19,7 +19,18 @@ def _render(path: Path) -> str:
 
 def test_summary_lists_manifest_graphs_ops_and_parameters(demo_bundle: Path) -> None:
     text = _render(demo_bundle)
-    for expected in ("ldseg-bundle/1", "demo (3D, 3 classes)", "fp32", "ddim, 15 steps", "denoise_step", "coeffs float32[batch, 4]", "labels uint8", "Conv", "dynamo", "ok"):
+    for expected in (
+        "ldseg-bundle/1",
+        "demo (3D, 3 classes)",
+        "fp32",
+        "ddim, 15 steps",
+        "denoise_step",
+        "coeffs float32[batch, 4]",
+        "labels uint8",
+        "Conv",
+        "dynamo",
+        "ok",
+    ):
         assert expected in text, expected
     assert "MISMATCH" not in text
 

@@ -56,7 +56,9 @@ def test_knee3d_decoder_onnx_reproduces_official_labels(knee: tuple[LDSeg, Path,
     assert error <= 1e-3, f"center probabilities: max abs error {error:.2e}"
 
 
-def test_knee3d_encoder_onnx_matches_pytorch_on_the_golden_image(knee: tuple[LDSeg, Path, dict[str, np.ndarray]]) -> None:
+def test_knee3d_encoder_onnx_matches_pytorch_on_the_golden_image(
+    knee: tuple[LDSeg, Path, dict[str, np.ndarray]],
+) -> None:
     model, bundle, golden = knee
     image = np.ascontiguousarray(golden["image"].astype(np.float32).transpose(0, 4, 1, 2, 3))
     got = _run(bundle / "encoder.onnx", image)

@@ -43,7 +43,9 @@ def test_glas2d_bundle_validates_graphs_and_pipeline(tmp_path: Path) -> None:
     spec = graph_specs(model.cfg)["encoder"]
     lowered, _ = convert_to_fp16(onnx.load(str(out / "encoder.onnx")), spec.fp16_body, fp32_scopes(spec.build(model)))
     image = spec.example_inputs(model.cfg, 1, torch.Generator().manual_seed(0))[0]
-    got = ort.InferenceSession(lowered.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"image": image.numpy()})[0]
+    got = ort.InferenceSession(lowered.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"image": image.numpy()}
+    )[0]
     with torch.no_grad():
         ref = model.encode_image(image).numpy()
     assert np.abs(got - ref).max() <= 1e-3 * np.abs(ref).max()
@@ -57,8 +59,9 @@ def test_knee3d_bundle_exports_and_its_latent_graphs_match(tmp_path: Path) -> No
     decoder_argmax, and every export costs tens of seconds here."""
     torch.manual_seed(0)
     model = LDSeg(get_preset("knee3d")).eval()
-    out = export_bundle(model, tmp_path / "knee3d.bundle", graphs=["encoder", "denoise_step", "decoder_argmax"],
-                        validate=False)  # the full-size graphs are checked in test_keras_golden.py
+    out = export_bundle(
+        model, tmp_path / "knee3d.bundle", graphs=["encoder", "denoise_step", "decoder_argmax"], validate=False
+    )  # the full-size graphs are checked in test_keras_golden.py
     bundle = load_bundle(out, trust_unvalidated=True)
     assert bundle.graph("encoder").inputs[0].shape == ("batch", 1, 128, 128, 256)
     assert bundle.graph("decoder_argmax").outputs[0].shape == ("batch", 128, 128, 256)

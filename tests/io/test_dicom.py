@@ -75,10 +75,17 @@ def test_nibabel_siemens_series_geometry_and_voxels(tmp_path):
             np.testing.assert_allclose(ras[:3] * [-1, -1, 1], world_of_voxel(ds, i, j), atol=0.02)
 
 
-@pytest.mark.parametrize("name", [
-    "MR_small.dcm", "MR_small_implicit.dcm", "MR_small_bigendian.dcm", "MR_small_RLE.dcm",
-    "MR_small_jp2klossless.dcm", "MR_small_jpeg_ls_lossless.dcm",
-])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "MR_small.dcm",
+        "MR_small_implicit.dcm",
+        "MR_small_bigendian.dcm",
+        "MR_small_RLE.dcm",
+        "MR_small_jp2klossless.dcm",
+        "MR_small_jpeg_ls_lossless.dcm",
+    ],
+)
 def test_transfer_syntaxes_written_by_others_decode_to_the_same_voxels(tmp_path, name):
     real_series(tmp_path / "s", Path(get_testdata_file(name)), slices=3, gap=2.5)
     volume = DICOM.read(tmp_path / "s")
@@ -203,7 +210,7 @@ def _fuzz_multiframe(files):
 
 
 def _fuzz_corrupt_header(files):
-    files[0].write_bytes(files[0].read_bytes()[:128 + 4 + 30])
+    files[0].write_bytes(files[0].read_bytes()[: 128 + 4 + 30])
     return files[0], "not a readable DICOM file"
 
 
@@ -230,10 +237,22 @@ def _fuzz_single_slice(files):
 
 
 FUZZ = [
-    _fuzz_missing_position, _fuzz_missing_slice, _fuzz_uneven_spacing, _fuzz_duplicate_position,
-    _fuzz_truncated_pixels, _fuzz_lying_rows, _fuzz_no_decoder, _fuzz_gantry_tilt, _fuzz_orientation,
-    _fuzz_colour, _fuzz_multiframe, _fuzz_corrupt_header, _fuzz_no_series_uid, _fuzz_bad_orientation,
-    _fuzz_mixed_series, _fuzz_single_slice,
+    _fuzz_missing_position,
+    _fuzz_missing_slice,
+    _fuzz_uneven_spacing,
+    _fuzz_duplicate_position,
+    _fuzz_truncated_pixels,
+    _fuzz_lying_rows,
+    _fuzz_no_decoder,
+    _fuzz_gantry_tilt,
+    _fuzz_orientation,
+    _fuzz_colour,
+    _fuzz_multiframe,
+    _fuzz_corrupt_header,
+    _fuzz_no_series_uid,
+    _fuzz_bad_orientation,
+    _fuzz_mixed_series,
+    _fuzz_single_slice,
 ]
 
 
@@ -316,8 +335,14 @@ def test_a_real_knee_volume_survives_the_trip_through_dicom(tmp_path):
 
     nifti = read_volume(shared_or_skip("knee", "images", "case1.nii.gz"))
     geometry = Geometry.from_affine(nifti.affine)
-    write_series(tmp_path / "knee", nifti.array.transpose(2, 1, 0).astype(np.int16), spacing=geometry.spacing,
-                 origin=geometry.origin, direction=geometry.matrix, shuffle_seed=1)
+    write_series(
+        tmp_path / "knee",
+        nifti.array.transpose(2, 1, 0).astype(np.int16),
+        spacing=geometry.spacing,
+        origin=geometry.origin,
+        direction=geometry.matrix,
+        shuffle_seed=1,
+    )
     volume = DICOM.read(tmp_path / "knee")
     np.testing.assert_array_equal(volume.array, nifti.array)
     np.testing.assert_allclose(volume.affine, nifti.affine, atol=1e-6)

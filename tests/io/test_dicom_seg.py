@@ -27,8 +27,10 @@ def _write(path, values, reference, **kwargs):
 
 
 def test_a_non_dicom_source_is_refused_in_one_sentence(tmp_path):
-    nib.save(nib.Nifti1Image(np.random.default_rng(0).normal(size=(6, 5, 4)).astype(np.float32), np.eye(4)),
-             tmp_path / "scan.nii.gz")
+    nib.save(
+        nib.Nifti1Image(np.random.default_rng(0).normal(size=(6, 5, 4)).astype(np.float32), np.eye(4)),
+        tmp_path / "scan.nii.gz",
+    )
     reference = NIFTI.read(tmp_path / "scan.nii.gz")
     with pytest.raises(InputError, match=r"scan.nii.gz: DICOM SEG output needs a DICOM series as input") as caught:
         _write(tmp_path / "seg.dcm", np.zeros((6, 5, 4), np.uint8), reference)

@@ -111,8 +111,10 @@ def test_itk_reader_refusals_name_the_file(tmp_path, fmt):
 def test_degenerate_geometry_is_refused(tmp_path, directions):
     """ITK will not even hold such an image; the refusal must still be one line naming the file."""
     path = tmp_path / "degenerate.nrrd"
-    header = (f"NRRD0004\ntype: float\ndimension: 3\nspace: left-posterior-superior\nsizes: 2 2 2\n"
-              f"space directions: {directions}\nencoding: raw\nendian: little\nspace origin: (0,0,0)\n\n")
+    header = (
+        f"NRRD0004\ntype: float\ndimension: 3\nspace: left-posterior-superior\nsizes: 2 2 2\n"
+        f"space directions: {directions}\nencoding: raw\nendian: little\nspace origin: (0,0,0)\n\n"
+    )
     path.write_bytes(header.encode() + np.arange(8, dtype=np.float32).tobytes())
     with pytest.raises(InputError, match="degenerate.nrrd: .*(determinant|degenerate|spacing)"):
         NRRD.read(path)
@@ -165,6 +167,7 @@ def test_a_failing_itk_write_is_one_output_error_and_leaves_nothing(tmp_path, mo
 
     monkeypatch.setattr(sitk, "WriteImage", full_disk)
     with pytest.raises(OutputError, match=r"seg.nrrd: cannot write \(Write: Error writing: out of space\)"):
-        NRRD.write(out / "seg.nrrd", np.zeros(reference.array.shape, np.uint8), reference, overwrite=False,
-                   dtype=np.uint8)
+        NRRD.write(
+            out / "seg.nrrd", np.zeros(reference.array.shape, np.uint8), reference, overwrite=False, dtype=np.uint8
+        )
     assert os.listdir(out) == []

@@ -99,7 +99,7 @@ def test_read_label_ids(tmp_path: Path) -> None:
     palette.save(tmp_path / "lab_p.png")
     assert read_label2d(tmp_path / "lab_p.png").shape == (10, 12)
 
-    wide = (ids.astype(np.uint16) * 1000)
+    wide = ids.astype(np.uint16) * 1000
     Image.fromarray(wide).save(tmp_path / "lab16.png")
     out = read_label2d(tmp_path / "lab16.png")
     assert out.dtype == np.uint16

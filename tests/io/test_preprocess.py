@@ -96,9 +96,7 @@ def test_label_masks_round_half_away_from_zero() -> None:
     ("input_shape_nib", "grid"),
     [((120, 52, 80), (64, 64, 128)), ((37, 101, 13), (16, 32, 8)), ((5, 3, 2), (8, 8, 8))],
 )
-def test_probabilities_back_to_input_grid(
-    input_shape_nib: tuple[int, int, int], grid: tuple[int, int, int]
-) -> None:
+def test_probabilities_back_to_input_grid(input_shape_nib: tuple[int, int, int], grid: tuple[int, int, int]) -> None:
     rng = np.random.default_rng(2)
     probs = rng.random((3, *grid), dtype=np.float32)
     probs /= probs.sum(axis=0, keepdims=True)
@@ -202,12 +200,8 @@ def test_labels2d_binarized_and_back() -> None:
 
 # --- real data (../shared/data) -------------------------------------------------------------
 
-needs_knee = pytest.mark.skipif(
-    not (SHARED / "knee").is_dir(), reason=f"reference data not found at {SHARED / 'knee'}"
-)
-needs_glas = pytest.mark.skipif(
-    not (SHARED / "glas").is_dir(), reason=f"reference data not found at {SHARED / 'glas'}"
-)
+needs_knee = pytest.mark.skipif(not (SHARED / "knee").is_dir(), reason=f"reference data not found at {SHARED / 'knee'}")
+needs_glas = pytest.mark.skipif(not (SHARED / "glas").is_dir(), reason=f"reference data not found at {SHARED / 'glas'}")
 GOLDEN = SHARED / "official-keras-weights"
 
 
@@ -220,9 +214,7 @@ def test_knee_case1_model_grid() -> None:
     image = image_to_model_grid(volume.array, (128, 128, 256))
     assert image.shape == (128, 128, 256) and image.dtype == np.float32
     assert 0.0 <= image.min() and image.max() <= 1.0
-    labels = labels_to_model_grid(
-        read_label_volume(SHARED / "knee/labels/case1.nii.gz").array, (128, 128, 256), 3
-    )
+    labels = labels_to_model_grid(read_label_volume(SHARED / "knee/labels/case1.nii.gz").array, (128, 128, 256), 3)
     assert set(np.unique(labels)) == {0, 1, 2}
     golden_path = GOLDEN / "golden_knee3d.npz"
     if golden_path.is_file():  # the official pipeline's own preprocessing of case 1

@@ -46,8 +46,14 @@ def _image() -> np.ndarray:
 def _source(kind: str, folder: Path) -> Path:
     image = _image()
     if kind == "dicom":
-        write_series(folder / "series", image.transpose(2, 1, 0), spacing=SPACING, origin=ORIGIN,
-                     direction=oblique_direction(), shuffle_seed=3)
+        write_series(
+            folder / "series",
+            image.transpose(2, 1, 0),
+            spacing=SPACING,
+            origin=ORIGIN,
+            direction=oblique_direction(),
+            shuffle_seed=3,
+        )
         return folder / "series"
     if kind == "nifti":
         path = folder / "source.nii.gz"
@@ -92,8 +98,11 @@ def _read_metaimage_by_hand(path: Path) -> tuple[np.ndarray, Geometry]:
     data = zlib.decompress(raw[end:]) if fields.get("CompressedData") == "True" else raw[end:]
     array = np.frombuffer(data, np.uint8).reshape(sizes[::-1]).transpose(2, 1, 0)
     axes = np.asarray([float(v) for v in fields["TransformMatrix"].split()]).reshape(3, 3)  # row a = axis a
-    return array, Geometry(tuple(float(v) for v in fields["ElementSpacing"].split()),
-                           tuple(float(v) for v in fields["Offset"].split()), tuple(axes.T.ravel()))
+    return array, Geometry(
+        tuple(float(v) for v in fields["ElementSpacing"].split()),
+        tuple(float(v) for v in fields["Offset"].split()),
+        tuple(axes.T.ravel()),
+    )
 
 
 def _read_nifti_with_simpleitk(path: Path) -> tuple[np.ndarray, Geometry]:
@@ -146,8 +155,15 @@ def test_dicom_seg_frames_sit_on_source_slices(tmp_path, seg_type):
         values = truth
     else:  # probabilities 0.25 .. 1.0 where the class is, 0 elsewhere
         values = np.stack([(truth == c) * (0.25 + 0.75 * (c - 1)) for c in (1, 2)]).astype(np.float32)
-    write_dicom_seg(target, values, reference, names=names, colors=colors,
-                    algorithm=Algorithm("ab" * 32, {"preset": "test"}), seg_type=seg_type)
+    write_dicom_seg(
+        target,
+        values,
+        reference,
+        names=names,
+        colors=colors,
+        algorithm=Algorithm("ab" * 32, {"preset": "test"}),
+        seg_type=seg_type,
+    )
 
     seg = hd.seg.segread(target)
     assert seg.SegmentationType == seg_type.upper()
@@ -162,8 +178,9 @@ def test_dicom_seg_frames_sit_on_source_slices(tmp_path, seg_type):
         segment = int(frame.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
         ds = sources[uid]
         # the frame's stated position is its source slice's
-        np.testing.assert_allclose(frame.PlanePositionSequence[0].ImagePositionPatient,
-                                   ds.ImagePositionPatient, atol=TOLERANCE_MM)
+        np.testing.assert_allclose(
+            frame.PlanePositionSequence[0].ImagePositionPatient, ds.ImagePositionPatient, atol=TOLERANCE_MM
+        )
         pixels = seg.get_stored_frame(number) if hasattr(seg, "get_stored_frame") else seg.pixel_array[number - 1]
         rows, cols = np.nonzero(pixels)
         for j, i in zip(rows, cols):
@@ -180,13 +197,19 @@ def test_dicom_seg_frames_sit_on_source_slices(tmp_path, seg_type):
     item = seg.SegmentSequence[0]
     algorithm = item.SegmentationAlgorithmIdentificationSequence[0]
     assert (item.SegmentAlgorithmType, algorithm.AlgorithmName, algorithm.AlgorithmVersion) == (
-        "AUTOMATIC", "ldseg", "0.1.0")
+        "AUTOMATIC",
+        "ldseg",
+        "0.1.0",
+    )
     assert f"checkpoint_sha256={'ab' * 32}" in str(algorithm.AlgorithmParameters)
     assert list(item.RecommendedDisplayCIELabValue) == list(hd.color.CIELabColor.from_rgb(230, 159, 0).value)
     assert str(described[0].segmented_property_type.meaning) == "Femur"
     assert seg.DeviceSerialNumber == "ab" * 8
-    referenced = {item.ReferencedSOPInstanceUID
-                  for series in seg.ReferencedSeriesSequence for item in series.ReferencedInstanceSequence}
+    referenced = {
+        item.ReferencedSOPInstanceUID
+        for series in seg.ReferencedSeriesSequence
+        for item in series.ReferencedInstanceSequence
+    }
     assert referenced == set(sources)
 
 

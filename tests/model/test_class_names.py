@@ -45,4 +45,3 @@ def test_names_survive_a_round_trip_and_bad_ones_are_refused():
         ModelConfig.from_dict(bad.to_dict())
     # a preset changed in code keeps working, with generic names for its new classes
     assert dataclasses.replace(PRESETS["knee3d"], num_classes=2).names == ("background", "class 1")
-

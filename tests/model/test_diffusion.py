@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from ldseg.model.config import DiffusionConfig, PRESETS
+from ldseg.model.config import PRESETS, DiffusionConfig
 from ldseg.model.diffusion import (
     alpha_bar_table,
     cosine_alpha_bar,

@@ -80,7 +80,9 @@ def _tf_cpu_group_norm(self: GroupNorm, x: torch.Tensor) -> torch.Tensor:
             var = np.float32(np.add.accumulate(square.ravel(), dtype=np.float32)[-1] / n)
             inv = (np.float32(1) / np.sqrt(var + np.float32(1e-3))) * weight[g * per : (g + 1) * per]
             shift = bias[g * per : (g + 1) * per] - mean * inv
-            out[b, g * per : (g + 1) * per] = block * inv.reshape(-1, *[1] * (x.dim() - 2)) + shift.reshape(-1, *[1] * (x.dim() - 2))
+            out[b, g * per : (g + 1) * per] = block * inv.reshape(-1, *[1] * (x.dim() - 2)) + shift.reshape(
+                -1, *[1] * (x.dim() - 2)
+            )
     return torch.from_numpy(out)
 
 

@@ -56,7 +56,9 @@ def test_attention_residual_goes_to_normalized_or_raw_input():
     torch.testing.assert_close(difference, normalized.norm(x) - x)
 
 
-@pytest.mark.parametrize("dims, shape", [(3, (2, 5, 3, 4, 7)), (3, (1, 3, 1, 1, 1)), (2, (2, 5, 6, 9)), (2, (1, 2, 1, 3))])
+@pytest.mark.parametrize(
+    "dims, shape", [(3, (2, 5, 3, 4, 7)), (3, (1, 3, 1, 1, 1)), (2, (2, 5, 6, 9)), (2, (1, 2, 1, 3))]
+)
 def test_upsample_phase_form_is_the_same_function(dims, shape):
     """Nearest x2 + 3-tap conv == one 2-tap conv per output parity, interleaved: on odd and
     size-1 grids (the borders are where a wrong offset would show), in float64."""

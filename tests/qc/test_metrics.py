@@ -55,7 +55,7 @@ def test_volumes_in_mm3(phantom_label):
 
 def test_dice_against_a_reference(phantom_label):
     pred = phantom_label.copy()
-    pred[pred.shape[0] // 2:][pred[pred.shape[0] // 2:] == 1] = 0  # drop half of class 1
+    pred[pred.shape[0] // 2 :][pred[pred.shape[0] // 2 :] == 1] = 0  # drop half of class 1
     stats = class_stats(pred, NAMES, 1.0, truth=phantom_label)
     expected = dice_per_class(pred, phantom_label, 3)
     assert stats["1"].dice == pytest.approx(expected[1]) and stats["1"].dice < 0.99

@@ -71,14 +71,31 @@ def _chromium() -> str:
 def test_headless_browser_renders_the_report_from_disk(tmp_path):
     browser = _chromium()
     Image.new("RGB", (600, 400), GREEN).save(tmp_path / "a_preview.png")
-    write_report(tmp_path / "report.html", [record("a", 0.01, preview="a_preview.png"), record("b", 0.02)],
-                 {"model": "demo"}, overwrite=False)
+    write_report(
+        tmp_path / "report.html",
+        [record("a", 0.01, preview="a_preview.png"), record("b", 0.02)],
+        {"model": "demo"},
+        overwrite=False,
+    )
     shot = tmp_path / "shot.png"
     # No network: every host resolves to nothing and the proxy is a closed port.
-    subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-                    "--host-resolver-rules=MAP * ~NOTFOUND", "--proxy-server=127.0.0.1:9",
-                    f"--screenshot={shot}", "--window-size=1200,900", (tmp_path / "report.html").as_uri()],
-                   capture_output=True, timeout=120, check=True)
+    subprocess.run(
+        [
+            browser,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--hide-scrollbars",
+            "--host-resolver-rules=MAP * ~NOTFOUND",
+            "--proxy-server=127.0.0.1:9",
+            f"--screenshot={shot}",
+            "--window-size=1200,900",
+            (tmp_path / "report.html").as_uri(),
+        ],
+        capture_output=True,
+        timeout=120,
+        check=True,
+    )
     pixels = np.asarray(Image.open(shot).convert("RGB"))
     green = np.all(pixels == GREEN, axis=-1)
     assert green.sum() > 100 * 100, "the inline preview thumbnail was not drawn"

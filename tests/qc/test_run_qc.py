@@ -37,15 +37,27 @@ def cases(tmp_path_factory) -> Path:
     (root / "labels").mkdir()
     for seed in (1, 2):
         phantom = make_phantom(seed, (30, 60, 70))
-        write_phantom_nifti(phantom, root / "images" / f"p{seed}.nii.gz", root / "labels" / f"p{seed}.nii.gz",
-                            overwrite=False)
+        write_phantom_nifti(
+            phantom, root / "images" / f"p{seed}.nii.gz", root / "labels" / f"p{seed}.nii.gz", overwrite=False
+        )
     return root
 
 
 def test_report_with_labels_on_the_demo_model(cases, tmp_path):
     out = tmp_path / "out"
-    args = ("ldseg-run", str(cases / "images"), "-o", str(out), "--steps", "5", "--samples", "2",
-            "--report", "--labels", str(cases / "labels"))
+    args = (
+        "ldseg-run",
+        str(cases / "images"),
+        "-o",
+        str(out),
+        "--steps",
+        "5",
+        "--samples",
+        "2",
+        "--report",
+        "--labels",
+        str(cases / "labels"),
+    )
     result = cli(*args)
     assert result.returncode == 0, result.stderr
     for name in ("p1", "p2"):
@@ -76,8 +88,10 @@ def test_bad_reference_label_fails_that_volume_only(cases, tmp_path):
     out = tmp_path / "out"
     result = cli("ldseg-run", str(cases / "images"), "-o", str(out), "--steps", "2", "--labels", str(labels))
     assert result.returncode == 3
-    assert f"{labels / 'p2.nii.gz'}: label of shape (64, 60, 30), its image p2.nii.gz has shape (70, 60, 30)" \
+    assert (
+        f"{labels / 'p2.nii.gz'}: label of shape (64, 60, 30), its image p2.nii.gz has shape (70, 60, 30)"
         in " ".join(result.stderr.split())
+    )
     assert sorted(p.name for p in out.iterdir()) == ["p1_qc.json", "p1_seg.nii.gz"]
 
 
@@ -101,8 +115,15 @@ def test_plain_run_imports_no_qc_code(cases, tmp_path):
 @pytest.fixture(scope="module")
 def tiny2d_checkpoint(tmp_path_factory) -> Path:
     """A small 2D model (random weights: plumbing only, not accuracy)."""
-    cfg = dataclasses.replace(PRESETS["demo"], preset="tiny2d", spatial_dims=2, image_channels=3,
-                              image_size=(64, 64), num_classes=2, image_grouped_conv=False)
+    cfg = dataclasses.replace(
+        PRESETS["demo"],
+        preset="tiny2d",
+        spatial_dims=2,
+        image_channels=3,
+        image_size=(64, 64),
+        num_classes=2,
+        image_grouped_conv=False,
+    )
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("ckpt2d") / "tiny2d.safetensors"
     save_checkpoint(LDSeg(cfg, trained={name: True for name in COMPONENTS}).eval(), path, overwrite=False)
@@ -116,8 +137,19 @@ def test_preview_and_report_for_2d_images(tiny2d_checkpoint, tmp_path):
     for name in ("a", "b"):
         Image.fromarray(rng.integers(0, 255, size=(50, 70, 3), dtype=np.uint8)).save(images / f"{name}.png")
     out = tmp_path / "out"
-    result = cli("ldseg-run", str(images), "-o", str(out), "--checkpoint", str(tiny2d_checkpoint),
-                 "--steps", "2", "--samples", "2", "--report")
+    result = cli(
+        "ldseg-run",
+        str(images),
+        "-o",
+        str(out),
+        "--checkpoint",
+        str(tiny2d_checkpoint),
+        "--steps",
+        "2",
+        "--samples",
+        "2",
+        "--report",
+    )
     assert result.returncode == 0, result.stderr
     for name in ("a", "b"):
         with Image.open(out / f"{name}_preview.png") as im:
@@ -143,7 +175,16 @@ def test_resumed_run_reports_skipped_volumes_from_their_sidecars(cases, tmp_path
 def test_a_failed_preview_write_leaves_none_of_the_volumes_outputs(cases, tmp_path):
     out = tmp_path / "out"
     (out / "p1_preview.png").mkdir(parents=True)  # the preview cannot be written: the maps go too
-    result = cli("ldseg-run", str(cases / "images" / "p1.nii.gz"), "-o", str(out), "--steps", "1", "--preview",
-                 "--qc", "--overwrite")
+    result = cli(
+        "ldseg-run",
+        str(cases / "images" / "p1.nii.gz"),
+        "-o",
+        str(out),
+        "--steps",
+        "1",
+        "--preview",
+        "--qc",
+        "--overwrite",
+    )
     assert result.returncode == 5 and "p1_preview.png: is a directory" in result.stderr
     assert sorted(p.name for p in out.iterdir()) == ["p1_preview.png"]

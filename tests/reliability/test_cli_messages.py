@@ -22,8 +22,7 @@ def _run(*args: str, columns: str | None = "10000") -> subprocess.CompletedProce
     env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
     if columns is not None:
         env["COLUMNS"] = columns
-    return subprocess.run([str(BIN / "ldseg-run"), *args], capture_output=True, text=True,
-                          timeout=600, env=env)
+    return subprocess.run([str(BIN / "ldseg-run"), *args], capture_output=True, text=True, timeout=600, env=env)
 
 
 def test_mixed_failure_kinds_exit_1(demo_checkpoint, tmp_path):
@@ -32,8 +31,9 @@ def test_mixed_failure_kinds_exit_1(demo_checkpoint, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "p0_seg.nii.gz").write_bytes(b"kept")  # 5: output exists
-    result = _run(str(tmp_path / "in"), "-o", str(out), "--checkpoint", str(demo_checkpoint), "--backend", "torch",
-                  "--steps", "1")
+    result = _run(
+        str(tmp_path / "in"), "-o", str(out), "--checkpoint", str(demo_checkpoint), "--backend", "torch", "--steps", "1"
+    )
     assert result.returncode == 1, result.stderr
     assert "2 of 2 input(s) failed" in result.stderr
     assert (out / "p0_seg.nii.gz").read_bytes() == b"kept"
@@ -78,13 +78,22 @@ def test_each_failure_is_one_exact_line_in_a_log(demo_checkpoint, tmp_path):
     bad.append(folder / "negative_offset.nii")
     bad[-1].write_bytes(hdr.binaryblock + bytes(4 + 8**3 * 2))
     out = tmp_path / "out"
-    result = _run(str(folder), "-o", str(out), "--checkpoint", str(demo_checkpoint), "--backend", "torch",
-                  "--steps", "1", columns=None)
+    result = _run(
+        str(folder),
+        "-o",
+        str(out),
+        "--checkpoint",
+        str(demo_checkpoint),
+        "--backend",
+        "torch",
+        "--steps",
+        "1",
+        columns=None,
+    )
     assert result.returncode == 3, result.stderr
     lines = result.stderr.splitlines()
     for path in bad:
-        assert any(line.startswith(f"failed: {path}: not a readable NIfTI") for line in lines), (
-            path, result.stderr)
+        assert any(line.startswith(f"failed: {path}: not a readable NIfTI") for line in lines), (path, result.stderr)
     assert "ldseg-run: error: 3 of 4 input(s) failed (listed above)" in lines
     assert all(line.startswith("failed: ") for line in lines if "too low" in line), result.stderr
     # stdout lists the written outputs, one path a line, for scripts to pick up

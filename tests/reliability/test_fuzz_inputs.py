@@ -167,8 +167,13 @@ def _header(version: int, dtype: np.dtype | type, shape: tuple[int, ...]) -> nib
     return hdr
 
 
-def _assemble(hdr: nib.Nifti1Header, version: int, payload: bytes, extension: bytes = b"\0\0\0\0",
-              mutate: Callable[[nib.Nifti1Header], None] | None = None) -> bytes:
+def _assemble(
+    hdr: nib.Nifti1Header,
+    version: int,
+    payload: bytes,
+    extension: bytes = b"\0\0\0\0",
+    mutate: Callable[[nib.Nifti1Header], None] | None = None,
+) -> bytes:
     """Header + extension block + payload at the 16-byte aligned offset (vox_offset points there
     unless `mutate` changes it, which may also break any other field)."""
     offset = -(-(_HDR_SIZE[version] + len(extension)) // 16) * 16
@@ -248,8 +253,7 @@ def _content(kind: str, dtype: type, shape: tuple[int, ...], rng: np.random.Gene
     return arr
 
 
-def _expected_error(shape: tuple[int, ...], affine: np.ndarray, arr: np.ndarray, version: int
-                    ) -> str | None:
+def _expected_error(shape: tuple[int, ...], affine: np.ndarray, arr: np.ndarray, version: int) -> str | None:
     """The InputError reason the readers must give, in the order they check; None = accept."""
     if len(shape) < 3:
         return "D image of shape"  # nibabel reads a 0D header (dim[0] = 0) as 1D
@@ -288,8 +292,7 @@ def volume_cases(draw: st.DrawFn) -> dict:
     several = defect == "several"
     if defect == "shape" or (several and draw(st.booleans())):
         ndim = draw(st.integers(0, 5))
-        shape = tuple(draw(st.integers(0, 6) if axis < 3 else st.sampled_from((0, 1, 2, 3)))
-                      for axis in range(ndim))
+        shape = tuple(draw(st.integers(0, 6) if axis < 3 else st.sampled_from((0, 1, 2, 3))) for axis in range(ndim))
     else:  # 3D, or 4D/5D with a single frame
         ndim = draw(st.sampled_from((3, 3, 4, 5)))
         shape = tuple(draw(st.integers(1, 6) if axis < 3 else st.just(1)) for axis in range(ndim))
@@ -366,12 +369,12 @@ def test_fuzz_nifti_datatypes(code: int, shape: tuple[int, int, int], seed: int,
 
 # --------------------------------------------------------------------------- 2. header fields
 
-_F = st.sampled_from((0.0, -0.0, 1.0, -1.0, 0.5, 2.0, 1e-30, 1e30, 3e38, -3e38, 1e-45,
-                      math.nan, math.inf, -math.inf)) | st.floats(width=32)
+_F = st.sampled_from(
+    (0.0, -0.0, 1.0, -1.0, 0.5, 2.0, 1e-30, 1e30, 3e38, -3e38, 1e-45, math.nan, math.inf, -math.inf)
+) | st.floats(width=32)
 _SMALL_INT = st.sampled_from((-32768, -1, 0, 1, 2, 3, 4, 5, 7, 8, 100, 32767)) | st.integers(-32768, 32767)
 _DIM = st.lists(st.sampled_from((-1, 0, 1, 2, 3, 4, 5, 6, 7, 8, 100, 32767)), min_size=8, max_size=8)
-_DATATYPES = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 768, 1024, 1280, 1536, 1792, 2048, 2304,
-              12345, -1)
+_DATATYPES = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 768, 1024, 1280, 1536, 1792, 2048, 2304, 12345, -1)
 _FIELDS: dict[str, st.SearchStrategy] = {
     "scl_slope": _F,
     "scl_inter": _F,
@@ -387,8 +390,7 @@ _FIELDS: dict[str, st.SearchStrategy] = {
     "srow_y": st.lists(_F, min_size=4, max_size=4),
     "datatype": st.sampled_from(_DATATYPES),
     "bitpix": _SMALL_INT,
-    "vox_offset": st.sampled_from((0.0, 100.0, 348.0, 351.0, 352.0, 353.0, 368.0, 1e6, 3e38,
-                                   math.nan, math.inf, -5.0)),
+    "vox_offset": st.sampled_from((0.0, 100.0, 348.0, 351.0, 352.0, 353.0, 368.0, 1e6, 3e38, math.nan, math.inf, -5.0)),
     "sizeof_hdr": st.sampled_from((0, 1, 348, 540, 2**31 - 1, -1)),
     "magic": st.sampled_from((b"n+1", b"ni1", b"n+2", b"\0\0\0", b"abc")),
     "cal_min": _F,
@@ -520,11 +522,31 @@ def test_fuzz_nifti_bytes(shape, dtype, seed, version, gz, ops) -> None:
 
 # (mode to create, format): every pair Pillow can write; what it reads back decides the oracle.
 _PAIRS = (
-    ("RGB", "PNG"), ("L", "PNG"), ("1", "PNG"), ("RGBA", "PNG"), ("LA", "PNG"), ("P", "PNG"),
-    ("I;16", "PNG"), ("RGB", "BMP"), ("L", "BMP"), ("1", "BMP"), ("P", "BMP"), ("RGBA", "BMP"),
-    ("RGB", "TIFF"), ("CMYK", "TIFF"), ("F", "TIFF"), ("I", "TIFF"), ("I;16", "TIFF"),
-    ("YCbCr", "TIFF"), ("LAB", "TIFF"), ("RGB", "JPEG"), ("L", "JPEG"), ("CMYK", "JPEG"),
-    ("RGB", "GIF"), ("RGB", "PPM"), ("F", "PPM"),
+    ("RGB", "PNG"),
+    ("L", "PNG"),
+    ("1", "PNG"),
+    ("RGBA", "PNG"),
+    ("LA", "PNG"),
+    ("P", "PNG"),
+    ("I;16", "PNG"),
+    ("RGB", "BMP"),
+    ("L", "BMP"),
+    ("1", "BMP"),
+    ("P", "BMP"),
+    ("RGBA", "BMP"),
+    ("RGB", "TIFF"),
+    ("CMYK", "TIFF"),
+    ("F", "TIFF"),
+    ("I", "TIFF"),
+    ("I;16", "TIFF"),
+    ("YCbCr", "TIFF"),
+    ("LAB", "TIFF"),
+    ("RGB", "JPEG"),
+    ("L", "JPEG"),
+    ("CMYK", "JPEG"),
+    ("RGB", "GIF"),
+    ("RGB", "PPM"),
+    ("F", "PPM"),
 )
 _SUFFIX = {"PNG": ".png", "BMP": ".bmp", "TIFF": ".tif", "JPEG": ".jpg", "GIF": ".png", "PPM": ".png"}
 _OK_MODES = {"RGB", "L", "1"}
@@ -539,7 +561,8 @@ def _image_bytes(mode: str, fmt: str, size: tuple[int, int], constant: bool, see
     if mode in ("I", "I;16", "F"):
         im = Image.fromarray(
             rng.integers(0, 65535, (h, w)).astype({"I": np.int32, "I;16": np.uint16, "F": np.float32}[mode])
-            if not constant else np.full((h, w), 7, {"I": np.int32, "I;16": np.uint16, "F": np.float32}[mode])
+            if not constant
+            else np.full((h, w), 7, {"I": np.int32, "I;16": np.uint16, "F": np.float32}[mode])
         )
     elif mode == "P":
         im = base.convert("P", palette=Image.Palette.ADAPTIVE, colors=8)
@@ -651,8 +674,9 @@ print(hwm_mb() - before)
 """
 
 
-def _lying(version: int, shape: tuple[int, ...], dtype: type, extension: bytes = b"\0\0\0\0",
-           vox_offset: float | None = None) -> bytes:
+def _lying(
+    version: int, shape: tuple[int, ...], dtype: type, extension: bytes = b"\0\0\0\0", vox_offset: float | None = None
+) -> bytes:
     hdr = _header(version, dtype, shape)
     hdr.set_sform(np.eye(4), code=1)
 
@@ -681,8 +705,13 @@ def test_lying_header_costs_no_memory(case: str, gz: bool, tmp_path: Path) -> No
     }[case]()
     path = tmp_path / ("lying.nii.gz" if gz else "lying.nii")
     path.write_bytes(_maybe_gzip(blob, gz))
-    result = subprocess.run([sys.executable, "-c", _MEASURE, str(path)], capture_output=True,
-                            text=True, timeout=300, cwd=Path(__file__).parents[2])
+    result = subprocess.run(
+        [sys.executable, "-c", _MEASURE, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).parents[2],
+    )
     assert result.returncode == 0, result.stderr
     outcome, grown = result.stdout.strip().splitlines()[-2:]
     assert outcome.startswith(f"InputError {path}: "), outcome

@@ -76,8 +76,14 @@ def test_disk_full_fails_that_volume_only(inputs, demo_backend, tmp_path, monkey
     out = tmp_path / "out"
     calls = _disk_full_at(monkeypatch, out, ".p1_seg.")
     events: list[tuple[str, str | None]] = []
-    summary = run_files(inputs, out, demo_backend, CFG, RunOptions(steps=2),
-                        on_done=lambda path, error: events.append((path.name, error)))
+    summary = run_files(
+        inputs,
+        out,
+        demo_backend,
+        CFG,
+        RunOptions(steps=2),
+        on_done=lambda path, error: events.append((path.name, error)),
+    )
 
     assert [name for name, _ in events] == ["p0.nii.gz", "p1.nii.gz", "p2.nii.gz"]  # went on
     assert len(summary.failures) == 1
@@ -138,8 +144,7 @@ def test_unexpected_reader_error_fails_only_that_file(inputs, demo_backend, tmp_
 def _cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
     # Wide COLUMNS: Rich would otherwise fold each failure line at 80 columns (see test_cli_messages).
     env = {**os.environ, "COLUMNS": "10000"}
-    return subprocess.run([str(BIN / "ldseg-run"), *args], capture_output=True, text=True,
-                          timeout=timeout, env=env)
+    return subprocess.run([str(BIN / "ldseg-run"), *args], capture_output=True, text=True, timeout=timeout, env=env)
 
 
 @pytest.mark.slow
@@ -148,9 +153,20 @@ def test_sigint_stops_a_folder_run_cleanly(demo_checkpoint, tmp_path):
     out = tmp_path / "out"
     log = (tmp_path / "stderr.txt").open("w")
     proc = subprocess.Popen(
-        [str(BIN / "ldseg-run"), str(tmp_path / "in"), "-o", str(out),
-         "--checkpoint", str(demo_checkpoint), "--backend", "torch", "--steps", "2"],
-        stdout=subprocess.DEVNULL, stderr=log,
+        [
+            str(BIN / "ldseg-run"),
+            str(tmp_path / "in"),
+            "-o",
+            str(out),
+            "--checkpoint",
+            str(demo_checkpoint),
+            "--backend",
+            "torch",
+            "--steps",
+            "2",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=log,
     )
     try:
         deadline = time.monotonic() + 400
@@ -178,8 +194,11 @@ def _tiny_tmpfs(mountpoint: Path, size: str = "256k") -> Iterator[Path]:
     if os.geteuid() != 0 or shutil.which("mount") is None:
         pytest.skip("mounting a tmpfs needs root; the fault-injected writer covers ENOSPC")
     mountpoint.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs",
-                             str(mountpoint)], capture_output=True, text=True)
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(mountpoint)],
+        capture_output=True,
+        text=True,
+    )
     if result.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here ({result.stderr.strip()}); fault injection covers ENOSPC")
     try:
@@ -211,8 +230,17 @@ def test_full_tmpfs_through_the_cli(demo_checkpoint, tmp_path):
     write_phantoms(tmp_path / "in", 2, tmp_path / "truth")
     with _tiny_tmpfs(tmp_path / "disk") as disk:
         filler = _fill(disk)
-        args = (str(tmp_path / "in"), "-o", str(disk), "--checkpoint", str(demo_checkpoint), "--backend", "torch",
-                "--steps", "2")
+        args = (
+            str(tmp_path / "in"),
+            "-o",
+            str(disk),
+            "--checkpoint",
+            str(demo_checkpoint),
+            "--backend",
+            "torch",
+            "--steps",
+            "2",
+        )
         full = _cli(*args)
         assert full.returncode == 5, full.stderr
         for name in ("p0_seg.nii.gz", "p1_seg.nii.gz"):

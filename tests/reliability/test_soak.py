@@ -61,9 +61,11 @@ def test_soak_folder_run_has_flat_memory(demo_backend, tmp_path, record_property
     record_property("soak_cpu_seconds", round(cpu, 1))
     record_property("soak_rss_mb", [round(rss[WARMUP - 1]), round(rss[-1]), round(max(rss))])
     record_property("soak_peak_rss_mb", [round(peak[WARMUP - 1]), round(peak[-1])])
-    print(f"\nsoak: {VOLUMES} volumes in {wall:.1f} s wall, {cpu:.1f} s CPU; RSS after volume "
-          f"{WARMUP}: {rss[WARMUP - 1]:.0f} MB, after {VOLUMES}: {rss[-1]:.0f} MB "
-          f"(max {max(rss):.0f}); peak RSS {peak[WARMUP - 1]:.0f} -> {peak[-1]:.0f} MB")
+    print(
+        f"\nsoak: {VOLUMES} volumes in {wall:.1f} s wall, {cpu:.1f} s CPU; RSS after volume "
+        f"{WARMUP}: {rss[WARMUP - 1]:.0f} MB, after {VOLUMES}: {rss[-1]:.0f} MB "
+        f"(max {max(rss):.0f}); peak RSS {peak[WARMUP - 1]:.0f} -> {peak[-1]:.0f} MB"
+    )
 
     assert errors == [] and summary.failures == []
     assert summary.volumes == VOLUMES and len(summary.written) == VOLUMES

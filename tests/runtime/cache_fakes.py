@@ -41,8 +41,9 @@ class FakeBundleBuilder:
             for name, spec in graph_specs(model.cfg).items():
                 (tmp / spec.file).write_bytes(f"placeholder {name}".encode())
                 entries[name] = graph_entry(spec, exporter="dynamo", fallback_reason=None, precision=key.precision)
-            manifest = build_manifest(model, entries, folder=tmp, precision=key.precision, opset=key.opset,
-                                      batch=key.batch)
+            manifest = build_manifest(
+                model, entries, folder=tmp, precision=key.precision, opset=key.opset, batch=key.batch
+            )
             verdict = {"verdict": "passed", "by": "tests/runtime/cache_fakes.py", "summary": "placeholders"}
             write_manifest(tmp, with_validation(manifest, verdict))
 
@@ -67,8 +68,9 @@ class FakeEngineBuilder:
                 engines[graph] = EngineFile(graph, path.name, size, digest, 1.0, info.inputs, info.outputs, None)
                 profiles[graph] = batch_profile(info, max_batch)
             options = BuildOptions(bundle.precision, workspace_bytes=None, optimization_level=None, dla_core=None)
-            engine_set = describe_engine_set(bundle, target, self.environment, profiles, engines, options,
-                                             cache_path=timing, seconds=1.0)
+            engine_set = describe_engine_set(
+                bundle, target, self.environment, profiles, engines, options, cache_path=timing, seconds=1.0
+            )
             write_engines_json(tmp, engine_set)
 
 

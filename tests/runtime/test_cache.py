@@ -55,23 +55,34 @@ def test_root_is_ldseg_cache_or_the_platform_user_cache(monkeypatch: pytest.Monk
 def test_bundle_key_changes_with_each_field() -> None:
     key = BundleKey("ab" * 32, "demo", "fp32", 18, 1, "0.1.0")
     assert key.name == BundleKey("ab" * 32, "demo", "fp32", 18, 1, "0.1.0").name
-    others = [replace(key, checkpoint_sha256="cd" * 32), replace(key, precision="fp16"), replace(key, opset=19),
-              replace(key, batch=2), replace(key, ldseg_version="0.2.0")]
+    others = [
+        replace(key, checkpoint_sha256="cd" * 32),
+        replace(key, precision="fp16"),
+        replace(key, opset=19),
+        replace(key, batch=2),
+        replace(key, ldseg_version="0.2.0"),
+    ]
     assert len({key.name, *(k.name for k in others)}) == 6
 
 
 def test_engine_key_changes_with_gpu_capability_tensorrt_and_bundle() -> None:
     key = EngineKey(BundleKey("ab" * 32, "demo", "fp16", 18, 1), "ee" * 32, "NVIDIA L4", "8.9", "10.13.0.35", 1)
-    others = [replace(key, gpu_name="NVIDIA H100"), replace(key, compute_capability="9.0"),
-              replace(key, tensorrt_version="10.12.0"), replace(key, bundle_hash="ff" * 32), replace(key, max_batch=8)]
+    others = [
+        replace(key, gpu_name="NVIDIA H100"),
+        replace(key, compute_capability="9.0"),
+        replace(key, tensorrt_version="10.12.0"),
+        replace(key, bundle_hash="ff" * 32),
+        replace(key, max_batch=8),
+    ]
     assert len({key.name, *(k.name for k in others)}) == 6
 
 
 # --------------------------------------------------------------------------- reuse and invalidation
 
 
-def test_first_use_builds_then_every_later_use_reuses(cache: ArtifactCache, builder: FakeBundleBuilder,
-                                                      notes: Notes) -> None:
+def test_first_use_builds_then_every_later_use_reuses(
+    cache: ArtifactCache, builder: FakeBundleBuilder, notes: Notes
+) -> None:
     model = hashed_model()
     first = cache.bundle(model)
     assert (first / MANIFEST).is_file() and len(builder.calls) == 1
@@ -97,15 +108,17 @@ def _rebuilt_because(cache: ArtifactCache, builder: FakeBundleBuilder, notes: No
     cache_module.check_bundle(path, builder.calls[-1])  # the new entry is sound
 
 
-def test_a_tampered_graph_is_rebuilt_with_the_reason(cache: ArtifactCache, builder: FakeBundleBuilder,
-                                                     notes: Notes) -> None:
+def test_a_tampered_graph_is_rebuilt_with_the_reason(
+    cache: ArtifactCache, builder: FakeBundleBuilder, notes: Notes
+) -> None:
     path = cache.bundle(hashed_model())
     (path / "decoder.onnx").write_bytes(b"flipped")
     _rebuilt_because(cache, builder, notes, "SHA-256 does not match")
 
 
-def test_an_entry_for_another_checkpoint_is_rebuilt(cache: ArtifactCache, builder: FakeBundleBuilder,
-                                                    notes: Notes) -> None:
+def test_an_entry_for_another_checkpoint_is_rebuilt(
+    cache: ArtifactCache, builder: FakeBundleBuilder, notes: Notes
+) -> None:
     path = cache.bundle(hashed_model())
     manifest = json.loads((path / MANIFEST).read_text())
     manifest["checkpoint_hash"] = "00" * 32
@@ -121,8 +134,9 @@ def test_an_unvalidated_entry_is_rebuilt(cache: ArtifactCache, builder: FakeBund
     _rebuilt_because(cache, builder, notes, "no validation verdict")
 
 
-def test_a_half_entry_without_manifest_is_rebuilt(cache: ArtifactCache, builder: FakeBundleBuilder,
-                                                  notes: Notes) -> None:
+def test_a_half_entry_without_manifest_is_rebuilt(
+    cache: ArtifactCache, builder: FakeBundleBuilder, notes: Notes
+) -> None:
     path = cache.bundle(hashed_model())
     (path / MANIFEST).unlink()
     _rebuilt_because(cache, builder, notes, "no manifest.json")
@@ -229,9 +243,16 @@ def test_two_processes_asking_for_one_entry_build_it_once(tmp_path: Path) -> Non
     script.write_text(_RACER)
     root = tmp_path / "cache"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    procs = [subprocess.Popen([sys.executable, str(script), str(root), me, other], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, env=env)
-             for me, other in (("one", "two"), ("two", "one"))]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(root), me, other],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for me, other in (("one", "two"), ("two", "one"))
+    ]
     outputs = [proc.communicate(timeout=300) for proc in procs]
     for proc, (_stdout, stderr) in zip(procs, outputs):
         assert proc.returncode == 0, stderr

@@ -90,8 +90,12 @@ def test_backend_onnxruntime_with_a_checkpoint_uses_the_cache(runs, case: Path) 
     assert (result.labels == ref).mean() >= AGREEMENT
 
 
-def test_no_cache_exports_into_a_temporary_folder_for_this_run_only(runs, case: Path, monkeypatch,  # type: ignore[no-untyped-def]
-                                                                      tmp_path: Path) -> None:
+def test_no_cache_exports_into_a_temporary_folder_for_this_run_only(
+    runs,
+    case: Path,
+    monkeypatch,  # type: ignore[no-untyped-def]
+    tmp_path: Path,
+) -> None:
     [entry] = [e for e in list_entries(runs["root"] / "cache") if e.kind == BUNDLES]
     exported: list[Path] = []
 

@@ -10,8 +10,12 @@ import pytest
 from ldseg.runtime import cuda
 
 OK, UNSUPPORTED, INVALIDATED, INSTANTIATE_FAILED = 0, 900, 901, 1
-NAMES = {OK: "cudaSuccess", UNSUPPORTED: "cudaErrorStreamCaptureUnsupported",
-         INVALIDATED: "cudaErrorStreamCaptureInvalidated", INSTANTIATE_FAILED: "cudaErrorInvalidValue"}
+NAMES = {
+    OK: "cudaSuccess",
+    UNSUPPORTED: "cudaErrorStreamCaptureUnsupported",
+    INVALIDATED: "cudaErrorStreamCaptureInvalidated",
+    INSTANTIATE_FAILED: "cudaErrorInvalidValue",
+}
 
 
 class FakeCudart:

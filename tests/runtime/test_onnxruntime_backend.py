@@ -7,19 +7,17 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
-import torch
 
 from ldseg.data.phantoms import make_phantom
 from ldseg.errors import ArtifactError, BackendUnavailable
 from ldseg.export import export_bundle
 from ldseg.model.config import get_preset
 from ldseg.model.network import LDSeg
-from tests.helpers import informative_model
-from tests.helpers import assert_replays_follow_inputs, assert_several_classes, replay_requests
 from ldseg.runtime.backend import PipelineInputs, make_inputs
 from ldseg.runtime.bundle import load_bundle
 from ldseg.runtime.onnxruntime_backend import OnnxRuntimeBackend
 from ldseg.runtime.torch_backend import TorchBackend
+from tests.helpers import assert_replays_follow_inputs, assert_several_classes, informative_model, replay_requests
 
 LABEL_TARGET = 99.9  # % identical voxels, FP32 ORT vs PyTorch
 
@@ -64,7 +62,9 @@ def test_labels_match_the_torch_backend(
     assert_several_classes(ref.labels, "torch labels")  # a real segmentation, so agreement can fail
     agreement = _agreement(ours.labels, ref.labels)
     assert agreement >= LABEL_TARGET, f"{agreement:.3f} % identical labels"
-    assert set(ours.stage_ms) == {"input_copy", "encoder", "loop", "decoder", "output_copy"} and ours.probabilities is None
+    assert (
+        set(ours.stage_ms) == {"input_copy", "encoder", "loop", "decoder", "output_copy"} and ours.probabilities is None
+    )
 
 
 def test_probabilities_match_and_give_the_same_labels(backend: OnnxRuntimeBackend, model: LDSeg) -> None:
@@ -84,8 +84,14 @@ def test_buffers_are_allocated_once_per_batch_and_reused(bundle_dir: Path) -> No
     pipe, plan = backend._pipelines[1], backend._plans[1, 3]
 
     def buffers() -> tuple[object, ...]:
-        return (pipe.image.value, pipe.z[0].value, pipe.z[1].value, pipe.labels.value, plan.table.value,
-                plan.noise.value)
+        return (
+            pipe.image.value,
+            pipe.z[0].value,
+            pipe.z[1].value,
+            pipe.labels.value,
+            plan.table.value,
+            plan.noise.value,
+        )
 
     before = buffers()
     second = backend.run(_inputs([5], steps=3)).labels
@@ -142,8 +148,9 @@ def test_cuda_graph_replays_equal_cpu_and_follow_new_inputs(bundle_dir: Path) ->
         pytest.skip("needs onnxruntime-gpu and a CUDA GPU")
     gpu = OnnxRuntimeBackend(bundle_dir, device="cuda")
     requests = replay_requests(get_preset("demo"), _image(0, 4))  # captured on the first, replayed on the others
-    assert_replays_follow_inputs(gpu, OnnxRuntimeBackend(bundle_dir), requests, atol=1e-4,
-                                 min_agreement=LABEL_TARGET / 100)
+    assert_replays_follow_inputs(
+        gpu, OnnxRuntimeBackend(bundle_dir), requests, atol=1e-4, min_agreement=LABEL_TARGET / 100
+    )
     assert list(gpu._pipelines) == [2]  # one set of bindings (and captured graphs) served every request
 
 
@@ -155,8 +162,10 @@ def test_cuda_graph_replays_equal_cpu_and_follow_new_inputs(bundle_dir: Path) ->
 from ldseg.runtime import onnxruntime_backend as ort_backend  # noqa: E402
 from ldseg.runtime import ort_env  # noqa: E402
 
-REFUSAL = ("This session cannot use the graph capture feature as requested by the user as all compute graph nodes "
-           "have not been partitioned to the CUDAExecutionProvider")
+REFUSAL = (
+    "This session cannot use the graph capture feature as requested by the user as all compute graph nodes "
+    "have not been partitioned to the CUDAExecutionProvider"
+)
 
 
 class _Binding:
@@ -210,8 +219,9 @@ _REAL_SESSION = ort.InferenceSession
 def fake_gpu(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
     monkeypatch.setattr(ort_env, "installed", lambda: {"onnxruntime-gpu": "1.23.0"})
-    monkeypatch.setattr(ort_backend, "_cuda_value",
-                        lambda shape, dtype, gpu: ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype)))
+    monkeypatch.setattr(
+        ort_backend, "_cuda_value", lambda shape, dtype, gpu: ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype))
+    )
 
     def install(**scenario) -> _FakeCudaSessions:
         sessions = _FakeCudaSessions(**scenario)
@@ -221,8 +231,9 @@ def fake_gpu(monkeypatch: pytest.MonkeyPatch):
     return install
 
 
-def test_cuda_path_probes_at_build_and_matches_cpu(fake_gpu, bundle_dir: Path, backend: OnnxRuntimeBackend,
-                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cuda_path_probes_at_build_and_matches_cpu(
+    fake_gpu, bundle_dir: Path, backend: OnnxRuntimeBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
     sessions = fake_gpu()
     gpu = OnnxRuntimeBackend(bundle_dir, device="cuda:1")
     assert sessions.runs == 3 * (2 + 15)  # the probe: up to ORT's capturing run, encoder + 15 steps + decoder
@@ -233,8 +244,9 @@ def test_cuda_path_probes_at_build_and_matches_cpu(fake_gpu, bundle_dir: Path, b
     assert info["device"] == "cuda:1" and info["cuda_graph"].startswith("on") and info["tf32"] == "off"
     writes: list[tuple[int, ...]] = []
     original = ort_backend._Tensor.write
-    monkeypatch.setattr(ort_backend._Tensor, "write",
-                        lambda self, a: (writes.append(self.host.shape), original(self, a)))
+    monkeypatch.setattr(
+        ort_backend._Tensor, "write", lambda self, a: (writes.append(self.host.shape), original(self, a))
+    )
     inputs = _inputs([2], steps=7)
     labels = gpu.run(inputs).labels
     assert len(writes) == 4  # image, z_init, the whole table, all noise: no upload per step
@@ -256,11 +268,15 @@ def test_a_silent_fallback_to_cpu_is_refused_at_build(fake_gpu, bundle_dir: Path
         OnnxRuntimeBackend(bundle_dir, device="cuda")
 
 
-def test_two_onnxruntime_distributions_are_named_with_the_fix(monkeypatch: pytest.MonkeyPatch,
-                                                              bundle_dir: Path) -> None:
+def test_two_onnxruntime_distributions_are_named_with_the_fix(
+    monkeypatch: pytest.MonkeyPatch, bundle_dir: Path
+) -> None:
     monkeypatch.setattr(ort_env, "installed", lambda: {"onnxruntime": "1.23.0", "onnxruntime-gpu": "1.23.0"})
-    with pytest.raises(BackendUnavailable, match=r"several onnxruntime distributions .*pip uninstall -y onnxruntime "
-                                                 r"onnxruntime-gpu && pip install onnxruntime-gpu"):
+    with pytest.raises(
+        BackendUnavailable,
+        match=r"several onnxruntime distributions .*pip uninstall -y onnxruntime "
+        r"onnxruntime-gpu && pip install onnxruntime-gpu",
+    ):
         OnnxRuntimeBackend(bundle_dir, device="cuda")
     monkeypatch.setattr(ort_env, "installed", lambda: {"onnxruntime-gpu": "1.23.0"})
     assert "CUDA and cuDNN libraries" in ort_env.cuda_problem(["CPUExecutionProvider"])

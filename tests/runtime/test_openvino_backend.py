@@ -131,8 +131,9 @@ def test_precision_must_fit_the_bundle(bundle_dir: Path) -> None:
         OpenVinoBackend(dataclasses.replace(bundle, precision="fp16"))
 
 
-def test_compiled_models_are_cached_under_ldseg_cache(bundle_dir: Path, tmp_path: Path,
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_compiled_models_are_cached_under_ldseg_cache(
+    bundle_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("LDSEG_CACHE", str(tmp_path / "cache"))
     assert openvino_backend.cache_dir() == tmp_path / "cache" / "openvino"
     backend = OpenVinoBackend(bundle_dir, "fp32", threads=2)
@@ -153,8 +154,10 @@ def test_int8_bundle_runs_on_integer_kernels(int8_dir: Path, model: LDSeg) -> No
     agreement = _identical(ours.labels, same_graphs.labels)
     assert agreement >= INT8_VS_ORT, f"int8: {agreement:.3f} % identical labels to ONNX Runtime INT8"
     runtime = backend.compiled("decoder_argmax", 1).get_runtime_model()
-    kinds = {(op.get_rt_info()["layerType"].astype(str), op.get_rt_info()["runtimePrecision"].astype(str))
-             for op in runtime.get_ordered_ops()}
+    kinds = {
+        (op.get_rt_info()["layerType"].astype(str), op.get_rt_info()["runtimePrecision"].astype(str))
+        for op in runtime.get_ordered_ops()
+    }
     integer = [layer for layer, precision in kinds if precision.lower() in ("i8", "u8")]
     assert "Convolution" in integer, sorted(kinds)
 

@@ -179,16 +179,23 @@ def _cached_source(tmp_path: Path, samples: int = 1):  # type: ignore[no-untyped
     from ldseg.runtime.cache import ArtifactCache
     from tests.runtime.cache_fakes import GPU_A, FakeBundleBuilder, FakeEngineBuilder
 
-    artifacts = ArtifactCache(tmp_path / "cache", build_bundle=FakeBundleBuilder(),
-                              build_engines=FakeEngineBuilder(GPU_A))
+    artifacts = ArtifactCache(
+        tmp_path / "cache", build_bundle=FakeBundleBuilder(), build_engines=FakeEngineBuilder(GPU_A)
+    )
     return Source(checkpoint="demo", artifacts=artifacts, samples=samples)
 
 
 def test_a_checkpoint_with_the_cache_tries_every_backend_fastest_first(tried, tmp_path):
     with pytest.raises(BackendUnavailable, match="no backend can run this source"):
         select_backend(_cached_source(tmp_path))
-    assert tried == ["tensorrt/cuda:0", "onnxruntime/cuda:0", "torch/cuda:0", "openvino/cpu", "onnxruntime/cpu",
-                     "torch/cpu"]
+    assert tried == [
+        "tensorrt/cuda:0",
+        "onnxruntime/cuda:0",
+        "torch/cuda:0",
+        "openvino/cpu",
+        "onnxruntime/cpu",
+        "torch/cpu",
+    ]
     assert [f"{n}/{d}" for n, d in select.AUTO_ORDER] == [t.replace(":0", "") for t in tried]  # one plain list
 
 

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from ldseg.model.config import PRESETS
 from ldseg.model.network import LDSeg
 from ldseg.runtime.backend import make_inputs
 from ldseg.runtime.select import load_model

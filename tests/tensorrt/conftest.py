@@ -9,12 +9,12 @@ import pytest
 
 from ldseg.export.build_options import batch_profile, file_digest, write_engines_json
 from ldseg.export.manifest import build_manifest, graph_entry, with_validation, write_manifest
-from ldseg.runtime.engines import ENGINE_SUFFIX, EngineFile, Environment
 from ldseg.export.specs import graph_specs
 from ldseg.export.tensorrt_build import BuildOptions, describe_engine_set
 from ldseg.model.config import get_preset
 from ldseg.model.network import LDSeg
 from ldseg.runtime.bundle import load_bundle
+from ldseg.runtime.engines import ENGINE_SUFFIX, EngineFile, Environment
 
 HERE = Environment(trt_version="10.13.0.35", gpu_name="NVIDIA H100 80GB HBM3", compute_capability="9.0")
 

@@ -1,4 +1,5 @@
-"""runtime/engines.py and export/build_options.py: precision agreement, batch profiles, engines.json, refusal logic, atomic folders."""
+"""runtime/engines.py and export/build_options.py: precision agreement, batch profiles, engines.json,
+refusal logic, atomic folders."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from ldseg.export.build_options import (
     write_engines_json,
 )
 from ldseg.io.atomic import staged_folder
+from ldseg.runtime.bundle import load_bundle
 from ldseg.runtime.engines import (
     ENGINES_JSON,
     Environment,
@@ -26,7 +28,6 @@ from ldseg.runtime.engines import (
     engine_set_problems,
     read_engine_set,
 )
-from ldseg.runtime.bundle import load_bundle
 from tests.tensorrt.conftest import HERE, make_fake_bundle
 
 # --------------------------------------------------------------------------- precision
@@ -161,8 +162,14 @@ def test_matching_set_has_no_problems(fake_engines: Path, fake_bundle: Path) -> 
 @pytest.mark.parametrize(
     ("env", "needle"),
     [
-        (dataclasses.replace(HERE, trt_version="10.3.0.30"), "TensorRT 10.13.0.35, this machine has TensorRT 10.3.0.30"),
-        (dataclasses.replace(HERE, gpu_name="Orin", compute_capability="8.7"), "this GPU is Orin (compute capability 8.7)"),
+        (
+            dataclasses.replace(HERE, trt_version="10.3.0.30"),
+            "TensorRT 10.13.0.35, this machine has TensorRT 10.3.0.30",
+        ),
+        (
+            dataclasses.replace(HERE, gpu_name="Orin", compute_capability="8.7"),
+            "this GPU is Orin (compute capability 8.7)",
+        ),
         (dataclasses.replace(HERE, compute_capability="9.1"), "compute capability 9.1"),
         (dataclasses.replace(HERE, gpu_name="NVIDIA H100 PCIe"), "NVIDIA H100 PCIe"),
     ],

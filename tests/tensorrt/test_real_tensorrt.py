@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 
 from ldseg.errors import ArtifactError, BackendUnavailable
-from ldseg.runtime.engines import Environment, check_engines_here, detect_environment, read_engine_set
 from ldseg.metrics import agreement, dice_per_class
 from ldseg.runtime.backend import make_inputs
+from ldseg.runtime.engines import Environment, check_engines_here, detect_environment, read_engine_set
 from tests.helpers import assert_replays_follow_inputs, assert_several_classes, replay_requests
 
 pytestmark = pytest.mark.tensorrt
@@ -126,8 +126,10 @@ def test_graph_replay_equals_per_step_launches(precision, engines, model, phanto
 
     # Captured on the first request (batch 2), replayed on new seeds, then on new images.
     requests = replay_requests(model.cfg, np.stack([image for image, _ in phantoms]))
-    with TensorRTBackend(engines[precision], cuda_graph=True) as graph, \
-            TensorRTBackend(engines[precision], cuda_graph=False) as eager:
+    with (
+        TensorRTBackend(engines[precision], cuda_graph=True) as graph,
+        TensorRTBackend(engines[precision], cuda_graph=False) as eager,
+    ):
         replayed = assert_replays_follow_inputs(graph, eager, requests, atol=1e-6, min_agreement=1.0)
         assert graph.describe()["mode"] == "cuda-graph", graph.fallback_reason
         assert list(graph._graphs) == [(2, model.cfg.diffusion.steps, True)]  # one capture served all three
@@ -155,6 +157,10 @@ def test_batch_of_two_equals_two_single_runs(engines, model, phantoms) -> None: 
 def test_engine_set_describes_this_machine(engines, environment: Environment, bundles) -> None:  # noqa: ANN001
     for precision, folder in engines.items():
         es = read_engine_set(folder)
-        assert (es.precision, es.tensorrt_version, es.gpu_name) == (precision, environment.trt_version, environment.gpu_name)
+        assert (es.precision, es.tensorrt_version, es.gpu_name) == (
+            precision,
+            environment.trt_version,
+            environment.gpu_name,
+        )
         assert check_engines_here(folder, bundle_dir=bundles[precision]) == []
         assert (folder / "encoder.layers.json").is_file()

@@ -25,8 +25,9 @@ class _Severity(int):
 
 
 class _ILogger:
-    Severity = SimpleNamespace(**{n: _Severity(i) for i, n in enumerate(
-        ("INTERNAL_ERROR", "ERROR", "WARNING", "INFO", "VERBOSE"))})
+    Severity = SimpleNamespace(
+        **{n: _Severity(i) for i, n in enumerate(("INTERNAL_ERROR", "ERROR", "WARNING", "INFO", "VERBOSE"))}
+    )
 
     def __init__(self) -> None:
         pass
@@ -58,8 +59,9 @@ class _Engine11:
     device_memory_size_v2 = 2048
 
 
-@pytest.mark.parametrize(("version", "major", "flags", "weak"),
-                         [("10.3.0.30", 10, 2, True), ("11.4.1.2", 11, 1, False)])
+@pytest.mark.parametrize(
+    ("version", "major", "flags", "weak"), [("10.3.0.30", 10, 2, True), ("11.4.1.2", 11, 1, False)]
+)
 def test_feature_detection(version, major, flags, weak):
     api = trt_compat.api(fake_tensorrt(version))
     assert (api.major, api.network_flags, api.weak_typing) == (major, flags, weak)
@@ -86,8 +88,10 @@ def test_activation_memory_of_both_majors():
 
 @pytest.mark.parametrize("io_key", ["Bindings", "I/O Tensors"])
 def test_inspector_json_of_both_majors(io_key):
-    info = {"Layers": [{"Name": "conv", "Outputs": [{"Format/Datatype": "Int8 NC/32HW32"}]}, {"Name": "softmax"}],
-            io_key: ["image", "z_image"]}
+    info = {
+        "Layers": [{"Name": "conv", "Outputs": [{"Format/Datatype": "Int8 NC/32HW32"}]}, {"Name": "softmax"}],
+        io_key: ["image", "z_image"],
+    }
     assert trt_compat.layer_summary(json.dumps(info)) == {"layers": 2, "io_tensors": 2, "int8_layers": 1}
 
 

@@ -9,10 +9,9 @@ from pathlib import Path
 import pytest
 
 from ldseg.errors import ArtifactError, BackendUnavailable, OutputError
-from ldseg.runtime import engines
-from ldseg.runtime.engines import check_engines_here, detect_environment, require_tensorrt
 from ldseg.export.tensorrt_build import build_engines
-from ldseg.runtime import cuda, tensorrt_backend
+from ldseg.runtime import cuda, engines, tensorrt_backend
+from ldseg.runtime.engines import check_engines_here, detect_environment, require_tensorrt
 from ldseg.runtime.tensorrt_backend import TensorRTBackend, check_usable, parse_device
 
 

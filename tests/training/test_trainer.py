@@ -13,16 +13,17 @@ from safetensors.torch import load_file
 
 from ldseg.errors import OutputError
 from ldseg.model.checkpoint import load_checkpoint, read_metadata, save_checkpoint, state_tensors, tensors_hash
-from ldseg.training import OptionsError, TrainOptions, train
 from ldseg.runtime.select import demo_checkpoint_path
+from ldseg.training import OptionsError, TrainOptions, train
 from ldseg.training.state import RunPaths
 
 AE = ("label_encoder", "label_decoder")
 
 
 def _options(out: Path, **changes: object) -> TrainOptions:
-    base = TrainOptions(preset="demo", data="phantoms", output=out, batch_size=2, num_train=2, val=0,
-                        steps=2, progress=False)
+    base = TrainOptions(
+        preset="demo", data="phantoms", output=out, batch_size=2, num_train=2, val=0, steps=2, progress=False
+    )
     return dataclasses.replace(base, **changes)  # type: ignore[arg-type]
 
 
@@ -53,8 +54,7 @@ def test_autoencoder_loss_decreases(autoencoder: Path) -> None:
 
 def test_autoencoder_only_run_flags(autoencoder: Path) -> None:
     meta = read_metadata(autoencoder)
-    assert meta["trained"] == {"label_encoder": True, "label_decoder": True,
-                               "image_encoder": False, "denoiser": False}
+    assert meta["trained"] == {"label_encoder": True, "label_decoder": True, "image_encoder": False, "denoiser": False}
     assert meta["training"]["step"] == 6
     summary = json.loads(RunPaths.beside(autoencoder).metrics_json.read_text())
     assert summary["epochs"][-1]["val_recon_dice"].keys() == {"1", "2", "mean"}
@@ -68,7 +68,7 @@ def test_checkpoint_reloads_bit_identically(autoencoder: Path, tmp_path: Path) -
     # The sidecar holds the raw weights and the EMA denoiser: the checkpoint is exactly those.
     state = load_file(str(paths.state))
     for name, value in tensors.items():
-        source = f"ema.{name[len('denoiser.'):]}" if name.startswith("denoiser.") else f"model.{name}"
+        source = f"ema.{name[len('denoiser.') :]}" if name.startswith("denoiser.") else f"model.{name}"
         assert torch.equal(value, state[source]), name
     # Saving the reloaded model again gives the same bytes-level content.
     again = tmp_path / "again.safetensors"
@@ -138,8 +138,20 @@ def test_freeze_encoders_trains_only_the_denoiser(tmp_path: Path) -> None:
     """The knee recipe's mode: all three encoders/decoder frozen, latents cached once per
     (sample, flips), the denoiser's noise MSE falls; checkpoints every N steps, not per epoch."""
     out = tmp_path / "d.safetensors"
-    result = train(_options(out, steps=8, init=demo_checkpoint_path(), freeze="encoders", batch_size=2, num_train=2,
-                            noise_draws=8, flips=True, checkpoint_every=4, lr=3e-3))
+    result = train(
+        _options(
+            out,
+            steps=8,
+            init=demo_checkpoint_path(),
+            freeze="encoders",
+            batch_size=2,
+            num_train=2,
+            noise_draws=8,
+            flips=True,
+            checkpoint_every=4,
+            lr=3e-3,
+        )
+    )
     before, after = load_file(str(demo_checkpoint_path())), load_file(str(result.checkpoint))
     for prefix in (*AE, "image_encoder"):
         part = _component(before, prefix)
@@ -175,8 +187,12 @@ def test_folder_data_trains(tmp_path: Path) -> None:
     (data / "images").mkdir(parents=True)
     (data / "labels").mkdir()
     for name, seed in (("case1", 1), ("case2", 2), ("case3", 3)):
-        write_phantom_nifti(make_phantom(seed, shape=(20, 40, 40)), data / "images" / f"{name}.nii.gz",
-                            data / "labels" / f"{name}.nii.gz", overwrite=False)
+        write_phantom_nifti(
+            make_phantom(seed, shape=(20, 40, 40)),
+            data / "images" / f"{name}.nii.gz",
+            data / "labels" / f"{name}.nii.gz",
+            overwrite=False,
+        )
     result = train(_options(tmp_path / "folder.safetensors", data=str(data), steps=1, val=1))
     summary = json.loads(result.metrics_json.read_text())
     assert summary["train_samples"] == 2 and summary["val_samples"] == 1  # last pair by name held out

@@ -66,6 +66,18 @@ def holds_dicom(folder: Path) -> bool:
 
 
 __all__ = [
-    "DICOM", "EXTENSIONS", "FILE_FORMATS", "METAIMAGE", "NIFTI", "NRRD", "OUTPUT_TYPES", "VOLUME_SUFFIXES",
-    "WRITERS", "VolumeFormat", "dicom_files", "format_of", "holds_dicom", "is_dicom_file",
+    "DICOM",
+    "EXTENSIONS",
+    "FILE_FORMATS",
+    "METAIMAGE",
+    "NIFTI",
+    "NRRD",
+    "OUTPUT_TYPES",
+    "VOLUME_SUFFIXES",
+    "WRITERS",
+    "VolumeFormat",
+    "dicom_files",
+    "format_of",
+    "holds_dicom",
+    "is_dicom_file",
 ]

@@ -29,7 +29,13 @@ class VolumeFormat(Protocol):
         ...
 
     def write(
-        self, path: Path, array: np.ndarray, reference: Volume, *, overwrite: bool, dtype: DTypeLike,
+        self,
+        path: Path,
+        array: np.ndarray,
+        reference: Volume,
+        *,
+        overwrite: bool,
+        dtype: DTypeLike,
         description: str | None = None,
     ) -> None:
         """Write `array` ((i, j, k), reference's shape) on the reference's grid, atomically; `description`

@@ -37,21 +37,23 @@ from .itk import itk_message, volume_from_sitk
 SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
 _NOT_IMAGES = frozenset({"SEG", "RTSTRUCT", "RTPLAN", "RTDOSE", "SR", "PR", "KO", "REG"})
 # Transfer syntaxes SimpleITK's GDCM decodes correctly (checked on pydicom's test files).
-_DECODABLE = frozenset({
-    "1.2.840.10008.1.2",  # Implicit VR Little Endian
-    "1.2.840.10008.1.2.1",  # Explicit VR Little Endian
-    "1.2.840.10008.1.2.1.99",  # Deflated Explicit VR Little Endian
-    "1.2.840.10008.1.2.2",  # Explicit VR Big Endian
-    "1.2.840.10008.1.2.5",  # RLE Lossless
-    "1.2.840.10008.1.2.4.50",  # JPEG Baseline (8-bit)
-    "1.2.840.10008.1.2.4.51",  # JPEG Extended: 8-bit only (12-bit decodes to garbage, see _check_slice)
-    "1.2.840.10008.1.2.4.57",  # JPEG Lossless
-    "1.2.840.10008.1.2.4.70",  # JPEG Lossless, first-order prediction
-    "1.2.840.10008.1.2.4.80",  # JPEG-LS Lossless
-    "1.2.840.10008.1.2.4.81",  # JPEG-LS Near-lossless
-    "1.2.840.10008.1.2.4.90",  # JPEG 2000 Lossless
-    "1.2.840.10008.1.2.4.91",  # JPEG 2000
-})
+_DECODABLE = frozenset(
+    {
+        "1.2.840.10008.1.2",  # Implicit VR Little Endian
+        "1.2.840.10008.1.2.1",  # Explicit VR Little Endian
+        "1.2.840.10008.1.2.1.99",  # Deflated Explicit VR Little Endian
+        "1.2.840.10008.1.2.2",  # Explicit VR Big Endian
+        "1.2.840.10008.1.2.5",  # RLE Lossless
+        "1.2.840.10008.1.2.4.50",  # JPEG Baseline (8-bit)
+        "1.2.840.10008.1.2.4.51",  # JPEG Extended: 8-bit only (12-bit decodes to garbage, see _check_slice)
+        "1.2.840.10008.1.2.4.57",  # JPEG Lossless
+        "1.2.840.10008.1.2.4.70",  # JPEG Lossless, first-order prediction
+        "1.2.840.10008.1.2.4.80",  # JPEG-LS Lossless
+        "1.2.840.10008.1.2.4.81",  # JPEG-LS Near-lossless
+        "1.2.840.10008.1.2.4.90",  # JPEG 2000 Lossless
+        "1.2.840.10008.1.2.4.91",  # JPEG 2000
+    }
+)
 _UNCOMPRESSED = frozenset({"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2"})
 # What pydicom raises on files that start as DICOM but break off or hold nonsense.
 _READ_ERRORS = (OSError, EOFError, ValueError, KeyError, TypeError, struct.error, NotImplementedError)
@@ -260,8 +262,10 @@ def _cross_check(folder: Path, image: sitk.Image, slices: list[tuple[Path, Datas
     ]
     for what, got, want, tolerance in checks:
         if not np.allclose(got, want, rtol=0, atol=tolerance):
-            raise InputError(f"{folder}: SimpleITK's {what} {np.round(np.asarray(got), 6).tolist()} disagrees "
-                             f"with the headers' {np.round(np.asarray(want), 6).tolist()}")
+            raise InputError(
+                f"{folder}: SimpleITK's {what} {np.round(np.asarray(got), 6).tolist()} disagrees "
+                f"with the headers' {np.round(np.asarray(want), 6).tolist()}"
+            )
 
 
 class DicomFormat:
@@ -287,7 +291,13 @@ class DicomFormat:
         return volume_from_sitk(image, folder, labels=labels, source=source)
 
     def write(
-        self, path: Path, array: np.ndarray, reference: Volume, *, overwrite: bool, dtype: DTypeLike,
+        self,
+        path: Path,
+        array: np.ndarray,
+        reference: Volume,
+        *,
+        overwrite: bool,
+        dtype: DTypeLike,
         description: str | None = None,
     ) -> None:
         raise OutputError(f"{path}: ldseg writes DICOM only as a segmentation (--output-type dicom-seg)")

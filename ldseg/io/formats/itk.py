@@ -88,8 +88,7 @@ class ItkFormat:
             raise InputError(f"{path}: not a readable {self.name.upper()} file ({itk_message(exc)})") from exc
         if reader.GetNumberOfComponents() != 1 or reader.GetPixelID() in _COMPLEX:
             raise InputError(
-                f"{path}: {reader.GetNumberOfComponents()}-component or complex voxels "
-                "(scalar voxels are required)"
+                f"{path}: {reader.GetNumberOfComponents()}-component or complex voxels (scalar voxels are required)"
             )
         check_shape(path, reader.GetSize(), max_voxels)  # before any voxel is read
         try:
@@ -101,7 +100,13 @@ class ItkFormat:
         return volume_from_sitk(image, path, labels=labels)
 
     def write(
-        self, path: Path, array: np.ndarray, reference: Volume, *, overwrite: bool, dtype: DTypeLike,
+        self,
+        path: Path,
+        array: np.ndarray,
+        reference: Volume,
+        *,
+        overwrite: bool,
+        dtype: DTypeLike,
         description: str | None = None,
     ) -> None:
         path = Path(path)

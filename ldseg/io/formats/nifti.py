@@ -24,7 +24,13 @@ class NiftiFormat:
         return reader(path, max_voxels=max_voxels)
 
     def write(
-        self, path: Path, array: np.ndarray, reference: Volume, *, overwrite: bool, dtype: DTypeLike,
+        self,
+        path: Path,
+        array: np.ndarray,
+        reference: Volume,
+        *,
+        overwrite: bool,
+        dtype: DTypeLike,
         description: str | None = None,
     ) -> None:
         nifti.write_volume(path, array, reference, overwrite=overwrite, dtype=dtype, description=description)
