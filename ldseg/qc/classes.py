@@ -8,11 +8,8 @@ from ldseg.model.config import ModelConfig
 
 
 def class_names(cfg: ModelConfig) -> list[str]:
-    """Names of classes 0..K-1: the checkpoint's `class_names` where its config has them."""
-    names = getattr(cfg, "class_names", None)
-    if names and len(names) == cfg.num_classes:
-        return [str(n) for n in names]
-    return ["background", *(f"class {c}" for c in range(1, cfg.num_classes))]
+    """Names of classes 0..K-1: the checkpoint's (ModelConfig.names, as DICOM SEG labels them)."""
+    return list(cfg.names)
 
 
 def class_color(index: int) -> tuple[float, float, float]:

@@ -70,7 +70,7 @@ def test_report_with_labels_on_the_demo_model(cases, tmp_path):
             # sizes count the written segmentation; phantom voxels are 1 mm^3
             assert qc["classes"][c]["voxels"] == qc["classes"][c]["volume_mm3"] == (seg == int(c)).sum()
         assert 0 <= qc["mean_structure_entropy"] < 0.2 and 0 <= qc["low_confidence_fraction"] < 0.2
-        assert f"{name}: class 1" in result.stderr  # the console summary line
+        assert f"{name}: {PRESETS['demo'].names[1]} " in result.stderr  # the console summary line
     html = (out / "report.html").read_text()
     assert "p1" in html and "p2" in html and html.count("data:image/png;base64,") == 2
     # Asked again without --overwrite: refused before any compute, nothing changed.
@@ -123,6 +123,8 @@ def tiny2d_checkpoint(tmp_path_factory) -> Path:
         image_size=(64, 64),
         num_classes=2,
         image_grouped_conv=False,
+        class_names=("background", "gland"),
+        class_colors=("#000000", "#e6194b"),
     )
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("ckpt2d") / "tiny2d.safetensors"
