@@ -62,7 +62,7 @@ def test_unvalidated_or_failed_bundle_is_refused_in_one_sentence(
         select_backend(Source(bundle=folder), "auto", "cpu")
     assert load_bundle(folder, trust_unvalidated=True).validation == record
     chosen = select_backend(Source(bundle=folder, trust_unvalidated=True), "auto", "cpu")
-    assert chosen.backend.name == "onnxruntime"
+    assert chosen.backend.name in ("openvino", "onnxruntime")  # the first CPU bundle backend installed here
 
 
 def test_failed_export_leaves_nothing_unless_kept(
