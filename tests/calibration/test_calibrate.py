@@ -11,11 +11,13 @@ import numpy as np
 import pytest
 
 from ldseg.calibration import calibrate
+from ldseg.calibration.data import HOLDOUT_SEED0, SAMPLING_SEED, _phantom
 from ldseg.errors import ArtifactError, OutputError
 from ldseg.runtime.backend import make_inputs
 from ldseg.runtime.bundle import load_bundle
 from ldseg.runtime.engines import bundle_hash
 from ldseg.runtime.onnxruntime_backend import OnnxRuntimeBackend
+from tests.helpers import assert_several_classes
 
 
 def test_int8_bundle_loads_and_records_its_source(calibrated, fp32_bundle: Path) -> None:  # noqa: ANN001
@@ -41,7 +43,7 @@ def test_int8_bundle_runs_in_onnxruntime_cpu(calibrated) -> None:  # noqa: ANN00
     assert backend.precision == "int8"
 
 
-def test_report_is_written_with_its_numbers(calibrated) -> None:  # noqa: ANN001
+def test_report_is_written_with_its_numbers(calibrated, fp32_bundle: Path) -> None:  # noqa: ANN001
     folder, report = calibrated
     data = json.loads((folder / "calibration.json").read_text())
     markdown = (folder / "calibration.md").read_text()
@@ -59,7 +61,12 @@ def test_report_is_written_with_its_numbers(calibrated) -> None:  # noqa: ANN001
     assert "Dice INT8 vs FP32" in markdown and "left in FP32" in markdown.replace(
         "Compute nodes deliberately left in FP32", "left in FP32"
     )
-    # Random weights: the pipeline is still nearly identical in INT8 (a trained model is checked by hand).
+    # BN-calibrated random weights (tests/helpers.informative_model): the FP32 reference on the held-out
+    # phantom must segment several classes, or agreement with it could not fail.
+    fp32 = load_bundle(fp32_bundle)
+    held_out = _phantom(fp32.config, HOLDOUT_SEED0).image[None]
+    reference = OnnxRuntimeBackend(fp32, "cpu", threads=2).run(make_inputs(fp32.config, held_out, [SAMPLING_SEED]))
+    assert_several_classes(reference.labels, "FP32 labels of the held-out phantom")
     assert report.label_agreement > 0.9
 
 
