@@ -135,37 +135,22 @@ def run_benchmark(options: BenchOptions, log: Log = _quiet) -> Path:
                 )
                 ref_row, ref_labels = _measure(ref, inputs, options, timer, source.model, peaks)
                 ref_row["reference"] = True
-                rows.append(
-                    _finish(
-                        ref_row,
-                        ref_row,
-                        row_accuracy(
-                            ref_labels,
-                            ref_labels,
-                            cfg,
-                            is_reference=True,
-                            weights_note=weights_note,
-                            vs_truth=_vs_truth(ref, inputs, truth, cfg),
-                        ),
+                for target in [ref, *targets]:  # the reference row first, measured once
+                    is_ref = target is ref
+                    row, labels = (
+                        (ref_row, ref_labels)
+                        if is_ref
+                        else _measure(target, inputs, options, timer, source.model, peaks)
                     )
-                )
-                log(_line(rows[-1]))
-                for target in targets:
-                    row, labels = _measure(target, inputs, options, timer, source.model, peaks)
-                    rows.append(
-                        _finish(
-                            row,
-                            ref_row,
-                            row_accuracy(
-                                labels,
-                                ref_labels,
-                                cfg,
-                                is_reference=False,
-                                weights_note=weights_note,
-                                vs_truth=_vs_truth(target, inputs, truth, cfg),
-                            ),
-                        )
+                    accuracy = row_accuracy(
+                        labels,
+                        ref_labels,
+                        cfg,
+                        is_reference=is_ref,
+                        weights_note=weights_note,
+                        vs_truth=_vs_truth(target, inputs, truth, cfg),
                     )
+                    rows.append(_finish(row, ref_row, accuracy))
                     log(_line(rows[-1]))
 
     _relative_to(rows, ("onnxruntime", "fp32"))

@@ -144,12 +144,16 @@ def _graph(name: str, data: Mapping[str, Any]) -> GraphInfo:
     )
 
 
-def parse_manifest(path: Path, data: Mapping[str, Any]) -> Bundle:
+def check_format(path: Path, data: Mapping[str, Any], expected: str, what: str, fix: str) -> str:
+    """The artifact's `format`; ArtifactError (saying how to `fix` it) unless it is `expected`."""
     fmt = data.get("format")
-    if fmt != BUNDLE_FORMAT:
-        raise ArtifactError(
-            f"{path}: bundle format {fmt!r} is not one this ldseg reads ({BUNDLE_FORMAT!r}); re-export it"
-        )
+    if fmt != expected:
+        raise ArtifactError(f"{path}: {what} format {fmt!r} is not one this ldseg reads ({expected!r}); {fix}")
+    return str(fmt)
+
+
+def parse_manifest(path: Path, data: Mapping[str, Any]) -> Bundle:
+    fmt = check_format(path, data, BUNDLE_FORMAT, "bundle", "re-export it")
     try:
         order = {name: i for i, name in enumerate(GRAPH_NAMES)}  # pipeline order, unknown names last
         items = sorted(data["graphs"].items(), key=lambda kv: order.get(kv[0], len(order)))

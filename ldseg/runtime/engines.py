@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from ldseg.errors import ArtifactError, BackendUnavailable
 from ldseg.model.config import ModelConfig
 from ldseg.runtime import trt_compat
-from ldseg.runtime.bundle import MANIFEST, TensorInfo, parse_tensor, read_json_object, sha256_file
+from ldseg.runtime.bundle import MANIFEST, TensorInfo, check_format, parse_tensor, read_json_object, sha256_file
 from ldseg.runtime.trt_compat import major_of
 
 if TYPE_CHECKING:
@@ -166,11 +166,7 @@ class EngineSet:
 
     @staticmethod
     def from_dict(path: Path, data: Mapping[str, Any]) -> EngineSet:
-        fmt = data.get("format")
-        if fmt != ENGINES_FORMAT:
-            raise ArtifactError(
-                f"{path}: engine set format {fmt!r} is not one this ldseg reads ({ENGINES_FORMAT!r}); rebuild it"
-            )
+        check_format(path, data, ENGINES_FORMAT, "engine set", "rebuild it")
         try:
             bundle, gpu, diffusion = data["bundle"], data["gpu"], data["diffusion"]
             profiles = {

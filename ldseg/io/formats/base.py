@@ -28,16 +28,8 @@ class VolumeFormat(Protocol):
         file for anything unusable. `series` picks a DICOM series (ignored by file formats)."""
         ...
 
-    def write(
-        self,
-        path: Path,
-        array: np.ndarray,
-        reference: Volume,
-        *,
-        overwrite: bool,
-        dtype: DTypeLike,
-        description: str | None = None,
-    ) -> None:
+    def write(self, path: Path, array: np.ndarray, reference: Volume, *, overwrite: bool, dtype: DTypeLike,
+              description: str | None = None) -> None:  # fmt: skip
         """Write `array` ((i, j, k), reference's shape) on the reference's grid, atomically; `description`
         (what produced it, e.g. a reduced precision) goes into the header."""
         ...

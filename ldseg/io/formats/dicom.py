@@ -290,16 +290,8 @@ class DicomFormat:
         source = DicomSeries(uid, tuple(p for p, _ in slices), tuple(ds for _, ds in slices))
         return volume_from_sitk(image, folder, labels=labels, source=source)
 
-    def write(
-        self,
-        path: Path,
-        array: np.ndarray,
-        reference: Volume,
-        *,
-        overwrite: bool,
-        dtype: DTypeLike,
-        description: str | None = None,
-    ) -> None:
+    def write(self, path: Path, array: np.ndarray, reference: Volume, *, overwrite: bool, dtype: DTypeLike,
+              description: str | None = None) -> None:  # fmt: skip
         raise OutputError(f"{path}: ldseg writes DICOM only as a segmentation (--output-type dicom-seg)")
 
 

@@ -99,16 +99,8 @@ class ItkFormat:
             image = image[(slice(None),) * 3 + (0,) * (image.GetDimension() - 3)]
         return volume_from_sitk(image, path, labels=labels)
 
-    def write(
-        self,
-        path: Path,
-        array: np.ndarray,
-        reference: Volume,
-        *,
-        overwrite: bool,
-        dtype: DTypeLike,
-        description: str | None = None,
-    ) -> None:
+    def write(self, path: Path, array: np.ndarray, reference: Volume, *, overwrite: bool, dtype: DTypeLike,
+              description: str | None = None) -> None:  # fmt: skip
         path = Path(path)
         if not path.name.lower().endswith(self.write_suffix):
             raise OutputError(f"{path}: output name must end in {self.write_suffix}")

@@ -23,14 +23,6 @@ class NiftiFormat:
         reader = nifti.read_label_volume if labels else nifti.read_volume
         return reader(path, max_voxels=max_voxels)
 
-    def write(
-        self,
-        path: Path,
-        array: np.ndarray,
-        reference: Volume,
-        *,
-        overwrite: bool,
-        dtype: DTypeLike,
-        description: str | None = None,
-    ) -> None:
+    def write(self, path: Path, array: np.ndarray, reference: Volume, *, overwrite: bool, dtype: DTypeLike,
+              description: str | None = None) -> None:  # fmt: skip
         nifti.write_volume(path, array, reference, overwrite=overwrite, dtype=dtype, description=description)
