@@ -50,12 +50,9 @@ def import_openvino() -> Any:
 
 def cache_dir() -> Path:
     """OpenVINO's compiled-model cache: <ldseg artifact cache>/openvino."""
-    root = os.environ.get("LDSEG_CACHE")
-    if not root:
-        import platformdirs
+    from ldseg.runtime.cache import cache_root
 
-        root = platformdirs.user_cache_dir("ldseg")
-    return Path(root) / "openvino"
+    return cache_root() / "openvino"
 
 
 def cpu_capabilities(core: Any) -> set[str]:

@@ -208,7 +208,9 @@ def _openvino(source: Source, device: str, wants: Wants) -> Selection:
     path = _bundle_path(source, "openvino")
     bundle = load_bundle(path, trust_unvalidated=source.trust_unvalidated)
     _refuse_untrained(path, dict(bundle.trained), SEGMENT_NEEDS)
-    backend = OpenVinoBackend(bundle, wants.precision, threads=wants.threads)
+    # Compiled models live beside the run's artifacts (a --no-cache run's temporary folder included).
+    cache = source.artifacts.root / "openvino" if source.artifacts is not None else True
+    backend = OpenVinoBackend(bundle, wants.precision, threads=wants.threads, cache=cache)
     return Selection(backend, bundle.config, "", bundle.checkpoint_hash)
 
 

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import ldseg
+from ldseg import api
 from ldseg.data.phantoms import make_phantom, write_phantom_nifti
 from ldseg.runtime.cache import BUNDLES, list_entries
 from tests.runtime.cache_fakes import Notes
@@ -104,7 +105,7 @@ def test_no_cache_exports_into_a_temporary_folder_for_this_run_only(
         exported.append(target)  # the real export ran in the fixture; copying it keeps this test fast
         shutil.copytree(entry.path, target)
 
-    monkeypatch.setattr(ldseg.api, "build_bundle", copy_the_cached_export)
+    monkeypatch.setattr(api, "build_bundle", copy_the_cached_export)
     monkeypatch.setenv("LDSEG_CACHE", str(tmp_path / "user-cache"))
     with ldseg.Segmenter("demo", cache=False, warn_demo=False, reporter=Notes()) as seg:
         assert seg.backend.name == CPU_FIRST

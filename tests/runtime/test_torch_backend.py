@@ -102,7 +102,7 @@ def test_fp32_means_tf32_off_inside_every_stage_and_restored_after(model, monkey
     saved = (matmul.allow_tf32, cudnn.allow_tf32)  # properties, not attributes: monkeypatch cannot undo them
     matmul.allow_tf32 = cudnn.allow_tf32 = True
     try:
-        backend.run(make_inputs(model.cfg, _image(0), [0], steps=1))
+        backend.run(make_inputs(model.cfg, _image(model, 0), [0], steps=1))
         assert seen == [(False, False)]
         assert matmul.allow_tf32 and cudnn.allow_tf32  # the caller's settings, back
     finally:
