@@ -30,6 +30,8 @@ from ldseg.errors import InputError
 from ldseg.io.image2d import Image2D
 from ldseg.io.nifti import Volume
 from ldseg.runtime.cache import ArtifactCache, BundleKey, Progress, QuietReporter, Reporter
+from ldseg.runtime.cohort import CohortInput
+from ldseg.runtime.run_manifest import RunManifest
 from ldseg.runtime.select import Selection, Source, Wants, demo_checkpoint_path, select_backend
 from ldseg.runtime.session import RunOptions, RunSummary, VolumeExtras, run_files, segment_prepared
 from ldseg.runtime.volumes import expand_folder, prepare
@@ -211,17 +213,22 @@ class Segmenter:
         series: str | None = None,
         extras: VolumeExtras | None = None,
         on_done: Callable[[Path, str | None], None] | None = None,
+        manifest: bool = True,
+        labels: dict[Path, Path] | None = None,
     ) -> RunSummary:
         """Segment files into `output` as ldseg-run does (atomic, never overwriting without `overwrite`);
         a bad input is listed in the summary's failures and skipped (`fail_fast` stops there).
         `output_types`: nifti, nrrd, mha, dicom-seg (`seg_type` binary or fractional); `extras` adds
-        files per volume (ldseg.qc). ValueError for output options that cannot be combined."""
+        files per volume (ldseg.qc). `manifest`: keep `output/ldseg-run.csv`, one row per input, and skip
+        the inputs it records as done; `labels` ({input: reference label}) adds Dice to their rows.
+        ValueError for output options that cannot be combined."""
         from ldseg.io.atomic import ensure_output_dir
         from ldseg.runtime.outputs import algorithm_for, check_output_options
 
         types = tuple(dict.fromkeys(output_types))
         check_output_options(self.config, types, seg_type, self.options.samples > 1 or probabilities)
         paths = expand_inputs([inputs] if isinstance(inputs, (str, Path)) else inputs)
+        items = [CohortInput(p, (labels or {}).get(p)) for p in paths]
         out_dir = ensure_output_dir(Path(output))
         self._demo_warning()
         opts = dataclasses.replace(
@@ -237,7 +244,14 @@ class Segmenter:
         if "dicom-seg" in types:  # the SEG names the checkpoint and the sampling settings
             opts = dataclasses.replace(opts, algorithm=algorithm_for(self.source, self.config, opts))
         return run_files(
-            paths, out_dir, self.backend, self.config, opts, on_done=on_done or (lambda p, e: None), extras=extras
+            items,
+            out_dir,
+            self.backend,
+            self.config,
+            opts,
+            on_done=on_done or (lambda p, e: None),
+            extras=extras,
+            manifest=RunManifest(out_dir) if manifest else None,
         )
 
     def close(self) -> None:
@@ -264,7 +278,17 @@ def segment(
     `options` are Segmenter's (bundle, engines, device, cache, steps, sampler, seed, samples...) and,
     with `output`, write's (probabilities, overwrite, skip_existing, fail_fast).
     """
-    write_keys = {"overwrite", "skip_existing", "fail_fast", "on_done", "output_types", "seg_type", "extras"}
+    write_keys = {
+        "overwrite",
+        "skip_existing",
+        "fail_fast",
+        "on_done",
+        "output_types",
+        "seg_type",
+        "extras",
+        "manifest",
+        "labels",
+    }
     call_keys = (write_keys if output is not None else set()) | {"probabilities", "series"}
     with Segmenter(checkpoint, backend=backend, **{k: v for k, v in options.items() if k not in call_keys}) as seg:
         call = {k: v for k, v in options.items() if k in call_keys}

@@ -50,6 +50,7 @@ LrScheduleChoice = enum.Enum("LrScheduleChoice", {"constant": "constant", "cosin
 OutputType = enum.Enum(
     "OutputType", {"nifti": "nifti", "nrrd": "nrrd", "mha": "mha", "dicom_seg": "dicom-seg"}, type=str
 )
+EngineChoice = enum.Enum("EngineChoice", {"local": "local", "ray": "ray"}, type=str)
 SegType = enum.Enum("SegType", {"binary": "binary", "fractional": "fractional"}, type=str)
 
 

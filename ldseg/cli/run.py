@@ -17,6 +17,7 @@ from rich.table import Table
 from ldseg.cli.common import (
     BackendChoice,
     DeviceChoice,
+    EngineChoice,
     OutputType,
     RunPrecision,
     SamplerChoice,
@@ -35,7 +36,10 @@ run_typer = typer.Typer(add_completion=False, help="Segment NIfTI volumes or 2D 
 
 @run_typer.command()
 def run(
-    inputs: Annotated[Optional[list[Path]], typer.Argument(help="Files or folders to segment.")] = None,
+    inputs: Annotated[
+        Optional[list[Path]],
+        typer.Argument(help="Files, folders, or input lists (.csv/.parquet with a path column, optional label)."),
+    ] = None,
     output: Annotated[Path, typer.Option("-o", "--output", help="Output folder.")] = Path("ldseg-out"),
     checkpoint: Annotated[
         Optional[str], typer.Option(help="Checkpoint path, or 'demo' (the bundled model; the default).")
@@ -101,12 +105,31 @@ def run(
             "exports into a temporary folder for this run only."
         ),
     ] = True,
+    engine: Annotated[
+        EngineChoice,
+        typer.Option(help="local: this process; ray: Ray Data, read/write tasks and a pool of model actors."),
+    ] = EngineChoice.local,
+    address: Annotated[
+        Optional[str], typer.Option(help="Ray cluster address (ray start --head); default: Ray on this machine.")
+    ] = None,
+    workers: Annotated[int, typer.Option(help="Ray: model actors, each holding a warm backend.")] = 1,
+    gpus_per_worker: Annotated[
+        Optional[float], typer.Option(help="Ray: GPUs per actor (default: 1 where the cluster has GPUs, else 0).")
+    ] = None,
+    batch: Annotated[int, typer.Option(help="Ray: volumes handed to an actor per call.")] = 1,
+    num_parts: Annotated[int, typer.Option(help="Split the inputs into K parts (array jobs)...")] = 1,
+    part_id: Annotated[int, typer.Option(help="...and run part i (0-based) of them, by sorted path.")] = 0,
     version: VersionOption = None,
 ) -> None:
     """Examples: `ldseg-run --demo -o out/`, `ldseg-run scan.nii.gz -o out/`, `ldseg-run scans/ -o out/ --samples 8`,
-    `ldseg-run dicom_folder/ --output-type dicom-seg -o out/`."""
-    from ldseg.api import Segmenter, expand_inputs
+    `ldseg-run dicom_folder/ --output-type dicom-seg -o out/`, `ldseg-run cohort.csv --engine ray --workers 2 -o out/`.
+
+    Every run keeps <out>/ldseg-run.csv, one row per input; running the same command again skips the
+    inputs it records as done and retries the failed ones."""
+    from ldseg.api import Segmenter
+    from ldseg.runtime.cohort import collect_inputs, shard
     from ldseg.runtime.outputs import check_output_options
+    from ldseg.runtime.ray_engine import RayOptions
     from ldseg.runtime.select import RECONSTRUCT_NEEDS, load_model
 
     if samples < 1 or (steps is not None and steps < 1):
@@ -123,6 +146,12 @@ def run(
         raise typer.BadParameter("--overwrite and --skip-existing contradict each other: choose one")
     if not demo and reconstruct is None and not inputs:
         raise typer.BadParameter("give input files or folders, or --demo")
+    if workers < 1 or batch < 1 or (gpus_per_worker is not None and gpus_per_worker < 0):
+        raise typer.BadParameter("--workers and --batch must be at least 1, --gpus-per-worker at least 0")
+    if num_parts < 1 or not 0 <= part_id < num_parts:
+        raise typer.BadParameter(f"--part-id must be in 0..{num_parts - 1} for --num-parts {num_parts}")
+    if engine == EngineChoice.ray and (demo or reconstruct is not None or report or fail_fast):
+        raise typer.BadParameter("--demo, --reconstruct, --report and --fail-fast run on the local engine only")
     if labels is not None and not labels.is_dir():
         raise InputError(f"{labels}: --labels needs a folder of reference labels")
     types = tuple(dict.fromkeys(t.value for t in output_type or [OutputType.nifti]))
@@ -132,7 +161,36 @@ def run(
     if reconstruct is not None:
         _reconstruct(load_model(checkpoint or "demo", RECONSTRUCT_NEEDS), reconstruct, out_dir, overwrite)
         return
-    paths = [] if demo else expand_inputs(inputs or [])  # a missing input is reported before any export
+    # A missing input is reported before any export.
+    items = [] if demo else shard(collect_inputs(inputs or [], labels), num_parts, part_id)
+    paths = [item.path for item in items]
+    if engine == EngineChoice.ray:
+        settings = {
+            "checkpoint": checkpoint,
+            "bundle": bundle,
+            "engines": engines,
+            "backend": backend.value,
+            "device": device.value,
+            "gpu": gpu or 0,
+            "cache": cache,
+            "steps": steps,
+            "sampler": value(sampler),
+            "seed": seed,
+            "samples": samples,
+            "trust_unvalidated": trust_unvalidated,
+            "precision": precision.value,
+        }
+        ray_options = RayOptions(address, workers, gpus_per_worker, batch, threads)
+        ray_write: dict[str, Any] = {
+            "probabilities": save_probabilities,
+            "overwrite": overwrite,
+            "skip_existing": skip_existing,
+            "output_types": types,
+            "seg_type": seg_type.value,
+            "series": series,
+        }
+        _run_ray(items, out_dir, settings, ray_options, ray_write, preview, qc, labels)
+        return
     with Segmenter(
         checkpoint,
         bundle=bundle,
@@ -176,14 +234,20 @@ def run(
         if demo:
             summary = _demo(seg, out_dir, demo_seed, extras, write)
         else:
-            summary = _run_with_progress(seg, paths, out_dir, extras, write)
+            label_of = {item.path: item.label for item in items if item.label is not None}
+            summary = _run_with_progress(seg, paths, out_dir, extras, {**write, "labels": label_of})
         if report_path is not None and extras is not None:
             out.print(str(write_run_report(report_path, summary, extras, chosen, cfg, report_opts)), highlight=False)
     if summary.failures:
-        failure = LdsegError(f"{len(summary.failures)} of {len(paths)} input(s) failed (listed above)")
-        codes = {exc.exit_code for _, exc in summary.failures}
-        failure.exit_code = codes.pop() if len(codes) == 1 else 1  # one kind of failure: its own code
-        raise failure
+        raise _some_failed([exc.exit_code for _, exc in summary.failures], len(paths))
+
+
+def _some_failed(codes: list[int], total: int) -> LdsegError:
+    """ "Some inputs failed": the code of their one kind of failure (3 for bad inputs), 1 if mixed."""
+    failure = LdsegError(f"{len(codes)} of {total} input(s) failed (listed above and in the run manifest)")
+    kinds = set(codes)
+    failure.exit_code = kinds.pop() if len(kinds) == 1 else 1
+    return failure
 
 
 class ConsoleReporter:
@@ -233,11 +297,100 @@ def _run_with_progress(seg: Any, paths: list[Path], out_dir: Path, extras: Any, 
 
         for record in summary.records:
             console.print(one_line(record), highlight=False, markup=False, soft_wrap=True)
-    if summary.skipped:
-        console.print(f"skipped {len(summary.skipped)} input(s) whose outputs exist (--skip-existing)")
+    from ldseg.runtime.cohort import CohortStats
+
+    stats = CohortStats.of(summary.rows, len(summary.resumed), summary.seconds)
+    for line in stats.lines()[1:]:  # the table's title already gives the count and throughput
+        console.print(line, highlight=False)
     for path in summary.written:
         out.print(str(path), highlight=False, markup=False, soft_wrap=True)
     return summary
+
+
+def _run_ray(
+    items: list[Any],
+    out_dir: Path,
+    settings: dict[str, Any],
+    ray_options: Any,
+    write: dict[str, Any],
+    preview: bool,
+    qc: bool,
+    labels: Optional[Path],
+) -> None:
+    """--engine ray: plan on the driver (no model loaded here), run on Ray, sum up from the rows."""
+    import time
+
+    from ldseg.api import DEMO_WARNING
+    from ldseg.runtime.cohort import CohortStats
+    from ldseg.runtime.outputs import algorithm_for, check_output_options
+    from ldseg.runtime.ray_engine import import_ray, run_on_ray
+    from ldseg.runtime.run_manifest import RunManifest, exit_code_of
+    from ldseg.runtime.select import Source, source_config
+    from ldseg.runtime.session import RunOptions, plan_run, record_skipped
+
+    import_ray()  # says how to install it before anything else
+    source = Source(settings["checkpoint"], settings["bundle"], settings["engines"])
+    cfg = source_config(source.checkpoint, source.bundle, source.engines)
+    samples = settings["samples"]
+    try:
+        check_output_options(cfg, write["output_types"], write["seg_type"], samples > 1 or write["probabilities"])
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    if source.bundle is None and source.engines is None and str(source.checkpoint or "demo") == "demo":
+        console.print(f"[bold yellow]warning:[/] {escape(DEMO_WARNING)}", highlight=False, soft_wrap=True)
+    opts = RunOptions(
+        steps=settings["steps"],
+        sampler=settings["sampler"],
+        seed=settings["seed"],
+        samples=samples,
+        save_probabilities=write["probabilities"],
+        overwrite=write["overwrite"],
+        skip_existing=write["skip_existing"],
+        output_types=write["output_types"],
+        seg_type=write["seg_type"],
+        series=write["series"],
+    )
+    if "dicom-seg" in opts.output_types:
+        opts = dataclasses.replace(opts, algorithm=algorithm_for(source, cfg, opts))
+    extras = None
+    if preview or qc or labels is not None:
+        from ldseg.qc.run import qc_extras
+
+        extras = qc_extras(cfg, samples, preview=preview, qc=qc, labels=labels, report=False)
+    manifest = RunManifest(out_dir)
+    clock = time.perf_counter()
+    todo, left = plan_run(items, out_dir, cfg, opts, extras, manifest)
+    rows = record_skipped(left["skip"], manifest)
+    console.print(
+        f"engine: [bold]ray[/], {ray_options.workers} worker(s), {len(todo)} to run, "
+        f"{len(left['done'])} already done (manifest), {len(left['skip'])} skipped",
+        highlight=False,
+    )
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=False) as progress:
+        task = progress.add_task("segmenting", total=len(todo))
+
+        def done(row: Any) -> None:
+            if row.status == "failed":
+                progress.console.print(f"[red]failed:[/] {escape(row.error)}", highlight=False, soft_wrap=True)
+            progress.advance(task)
+
+        try:
+            run = run_on_ray(todo, settings, cfg, opts, ray_options, out_dir, extras=extras, on_row=done)
+        finally:
+            manifest.compact()  # one row per input again (Ctrl-C included)
+    rows += run.rows
+    stats = CohortStats.of(rows, len(left["done"]), time.perf_counter() - clock)
+    for line in stats.lines():
+        console.print(line, highlight=False)
+    made = sorted({f"{r.backend} on {r.device}, {r.precision}" for r in rows if r.backend})
+    if made:
+        console.print(f"backend: {'; '.join(made)}", highlight=False)
+    for path in run.written:
+        out.print(str(path), highlight=False, markup=False, soft_wrap=True)
+    failed = [r for r in rows if r.status == "failed"]
+    if failed:
+        raise _some_failed([exit_code_of(r.error_kind) for r in failed], len(items))
 
 
 def _reconstruct(model: Any, label_path: Path, out_dir: Path, overwrite: bool) -> None:

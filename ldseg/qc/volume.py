@@ -13,14 +13,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ldseg.errors import InputError
-from ldseg.io.image2d import Image2D, read_label2d
-from ldseg.io.nifti import read_label_volume
+from ldseg.io.image2d import Image2D
 from ldseg.model.config import ModelConfig
 from ldseg.qc.classes import class_names
 from ldseg.qc.metrics import VolumeQC, class_stats, uncertainty_stats, voxel_volume_mm3
 from ldseg.runtime.session import ExtraFiles, Segmentation
-from ldseg.runtime.volumes import Prepared, stem
+from ldseg.runtime.volumes import Prepared, read_reference_labels, stem
 
 PREVIEW = "_preview"
 QC = "_qc"
@@ -40,18 +38,7 @@ def read_reference(prepared: Prepared, cfg: ModelConfig, labels_dir: Path) -> Re
     path = labels_dir / prepared.path.name
     if not path.exists():
         return Reference(path)
-    if isinstance(prepared.reference, Image2D):
-        labels = read_label2d(path)
-        if cfg.num_classes == 2:
-            labels = (labels > 0).astype(np.uint8)  # instance ids, binarized as the official pipeline
-    else:
-        labels = read_label_volume(path).array
-    if labels.shape != prepared.input_shape:
-        raise InputError(
-            f"{path}: label of shape {labels.shape}, its image {prepared.path.name} has shape {prepared.input_shape}"
-        )
-    if labels.max() >= cfg.num_classes:
-        raise InputError(f"{path}: label values up to {labels.max()}, the model has classes 0..{cfg.num_classes - 1}")
+    labels = read_reference_labels(path, prepared, cfg)
     return Reference(path, labels)
 
 

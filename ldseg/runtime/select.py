@@ -61,6 +61,22 @@ def resolve_checkpoint(name: str | Path) -> Path:
     return path
 
 
+def source_config(checkpoint: str | None, bundle: Path | None, engines: Path | None) -> ModelConfig:
+    """The model configuration behind a source, read from its header or manifest without loading
+    any weights (a Ray driver plans outputs with it; its actors load the model)."""
+    from ldseg.model.checkpoint import read_metadata
+
+    if bundle is not None:
+        from ldseg.runtime.bundle import load_bundle
+
+        return load_bundle(bundle, verify=False, trust_unvalidated=True).config
+    if engines is not None:
+        from ldseg.runtime.engines import read_engine_set
+
+        return read_engine_set(engines).config
+    return ModelConfig.from_dict(read_metadata(resolve_checkpoint(checkpoint or "demo"))["config"])
+
+
 def _refuse_untrained(source: Path, trained: dict[str, bool], needs: tuple[str, ...]) -> None:
     missing = [name for name in needs if not trained.get(name, False)]
     if missing:
@@ -164,6 +180,10 @@ def _torch(source: Source, device: str, wants: Wants) -> Selection:
     if problem:
         raise BackendUnavailable(problem)
     _refuse_precision("torch", wants, "fp32")
+    if wants.threads is not None:
+        import torch
+
+        torch.set_num_threads(wants.threads)  # torch's intra-op pool is per process
     model = source.model()
     return Selection(TorchBackend(model, device), model.cfg, "", model.checkpoint_hash)
 

@@ -1,4 +1,5 @@
-"""Segment files with any Backend: read ahead, run, write results atomically, survive bad files."""
+"""Segment files with any Backend: read ahead, run, write results atomically, survive bad files,
+and record each input in the run manifest (ldseg.runtime.run_manifest) as it finishes."""
 
 from __future__ import annotations
 
@@ -11,18 +12,27 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from ldseg.errors import InputError, LdsegError, OutputError
-from ldseg.io.atomic import atomic_write
+from ldseg.errors import LdsegError
 from ldseg.io.formats.dicom_seg import Algorithm
 from ldseg.model.config import ModelConfig
 from ldseg.runtime.backend import Backend, make_inputs
-from ldseg.runtime.outputs import Target, plan_targets, refuse_unwritable, seg_needs_probabilities, write_target
-from ldseg.runtime.volumes import (
-    Prepared,
-    map_to_input_grid,
-    prepare,
-    to_input_grid,
+from ldseg.runtime.cohort import CohortInput, key_of
+from ldseg.runtime.outputs import seg_needs_probabilities
+from ldseg.runtime.run_manifest import RunManifest, RunRow
+from ldseg.runtime.volume_steps import (
+    Producer,
+    ReadVolume,
+    VolumePlan,
+    check_writable,
+    failed_row,
+    now_iso,
+    plan_volume,
+    read_volume,
+    resume_state,
+    was_writing,
+    write_volume,
 )
+from ldseg.runtime.volumes import Prepared, map_to_input_grid, to_input_grid
 
 
 @dataclass(frozen=True)
@@ -48,6 +58,8 @@ class RunSummary:
     failures: list[tuple[Path, LdsegError]] = field(default_factory=list)
     stage_ms: dict[str, list[float]] = field(default_factory=dict)
     records: list[Any] = field(default_factory=list)  # VolumeExtras' record per written volume (ldseg.qc)
+    rows: list[RunRow] = field(default_factory=list)  # this run's manifest rows (ok, failed, skipped)
+    resumed: list[Path] = field(default_factory=list)  # done by an earlier run (its manifest row is ok)
     volumes: int = 0
     seconds: float = 0.0
 
@@ -71,11 +83,6 @@ def output_suffixes(cfg: ModelConfig, opts: RunOptions) -> list[str]:
     return suffixes
 
 
-def precision_note(backend: Backend) -> str | None:
-    """What a reduced-precision result records in its header ("ldseg openvino bf16"); None for FP32."""
-    return None if backend.precision == "fp32" else f"ldseg {backend.name} {backend.precision}"
-
-
 @dataclass
 class Segmentation:
     """One input's result: the maps to write, stage times, and (for QC) the model-grid votes."""
@@ -94,24 +101,43 @@ def segment_prepared(
     return result.outputs, result.stage_ms
 
 
-def segment(prepared: Prepared, backend: Backend, cfg: ModelConfig, opts: RunOptions) -> Segmentation:
-    """segment_prepared, also keeping the K votes and mean probabilities (model grid) that QC counts on."""
+def infer(
+    image: np.ndarray, backend: Backend, cfg: ModelConfig, opts: RunOptions
+) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
+    """The model on one prepared image (C, *grid), K samples as one batch: the mean probabilities
+    (num_classes, *grid), the K label votes (K, *grid) and the backend's stage times."""
     seeds = [opts.seed + k for k in range(opts.samples)]
-    batch = np.repeat(prepared.image[None], opts.samples, axis=0)
+    batch = np.repeat(image[None], opts.samples, axis=0)
     result = backend.run(make_inputs(cfg, batch, seeds, opts.steps, opts.sampler), probabilities=True)
     assert result.probabilities is not None
-    mean = result.probabilities.mean(axis=0)
+    return result.probabilities.mean(axis=0), result.labels, result.stage_ms
+
+
+def on_input_grid(
+    prepared: Prepared,
+    mean: np.ndarray,
+    votes: np.ndarray,
+    stage_ms: dict[str, float],
+    cfg: ModelConfig,
+    opts: RunOptions,
+) -> Segmentation:
+    """infer's result as the maps to write, on the input's grid."""
     outputs: dict[str, tuple[np.ndarray, type]] = {"_seg": (to_input_grid(prepared, mean), np.uint8)}
     if opts.samples > 1:
         chosen = np.take_along_axis(mean, mean.argmax(axis=0)[None], axis=0)[0]
         outputs["_confidence"] = (map_to_input_grid(prepared, chosen), np.float32)
-        entropy = vote_entropy(result.labels, cfg.num_classes)
+        entropy = vote_entropy(votes, cfg.num_classes)
         outputs["_entropy"] = (map_to_input_grid(prepared, entropy), np.float32)
     if opts.save_probabilities or seg_needs_probabilities(opts):
         for c in range(cfg.num_classes):
             outputs[f"_prob{c}"] = (map_to_input_grid(prepared, mean[c]), np.float32)
     assert list(outputs) == output_suffixes(cfg, opts)  # run_files plans the file names from that list
-    return Segmentation(outputs, result.stage_ms, result.labels, mean)
+    return Segmentation(outputs, stage_ms, votes, mean)
+
+
+def segment(prepared: Prepared, backend: Backend, cfg: ModelConfig, opts: RunOptions) -> Segmentation:
+    """segment_prepared, also keeping the K votes and mean probabilities (model grid) that QC counts on."""
+    return on_input_grid(prepared, *infer(prepared.image, backend, cfg, opts), cfg, opts)
 
 
 @dataclass
@@ -138,27 +164,23 @@ class VolumeExtras(Protocol):
         ...
 
 
-def _write_bytes(path: Path, content: bytes, overwrite: bool) -> None:
-    def write(tmp: Path) -> None:
-        tmp.write_bytes(content)
-
-    atomic_write(path, write, overwrite)
-
-
 def _read_ahead(
-    paths: list[Path], cfg: ModelConfig, series: str | None = None
-) -> Iterator[tuple[Path, Future[Prepared]]]:
+    plans: list[VolumePlan], cfg: ModelConfig, series: str | None, extras: VolumeExtras | None
+) -> Iterator[tuple[VolumePlan, Future[ReadVolume]]]:
     """Decode the next file (gzip NIfTI can cost more than the model) while this one computes."""
     with ThreadPoolExecutor(max_workers=1) as pool:
-        pending = pool.submit(prepare, paths[0], cfg, series) if paths else None
-        for i, path in enumerate(paths):
+
+        def submit(i: int) -> Future[ReadVolume] | None:
+            return pool.submit(read_volume, plans[i], cfg, series, extras) if i < len(plans) else None
+
+        pending = submit(0)
+        for i, plan in enumerate(plans):
             assert pending is not None
-            current = pending
-            pending = pool.submit(prepare, paths[i + 1], cfg, series) if i + 1 < len(paths) else None
-            yield path, current
+            current, pending = pending, submit(i + 1)
+            yield plan, current
 
 
-def _detached(exc: LdsegError) -> LdsegError:
+def detached(exc: LdsegError) -> LdsegError:
     """Drop the tracebacks of `exc` and its causes before keeping it in a summary.
 
     A traceback keeps its frames, and so their locals, alive: a volume refused for NaN voxels
@@ -173,87 +195,105 @@ def _detached(exc: LdsegError) -> LdsegError:
     return exc
 
 
-def _prepared(path: Path, future: Future[Prepared]) -> Prepared:
-    """The read-ahead result; a reader bug on one odd file fails that file, not the whole run."""
-    try:
-        return future.result()
-    except LdsegError:
-        raise
-    except Exception as exc:
-        detail = " ".join(str(exc).split())
-        raise InputError(f"{path}: unexpected error reading the file ({type(exc).__name__}: {detail})") from exc
+def plan_run(
+    inputs: list[CohortInput],
+    out_dir: Path,
+    cfg: ModelConfig,
+    opts: RunOptions,
+    extras: VolumeExtras | None,
+    manifest: RunManifest | None,
+) -> tuple[list[VolumePlan], dict[str, list[VolumePlan]]]:
+    """The inputs to run, and those left out: "done" (an earlier run's ok row, outputs present) and
+    "skip" (--skip-existing). Compacts the manifest to one row per input first."""
+    latest = manifest.compact() if manifest is not None else {}
+    suffixes = output_suffixes(cfg, opts)
+    todo: list[VolumePlan] = []
+    left: dict[str, list[VolumePlan]] = {"done": [], "skip": []}
+    for item in inputs:
+        plan = plan_volume(item, out_dir, cfg, opts, suffixes, extras, replace=was_writing(item, latest))
+        state = resume_state(plan, latest, opts)
+        if state is None:
+            todo.append(plan)
+        else:
+            left[state].append(plan)
+    return todo, left
+
+
+def record_skipped(plans: list[VolumePlan], manifest: RunManifest | None) -> list[RunRow]:
+    """The `skipped` rows of the inputs --skip-existing leaves out, appended to the manifest."""
+    rows = []
+    for plan in plans:
+        rows.append(RunRow(key_of(plan.item.path), "skipped", outputs=[str(f) for f in plan.files], finished=now_iso()))
+        if manifest is not None:
+            manifest.append(rows[-1])
+    return rows
 
 
 def run_files(
-    paths: list[Path],
+    paths: list[Path] | list[CohortInput],
     out_dir: Path,
     backend: Backend,
     cfg: ModelConfig,
     opts: RunOptions,
     on_done: Callable[[Path, str | None], None] = lambda path, error: None,
     extras: VolumeExtras | None = None,
+    manifest: RunManifest | None = None,
 ) -> RunSummary:
+    """Segment `paths` one by one into `out_dir` (reading the next while this one computes). With a
+    `manifest`, each input's row is appended as it finishes, and inputs it records as done are skipped."""
     summary = RunSummary()
     clock = time.perf_counter()
-    suffixes = output_suffixes(cfg, opts)
-    note = precision_note(backend)
+    inputs = [p if isinstance(p, CohortInput) else CohortInput(p) for p in paths]
+    producer = Producer(backend.name, backend.device, backend.precision)
+    todo, left = plan_run(inputs, out_dir, cfg, opts, extras, manifest)
+    summary.resumed = [plan.item.path for plan in left["done"]]
+    summary.skipped = [plan.item.path for plan in left["skip"]]
+    summary.rows = record_skipped(left["skip"], manifest)
+    for plan in left["done"] + left["skip"]:
+        on_done(plan.item.path, None)
+    try:
+        _run_plans(todo, backend, cfg, opts, extras, manifest, producer, summary, on_done)
+    finally:
+        if manifest is not None:  # one row per input again (Ctrl-C included)
+            manifest.compact()
+    summary.seconds = time.perf_counter() - clock
+    return summary
 
-    def targets_of(path: Path) -> tuple[list[Target], dict[str, Path]]:
-        """The maps to write (every output type asked for) and the extras' files, by suffix."""
-        extra = extras.targets(out_dir, path) if extras is not None else {}
-        return plan_targets(out_dir, path, cfg, opts, suffixes), extra
 
-    def paths_of(planned: tuple[list[Target], dict[str, Path]]) -> list[Path]:
-        return [target.path for target in planned[0]] + list(planned[1].values())
-
-    todo = []
-    for path in paths:
-        if opts.skip_existing and all(t.exists() for t in paths_of(targets_of(path))):
-            summary.skipped.append(path)
-            on_done(path, None)
-        else:
-            todo.append(path)
-    for path, future in _read_ahead(todo, cfg, opts.series):
+def _run_plans(
+    todo: list[VolumePlan],
+    backend: Backend,
+    cfg: ModelConfig,
+    opts: RunOptions,
+    extras: VolumeExtras | None,
+    manifest: RunManifest | None,
+    producer: Producer,
+    summary: RunSummary,
+    on_done: Callable[[Path, str | None], None],
+) -> None:
+    for plan, future in _read_ahead(todo, cfg, opts.series, extras):
+        path = plan.item.path
         try:
-            maps, extra_paths = planned = targets_of(path)
-            refuse_unwritable(path, opts)
-            if not opts.overwrite:  # checked before computing; all-or-nothing per volume
-                existing = [t for t in paths_of(planned) if t.exists()]
-                if existing:
-                    hint = "use --overwrite" + ("" if opts.skip_existing else ", or --skip-existing to resume")
-                    raise OutputError(f"{existing[0]}: exists ({hint})")
-            prepared = _prepared(path, future)
-            finish = extras.start(prepared) if extras is not None else None
-            result = segment(prepared, backend, cfg, opts)
-            stage_ms = dict(result.stage_ms)
-            extra = finish(result, extra_paths) if finish is not None else None
-            written: list[Path] = []
-            try:
-                for target in maps:
-                    write_target(target, prepared, result.outputs, cfg, opts, description=note)
-                    written.append(target.path)
-                for suffix, content in extra.contents.items() if extra is not None else ():
-                    _write_bytes(extra_paths[suffix], content, opts.overwrite)
-                    written.append(extra_paths[suffix])
-            except BaseException:
-                # Disk full or Ctrl-C after some of this volume's maps: remove those, so a
-                # volume's outputs stay all-or-nothing (each file itself is written atomically).
-                for done in written:
-                    done.unlink(missing_ok=True)
-                raise
-            summary.written += written
-            if extra is not None:
-                stage_ms.update(extra.stage_ms)
-                if extra.record is not None:
-                    summary.records.append(extra.record)
-            for stage, ms in stage_ms.items():
+            check_writable(plan, opts)
+            read = future.result()
+            infer_clock = time.perf_counter()
+            result = segment(read.prepared, backend, cfg, opts)
+            infer_ms = (time.perf_counter() - infer_clock) * 1e3
+            done = write_volume(read, result, cfg, opts, producer=producer, infer_ms=infer_ms, manifest=manifest)
+            summary.written += done.files
+            summary.rows.append(done.row)
+            if done.record is not None:
+                summary.records.append(done.record)
+            for stage, ms in {**result.stage_ms, **done.stage_ms}.items():
                 summary.stage_ms.setdefault(stage, []).append(ms)
             summary.volumes += 1
             on_done(path, None)
         except LdsegError as exc:
-            summary.failures.append((path, _detached(exc)))
+            row = failed_row(plan.item, exc, producer)
+            summary.rows.append(row)
+            if manifest is not None:
+                manifest.append(row)
+            summary.failures.append((path, detached(exc)))
             on_done(path, str(exc))
             if opts.fail_fast:
                 break
-    summary.seconds = time.perf_counter() - clock
-    return summary

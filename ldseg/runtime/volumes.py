@@ -108,6 +108,23 @@ def prepare_label(path: Path, cfg: ModelConfig) -> np.ndarray:
     return labels2d_to_model_grid(read_label2d(path), cfg.image_size)
 
 
+def read_reference_labels(path: Path, prepared: Prepared, cfg: ModelConfig) -> np.ndarray:
+    """A reference label for Dice on the input's own grid, checked against the input (InputError)."""
+    if isinstance(prepared.reference, Image2D):
+        labels = read_label2d(path)
+        if cfg.num_classes == 2:
+            labels = (labels > 0).astype(np.uint8)  # instance ids, binarized as the official pipeline
+    else:
+        labels = read_label_volume(path).array
+    if labels.shape != prepared.input_shape:
+        raise InputError(
+            f"{path}: label of shape {labels.shape}, its image {prepared.path.name} has shape {prepared.input_shape}"
+        )
+    if labels.max() >= cfg.num_classes:
+        raise InputError(f"{path}: label values up to {labels.max()}, the model has classes 0..{cfg.num_classes - 1}")
+    return labels
+
+
 def to_input_grid(prepared: Prepared, probabilities: np.ndarray) -> np.ndarray:
     """(K, *grid) probabilities -> uint8 labels on the input's grid and axis order."""
     if isinstance(prepared.reference, Image2D):

@@ -1,0 +1,245 @@
+"""`ldseg-run --engine ray`: a cohort on Ray Data, on one machine or a cluster.
+
+    read + preprocess (Ray tasks) -> model (a pool of actors) -> back to the input grid + write (Ray tasks)
+
+Each actor builds its backend once through the normal selection (artifact cache included) and keeps
+it warm: the sampling loop, CUDA-graph replays included, runs inside the actor, never across the
+network. Reading and writing are the same steps as the local loop (runtime.volume_steps), so the
+files, names, atomicity, --overwrite/--skip-existing rules and manifest rows are the same; the write
+task appends each input's manifest row itself, under the manifest's file lock, so rows survive the
+driver. On a cluster, inputs, outputs and the artifact cache must be on storage every node sees,
+and ldseg must be installed on every node.
+
+Payloads cross Ray as cloudpickled bytes (one binary column): a Prepared volume carries its
+header and geometry, which Arrow has no type for.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ldseg.errors import BackendUnavailable, LdsegError
+from ldseg.model.config import ModelConfig
+from ldseg.runtime.run_manifest import RunManifest, RunRow
+from ldseg.runtime.session import RunOptions, VolumeExtras, infer, on_input_grid
+from ldseg.runtime.volume_steps import (
+    Producer,
+    ReadVolume,
+    VolumePlan,
+    check_writable,
+    failed_row,
+    read_volume,
+    write_volume,
+)
+
+INSTALL_HINT = "--engine ray needs Ray Data: pip install 'ldseg[ray]'"
+READ_WRITE_CPUS = 0.5  # logical CPUs a read or write task asks for: decoding overlaps the model
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    address: str | None = None  # None: start Ray on this machine's cores
+    workers: int = 1  # model actors
+    gpus_per_worker: float | None = None  # 0: CPU actors; None: 1 where the cluster has GPUs, else 0
+    batch: int = 1  # volumes handed to an actor per call
+    threads: int | None = None  # per CPU actor; None: this machine's cores split among the actors
+
+
+@dataclass
+class RayRun:
+    rows: list[RunRow] = field(default_factory=list)
+    records: list[Any] = field(default_factory=list)  # the extras' records (ldseg.qc)
+    written: list[Path] = field(default_factory=list)
+
+
+def import_ray() -> Any:
+    try:
+        import ray
+        import ray.data  # noqa: F401  (the extra brings both; ray alone lacks Ray Data's deps)
+    except ImportError as exc:
+        raise BackendUnavailable(INSTALL_HINT) from exc
+    return ray
+
+
+def _dumps(value: Any) -> bytes:
+    from ray import cloudpickle
+
+    return bytes(cloudpickle.dumps(value))
+
+
+def _loads(data: bytes) -> Any:
+    from ray import cloudpickle
+
+    return cloudpickle.loads(data)
+
+
+# ---------------------------------------------------------------------------- the three stages
+# Each payload is ("read", ReadVolume), ("inferred", ReadVolume, result) or ("failed", RunRow).
+
+
+@dataclass(frozen=True)
+class _Job:
+    """What every task needs besides its payload (sent once per stage, not per row)."""
+
+    cfg: ModelConfig
+    opts: RunOptions
+    extras: VolumeExtras | None
+    out_dir: Path
+
+
+def _read_task(row: dict[str, Any], job: bytes) -> dict[str, Any]:
+    spec: _Job = _loads(job)
+    plan: VolumePlan = _loads(row["payload"])
+    try:
+        check_writable(plan, spec.opts)
+        payload: tuple[Any, ...] = ("read", read_volume(plan, spec.cfg, spec.opts.series, spec.extras))
+    except LdsegError as exc:
+        payload = ("failed", failed_row(plan.item, exc))
+    return {"payload": _dumps(payload)}
+
+
+class _ModelActor:
+    """One warm backend (ldseg.api.Segmenter: the normal selection, cache included)."""
+
+    def __init__(self, settings: dict[str, Any], job: bytes):
+        from ldseg.api import Segmenter
+
+        self.spec: _Job = _loads(job)
+        self.segmenter = Segmenter(**settings, warn_demo=False)
+        backend = self.segmenter.backend
+        self.producer = Producer(backend.name, backend.device, backend.precision)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out = []
+        for data in batch["payload"]:
+            payload = _loads(data)
+            if payload[0] == "read":
+                payload = self._infer(payload[1])
+            out.append(_dumps(payload))
+        return {"payload": np.array(out, dtype=object)}
+
+    def _infer(self, read: ReadVolume) -> tuple[Any, ...]:
+        clock = time.perf_counter()
+        try:
+            result = infer(read.prepared.image, self.segmenter.backend, self.spec.cfg, self.spec.opts)
+        except LdsegError as exc:
+            return ("failed", failed_row(read.plan.item, exc, self.producer))
+        except Exception as exc:  # one volume's crash in the model fails its row, not the run
+            error = LdsegError(f"{read.plan.item.path}: the model failed ({type(exc).__name__}: {exc})")
+            return ("failed", failed_row(read.plan.item, error, self.producer))
+        return ("inferred", read, result, (time.perf_counter() - clock) * 1e3, self.producer)
+
+
+def _write_task(row: dict[str, Any], job: bytes) -> dict[str, Any]:
+    spec: _Job = _loads(job)
+    payload = _loads(row["payload"])
+    manifest = RunManifest(spec.out_dir)
+    record = None
+    if payload[0] == "failed":
+        result_row: RunRow = payload[1]
+        manifest.append(result_row)
+    else:
+        _, read, (mean, votes, stage_ms), infer_ms, producer = payload
+        try:
+            segmentation = on_input_grid(read.prepared, mean, votes, stage_ms, spec.cfg, spec.opts)
+            done = write_volume(
+                read, segmentation, spec.cfg, spec.opts, producer=producer, infer_ms=infer_ms, manifest=manifest
+            )
+            result_row, record = done.row, done.record
+        except LdsegError as exc:
+            result_row = failed_row(read.plan.item, exc, producer)
+            manifest.append(result_row)
+    return {"payload": _dumps((result_row, record))}
+
+
+# ---------------------------------------------------------------------------- the driver
+
+
+def _start(ray: Any, options: RayOptions) -> bool:
+    """Connect to (or start) Ray; True if this call started it (and so shuts it down)."""
+    if ray.is_initialized():
+        return False
+    # ldseg-run reports progress and failures itself; Ray's own INFO lines would interleave with them.
+    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "error")
+    for name in ("ray", "ray.data"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    env = {k: os.environ[k] for k in ("LDSEG_CACHE", "OMP_NUM_THREADS") if k in os.environ}
+    runtime_env = {"env_vars": env} if env else None
+    if options.address is not None:
+        ray.init(address=options.address, runtime_env=runtime_env, logging_level=logging.ERROR)
+    else:
+        cores = os.cpu_count() or 1
+        # Logical CPUs: one per actor plus room for the read/write tasks, whatever the core count.
+        ray.init(
+            num_cpus=max(cores, options.workers + 1),
+            include_dashboard=False,
+            runtime_env=runtime_env,
+            logging_level=logging.ERROR,
+        )
+    return True
+
+
+def run_on_ray(
+    plans: list[VolumePlan],
+    settings: dict[str, Any],
+    cfg: ModelConfig,
+    opts: RunOptions,
+    options: RayOptions,
+    out_dir: Path,
+    *,
+    extras: VolumeExtras | None = None,
+    on_row: Callable[[RunRow], None] = lambda row: None,
+) -> RayRun:
+    """Segment the planned inputs on Ray; `settings` are the Segmenter's keyword arguments, which each
+    actor builds its backend from. Rows reach `on_row` as volumes finish, in any order."""
+    ray = import_ray()
+    run = RayRun()
+    if not plans:
+        return run
+    started = _start(ray, options)
+    try:
+        context = ray.data.DataContext.get_current()
+        context.enable_progress_bars = False  # ldseg-run shows its own bar over volumes
+        context.print_on_execution_start = False
+        job = _dumps(_Job(cfg, opts, extras, out_dir))
+        gpus = options.gpus_per_worker
+        if gpus is None:
+            gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+        actor_settings = dict(settings)
+        if gpus == 0:
+            cores = os.cpu_count() or 1
+            actor_settings["threads"] = options.threads or max(1, cores // options.workers)
+        items = [{"payload": _dumps(plan)} for plan in plans]
+        dataset = (
+            ray.data.from_items(items, override_num_blocks=len(items))
+            .map(_read_task, fn_kwargs={"job": job}, num_cpus=READ_WRITE_CPUS)
+            .map_batches(
+                _ModelActor,
+                fn_constructor_kwargs={"settings": actor_settings, "job": job},
+                batch_size=options.batch,
+                compute=ray.data.ActorPoolStrategy(size=options.workers),
+                num_cpus=1,
+                num_gpus=gpus or None,
+                batch_format="numpy",
+            )
+            .map(_write_task, fn_kwargs={"job": job}, num_cpus=READ_WRITE_CPUS)
+        )
+        for item in dataset.iter_rows():
+            row, record = _loads(item["payload"])
+            run.rows.append(row)
+            if record is not None:
+                run.records.append(record)
+            run.written += [Path(p) for p in row.outputs] if row.status == "ok" else []
+            on_row(row)
+    finally:
+        if started:
+            ray.shutdown()
+    return run
