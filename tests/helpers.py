@@ -118,3 +118,10 @@ def informative_model(preset: str, seed: int = 0) -> LDSeg:
             model.label_decoder(torch.randn((2, *cfg.latent_shape), generator=gen))
             model.encode_label(torch.randint(0, cfg.num_classes, (2, *cfg.image_size), generator=gen))
     return model.eval()
+
+
+def output_names(folder: Path) -> list[str]:
+    """The files a run left in `folder` (temp files included), less its run manifest and the manifest's lock."""
+    from ldseg.runtime.run_manifest import MANIFEST_NAME
+
+    return sorted(p.name for p in folder.iterdir() if p.name not in (MANIFEST_NAME, f".{MANIFEST_NAME}.lock"))

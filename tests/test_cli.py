@@ -17,7 +17,7 @@ from ldseg.model.checkpoint import save_checkpoint
 from ldseg.model.config import PRESETS
 from ldseg.model.network import COMPONENTS, LDSeg
 from ldseg.runtime.select import demo_checkpoint_path
-from tests.helpers import assert_several_classes, shared_or_skip
+from tests.helpers import assert_several_classes, output_names, shared_or_skip
 
 BIN = Path(sys.executable).parent
 
@@ -91,7 +91,7 @@ def test_existing_output_is_kept_without_overwrite(random_checkpoint, phantom_di
     assert again.returncode == 5 and "exists (use --overwrite, or --skip-existing to resume)" in again.stderr
     assert target.read_bytes() == before
     assert cli(*args, "--overwrite").returncode == 0
-    assert sorted(p.name for p in target.parent.iterdir()) == ["p1_seg.nii.gz"], "no temp files left"
+    assert output_names(target.parent) == ["p1_seg.nii.gz"], "no temp files left"
 
 
 def test_skip_existing_resumes_a_folder_run(random_checkpoint, phantom_dir, tmp_path):
@@ -101,9 +101,9 @@ def test_skip_existing_resumes_a_folder_run(random_checkpoint, phantom_dir, tmp_
     first = (out_dir / "p1_seg.nii.gz").read_bytes()
     resumed = cli("ldseg-run", str(phantom_dir), *common, "--skip-existing")
     assert resumed.returncode == 0, resumed.stderr
-    assert "skipped 1 input(s)" in resumed.stdout + resumed.stderr
+    assert "already done: 1 (manifest)" in resumed.stderr  # the run manifest says p1 is done
     assert (out_dir / "p1_seg.nii.gz").read_bytes() == first
-    assert sorted(p.name for p in out_dir.iterdir()) == ["p1_seg.nii.gz", "p2_seg.nii.gz"]
+    assert output_names(out_dir) == ["p1_seg.nii.gz", "p2_seg.nii.gz"]
     # Asking for more maps than were written: p1's are incomplete, so it is not skipped but refused.
     partial = cli("ldseg-run", str(phantom_dir), *common, "--skip-existing", "--samples", "2")
     assert partial.returncode == 5 and "p1_seg.nii.gz: exists (use --overwrite)" in partial.stderr
@@ -127,7 +127,7 @@ def test_folder_run_skips_a_bad_file_and_fails_at_the_end(random_checkpoint, pha
     )
     assert result.returncode == 3
     assert "broken.nii.gz" in result.stderr and "1 of 3 input(s) failed" in result.stderr
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["p1_seg.nii.gz", "p2_seg.nii.gz"]
+    assert output_names(tmp_path / "out") == ["p1_seg.nii.gz", "p2_seg.nii.gz"]
 
 
 def test_fail_fast_stops_at_the_first_bad_file(random_checkpoint, phantom_dir, tmp_path):
@@ -146,7 +146,7 @@ def test_fail_fast_stops_at_the_first_bad_file(random_checkpoint, phantom_dir, t
         "--fail-fast",
     )
     assert result.returncode == 3
-    assert list((tmp_path / "out").iterdir()) == []
+    assert output_names(tmp_path / "out") == []
 
 
 def test_samples_write_uncertainty_maps(random_checkpoint, phantom_dir, tmp_path):

@@ -36,9 +36,9 @@ def report_target(out_dir: Path, opts: RunOptions) -> Path:
 def write_run_report(
     target: Path, summary: RunSummary, extras: QcExtras, backend: Backend, cfg: ModelConfig, opts: RunOptions
 ) -> Path:
-    """report.html for the volumes written now and those skipped (read from their sidecars)."""
+    """report.html for the volumes written now and those skipped or done before (read from their sidecars)."""
     records: list[VolumeQC] = [r for r in summary.records if isinstance(r, VolumeQC)]
-    for path in summary.skipped:
+    for path in summary.skipped + summary.resumed:
         records.append(read_record(extras.targets(target.parent, path)[QC]))
     run = {
         "model": cfg.preset,

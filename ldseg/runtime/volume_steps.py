@@ -190,7 +190,7 @@ def write_volume(
 
 
 def now_iso() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
 def failed_row(item: CohortInput, exc: LdsegError, producer: Producer | None = None) -> RunRow:

@@ -132,3 +132,12 @@ def test_label_column_of_an_input_list_gives_dice_in_the_manifest(tmp_path: Path
         assert row.dice_mean == pytest.approx(np.mean(list(expected.values())), abs=1e-6)
         assert list(row.dice.values()) == pytest.approx(list(expected.values()), abs=1e-6)
         assert row.dice_mean > 0.5  # the demo model segments its phantoms: a number that can fail
+
+
+def test_ray_engine_without_ray_says_how_to_install_it(monkeypatch):
+    from ldseg.errors import BackendUnavailable
+    from ldseg.runtime.ray_engine import import_ray
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # what an install without the extra looks like
+    with pytest.raises(BackendUnavailable, match=r"pip install 'ldseg\[ray\]'"):
+        import_ray()

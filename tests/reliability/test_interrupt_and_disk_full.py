@@ -27,6 +27,7 @@ import ldseg.runtime.session as session
 from ldseg.errors import InputError, OutputError
 from ldseg.model.config import PRESETS
 from ldseg.runtime.session import RunOptions, run_files
+from tests.helpers import output_names
 from tests.reliability.helpers import write_phantoms
 
 CFG = PRESETS["demo"]
@@ -36,7 +37,7 @@ _real_save = nib.save
 
 def _assert_complete_outputs(out_dir: Path, expected: set[str]) -> None:
     """Exactly `expected` in `out_dir`, no hidden temp file, and every file reads to the end."""
-    names = {p.name for p in out_dir.iterdir()}
+    names = set(output_names(out_dir))
     assert names == expected, f"unexpected files: {sorted(names ^ expected)}"
     for name in names:
         img = nib.load(out_dir / name)
@@ -184,7 +185,7 @@ def test_sigint_stops_a_folder_run_cleanly(demo_checkpoint, tmp_path):
     stderr = (tmp_path / "stderr.txt").read_text()
     assert rc in (130, -signal.SIGINT), (rc, stderr)  # 130: Typer's exit for KeyboardInterrupt
     assert "Traceback" not in stderr, stderr
-    done = {p.name for p in out.iterdir()}
+    done = set(output_names(out))
     assert done and all(name.endswith("_seg.nii.gz") for name in done)
     _assert_complete_outputs(out, done)
 
