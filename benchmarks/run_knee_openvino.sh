@@ -21,10 +21,12 @@ INT8_ARGS=()
 
 "$PY" benchmarks/precision_accuracy.py --checkpoint "$CHECKPOINT" --bundle "$BUNDLE" "${INT8_ARGS[@]}" \
     --data "$DATA" --cases "$HELDOUT" -o "$OUT"
-# The bench's input: the held-out case alone (a link, nothing copied).
+# The bench's input: the held-out case and its label (links, nothing copied): Dice vs truth per row.
 BENCH_DATA=$(mktemp -d)
 trap 'rm -rf "$BENCH_DATA"' EXIT
-ln -s "$(realpath "$DATA/images/$HELDOUT.nii.gz")" "$BENCH_DATA/"
+mkdir "$BENCH_DATA/images" "$BENCH_DATA/labels"
+ln -s "$(realpath "$DATA/images/$HELDOUT.nii.gz")" "$BENCH_DATA/images/"
+ln -s "$(realpath "$DATA/labels/$HELDOUT.nii.gz")" "$BENCH_DATA/labels/"
 "$PY" -m ldseg.bench --checkpoint "$CHECKPOINT" --bundle "$BUNDLE" "${INT8_ARGS[@]}" \
     --backends openvino,onnxruntime,torch --precisions fp32,bf16,int8 --data "$BENCH_DATA" \
     --steps 15 --batch 1 --repeat "${REPEAT:-2}" --warmup 1 --device cpu -o "$OUT" "$@"
