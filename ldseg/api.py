@@ -161,6 +161,7 @@ class Segmenter:
             samples,
         )
         try:
+            self._precision = precision
             wants = Wants(precision, threads)  # "auto": what the source holds, never a silent reduction
             self.selection: Selection = select_backend(self.source, backend, device, gpu=gpu, wants=wants)
         except BaseException:
@@ -223,7 +224,7 @@ class Segmenter:
         the inputs it records as done; `labels` ({input: reference label}) adds Dice to their rows.
         ValueError for output options that cannot be combined."""
         from ldseg.io.atomic import ensure_output_dir
-        from ldseg.runtime.outputs import algorithm_for, check_output_options
+        from ldseg.runtime.outputs import algorithm_for, check_output_options, run_key
 
         types = tuple(dict.fromkeys(output_types))
         check_output_options(self.config, types, seg_type, self.options.samples > 1 or probabilities)
@@ -243,6 +244,7 @@ class Segmenter:
         )
         if "dicom-seg" in types:  # the SEG names the checkpoint and the sampling settings
             opts = dataclasses.replace(opts, algorithm=algorithm_for(self.source, self.config, opts))
+        opts = dataclasses.replace(opts, run_key=run_key(self.source, self.config, opts, self._precision))
         return run_files(
             items,
             out_dir,

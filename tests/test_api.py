@@ -64,7 +64,10 @@ def test_write_gives_the_files_ldseg_run_writes(scans: list[Path], tmp_path: Pat
     with ldseg.Segmenter("demo", backend="torch", steps=5, warn_demo=False) as seg:
         [result] = seg.segment(scans[0])
         summary = seg.write(scans[0].parent, tmp_path / "out")
-        assert seg.write(scans[0], tmp_path / "out").failures  # exists: never overwritten without overwrite
+        again = seg.write(scans[0], tmp_path / "out")  # the run manifest records it as done: resumed
+        assert again.resumed == [scans[0]] and not again.written and not again.failures
+        # Without the manifest's record it is an existing file: never overwritten without overwrite.
+        assert seg.write(scans[0], tmp_path / "out", manifest=False).failures
     assert summary.written == [tmp_path / "out" / "s600_seg.nii.gz", tmp_path / "out" / "s601_seg.nii.gz"]
     written = np.asarray(nib.load(summary.written[0]).dataobj)
     np.testing.assert_array_equal(written, result.labels)

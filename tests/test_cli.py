@@ -87,8 +87,10 @@ def test_existing_output_is_kept_without_overwrite(random_checkpoint, phantom_di
     assert cli(*args).returncode == 0
     target = tmp_path / "out" / "p1_seg.nii.gz"
     before = target.read_bytes()
-    again = cli(*args)
-    assert again.returncode == 5 and "exists (use --overwrite, or --skip-existing to resume)" in again.stderr
+    again = cli(*args)  # the same command: the run manifest says p1 is done, nothing is recomputed
+    assert again.returncode == 0 and "already done: 1 (manifest)" in again.stderr
+    other = cli(*args[:-1], "3")  # other settings (--steps 3): p1's file is not theirs, so it is refused
+    assert other.returncode == 5 and "exists (use --overwrite, or --skip-existing to resume)" in other.stderr
     assert target.read_bytes() == before
     assert cli(*args, "--overwrite").returncode == 0
     assert output_names(target.parent) == ["p1_seg.nii.gz"], "no temp files left"

@@ -7,7 +7,6 @@ put every voxel in one class).
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +21,7 @@ import SimpleITK as sitk
 from ldseg.data.phantoms import make_phantom, write_phantom_nifti
 from ldseg.io.geometry import Geometry
 from ldseg.metrics import dice_per_class
+from tests.helpers import output_names
 from tests.io.dicom_series import ROOT, oblique_direction, write_series
 
 BIN = Path(sys.executable).parent
@@ -63,7 +63,7 @@ def test_dicom_series_in_dicom_seg_out(series, phantom, tmp_path):
         str(out),
     )
     assert result.returncode == 0, result.stderr
-    assert sorted(os.listdir(out)) == ["mr1_seg.dcm", "mr1_seg.nii.gz"]
+    assert output_names(out) == ["mr1_seg.dcm", "mr1_seg.nii.gz"]
 
     seg = hd.seg.segread(out / "mr1_seg.dcm")
     sources = [pydicom.dcmread(p) for p in sorted(series.iterdir())]
@@ -118,7 +118,7 @@ def test_several_series_are_listed_and_nothing_is_computed(series, tmp_path, pha
     assert f"2 DICOM series; choose one with --series UID: {ROOT}.1 (MR, 32 files); {ROOT}.2 (MR, 4 files)" in (
         " ".join(result.stderr.split())
     )
-    assert os.listdir(out) == []
+    assert output_names(out) == []
 
 
 def test_dicom_seg_for_a_nifti_input_is_refused(tmp_path):
@@ -127,7 +127,7 @@ def test_dicom_seg_for_a_nifti_input_is_refused(tmp_path):
     result = cli("ldseg-run", str(tmp_path / "p.nii.gz"), "--output-type", "dicom-seg", "-o", str(out))
     assert result.returncode == 3
     assert "p.nii.gz: DICOM SEG output needs a DICOM series as input" in " ".join(result.stderr.split())
-    assert os.listdir(out) == []
+    assert output_names(out) == []
 
 
 @pytest.mark.parametrize(

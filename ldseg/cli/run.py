@@ -242,6 +242,16 @@ def run(
         raise _some_failed([exc.exit_code for _, exc in summary.failures], len(paths))
 
 
+def _warn_manifest(problem: Optional[str]) -> None:
+    if problem:
+        console.print(
+            f"[bold yellow]warning:[/] the run manifest is incomplete ({escape(problem)}); a rerun redoes "
+            "the inputs it does not record (add --skip-existing to keep whole outputs)",
+            highlight=False,
+            soft_wrap=True,
+        )
+
+
 def _some_failed(codes: list[int], total: int) -> LdsegError:
     """ "Some inputs failed": the code of their one kind of failure (3 for bad inputs), 1 if mixed."""
     failure = LdsegError(f"{len(codes)} of {total} input(s) failed (listed above and in the run manifest)")
@@ -302,6 +312,7 @@ def _run_with_progress(seg: Any, paths: list[Path], out_dir: Path, extras: Any, 
     stats = CohortStats.of(summary.rows, len(summary.resumed), summary.seconds)
     for line in stats.lines()[1:]:  # the table's title already gives the count and throughput
         console.print(line, highlight=False)
+    _warn_manifest(summary.manifest_problem)
     for path in summary.written:
         out.print(str(path), highlight=False, markup=False, soft_wrap=True)
     return summary
@@ -322,21 +333,23 @@ def _run_ray(
 
     from ldseg.api import DEMO_WARNING
     from ldseg.runtime.cohort import CohortStats
-    from ldseg.runtime.outputs import algorithm_for, check_output_options
+    from ldseg.runtime.outputs import algorithm_for, check_output_options, run_key
     from ldseg.runtime.ray_engine import import_ray, run_on_ray
     from ldseg.runtime.run_manifest import RunManifest, exit_code_of
     from ldseg.runtime.select import Source, source_config
     from ldseg.runtime.session import RunOptions, plan_run, record_skipped
 
     import_ray()  # says how to install it before anything else
-    source = Source(settings["checkpoint"], settings["bundle"], settings["engines"])
+    model_file = settings["bundle"] is not None or settings["engines"] is not None
+    checkpoint = settings["checkpoint"] or (None if model_file else "demo")  # what Segmenter defaults to
+    source = Source(checkpoint, settings["bundle"], settings["engines"])
     cfg = source_config(source.checkpoint, source.bundle, source.engines)
     samples = settings["samples"]
     try:
         check_output_options(cfg, write["output_types"], write["seg_type"], samples > 1 or write["probabilities"])
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
-    if source.bundle is None and source.engines is None and str(source.checkpoint or "demo") == "demo":
+    if source.checkpoint == "demo":
         console.print(f"[bold yellow]warning:[/] {escape(DEMO_WARNING)}", highlight=False, soft_wrap=True)
     opts = RunOptions(
         steps=settings["steps"],
@@ -352,6 +365,7 @@ def _run_ray(
     )
     if "dicom-seg" in opts.output_types:
         opts = dataclasses.replace(opts, algorithm=algorithm_for(source, cfg, opts))
+    opts = dataclasses.replace(opts, run_key=run_key(source, cfg, opts, settings["precision"]))
     extras = None
     if preview or qc or labels is not None:
         from ldseg.qc.run import qc_extras
@@ -360,7 +374,7 @@ def _run_ray(
     manifest = RunManifest(out_dir)
     clock = time.perf_counter()
     todo, left = plan_run(items, out_dir, cfg, opts, extras, manifest)
-    rows = record_skipped(left["skip"], manifest)
+    rows = record_skipped(left["skip"], manifest, opts.run_key)
     console.print(
         f"engine: [bold]ray[/], {ray_options.workers} worker(s), {len(todo)} to run, "
         f"{len(left['done'])} already done (manifest), {len(left['skip'])} skipped",
@@ -383,6 +397,7 @@ def _run_ray(
     stats = CohortStats.of(rows, len(left["done"]), time.perf_counter() - clock)
     for line in stats.lines():
         console.print(line, highlight=False)
+    _warn_manifest(manifest.problem)
     made = sorted({f"{r.backend} on {r.device}, {r.precision}" for r in rows if r.backend})
     if made:
         console.print(f"backend: {'; '.join(made)}", highlight=False)

@@ -8,6 +8,8 @@ a DICOM series as input: any other input is refused before it is computed.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -55,17 +57,21 @@ def seg_needs_probabilities(opts: RunOptions) -> bool:
     return "dicom-seg" in opts.output_types and opts.seg_type == "fractional"
 
 
-def algorithm_for(source: Source, cfg: ModelConfig, opts: RunOptions) -> Algorithm:
-    """What a SEG names as its algorithm: the checkpoint's content hash and the sampling settings."""
+def checkpoint_digest(source: Source) -> str | None:
+    """The content hash of the checkpoint behind a source (a bundle records its own), if known."""
     from ldseg.model.checkpoint import read_metadata
     from ldseg.runtime.bundle import MANIFEST, read_json_object
     from ldseg.runtime.select import resolve_checkpoint
 
-    digest: str | None = None
     if source.checkpoint is not None:
-        digest = read_metadata(resolve_checkpoint(source.checkpoint)).get("content_sha256")
-    elif source.bundle is not None:
-        digest = read_json_object(source.bundle / MANIFEST, "bundle manifest").get("checkpoint_hash")
+        return read_metadata(resolve_checkpoint(source.checkpoint)).get("content_sha256")
+    if source.bundle is not None:
+        return read_json_object(source.bundle / MANIFEST, "bundle manifest").get("checkpoint_hash")
+    return None
+
+
+def algorithm_for(source: Source, cfg: ModelConfig, opts: RunOptions) -> Algorithm:
+    """What a SEG names as its algorithm: the checkpoint's content hash and the sampling settings."""
     parameters = {
         "preset": cfg.preset,
         "sampler": opts.sampler or cfg.diffusion.sampler,
@@ -73,7 +79,35 @@ def algorithm_for(source: Source, cfg: ModelConfig, opts: RunOptions) -> Algorit
         "seed": str(opts.seed),
         "samples": str(opts.samples),
     }
-    return Algorithm(digest, parameters)
+    return Algorithm(checkpoint_digest(source), parameters)
+
+
+def run_key(source: Source, cfg: ModelConfig, opts: RunOptions, precision: str) -> str:
+    """What decides an input's outputs, as a short digest kept in its manifest row: the model (the
+    checkpoint's hash, or the bundle's or engine set's own), sampling settings, precision asked
+    for, and the files asked for. A rerun counts a row as done only under the same key; with other
+    settings the earlier outputs are existing files (refused without --overwrite), never "done"."""
+    from ldseg.runtime.bundle import sha256_file
+
+    if source.engines is not None:
+        model = sha256_file(source.engines / "engines.json")
+    elif source.bundle is not None:
+        model = sha256_file(source.bundle / "manifest.json")
+    else:
+        model = str(checkpoint_digest(source))
+    material = {
+        "model": model,
+        "sampler": opts.sampler or cfg.diffusion.sampler,
+        "steps": opts.steps or cfg.diffusion.steps,
+        "seed": opts.seed,
+        "samples": opts.samples,
+        "precision": precision,
+        "outputs": list(opts.output_types),
+        "seg_type": opts.seg_type,
+        "probabilities": opts.save_probabilities,
+        "series": opts.series,
+    }
+    return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def plan_targets(

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from ldseg.errors import BackendUnavailable, LdsegError
+from ldseg.errors import ArtifactError, BackendUnavailable, InputError, LdsegError, OutputError
 from ldseg.model.config import ModelConfig
 from ldseg.runtime.run_manifest import RunManifest, RunRow
 from ldseg.runtime.session import RunOptions, VolumeExtras, infer, on_input_grid
@@ -105,7 +105,7 @@ def _read_task(row: dict[str, Any], job: bytes) -> dict[str, Any]:
         check_writable(plan, spec.opts)
         payload: tuple[Any, ...] = ("read", read_volume(plan, spec.cfg, spec.opts.series, spec.extras))
     except LdsegError as exc:
-        payload = ("failed", failed_row(plan.item, exc))
+        payload = ("failed", failed_row(plan.item, exc, spec.opts.run_key))
     return {"payload": _dumps(payload)}
 
 
@@ -134,10 +134,10 @@ class _ModelActor:
         try:
             result = infer(read.prepared.image, self.segmenter.backend, self.spec.cfg, self.spec.opts)
         except LdsegError as exc:
-            return ("failed", failed_row(read.plan.item, exc, self.producer))
+            return ("failed", failed_row(read.plan.item, exc, self.spec.opts.run_key, self.producer))
         except Exception as exc:  # one volume's crash in the model fails its row, not the run
             error = LdsegError(f"{read.plan.item.path}: the model failed ({type(exc).__name__}: {exc})")
-            return ("failed", failed_row(read.plan.item, error, self.producer))
+            return ("failed", failed_row(read.plan.item, error, self.spec.opts.run_key, self.producer))
         return ("inferred", read, result, (time.perf_counter() - clock) * 1e3, self.producer)
 
 
@@ -159,12 +159,34 @@ def _write_task(row: dict[str, Any], job: bytes) -> dict[str, Any]:
             result_row, record = done.row, done.record
         except Exception as exc:  # a writer's bug on one volume fails its row, not the run
             error = exc if isinstance(exc, LdsegError) else LdsegError(f"{read.plan.item.path}: writing failed ({exc})")
-            result_row = failed_row(read.plan.item, error, producer)
+            result_row = failed_row(read.plan.item, error, spec.opts.run_key, producer)
             manifest.append(result_row)
     return {"payload": _dumps((result_row, record))}
 
 
 # ---------------------------------------------------------------------------- the driver
+
+
+def _build_backend(settings: dict[str, Any]) -> tuple[str, str] | None:
+    """In a worker: build the backend an actor would (exporting into the artifact cache if needed)."""
+    from ldseg.api import Segmenter
+
+    try:
+        Segmenter(**settings, warn_demo=False).close()
+    except LdsegError as exc:
+        return type(exc).__name__, str(exc)
+    return None
+
+
+def _probe_backend(ray: Any, settings: dict[str, Any], gpus: float) -> None:
+    """Build the backend once where an actor would run before any actor starts: a backend that
+    cannot run there is one line with its own exit code (not an actor's traceback), and a first
+    export into the artifact cache happens once, not in every actor at the same time."""
+    remote = ray.remote(_build_backend).options(num_cpus=1, num_gpus=gpus or 0)
+    failure = ray.get(remote.remote(settings))
+    if failure is not None:
+        kinds = {cls.__name__: cls for cls in (InputError, ArtifactError, OutputError, BackendUnavailable)}
+        raise kinds.get(failure[0], LdsegError)(failure[1])
 
 
 def _one_line(exc: BaseException) -> LdsegError:
@@ -234,6 +256,7 @@ def run_on_ray(
         if gpus == 0:
             cores = os.cpu_count() or 1
             actor_settings["threads"] = options.threads or max(1, cores // options.workers)
+        _probe_backend(ray, actor_settings, gpus)
         items = [{"payload": _dumps(plan)} for plan in plans]
         # Blocks of up to ROWS_PER_TASK inputs, but at least two per actor so that reading overlaps.
         per_block = max(1, min(ROWS_PER_TASK, len(items) // (2 * options.workers)))

@@ -18,7 +18,7 @@ import csv
 import io
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -54,6 +54,7 @@ class RunRow:
     label: str = ""  # reference label, when one was given
     dice_mean: float | None = None  # mean over the foreground classes
     dice: dict[str, float] = field(default_factory=dict)  # per foreground class, by class name
+    run_key: str = ""  # digest of the model and settings that made the outputs (runtime.outputs.run_key)
 
     def to_csv(self) -> dict[str, str]:
         out = {}
@@ -96,6 +97,7 @@ class RunRow:
             label=raw["label"],
             dice_mean=number("dice_mean", float),
             dice=json.loads(raw["dice"]) if raw["dice"] else {},
+            run_key=raw["run_key"],
         )
 
 
@@ -131,7 +133,19 @@ class RunManifest:
 
     def __init__(self, out_dir: Path):
         self.path = Path(out_dir) / MANIFEST_NAME
-        self._lock = FileLock(str(Path(out_dir) / f".{MANIFEST_NAME}.lock"))
+        # A timeout rather than waiting forever on a lock that cannot be made (held for milliseconds).
+        self._lock = FileLock(str(Path(out_dir) / f".{MANIFEST_NAME}.lock"), timeout=120)
+        # Why the manifest could not be written (a full disk, say), once it could not: the run goes
+        # on and reports each input's own failure; the caller warns that the record is incomplete.
+        self.problem: str | None = None
+
+    def _write(self, action: Callable[[], None]) -> None:
+        if self.problem is not None:
+            return
+        try:
+            action()
+        except OutputError as exc:
+            self.problem = str(exc)
 
     def _read(self) -> list[RunRow]:
         """Every complete row; a line cut short by a killed run is dropped (its input is redone)."""
@@ -165,11 +179,19 @@ class RunManifest:
             return {row.input: row for row in self._read()}
 
     def compact(self) -> dict[str, RunRow]:
-        """Rewrite the file as the last row of each input (atomically); returns those rows."""
-        with self._lock:
+        """Rewrite the file as the last row of each input (atomically); returns those rows. A file
+        that is not a run manifest is refused (OutputError); one that cannot be written sets `problem`."""
+        try:
+            self._lock.acquire()
+        except OSError as exc:  # the lock file itself cannot be made: an unwritable or full folder
+            self.problem = f"{self.path}: cannot lock the run manifest ({exc})"
+            return {row.input: row for row in self._read()}
+        try:
             latest = {row.input: row for row in self._read()}
-            self._rewrite(latest.values())
+            self._write(lambda: self._rewrite(latest.values()))
             return latest
+        finally:
+            self._lock.release()
 
     def _rewrite(self, rows: Iterable[RunRow]) -> None:
         def write(tmp: Path) -> None:
@@ -181,8 +203,15 @@ class RunManifest:
         atomic_write(self.path, write, overwrite=True)
 
     def append(self, row: RunRow) -> None:
-        """One line, written whole and fsynced before returning."""
-        with self._lock:
+        """One line, written whole and fsynced before returning (or `problem` set, and nothing more written)."""
+        self._write(lambda: self._append(row))
+
+    def _append(self, row: RunRow) -> None:
+        try:
+            self._lock.acquire()
+        except OSError as exc:
+            raise OutputError(f"{self.path}: cannot lock the run manifest ({exc})") from exc
+        try:
             if not self.path.exists():
                 self._rewrite([])
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
@@ -193,3 +222,5 @@ class RunManifest:
                 raise OutputError(f"{self.path}: cannot append to the run manifest ({exc.strerror})") from exc
             finally:
                 os.close(fd)
+        finally:
+            self._lock.release()

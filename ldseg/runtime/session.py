@@ -49,6 +49,7 @@ class RunOptions:
     seg_type: str = "binary"  # DICOM SEG: binary | fractional
     series: str | None = None  # DICOM SeriesInstanceUID to read from a folder holding several
     algorithm: Algorithm | None = None  # written into a DICOM SEG (checkpoint hash, parameters)
+    run_key: str = ""  # what decides the outputs (outputs.run_key): a manifest row counts as done under it only
 
 
 @dataclass
@@ -60,6 +61,7 @@ class RunSummary:
     records: list[Any] = field(default_factory=list)  # VolumeExtras' record per written volume (ldseg.qc)
     rows: list[RunRow] = field(default_factory=list)  # this run's manifest rows (ok, failed, skipped)
     resumed: list[Path] = field(default_factory=list)  # done by an earlier run (its manifest row is ok)
+    manifest_problem: str | None = None  # why the run manifest is incomplete (e.g. a full disk)
     volumes: int = 0
     seconds: float = 0.0
 
@@ -219,11 +221,12 @@ def plan_run(
     return todo, left
 
 
-def record_skipped(plans: list[VolumePlan], manifest: RunManifest | None) -> list[RunRow]:
+def record_skipped(plans: list[VolumePlan], manifest: RunManifest | None, run_key: str) -> list[RunRow]:
     """The `skipped` rows of the inputs --skip-existing leaves out, appended to the manifest."""
     rows = []
     for plan in plans:
-        rows.append(RunRow(key_of(plan.item.path), "skipped", outputs=[str(f) for f in plan.files], finished=now_iso()))
+        outputs = [str(f) for f in plan.files]
+        rows.append(RunRow(key_of(plan.item.path), "skipped", outputs=outputs, finished=now_iso(), run_key=run_key))
         if manifest is not None:
             manifest.append(rows[-1])
     return rows
@@ -248,7 +251,7 @@ def run_files(
     todo, left = plan_run(inputs, out_dir, cfg, opts, extras, manifest)
     summary.resumed = [plan.item.path for plan in left["done"]]
     summary.skipped = [plan.item.path for plan in left["skip"]]
-    summary.rows = record_skipped(left["skip"], manifest)
+    summary.rows = record_skipped(left["skip"], manifest, opts.run_key)
     for plan in left["done"] + left["skip"]:
         on_done(plan.item.path, None)
     try:
@@ -256,6 +259,7 @@ def run_files(
     finally:
         if manifest is not None:  # one row per input again (Ctrl-C included)
             manifest.compact()
+            summary.manifest_problem = manifest.problem
     summary.seconds = time.perf_counter() - clock
     return summary
 
@@ -289,7 +293,7 @@ def _run_plans(
             summary.volumes += 1
             on_done(path, None)
         except LdsegError as exc:
-            row = failed_row(plan.item, exc, producer)
+            row = failed_row(plan.item, exc, opts.run_key, producer)
             summary.rows.append(row)
             if manifest is not None:
                 manifest.append(row)

@@ -146,7 +146,9 @@ def write_volume(
     if plan.replace:  # leftovers of a run that died writing them
         opts = dataclasses.replace(opts, overwrite=True)
     if manifest is not None:
-        manifest.append(RunRow(key_of(plan.item.path), "writing", outputs=[str(p) for p in plan.files]))
+        manifest.append(
+            RunRow(key_of(plan.item.path), "writing", outputs=[str(p) for p in plan.files], run_key=opts.run_key)
+        )
     extra = read.finish(result, plan.extras) if read.finish is not None else None
     written: list[Path] = []
     try:
@@ -178,6 +180,7 @@ def write_volume(
         infer_ms=infer_ms,
         write_ms=write_ms,
         stages=dict(result.stage_ms),
+        run_key=opts.run_key,
     )
     if read.truth is not None:
         scores = dice_per_class(result.outputs["_seg"][0], read.truth, cfg.num_classes)
@@ -193,8 +196,9 @@ def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
-def failed_row(item: CohortInput, exc: LdsegError, producer: Producer | None = None) -> RunRow:
+def failed_row(item: CohortInput, exc: LdsegError, run_key: str, producer: Producer | None = None) -> RunRow:
     row = RunRow(key_of(item.path), "failed", error_kind=error_kind(exc), error=str(exc), finished=now_iso())
+    row.run_key = run_key
     if producer is not None:
         row.backend, row.device, row.precision = producer.backend, producer.device, producer.precision
         row.host, row.pid = producer.host, producer.pid
@@ -204,13 +208,14 @@ def failed_row(item: CohortInput, exc: LdsegError, producer: Producer | None = N
 
 
 def resume_state(plan: VolumePlan, latest: dict[str, RunRow], opts: RunOptions) -> str | None:
-    """ "done" (its last row is ok and every output exists: skip it, keep the row), "skip"
-    (--skip-existing and every output exists), or None (run it)."""
+    """What a rerun does with this input: "done" (its last row is ok, made with the same model and
+    settings, and every output exists: skip it, keep the row), "skip" (--skip-existing and every
+    output exists), or None (run it)."""
     if opts.overwrite:
         return None
     row = latest.get(key_of(plan.item.path))
     complete = all(p.exists() for p in plan.files)
-    if row is not None and row.status == "ok" and complete:
+    if row is not None and row.status == "ok" and row.run_key == opts.run_key and complete:
         return "done"
     if opts.skip_existing and complete:
         return "skip"

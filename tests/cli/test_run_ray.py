@@ -86,3 +86,14 @@ def test_ray_run_interrupted_then_rerun_skips_the_finished_ones(tmp_path: Path):
     after = RunManifest(out).latest()
     assert sorted(statuses(out).values()) == ["ok"] * len(seeds)
     assert all(after[k].pid == r.pid and after[k].finished == r.finished for k, r in done.items())
+    # The local engine keys rows the same way: the same settings there find everything done.
+    local = ldseg_run(str(inputs), "-o", str(out), "--backend", "torch", "--threads", "1", "--steps", "40")
+    assert local.returncode == 0 and f"already done: {len(seeds)} (manifest)" in local.stderr, local.stderr
+
+
+def test_a_backend_the_workers_cannot_run_is_one_line_with_its_exit_code(tmp_path: Path):
+    inputs = tmp_path / "in"
+    phantoms(inputs, range(1))
+    result = ldseg_run(str(inputs), "-o", str(tmp_path / "out"), "--engine", "ray", "--backend", "tensorrt")
+    assert result.returncode == 6, result.stderr  # backend unavailable, found before any actor starts
+    assert "ldseg-run: error: TensorRT is not installed" in result.stderr and "Traceback" not in result.stderr

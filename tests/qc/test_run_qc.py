@@ -170,7 +170,7 @@ def test_resumed_run_reports_skipped_volumes_from_their_sidecars(cases, tmp_path
     sidecar = (out / "p1_qc.json").read_bytes()
     resumed = cli("ldseg-run", str(cases / "images"), "-o", str(out), "--steps", "2", "--report", "--skip-existing")
     assert resumed.returncode == 0, resumed.stderr
-    assert "skipped 1 input(s)" in resumed.stderr and (out / "p1_qc.json").read_bytes() == sidecar
+    assert "already done: 1 (manifest)" in resumed.stderr and (out / "p1_qc.json").read_bytes() == sidecar
     html = (out / "report.html").read_text()
     assert "<b>p1</b>" in html and "<b>p2</b>" in html and html.count("data:image/png;base64,") == 2
 

@@ -94,7 +94,7 @@ def test_each_failure_is_one_exact_line_in_a_log(demo_checkpoint, tmp_path):
     lines = result.stderr.splitlines()
     for path in bad:
         assert any(line.startswith(f"failed: {path}: not a readable NIfTI") for line in lines), (path, result.stderr)
-    assert "ldseg-run: error: 3 of 4 input(s) failed (listed above)" in lines
+    assert "ldseg-run: error: 3 of 4 input(s) failed (listed above and in the run manifest)" in lines
     assert all(line.startswith("failed: ") for line in lines if "too low" in line), result.stderr
     # stdout lists the written outputs, one path a line, for scripts to pick up
     assert result.stdout.splitlines() == [str(out / good.name.replace(".nii.gz", "_seg.nii.gz"))]

@@ -23,7 +23,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-import ldseg.runtime.session as session
+import ldseg.runtime.volume_steps as volume_steps
 from ldseg.errors import InputError, OutputError
 from ldseg.model.config import PRESETS
 from ldseg.runtime.session import RunOptions, run_files
@@ -122,14 +122,14 @@ def test_ctrl_c_inside_a_write_leaves_no_partial_file(inputs, demo_backend, tmp_
 
 def test_unexpected_reader_error_fails_only_that_file(inputs, demo_backend, tmp_path, monkeypatch):
     """A reader bug on one odd file (here a RuntimeError) must not end a run of thousands."""
-    real_prepare = session.prepare
+    real_prepare = volume_steps.prepare
 
     def prepare(path, cfg, series=None):
         if path.name == "p0.nii.gz":
             raise RuntimeError("boom\nsecond line")
         return real_prepare(path, cfg, series)
 
-    monkeypatch.setattr(session, "prepare", prepare)
+    monkeypatch.setattr(volume_steps, "prepare", prepare)
     out = tmp_path / "out"
     out.mkdir()
     summary = run_files(inputs[:2], out, demo_backend, CFG, RunOptions(steps=2))
@@ -247,7 +247,8 @@ def test_full_tmpfs_through_the_cli(demo_checkpoint, tmp_path):
         for name in ("p0_seg.nii.gz", "p1_seg.nii.gz"):
             assert f"{disk / name}: no space left on device" in full.stderr
         assert "2 of 2 input(s) failed" in full.stderr and "Traceback" not in full.stderr
-        assert [p.name for p in disk.iterdir()] == ["filler"], "a partial or temp file was left"
+        assert output_names(disk) == ["filler"], "a partial or temp file was left"
+        assert "the run manifest is incomplete" in full.stderr  # it could not be written either
 
         filler.unlink()  # space again: the same command now succeeds
         again = _cli(*args)

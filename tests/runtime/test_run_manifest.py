@@ -32,6 +32,7 @@ SCHEMA = (
     "label",
     "dice_mean",
     "dice",
+    "run_key",
 )
 
 
