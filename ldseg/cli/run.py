@@ -329,81 +329,47 @@ def _run_ray(
     labels: Optional[Path],
 ) -> None:
     """--engine ray: plan on the driver (no model loaded here), run on Ray, sum up from the rows."""
-    import time
-
     from ldseg.api import DEMO_WARNING
-    from ldseg.runtime.cohort import CohortStats
-    from ldseg.runtime.outputs import algorithm_for, check_output_options, run_key
-    from ldseg.runtime.ray_engine import import_ray, run_on_ray
-    from ldseg.runtime.run_manifest import RunManifest, exit_code_of
-    from ldseg.runtime.select import Source, source_config
-    from ldseg.runtime.session import RunOptions, plan_run, record_skipped
+    from ldseg.runtime.ray_engine import plan_cohort, run_cohort
+    from ldseg.runtime.run_manifest import exit_code_of
 
-    import_ray()  # says how to install it before anything else
-    model_file = settings["bundle"] is not None or settings["engines"] is not None
-    checkpoint = settings["checkpoint"] or (None if model_file else "demo")  # what Segmenter defaults to
-    source = Source(checkpoint, settings["bundle"], settings["engines"])
-    cfg = source_config(source.checkpoint, source.bundle, source.engines)
-    samples = settings["samples"]
-    try:
-        check_output_options(cfg, write["output_types"], write["seg_type"], samples > 1 or write["probabilities"])
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc)) from exc
-    if source.checkpoint == "demo":
-        console.print(f"[bold yellow]warning:[/] {escape(DEMO_WARNING)}", highlight=False, soft_wrap=True)
-    opts = RunOptions(
-        steps=settings["steps"],
-        sampler=settings["sampler"],
-        seed=settings["seed"],
-        samples=samples,
-        save_probabilities=write["probabilities"],
-        overwrite=write["overwrite"],
-        skip_existing=write["skip_existing"],
-        output_types=write["output_types"],
-        seg_type=write["seg_type"],
-        series=write["series"],
-    )
-    if "dicom-seg" in opts.output_types:
-        opts = dataclasses.replace(opts, algorithm=algorithm_for(source, cfg, opts))
-    opts = dataclasses.replace(opts, run_key=run_key(source, cfg, opts, settings["precision"]))
-    extras = None
-    if preview or qc or labels is not None:
+    def extras_for(cfg: Any) -> Any:
+        if not (preview or qc or labels is not None):
+            return None
         from ldseg.qc.run import qc_extras
 
-        extras = qc_extras(cfg, samples, preview=preview, qc=qc, labels=labels, report=False)
-    manifest = RunManifest(out_dir)
-    clock = time.perf_counter()
-    todo, left = plan_run(items, out_dir, cfg, opts, extras, manifest)
-    rows = record_skipped(left["skip"], manifest, opts.run_key)
+        return qc_extras(cfg, settings["samples"], preview=preview, qc=qc, labels=labels, report=False)
+
+    try:
+        plan = plan_cohort(items, out_dir, settings, write, extras_for)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    if plan.is_demo:
+        console.print(f"[bold yellow]warning:[/] {escape(DEMO_WARNING)}", highlight=False, soft_wrap=True)
     console.print(
-        f"engine: [bold]ray[/], {ray_options.workers} worker(s), {len(todo)} to run, "
-        f"{len(left['done'])} already done (manifest), {len(left['skip'])} skipped",
+        f"engine: [bold]ray[/], {ray_options.workers} worker(s), {len(plan.todo)} to run, "
+        f"{len(plan.done)} already done (manifest), {len(plan.skipped)} skipped",
         highlight=False,
     )
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=False) as progress:
-        task = progress.add_task("segmenting", total=len(todo))
+        task = progress.add_task("segmenting", total=len(plan.todo))
 
         def done(row: Any) -> None:
             if row.status == "failed":
                 progress.console.print(f"[red]failed:[/] {escape(row.error)}", highlight=False, soft_wrap=True)
             progress.advance(task)
 
-        try:
-            run = run_on_ray(todo, settings, cfg, opts, ray_options, out_dir, extras=extras, on_row=done)
-        finally:
-            manifest.compact()  # one row per input again (Ctrl-C included)
-    rows += run.rows
-    stats = CohortStats.of(rows, len(left["done"]), time.perf_counter() - clock)
+        run, stats = run_cohort(plan, settings, ray_options, out_dir, on_row=done)
     for line in stats.lines():
         console.print(line, highlight=False)
-    _warn_manifest(manifest.problem)
-    made = sorted({f"{r.backend} on {r.device}, {r.precision}" for r in rows if r.backend})
+    _warn_manifest(plan.manifest.problem)
+    made = sorted({f"{r.backend} on {r.device}, {r.precision}" for r in run.rows if r.backend})
     if made:
         console.print(f"backend: {'; '.join(made)}", highlight=False)
     for path in run.written:
         out.print(str(path), highlight=False, markup=False, soft_wrap=True)
-    failed = [r for r in rows if r.status == "failed"]
+    failed = [r for r in run.rows if r.status == "failed"]
     if failed:
         raise _some_failed([exit_code_of(r.error_kind) for r in failed], len(items))
 

@@ -16,6 +16,7 @@ header and geometry, which Arrow has no type for.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -28,7 +29,9 @@ import numpy as np
 
 from ldseg.errors import ArtifactError, BackendUnavailable, InputError, LdsegError, OutputError
 from ldseg.model.config import ModelConfig
+from ldseg.runtime.cohort import CohortInput, CohortStats
 from ldseg.runtime.run_manifest import RunManifest, RunRow
+from ldseg.runtime.select import Source
 from ldseg.runtime.session import RunOptions, VolumeExtras, infer, on_input_grid
 from ldseg.runtime.volume_steps import (
     Producer,
@@ -288,3 +291,88 @@ def run_on_ray(
         if started:
             ray.shutdown()
     return run
+
+
+# ---------------------------------------------------------------------------- a whole cohort
+
+
+@dataclass
+class CohortPlan:
+    """What the driver decides before Ray starts: no model is loaded here, only its configuration."""
+
+    source: Source
+    config: ModelConfig
+    opts: RunOptions
+    manifest: RunManifest
+    todo: list[VolumePlan]
+    done: list[VolumePlan]  # an earlier run's ok row under the same run key, outputs present
+    skipped: list[RunRow]  # --skip-existing: outputs present, no such row
+    extras: VolumeExtras | None = None
+
+    @property
+    def is_demo(self) -> bool:
+        return self.source.checkpoint == "demo"
+
+
+def plan_cohort(
+    items: list[CohortInput],
+    out_dir: Path,
+    settings: dict[str, Any],
+    write: dict[str, Any],
+    extras_for: Callable[[ModelConfig], VolumeExtras | None] = lambda cfg: None,
+) -> CohortPlan:
+    """Plan a Ray run as Segmenter.write plans a local one. `settings` are the Segmenter's keywords
+    (what every actor builds its backend from); `write` holds write's (probabilities, overwrite,
+    skip_existing, output_types, seg_type, series). ValueError for output options that cannot be
+    combined; BackendUnavailable without the ray extra."""
+    from ldseg.runtime.outputs import algorithm_for, check_output_options, run_key
+    from ldseg.runtime.select import source_config
+    from ldseg.runtime.session import plan_run, record_skipped
+
+    import_ray()  # says how to install it before anything else
+    model_file = settings.get("bundle") is not None or settings.get("engines") is not None
+    checkpoint = settings.get("checkpoint") or (None if model_file else "demo")  # Segmenter's default
+    source = Source(checkpoint, settings.get("bundle"), settings.get("engines"))
+    cfg = source_config(source.checkpoint, source.bundle, source.engines)
+    samples = settings.get("samples", 1)
+    check_output_options(cfg, write["output_types"], write["seg_type"], samples > 1 or write["probabilities"])
+    opts = RunOptions(
+        steps=settings.get("steps"),
+        sampler=settings.get("sampler"),
+        seed=settings.get("seed", 0),
+        samples=samples,
+        save_probabilities=write["probabilities"],
+        overwrite=write["overwrite"],
+        skip_existing=write["skip_existing"],
+        output_types=write["output_types"],
+        seg_type=write["seg_type"],
+        series=write["series"],
+    )
+    if "dicom-seg" in opts.output_types:
+        opts = dataclasses.replace(opts, algorithm=algorithm_for(source, cfg, opts))
+    opts = dataclasses.replace(opts, run_key=run_key(source, cfg, opts, settings.get("precision", "auto")))
+    extras = extras_for(cfg)
+    manifest = RunManifest(out_dir)
+    todo, left = plan_run(items, out_dir, cfg, opts, extras, manifest)
+    skipped = record_skipped(left["skip"], manifest, opts.run_key)
+    return CohortPlan(source, cfg, opts, manifest, todo, left["done"], skipped, extras)
+
+
+def run_cohort(
+    plan: CohortPlan,
+    settings: dict[str, Any],
+    options: RayOptions,
+    out_dir: Path,
+    on_row: Callable[[RunRow], None] = lambda row: None,
+) -> tuple[RayRun, CohortStats]:
+    """Run a planned cohort on Ray; the manifest is compacted to one row per input at the end (Ctrl-C
+    included). Returns the run and its numbers (skipped rows and earlier runs' inputs counted)."""
+    clock = time.perf_counter()
+    try:
+        run = run_on_ray(
+            plan.todo, settings, plan.config, plan.opts, options, out_dir, extras=plan.extras, on_row=on_row
+        )
+    finally:
+        plan.manifest.compact()
+    stats = CohortStats.of(plan.skipped + run.rows, len(plan.done), time.perf_counter() - clock)
+    return run, stats
