@@ -26,15 +26,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ldseg.errors import InputError
 from ldseg.io.image2d import Image2D
 from ldseg.io.nifti import Volume
 from ldseg.runtime.cache import ArtifactCache, BundleKey, Progress, QuietReporter, Reporter
-from ldseg.runtime.cohort import CohortInput
+from ldseg.runtime.cohort import CohortInput, collect_inputs
 from ldseg.runtime.run_manifest import RunManifest
 from ldseg.runtime.select import Selection, Source, Wants, demo_checkpoint_path, select_backend
 from ldseg.runtime.session import RunOptions, RunSummary, VolumeExtras, run_files, segment_prepared
-from ldseg.runtime.volumes import expand_folder, prepare
+from ldseg.runtime.volumes import prepare
 
 if TYPE_CHECKING:
     from ldseg.model.network import LDSeg
@@ -62,17 +61,9 @@ class Segmentation:
 
 
 def expand_inputs(inputs: Iterable[PathLike]) -> list[Path]:
-    """Files as given, folders as the inputs they hold (volume and image files, DICOM series folders);
-    InputError naming what is missing or empty."""
-    paths: list[Path] = []
-    for item in map(Path, inputs):
-        if item.is_dir():
-            paths += expand_folder(item)
-        elif item.exists():
-            paths.append(item)
-        else:
-            raise InputError(f"{item}: no such file or folder")
-    return paths
+    """Files as given, folders as the inputs they hold (volume and image files, DICOM series folders),
+    input lists (CSV/Parquet) as the paths they name; InputError naming what is missing or empty."""
+    return [item.path for item in collect_inputs(map(Path, inputs))]
 
 
 # --------------------------------------------------------------------------- the cache's builders

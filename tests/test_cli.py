@@ -29,6 +29,11 @@ def cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([str(BIN / tool), *rest], capture_output=True, text=True, timeout=600)
 
 
+def run_random(checkpoint: Path, *args: str, steps: str = "2") -> subprocess.CompletedProcess[str]:
+    """ldseg-run with the random-weight checkpoint on the torch backend (no export), `steps` steps."""
+    return cli("ldseg-run", *args, "--checkpoint", str(checkpoint), "--backend", "torch", "--steps", steps)
+
+
 @pytest.fixture(scope="module")
 def random_checkpoint(tmp_path_factory) -> Path:
     """Demo-preset weights, random but flagged trained: exercises the plumbing, not the accuracy."""
@@ -51,18 +56,7 @@ def phantom_dir(tmp_path) -> Path:
 
 
 def test_run_writes_label_on_the_input_grid(random_checkpoint, phantom_dir, tmp_path):
-    result = cli(
-        "ldseg-run",
-        str(phantom_dir / "p1.nii.gz"),
-        "-o",
-        str(tmp_path / "out"),
-        "--checkpoint",
-        str(random_checkpoint),
-        "--backend",
-        "torch",
-        "--steps",
-        "3",
-    )
+    result = run_random(random_checkpoint, str(phantom_dir / "p1.nii.gz"), "-o", str(tmp_path / "out"), steps="3")
     assert result.returncode == 0, result.stderr
     seg, image = nib.load(tmp_path / "out" / "p1_seg.nii.gz"), nib.load(phantom_dir / "p1.nii.gz")
     assert seg.shape == image.shape == (70, 60, 30)
@@ -115,18 +109,7 @@ def test_skip_existing_resumes_a_folder_run(random_checkpoint, phantom_dir, tmp_
 
 def test_folder_run_skips_a_bad_file_and_fails_at_the_end(random_checkpoint, phantom_dir, tmp_path):
     (phantom_dir / "broken.nii.gz").write_bytes(b"\x1f\x8b not really gzip")
-    result = cli(
-        "ldseg-run",
-        str(phantom_dir),
-        "-o",
-        str(tmp_path / "out"),
-        "--checkpoint",
-        str(random_checkpoint),
-        "--backend",
-        "torch",
-        "--steps",
-        "2",
-    )
+    result = run_random(random_checkpoint, str(phantom_dir), "-o", str(tmp_path / "out"))
     assert result.returncode == 3
     assert "broken.nii.gz" in result.stderr and "1 of 3 input(s) failed" in result.stderr
     assert output_names(tmp_path / "out") == ["p1_seg.nii.gz", "p2_seg.nii.gz"]
@@ -134,37 +117,14 @@ def test_folder_run_skips_a_bad_file_and_fails_at_the_end(random_checkpoint, pha
 
 def test_fail_fast_stops_at_the_first_bad_file(random_checkpoint, phantom_dir, tmp_path):
     (phantom_dir / "a_broken.nii.gz").write_bytes(b"nope")
-    result = cli(
-        "ldseg-run",
-        str(phantom_dir),
-        "-o",
-        str(tmp_path / "out"),
-        "--checkpoint",
-        str(random_checkpoint),
-        "--backend",
-        "torch",
-        "--steps",
-        "2",
-        "--fail-fast",
-    )
+    result = run_random(random_checkpoint, str(phantom_dir), "-o", str(tmp_path / "out"), "--fail-fast")
     assert result.returncode == 3
     assert output_names(tmp_path / "out") == []
 
 
 def test_samples_write_uncertainty_maps(random_checkpoint, phantom_dir, tmp_path):
-    result = cli(
-        "ldseg-run",
-        str(phantom_dir / "p2.nii.gz"),
-        "-o",
-        str(tmp_path / "out"),
-        "--checkpoint",
-        str(random_checkpoint),
-        "--backend",
-        "torch",
-        "--steps",
-        "2",
-        "--samples",
-        "3",
+    result = run_random(
+        random_checkpoint, str(phantom_dir / "p2.nii.gz"), "-o", str(tmp_path / "out"), "--samples", "3"
     )
     assert result.returncode == 0, result.stderr
     entropy = np.asarray(nib.load(tmp_path / "out" / "p2_entropy.nii.gz").dataobj)

@@ -6,7 +6,7 @@ import contextlib
 import dataclasses
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import numpy as np
 import typer
@@ -30,6 +30,9 @@ from ldseg.cli.common import (
 )
 from ldseg.errors import InputError, LdsegError
 from ldseg.io.atomic import ensure_output_dir
+
+if TYPE_CHECKING:
+    from ldseg.runtime.ray_engine import RayOptions
 
 run_typer = typer.Typer(add_completion=False, help="Segment NIfTI volumes or 2D images with LDSeg.")
 
@@ -322,7 +325,7 @@ def _run_ray(
     items: list[Any],
     out_dir: Path,
     settings: dict[str, Any],
-    ray_options: Any,
+    ray_options: RayOptions,
     write: dict[str, Any],
     preview: bool,
     qc: bool,

@@ -14,11 +14,12 @@ ok and whose outputs all exist.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -122,6 +123,10 @@ def exit_code_of(kind: str) -> int:
     return ERROR_KINDS[kind].exit_code if kind in ERROR_KINDS else LdsegError.exit_code
 
 
+class _LockFailed(OutputError):
+    """The manifest's lock file cannot be made or taken."""
+
+
 def _line(row: RunRow) -> str:
     buffer = io.StringIO()
     csv.DictWriter(buffer, COLUMNS, lineterminator="\n").writerow(row.to_csv())
@@ -175,23 +180,20 @@ class RunManifest:
 
     def latest(self) -> dict[str, RunRow]:
         """The last row of every input: its state."""
-        with self._lock:
+        with self._locked():
             return {row.input: row for row in self._read()}
 
     def compact(self) -> dict[str, RunRow]:
         """Rewrite the file as the last row of each input (atomically); returns those rows. A file
         that is not a run manifest is refused (OutputError); one that cannot be written sets `problem`."""
         try:
-            self._lock.acquire()
-        except OSError as exc:  # the lock file itself cannot be made: an unwritable or full folder
-            self.problem = f"{self.path}: cannot lock the run manifest ({exc})"
+            with self._locked():
+                latest = {row.input: row for row in self._read()}
+                self._write(lambda: self._rewrite(latest.values()))
+                return latest
+        except _LockFailed as exc:  # the lock file itself cannot be made: an unwritable or full folder
+            self.problem = self.problem or str(exc)
             return {row.input: row for row in self._read()}
-        try:
-            latest = {row.input: row for row in self._read()}
-            self._write(lambda: self._rewrite(latest.values()))
-            return latest
-        finally:
-            self._lock.release()
 
     def _rewrite(self, rows: Iterable[RunRow]) -> None:
         def write(tmp: Path) -> None:
@@ -207,11 +209,7 @@ class RunManifest:
         self._write(lambda: self._append(row))
 
     def _append(self, row: RunRow) -> None:
-        try:
-            self._lock.acquire()
-        except OSError as exc:
-            raise OutputError(f"{self.path}: cannot lock the run manifest ({exc})") from exc
-        try:
+        with self._locked():
             if not self.path.exists():
                 self._rewrite([])
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
@@ -222,5 +220,15 @@ class RunManifest:
                 raise OutputError(f"{self.path}: cannot append to the run manifest ({exc.strerror})") from exc
             finally:
                 os.close(fd)
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """The manifest's file lock; OutputError if the lock file cannot be made or taken."""
+        try:
+            self._lock.acquire()
+        except OSError as exc:
+            raise _LockFailed(f"{self.path}: cannot lock the run manifest ({exc})") from exc
+        try:
+            yield
         finally:
             self._lock.release()
