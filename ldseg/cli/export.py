@@ -242,7 +242,8 @@ def cache_list() -> None:
 
     from rich.table import Table
 
-    from ldseg.runtime.artifacts.cache import cache_root, list_entries
+    from ldseg.runtime.artifacts.cache import cache_root
+    from ldseg.runtime.artifacts.cache_listing import list_entries
 
     root = cache_root()
     entries = list_entries(root)
@@ -265,7 +266,8 @@ def cache_clear(
     ] = None,
 ) -> None:
     """Remove entries (all, or those unused for DAYS). Example: ldseg-export cache clear --older-than 30"""
-    from ldseg.runtime.artifacts.cache import cache_root, clear
+    from ldseg.runtime.artifacts.cache import cache_root
+    from ldseg.runtime.artifacts.cache_listing import clear
 
     if older_than is not None and older_than < 0:
         raise typer.BadParameter("--older-than must be >= 0 days")

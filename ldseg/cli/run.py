@@ -1,4 +1,8 @@
-"""`ldseg-run`: segment files, folders or a phantom; a thin layer over the Python API (ldseg.api)."""
+"""`ldseg-run`: segment files, folders or a phantom; a thin layer over the Python API (ldseg.api).
+
+Over 400 lines because one Typer command declares its ~40 options in its signature (about 100
+lines of that), and the local, Ray, --demo and --reconstruct modes each render their own summary.
+"""
 
 from __future__ import annotations
 

@@ -21,7 +21,8 @@ from ldseg.errors import ArtifactError, OutputError
 from ldseg.io.atomic import staged_folder
 from ldseg.runtime.artifacts import cache as cache_module
 from ldseg.runtime.artifacts.bundle import MANIFEST
-from ldseg.runtime.artifacts.cache import BUNDLES, ArtifactCache, BundleKey, EngineKey, cache_root, clear, list_entries
+from ldseg.runtime.artifacts.cache import BUNDLES, ArtifactCache, BundleKey, EngineKey, cache_root
+from ldseg.runtime.artifacts.cache_listing import clear, list_entries
 from tests.runtime.artifacts.cache_fakes import GPU_A, GPU_B, FakeBundleBuilder, FakeEngineBuilder, Notes, hashed_model
 
 REPO = Path(__file__).resolve().parents[2]

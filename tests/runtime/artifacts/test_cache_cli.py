@@ -17,7 +17,8 @@ import pytest
 import ldseg
 from ldseg import api
 from ldseg.data.phantoms import make_phantom, write_phantom_nifti
-from ldseg.runtime.artifacts.cache import BUNDLES, list_entries
+from ldseg.runtime.artifacts.cache import BUNDLES
+from ldseg.runtime.artifacts.cache_listing import list_entries
 from tests.runtime.artifacts.cache_fakes import Notes
 
 pytestmark = pytest.mark.slow  # one real demo export (about 2.5 min on the loaded 2-core machine)
