@@ -287,6 +287,7 @@ def select_backend(
             continue
         selection.auto, selection.skipped = backend == "auto", list(skipped)
         selection.gpu_asked = index is not None or backend == "tensorrt"
+        selection.backend.prepare(1)  # K samples encode at batch 1: what every run needs first
         if backend != "auto":
             selection.why = "asked for" + (f"; skipped {'; '.join(skipped)}" if skipped else "")
         else:
