@@ -18,7 +18,7 @@ import numpy as np
 
 from ldseg.errors import InputError
 from ldseg.io.formats import DICOM, OUTPUT_TYPES, format_of
-from ldseg.io.formats.dicom_seg import NEEDS_DICOM, Algorithm, write_dicom_seg
+from ldseg.io.formats.dicom_seg import NEEDS_DICOM, Algorithm, dicom_source, write_dicom_seg
 from ldseg.io.nifti import Volume
 from ldseg.model.config import ModelConfig
 
@@ -132,6 +132,13 @@ def refuse_unwritable(input_path: Path, opts: RunOptions) -> None:
     """A SEG asked for an input that is not a DICOM series: one sentence, before any compute."""
     if "dicom-seg" in opts.output_types and format_of(input_path) is not DICOM:
         raise InputError(f"{input_path}: {NEEDS_DICOM}")
+
+
+def refuse_unreferenced(targets: list[Target], prepared: Prepared) -> None:
+    """Once the input is read, before any compute: a SEG asked for a series it cannot reference
+    (no FrameOfReferenceUID) is refused with that reason, not highdicom's after the model ran."""
+    if isinstance(prepared.reference, Volume) and any(t.output_type == "dicom-seg" for t in targets):
+        dicom_source(prepared.reference)
 
 
 def write_target(
