@@ -84,8 +84,10 @@ class SegmentService:
         self.broken: str | None = None  # why this replica must be replaced (check_health)
         self.admitted = 0
         self.mean_s = 1.0  # moving average of a request's time (Retry-After)
-        self._batched.set_max_batch_size(config.max_batch)
-        self._batched.set_batch_wait_timeout_s(config.batch_wait_s)
+        self._jobs: set[asyncio.Task[None]] = set()  # 202-answered DICOMweb requests still running
+        batched: Any = self._batched  # serve.batch's wrapper (its type hides these setters)
+        batched.set_max_batch_size(config.max_batch)
+        batched.set_batch_wait_timeout_s(config.batch_wait_s)
         self._model = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ldseg-model")
         self._warm: Future[None] = self._model.submit(self._build_and_warm_up)
 
@@ -190,10 +192,18 @@ class SegmentService:
             raise HttpProblem(503, f"replica failing, being replaced: {self.broken}", "backend", {"Retry-After": "5"})
 
     async def _handle(self, endpoint: str, request: Request, work: Any) -> Response:
-        """Auth, admission, a temp folder, errors as JSON, latency recorded: around every POST."""
-        started, status = time.perf_counter(), 500
+        """Auth, then _run: around every POST."""
         try:
             self._authorize(request)
+        except HttpProblem as problem:
+            self.metrics.request(endpoint, problem.status, 0.0)
+            return error_response(problem)
+        return await self._run(endpoint, work)
+
+    async def _run(self, endpoint: str, work: Any) -> Response:
+        """Admission, a temp folder (removed after), errors as JSON, latency recorded."""
+        started, status = time.perf_counter(), 500
+        try:
             with self._admission():
                 await self._ready()
                 tmp = await asyncio.to_thread(tempfile.mkdtemp, prefix="ldseg-serve-")
@@ -217,6 +227,15 @@ class SegmentService:
             return error_response(problem)
         finally:
             self.metrics.request(endpoint, status, time.perf_counter() - started)
+
+    async def _job(self, what: str, work: Any) -> None:
+        """A request answered 202 (Prefer: respond-async), run to its end; the outcome is logged."""
+        response = await self._run("dicomweb-async", work)
+        outcome = bytes(response.body).decode(errors="replace")
+        if response.status_code == 200:
+            log.info("%s: done %s", what, outcome)
+        else:
+            log.warning("%s: refused %s %s", what, response.status_code, outcome)
 
     def _headers(self, stage_ms: dict[str, float], batch_size: int) -> dict[str, str]:
         backend = self.seg.backend
@@ -320,18 +339,36 @@ class SegmentService:
 
     @api.post("/v1/dicomweb/studies/{study}/series/{series}")
     async def segment_dicomweb(self, study: str, series: str, request: Request) -> Response:
-        async def work(tmp: Path) -> Response:
+        """Synchronous: 200 with the SEG's SOP Instance UID once it is stored. With `Prefer:
+        respond-async` (RFC 7240): 202 at once and the work goes on; a PACS calling from inside a
+        callback (Orthanc's Lua holds its lock during HttpPost, and its DICOMweb server waits on
+        that lock) must not wait for its own WADO-RS answer."""
+        try:
+            self._authorize(request)
             query = parse_query(request.query_params)
             uids = check_uid(study, "study"), check_uid(series, "series")
+        except HttpProblem as problem:
+            return error_response(problem)
+
+        async def work(tmp: Path) -> Response:
             return await self._segment_dicomweb(*uids, query, tmp)
 
-        return await self._handle("dicomweb", request, work)
+        if "respond-async" not in request.headers.get("prefer", "").lower():
+            return await self._run("dicomweb", work)
+        if self.admitted >= self.config.max_batch + self.config.max_queued:
+            return await self._run("dicomweb", work)  # over capacity: answered 503 with Retry-After
+        task = asyncio.get_running_loop().create_task(self._job(f"series {series}", work))
+        self._jobs.add(task)
+        task.add_done_callback(self._jobs.discard)
+        body = {"accepted": True, "study_instance_uid": study, "series_instance_uid": series}
+        return JSONResponse(body, 202, headers={"Preference-Applied": "respond-async"})
 
 
 def build(config: ServeConfig) -> Any:
     """The Serve application for `config` (serve.run it, or use ldseg.serve.launch.start)."""
     capacity = config.max_batch + config.max_queued
-    return SegmentService.options(
+    deployment: Any = SegmentService  # a serve.Deployment (the decorator's type is lost on the class)
+    return deployment.options(
         num_replicas=config.replicas,
         # Every request is let through to a replica, which admits or refuses it (JSON + Retry-After);
         # Serve's own queue (plain-text 503) only holds requests while no replica is up.

@@ -19,7 +19,7 @@ class ServeMetrics:
             "ldseg_request_seconds",
             description="Request latency, body received to response ready.",
             boundaries=_SECONDS,
-            tag_keys=("endpoint", "status"),
+            tag_keys=("endpoint", "status"),  # type: ignore[arg-type]  # Ray annotates tuple[str]
         )
         self.stages = metrics.Histogram(
             "ldseg_stage_ms", description="Time per stage of a request (ms).", boundaries=_MS, tag_keys=("stage",)
