@@ -55,7 +55,7 @@ def serve(
     """Example: `ldseg-serve --checkpoint demo`, then
     `curl --data-binary @scan.nii.gz 127.0.0.1:8000/v1/segment -o scan_seg.nii.gz`."""
     from ldseg.serve.config import ServeConfig, read_api_key
-    from ldseg.serve.launch import start, stop
+    from ldseg.serve.launch import is_loopback, start, stop
 
     model = {
         "checkpoint": checkpoint,
@@ -82,7 +82,7 @@ def serve(
         )
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
-    if host not in ("127.0.0.1", "localhost", "::1") and config.api_key is None:
+    if not is_loopback(host) and config.api_key is None:
         console.print(f"[bold yellow]warning:[/] listening on {escape(host)} without --api-key-file", highlight=False)
     ready = start(config)
     console.print(

@@ -25,7 +25,7 @@ def import_serve() -> Any:
     return serve
 
 
-def _loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
     try:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
@@ -72,8 +72,6 @@ def start(config: ServeConfig, *, log_to_driver: bool = True) -> dict[str, Any]:
 
     if not ray.is_initialized():
         options: dict[str, Any] = {"include_dashboard": False, "log_to_driver": log_to_driver}
-        if _loopback(config.host):
-            options["_node_ip_address"] = "127.0.0.1"  # Ray's own ports on loopback too
         if config.metrics_port is not None:
             options["_metrics_export_port"] = config.metrics_port
         ray.init(**options)
