@@ -1,5 +1,5 @@
 """ldseg.api: ldseg.segment and ldseg.Segmenter (PyTorch backend here; the cached ONNX Runtime path is
-in tests/runtime/test_cache_cli.py)."""
+in tests/runtime/artifacts/test_cache_cli.py)."""
 
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ machine needs neither scipy nor nibabel for them) and wheels of small pure depen
 machine may lack (scripts/gpu_check.sh installs the missing ones from there, offline).
 
 The run checks, each into the report as pass / fail / "not run: <reason>", with its numbers:
-- cuda_layer: ldseg/runtime/cuda.py (cuda-python) captures copies into a graph, relaunches it on
+- cuda_layer: ldseg/runtime/backends/tensorrt/cuda.py (cuda-python) captures copies into a graph, relaunches it on
   changed inputs, and a deliberately broken capture ends with a reason and an eager run;
 - torch_graph: the whole-pipeline graph replay equals eager for every seed, differs across seeds,
   does not grow allocations over 100 replays, and batch 4 equals 4 x batch 1;
@@ -65,7 +65,8 @@ Result = dict[str, Any]
 
 def no_gpu_reason() -> str | None:
     """None when some route sees a GPU; else why not, per route (PyTorch, cuda-python)."""
-    from ldseg.runtime.devices import cuda_runtime_problem, torch_cuda_problem
+    from ldseg.runtime.backends.tensorrt.cuda import cuda_runtime_problem
+    from ldseg.runtime.select import torch_cuda_problem
 
     torch_problem, runtime_problem = torch_cuda_problem(0), cuda_runtime_problem(0)
     if torch_problem is None or runtime_problem is None:
@@ -202,7 +203,7 @@ class Checks:
 
     # ---------------------------------------------------------------- checks
     def torch_cpu_reference(self) -> Result:
-        from ldseg.runtime.torch_backend import TorchBackend
+        from ldseg.runtime.backends.torch_backend import TorchBackend
 
         self.reference = self.labels_of(TorchBackend(self.model(), "cpu"))
         classes = [int(len(np.unique(r))) for r in self.reference]
@@ -211,7 +212,7 @@ class Checks:
 
     def cuda_layer(self) -> Result:
         from ldseg.errors import BackendUnavailable
-        from ldseg.runtime import cuda
+        from ldseg.runtime.backends.tensorrt import cuda
 
         try:
             cuda.set_device(0)
@@ -268,7 +269,7 @@ class Checks:
         import torch
 
         from ldseg.runtime.backend import make_inputs
-        from ldseg.runtime.torch_backend import TorchBackend
+        from ldseg.runtime.backends.torch_backend import TorchBackend
 
         model = self.model()
         graphed, eager = TorchBackend(model, "cuda:0"), TorchBackend(model, "cuda:0", cuda_graph=False)
@@ -336,7 +337,7 @@ class Checks:
         import warnings
 
         from ldseg.runtime.backend import make_inputs
-        from ldseg.runtime.torch_backend import TorchBackend
+        from ldseg.runtime.backends.torch_backend import TorchBackend
 
         backend = TorchBackend(self.model(), "cuda:0")
         fused = backend.model.step  # the backend's own copy of the model (it was moved to the GPU)
@@ -366,7 +367,7 @@ class Checks:
 
     def onnxruntime_cuda(self) -> Result:
         from ldseg.errors import BackendUnavailable
-        from ldseg.runtime.onnxruntime_backend import OnnxRuntimeBackend
+        from ldseg.runtime.backends.onnxruntime.backend import OnnxRuntimeBackend
 
         try:
             backend = OnnxRuntimeBackend(self.prepared / BUNDLES["fp32"], "cuda:0")
@@ -381,8 +382,8 @@ class Checks:
     def tensorrt(self, precision: str) -> Result:
         from ldseg.errors import BackendUnavailable
         from ldseg.export.tensorrt_build import build_engines
-        from ldseg.runtime.engines import require_tensorrt
-        from ldseg.runtime.tensorrt_backend import TensorRTBackend
+        from ldseg.runtime.backends.tensorrt.backend import TensorRTBackend
+        from ldseg.runtime.backends.tensorrt.environment import require_tensorrt
 
         try:
             require_tensorrt()

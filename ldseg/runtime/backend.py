@@ -13,7 +13,7 @@ shape (its "plan") and reuses for every later run:
 
 `Backend.run` is the one place that calls them in order: eagerly, or, where a backend captures
 (`capture`/`replay`, CUDA graphs), encode + loop + decode as one graph replay. The loop is
-`ldseg.model.diffusion.denoise_loop`, the function the PyTorch model samples with, so the sampler
+`ldseg.model.sampling.denoise_loop`, the function the PyTorch model samples with, so the sampler
 is written once. `stage_calls` hands `ldseg-bench` the same stage methods to time one by one.
 
 Every backend sees the same data, prepared once by `make_inputs`: initial latents, per-step noise
@@ -32,7 +32,7 @@ from typing import Any, Generic, Protocol, TypeVar
 import numpy as np
 
 from ldseg.model.config import ModelConfig
-from ldseg.model.diffusion import denoise_loop, draw_noise, sampler_table
+from ldseg.model.sampling import denoise_loop, draw_noise, sampler_table
 
 STAGES = ("input_copy", "encoder", "step", "loop", "decoder", "output_copy")  # what the bench times
 
@@ -281,7 +281,7 @@ def make_inputs(
     z_init, noise = draw_noise(seeds, table.steps, cfg.latent_shape)
     return PipelineInputs(
         image=np.ascontiguousarray(image, dtype=np.float32),
-        z_init=z_init.numpy(),
-        noise=noise.numpy(),
+        z_init=z_init,
+        noise=noise,
         table=table.rows.astype(np.float32),
     )

@@ -19,10 +19,11 @@ import numpy as np
 
 from ldseg.api import Segmenter
 from ldseg.model.config import ModelConfig
-from ldseg.runtime.cohort import CohortInput
-from ldseg.runtime.outputs import algorithm_for, check_output_options
-from ldseg.runtime.session import RunOptions, infer, on_input_grid, output_suffixes
-from ldseg.runtime.volume_steps import Producer, ReadVolume, check_writable, plan_volume, read_volume, write_volume
+from ldseg.runs.cohort import CohortInput
+from ldseg.runs.inference import infer, on_input_grid
+from ldseg.runs.outputs import output_suffixes, write_options
+from ldseg.runs.steps import Producer, ReadVolume, check_writable, plan_volume, read_volume, write_volume
+from ldseg.runs.types import RunOptions
 
 __all__ = ["Inferred", "RunOptions", "Written", "finish", "infer_read", "options_for", "plan_and_read"]
 
@@ -54,15 +55,12 @@ def options_for(
     seg_type: str = "binary",
     series: str | None = None,
 ) -> RunOptions:
-    """The RunOptions ldseg-run builds for these options (Segmenter.write's), checked the same way."""
-    types = (output_type,)
-    opts = dataclasses.replace(
-        seg.options, samples=samples, steps=steps, seed=seed, output_types=types, seg_type=seg_type, series=series
+    """The RunOptions ldseg-run goes by for these options: Segmenter.write's own planning
+    (runs.outputs.write_options: options checked, ValueError; the SEG's algorithm record)."""
+    base = dataclasses.replace(seg.options, samples=samples, steps=steps, seed=seed)
+    return write_options(
+        seg.source, seg.config, base, seg.precision_asked, output_types=(output_type,), seg_type=seg_type, series=series
     )
-    check_output_options(seg.config, types, seg_type, samples > 1)
-    if "dicom-seg" in types:  # the SEG names the checkpoint and the sampling settings
-        opts = dataclasses.replace(opts, algorithm=algorithm_for(seg.source, seg.config, opts))
-    return opts
 
 
 def plan_and_read(path: Path, out_dir: Path, cfg: ModelConfig, opts: RunOptions) -> ReadVolume:

@@ -106,9 +106,10 @@ def test_slice_thickness_missing_or_empty_takes_the_spacing_from_positions(tmp_p
 def test_a_seg_for_a_series_without_frame_of_reference_is_refused_before_any_compute(tmp_path):
     """read_volume (the step before the model in every engine) refuses it when a SEG is asked for."""
     from ldseg.model.config import get_preset
-    from ldseg.runtime.cohort import CohortInput
-    from ldseg.runtime.session import RunOptions, output_suffixes
-    from ldseg.runtime.volume_steps import plan_volume, read_volume
+    from ldseg.runs.cohort import CohortInput
+    from ldseg.runs.outputs import output_suffixes
+    from ldseg.runs.steps import plan_volume, read_volume
+    from ldseg.runs.types import RunOptions
 
     files = write_series(tmp_path / "s", np.random.default_rng(2).integers(0, 900, (4, 8, 8)).astype(np.int16))
     _strip(files, "FrameOfReferenceUID", None)

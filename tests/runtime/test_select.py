@@ -149,7 +149,7 @@ def test_precision_and_threads_reach_every_candidate(tried, monkeypatch):
 
 def test_auto_skips_openvino_when_it_is_not_installed_and_says_why(monkeypatch, tmp_path):
     """The real openvino factory, with the import failing as on a platform without a wheel."""
-    from ldseg.runtime import openvino_backend
+    from ldseg.runtime.backends import openvino_backend
 
     def missing() -> None:
         raise BackendUnavailable("openvino is not installed (no wheel for this platform)")
@@ -176,8 +176,8 @@ def test_a_backend_refuses_a_precision_it_does_not_run():
 
 
 def _cached_source(tmp_path: Path, samples: int = 1):  # type: ignore[no-untyped-def]
-    from ldseg.runtime.cache import ArtifactCache
-    from tests.runtime.cache_fakes import GPU_A, FakeBundleBuilder, FakeEngineBuilder
+    from ldseg.runtime.artifacts.cache import ArtifactCache
+    from tests.runtime.artifacts.cache_fakes import GPU_A, FakeBundleBuilder, FakeEngineBuilder
 
     artifacts = ArtifactCache(
         tmp_path / "cache", build_bundle=FakeBundleBuilder(), build_engines=FakeEngineBuilder(GPU_A)
@@ -224,7 +224,7 @@ def test_gpu_candidates_check_the_machine_before_exporting(monkeypatch, tmp_path
 
 def _tensorrt_present() -> bool:
     try:
-        from ldseg.runtime.engines import require_tensorrt
+        from ldseg.runtime.backends.tensorrt.environment import require_tensorrt
 
         require_tensorrt()
     except BackendUnavailable:
@@ -234,8 +234,8 @@ def _tensorrt_present() -> bool:
 
 def test_tensorrt_from_a_checkpoint_exports_fp16_then_builds_engines(monkeypatch, tmp_path):
     """Faked GPU machine: TensorRT 'present' on GPU_A; the chosen engines come from the cache."""
-    from ldseg.runtime import tensorrt_backend
-    from tests.runtime.cache_fakes import GPU_A
+    from ldseg.runtime.backends.tensorrt import backend as tensorrt_backend
+    from tests.runtime.artifacts.cache_fakes import GPU_A
 
     made: list[Path] = []
 

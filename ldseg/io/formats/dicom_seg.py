@@ -18,11 +18,11 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
-from ldseg import __version__
 from ldseg.errors import InputError, OutputError
 from ldseg.io.atomic import atomic_write
 from ldseg.io.nifti import Volume
 from ldseg.io.validate import one_line
+from ldseg.versions import LDSEG_VERSION as __version__
 
 from .dicom import DicomSeries
 
