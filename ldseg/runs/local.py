@@ -6,18 +6,22 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from ldseg.errors import LdsegError
 from ldseg.model.config import ModelConfig
 from ldseg.runs.cohort import CohortInput, key_of
-from ldseg.runs.inference import segment
+from ldseg.runs.inference import infer, on_input_grid
 from ldseg.runs.manifest import RunManifest, RunRow
 from ldseg.runs.outputs import output_suffixes
 from ldseg.runs.steps import (
     Producer,
     ReadVolume,
     VolumePlan,
+    Written,
     check_writable,
     failed_row,
     now_iso,
@@ -129,6 +133,28 @@ def run_files(
     return summary
 
 
+@dataclass
+class _Inferred:
+    """One input between the model and its files: what the writer thread turns into files."""
+
+    plan: VolumePlan
+    read: ReadVolume
+    mean: np.ndarray
+    votes: np.ndarray
+    stage_ms: dict[str, float]
+    infer_ms: float
+
+
+def _write(
+    done: _Inferred, cfg: ModelConfig, opts: RunOptions, producer: Producer, manifest: RunManifest | None
+) -> Written:
+    """Resample to the input grid and write (the writer thread, while the next input computes)."""
+    clock = time.perf_counter()
+    result = on_input_grid(done.read.prepared, done.mean, done.votes, done.stage_ms, cfg, opts)
+    result.stage_ms["resample"] = (time.perf_counter() - clock) * 1e3
+    return write_volume(done.read, result, cfg, opts, producer=producer, infer_ms=done.infer_ms, manifest=manifest)
+
+
 def _run_plans(
     todo: list[VolumePlan],
     backend: Backend,
@@ -140,29 +166,55 @@ def _run_plans(
     summary: RunSummary,
     on_done: Callable[[Path, str | None], None],
 ) -> None:
-    for plan, future in _read_ahead(todo, cfg, opts.series, extras):
-        path = plan.item.path
+    """Three stages in flight: the next input is read, this one runs on the model, the previous one is
+    resampled and written (one of each at a time, so memory stays at three volumes)."""
+
+    def failed(plan: VolumePlan, exc: LdsegError) -> None:
+        row = failed_row(plan.item, exc, opts.run_key, producer)
+        summary.rows.append(row)
+        if manifest is not None:
+            manifest.append(row)
+        summary.failures.append((plan.item.path, detached(exc)))
+        on_done(plan.item.path, str(exc))
+
+    def collect(pending: tuple[VolumePlan, Future[Written]] | None) -> bool:
+        """Record a finished write; False when it failed (for --fail-fast)."""
+        if pending is None:
+            return True
+        plan, future = pending
         try:
-            check_writable(plan, opts)
-            read = future.result()
-            infer_clock = time.perf_counter()
-            result = segment(read.prepared, backend, cfg, opts)
-            infer_ms = (time.perf_counter() - infer_clock) * 1e3
-            done = write_volume(read, result, cfg, opts, producer=producer, infer_ms=infer_ms, manifest=manifest)
-            summary.written += done.files
-            summary.rows.append(done.row)
-            if done.record is not None:
-                summary.records.append(done.record)
-            for stage, ms in {**result.stage_ms, **done.stage_ms}.items():
-                summary.stage_ms.setdefault(stage, []).append(ms)
-            summary.volumes += 1
-            on_done(path, None)
+            done = future.result()
         except LdsegError as exc:
-            row = failed_row(plan.item, exc, opts.run_key, producer)
-            summary.rows.append(row)
-            if manifest is not None:
-                manifest.append(row)
-            summary.failures.append((path, detached(exc)))
-            on_done(path, str(exc))
-            if opts.fail_fast:
+            failed(plan, exc)
+            return False
+        summary.written += done.files
+        summary.rows.append(done.row)
+        if done.record is not None:
+            summary.records.append(done.record)
+        for stage, ms in {**done.row.stages, **done.stage_ms}.items():
+            summary.stage_ms.setdefault(stage, []).append(ms)
+        summary.volumes += 1
+        on_done(plan.item.path, None)
+        return True
+
+    pending: tuple[VolumePlan, Future[Written]] | None = None
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ldseg-write") as writer:
+        for plan, future in _read_ahead(todo, cfg, opts.series, extras):
+            try:
+                check_writable(plan, opts)
+                read = future.result()
+                clock = time.perf_counter()
+                mean, votes, stage_ms = infer(read.prepared.image, backend, cfg, opts)
+                inferred = _Inferred(plan, read, mean, votes, stage_ms, (time.perf_counter() - clock) * 1e3)
+            except LdsegError as exc:
+                collect(pending)
+                pending = None
+                failed(plan, exc)
+                if opts.fail_fast:
+                    break
+                continue
+            ok, pending = collect(pending), None
+            if not ok and opts.fail_fast:
                 break
+            pending = (plan, writer.submit(_write, inferred, cfg, opts, producer, manifest))
+        collect(pending)

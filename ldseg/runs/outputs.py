@@ -19,12 +19,12 @@ import numpy as np
 
 from ldseg.errors import InputError
 from ldseg.io.formats import DICOM, OUTPUT_TYPES, format_of
-from ldseg.io.formats.dicom_seg import NEEDS_DICOM, Algorithm, dicom_source, write_dicom_seg
 from ldseg.io.nifti import Volume
 from ldseg.model.config import ModelConfig
 from ldseg.model.sampling import NOISE_VERSION
 
 if TYPE_CHECKING:
+    from ldseg.io.formats.dicom_seg import Algorithm
     from ldseg.runs.types import RunOptions
     from ldseg.runs.volumes import Prepared
     from ldseg.runtime.artifacts.source import Source
@@ -81,6 +81,8 @@ def algorithm_for(source: Source, cfg: ModelConfig, opts: RunOptions) -> Algorit
         "seed": str(opts.seed),
         "samples": str(opts.samples),
     }
+    from ldseg.io.formats.dicom_seg import Algorithm  # highdicom on first use
+
     return Algorithm(checkpoint_digest(source), parameters)
 
 
@@ -167,6 +169,8 @@ def plan_targets(
 def refuse_unwritable(input_path: Path, opts: RunOptions) -> None:
     """A SEG asked for an input that is not a DICOM series: one sentence, before any compute."""
     if "dicom-seg" in opts.output_types and format_of(input_path) is not DICOM:
+        from ldseg.io.formats.dicom_seg import NEEDS_DICOM
+
         raise InputError(f"{input_path}: {NEEDS_DICOM}")
 
 
@@ -174,6 +178,8 @@ def refuse_unreferenced(targets: list[Target], prepared: Prepared) -> None:
     """Once the input is read, before any compute: a SEG asked for a series it cannot reference
     (no FrameOfReferenceUID) is refused with that reason, not highdicom's after the model ran."""
     if isinstance(prepared.reference, Volume) and any(t.output_type == "dicom-seg" for t in targets):
+        from ldseg.io.formats.dicom_seg import dicom_source  # highdicom: loaded when a SEG is asked for
+
         dicom_source(prepared.reference)
 
 
@@ -206,6 +212,8 @@ def write_target(
         values = outputs["_seg"][0]
     if not isinstance(prepared.reference, Volume):  # check_output_options keeps 2D models off this path
         raise ValueError("a DICOM SEG is written for a 3D volume only")
+    from ldseg.io.formats.dicom_seg import Algorithm, write_dicom_seg  # highdicom on first use
+
     write_dicom_seg(
         target.path,
         values,

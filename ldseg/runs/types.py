@@ -11,10 +11,10 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from ldseg.errors import LdsegError
-from ldseg.io.formats.dicom_seg import Algorithm
 from ldseg.runs.manifest import RunRow
 
 if TYPE_CHECKING:
+    from ldseg.io.formats.dicom_seg import Algorithm
     from ldseg.runs.volumes import Prepared
 
 

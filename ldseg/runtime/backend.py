@@ -148,6 +148,10 @@ class Backend(ABC, Generic[PlanT, LatentT]):
     def clock(self) -> StageClock:
         return HostClock(self.synchronize)
 
+    def prepare(self, batch: int) -> None:
+        """Start making what a run at `batch` needs (compiled graphs) where the backend can do that in
+        the background; selection calls it so that it overlaps the first input's reading. Optional."""
+
     def release(self) -> None:
         """Free what the backend allocated (close() calls it once)."""
 

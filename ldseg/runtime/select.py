@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 from ldseg.errors import ArtifactError, BackendUnavailable
 from ldseg.model.config import ModelConfig
 from ldseg.runtime.artifacts.source import (  # noqa: F401  (Source and its helpers, re-exported for callers)
+    EXPORT_EXTRA,
     RECONSTRUCT_NEEDS,
     SEGMENT_NEEDS,
     Source,
@@ -286,6 +287,7 @@ def select_backend(
             continue
         selection.auto, selection.skipped = backend == "auto", list(skipped)
         selection.gpu_asked = index is not None or backend == "tensorrt"
+        selection.backend.prepare(1)  # K samples encode at batch 1: what every run needs first
         if backend != "auto":
             selection.why = "asked for" + (f"; skipped {'; '.join(skipped)}" if skipped else "")
         else:
@@ -295,4 +297,7 @@ def select_backend(
         return selection
     if backend != "auto" and len({str(e) for e in errors}) == 1:  # one backend, one reason (e.g. wrong source)
         raise errors[0]
+    no_torch = [e for e in errors if EXPORT_EXTRA in str(e)]
+    if no_torch and source.cached:  # the runtime-only install on a checkpoint not in the cache: that is the news
+        raise no_torch[0]
     raise BackendUnavailable("no backend can run this source here: " + "; ".join(skipped))

@@ -284,3 +284,37 @@ def test_device_cpu_announces_the_gpu_candidates_it_skipped(tried):
     tried.allow.add("onnxruntime/cpu")
     chosen = select_backend(Source(bundle=Path("bundle")), device="cpu")
     assert chosen.why == "auto: onnxruntime/cuda: --device cpu; openvino/cpu: openvino refused on cpu"
+
+
+def test_the_first_screen_names_gpu_reasons_only_where_they_matter() -> None:
+    from ldseg.runtime.select import Selection
+
+    skipped = ["tensorrt/cuda:0: TensorRT is not importable", "onnxruntime/cuda:0: no CUDA provider: pip install x"]
+    chosen = Selection(backend=None, config=None, why="auto: " + "; ".join(skipped), skipped=skipped)  # type: ignore[arg-type]
+    assert chosen.brief(gpu_present=False) == "auto; no GPU route here: -v for why"
+    assert "pip install x" in chosen.brief(gpu_present=True)  # a GPU is here but could not be used: say why
+    chosen.gpu_asked = True
+    assert "TensorRT is not importable" in chosen.brief(gpu_present=False)  # --device cuda / tensorrt asked for
+    clean = Selection(backend=None, config=None, why="auto: first available", skipped=[])  # type: ignore[arg-type]
+    assert clean.brief(gpu_present=False) == "auto"
+
+
+def test_ldseg_run_prints_one_backend_line_and_reasons_with_v(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from ldseg.data.phantoms import make_phantom, write_phantom_nifti
+
+    write_phantom_nifti(make_phantom(1), tmp_path / "p.nii.gz", tmp_path / "l.nii.gz", overwrite=False)
+    run = [str(Path(sys.executable).parent / "ldseg-run"), str(tmp_path / "p.nii.gz"), "--device", "cpu"]
+    run += ["--steps", "2", "--threads", "1"]
+    quiet = subprocess.run([*run, "-o", str(tmp_path / "a")], capture_output=True, text=True, timeout=900)
+    loud = subprocess.run([*run, "-o", str(tmp_path / "b"), "-v"], capture_output=True, text=True, timeout=900)
+    assert quiet.returncode == loud.returncode == 0, quiet.stderr + loud.stderr
+    [line] = [x for x in quiet.stderr.splitlines() if x.startswith("backend:")]
+    assert line.endswith("(auto; no GPU route here: -v for why)") and len(line) <= 80, quiet.stderr
+    assert "pip install" not in quiet.stderr
+    [loud_line] = [x for x in loud.stderr.splitlines() if x.startswith("backend:")]  # one line, not wrapped
+    assert "tensorrt/cuda" in loud_line and "--device cpu" in loud_line, loud.stderr
+    [summary] = [x for x in quiet.stderr.splitlines() if "volume(s) in" in x]
+    assert "volumes/s)" in summary, quiet.stderr  # the summary is one line, not wrapped at the table's width

@@ -17,22 +17,26 @@ import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pydicom
-import SimpleITK as sitk
 from numpy.typing import DTypeLike
-from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
-from pydicom.uid import UID
 
 from ldseg.errors import InputError, OutputError
 from ldseg.io.geometry import Geometry
+from ldseg.io.lazy import lazy_module
 from ldseg.io.nifti import Volume
 from ldseg.io.validate import DEFAULT_MAX_VOXELS, check_shape, one_line
 
 from .itk import itk_message, volume_from_sitk
+
+if TYPE_CHECKING:
+    import pydicom
+    import SimpleITK as sitk
+    from pydicom.dataset import Dataset
+else:
+    pydicom = lazy_module("pydicom")
+    sitk = lazy_module("SimpleITK")
 
 SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
 _NOT_IMAGES = frozenset({"SEG", "RTSTRUCT", "RTPLAN", "RTDOSE", "SR", "PR", "KO", "REG"})
@@ -94,7 +98,7 @@ def _read_header(path: Path) -> Dataset:
     try:
         # defer_size: large values (the pixel data) are noted with their length, not loaded
         ds = pydicom.dcmread(path, defer_size=1024)
-    except InvalidDicomError as exc:
+    except pydicom.errors.InvalidDicomError as exc:
         raise InputError(f"{path}: not a DICOM file ({one_line(exc)})") from exc
     except _READ_ERRORS as exc:
         raise InputError(f"{path}: not a readable DICOM file ({one_line(exc)})") from exc
@@ -164,7 +168,7 @@ def _check_slice(path: Path, ds: Dataset) -> None:
         raise InputError(f"{path}: multi-frame DICOM ({frames} frames) is not supported; give single-slice files")
     if int(ds.get("SamplesPerPixel", 1)) != 1:
         raise InputError(f"{path}: {ds.SamplesPerPixel} samples per pixel (colour); a grayscale series is required")
-    syntax = UID(str(ds.file_meta.get("TransferSyntaxUID", "1.2.840.10008.1.2")))
+    syntax = pydicom.uid.UID(str(ds.file_meta.get("TransferSyntaxUID", "1.2.840.10008.1.2")))
     bits_stored = int(ds.get("BitsStored", 8))
     if syntax not in _DECODABLE or (syntax == "1.2.840.10008.1.2.4.51" and bits_stored > 8):
         depth = f"{bits_stored}-bit " if syntax == "1.2.840.10008.1.2.4.51" else ""

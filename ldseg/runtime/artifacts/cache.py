@@ -20,6 +20,7 @@ the cache (ldseg.api), so this module and ldseg.runtime.select stay free of ldse
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -143,6 +144,7 @@ class CheckpointRef:
     sha256: str
     preset: str
     load: Callable[[], LDSeg]  # loads (builds) the model; called only when an entry must be exported
+    loadable: Callable[[], None] = lambda: None  # raises before "exporting..." when the model cannot load here
 
     @staticmethod
     def of(model: LDSeg) -> CheckpointRef:
@@ -188,7 +190,8 @@ class ArtifactCache:
             builder(ref.load(), target, key, progress)
 
         what = f"{precision} ONNX bundle of {ref.preset} (checkpoint {key.checkpoint_sha256[:12]})"
-        return self.entry(BUNDLES, key.name, what, lambda path: check_bundle(path, key), build, verb="exporting")
+        check = functools.partial(check_bundle, key=key)
+        return self.entry(BUNDLES, key.name, what, check, build, verb="exporting", ready=ref.loadable)
 
     # ------------------------------------------------------------------ engines
     def engines(self, bundle_dir: Path, environment: Environment, *, max_batch: int = 1) -> Path:
@@ -238,11 +241,13 @@ class ArtifactCache:
         build: Callable[[Path, Progress], None],
         *,
         verb: str = "building",
+        ready: Callable[[], None] = lambda: None,
     ) -> Path:
         """The entry `kind/name`: checked and reused, or (re)built under its lock and checked.
 
         `check` raises ArtifactError saying what is wrong; `build(target, progress)` writes the entry
-        atomically. Raises OutputError (exit 5) for a full disk or an unwritable cache, leaving no entry.
+        atomically; `ready()` raises first if it cannot run here. Raises OutputError (exit 5) for a
+        full disk or an unwritable cache, leaving no entry.
         """
         folder = _mkdir(self.root / kind)
         path = folder / name
@@ -258,6 +263,7 @@ class ArtifactCache:
                     self.reporter.note(f"cached: {what} in {path}")
                     self.hits.append(CacheHit(path, False, 0.0))
                     return path
+            ready()
             clock = time.perf_counter()
             with self.reporter.building(f"{verb} the {what}", path) as progress:
                 try:

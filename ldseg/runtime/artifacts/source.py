@@ -112,8 +112,14 @@ class Source:
             meta = verified_metadata(path)
             refuse_untrained(path, dict(meta.get("trained", {})), SEGMENT_NEEDS)
             preset = str(meta.get("config", {}).get("preset", "model"))
-            self._memo["reference"] = CheckpointRef(str(meta["content_sha256"]), preset, self.model)
+            self._memo["reference"] = CheckpointRef(str(meta["content_sha256"]), preset, self.model, self._exportable)
         return self._memo["reference"]  # type: ignore[no-any-return]
+
+    def _exportable(self) -> None:
+        """Exporting into the cache loads the model: without PyTorch, say so before announcing it."""
+        problem = torch_missing(f"exporting {self.checkpoint} into the artifact cache (a cache miss)")
+        if problem is not None:
+            raise problem
 
     @property
     def cached(self) -> bool:
