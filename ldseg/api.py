@@ -167,6 +167,11 @@ class Segmenter:
         self._warn_demo = warn_demo and self.is_demo
 
     @property
+    def precision_asked(self) -> str:
+        """The precision asked for ("auto" or a name): part of a run's key (outputs.run_key)."""
+        return self._precision
+
+    @property
     def why(self) -> str:
         """Why this backend (auto: what it skipped)."""
         return self.selection.why

@@ -9,7 +9,7 @@ if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
-.venv/bin/python -m pip install --quiet -c constraints/cpu.txt -e ".[export,dev,cpu,ray]"
+.venv/bin/python -m pip install --quiet -c constraints/cpu.txt -e ".[export,dev,cpu,ray,serve]"
 # Type stubs for the TensorRT code paths (mypy). --no-deps: the stubs package requires the real
 # tensorrt wheels, whose install downloads from NVIDIA's index. The stubs ship `tensorrt/__init__.pyi`
 # only, so `import tensorrt` then yields an empty namespace package: ldseg checks for real TensorRT.

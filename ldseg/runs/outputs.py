@@ -174,6 +174,15 @@ def refuse_unwritable(input_path: Path, opts: RunOptions) -> None:
         raise InputError(f"{input_path}: {NEEDS_DICOM}")
 
 
+def refuse_unreferenced(targets: list[Target], prepared: Prepared) -> None:
+    """Once the input is read, before any compute: a SEG asked for a series it cannot reference
+    (no FrameOfReferenceUID) is refused with that reason, not highdicom's after the model ran."""
+    if isinstance(prepared.reference, Volume) and any(t.output_type == "dicom-seg" for t in targets):
+        from ldseg.io.formats.dicom_seg import dicom_source  # highdicom: loaded when a SEG is asked for
+
+        dicom_source(prepared.reference)
+
+
 def write_target(
     target: Target,
     prepared: Prepared,

@@ -23,7 +23,7 @@ from ldseg.metrics import dice_per_class
 from ldseg.model.config import ModelConfig
 from ldseg.runs.cohort import CohortInput, key_of
 from ldseg.runs.manifest import RunManifest, RunRow, error_kind
-from ldseg.runs.outputs import Target, plan_targets, refuse_unwritable, write_target
+from ldseg.runs.outputs import Target, plan_targets, refuse_unreferenced, refuse_unwritable, write_target
 from ldseg.runs.volumes import Prepared, prepare, read_reference_labels
 
 if TYPE_CHECKING:
@@ -88,6 +88,7 @@ def read_volume(plan: VolumePlan, cfg: ModelConfig, series: str | None, extras: 
     path = plan.item.path
     try:
         prepared = prepare(path, cfg, series)
+        refuse_unreferenced(plan.maps, prepared)  # a SEG's source is checked before any compute
         truth = read_reference_labels(plan.item.label, prepared, cfg) if plan.item.label is not None else None
         finish = extras.start(prepared) if extras is not None else None
     except LdsegError:

@@ -67,11 +67,17 @@ _TILT_TOLERANCE = 0.02  # in-plane drift per mm along the normal (about 1.1 degr
 
 @dataclass(frozen=True)
 class DicomSeries:
-    """The series a volume was read from: files and headers (no pixel data) in slice order (k)."""
+    """The series a volume was read from: files and headers (no pixel data) in slice order (k), and
+    the geometry ldseg checked: `pixel_spacing` (row, column) from PixelSpacing, `slice_spacing`
+    from the slices' positions (never SliceThickness, which is Type 2 in the MR IOD: often empty,
+    or stripped by anonymizers). `frame_of_reference` is "" when the slices name none."""
 
     uid: str
     files: tuple[Path, ...]
     datasets: tuple[Dataset, ...]
+    pixel_spacing: tuple[float, float] = (1.0, 1.0)
+    slice_spacing: float = 1.0
+    frame_of_reference: str = ""
 
 
 def is_dicom_file(path: Path) -> bool:
@@ -272,6 +278,18 @@ def _cross_check(folder: Path, image: sitk.Image, slices: list[tuple[Path, Datas
             )
 
 
+def _frame_of_reference(slices: list[tuple[Path, Dataset]]) -> str:
+    """The one FrameOfReferenceUID of the series ("" if its slices name none); InputError if they
+    name several (positions in different frames cannot be stacked into one volume)."""
+    uids = {str(ds.get("FrameOfReferenceUID", "") or "").strip() for _, ds in slices}
+    if len(uids) > 1:
+        raise InputError(
+            f"{slices[0][0].parent}: slices in {len(uids)} frames of reference ({', '.join(sorted(uids))}); "
+            "one series must share one FrameOfReferenceUID"
+        )
+    return uids.pop()
+
+
 class DicomFormat:
     """A folder holding DICOM slices. Reads only: segmentations go out as DICOM SEG (dicom_seg)."""
 
@@ -291,7 +309,15 @@ class DicomFormat:
         slices, gap = _sorted_slices(folder, members)
         image = _execute(folder, [p for p, _ in slices])
         _cross_check(folder, image, slices, gap)
-        source = DicomSeries(uid, tuple(p for p, _ in slices), tuple(ds for _, ds in slices))
+        spacing = _floats(*slices[0], "PixelSpacing", 2)
+        source = DicomSeries(
+            uid,
+            tuple(p for p, _ in slices),
+            tuple(ds for _, ds in slices),
+            (float(spacing[0]), float(spacing[1])),
+            gap,
+            _frame_of_reference(slices),
+        )
         return volume_from_sitk(image, folder, labels=labels, source=source)
 
     def write(self, path: Path, array: np.ndarray, reference: Volume, *, overwrite: bool, dtype: DTypeLike,
