@@ -214,7 +214,11 @@ class OnnxRuntimeBackend(Backend[OrtPlan, int]):
 
     name = "onnxruntime"
 
-    def __init__(self, bundle: Bundle | Path | str, device: str = "cpu", *, threads: int | None = None):
+    def __init__(
+        self, bundle: Bundle | Path | str, device: str = "cpu", *, threads: int | None = None, cuda_graph: bool = True
+    ):
+        """cuda_graph (CUDA only): ORT's per-binding CUDA graphs; False runs every session eagerly
+        (gpu_check compares the two)."""
         loaded = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
         super().__init__(loaded.config, f"bundle {loaded.preset!r}")
         self.bundle = loaded
@@ -230,6 +234,7 @@ class OnnxRuntimeBackend(Backend[OrtPlan, int]):
         self.device = "cpu" if self.gpu is None else f"cuda:{self.gpu}"
         self.precision = self.bundle.precision
         self.threads = threads
+        self.ort_graphs = cuda_graph
         self.allocations = 0  # buffer sets allocated so far (one per batch size)
         self.graph_refusals: dict[str, str] = {}  # graph -> why it runs without a CUDA graph
         self._pipelines: dict[int, BoundPipeline] = {}
@@ -258,6 +263,8 @@ class OnnxRuntimeBackend(Backend[OrtPlan, int]):
     def describe(self) -> dict[str, str]:
         if self.gpu is None:
             graph = "off (CPU)"
+        elif not self.ort_graphs:
+            graph = "off (asked)"
         elif self.graph_refusals:
             graph = "off for " + "; ".join(f"{g} ({why})" for g, why in self.graph_refusals.items())
         else:
@@ -292,7 +299,7 @@ class OnnxRuntimeBackend(Backend[OrtPlan, int]):
         if self.threads:
             options.intra_op_num_threads = self.threads
         path = self.bundle.path / info.file
-        graphs = self.gpu is not None and name not in self.graph_refusals
+        graphs = self.gpu is not None and self.ort_graphs and name not in self.graph_refusals
         try:
             try:
                 session = ort.InferenceSession(str(path), options, providers=self._providers(graphs))
