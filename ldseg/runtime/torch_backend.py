@@ -49,7 +49,9 @@ class TorchPlan:
     labels: torch.Tensor | None = None
 
 
-DECODER_BYTES_PER_VOXEL = 1024  # per sample: knee3d's decoder peaks at ~600 B/voxel in FP32 (CPU, measured)
+# Per sample, an upper estimate: before issue 26, `--samples 8` on knee3d (4.0 M voxels) peaked at
+# 22.9 GB on torch CPU with encoder and decoder at batch 8, ~700 B per voxel per sample.
+DECODER_BYTES_PER_VOXEL = 1024
 
 
 @dataclass
