@@ -25,7 +25,7 @@ import numpy as np
 
 from ldseg.bench.machine import machine_info
 from ldseg.data.phantoms import make_phantom, write_phantom_nifti
-from ldseg.runtime.run_manifest import RunManifest
+from ldseg.runs.manifest import RunManifest
 from ldseg.runtime.select import source_config
 
 BIN = Path(sys.executable).parent

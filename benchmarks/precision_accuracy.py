@@ -25,18 +25,19 @@ import numpy as np
 from ldseg.errors import BackendUnavailable
 from ldseg.io.nifti import read_label_volume
 from ldseg.metrics import dice_per_class
+from ldseg.runs.inference import segment_prepared
+from ldseg.runs.types import RunOptions
+from ldseg.runs.volumes import prepare
+from ldseg.runtime.artifacts.bundle import load_bundle
 from ldseg.runtime.backend import Backend
-from ldseg.runtime.bundle import load_bundle
 from ldseg.runtime.select import load_model
-from ldseg.runtime.session import RunOptions, segment_prepared
-from ldseg.runtime.volumes import prepare
 
 
 def _backends(args: argparse.Namespace) -> list[tuple[str, Any]]:
     """(row name, factory) in the order measured; factories import lazily."""
-    from ldseg.runtime.onnxruntime_backend import OnnxRuntimeBackend
-    from ldseg.runtime.openvino_backend import OpenVinoBackend
-    from ldseg.runtime.torch_backend import TorchBackend
+    from ldseg.runtime.backends.onnxruntime.backend import OnnxRuntimeBackend
+    from ldseg.runtime.backends.openvino_backend import OpenVinoBackend
+    from ldseg.runtime.backends.torch_backend import TorchBackend
 
     fp32 = load_bundle(args.bundle)
     rows: list[tuple[str, Any]] = [

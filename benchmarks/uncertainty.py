@@ -40,9 +40,10 @@ from ldseg.metrics import dice_per_class
 from ldseg.model.config import ModelConfig
 from ldseg.qc.metrics import uncertainty_stats
 from ldseg.qc.report import read_record
+from ldseg.runs.inference import segment
+from ldseg.runs.types import RunOptions, Segmentation
+from ldseg.runs.volumes import Prepared
 from ldseg.runtime.select import Source, select_backend
-from ldseg.runtime.session import RunOptions, Segmentation, segment
-from ldseg.runtime.volumes import Prepared
 
 FIELDS = [
     "set",

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from ldseg.versions import LDSEG_VERSION as __version__
+
 __all__ = ["Segmentation", "Segmenter", "__version__", "segment"]
 
 if TYPE_CHECKING:

@@ -8,7 +8,7 @@
 
 `ldseg.segment(paths, checkpoint=..., output=...)` does one call's worth. A checkpoint runs on the
 fastest backend here (ldseg.runtime.select.AUTO_ORDER): its ONNX bundle and TensorRT engines come
-from the artifact cache (ldseg.runtime.cache), exported or built on first use. This module is where
+from the artifact cache (ldseg.runtime.artifacts.cache), exported or built on first use. This module is where
 the cache gets its builders (the exporter and the TensorRT builder, imported only when a cache
 entry is missing), so that ldseg.runtime never imports ldseg.export.
 """
@@ -28,12 +28,14 @@ import numpy as np
 
 from ldseg.io.image2d import Image2D
 from ldseg.io.nifti import Volume
-from ldseg.runtime.cache import ArtifactCache, BundleKey, Progress, QuietReporter, Reporter
-from ldseg.runtime.cohort import CohortInput, collect_inputs
-from ldseg.runtime.run_manifest import RunManifest
+from ldseg.runs.cohort import CohortInput, collect_inputs
+from ldseg.runs.inference import segment_prepared
+from ldseg.runs.local import run_files
+from ldseg.runs.manifest import RunManifest
+from ldseg.runs.types import RunOptions, RunSummary, VolumeExtras
+from ldseg.runs.volumes import prepare
+from ldseg.runtime.artifacts.cache import ArtifactCache, BundleKey, Progress, QuietReporter, Reporter
 from ldseg.runtime.select import Selection, Source, Wants, demo_checkpoint_path, select_backend
-from ldseg.runtime.session import RunOptions, RunSummary, VolumeExtras, run_files, segment_prepared
-from ldseg.runtime.volumes import prepare
 
 if TYPE_CHECKING:
     from ldseg.model.network import LDSeg
@@ -89,7 +91,7 @@ def artifact_cache(root: PathLike | None = None, reporter: Reporter | None = Non
 
 @functools.cache
 def _demo_hash() -> str:
-    from ldseg.model.checkpoint import read_metadata
+    from ldseg.model.checkpoint_file import read_metadata
 
     return str(read_metadata(demo_checkpoint_path())["content_sha256"])
 
@@ -165,6 +167,11 @@ class Segmenter:
         self._warn_demo = warn_demo and self.is_demo
 
     @property
+    def precision_asked(self) -> str:
+        """The precision asked for ("auto" or a name): part of a run's key (outputs.run_key)."""
+        return self._precision
+
+    @property
     def why(self) -> str:
         """Why this backend (auto: what it skipped)."""
         return self.selection.why
@@ -215,27 +222,25 @@ class Segmenter:
         the inputs it records as done; `labels` ({input: reference label}) adds Dice to their rows.
         ValueError for output options that cannot be combined."""
         from ldseg.io.atomic import ensure_output_dir
-        from ldseg.runtime.outputs import algorithm_for, check_output_options, run_key
+        from ldseg.runs.outputs import write_options
 
-        types = tuple(dict.fromkeys(output_types))
-        check_output_options(self.config, types, seg_type, self.options.samples > 1 or probabilities)
+        opts = write_options(
+            self.source,
+            self.config,
+            self.options,
+            self._precision,
+            probabilities=probabilities,
+            overwrite=overwrite,
+            skip_existing=skip_existing,
+            fail_fast=fail_fast,
+            output_types=tuple(output_types),
+            seg_type=seg_type,
+            series=series,
+        )
         paths = expand_inputs([inputs] if isinstance(inputs, (str, Path)) else inputs)
         items = [CohortInput(p, (labels or {}).get(p)) for p in paths]
         out_dir = ensure_output_dir(Path(output))
         self._demo_warning()
-        opts = dataclasses.replace(
-            self.options,
-            save_probabilities=probabilities,
-            overwrite=overwrite,
-            skip_existing=skip_existing,
-            fail_fast=fail_fast,
-            output_types=types,
-            seg_type=seg_type,
-            series=series,
-        )
-        if "dicom-seg" in types:  # the SEG names the checkpoint and the sampling settings
-            opts = dataclasses.replace(opts, algorithm=algorithm_for(self.source, self.config, opts))
-        opts = dataclasses.replace(opts, run_key=run_key(self.source, self.config, opts, self._precision))
         return run_files(
             items,
             out_dir,

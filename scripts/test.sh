@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Set up, then lint and format-check (ruff), type-check (mypy) and run the whole test suite
+# Set up, then lint and format-check (ruff), type-check (mypy), check the import layering
+# (import-linter) and run the whole test suite
 # (CPU; GPU/TensorRT tests skip with a reason).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -7,7 +8,10 @@ cd "$(dirname "$0")/.."
 # (outputs say mm³, and ITK sets the C locale inside the test process).
 export PYTHONUTF8=1
 bash scripts/setup.sh
+bash scripts/runtime_venv.sh  # the runtime-only install (no torch), which tests/runs/test_without_torch.py runs
+export LDSEG_RUNTIME_PYTHON="$PWD/.venv-runtime/bin/python"
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 .venv/bin/mypy ldseg
+.venv/bin/lint-imports  # the layering contracts in pyproject.toml ([tool.importlinter])
 .venv/bin/pytest -q "$@"

@@ -122,6 +122,6 @@ def informative_model(preset: str, seed: int = 0) -> LDSeg:
 
 def output_names(folder: Path) -> list[str]:
     """The files a run left in `folder` (temp files included), less its run manifest and the manifest's lock."""
-    from ldseg.runtime.run_manifest import MANIFEST_NAME
+    from ldseg.runs.manifest import MANIFEST_NAME
 
     return sorted(p.name for p in folder.iterdir() if p.name not in (MANIFEST_NAME, f".{MANIFEST_NAME}.lock"))

@@ -1,5 +1,5 @@
 """ldseg.api: ldseg.segment and ldseg.Segmenter (PyTorch backend here; the cached ONNX Runtime path is
-in tests/runtime/test_cache_cli.py)."""
+in tests/runtime/artifacts/test_cache_cli.py)."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import torch
 import ldseg
 from ldseg.data.phantoms import make_phantom, write_phantom_nifti
 from ldseg.errors import InputError
+from ldseg.model import checkpoint as checkpoint_module
 from ldseg.model.checkpoint import load_checkpoint, save_checkpoint
-from ldseg.runtime import select
 from ldseg.runtime.select import demo_checkpoint_path
 
 
@@ -42,13 +42,13 @@ def test_segment_returns_labels_on_the_input_grid_with_its_geometry(scans: list[
 
 def test_segmenter_loads_once_and_keeps_the_backend_warm(scans: list[Path], monkeypatch) -> None:
     loads: list[object] = []
-    real = select.load_checkpoint
+    real = checkpoint_module.load_checkpoint  # what artifacts.source.load_model calls (imported on use)
 
     def counting(path):  # type: ignore[no-untyped-def]
         loads.append(path)
         return real(path)
 
-    monkeypatch.setattr(select, "load_checkpoint", counting)
+    monkeypatch.setattr(checkpoint_module, "load_checkpoint", counting)
     with ldseg.Segmenter(backend="torch", steps=5, samples=2, warn_demo=False) as seg:
         backend = seg.backend
         first = seg.segment(scans)

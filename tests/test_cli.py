@@ -23,7 +23,7 @@ BIN = Path(sys.executable).parent
 
 
 # File-handling tests pin --backend torch: a checkpoint under auto would export an ONNX bundle into the
-# artifact cache first (tests/runtime/test_cache_cli.py covers that path).
+# artifact cache first (tests/runtime/artifacts/test_cache_cli.py covers that path).
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
     tool, *rest = args
     return subprocess.run([str(BIN / tool), *rest], capture_output=True, text=True, timeout=600)

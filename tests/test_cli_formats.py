@@ -143,3 +143,19 @@ def test_unwritable_output_options_are_usage_errors(series, tmp_path, args, mess
     result = cli("ldseg-run", str(series), "-o", str(tmp_path / "out"), *args)
     assert result.returncode == 2
     assert message in " ".join(result.stderr.replace("│", " ").split())
+
+
+def test_dicom_seg_for_a_series_without_frame_of_reference_is_refused_with_that_reason(series, tmp_path):
+    """Exit 3 with the reason, no file: refused once the headers are read, before the model runs
+    (the run's stage table would list the model's stages had it run)."""
+    for path in series.iterdir():
+        ds = pydicom.dcmread(path)
+        del ds.FrameOfReferenceUID
+        ds.save_as(path)
+    out = tmp_path / "out"
+    result = cli("ldseg-run", str(series), "--output-type", "dicom-seg", "-o", str(out))
+    assert result.returncode == 3, result.stderr
+    text = " ".join(result.stderr.split())
+    assert "mr1: the series has no FrameOfReferenceUID, so a DICOM SEG cannot be placed on it" in text
+    assert "loop" not in text and "encoder" not in text  # no model stage ran
+    assert output_names(out) == []

@@ -25,7 +25,7 @@ from ldseg.io.image2d import read_label2d
 from ldseg.io.nifti import read_label_volume
 from ldseg.metrics import agreement, dice_per_class
 from ldseg.model.config import ModelConfig
-from ldseg.runtime.volumes import Prepared, is_input_file, stem, to_input_grid
+from ldseg.runs.volumes import Prepared, is_input_file, stem, to_input_grid
 
 MIN_CLASS_FRACTION = 0.01
 REFERENCE_NOTE = "reference"

@@ -33,9 +33,9 @@ from ldseg.errors import InputError, OutputError
 from ldseg.io.atomic import atomic_write, ensure_output_dir
 from ldseg.model.config import ModelConfig
 from ldseg.model.network import LDSeg
+from ldseg.runs.volumes import Prepared
 from ldseg.runtime.backend import STAGES, Backend, PipelineInputs, PipelineOutputs, make_inputs
 from ldseg.runtime.select import resolve_device
-from ldseg.runtime.volumes import Prepared
 
 RESULTS_SCHEMA = "ldseg-bench/2"  # 2: accuracy null where not meaningful, with a note; vs_truth
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
@@ -286,7 +286,7 @@ def warmup_runs(backend: Backend[Any, Any], warmup: int) -> int:
     """Untimed runs before timing, so that no graph capture lands in a timed run, even with --warmup 0:
     one for a backend that captures in its first run (torch, TensorRT), three for ONNX Runtime's CUDA
     graphs (captured on the third run of each binding)."""
-    from ldseg.runtime.ort_env import RUNS_TO_CAPTURE
+    from ldseg.runtime.backends.onnxruntime.env import RUNS_TO_CAPTURE
 
     if backend.describe().get("cuda_graph", "").startswith("on"):
         return max(warmup, RUNS_TO_CAPTURE)
@@ -313,7 +313,7 @@ def _check_probabilities(bundle_dir: Path | None) -> None:
     """Dice vs truth needs probabilities: refuse a --bundle without a decoder before timing anything."""
     if bundle_dir is None:
         return
-    from ldseg.runtime.bundle import load_bundle
+    from ldseg.runtime.artifacts.bundle import load_bundle
 
     if "decoder" not in load_bundle(bundle_dir).graphs:
         raise InputError(

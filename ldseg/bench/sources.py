@@ -17,8 +17,8 @@ from ldseg.io.preprocess import min_max_standardize
 from ldseg.model.checkpoint import load_checkpoint, read_metadata
 from ldseg.model.config import ModelConfig, get_preset
 from ldseg.model.network import LDSeg
+from ldseg.runs.volumes import Prepared, is_input_file, prepare
 from ldseg.runtime.select import demo_checkpoint_path, resolve_checkpoint
-from ldseg.runtime.volumes import Prepared, is_input_file, prepare
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ def load_source(preset: str | None, checkpoint: str | Path | None, bundle: Path 
 
 
 def _bundle_source(bundle_path: Path, checkpoint: str | Path | None) -> ModelSource:
-    from ldseg.runtime.bundle import load_bundle
+    from ldseg.runtime.artifacts.bundle import load_bundle
 
     bundle = load_bundle(bundle_path)
     if checkpoint is None:  # the bundled demo model is the one checkpoint findable without a path

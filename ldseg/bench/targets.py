@@ -16,9 +16,9 @@ import torch
 
 from ldseg.errors import BackendUnavailable
 from ldseg.model.network import LDSeg
+from ldseg.runtime.artifacts.bundle import Bundle
 from ldseg.runtime.backend import Backend
-from ldseg.runtime.bundle import Bundle
-from ldseg.runtime.torch_backend import TorchBackend
+from ldseg.runtime.backends.torch_backend import TorchBackend
 
 REFERENCE = ("torch", "fp32", "eager")  # backend, precision, mode of the baseline every row is compared to
 
@@ -74,7 +74,7 @@ def reference(ctx: Context) -> Target:
 def _bundle(ctx: Context, precision: str) -> tuple[Bundle, str]:
     """The bundle holding `precision`: --int8-bundle for int8, else the --bundle if given (its one
     precision), else one exported from the model for this run (once, shared by the backends)."""
-    from ldseg.runtime.bundle import EXPORT_PRECISIONS, load_bundle
+    from ldseg.runtime.artifacts.bundle import EXPORT_PRECISIONS, load_bundle
 
     if precision == "int8":
         if ctx.int8_bundle is None and (ctx.bundle is None or load_bundle(ctx.bundle).precision != "int8"):
@@ -102,7 +102,7 @@ def _bundle(ctx: Context, precision: str) -> tuple[Bundle, str]:
 
 
 def _onnxruntime(ctx: Context, precision: str) -> Target:
-    from ldseg.runtime.onnxruntime_backend import OnnxRuntimeBackend
+    from ldseg.runtime.backends.onnxruntime.backend import OnnxRuntimeBackend
 
     if precision == "bf16":
         raise Unsupported("onnxruntime runs the bundle's fp32, fp16 or int8 only")
@@ -117,10 +117,10 @@ def _tensorrt(ctx: Context, precision: str) -> Target:
     from the model (fp32/fp16); INT8 needs a calibrated --bundle. Skipped, with the reason, where
     TensorRT or a GPU is absent."""
     from ldseg.export.tensorrt_build import build_engines
-    from ldseg.runtime.bundle import EXPORT_PRECISIONS, load_bundle
+    from ldseg.runtime.artifacts.bundle import EXPORT_PRECISIONS, load_bundle
+    from ldseg.runtime.backends.tensorrt.backend import TensorRTBackend
+    from ldseg.runtime.backends.tensorrt.environment import require_tensorrt
     from ldseg.runtime.devices import device_index
-    from ldseg.runtime.engines import require_tensorrt
-    from ldseg.runtime.tensorrt_backend import TensorRTBackend
 
     index = device_index(ctx.device)
     if index is None:
@@ -153,7 +153,7 @@ def _tensorrt(ctx: Context, precision: str) -> Target:
 def _openvino(ctx: Context, precision: str) -> Target:
     """fp32 and bf16 run the FP32 bundle (bf16 by OpenVINO's precision hint), int8 the INT8 bundle."""
     from ldseg.errors import BackendUnavailable
-    from ldseg.runtime.openvino_backend import OpenVinoBackend, import_openvino
+    from ldseg.runtime.backends.openvino_backend import OpenVinoBackend, import_openvino
 
     if ctx.device != "cpu":
         raise Unsupported("openvino runs on the CPU")

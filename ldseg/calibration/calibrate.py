@@ -37,7 +37,7 @@ import numpy as np
 try:
     import onnxruntime
 except ImportError as exc:  # neither extra installed: say which one
-    from ldseg.runtime.ort_env import missing
+    from ldseg.runtime.backends.onnxruntime.env import missing
 
     raise missing("INT8 calibration") from exc
 
@@ -55,8 +55,8 @@ from ldseg.calibration.report import CalibrationReport, compare_pipelines, graph
 from ldseg.errors import ArtifactError
 from ldseg.export.manifest import with_validation, write_manifest
 from ldseg.io.atomic import check_folder_target, staged_folder
-from ldseg.runtime.bundle import MANIFEST, PASSED, Bundle, load_bundle, sha256_file
-from ldseg.runtime.engines import bundle_hash
+from ldseg.runtime.artifacts.bundle import MANIFEST, PASSED, Bundle, load_bundle, sha256_file
+from ldseg.runtime.artifacts.engines import bundle_hash
 
 Progress = Callable[[str], None]
 INT8 = "int8"

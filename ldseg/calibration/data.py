@@ -20,15 +20,15 @@ try:
     import onnxruntime as ort
     from onnxruntime.quantization import CalibrationDataReader
 except ImportError as exc:  # neither extra installed: say which one
-    from ldseg.runtime.ort_env import missing
+    from ldseg.runtime.backends.onnxruntime.env import missing
 
     raise missing("INT8 calibration") from exc
 
 from ldseg.errors import InputError
 from ldseg.model.config import ModelConfig
-from ldseg.model.diffusion import draw_noise
-from ldseg.runtime.bundle import Bundle
-from ldseg.runtime.volumes import NIFTI_SUFFIXES, prepare, prepare_label, stem
+from ldseg.model.sampling import draw_noise
+from ldseg.runs.volumes import NIFTI_SUFFIXES, prepare, prepare_label, stem
+from ldseg.runtime.artifacts.bundle import Bundle
 
 PHANTOMS = "phantoms"
 # Phantom seeds: training uses 9_000+ (validation) and 10_000+ (training), evaluation 0..999.
@@ -151,10 +151,10 @@ def walk(bundle: Bundle, volumes: Iterable[CalibrationVolume], run: Runner) -> l
     for i, volume in enumerate(volumes):
         z_init, noise = draw_noise([SAMPLING_SEED + i], steps, cfg.latent_shape)
         z_image = needed("encoder", {"image": volume.image[None]})
-        z = z_init.numpy()
+        z = z_init
         for k in range(steps):
             coeffs = table[k][None]
-            feed = {"z": z, "z_image": z_image, "coeffs": coeffs, "noise": noise[k].numpy()}
+            feed = {"z": z, "z_image": z_image, "coeffs": coeffs, "noise": noise[k]}
             run("denoiser", {"z": z, "z_image": z_image, "t": coeffs[:, 0].copy()})
             timesteps.append(float(coeffs[0, 0]))
             z = needed("denoise_step", feed)

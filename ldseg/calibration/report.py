@@ -19,10 +19,10 @@ import numpy as np
 from ldseg.calibration.data import SAMPLING_SEED, CalibrationVolume, Trajectories, batches, session
 from ldseg.calibration.quantize import QuantizedGraph
 from ldseg.metrics import agreement, dice_per_class
-from ldseg.model.diffusion import draw_noise
+from ldseg.model.sampling import draw_noise
+from ldseg.runtime.artifacts.bundle import FAILED, PASSED, Bundle
 from ldseg.runtime.backend import PipelineInputs
-from ldseg.runtime.bundle import FAILED, PASSED, Bundle
-from ldseg.runtime.onnxruntime_backend import OnnxRuntimeBackend
+from ldseg.runtime.backends.onnxruntime.backend import OnnxRuntimeBackend
 
 REPORT_JSON = "calibration.json"
 MAX_DICE_DROP_POINTS = 1.0  # the project's INT8 target (issue 13)
@@ -278,9 +278,7 @@ def compare_pipelines(
     results = []
     for i, volume in enumerate(volumes):
         z_init, noise = draw_noise([SAMPLING_SEED + i], fp32.steps, fp32.config.latent_shape)
-        inputs = PipelineInputs(
-            volume.image[None].astype(np.float32), z_init.numpy(), noise.numpy(), fp32.table_array()
-        )
+        inputs = PipelineInputs(volume.image[None].astype(np.float32), z_init, noise, fp32.table_array())
         a = ref.run(inputs).labels[0]
         b = quant.run(inputs).labels[0]
         truth = volume.label

@@ -16,10 +16,14 @@ from rich.console import Console
 from rich.markup import escape
 
 import ldseg
-from ldseg.errors import LdsegError
+from ldseg.errors import BackendUnavailable, LdsegError
 
 console = Console(stderr=True)  # what the tools decide and report
 out = Console()  # results: paths written, tables asked for
+
+
+# What only `pip install 'ldseg[export]'` brings (export, training, calibration, the torch backend).
+EXPORT_ONLY = ("torch", "onnxscript", "h5py")
 
 
 # One str Enum per choice (functional form: a dict literal keeps mypy able to check the members).
@@ -90,7 +94,14 @@ def entry(app: typer.Typer, prog: str) -> Callable[[], None]:
         signal.signal(signal.SIGTERM, _terminate)  # clean up temp files as on Ctrl-C
         # Typer reports usage errors itself (exit 2); ours surface here as one line.
         try:
-            app(prog_name=prog)
+            try:
+                app(prog_name=prog)
+            except ModuleNotFoundError as exc:  # the runtime-only install running an export-side command
+                if (exc.name or "").split(".")[0] not in EXPORT_ONLY:
+                    raise
+                raise BackendUnavailable(
+                    f"this needs {exc.name}, which the runtime-only install lacks: pip install 'ldseg[export]'"
+                ) from exc
         except LdsegError as exc:
             console.print(f"[bold red]{prog}: error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             sys.exit(exc.exit_code)

@@ -142,7 +142,8 @@ def build_engine(
     Examples: ldseg-export build-engine demo-fp16 -o demo-engines; ldseg-export build-engine --check demo-engines
     """
     from ldseg.errors import BackendUnavailable, OutputError
-    from ldseg.runtime.engines import detect_environment, engine_set_problems
+    from ldseg.runtime.artifacts.engines import engine_set_problems
+    from ldseg.runtime.backends.tensorrt.environment import detect_environment
 
     if check:
         problems = engine_set_problems(bundle, detect_environment(gpu))
@@ -216,7 +217,7 @@ def inspect(artifact: Annotated[Path, typer.Argument(help="A checkpoint (.safete
     """Print what an artifact is: config, trained components, hashes (and graphs for bundles)."""
     import json
 
-    from ldseg.model.checkpoint import read_metadata
+    from ldseg.model.checkpoint_file import read_metadata
 
     if artifact.is_dir():
         from ldseg.export.inspect import inspect_bundle
@@ -241,7 +242,8 @@ def cache_list() -> None:
 
     from rich.table import Table
 
-    from ldseg.runtime.cache import cache_root, list_entries
+    from ldseg.runtime.artifacts.cache import cache_root
+    from ldseg.runtime.artifacts.cache_listing import list_entries
 
     root = cache_root()
     entries = list_entries(root)
@@ -264,7 +266,8 @@ def cache_clear(
     ] = None,
 ) -> None:
     """Remove entries (all, or those unused for DAYS). Example: ldseg-export cache clear --older-than 30"""
-    from ldseg.runtime.cache import cache_root, clear
+    from ldseg.runtime.artifacts.cache import cache_root
+    from ldseg.runtime.artifacts.cache_listing import clear
 
     if older_than is not None and older_than < 0:
         raise typer.BadParameter("--older-than must be >= 0 days")

@@ -1,9 +1,14 @@
-"""`ldseg-run`: segment files, folders or a phantom; a thin layer over the Python API (ldseg.api)."""
+"""`ldseg-run`: segment files, folders or a phantom; a thin layer over the Python API (ldseg.api).
+
+Over 400 lines because one Typer command declares its ~40 options in its signature (about 100
+lines of that), and the local, Ray, --demo and --reconstruct modes each render their own summary.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Optional
@@ -32,7 +37,7 @@ from ldseg.errors import InputError, LdsegError
 from ldseg.io.atomic import ensure_output_dir
 
 if TYPE_CHECKING:
-    from ldseg.runtime.ray_engine import RayOptions
+    from ldseg.runs.ray_engine import RayOptions
 
 run_typer = typer.Typer(add_completion=False, help="Segment NIfTI volumes or 2D images with LDSeg.")
 
@@ -65,6 +70,9 @@ def run(
         ),
     ] = RunPrecision.auto,
     threads: Annotated[Optional[int], typer.Option(help="CPU threads (default: all cores).")] = None,
+    verbose: Annotated[
+        bool, typer.Option("-v", "--verbose", help="Say why each faster route was skipped (with pip commands).")
+    ] = False,
     steps: Annotated[Optional[int], typer.Option(help="Sampling steps (default: checkpoint's, 15).")] = None,
     sampler: Annotated[Optional[SamplerChoice], typer.Option(help="Sampler (default: the checkpoint's).")] = None,
     seed: Annotated[int, typer.Option(help="Noise seed; sample k uses seed + k.")] = 0,
@@ -130,9 +138,10 @@ def run(
     Every run keeps <out>/ldseg-run.csv, one row per input; running the same command again skips the
     inputs it records as done and retries the failed ones."""
     from ldseg.api import Segmenter
-    from ldseg.runtime.cohort import collect_inputs, shard
-    from ldseg.runtime.outputs import check_output_options
-    from ldseg.runtime.ray_engine import RayOptions
+    from ldseg.runs.cohort import collect_inputs, shard
+    from ldseg.runs.outputs import check_output_options
+    from ldseg.runs.ray_engine import RayOptions
+    from ldseg.runtime.devices import nvidia_gpu_present
     from ldseg.runtime.select import RECONSTRUCT_NEEDS, load_model
 
     if samples < 1 or (steps is not None and steps < 1):
@@ -141,10 +150,6 @@ def run(
         raise typer.BadParameter("--gpu N is a GPU index >= 0, and contradicts --device cpu")
     if threads is not None and threads < 1:
         raise typer.BadParameter("--threads must be at least 1")
-    if threads is not None:
-        import torch
-
-        torch.set_num_threads(threads)  # the torch backend's (and --reconstruct's) intra-op threads
     if overwrite and skip_existing:
         raise typer.BadParameter("--overwrite and --skip-existing contradict each other: choose one")
     if not demo and reconstruct is None and not inputs:
@@ -162,7 +167,12 @@ def run(
         raise typer.BadParameter("--demo segments a NIfTI phantom and scores the NIfTI result: leave out --output-type")
     out_dir = ensure_output_dir(output)
     if reconstruct is not None:
-        _reconstruct(load_model(checkpoint or "demo", RECONSTRUCT_NEEDS), reconstruct, out_dir, overwrite)
+        model = load_model(checkpoint or "demo", RECONSTRUCT_NEEDS)
+        if threads is not None:
+            import torch
+
+            torch.set_num_threads(threads)  # --reconstruct runs the PyTorch model itself
+        _reconstruct(model, reconstruct, out_dir, overwrite)
         return
     # A missing input is reported before any export.
     items = [] if demo else shard(collect_inputs(inputs or [], labels), num_parts, part_id)
@@ -217,7 +227,12 @@ def run(
             check_output_options(cfg, types, seg_type.value, samples > 1 or save_probabilities)
         except ValueError as exc:
             raise typer.BadParameter(str(exc)) from exc
-        console.print(f"backend: [bold]{chosen.name}[/] on {chosen.device}, {chosen.precision} ({escape(seg.why)})")
+        why = seg.why if verbose else seg.selection.brief(nvidia_gpu_present())
+        console.print(
+            f"backend: [bold]{chosen.name}[/] on {chosen.device}, {chosen.precision} ({escape(why)})",
+            highlight=False,
+            soft_wrap=True,
+        )
         extras, report_path = None, None
         write = {
             "probabilities": save_probabilities,
@@ -295,26 +310,31 @@ def _run_with_progress(seg: Any, paths: list[Path], out_dir: Path, extras: Any, 
             progress.advance(task)
 
         summary = seg.write(paths, out_dir, extras=extras, on_done=done, **write)
-    table = Table(
-        title=f"{summary.volumes} volume(s) in {summary.seconds:.1f} s "
-        f"({summary.volumes / max(summary.seconds, 1e-9):.2f} volumes/s)"
+    # Plain lines around a narrow table: a title or caption would wrap at the table's width.
+    console.print(
+        f"{summary.volumes} volume(s) in {summary.seconds:.1f} s "
+        f"({summary.volumes / max(summary.seconds, 1e-9):.2f} volumes/s) on {backend.name}, {backend.device}, "
+        f"{backend.precision}",
+        highlight=False,
+        soft_wrap=True,
     )
-    table.add_column("stage")
-    table.add_column("median ms", justify="right")
-    for stage, values in summary.stage_ms.items():
-        table.add_row(stage, f"{np.median(values):.1f}")
-    table.caption = f"backend {backend.name}, device {backend.device}, {backend.precision}"
-    console.print(table)
+    if summary.stage_ms:
+        table = Table()
+        table.add_column("stage")
+        table.add_column("median ms", justify="right")
+        for stage, values in summary.stage_ms.items():
+            table.add_row(stage, f"{np.median(values):.1f}")
+        console.print(table)
     if summary.records:
         from ldseg.qc.report import one_line
 
         for record in summary.records:
             console.print(one_line(record), highlight=False, markup=False, soft_wrap=True)
-    from ldseg.runtime.cohort import CohortStats
+    from ldseg.runs.cohort import CohortStats
 
     stats = CohortStats.of(summary.rows, len(summary.resumed), summary.seconds)
     for line in stats.lines()[1:]:  # the table's title already gives the count and throughput
-        console.print(line, highlight=False)
+        console.print(line, highlight=False, soft_wrap=True)
     _warn_manifest(summary.manifest_problem)
     for path in summary.written:
         out.print(str(path), highlight=False, markup=False, soft_wrap=True)
@@ -332,9 +352,9 @@ def _run_ray(
     labels: Optional[Path],
 ) -> None:
     """--engine ray: plan on the driver (no model loaded here), run on Ray, sum up from the rows."""
-    from ldseg.api import DEMO_WARNING
-    from ldseg.runtime.ray_engine import plan_cohort, run_cohort
-    from ldseg.runtime.run_manifest import exit_code_of
+    from ldseg.api import DEMO_WARNING, Segmenter
+    from ldseg.runs.manifest import exit_code_of
+    from ldseg.runs.ray_engine import plan_cohort, run_cohort
 
     def extras_for(cfg: Any) -> Any:
         if not (preview or qc or labels is not None):
@@ -363,7 +383,8 @@ def _run_ray(
                 progress.console.print(f"[red]failed:[/] {escape(row.error)}", highlight=False, soft_wrap=True)
             progress.advance(task)
 
-        run, stats = run_cohort(plan, settings, ray_options, out_dir, on_row=done)
+        make_model = functools.partial(Segmenter, warn_demo=False)  # what each actor builds its model with
+        run, stats = run_cohort(plan, settings, make_model, ray_options, out_dir, on_row=done)
     for line in stats.lines():
         console.print(line, highlight=False)
     _warn_manifest(plan.manifest.problem)
@@ -380,14 +401,14 @@ def _run_ray(
 def _reconstruct(model: Any, label_path: Path, out_dir: Path, overwrite: bool) -> None:
     import torch
 
-    from ldseg.runtime.volumes import output_path, prepare, prepare_label, to_input_grid, write_map
+    from ldseg.runs.volumes import output_path, prepare, prepare_label, to_input_grid, write_map
 
     prepared = prepare(label_path, model.cfg) if model.cfg.spatial_dims == 2 else None
     labels = prepare_label(label_path, model.cfg)
     probs = model.reconstruct(torch.from_numpy(labels[None].astype(np.int64)))[0].numpy()
     if prepared is None:  # 3D: the label volume itself carries the geometry
         from ldseg.io.nifti import read_label_volume
-        from ldseg.runtime.volumes import Prepared
+        from ldseg.runs.volumes import Prepared
 
         prepared = Prepared(label_path, np.zeros(0, np.float32), read_label_volume(label_path))
     target = output_path(out_dir, label_path, model.cfg, "_reconstruction")

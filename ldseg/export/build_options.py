@@ -11,8 +11,15 @@ import json
 from pathlib import Path
 
 from ldseg.errors import ArtifactError
-from ldseg.runtime.bundle import Bundle, GraphInfo, sha256_file
-from ldseg.runtime.engines import ENGINES_JSON, REQUIRED_GRAPHS, RUNTIME_GRAPHS, BatchProfile, EngineSet, InputProfile
+from ldseg.runtime.artifacts.bundle import Bundle, GraphInfo, sha256_file
+from ldseg.runtime.artifacts.engines import (
+    ENGINES_JSON,
+    REQUIRED_GRAPHS,
+    RUNTIME_GRAPHS,
+    BatchProfile,
+    EngineSet,
+    InputProfile,
+)
 
 BUILD_PRECISIONS = ("best", "fp32", "fp16", "bf16", "int8", "fp8")
 DLA_PRECISIONS = ("fp16", "int8")  # DLA runs FP16/INT8 only

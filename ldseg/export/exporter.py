@@ -24,7 +24,7 @@ from ldseg.io.atomic import check_folder_target, staged_folder
 from ldseg.model.checkpoint import load_checkpoint
 from ldseg.model.layers import folded_batchnorm, phase_upsampling
 from ldseg.model.network import LDSeg
-from ldseg.runtime.bundle import EXPORT_PRECISIONS, GRAPH_NAMES, MANIFEST
+from ldseg.runtime.artifacts.bundle import EXPORT_PRECISIONS, GRAPH_NAMES, MANIFEST
 
 if TYPE_CHECKING:
     from ldseg.export.validate import ValidationReport

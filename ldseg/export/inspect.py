@@ -15,7 +15,7 @@ from rich.console import Group
 from rich.markup import escape
 from rich.table import Table
 
-from ldseg.runtime.bundle import Bundle, TensorInfo, load_bundle, sha256_file
+from ldseg.runtime.artifacts.bundle import Bundle, TensorInfo, load_bundle, sha256_file
 
 _TOP_OPS = 8
 

@@ -1,4 +1,4 @@
-"""The manifest.json an export writes (schema and reader: ldseg/runtime/bundle.py).
+"""The manifest.json an export writes (schema and reader: ldseg/runtime/artifacts/bundle.py).
 
 Everything a runtime needs to use the graphs without the checkpoint: the full model config, each
 graph's signature and how it was made, the diffusion settings with the sampler coefficient table,
@@ -19,17 +19,17 @@ import onnx
 try:
     import onnxruntime
 except ImportError as exc:  # neither extra installed: say which one
-    from ldseg.runtime.ort_env import missing
+    from ldseg.runtime.backends.onnxruntime.env import missing
 
     raise missing("writing a bundle manifest") from exc
 import onnxscript
 import torch
 
-import ldseg
 from ldseg.export.specs import GraphSpec, TensorSpec
 from ldseg.model.diffusion import sampler_table
 from ldseg.model.network import LDSeg
-from ldseg.runtime.bundle import BUNDLE_FORMAT, FAILED, MANIFEST, PASSED, sha256_file
+from ldseg.runtime.artifacts.bundle import BUNDLE_FORMAT, FAILED, MANIFEST, PASSED, sha256_file
+from ldseg.versions import LDSEG_VERSION
 
 
 def _tensor(t: TensorSpec) -> dict[str, Any]:
@@ -52,7 +52,7 @@ def graph_entry(
 
 def versions() -> dict[str, str]:
     return {
-        "ldseg": ldseg.__version__,
+        "ldseg": LDSEG_VERSION,
         "torch": torch.__version__,
         "onnx": onnx.__version__,
         "onnxscript": onnxscript.__version__,
@@ -103,7 +103,7 @@ def build_manifest(
 
 def with_validation(manifest: Mapping[str, Any], validation: Mapping[str, Any]) -> dict[str, Any]:
     """The manifest plus the record of its validation: `verdict` ("passed" or "failed"), who
-    judged it and by which tolerance, and the numbers (ldseg.runtime.bundle reads the verdict)."""
+    judged it and by which tolerance, and the numbers (ldseg.runtime.artifacts.bundle reads the verdict)."""
     if validation.get("verdict") not in (PASSED, FAILED):
         raise ValueError(f"validation verdict must be {PASSED!r} or {FAILED!r}, got {validation.get('verdict')!r}")
     return {**manifest, "validation": dict(validation)}

@@ -16,7 +16,7 @@ from torch import nn
 
 from ldseg.model.components import Denoiser, ImageEncoder, LabelDecoder
 from ldseg.model.config import ModelConfig
-from ldseg.model.diffusion import renormalize, sampler_table
+from ldseg.model.diffusion import renormalize, sampler_table, table_tensor
 from ldseg.model.network import LDSeg, minmax
 
 BATCH_AXIS = "batch"
@@ -120,7 +120,7 @@ def _latent(cfg: ModelConfig, batch: int, gen: torch.Generator) -> torch.Tensor:
 
 def _table_rows(cfg: ModelConfig, batch: int, gen: torch.Generator) -> torch.Tensor:
     """Real sampler coefficients (random rows of the default table), so checks cover real t/a/b/c."""
-    table = sampler_table(cfg.diffusion).as_tensor()
+    table = table_tensor(sampler_table(cfg.diffusion))
     return table[torch.randint(0, table.shape[0], (batch,), generator=gen)]
 
 

@@ -37,9 +37,8 @@ from ldseg.export.build_options import (
     write_engines_json,
 )
 from ldseg.io.atomic import atomic_write, check_folder_target, staged_folder
-from ldseg.runtime import trt_compat
-from ldseg.runtime.bundle import Bundle, load_bundle
-from ldseg.runtime.engines import (
+from ldseg.runtime.artifacts.bundle import Bundle, load_bundle
+from ldseg.runtime.artifacts.engines import (
     ENGINE_SUFFIX,
     ENGINES_JSON,
     BatchProfile,
@@ -47,12 +46,11 @@ from ldseg.runtime.engines import (
     EngineSet,
     Environment,
     bundle_hash,
-    detect_environment,
-    logged_errors,
-    require_tensorrt,
-    trt_logger,
+    major_of,
 )
-from ldseg.runtime.trt_compat import TrtApi
+from ldseg.runtime.backends.tensorrt import compat as trt_compat
+from ldseg.runtime.backends.tensorrt.compat import TrtApi
+from ldseg.runtime.backends.tensorrt.environment import detect_environment, logged_errors, require_tensorrt, trt_logger
 
 if TYPE_CHECKING:
     import tensorrt as trt
@@ -114,7 +112,7 @@ def build_engines(
     import tensorrt as trt
 
     env = detect_environment(device)
-    from ldseg.runtime.cuda import set_device
+    from ldseg.runtime.backends.tensorrt.cuda import set_device
 
     set_device(device)
     logger = trt_logger()
@@ -184,7 +182,7 @@ def describe_engine_set(
     api: TrtApi | None = None,
 ) -> EngineSet:
     """What engines.json records about a build (also how the tests fake one without TensorRT)."""
-    api = api or TrtApi(env.trt_version, trt_compat.major_of(env.trt_version), 0, False)
+    api = api or TrtApi(env.trt_version, major_of(env.trt_version), 0, False)
     return EngineSet(
         path=target,
         bundle_path=str(bundle.path.absolute()),

@@ -1,7 +1,9 @@
 """Checkpoints: one safetensors file whose header metadata carries the JSON config.
 
-Keeping the config inside the safetensors header (rather than a sidecar .json) means a checkpoint
-is one file that cannot lose its config; `ldseg-export inspect` prints it. Never pickles.
+The header and the content hash can be read without torch (ldseg.model.checkpoint_file: the
+runtime's way); this module loads and saves the PyTorch model. Keeping the config inside the
+safetensors header (rather than a sidecar .json) means a checkpoint is one file that cannot lose
+its config; `ldseg-export inspect` prints it. Never pickles.
 """
 
 from __future__ import annotations
@@ -17,10 +19,9 @@ from safetensors.torch import load_file, save_file
 
 from ldseg.errors import ArtifactError
 from ldseg.io.atomic import atomic_write
+from ldseg.model.checkpoint_file import FORMAT, read_metadata
 from ldseg.model.config import ModelConfig
 from ldseg.model.network import COMPONENTS, LDSeg
-
-FORMAT = "ldseg-checkpoint/1"
 
 
 def tensors_hash(tensors: dict[str, torch.Tensor]) -> str:
@@ -53,22 +54,6 @@ def save_checkpoint(model: LDSeg, path: Path, *, overwrite: bool, extra: dict[st
         overwrite=overwrite,
     )
     return digest
-
-
-def read_metadata(path: Path) -> dict[str, Any]:
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            raw = (handle.metadata() or {}).get("ldseg")
-    except (OSError, SafetensorError) as exc:
-        raise ArtifactError(f"{path}: not a readable safetensors checkpoint ({exc})") from exc
-    if raw is None:
-        raise ArtifactError(f"{path}: safetensors file without ldseg metadata; not an ldseg checkpoint")
-    meta: dict[str, Any] = json.loads(raw)
-    if meta.get("format") != FORMAT:
-        raise ArtifactError(f"{path}: checkpoint format {meta.get('format')!r}, expected {FORMAT!r}")
-    return meta
 
 
 def verify_checkpoint(path: Path | str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:

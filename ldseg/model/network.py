@@ -7,7 +7,7 @@ from torch import nn
 
 from ldseg.model.components import Denoiser, ImageEncoder, LabelDecoder, LabelEncoder
 from ldseg.model.config import ModelConfig
-from ldseg.model.diffusion import denoise_loop, draw_noise, sampler_step, sampler_table
+from ldseg.model.diffusion import denoise_loop, draw_noise, sampler_step, sampler_table, table_tensor
 
 COMPONENTS = ("label_encoder", "label_decoder", "image_encoder", "denoiser")
 
@@ -68,7 +68,7 @@ class LDSeg(nn.Module):
         table = sampler_table(self.cfg.diffusion, steps, sampler)
         z, noise = draw_noise(seeds, table.steps, self.cfg.latent_shape)
         z, noise = z.to(z_image.device), noise.to(z_image.device)
-        rows = table.as_tensor(z_image.device).unsqueeze(1).expand(-1, z.shape[0], 4)  # (steps, B, 4)
+        rows = table_tensor(table, z_image.device).unsqueeze(1).expand(-1, z.shape[0], 4)  # (steps, B, 4)
         return denoise_loop(z, table.steps, lambda z_i, i: self.step(z_i, z_image, rows[i], noise[i]))
 
     @torch.no_grad()

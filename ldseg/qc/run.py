@@ -10,8 +10,8 @@ from ldseg.model.config import ModelConfig
 from ldseg.qc.metrics import VolumeQC
 from ldseg.qc.report import REPORT_NAME, read_record, write_report
 from ldseg.qc.volume import QC, QcExtras
+from ldseg.runs.types import RunOptions, RunSummary
 from ldseg.runtime.backend import Backend
-from ldseg.runtime.session import RunOptions, RunSummary
 
 
 def qc_extras(

@@ -17,8 +17,8 @@ from ldseg.io.image2d import Image2D
 from ldseg.model.config import ModelConfig
 from ldseg.qc.classes import class_names
 from ldseg.qc.metrics import VolumeQC, class_stats, uncertainty_stats, voxel_volume_mm3
-from ldseg.runtime.session import ExtraFiles, Segmentation
-from ldseg.runtime.volumes import Prepared, read_reference_labels, stem
+from ldseg.runs.types import ExtraFiles, Segmentation
+from ldseg.runs.volumes import Prepared, read_reference_labels, stem
 
 PREVIEW = "_preview"
 QC = "_qc"

@@ -32,7 +32,7 @@ eagerly after it (one launch each: a graph would buy nothing). A capture runs th
 plan's buffers (warm-up, then recording), which overwrites the latents the loop started from, so
 after any capture attempt, successful or not, `_execute` copies the inputs in again: the capturing
 call, the eager fallback after a failed capture and every replay all start from the request's own
-inputs. The loop is `ldseg.model.diffusion.denoise_loop`, the function the PyTorch model samples
+inputs. The loop is `ldseg.model.sampling.denoise_loop`, the function the PyTorch model samples
 with, so the sampler is written once. `stage_calls` hands `ldseg-bench` the same stage methods to
 time one by one.
 
@@ -52,7 +52,7 @@ from typing import Any, Generic, Protocol, TypeVar
 import numpy as np
 
 from ldseg.model.config import ModelConfig
-from ldseg.model.diffusion import denoise_loop, draw_noise, sampler_table
+from ldseg.model.sampling import denoise_loop, draw_noise, sampler_table
 
 STAGES = ("input_copy", "encoder", "step", "loop", "decoder", "output_copy")  # what the bench times
 
@@ -204,6 +204,10 @@ class Backend(ABC, Generic[PlanT, LatentT]):
 
     def clock(self) -> StageClock:
         return HostClock(self.synchronize)
+
+    def prepare(self, batch: int) -> None:
+        """Start making what a run at `batch` needs (compiled graphs) where the backend can do that in
+        the background; selection calls it so that it overlaps the first input's reading. Optional."""
 
     def release(self) -> None:
         """Free what the backend allocated (close() calls it once)."""
@@ -424,7 +428,7 @@ def make_inputs(
     z_init, noise = draw_noise(seeds, table.steps, cfg.latent_shape)
     return PipelineInputs(
         image=np.ascontiguousarray(image, dtype=np.float32),
-        z_init=z_init.numpy(),
-        noise=noise.numpy(),
+        z_init=z_init,
+        noise=noise,
         table=table.rows.astype(np.float32),
     )

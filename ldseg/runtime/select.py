@@ -18,23 +18,28 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from ldseg.errors import ArtifactError, BackendUnavailable
-from ldseg.model.checkpoint import load_checkpoint, verify_checkpoint
 from ldseg.model.config import ModelConfig
-from ldseg.model.network import LDSeg
+from ldseg.runtime.artifacts.source import (  # noqa: F401  (Source and its helpers, re-exported for callers)
+    EXPORT_EXTRA,
+    RECONSTRUCT_NEEDS,
+    SEGMENT_NEEDS,
+    Source,
+    demo_checkpoint_path,
+    load_model,
+    refuse_untrained,
+    resolve_checkpoint,
+    source_config,
+    torch_missing,
+)
 from ldseg.runtime.backend import Backend
-from ldseg.runtime.devices import cuda_device, device_index, ort_cuda_problem, torch_cuda_problem
-from ldseg.runtime.engines import Environment
+from ldseg.runtime.devices import cuda_device, device_index
 
 if TYPE_CHECKING:
-    from ldseg.runtime.cache import ArtifactCache, CheckpointRef
-
-SEGMENT_NEEDS = ("image_encoder", "denoiser", "label_decoder")
-RECONSTRUCT_NEEDS = ("label_encoder", "label_decoder")
+    from ldseg.runtime.artifacts.engines import Environment
 BACKENDS = ("auto", "torch", "onnxruntime", "openvino", "tensorrt")
 PRECISIONS = ("auto", "fp32", "fp16", "bf16", "int8")
 # `auto`: the first of these that the source can run and that loads here wins (fastest first).
@@ -49,48 +54,14 @@ AUTO_ORDER = [
 TENSORRT_BUNDLE_PRECISION = "fp16"  # what a checkpoint is exported to for TensorRT (validated like any bundle)
 
 
-def demo_checkpoint_path() -> Path:
-    return Path(str(resources.files("ldseg.data") / "demo.safetensors"))
+def torch_cuda_problem(index: int = 0) -> str | None:
+    """Why PyTorch cannot run on GPU `index` (not installed included), None if it can."""
+    missing = torch_missing("the torch backend")
+    if missing is not None:
+        return str(missing)
+    from ldseg.runtime.backends.torch_backend import torch_cuda_problem as probe
 
-
-def resolve_checkpoint(name: str | Path) -> Path:
-    """`demo` names the bundled model; anything else is a path."""
-    path = demo_checkpoint_path() if str(name) == "demo" else Path(name)
-    if not path.is_file():
-        raise ArtifactError(f"{path}: checkpoint not found")
-    return path
-
-
-def source_config(checkpoint: str | None, bundle: Path | None, engines: Path | None) -> ModelConfig:
-    """The model configuration behind a source, read from its header or manifest without loading
-    any weights (a Ray driver plans outputs with it; its actors load the model)."""
-    from ldseg.model.checkpoint import read_metadata
-
-    if bundle is not None:
-        from ldseg.runtime.bundle import load_bundle
-
-        return load_bundle(bundle, verify=False, trust_unvalidated=True).config
-    if engines is not None:
-        from ldseg.runtime.engines import read_engine_set
-
-        return read_engine_set(engines).config
-    return ModelConfig.from_dict(read_metadata(resolve_checkpoint(checkpoint or "demo"))["config"])
-
-
-def _refuse_untrained(source: Path, trained: dict[str, bool], needs: tuple[str, ...]) -> None:
-    missing = [name for name in needs if not trained.get(name, False)]
-    if missing:
-        raise ArtifactError(
-            f"{source}: component(s) {', '.join(missing)} hold no trained weights "
-            "(the official release has no denoiser: train one with ldseg-train)"
-        )
-
-
-def load_model(checkpoint: str | Path, needs: tuple[str, ...] = SEGMENT_NEEDS) -> LDSeg:
-    path = resolve_checkpoint(checkpoint)
-    model = load_checkpoint(path)
-    _refuse_untrained(path, model.trained, needs)
-    return model
+    return probe(index)
 
 
 def cuda_available(index: int = 0) -> bool:
@@ -111,45 +82,6 @@ def resolve_device(device: str) -> str:
 
 
 @dataclass(frozen=True)
-class Source:
-    """Exactly one of checkpoint, bundle, engines (plus the cache that turns a checkpoint into the others)."""
-
-    checkpoint: str | None = None
-    bundle: Path | None = None
-    engines: Path | None = None
-    trust_unvalidated: bool = False  # load a bundle whose manifest records no passed validation
-    artifacts: ArtifactCache | None = None  # exports/builds a checkpoint's bundle and engines on first use
-    samples: int = 1  # batch the engines must take (K samples run as one batch)
-    _memo: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
-
-    def model(self) -> LDSeg:
-        """The checkpoint's model, loaded (and its hash verified) once however many candidates use it."""
-        assert self.checkpoint is not None
-        if "model" not in self._memo:
-            self._memo["model"] = load_model(self.checkpoint)
-        return self._memo["model"]  # type: ignore[no-any-return]
-
-    def reference(self) -> CheckpointRef:
-        """The checkpoint as the cache keys it: content hash verified, trained components checked, and
-        the model built only if an entry must be exported (a cache hit never builds it)."""
-        from ldseg.runtime.cache import CheckpointRef
-
-        assert self.checkpoint is not None
-        if "reference" not in self._memo:
-            path = resolve_checkpoint(self.checkpoint)
-            meta, _ = verify_checkpoint(path)
-            _refuse_untrained(path, dict(meta.get("trained", {})), SEGMENT_NEEDS)
-            preset = str(meta.get("config", {}).get("preset", "model"))
-            self._memo["reference"] = CheckpointRef(str(meta["content_sha256"]), preset, self.model)
-        return self._memo["reference"]  # type: ignore[no-any-return]
-
-    @property
-    def cached(self) -> bool:
-        """A checkpoint with a cache: every backend can run it."""
-        return self.checkpoint is not None and self.artifacts is not None
-
-
-@dataclass(frozen=True)
 class Wants:
     """What the user asked of any backend: a precision ("auto": the source's own) and a thread count."""
 
@@ -166,29 +98,45 @@ def _refuse_precision(name: str, wants: Wants, runs: str) -> None:
 class Selection:
     backend: Backend
     config: ModelConfig
-    why: str
+    why: str  # the whole story: asked for or auto, and every route skipped with its reason
     checkpoint_hash: str | None = None  # content SHA-256 of the checkpoint behind the backend, where known
+    auto: bool = True  # chosen by AUTO_ORDER (not asked for by name)
+    skipped: list[str] = field(default_factory=list)  # "name/device: reason", in the order tried
+    gpu_asked: bool = False  # --device cuda[:N], or a GPU-only backend asked for by name
+
+    def brief(self, gpu_present: bool) -> str:
+        """The reason in a few words for the first screen: the skipped routes' reasons only where they
+        matter (a GPU route was asked for, or a GPU is here but could not be used); else `-v` has them."""
+        if not self.skipped:
+            return "auto" if self.auto else "asked for"
+        if self.gpu_asked or gpu_present:
+            return self.why
+        head = "auto" if self.auto else "asked for"
+        gpu_routes = all("/cuda" in s or s.endswith("--device cpu") for s in self.skipped)
+        what = "no GPU route here" if gpu_routes else f"{len(self.skipped)} route(s) skipped"
+        return f"{head}; {what}: -v for why"
 
 
 def _torch(source: Source, device: str, wants: Wants) -> Selection:
-    from ldseg.runtime.torch_backend import TorchBackend
-
     if source.checkpoint is None:
         raise BackendUnavailable("the torch backend runs a checkpoint (--checkpoint)")
+    missing = torch_missing("the torch backend")
+    if missing is not None:
+        raise missing
+    from ldseg.runtime.backends.torch_backend import TorchBackend
+
     index = device_index(device)
     problem = None if index is None else torch_cuda_problem(index)
     if problem:
         raise BackendUnavailable(problem)
     _refuse_precision("torch", wants, "fp32")
-    if wants.threads is not None:
-        import torch
-
-        torch.set_num_threads(wants.threads)  # torch's intra-op pool is per process
     model = source.model()
-    return Selection(TorchBackend(model, device), model.cfg, "", model.checkpoint_hash)
+    return Selection(TorchBackend(model, device, threads=wants.threads), model.cfg, "", model.checkpoint_hash)
 
 
 def _onnxruntime_device(device: str) -> None:
+    from ldseg.runtime.backends.onnxruntime.env import ort_cuda_problem
+
     problem = None if device_index(device) is None else ort_cuda_problem()
     if problem:
         raise BackendUnavailable(problem)
@@ -205,38 +153,40 @@ def _bundle_path(source: Source, name: str) -> Path:
 
 
 def _onnxruntime(source: Source, device: str, wants: Wants) -> Selection:
-    from ldseg.runtime.bundle import load_bundle
-    from ldseg.runtime.onnxruntime_backend import OnnxRuntimeBackend
+    from ldseg.runtime.artifacts.bundle import load_bundle
+    from ldseg.runtime.backends.onnxruntime.backend import OnnxRuntimeBackend
 
     if source.bundle is None and source.cached:
         _onnxruntime_device(device)  # before minutes of exporting
     path = _bundle_path(source, "onnxruntime")
     bundle = load_bundle(path, trust_unvalidated=source.trust_unvalidated)
-    _refuse_untrained(path, dict(bundle.trained), SEGMENT_NEEDS)
+    refuse_untrained(path, dict(bundle.trained), SEGMENT_NEEDS)
     _refuse_precision("onnxruntime", wants, bundle.precision)
     backend = OnnxRuntimeBackend(bundle, device, threads=wants.threads)
     return Selection(backend, bundle.config, "", bundle.checkpoint_hash)
 
 
 def _openvino(source: Source, device: str, wants: Wants) -> Selection:
-    from ldseg.runtime.bundle import load_bundle
-    from ldseg.runtime.openvino_backend import OpenVinoBackend, import_openvino
+    from ldseg.runtime.artifacts.bundle import load_bundle
+    from ldseg.runtime.backends.openvino_backend import OpenVinoBackend, import_openvino
 
     if device != "cpu":
         raise BackendUnavailable("the openvino backend runs on the CPU (--device cpu, or auto)")
     import_openvino()  # not installed: say so before reading or exporting a bundle
     path = _bundle_path(source, "openvino")
     bundle = load_bundle(path, trust_unvalidated=source.trust_unvalidated)
-    _refuse_untrained(path, dict(bundle.trained), SEGMENT_NEEDS)
+    refuse_untrained(path, dict(bundle.trained), SEGMENT_NEEDS)
     # Compiled models live beside the run's artifacts (a --no-cache run's temporary folder included).
-    cache = source.artifacts.root / "openvino" if source.artifacts is not None else True
+    from ldseg.runtime.artifacts.cache import cache_root
+
+    cache = (source.artifacts.root if source.artifacts is not None else cache_root()) / "openvino"
     backend = OpenVinoBackend(bundle, wants.precision, threads=wants.threads, cache=cache)
     return Selection(backend, bundle.config, "", bundle.checkpoint_hash)
 
 
 def _tensorrt(source: Source, device: str, wants: Wants) -> Selection:
-    from ldseg.runtime.engines import read_engine_set
-    from ldseg.runtime.tensorrt_backend import TensorRTBackend
+    from ldseg.runtime.artifacts.engines import read_engine_set
+    from ldseg.runtime.backends.tensorrt.backend import TensorRTBackend
 
     index = device_index(device)
     if index is None:
@@ -260,7 +210,7 @@ def _tensorrt(source: Source, device: str, wants: Wants) -> Selection:
 
 def tensorrt_environment(index: int = 0) -> Environment:
     """This machine's TensorRT version and GPU `index`; BackendUnavailable without either (tests fake this)."""
-    from ldseg.runtime.engines import detect_environment
+    from ldseg.runtime.backends.tensorrt.environment import detect_environment
 
     return detect_environment(index)
 
@@ -335,6 +285,9 @@ def select_backend(
             # (in the end PyTorch on the checkpoint itself) still runs it correctly.
             skipped.append(f"{name}/{dev}: {exc}")
             continue
+        selection.auto, selection.skipped = backend == "auto", list(skipped)
+        selection.gpu_asked = index is not None or backend == "tensorrt"
+        selection.backend.prepare(1)  # K samples encode at batch 1: what every run needs first
         if backend != "auto":
             selection.why = "asked for" + (f"; skipped {'; '.join(skipped)}" if skipped else "")
         else:
@@ -344,4 +297,7 @@ def select_backend(
         return selection
     if backend != "auto" and len({str(e) for e in errors}) == 1:  # one backend, one reason (e.g. wrong source)
         raise errors[0]
+    no_torch = [e for e in errors if EXPORT_EXTRA in str(e)]
+    if no_torch and source.cached:  # the runtime-only install on a checkpoint not in the cache: that is the news
+        raise no_torch[0]
     raise BackendUnavailable("no backend can run this source here: " + "; ".join(skipped))

@@ -19,6 +19,9 @@ the caller's global state is untouched); each step draws its augmentation, times
 from a generator seeded by (seed, step), and the data order is a per-epoch permutation seeded by
 (seed, epoch). A step is therefore a pure function of (state, seed, step): on CPU an interrupted
 and resumed run ends bit-identical to an uninterrupted one.
+
+Why one module of ~500 lines: the three phases share one step function, one resumable state and
+one checkpoint cadence; split apart, each piece would need the others' private state to resume.
 """
 
 from __future__ import annotations

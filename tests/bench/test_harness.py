@@ -25,11 +25,12 @@ from ldseg.export.specs import graph_specs
 from ldseg.metrics import dice_per_class
 from ldseg.model.config import get_preset
 from ldseg.model.network import COMPONENTS
+from ldseg.runs.inference import segment_prepared
+from ldseg.runs.types import RunOptions
+from ldseg.runs.volumes import prepare
 from ldseg.runtime.backend import STAGES
+from ldseg.runtime.backends.torch_backend import TorchBackend
 from ldseg.runtime.select import load_model
-from ldseg.runtime.session import RunOptions, segment_prepared
-from ldseg.runtime.torch_backend import TorchBackend
-from ldseg.runtime.volumes import prepare
 from tests.helpers import assert_several_classes
 
 REPO = Path(__file__).resolve().parents[2]

@@ -10,7 +10,7 @@ import pytest
 from ldseg.calibration import CalibrationReport, calibrate
 from ldseg.export import export_bundle
 from ldseg.model.network import LDSeg
-from ldseg.runtime import bundle as bundle_module
+from ldseg.runtime.artifacts import bundle as bundle_module
 from tests.helpers import informative_model
 
 STEPS = 4
@@ -32,7 +32,9 @@ def fp32_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def calibrated(fp32_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, CalibrationReport]:
     if "int8" not in bundle_module.PRECISIONS:
-        pytest.fail("ldseg/runtime/bundle.py PRECISIONS lacks 'int8': INT8 bundles cannot load with the bundle loader")
+        pytest.fail(
+            "ldseg/runtime/artifacts/bundle.py PRECISIONS lacks 'int8': INT8 bundles cannot load with the bundle loader"
+        )
     out = tmp_path_factory.mktemp("cal-int8") / "demo-int8.bundle"
     report = calibrate(fp32_bundle, "phantoms", out, max_volumes=2, holdout=1, threads=2)
     return out, report

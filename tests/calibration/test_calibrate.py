@@ -13,10 +13,10 @@ import pytest
 from ldseg.calibration import calibrate
 from ldseg.calibration.data import HOLDOUT_SEED0, SAMPLING_SEED, _phantom
 from ldseg.errors import ArtifactError, OutputError
+from ldseg.runtime.artifacts.bundle import load_bundle
+from ldseg.runtime.artifacts.engines import bundle_hash
 from ldseg.runtime.backend import make_inputs
-from ldseg.runtime.bundle import load_bundle
-from ldseg.runtime.engines import bundle_hash
-from ldseg.runtime.onnxruntime_backend import OnnxRuntimeBackend
+from ldseg.runtime.backends.onnxruntime.backend import OnnxRuntimeBackend
 from tests.helpers import assert_several_classes
 
 

@@ -18,7 +18,7 @@ from ldseg.calibration.data import (
 )
 from ldseg.data.phantoms import make_phantom, write_phantom_nifti
 from ldseg.errors import InputError
-from ldseg.runtime.bundle import load_bundle
+from ldseg.runtime.artifacts.bundle import load_bundle
 
 
 def test_phantom_split_is_disjoint_and_deterministic(fp32_bundle: Path) -> None:

@@ -127,7 +127,7 @@ def test_dedicate_qdq_rewires_other_consumers() -> None:
 def test_percentile_quantizes_the_step(fp32_bundle: Path, tmp_path: Path) -> None:
     from ldseg.calibration.data import batches, collect, load_volumes
     from ldseg.calibration.quantize import quantize_graph
-    from ldseg.runtime.bundle import load_bundle
+    from ldseg.runtime.artifacts.bundle import load_bundle
 
     bundle = load_bundle(fp32_bundle)
     calib, _ = load_volumes("phantoms", bundle.config, max_volumes=1, holdout=1)

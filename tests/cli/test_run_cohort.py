@@ -14,7 +14,7 @@ import pytest
 
 from ldseg.data.phantoms import make_phantom, write_phantom_nifti
 from ldseg.metrics import dice_per_class
-from ldseg.runtime.run_manifest import MANIFEST_NAME, RunManifest, RunRow
+from ldseg.runs.manifest import MANIFEST_NAME, RunManifest, RunRow
 from tests.helpers import assert_several_classes
 
 BIN = Path(sys.executable).parent
@@ -136,7 +136,7 @@ def test_label_column_of_an_input_list_gives_dice_in_the_manifest(tmp_path: Path
 
 def test_ray_engine_without_ray_says_how_to_install_it(monkeypatch):
     from ldseg.errors import BackendUnavailable
-    from ldseg.runtime.ray_engine import import_ray
+    from ldseg.runs.ray_engine import import_ray
 
     monkeypatch.setitem(sys.modules, "ray", None)  # what an install without the extra looks like
     with pytest.raises(BackendUnavailable, match=r"pip install 'ldseg\[ray\]'"):

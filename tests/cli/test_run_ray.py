@@ -15,7 +15,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from ldseg.runtime.run_manifest import RunManifest
+from ldseg.runs.manifest import RunManifest
 from tests.cli.test_run_cohort import RUN, ldseg_run, phantoms
 from tests.helpers import assert_several_classes
 

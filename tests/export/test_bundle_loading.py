@@ -1,4 +1,4 @@
-"""ldseg/runtime/bundle.py: manifest parsing, hash verification, compatibility checks.
+"""ldseg/runtime/artifacts/bundle.py: manifest parsing, hash verification, compatibility checks.
 
 (Kept beside the export tests because it needs their exported bundles.)"""
 
@@ -13,7 +13,7 @@ import pytest
 
 from ldseg.errors import ArtifactError
 from ldseg.model.config import get_preset
-from ldseg.runtime.bundle import Bundle, load_bundle
+from ldseg.runtime.artifacts.bundle import Bundle, load_bundle
 
 
 @pytest.fixture()

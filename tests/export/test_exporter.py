@@ -14,7 +14,7 @@ from ldseg.export import export_bundle, exporter
 from ldseg.model.checkpoint import save_checkpoint
 from ldseg.model.diffusion import sampler_table
 from ldseg.model.network import LDSeg
-from ldseg.runtime.bundle import BUNDLE_FORMAT, GRAPH_NAMES, sha256_file
+from ldseg.runtime.artifacts.bundle import BUNDLE_FORMAT, GRAPH_NAMES, sha256_file
 
 
 def test_manifest_records_everything(demo_bundle: Path, demo_model: LDSeg) -> None:

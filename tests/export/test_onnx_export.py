@@ -16,7 +16,7 @@ from ldseg.export.onnx_export import export_graph
 from ldseg.export.specs import BATCH_AXIS, graph_specs
 from ldseg.model.config import get_preset
 from ldseg.model.network import LDSeg
-from ldseg.runtime.bundle import GRAPH_NAMES, load_bundle
+from ldseg.runtime.artifacts.bundle import GRAPH_NAMES, load_bundle
 
 
 @pytest.mark.parametrize("name", GRAPH_NAMES)

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from ldseg.export.specs import graph_specs
-from ldseg.model.diffusion import sampler_step, sampler_table
+from ldseg.model.diffusion import sampler_step, sampler_table, table_tensor
 from ldseg.model.network import LDSeg
-from ldseg.runtime.bundle import GRAPH_NAMES
+from ldseg.runtime.artifacts.bundle import GRAPH_NAMES
 from tests.helpers import assert_several_classes
 
 FP16_GRAPHS = ("encoder", "denoise_step", "decoder", "decoder_argmax")  # as exported in conftest.py
@@ -75,7 +75,7 @@ def test_fused_step_is_one_pytorch_sampler_step(demo_bundle: Path, demo_model: L
     """denoise_step(z, z_image, row_i, noise) == renormalize(a z + b eps(z, z_image, t) + c noise),
     for real DDPM rows (c != 0, so the noise path is exercised) early, midway and late in the loop."""
     cfg = demo_model.cfg
-    table = sampler_table(cfg.diffusion, 10, "ddpm").as_tensor()
+    table = table_tensor(sampler_table(cfg.diffusion, 10, "ddpm"))
     gen = torch.Generator().manual_seed(3)
     z, z_image, noise = (torch.randn((3, *cfg.latent_shape), generator=gen) for _ in range(3))
     coeffs = table[[0, 4, 7]]

@@ -17,7 +17,7 @@ from ldseg.export.specs import graph_specs
 from ldseg.export.validate import ValidationReport
 from ldseg.model.config import get_preset
 from ldseg.model.network import LDSeg
-from ldseg.runtime.bundle import load_bundle
+from ldseg.runtime.artifacts.bundle import load_bundle
 
 pytestmark = pytest.mark.slow
 

@@ -14,9 +14,9 @@ from ldseg.errors import ArtifactError
 from ldseg.export import validate_bundle
 from ldseg.export.validate import ValidationReport, phantom_image
 from ldseg.model.network import LDSeg
+from ldseg.runtime.artifacts.bundle import GRAPH_NAMES, load_bundle
 from ldseg.runtime.backend import make_inputs
-from ldseg.runtime.bundle import GRAPH_NAMES, load_bundle
-from ldseg.runtime.torch_backend import TorchBackend
+from ldseg.runtime.backends.torch_backend import TorchBackend
 from tests.helpers import assert_several_classes
 
 

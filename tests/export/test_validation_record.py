@@ -13,8 +13,8 @@ import pytest
 from ldseg.errors import ArtifactError
 from ldseg.export import export_bundle, validate
 from ldseg.model.network import LDSeg
-from ldseg.runtime.bundle import load_bundle
-from ldseg.runtime.onnxruntime_backend import OnnxRuntimeBackend
+from ldseg.runtime.artifacts.bundle import load_bundle
+from ldseg.runtime.backends.onnxruntime.backend import OnnxRuntimeBackend
 from ldseg.runtime.select import Source, select_backend
 
 

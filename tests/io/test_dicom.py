@@ -22,7 +22,8 @@ from pydicom.pixels import apply_rescale
 from ldseg.errors import InputError
 from ldseg.io.formats import DICOM
 from ldseg.model.config import PRESETS
-from ldseg.runtime.session import RunOptions, run_files
+from ldseg.runs.local import run_files
+from ldseg.runs.types import RunOptions
 from tests.io.dicom_series import ROOT, write_series
 
 NIBABEL_DICOM = Path(nibabel.__file__).parent / "nicom" / "tests" / "data"

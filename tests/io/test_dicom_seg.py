@@ -67,6 +67,67 @@ def test_a_series_without_frame_of_reference_cannot_be_referenced(tmp_path):
     reference = DICOM.read(tmp_path / "s")  # fine for a NIfTI output ...
     out = tmp_path / "out"
     out.mkdir()
-    with pytest.raises(InputError, match=r"s: cannot reference this series in a DICOM SEG"):
+    with pytest.raises(InputError, match=r"s: the series has no FrameOfReferenceUID, so a DICOM SEG cannot"):
         _write(out / "seg.dcm", np.zeros(reference.array.shape, np.uint8), reference)  # ... not for a SEG
     assert os.listdir(out) == []
+
+
+def _strip(files, keyword, value):
+    """Delete `keyword` from every slice (value None) or set it (e.g. "" for an empty Type 2 element)."""
+    for path in files:
+        ds = pydicom.dcmread(path)
+        if value is None:
+            del ds[keyword]
+        else:
+            setattr(ds, keyword, value)
+        ds.save_as(path)
+
+
+@pytest.mark.parametrize("thickness", [None, ""], ids=["missing", "empty"])
+def test_slice_thickness_missing_or_empty_takes_the_spacing_from_positions(tmp_path, thickness):
+    files = write_series(
+        tmp_path / "s", np.random.default_rng(1).integers(0, 900, (5, 6, 7)).astype(np.int16), spacing=(0.7, 0.9, 2.5)
+    )
+    _strip(files, "SliceThickness", thickness)
+    assert pydicom.dcmread(files[0]).get("SliceThickness", "") in ("", None)
+    reference = DICOM.read(tmp_path / "s")
+    assert reference.source.slice_spacing == pytest.approx(2.5, rel=1e-6)
+    labels = np.zeros(reference.array.shape, np.uint8)
+    labels[1:4, 2:5, 1:4] = 1
+    out = tmp_path / "out"
+    out.mkdir()
+    _write(out / "seg.dcm", labels, reference)
+    seg = pydicom.dcmread(out / "seg.dcm")
+    measures = seg.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
+    assert float(measures.SliceThickness) == pytest.approx(2.5) and float(measures.SpacingBetweenSlices) == 2.5
+    assert [float(v) for v in measures.PixelSpacing] == pytest.approx([0.9, 0.7])
+
+
+def test_a_seg_for_a_series_without_frame_of_reference_is_refused_before_any_compute(tmp_path):
+    """read_volume (the step before the model in every engine) refuses it when a SEG is asked for."""
+    from ldseg.model.config import get_preset
+    from ldseg.runs.cohort import CohortInput
+    from ldseg.runs.outputs import output_suffixes
+    from ldseg.runs.steps import plan_volume, read_volume
+    from ldseg.runs.types import RunOptions
+
+    files = write_series(tmp_path / "s", np.random.default_rng(2).integers(0, 900, (4, 8, 8)).astype(np.int16))
+    _strip(files, "FrameOfReferenceUID", None)
+    cfg = get_preset("demo")
+    (tmp_path / "out").mkdir()
+    for types, refused in ((("dicom-seg",), True), (("nifti",), False)):
+        opts = RunOptions(output_types=types)
+        plan = plan_volume(CohortInput(tmp_path / "s"), tmp_path / "out", cfg, opts, output_suffixes(cfg, opts), None)
+        if refused:
+            with pytest.raises(InputError, match=r"/s: the series has no FrameOfReferenceUID") as caught:
+                read_volume(plan, cfg, None, None)
+            assert "\n" not in str(caught.value)
+        else:
+            assert read_volume(plan, cfg, None, None).prepared.image.ndim == 4
+
+
+def test_mixed_frames_of_reference_are_refused(tmp_path):
+    files = write_series(tmp_path / "s", np.random.default_rng(3).integers(0, 900, (3, 4, 5)).astype(np.int16))
+    _strip(files[:1], "FrameOfReferenceUID", "1.2.3.4")
+    with pytest.raises(InputError, match=r"slices in 2 frames of reference"):
+        DICOM.read(tmp_path / "s")

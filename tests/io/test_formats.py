@@ -13,7 +13,7 @@ import SimpleITK as sitk
 from ldseg.errors import InputError, OutputError
 from ldseg.io.formats import DICOM, METAIMAGE, NIFTI, NRRD, format_of
 from ldseg.io.geometry import Geometry
-from ldseg.runtime.volumes import expand_folder, stem
+from ldseg.runs.volumes import expand_folder, stem
 from tests.io.dicom_series import oblique_direction, write_series
 
 GEOMETRY = Geometry((0.7, 1.3, 2.9), (10.1, -3.3, 7.7), tuple(oblique_direction().ravel()))

@@ -108,6 +108,25 @@ def test_probabilities_back_to_input_grid(input_shape_nib: tuple[int, int, int],
     np.testing.assert_array_equal(labels, np.argmax(stacked, axis=0).transpose(2, 1, 0))
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_probabilities_back_to_input_grid_on_smooth_maps_with_ties(seed: int) -> None:
+    """The boundary-only interpolation equals the definition (every class zoomed, argmax) on maps like
+    a model's: large uniform regions, boundaries, exact ties and classes a float32 ulp apart."""
+    rng = np.random.default_rng(seed)
+    grid, input_shape_nib = (32, 32, 64), (60, 26, 40)  # knee-like ratios: up and down per axis
+    logits = ndimage.gaussian_filter(rng.standard_normal((3, *grid)), sigma=(0, 3, 3, 3)) * 40
+    probs = np.exp(logits - logits.max(axis=0))
+    probs = (probs / probs.sum(axis=0)).astype(np.float32)
+    probs[1, :8] = probs[2, :8]  # exact ties between classes 1 and 2
+    probs[0, 8:16] = np.nextafter(probs[1, 8:16], np.float32(0))  # a float32 ulp below class 1
+    labels = probabilities_to_input_grid(probs, input_shape_nib)
+    target = input_shape_nib[::-1]
+    stacked = np.stack([zoom_to(p, target) for p in probs])
+    expected = np.argmax(stacked, axis=0).transpose(2, 1, 0)
+    assert len(np.unique(expected)) == 3
+    np.testing.assert_array_equal(labels, expected)
+
+
 def test_round_trip_model_grid_and_back() -> None:
     label_nib = _smooth_labels((30, 22, 18))
     grid = (16, 16, 32)

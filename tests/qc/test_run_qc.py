@@ -100,7 +100,8 @@ def test_plain_run_imports_no_qc_code(cases, tmp_path):
     code = (
         "import sys; from pathlib import Path\n"
         "from ldseg.runtime.select import Source, select_backend\n"
-        "from ldseg.runtime.session import RunOptions, run_files\n"
+        "from ldseg.runs.local import run_files\n"
+        "from ldseg.runs.types import RunOptions\n"
         "s = select_backend(Source('demo', None, None), 'torch', 'cpu')\n"
         f"r = run_files([Path({str(cases / 'images' / 'p1.nii.gz')!r})], Path({str(tmp_path)!r}), s.backend, s.config,"
         " RunOptions(steps=1, samples=2))\n"

@@ -36,7 +36,7 @@ from PIL import Image
 from ldseg.errors import InputError
 from ldseg.io.preprocess import image2d_to_model_grid, image_to_model_grid
 from ldseg.model.config import PRESETS, ModelConfig
-from ldseg.runtime.volumes import Prepared, prepare, write_map
+from ldseg.runs.volumes import Prepared, prepare, write_map
 
 CFG3 = PRESETS["demo"]
 CFG2 = PRESETS["glas2d"]
@@ -656,7 +656,7 @@ import sys, numpy as np, nibabel as nib
 from pathlib import Path
 from ldseg.errors import InputError
 from ldseg.model.config import PRESETS
-from ldseg.runtime.volumes import prepare
+from ldseg.runs.volumes import prepare
 
 def hwm_mb():
     for line in open("/proc/self/status"):

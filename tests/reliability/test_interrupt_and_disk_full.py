@@ -23,10 +23,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-import ldseg.runtime.volume_steps as volume_steps
+import ldseg.runs.steps as volume_steps
 from ldseg.errors import InputError, OutputError
 from ldseg.model.config import PRESETS
-from ldseg.runtime.session import RunOptions, run_files
+from ldseg.runs.local import run_files
+from ldseg.runs.types import RunOptions
 from tests.helpers import output_names
 from tests.reliability.helpers import write_phantoms
 

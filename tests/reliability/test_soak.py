@@ -20,7 +20,8 @@ import pytest
 
 from ldseg.errors import InputError
 from ldseg.model.config import PRESETS
-from ldseg.runtime.session import RunOptions, run_files
+from ldseg.runs.local import run_files
+from ldseg.runs.types import RunOptions
 from tests.reliability.helpers import rss_mb, write_phantoms
 
 CFG = PRESETS["demo"]

@@ -1,4 +1,4 @@
-"""runtime/devices.py: each route reports its own reason, with the GPU stack faked."""
+"""Device names (runtime/devices.py) and each backend's own GPU probe, with the GPU stack faked."""
 
 from __future__ import annotations
 
@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from ldseg.errors import BackendUnavailable
-from ldseg.runtime import cuda, devices
+from ldseg.runtime import devices
+from ldseg.runtime.backends import torch_backend
+from ldseg.runtime.backends.tensorrt import cuda
 
 
 def test_device_names():
@@ -18,7 +20,7 @@ def test_device_names():
 
 def test_cpu_only_torch_is_named_as_such(monkeypatch):
     monkeypatch.setattr(torch.version, "cuda", None)
-    assert "CPU-only build" in devices.torch_cuda_problem(0)
+    assert "CPU-only build" in torch_backend.torch_cuda_problem(0)
 
 
 def test_torch_driver_error_is_reported_verbatim(monkeypatch):
@@ -28,7 +30,7 @@ def test_torch_driver_error_is_reported_verbatim(monkeypatch):
         raise RuntimeError("The NVIDIA driver on your system is too old (found version 11040).\nmore")
 
     monkeypatch.setattr(torch.cuda, "init", init)
-    problem = devices.torch_cuda_problem(0)
+    problem = torch_backend.torch_cuda_problem(0)
     expected = "PyTorch cannot initialize CUDA: The NVIDIA driver on your system is too old (found version 11040)."
     assert problem == expected
 
@@ -37,8 +39,8 @@ def test_torch_counts_gpus(monkeypatch):
     monkeypatch.setattr(torch.version, "cuda", "12.8")
     monkeypatch.setattr(torch.cuda, "init", lambda: None)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    assert devices.torch_cuda_problem(0) is None
-    assert "GPU 1 requested, PyTorch sees 1" in devices.torch_cuda_problem(1)
+    assert torch_backend.torch_cuda_problem(0) is None
+    assert "GPU 1 requested, PyTorch sees 1" in torch_backend.torch_cuda_problem(1)
 
 
 class _FakeCudart:
@@ -68,7 +70,7 @@ def fake_cudart(monkeypatch):
 
 def test_cuda_runtime_error_name_not_no_gpu(fake_cudart):
     fake_cudart(35)
-    problem = devices.cuda_runtime_problem(0)
+    problem = cuda.cuda_runtime_problem(0)
     assert problem == "CUDA call cudaGetDeviceCount failed: cudaErrorInsufficientDriver"
     with pytest.raises(BackendUnavailable, match="cudaErrorInsufficientDriver"):
         cuda.gpu_info(0)
@@ -76,8 +78,8 @@ def test_cuda_runtime_error_name_not_no_gpu(fake_cudart):
 
 def test_cuda_runtime_sees_gpus(fake_cudart):
     fake_cudart(0, 2)
-    assert devices.cuda_runtime_problem(1) is None
-    assert "GPU 2 requested, the CUDA runtime sees 2" in devices.cuda_runtime_problem(2)
+    assert cuda.cuda_runtime_problem(1) is None
+    assert "GPU 2 requested, the CUDA runtime sees 2" in cuda.cuda_runtime_problem(2)
 
 
 def test_cuda_python_missing_says_what_to_install(monkeypatch):
@@ -87,6 +89,6 @@ def test_cuda_python_missing_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "cuda.bindings", None)
     cuda.runtime.cache_clear()
     try:
-        assert "cuda-python is not installed" in devices.cuda_runtime_problem(0)
+        assert "cuda-python is not installed" in cuda.cuda_runtime_problem(0)
     finally:
         cuda.runtime.cache_clear()

@@ -149,7 +149,7 @@ def test_precision_and_threads_reach_every_candidate(tried, monkeypatch):
 
 def test_auto_skips_openvino_when_it_is_not_installed_and_says_why(monkeypatch, tmp_path):
     """The real openvino factory, with the import failing as on a platform without a wheel."""
-    from ldseg.runtime import openvino_backend
+    from ldseg.runtime.backends import openvino_backend
 
     def missing() -> None:
         raise BackendUnavailable("openvino is not installed (no wheel for this platform)")
@@ -176,8 +176,8 @@ def test_a_backend_refuses_a_precision_it_does_not_run():
 
 
 def _cached_source(tmp_path: Path, samples: int = 1):  # type: ignore[no-untyped-def]
-    from ldseg.runtime.cache import ArtifactCache
-    from tests.runtime.cache_fakes import GPU_A, FakeBundleBuilder, FakeEngineBuilder
+    from ldseg.runtime.artifacts.cache import ArtifactCache
+    from tests.runtime.artifacts.cache_fakes import GPU_A, FakeBundleBuilder, FakeEngineBuilder
 
     artifacts = ArtifactCache(
         tmp_path / "cache", build_bundle=FakeBundleBuilder(), build_engines=FakeEngineBuilder(GPU_A)
@@ -224,7 +224,7 @@ def test_gpu_candidates_check_the_machine_before_exporting(monkeypatch, tmp_path
 
 def _tensorrt_present() -> bool:
     try:
-        from ldseg.runtime.engines import require_tensorrt
+        from ldseg.runtime.backends.tensorrt.environment import require_tensorrt
 
         require_tensorrt()
     except BackendUnavailable:
@@ -234,8 +234,8 @@ def _tensorrt_present() -> bool:
 
 def test_tensorrt_from_a_checkpoint_exports_fp16_then_builds_engines(monkeypatch, tmp_path):
     """Faked GPU machine: TensorRT 'present' on GPU_A; the chosen engines come from the cache."""
-    from ldseg.runtime import tensorrt_backend
-    from tests.runtime.cache_fakes import GPU_A
+    from ldseg.runtime.backends.tensorrt import backend as tensorrt_backend
+    from tests.runtime.artifacts.cache_fakes import GPU_A
 
     made: list[Path] = []
 
@@ -284,3 +284,37 @@ def test_device_cpu_announces_the_gpu_candidates_it_skipped(tried):
     tried.allow.add("onnxruntime/cpu")
     chosen = select_backend(Source(bundle=Path("bundle")), device="cpu")
     assert chosen.why == "auto: onnxruntime/cuda: --device cpu; openvino/cpu: openvino refused on cpu"
+
+
+def test_the_first_screen_names_gpu_reasons_only_where_they_matter() -> None:
+    from ldseg.runtime.select import Selection
+
+    skipped = ["tensorrt/cuda:0: TensorRT is not importable", "onnxruntime/cuda:0: no CUDA provider: pip install x"]
+    chosen = Selection(backend=None, config=None, why="auto: " + "; ".join(skipped), skipped=skipped)  # type: ignore[arg-type]
+    assert chosen.brief(gpu_present=False) == "auto; no GPU route here: -v for why"
+    assert "pip install x" in chosen.brief(gpu_present=True)  # a GPU is here but could not be used: say why
+    chosen.gpu_asked = True
+    assert "TensorRT is not importable" in chosen.brief(gpu_present=False)  # --device cuda / tensorrt asked for
+    clean = Selection(backend=None, config=None, why="auto: first available", skipped=[])  # type: ignore[arg-type]
+    assert clean.brief(gpu_present=False) == "auto"
+
+
+def test_ldseg_run_prints_one_backend_line_and_reasons_with_v(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from ldseg.data.phantoms import make_phantom, write_phantom_nifti
+
+    write_phantom_nifti(make_phantom(1), tmp_path / "p.nii.gz", tmp_path / "l.nii.gz", overwrite=False)
+    run = [str(Path(sys.executable).parent / "ldseg-run"), str(tmp_path / "p.nii.gz"), "--device", "cpu"]
+    run += ["--steps", "2", "--threads", "1"]
+    quiet = subprocess.run([*run, "-o", str(tmp_path / "a")], capture_output=True, text=True, timeout=900)
+    loud = subprocess.run([*run, "-o", str(tmp_path / "b"), "-v"], capture_output=True, text=True, timeout=900)
+    assert quiet.returncode == loud.returncode == 0, quiet.stderr + loud.stderr
+    [line] = [x for x in quiet.stderr.splitlines() if x.startswith("backend:")]
+    assert line.endswith("(auto; no GPU route here: -v for why)") and len(line) <= 80, quiet.stderr
+    assert "pip install" not in quiet.stderr
+    [loud_line] = [x for x in loud.stderr.splitlines() if x.startswith("backend:")]  # one line, not wrapped
+    assert "tensorrt/cuda" in loud_line and "--device cpu" in loud_line, loud.stderr
+    [summary] = [x for x in quiet.stderr.splitlines() if "volume(s) in" in x]
+    assert "volumes/s)" in summary, quiet.stderr  # the summary is one line, not wrapped at the table's width

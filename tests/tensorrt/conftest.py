@@ -13,8 +13,8 @@ from ldseg.export.specs import graph_specs
 from ldseg.export.tensorrt_build import BuildOptions, describe_engine_set
 from ldseg.model.config import get_preset
 from ldseg.model.network import LDSeg
-from ldseg.runtime.bundle import load_bundle
-from ldseg.runtime.engines import ENGINE_SUFFIX, EngineFile, Environment
+from ldseg.runtime.artifacts.bundle import load_bundle
+from ldseg.runtime.artifacts.engines import ENGINE_SUFFIX, EngineFile, Environment
 
 HERE = Environment(trt_version="10.13.0.35", gpu_name="NVIDIA H100 80GB HBM3", compute_capability="9.0")
 

@@ -19,8 +19,8 @@ from ldseg.export.build_options import (
     write_engines_json,
 )
 from ldseg.io.atomic import staged_folder
-from ldseg.runtime.bundle import load_bundle
-from ldseg.runtime.engines import (
+from ldseg.runtime.artifacts.bundle import load_bundle
+from ldseg.runtime.artifacts.engines import (
     ENGINES_JSON,
     Environment,
     bundle_hash,

@@ -16,8 +16,9 @@ import pytest
 
 from ldseg.errors import ArtifactError, BackendUnavailable
 from ldseg.metrics import agreement, dice_per_class
+from ldseg.runtime.artifacts.engines import Environment, read_engine_set
 from ldseg.runtime.backend import make_inputs
-from ldseg.runtime.engines import Environment, check_engines_here, detect_environment, read_engine_set
+from ldseg.runtime.backends.tensorrt.environment import check_engines_here, detect_environment
 from tests.helpers import assert_replays_follow_inputs, assert_several_classes, replay_requests
 
 pytestmark = pytest.mark.tensorrt
@@ -63,7 +64,7 @@ def reference(model, phantoms) -> list[np.ndarray]:  # noqa: ANN001
     """torch FP32 labels, the reference every engine is compared with."""
     import torch
 
-    from ldseg.runtime.torch_backend import TorchBackend
+    from ldseg.runtime.backends.torch_backend import TorchBackend
 
     backend = TorchBackend(model, "cuda" if torch.cuda.is_available() else "cpu", cuda_graph=False)
     return [backend.run(make_inputs(model.cfg, img[None], [s])).labels[0] for s, (img, _) in zip(SEEDS, phantoms)]
@@ -94,7 +95,7 @@ def engines(bundles: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) 
 
 
 def _labels(engines_dir: Path, model, phantoms, **kwargs) -> list[np.ndarray]:  # noqa: ANN001
-    from ldseg.runtime.tensorrt_backend import TensorRTBackend
+    from ldseg.runtime.backends.tensorrt.backend import TensorRTBackend
 
     with TensorRTBackend(engines_dir, **kwargs) as backend:
         return [backend.run(make_inputs(model.cfg, img[None], [s])).labels[0] for s, (img, _) in zip(SEEDS, phantoms)]
@@ -122,7 +123,7 @@ def test_int8_dice_within_one_point(engines, model, phantoms, reference) -> None
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
 def test_graph_replay_equals_per_step_launches(precision, engines, model, phantoms) -> None:  # noqa: ANN001
-    from ldseg.runtime.tensorrt_backend import TensorRTBackend
+    from ldseg.runtime.backends.tensorrt.backend import TensorRTBackend
 
     # Captured on the first request (batch 2), replayed on new seeds, then on new images.
     requests = replay_requests(model.cfg, np.stack([image for image, _ in phantoms]))
@@ -139,7 +140,7 @@ def test_graph_replay_equals_per_step_launches(precision, engines, model, phanto
 
 
 def test_batch_of_two_equals_two_single_runs(engines, model, phantoms) -> None:  # noqa: ANN001
-    from ldseg.runtime.tensorrt_backend import TensorRTBackend
+    from ldseg.runtime.backends.tensorrt.backend import TensorRTBackend
 
     image = np.stack([phantoms[0][0], phantoms[1][0]])
     with TensorRTBackend(engines["fp32"]) as backend:

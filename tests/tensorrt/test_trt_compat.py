@@ -14,9 +14,10 @@ from types import SimpleNamespace
 import pytest
 
 from ldseg.errors import BackendUnavailable
-from ldseg.runtime import engines, trt_compat
-from ldseg.runtime.engines import Environment, engine_set_problems, read_engine_set
-from ldseg.runtime.tensorrt_backend import _Context
+from ldseg.runtime.artifacts.engines import Environment, engine_set_problems, read_engine_set
+from ldseg.runtime.backends.tensorrt import compat as trt_compat
+from ldseg.runtime.backends.tensorrt import environment
+from ldseg.runtime.backends.tensorrt.backend import _Context
 from tests.tensorrt.conftest import make_fake_engine_set
 
 
@@ -121,7 +122,7 @@ def test_a_major_contradicting_the_version_is_malformed(fake_bundle: Path, tmp_p
 def test_tensorrt_warnings_go_to_logging_not_python_warnings(monkeypatch, caplog, version):
     trt = fake_tensorrt(version)
     monkeypatch.setitem(sys.modules, "tensorrt", trt)
-    logger = engines.trt_logger()
+    logger = environment.trt_logger()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a Python warning would fail the test
         with caplog.at_level(logging.INFO, logger="ldseg.tensorrt"):
@@ -133,7 +134,7 @@ def test_tensorrt_warnings_go_to_logging_not_python_warnings(monkeypatch, caplog
         ("ERROR", "TensorRT: no implementation for layer conv"),
     ]
     assert logger.errors == ["no implementation for layer conv"]  # kept for the error line
-    assert engines.logged_errors(logger) == "no implementation for layer conv"
+    assert environment.logged_errors(logger) == "no implementation for layer conv"
 
 
 @pytest.mark.parametrize("version", ["10.3.0.30", "11.4.1.2"])

@@ -10,9 +10,11 @@ import pytest
 
 from ldseg.errors import ArtifactError, BackendUnavailable, OutputError
 from ldseg.export.tensorrt_build import build_engines
-from ldseg.runtime import cuda, engines, tensorrt_backend
-from ldseg.runtime.engines import check_engines_here, detect_environment, require_tensorrt
-from ldseg.runtime.tensorrt_backend import TensorRTBackend, check_usable, parse_device
+from ldseg.runtime.artifacts import engines
+from ldseg.runtime.backends.tensorrt import backend as tensorrt_backend
+from ldseg.runtime.backends.tensorrt import cuda
+from ldseg.runtime.backends.tensorrt.backend import TensorRTBackend, check_usable, parse_device
+from ldseg.runtime.backends.tensorrt.environment import check_engines_here, detect_environment, require_tensorrt
 
 
 def _has_real_tensorrt() -> bool:

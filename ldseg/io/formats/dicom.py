@@ -17,22 +17,26 @@ import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pydicom
-import SimpleITK as sitk
 from numpy.typing import DTypeLike
-from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
-from pydicom.uid import UID
 
 from ldseg.errors import InputError, OutputError
 from ldseg.io.geometry import Geometry
+from ldseg.io.lazy import lazy_module
 from ldseg.io.nifti import Volume
 from ldseg.io.validate import DEFAULT_MAX_VOXELS, check_shape, one_line
 
 from .itk import itk_message, volume_from_sitk
+
+if TYPE_CHECKING:
+    import pydicom
+    import SimpleITK as sitk
+    from pydicom.dataset import Dataset
+else:
+    pydicom = lazy_module("pydicom")
+    sitk = lazy_module("SimpleITK")
 
 SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
 _NOT_IMAGES = frozenset({"SEG", "RTSTRUCT", "RTPLAN", "RTDOSE", "SR", "PR", "KO", "REG"})
@@ -63,11 +67,17 @@ _TILT_TOLERANCE = 0.02  # in-plane drift per mm along the normal (about 1.1 degr
 
 @dataclass(frozen=True)
 class DicomSeries:
-    """The series a volume was read from: files and headers (no pixel data) in slice order (k)."""
+    """The series a volume was read from: files and headers (no pixel data) in slice order (k), and
+    the geometry ldseg checked: `pixel_spacing` (row, column) from PixelSpacing, `slice_spacing`
+    from the slices' positions (never SliceThickness, which is Type 2 in the MR IOD: often empty,
+    or stripped by anonymizers). `frame_of_reference` is "" when the slices name none."""
 
     uid: str
     files: tuple[Path, ...]
     datasets: tuple[Dataset, ...]
+    pixel_spacing: tuple[float, float] = (1.0, 1.0)
+    slice_spacing: float = 1.0
+    frame_of_reference: str = ""
 
 
 def is_dicom_file(path: Path) -> bool:
@@ -88,7 +98,7 @@ def _read_header(path: Path) -> Dataset:
     try:
         # defer_size: large values (the pixel data) are noted with their length, not loaded
         ds = pydicom.dcmread(path, defer_size=1024)
-    except InvalidDicomError as exc:
+    except pydicom.errors.InvalidDicomError as exc:
         raise InputError(f"{path}: not a DICOM file ({one_line(exc)})") from exc
     except _READ_ERRORS as exc:
         raise InputError(f"{path}: not a readable DICOM file ({one_line(exc)})") from exc
@@ -158,7 +168,7 @@ def _check_slice(path: Path, ds: Dataset) -> None:
         raise InputError(f"{path}: multi-frame DICOM ({frames} frames) is not supported; give single-slice files")
     if int(ds.get("SamplesPerPixel", 1)) != 1:
         raise InputError(f"{path}: {ds.SamplesPerPixel} samples per pixel (colour); a grayscale series is required")
-    syntax = UID(str(ds.file_meta.get("TransferSyntaxUID", "1.2.840.10008.1.2")))
+    syntax = pydicom.uid.UID(str(ds.file_meta.get("TransferSyntaxUID", "1.2.840.10008.1.2")))
     bits_stored = int(ds.get("BitsStored", 8))
     if syntax not in _DECODABLE or (syntax == "1.2.840.10008.1.2.4.51" and bits_stored > 8):
         depth = f"{bits_stored}-bit " if syntax == "1.2.840.10008.1.2.4.51" else ""
@@ -268,6 +278,18 @@ def _cross_check(folder: Path, image: sitk.Image, slices: list[tuple[Path, Datas
             )
 
 
+def _frame_of_reference(slices: list[tuple[Path, Dataset]]) -> str:
+    """The one FrameOfReferenceUID of the series ("" if its slices name none); InputError if they
+    name several (positions in different frames cannot be stacked into one volume)."""
+    uids = {str(ds.get("FrameOfReferenceUID", "") or "").strip() for _, ds in slices}
+    if len(uids) > 1:
+        raise InputError(
+            f"{slices[0][0].parent}: slices in {len(uids)} frames of reference ({', '.join(sorted(uids))}); "
+            "one series must share one FrameOfReferenceUID"
+        )
+    return uids.pop()
+
+
 class DicomFormat:
     """A folder holding DICOM slices. Reads only: segmentations go out as DICOM SEG (dicom_seg)."""
 
@@ -287,7 +309,15 @@ class DicomFormat:
         slices, gap = _sorted_slices(folder, members)
         image = _execute(folder, [p for p, _ in slices])
         _cross_check(folder, image, slices, gap)
-        source = DicomSeries(uid, tuple(p for p, _ in slices), tuple(ds for _, ds in slices))
+        spacing = _floats(*slices[0], "PixelSpacing", 2)
+        source = DicomSeries(
+            uid,
+            tuple(p for p, _ in slices),
+            tuple(ds for _, ds in slices),
+            (float(spacing[0]), float(spacing[1])),
+            gap,
+            _frame_of_reference(slices),
+        )
         return volume_from_sitk(image, folder, labels=labels, source=source)
 
     def write(self, path: Path, array: np.ndarray, reference: Volume, *, overwrite: bool, dtype: DTypeLike,

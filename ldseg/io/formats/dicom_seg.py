@@ -7,26 +7,32 @@ classes, and identifies the algorithm (ldseg, version, checkpoint hash).
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import highdicom as hd
 import numpy as np
+from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
-from ldseg import __version__
 from ldseg.errors import InputError, OutputError
 from ldseg.io.atomic import atomic_write
 from ldseg.io.nifti import Volume
 from ldseg.io.validate import one_line
+from ldseg.versions import LDSEG_VERSION as __version__
 
 from .dicom import DicomSeries
 
 SegType = Literal["binary", "fractional"]
 NEEDS_DICOM = (
     "DICOM SEG output needs a DICOM series as input (this input is not DICOM); "
+    "use --output-type nifti, nrrd or mha for it"
+)
+NO_FRAME_OF_REFERENCE = (
+    "the series has no FrameOfReferenceUID, so a DICOM SEG cannot be placed on it; "
     "use --output-type nifti, nrrd or mha for it"
 )
 # Property types for the class names ldseg's presets use; any other class is coded as tissue.
@@ -42,10 +48,30 @@ class Algorithm:
 
 
 def dicom_source(reference: Volume) -> DicomSeries:
-    """The DICOM series behind `reference`; the one-sentence refusal when there is none."""
+    """The DICOM series behind `reference`, checked to be one a SEG can reference; the one-sentence
+    refusal when there is none (a run calls this right after reading, before any compute)."""
     if not isinstance(reference.source, DicomSeries):
         raise InputError(f"{reference.path}: {NEEDS_DICOM}")
+    if not reference.source.frame_of_reference:
+        raise InputError(f"{reference.path}: {NO_FRAME_OF_REFERENCE}")
     return reference.source
+
+
+def _measured(source: DicomSeries) -> list[Dataset]:
+    """The headers as highdicom should see them. highdicom copies the SEG's pixel measures from the
+    first slice's header (even when given others, if the pixel spacing matches), and fails on a
+    missing SliceThickness, which is Type 2 (often empty, or stripped by anonymizers). So on a copy
+    of that header (files and the reader's headers stay as they are) SpacingBetweenSlices is the
+    spacing the reader measured from the slice positions, and SliceThickness, where missing or
+    empty, is that spacing too (contiguous slices)."""
+    datasets = list(source.datasets)
+    first = copy.deepcopy(datasets[0])
+    spacing = f"{source.slice_spacing:.10g}"[:16]
+    first.SpacingBetweenSlices = spacing
+    if first.get("SliceThickness", None) in (None, ""):
+        first.SliceThickness = spacing
+    datasets[0] = first
+    return datasets
 
 
 def _rgb(color: str) -> tuple[int, int, int]:
@@ -101,7 +127,7 @@ def write_dicom_seg(
         pixels = np.ascontiguousarray(np.clip(values, 0.0, 1.0).transpose(3, 2, 1, 0), dtype=np.float32)
     try:
         seg = hd.seg.Segmentation(
-            source_images=list(source.datasets),
+            source_images=_measured(source),
             pixel_array=pixels,
             segmentation_type=hd.seg.SegmentationTypeValues(seg_type.upper()),
             segment_descriptions=_segments(names, colors, algorithm),

@@ -10,22 +10,27 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import nibabel as nib
 import numpy as np
-import SimpleITK as sitk
 from numpy.typing import DTypeLike
 
 from ldseg.errors import InputError, OutputError
 from ldseg.io.atomic import atomic_write
 from ldseg.io.geometry import Geometry
+from ldseg.io.lazy import lazy_module
 from ldseg.io.nifti import Volume
 from ldseg.io.validate import DEFAULT_MAX_VOXELS, as_label_ids, check_intensities, check_shape, one_line
 
 from .base import check_write_shape
 
-_COMPLEX = {sitk.sitkComplexFloat32, sitk.sitkComplexFloat64}
+if TYPE_CHECKING:
+    import SimpleITK as sitk
+else:
+    sitk = lazy_module("SimpleITK")
+
+_COMPLEX = ("sitkComplexFloat32", "sitkComplexFloat64")  # pixel ids by name: SimpleITK loads on first use
 
 
 def itk_message(exc: BaseException) -> str:
@@ -86,7 +91,7 @@ class ItkFormat:
             reader.ReadImageInformation()
         except RuntimeError as exc:
             raise InputError(f"{path}: not a readable {self.name.upper()} file ({itk_message(exc)})") from exc
-        if reader.GetNumberOfComponents() != 1 or reader.GetPixelID() in _COMPLEX:
+        if reader.GetNumberOfComponents() != 1 or reader.GetPixelID() in {getattr(sitk, name) for name in _COMPLEX}:
             raise InputError(
                 f"{path}: {reader.GetNumberOfComponents()}-component or complex voxels (scalar voxels are required)"
             )

@@ -1,0 +1,67 @@
+"""The model on one prepared input: K samples through the backend, then the maps to write on the
+input's grid (segmentation, and for K > 1 confidence and vote entropy; probabilities on request)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ldseg.model.config import ModelConfig
+from ldseg.runs.outputs import output_suffixes, seg_needs_probabilities
+from ldseg.runs.types import RunOptions, Segmentation
+from ldseg.runs.volumes import Prepared, map_to_input_grid, to_input_grid
+from ldseg.runtime.backend import Backend, make_inputs
+
+
+def vote_entropy(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """Per-voxel entropy of K label votes (K, *grid), normalized to [0, 1] by log(num_classes)."""
+    counts = np.stack([(labels == c).sum(axis=0) for c in range(num_classes)]).astype(np.float32)
+    p = counts / labels.shape[0]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        terms = np.where(p > 0, -p * np.log(p), 0.0)
+    return (terms.sum(axis=0) / np.log(num_classes)).astype(np.float32)
+
+
+def segment_prepared(
+    prepared: Prepared, backend: Backend, cfg: ModelConfig, opts: RunOptions
+) -> tuple[dict[str, tuple[np.ndarray, type]], dict[str, float]]:
+    """Run one prepared input; returns {output suffix: (array on input grid, dtype)} and stage times."""
+    result = segment(prepared, backend, cfg, opts)
+    return result.outputs, result.stage_ms
+
+
+def infer(
+    image: np.ndarray, backend: Backend, cfg: ModelConfig, opts: RunOptions
+) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
+    """The model on one prepared image (C, *grid), K samples (Backend.sample: one encoder run, the
+    K chains as one batch, the decoder in memory-bounded chunks): the mean probabilities
+    (num_classes, *grid), the K label votes (K, *grid) and the backend's stage times."""
+    seeds = [opts.seed + k for k in range(opts.samples)]
+    result = backend.sample(make_inputs(cfg, image[None], seeds, opts.steps, opts.sampler))
+    return result.mean, result.votes, result.stage_ms
+
+
+def on_input_grid(
+    prepared: Prepared,
+    mean: np.ndarray,
+    votes: np.ndarray,
+    stage_ms: dict[str, float],
+    cfg: ModelConfig,
+    opts: RunOptions,
+) -> Segmentation:
+    """infer's result as the maps to write, on the input's grid."""
+    outputs: dict[str, tuple[np.ndarray, type]] = {"_seg": (to_input_grid(prepared, mean), np.uint8)}
+    if opts.samples > 1:
+        chosen = np.take_along_axis(mean, mean.argmax(axis=0)[None], axis=0)[0]
+        outputs["_confidence"] = (map_to_input_grid(prepared, chosen), np.float32)
+        entropy = vote_entropy(votes, cfg.num_classes)
+        outputs["_entropy"] = (map_to_input_grid(prepared, entropy), np.float32)
+    if opts.save_probabilities or seg_needs_probabilities(opts):
+        for c in range(cfg.num_classes):
+            outputs[f"_prob{c}"] = (map_to_input_grid(prepared, mean[c]), np.float32)
+    assert list(outputs) == output_suffixes(cfg, opts)  # run_files plans the file names from that list
+    return Segmentation(outputs, stage_ms, votes, mean)
+
+
+def segment(prepared: Prepared, backend: Backend, cfg: ModelConfig, opts: RunOptions) -> Segmentation:
+    """segment_prepared, also keeping the K votes and mean probabilities (model grid) that QC counts on."""
+    return on_input_grid(prepared, *infer(prepared.image, backend, cfg, opts), cfg, opts)

@@ -1,0 +1,221 @@
+"""PyTorch reference backend (FP32, CPU or CUDA).
+
+On CUDA the whole pipeline — encoder, N fused steps, decoder with argmax (for `sample`: encoder,
+broadcast and steps, the decoder chunks after it eagerly) — is captured once per shape into a
+torch.cuda.CUDAGraph over the plan's static buffers; a request copies its inputs into those buffers,
+replays, and reads the outputs: no Python work, allocation or host sync inside. Where capture fails
+the backend warns once with the reason and runs the same stages eagerly (ldseg/runtime/backend.py).
+
+Capture and the inputs: every stage returns new tensors and none writes the plan's input buffers
+(image, z_init, noise, table), so the two warm-up runs and the recorded one leave the inputs as
+they were; the lifecycle's copy-in after a capture attempt is therefore a no-op in effect here.
+
+Decoder chunks on CUDA (`decode_chunk`): as many samples as fit in half the free device memory at
+DECODER_BYTES_PER_VOXEL per sample (an upper estimate of the decoder's full-resolution activations);
+on CPU one sample per chunk.
+
+The model it is handed is never modified: a model on another device, or in training mode, is copied
+(a model shared with an exporter must stay where it was).
+
+"fp32" is FP32 math: cuDNN convolutions and matmuls default to TF32 on Ampere and later, so every
+stage (and the graph capture, which bakes the kernels in) runs under `strict_fp32()`, which turns
+TF32 off and restores the caller's settings afterwards: no global state is left changed.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ldseg.model.network import LDSeg
+from ldseg.runtime.backend import Backend, CaptureFailed, PipelineInputs
+
+
+@dataclass
+class TorchPlan:
+    """Static buffers of one (batch, steps); outputs are (re)assigned by decode."""
+
+    image: torch.Tensor
+    z_init: torch.Tensor
+    noise: torch.Tensor
+    table: torch.Tensor
+    z_image: torch.Tensor | None = None
+    probabilities: torch.Tensor | None = None
+    labels: torch.Tensor | None = None
+
+
+# Per sample, an upper estimate: before issue 26, `--samples 8` on knee3d (4.0 M voxels) peaked at
+# 22.9 GB on torch CPU with encoder and decoder at batch 8, ~700 B per voxel per sample.
+DECODER_BYTES_PER_VOXEL = 1024
+
+
+@dataclass
+class _Captured:
+    graph: torch.cuda.CUDAGraph
+    probabilities: torch.Tensor | None  # the graph's own output tensors, when it decodes
+    labels: torch.Tensor | None
+
+
+class TorchBackend(Backend[TorchPlan, torch.Tensor]):
+    name = "torch"
+
+    def __init__(self, model: LDSeg, device: str = "cpu", cuda_graph: bool | None = None, threads: int | None = None):
+        if threads is not None:
+            torch.set_num_threads(threads)  # torch's intra-op pool is per process
+        target = _torch_device(device)
+        super().__init__(
+            model.cfg,
+            f"model {model.cfg.preset!r}",
+            cuda_graph=target.type == "cuda" if cuda_graph is None else cuda_graph,
+        )
+        self.model = _on_device(model, target)
+        self.device = str(target)  # "cpu" or "cuda:N"
+        self.precision = "fp32"
+        self._plans: dict[tuple[int, int], TorchPlan] = {}
+
+    def describe(self) -> dict[str, str]:
+        return {
+            "backend": self.name,
+            "device": self.device,
+            "precision": self.precision,
+            "mode": self.mode,
+            "tf32": "off",
+        }
+
+    # ------------------------------------------------------------------ stages
+    def plan(self, batch: int, steps: int) -> TorchPlan:
+        key = (batch, steps)
+        if key not in self._plans:
+            cfg, dev = self.config, torch.device(self.device)
+            self._plans[key] = TorchPlan(
+                image=torch.empty((batch, *cfg.image_shape), device=dev),
+                z_init=torch.empty((batch, *cfg.latent_shape), device=dev),
+                noise=torch.empty((steps, batch, *cfg.latent_shape), device=dev),
+                table=torch.empty((steps, 4), device=dev),
+            )
+        return self._plans[key]
+
+    def copy_image(self, plan: TorchPlan, image: np.ndarray) -> None:
+        plan.image.copy_(torch.from_numpy(image))
+
+    def copy_latents(self, plan: TorchPlan, inputs: PipelineInputs) -> torch.Tensor:
+        for target, source in ((plan.z_init, inputs.z_init), (plan.noise, inputs.noise), (plan.table, inputs.table)):
+            target.copy_(torch.from_numpy(source))
+        return plan.z_init
+
+    def broadcast(self, src: TorchPlan, dst: TorchPlan) -> None:
+        if src is not dst:
+            assert src.z_image is not None
+            dst.z_image = src.z_image.expand(dst.z_init.shape[0], *src.z_image.shape[1:]).contiguous()
+
+    def take(self, src: TorchPlan, z: torch.Tensor, start: int, dst: TorchPlan) -> torch.Tensor:
+        return z[start : start + dst.z_init.shape[0]]
+
+    def decode_chunk(self, samples: int) -> int:
+        if not self.device.startswith("cuda"):
+            return 1
+        free, _ = torch.cuda.mem_get_info(self.device)
+        per_sample = DECODER_BYTES_PER_VOXEL * int(np.prod(self.config.image_size))
+        return max(1, min(samples, int(0.5 * free) // per_sample))
+
+    @torch.no_grad()
+    def encode(self, plan: TorchPlan) -> None:
+        with strict_fp32():
+            plan.z_image = self.model.encode_image(plan.image)
+
+    @torch.no_grad()
+    def step(self, plan: TorchPlan, z: torch.Tensor, i: int) -> torch.Tensor:
+        assert plan.z_image is not None
+        with strict_fp32():
+            return self.model.step(z, plan.z_image, plan.table[i].expand(z.shape[0], 4), plan.noise[i])
+
+    @torch.no_grad()
+    def decode(self, plan: TorchPlan, z: torch.Tensor, probabilities: bool) -> None:
+        with strict_fp32():
+            plan.probabilities = self.model.label_decoder(z)
+        plan.labels = plan.probabilities.argmax(dim=1).to(torch.uint8)
+
+    def copy_out(self, plan: TorchPlan, probabilities: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        assert plan.labels is not None and plan.probabilities is not None
+        probs = plan.probabilities.cpu().numpy() if probabilities else None
+        return plan.labels.cpu().numpy(), probs
+
+    # ------------------------------------------------------------------ CUDA graphs
+    def capture(self, plan: TorchPlan, body: Callable[[], None]) -> _Captured:
+        with strict_fp32():  # the stages set it too; this covers everything the capture records
+            return self._capture(plan, body)
+
+    def _capture(self, plan: TorchPlan, body: Callable[[], None]) -> _Captured:
+        plan.probabilities = plan.labels = None  # set again only by a body that decodes
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up outside capture: lazy inits, cuDNN autotune
+                for _ in range(2):
+                    body()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                body()
+        except RuntimeError as exc:
+            raise CaptureFailed(str(exc)) from exc
+        return _Captured(graph, plan.probabilities, plan.labels)  # outputs only used when the body decodes
+
+    def replay(self, plan: TorchPlan, graph: _Captured) -> None:
+        graph.graph.replay()
+        if graph.probabilities is not None:
+            plan.probabilities, plan.labels = graph.probabilities, graph.labels  # this graph's static outputs
+
+    def synchronize(self) -> None:
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize(self.device)
+
+
+@contextmanager
+def strict_fp32() -> Iterator[None]:
+    """TF32 off for CUDA matmuls and cuDNN convolutions inside, the caller's settings restored after."""
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    saved = (matmul.allow_tf32, cudnn.allow_tf32)
+    matmul.allow_tf32 = cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        matmul.allow_tf32, cudnn.allow_tf32 = saved
+
+
+def _torch_device(device: str) -> torch.device:
+    """'cuda' means GPU 0, as for the other backends (parameters report cuda:0, never bare cuda)."""
+    target = torch.device(device)
+    return torch.device("cuda", 0) if target.type == "cuda" and target.index is None else target
+
+
+def _on_device(model: LDSeg, device: torch.device) -> LDSeg:
+    """The model in eval mode on `device`, without touching the caller's module: a copy whenever
+    moving it or switching its mode would change it (a shared model may be exported afterwards)."""
+    on_device = all(p.device == device for p in model.parameters())
+    if on_device and not model.training:
+        return model
+    moved = copy.deepcopy(model).to(device).eval()
+    moved.trained, moved.checkpoint_hash = dict(model.trained), model.checkpoint_hash
+    return moved
+
+
+def torch_cuda_problem(index: int = 0) -> str | None:
+    """Why PyTorch cannot run on GPU `index` (None: it can)."""
+    import torch
+
+    if torch.version.cuda is None:
+        return f"this PyTorch ({torch.__version__}) is a CPU-only build (the GPU route needs a CUDA build)"
+    try:
+        torch.cuda.init()  # raises with the driver's own words (no driver, driver too old...)
+    except (RuntimeError, AssertionError) as exc:
+        return f"PyTorch cannot initialize CUDA: {str(exc).strip().splitlines()[0]}"
+    count = torch.cuda.device_count()
+    if index >= count:
+        return f"GPU {index} requested, PyTorch sees {count} GPU(s) (CUDA_VISIBLE_DEVICES?)"
+    return None
