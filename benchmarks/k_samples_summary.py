@@ -18,7 +18,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-RSS_LIMIT_GB = 4.0
+RSS_LIMIT_GB = 4.0  # compared with GiB (time -v kbytes are KiB / 2**20); 4 GiB = 4.29 GB
 
 
 def time_v(path: Path) -> dict[str, float]:
@@ -50,7 +50,7 @@ def main() -> None:
     rows, lines = (
         {},
         [
-            "| backend | K | exit | peak RSS (GB) | wall (s) | infer_ms | encoder | loop | decoder (sum) | "
+            "| backend | K | exit | peak RSS (GiB) | wall (s) | infer_ms | encoder | loop | decoder (sum) | "
             "target: enc1 + 8 x dec1 + loop8 (ms) | within | K=1 labels = reference |",
             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         ],
