@@ -21,12 +21,13 @@ import torch
 
 from ldseg.export import export_bundle
 from ldseg.model.network import LDSeg
+from ldseg.runs.inference import infer
+from ldseg.runs.types import RunOptions
 from ldseg.runtime.backend import Backend, make_inputs
-from ldseg.runtime.onnxruntime_backend import OnnxRuntimeBackend
-from ldseg.runtime.openvino_backend import OpenVinoBackend
+from ldseg.runtime.backends.onnxruntime.backend import OnnxRuntimeBackend
+from ldseg.runtime.backends.openvino_backend import OpenVinoBackend
+from ldseg.runtime.backends.torch_backend import TorchBackend
 from ldseg.runtime.select import load_model
-from ldseg.runtime.session import RunOptions, infer
-from ldseg.runtime.torch_backend import TorchBackend
 from tests.helpers import assert_several_classes, phantom_images
 
 STEPS = 4

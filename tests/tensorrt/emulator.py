@@ -35,8 +35,8 @@ import onnxruntime as ort
 
 from ldseg.export.build_options import batch_profile, file_digest, write_engines_json
 from ldseg.export.tensorrt_build import BuildOptions, describe_engine_set
-from ldseg.runtime.bundle import load_bundle
-from ldseg.runtime.engines import ENGINE_SUFFIX, EngineFile, Environment
+from ldseg.runtime.artifacts.bundle import load_bundle
+from ldseg.runtime.artifacts.engines import ENGINE_SUFFIX, EngineFile, Environment
 
 TRT_VERSION = "10.13.0.35"
 GPU = SimpleNamespace(name=b"NVIDIA H100 80GB HBM3\0", major=9, minor=0, totalGlobalMem=80 * 2**30)
@@ -352,10 +352,10 @@ def fake_tensorrt(gpu: Emulator) -> ModuleType:
 
 
 def install(monkeypatch: Any) -> Emulator:
-    """Plug an Emulator in where the backend imports cuda-python (ldseg.runtime.cuda.runtime) and
+    """Plug an Emulator in where the backend imports cuda-python (ldseg.runtime.backends.tensorrt.cuda.runtime) and
     `tensorrt` (sys.modules), for one test (pytest's monkeypatch undoes it): the real
     TensorRTBackend code then runs over host memory and ONNX Runtime."""
-    from ldseg.runtime import cuda
+    from ldseg.runtime.backends.tensorrt import cuda
 
     gpu = Emulator()
     cudart = FakeCudart(gpu)

@@ -117,7 +117,7 @@ def k_samples_within_budget(
 def free_device_memory() -> int | None:
     """Free bytes on GPU 0 (cuda-python), None where that cannot be read."""
     from ldseg.errors import BackendUnavailable
-    from ldseg.runtime import cuda
+    from ldseg.runtime.backends.tensorrt import cuda
 
     try:
         return cuda.memory_info()[0]
@@ -138,7 +138,7 @@ def k_inputs(checks: Checks, cfg: Any) -> PipelineInputs:
 def onnxruntime_cuda(checks: Checks, kind: str = "agreement") -> Result:
     """kind: agreement (labels vs the torch CPU reference), graphs (on vs off), k_samples."""
     from ldseg.errors import BackendUnavailable
-    from ldseg.runtime.onnxruntime_backend import OnnxRuntimeBackend
+    from ldseg.runtime.backends.onnxruntime.backend import OnnxRuntimeBackend
 
     bundle = checks.prepared / BUNDLES["fp32"]
     try:
@@ -169,8 +169,8 @@ def tensorrt(checks: Checks, precision: str) -> Result:
     """Build the engines (if the budget allows), then labels vs the torch CPU reference."""
     from ldseg.errors import BackendUnavailable
     from ldseg.export.tensorrt_build import build_engines
-    from ldseg.runtime.engines import require_tensorrt
-    from ldseg.runtime.tensorrt_backend import TensorRTBackend
+    from ldseg.runtime.backends.tensorrt.backend import TensorRTBackend
+    from ldseg.runtime.backends.tensorrt.environment import require_tensorrt
 
     try:
         require_tensorrt()
@@ -198,7 +198,7 @@ def tensorrt(checks: Checks, precision: str) -> Result:
 
 def tensorrt_graphs(checks: Checks, precision: str, kind: str) -> Result:
     """kind: graphs (on vs off) or k_samples, on the engines tensorrt() built."""
-    from ldseg.runtime.tensorrt_backend import TensorRTBackend
+    from ldseg.runtime.backends.tensorrt.backend import TensorRTBackend
 
     engines = checks.engines.get(precision)
     if engines is None:

@@ -37,7 +37,8 @@ WHEELS = (
 
 def no_gpu_reason() -> str | None:
     """None when some route sees a GPU; else why not, per route (PyTorch, cuda-python)."""
-    from ldseg.runtime.devices import cuda_runtime_problem, torch_cuda_problem
+    from ldseg.runtime.backends.tensorrt.cuda import cuda_runtime_problem
+    from ldseg.runtime.select import torch_cuda_problem
 
     torch_problem, runtime_problem = torch_cuda_problem(0), cuda_runtime_problem(0)
     if torch_problem is None or runtime_problem is None:
