@@ -8,12 +8,16 @@ their Spearman rank correlation. Two sets:
             added to the raw image at increasing sigma (in units of the image's intensity range),
             as the paper's robustness experiment does
   knee      the QC sidecars of an ldseg-run of a knee checkpoint on NIfTI images with labels
-            of the same names (real data: the images, labels and weights stay outside the repository)
+            of the same names (real data: the images, labels and weights stay outside the repository);
+            `knee-noise` makes such a folder from one case under a noise sweep (case_sigma<S>.nii.gz,
+            the same Gaussian noise in units of the intensity range as the phantoms get), and the
+            knee rows read the sigma back from the name
 
 Usage:
   python benchmarks/uncertainty.py phantoms -o DIR [--seeds 24] [--sigmas 0,0.05,...] [--samples 8]
   ldseg-run I -o RUN --checkpoint knee3d.safetensors --samples 8 --report --labels L
   python benchmarks/uncertainty.py knee -o DIR --run RUN   # rows from RUN/*_qc.json
+  python benchmarks/uncertainty.py knee-noise -o NOISY --image I --label L [--sigmas 0,0.05,...]
   python benchmarks/uncertainty.py plot -o DIR          # table, Spearman and scatter from DIR/*.csv
 """
 
@@ -138,12 +142,13 @@ def knee(args: argparse.Namespace) -> None:
         if record.mean_structure_entropy is None or record.label is None:
             raise SystemExit(f"{sidecar}: needs K >= 2 and a reference label")
         dice = {int(k): c.dice for k, c in record.classes.items() if c.dice is not None}
+        sigma = float(record.name.rsplit("_sigma", 1)[1]) if "_sigma" in record.name else 0.0
         _append(
             target,
             {
                 "set": "knee",
                 "case": record.name,
-                "sigma": 0.0,
+                "sigma": sigma,
                 "samples": record.samples,
                 "mean_entropy": record.mean_structure_entropy,
                 "unsure_fraction": record.low_confidence_fraction,
@@ -153,6 +158,27 @@ def knee(args: argparse.Namespace) -> None:
                 "seconds": float("nan"),
             },
         )
+
+
+def knee_noise(args: argparse.Namespace) -> None:
+    """NOISY/images/<case>_sigma<S>.nii.gz (noise on the raw intensities, image geometry kept) and
+    NOISY/labels/ with the label under every such name, for `ldseg-run ... --labels NOISY/labels`."""
+    image = nib.load(str(args.image))
+    data = np.asarray(image.dataobj, dtype=np.float32)
+    span = float(data.max() - data.min())
+    label = nib.load(str(args.label))
+    case = args.image.name.removesuffix(".nii.gz")
+    (args.output / "images").mkdir(parents=True, exist_ok=True)
+    (args.output / "labels").mkdir(parents=True, exist_ok=True)
+    for sigma in args.sigmas:
+        rng = np.random.default_rng(10_000)
+        noisy = data + rng.normal(scale=sigma * span, size=data.shape).astype(np.float32)
+        name = f"{case}_sigma{sigma:.2f}.nii.gz"
+        out = nib.Nifti1Image(noisy, image.affine, image.header)
+        out.set_data_dtype(np.float32)  # not the source's integer type: the noise stays as drawn
+        nib.save(out, str(args.output / "images" / name))
+        nib.save(label, str(args.output / "labels" / name))
+        print(f"wrote {name}", flush=True)
 
 
 def _read(path: Path) -> list[dict]:
@@ -194,8 +220,10 @@ def plot(args: argparse.Namespace) -> None:
         add("phantoms", f"{sigma:g}", [r for r in phantom_rows if r["sigma"] == sigma])
     if phantom_rows:
         add("phantoms", "all", phantom_rows)
-    if knee_rows:
-        add("knee", "0", knee_rows)
+    for sigma in sorted({r["sigma"] for r in knee_rows}):
+        add("knee", f"{sigma:g}", [r for r in knee_rows if r["sigma"] == sigma])
+    if len({r["sigma"] for r in knee_rows}) > 1:
+        add("knee", "all", knee_rows)
     (args.output / "table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
@@ -220,7 +248,9 @@ def plot(args: argparse.Namespace) -> None:
         ax.scatter([r["mean_entropy"] for r in knee_rows], [r["one_minus_dice"] for r in knee_rows], s=30)
         for r in knee_rows:
             ax.annotate(r["case"], (r["mean_entropy"], r["one_minus_dice"]), fontsize=8)
-        ax.set_title(f"knee (n = {len(knee_rows)}; too few for a rank correlation)", fontsize=9)
+        rho_k, _ = _spearman(knee_rows)
+        title = f"Spearman rho {rho_k:.2f}" if len(knee_rows) >= 3 else "too few for a rank correlation"
+        ax.set_title(f"knee (n = {len(knee_rows)}: {title})", fontsize=9)
         ax.set_xlabel(f"mean vote entropy in predicted structures (K = {int(knee_rows[0]['samples'])})")
         ax.set_ylabel("1 - mean foreground Dice")
     FigureCanvasAgg(fig).print_png(str(args.output / "scatter.png"))
@@ -228,7 +258,7 @@ def plot(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["phantoms", "knee", "plot"])
+    parser.add_argument("what", choices=["phantoms", "knee", "knee-noise", "plot"])
     parser.add_argument("-o", "--output", type=Path, required=True)
     parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0, help="noise seed of sample 0 (sample k: seed + k)")
@@ -240,11 +270,13 @@ def main() -> None:
     parser.add_argument("--bundle", type=Path)
     parser.add_argument("--backend", default="auto")
     parser.add_argument("--run", type=Path, help="knee: output folder of ldseg-run --qc --labels")
+    parser.add_argument("--image", type=Path, help="knee-noise: the case's image")
+    parser.add_argument("--label", type=Path, help="knee-noise: the case's label")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     args.output.mkdir(parents=True, exist_ok=True)
-    {"phantoms": phantoms, "knee": knee, "plot": plot}[args.what](args)
+    {"phantoms": phantoms, "knee": knee, "knee-noise": knee_noise, "plot": plot}[args.what](args)
 
 
 if __name__ == "__main__":

@@ -76,7 +76,7 @@ def run(
     steps: Annotated[Optional[int], typer.Option(help="Sampling steps (default: checkpoint's, 15).")] = None,
     sampler: Annotated[Optional[SamplerChoice], typer.Option(help="Sampler (default: the checkpoint's).")] = None,
     seed: Annotated[int, typer.Option(help="Noise seed; sample k uses seed + k.")] = 0,
-    samples: Annotated[int, typer.Option(help="K samples as one batch: adds confidence and entropy maps.")] = 1,
+    samples: Annotated[int, typer.Option(help="K samples, one encoder run: adds confidence and entropy maps.")] = 1,
     save_probabilities: Annotated[bool, typer.Option(help="Also write per-class probability maps.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace existing outputs.")] = False,
     skip_existing: Annotated[

@@ -32,13 +32,12 @@ def segment_prepared(
 def infer(
     image: np.ndarray, backend: Backend, cfg: ModelConfig, opts: RunOptions
 ) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
-    """The model on one prepared image (C, *grid), K samples as one batch: the mean probabilities
+    """The model on one prepared image (C, *grid), K samples (Backend.sample: one encoder run, the
+    K chains as one batch, the decoder in memory-bounded chunks): the mean probabilities
     (num_classes, *grid), the K label votes (K, *grid) and the backend's stage times."""
     seeds = [opts.seed + k for k in range(opts.samples)]
-    batch = np.repeat(image[None], opts.samples, axis=0)
-    result = backend.run(make_inputs(cfg, batch, seeds, opts.steps, opts.sampler), probabilities=True)
-    assert result.probabilities is not None
-    return result.probabilities.mean(axis=0), result.labels, result.stage_ms
+    result = backend.sample(make_inputs(cfg, image[None], seeds, opts.steps, opts.sampler))
+    return result.mean, result.votes, result.stage_ms
 
 
 def on_input_grid(

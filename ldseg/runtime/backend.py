@@ -5,16 +5,36 @@ manager and the staged run; each backend implements the stages over buffers it a
 shape (its "plan") and reuses for every later run:
 
     plan(batch, steps)         the buffers for this shape, made on first use
-    copy_in(plan, inputs)      host arrays -> the plan's buffers; returns the initial latent
+    copy_image(plan, image)    host image -> the plan's image buffer
+    copy_latents(plan, inputs) host z_init, noise, table -> the plan's buffers; returns the initial latent
     encode(plan)               image -> z_image
+    broadcast(src, dst)        src's z_image (one image) -> every row of dst's z_image (K chains)
     step(plan, z, i)           one fused sampler step (table row i): latent -> next latent
+    take(src, z, start, dst)   latents [start, start + dst's batch) of src -> dst's first latent buffer
     decode(plan, z, probs)     latent -> labels (and probabilities when asked)
     copy_out(plan, probs)      -> host arrays
 
-`Backend.run` is the one place that calls them in order: eagerly, or, where a backend captures
-(`capture`/`replay`, CUDA graphs), encode + loop + decode as one graph replay. The loop is
-`ldseg.model.sampling.denoise_loop`, the function the PyTorch model samples with, so the sampler
-is written once. `stage_calls` hands `ldseg-bench` the same stage methods to time one by one.
+`Backend._execute` is the one place that calls them in order, for both entry points:
+
+- `run(inputs)`: one image per latent (a batch of B images) or one image and B chains, decoded as
+  one batch; what `ldseg-bench` and the tests of B different images use;
+- `sample(inputs)`: K samples of one image in bounded memory (`ldseg-run --samples K`). The image
+  is encoded once at batch 1 and its latent broadcast to the K chains, which denoise as one batch
+  of K (latents are tiny); the decoder then runs in chunks of `decode_chunk(K)` samples (1 on CPU:
+  a decoder holds full-resolution activations per sample) and the mean probabilities and the K
+  label votes are accumulated chunk by chunk, so no K full-resolution probability volumes are ever
+  held at once. Same seeds, same labels: the sum runs sample by sample in float32 in the order
+  `probabilities.mean(axis=0)` adds them, so chunking changes no bit of the mean.
+
+Eagerly, or, where a backend captures (`capture`/`replay`, CUDA graphs), encode + broadcast + loop
+(+ decode when one chunk holds the batch) as one graph replay; the decode chunks of `sample` run
+eagerly after it (one launch each: a graph would buy nothing). A capture runs the body over the
+plan's buffers (warm-up, then recording), which overwrites the latents the loop started from, so
+after any capture attempt, successful or not, `_execute` copies the inputs in again: the capturing
+call, the eager fallback after a failed capture and every replay all start from the request's own
+inputs. The loop is `ldseg.model.sampling.denoise_loop`, the function the PyTorch model samples
+with, so the sampler is written once. `stage_calls` hands `ldseg-bench` the same stage methods to
+time one by one.
 
 Every backend sees the same data, prepared once by `make_inputs`: initial latents, per-step noise
 and the coefficient table, so their results are comparable voxel for voxel.
@@ -39,13 +59,19 @@ STAGES = ("input_copy", "encoder", "step", "loop", "decoder", "output_copy")  # 
 
 @dataclass(frozen=True)
 class PipelineInputs:
-    image: np.ndarray  # (B, C, *grid) float32, on the model grid
+    image: np.ndarray  # (B, C, *grid) float32 on the model grid: one image per latent, or (1, C, *grid) for B chains
     z_init: np.ndarray  # (B, 1, *latent) float32, renormalized noise
     noise: np.ndarray  # (steps, B, 1, *latent) float32 (multiplied by 0 under DDIM)
     table: np.ndarray  # (steps, 4) float32 rows [t, a, b, c] in execution order
 
     @property
     def batch(self) -> int:
+        """Latents (denoising chains) in the run."""
+        return int(self.z_init.shape[0])
+
+    @property
+    def images(self) -> int:
+        """Images encoded: `batch`, or 1 when the chains are K samples of one image."""
         return int(self.image.shape[0])
 
     @property
@@ -58,6 +84,24 @@ class PipelineOutputs:
     labels: np.ndarray  # (B, *grid) uint8
     probabilities: np.ndarray | None = None  # (B, K, *grid) float32 when asked for
     stage_ms: dict[str, float] = field(default_factory=dict)  # wall/GPU time per stage
+
+
+@dataclass
+class SampleResult:
+    """K samples of one image, accumulated chunk by chunk (`Backend.sample`)."""
+
+    mean: np.ndarray  # (num_classes, *grid) float32: the mean probabilities over the K samples
+    votes: np.ndarray  # (K, *grid) uint8: each sample's labels (vote entropy, QC)
+    stage_ms: dict[str, float]
+    chunk: int  # samples per decoder run
+
+
+@dataclass
+class Captured:
+    """A graph of encode + loop (+ decode) and the latent it leaves the loop's result in."""
+
+    graph: Any
+    latent: Any
 
 
 class CaptureFailed(RuntimeError):
@@ -79,9 +123,10 @@ class HostClock:
         self.last = time.perf_counter()
 
     def mark(self, stage: str) -> None:
+        """Time since the last mark, added to `stage` (decoder chunks add up)."""
         self.synchronize()
         now = time.perf_counter()
-        self.ms[stage] = (now - self.last) * 1e3
+        self.ms[stage] = self.ms.get(stage, 0.0) + (now - self.last) * 1e3
         self.last = now
 
     def result(self) -> dict[str, float]:
@@ -104,7 +149,7 @@ class Backend(ABC, Generic[PlanT, LatentT]):
         self.artifact = artifact  # how errors name it, e.g. "bundle 'knee3d'"
         self.cuda_graph = cuda_graph  # whole-pipeline capture (backends that implement capture)
         self.fallback_reason: str | None = None  # why capture was given up, once it was
-        self._graphs: dict[tuple[int, int, bool], Any] = {}
+        self._graphs: dict[tuple[int, int, int, bool, bool], Captured] = {}
 
     # ------------------------------------------------------------------ the stages
     @abstractmethod
@@ -112,15 +157,27 @@ class Backend(ABC, Generic[PlanT, LatentT]):
         """Buffers (and contexts, sessions...) for this shape: made on the first call, then reused."""
 
     @abstractmethod
-    def copy_in(self, plan: PlanT, inputs: PipelineInputs) -> LatentT:
-        """Copy the inputs into the plan's buffers; returns the initial latent."""
+    def copy_image(self, plan: PlanT, image: np.ndarray) -> None:
+        """Copy the image (plan's batch, C, *grid) into the plan's image buffer."""
+
+    @abstractmethod
+    def copy_latents(self, plan: PlanT, inputs: PipelineInputs) -> LatentT:
+        """Copy z_init, noise and the table into the plan's buffers; returns the initial latent."""
 
     @abstractmethod
     def encode(self, plan: PlanT) -> None: ...
 
     @abstractmethod
+    def broadcast(self, src: PlanT, dst: PlanT) -> None:
+        """src's z_image (batch 1) into every row of dst's z_image (the K chains of one image)."""
+
+    @abstractmethod
     def step(self, plan: PlanT, z: LatentT, i: int) -> LatentT:
         """One fused sampler step with table row i."""
+
+    @abstractmethod
+    def take(self, src: PlanT, z: LatentT, start: int, dst: PlanT) -> LatentT:
+        """Latents [start, start + dst's batch) of src's latent z, as dst's latent (a decoder chunk)."""
 
     @abstractmethod
     def decode(self, plan: PlanT, z: LatentT, probabilities: bool) -> None: ...
@@ -155,6 +212,17 @@ class Backend(ABC, Generic[PlanT, LatentT]):
     def release(self) -> None:
         """Free what the backend allocated (close() calls it once)."""
 
+    def decode_chunk(self, samples: int) -> int:
+        """Samples per decoder run in `sample`. The decoder is the one stage whose memory grows with
+        the batch at full resolution (knee3d: ~2.5 GB per sample on CPU), so the default is 1: the
+        CPU backends' peak then stays that of K=1. GPU backends override it with what fits."""
+        return 1
+
+    def copy_in(self, plan: PlanT, inputs: PipelineInputs) -> LatentT:
+        """copy_image + copy_latents into one plan (the bench's input_copy stage)."""
+        self.copy_image(plan, inputs.image)
+        return self.copy_latents(plan, inputs)
+
     # ------------------------------------------------------------------ the run, written once
     @property
     def mode(self) -> str:
@@ -164,46 +232,118 @@ class Backend(ABC, Generic[PlanT, LatentT]):
         return denoise_loop(z, steps, lambda latent, i: self.step(plan, latent, i))
 
     def run(self, inputs: PipelineInputs, *, probabilities: bool = False) -> PipelineOutputs:
-        """The pipeline on `inputs`; buffers are allocated on the first call for a shape and reused."""
+        """The pipeline on `inputs`, decoded as one batch; buffers are allocated on the first call
+        for a shape and reused."""
+        out: list[Any] = []
+        stage_ms = self._execute(inputs, probabilities, inputs.batch, lambda _, *result: out.append(result))
+        labels, probs = out[0]
+        return PipelineOutputs(labels=labels, probabilities=probs, stage_ms=stage_ms)
+
+    def sample(self, inputs: PipelineInputs, *, chunk: int | None = None) -> SampleResult:
+        """K samples of one image (inputs.image of batch 1, K latents): the mean probabilities and
+        the K label votes, decoded `chunk` samples at a time (default `decode_chunk(K)`)."""
+        if inputs.images != 1:
+            raise ValueError(f"sample takes one image and K latents, got {inputs.images} images")
+        k = inputs.batch
+        size = max(1, min(k, chunk or self.decode_chunk(k)))
+        votes = np.empty((k, *self.config.image_size), np.uint8)
+        total: list[np.ndarray] = []
+
+        def consume(start: int, labels: np.ndarray, probs: np.ndarray | None) -> None:
+            assert probs is not None
+            votes[start : start + len(labels)] = labels
+            for p in probs:  # sample by sample in float32: the additions probabilities.sum(axis=0) makes
+                if total:
+                    np.add(total[0], p, out=total[0])
+                else:
+                    total.append(np.array(p, dtype=np.float32, copy=True))
+
+        stage_ms = self._execute(inputs, True, size, consume)
+        # np.mean's own division (by an intp count, into the float32 sum): the same bits as before.
+        mean = np.true_divide(total[0], np.intp(k), out=total[0], casting="unsafe")
+        return SampleResult(mean=mean, votes=votes, stage_ms=stage_ms, chunk=size)
+
+    def _execute(
+        self,
+        inputs: PipelineInputs,
+        probabilities: bool,
+        chunk: int,
+        consume: Callable[[int, np.ndarray, np.ndarray | None], None],
+    ) -> dict[str, float]:
+        """The one lifecycle: copy in, encode (once per image), broadcast, loop, then decode in
+        chunks of `chunk` latents, each handed to `consume(start, labels, probabilities)`."""
         check_inputs(inputs, self.config, self.artifact)
-        plan = self.plan(inputs.batch, inputs.steps)
+        batch, steps = inputs.batch, inputs.steps
+        enc = self.plan(inputs.images, steps)
+        head = enc if inputs.images == batch else self.plan(batch, steps)
+        whole = chunk >= batch
         clock = self.clock()
-        z = self.copy_in(plan, inputs)
+        z = self._copy_in(enc, head, inputs)
         clock.mark("input_copy")
-        graph = self._graph(plan, z, inputs, probabilities) if self.cuda_graph else None
-        if graph is not None:
-            self.replay(plan, graph)
+        captured = None
+        if self.cuda_graph:
+            captured, attempted = self._graph(enc, head, z, inputs, probabilities, whole)
+            if attempted:  # the capture ran the body over the buffers: start again from this request's inputs
+                z = self._copy_in(enc, head, inputs)
+        if captured is not None:
+            self.replay(head, captured.graph)
+            z = captured.latent
             clock.mark("graph")
         else:
-            self.encode(plan)
+            self.encode(enc)
+            self.broadcast(enc, head)
             clock.mark("encoder")
-            z = self.loop(plan, z, inputs.steps)
+            z = self.loop(head, z, steps)
             clock.mark("loop")
-            self.decode(plan, z, probabilities)
+            if whole:
+                self.decode(head, z, probabilities)
+                clock.mark("decoder")
+        if whole:
+            labels, probs = self.copy_out(head, probabilities)
+            clock.mark("output_copy")
+            consume(0, labels, probs)
+            return clock.result()
+        for start in range(0, batch, chunk):
+            part = self.plan(min(chunk, batch - start), steps)
+            self.decode(part, self.take(head, z, start, part), probabilities)
             clock.mark("decoder")
-        labels, probs = self.copy_out(plan, probabilities)
-        clock.mark("output_copy")
-        return PipelineOutputs(labels=labels, probabilities=probs, stage_ms=clock.result())
+            labels, probs = self.copy_out(part, probabilities)
+            clock.mark("output_copy")
+            consume(start, labels, probs)
+            clock.mark("accumulate")
+        return clock.result()
 
-    def _graph(self, plan: PlanT, z: LatentT, inputs: PipelineInputs, probabilities: bool) -> Any:
-        key = (inputs.batch, inputs.steps, probabilities)
+    def _copy_in(self, enc: PlanT, head: PlanT, inputs: PipelineInputs) -> LatentT:
+        self.copy_image(enc, inputs.image)
+        return self.copy_latents(head, inputs)
+
+    def _graph(
+        self, enc: PlanT, head: PlanT, z: LatentT, inputs: PipelineInputs, probabilities: bool, whole: bool
+    ) -> tuple[Captured | None, bool]:
+        """(the graph for this shape or None, whether a capture was attempted by this call)."""
+        key = (inputs.images, inputs.batch, inputs.steps, probabilities, whole)
         if key in self._graphs:
-            return self._graphs[key]
+            return self._graphs[key], False
         if self.fallback_reason is not None:
-            return None
+            return None, False
+        final: list[LatentT] = []
 
         def body() -> None:
-            self.encode(plan)
-            self.decode(plan, self.loop(plan, z, inputs.steps), probabilities)
+            self.encode(enc)
+            self.broadcast(enc, head)
+            latent = self.loop(head, z, inputs.steps)
+            if whole:
+                self.decode(head, latent, probabilities)
+            final[:] = [latent]  # the last run's (the recorded one's) result latent
 
         try:
-            graph = self.capture(plan, body)
+            graph = self.capture(head, body)
         except CaptureFailed as exc:
             self.fallback_reason = f"CUDA-graph capture failed ({exc}); running per-step launches"
-            warnings.warn(self.fallback_reason, RuntimeWarning, stacklevel=4)
-            return None
-        self._graphs[key] = graph
-        return graph
+            warnings.warn(self.fallback_reason, RuntimeWarning, stacklevel=4)  # the caller of run/sample
+            return None, True
+        self._graphs[key] = captured = Captured(graph, final[-1])
+        return captured, True
 
     def stage_calls(self, inputs: PipelineInputs) -> dict[str, Callable[[], object]]:
         """One callable per STAGES entry over this backend's own stage methods, for the bench. Called
@@ -257,10 +397,12 @@ BackendT = TypeVar("BackendT", bound=Backend[Any, Any])
 
 
 def check_inputs(inputs: PipelineInputs, cfg: ModelConfig, owner: str) -> None:
-    """ValueError naming the array whose shape does not fit `cfg` (owner: what expects it)."""
+    """ValueError naming the array whose shape does not fit `cfg` (owner: what expects it). The
+    image batch is the latent batch, or 1 (K chains of one image)."""
     n, b = inputs.steps, inputs.batch
+    images = 1 if inputs.images == 1 else b
     expected = {
-        "image": (inputs.image.shape, (b, *cfg.image_shape)),
+        "image": (inputs.image.shape, (images, *cfg.image_shape)),
         "z_init": (inputs.z_init.shape, (b, *cfg.latent_shape)),
         "noise": (inputs.noise.shape, (n, b, *cfg.latent_shape)),
         "table": (inputs.table.shape, (n, 4)),
@@ -277,10 +419,11 @@ def make_inputs(
     steps: int | None = None,
     sampler: str | None = None,
 ) -> PipelineInputs:
+    """Inputs for `image` (B, C, *grid) with one seed per image, or (1, C, *grid) with K seeds (K samples)."""
     if image.shape[1:] != cfg.image_shape:
         raise ValueError(f"image of shape {image.shape[1:]} for a model expecting {cfg.image_shape}")
-    if len(seeds) != image.shape[0]:
-        raise ValueError(f"{len(seeds)} seeds for a batch of {image.shape[0]}")
+    if len(seeds) != image.shape[0] and image.shape[0] != 1:
+        raise ValueError(f"{len(seeds)} seeds for a batch of {image.shape[0]} (give one seed per image, or one image)")
     table = sampler_table(cfg.diffusion, steps, sampler)
     z_init, noise = draw_noise(seeds, table.steps, cfg.latent_shape)
     return PipelineInputs(

@@ -59,3 +59,11 @@ def fake_bundle(tmp_path: Path) -> Path:
 @pytest.fixture()
 def fake_engines(tmp_path: Path, fake_bundle: Path) -> Path:
     return make_fake_engine_set(tmp_path / "demo.engines", fake_bundle)
+
+
+@pytest.fixture()
+def emulated_gpu(monkeypatch: pytest.MonkeyPatch):  # noqa: ANN201 - tests/tensorrt/emulator.Emulator
+    """cuda-python's runtime and `tensorrt` replaced by the emulator for this test."""
+    from tests.tensorrt.emulator import install
+
+    return install(monkeypatch)

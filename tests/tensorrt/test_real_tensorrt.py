@@ -133,7 +133,7 @@ def test_graph_replay_equals_per_step_launches(precision, engines, model, phanto
     ):
         replayed = assert_replays_follow_inputs(graph, eager, requests, atol=1e-6, min_agreement=1.0)
         assert graph.describe()["mode"] == "cuda-graph", graph.fallback_reason
-        assert list(graph._graphs) == [(2, model.cfg.diffusion.steps, True)]  # one capture served all three
+        assert list(graph._graphs) == [(2, 2, model.cfg.diffusion.steps, True, True)]  # one capture served all three
         stepped = eager.run(requests[0], probabilities=True)
     assert all(set(out.stage_ms) == {"input_copy", "graph", "output_copy"} for out in replayed)
     assert set(stepped.stage_ms) == {"input_copy", "encoder", "loop", "decoder", "output_copy"}

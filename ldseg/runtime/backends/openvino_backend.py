@@ -8,9 +8,11 @@ otherwise choose bf16 by itself on some CPUs, and reduced precision is never sil
 
 Buffers: per batch size, one set of numpy arrays (image, z_image, two ping-pong latents, coeffs,
 noise, labels, probabilities when asked for) wrapped once as shared-memory ov.Tensors, and one
-infer request per graph, made once and reused by every later run. Step i sets the request's latent
-tensors to z[p] -> z[1 - p] (pointer swaps, no copies). Each graph is compiled with its batch axis
-pinned, so OpenVINO plans static memory.
+infer request per graph, made on first use and reused by every later run (`Backend.sample`
+denoises at batch K but encodes at 1 and decodes in chunks: the batch-K plan never compiles an
+encoder or decoder, whose requests would hold full-resolution activation memory for K samples).
+Step i sets the request's latent tensors to z[p] -> z[1 - p] (pointer swaps, no copies). Each
+graph is compiled with its batch axis pinned, so OpenVINO plans static memory.
 
 The loop runs the fused `denoise_step` graph once per step. Its alternative, the raw denoiser in
 OpenVINO with the sampler update in numpy, was no faster on knee3d (see README, OpenVINO section):
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import os
 import threading
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -76,11 +79,20 @@ class OpenVinoPlan:
             id(a): ov.Tensor(a, shared_memory=True)
             for a in (self.image, self.z_image, *self.z, self.coeffs, self.noise, self.labels)
         }
-        self.encoder = self._request("encoder", [self.image], [self.z_image])
-        self.step = self._request("denoise_step", [self.z[0], self.z_image, self.coeffs, self.noise], [self.z[1]])
-        self.argmax = self._request("decoder_argmax", [self.z[0]], [self.labels])
         self.decoder: Any = None
         self.inputs: PipelineInputs | None = None  # the run's table and noise, read by each step
+
+    @cached_property
+    def encoder(self) -> Any:
+        return self._request("encoder", [self.image], [self.z_image])
+
+    @cached_property
+    def step(self) -> Any:
+        return self._request("denoise_step", [self.z[0], self.z_image, self.coeffs, self.noise], [self.z[1]])
+
+    @cached_property
+    def argmax(self) -> Any:
+        return self._request("decoder_argmax", [self.z[0]], [self.labels])
 
     def tensor(self, array: np.ndarray) -> Any:
         return self.tensors[id(array)]
@@ -208,10 +220,20 @@ class OpenVinoBackend(Backend[OpenVinoPlan, int]):
             self.allocations += 1
         return self._plans[batch]
 
-    def copy_in(self, plan: OpenVinoPlan, inputs: PipelineInputs) -> int:
-        np.copyto(plan.image, inputs.image)
+    def copy_image(self, plan: OpenVinoPlan, image: np.ndarray) -> None:
+        np.copyto(plan.image, image)
+
+    def copy_latents(self, plan: OpenVinoPlan, inputs: PipelineInputs) -> int:
         np.copyto(plan.z[0], inputs.z_init)
         plan.inputs = inputs
+        return 0
+
+    def broadcast(self, src: OpenVinoPlan, dst: OpenVinoPlan) -> None:
+        if src is not dst:
+            np.copyto(dst.z_image, src.z_image)  # (1, *latent) -> (K, *latent)
+
+    def take(self, src: OpenVinoPlan, z: int, start: int, dst: OpenVinoPlan) -> int:
+        np.copyto(dst.z[0], src.z[z][start : start + dst.batch])
         return 0
 
     def encode(self, plan: OpenVinoPlan) -> None:

@@ -1,10 +1,18 @@
 """PyTorch reference backend (FP32, CPU or CUDA).
 
-On CUDA the whole pipeline — encoder, N fused steps, decoder with argmax — is captured once per
-(batch, steps, probabilities) into a torch.cuda.CUDAGraph over the plan's static buffers; a request
-copies its inputs into those buffers, replays, and reads the outputs: no Python work, allocation or
-host sync inside. Where capture fails the backend warns once with the reason and runs the same
-stages eagerly (ldseg/runtime/backend.py).
+On CUDA the whole pipeline — encoder, N fused steps, decoder with argmax (for `sample`: encoder,
+broadcast and steps, the decoder chunks after it eagerly) — is captured once per shape into a
+torch.cuda.CUDAGraph over the plan's static buffers; a request copies its inputs into those buffers,
+replays, and reads the outputs: no Python work, allocation or host sync inside. Where capture fails
+the backend warns once with the reason and runs the same stages eagerly (ldseg/runtime/backend.py).
+
+Capture and the inputs: every stage returns new tensors and none writes the plan's input buffers
+(image, z_init, noise, table), so the two warm-up runs and the recorded one leave the inputs as
+they were; the lifecycle's copy-in after a capture attempt is therefore a no-op in effect here.
+
+Decoder chunks on CUDA (`decode_chunk`): as many samples as fit in half the free device memory at
+DECODER_BYTES_PER_VOXEL per sample (an upper estimate of the decoder's full-resolution activations);
+on CPU one sample per chunk.
 
 The model it is handed is never modified: a model on another device, or in training mode, is copied
 (a model shared with an exporter must stay where it was).
@@ -41,11 +49,16 @@ class TorchPlan:
     labels: torch.Tensor | None = None
 
 
+# Per sample, an upper estimate: before issue 26, `--samples 8` on knee3d (4.0 M voxels) peaked at
+# 22.9 GB on torch CPU with encoder and decoder at batch 8, ~700 B per voxel per sample.
+DECODER_BYTES_PER_VOXEL = 1024
+
+
 @dataclass
 class _Captured:
     graph: torch.cuda.CUDAGraph
-    probabilities: torch.Tensor  # the graph's own output tensors (one graph per probabilities flag)
-    labels: torch.Tensor
+    probabilities: torch.Tensor | None  # the graph's own output tensors, when it decodes
+    labels: torch.Tensor | None
 
 
 class TorchBackend(Backend[TorchPlan, torch.Tensor]):
@@ -87,15 +100,28 @@ class TorchBackend(Backend[TorchPlan, torch.Tensor]):
             )
         return self._plans[key]
 
-    def copy_in(self, plan: TorchPlan, inputs: PipelineInputs) -> torch.Tensor:
-        for target, source in (
-            (plan.image, inputs.image),
-            (plan.z_init, inputs.z_init),
-            (plan.noise, inputs.noise),
-            (plan.table, inputs.table),
-        ):
+    def copy_image(self, plan: TorchPlan, image: np.ndarray) -> None:
+        plan.image.copy_(torch.from_numpy(image))
+
+    def copy_latents(self, plan: TorchPlan, inputs: PipelineInputs) -> torch.Tensor:
+        for target, source in ((plan.z_init, inputs.z_init), (plan.noise, inputs.noise), (plan.table, inputs.table)):
             target.copy_(torch.from_numpy(source))
         return plan.z_init
+
+    def broadcast(self, src: TorchPlan, dst: TorchPlan) -> None:
+        if src is not dst:
+            assert src.z_image is not None
+            dst.z_image = src.z_image.expand(dst.z_init.shape[0], *src.z_image.shape[1:]).contiguous()
+
+    def take(self, src: TorchPlan, z: torch.Tensor, start: int, dst: TorchPlan) -> torch.Tensor:
+        return z[start : start + dst.z_init.shape[0]]
+
+    def decode_chunk(self, samples: int) -> int:
+        if not self.device.startswith("cuda"):
+            return 1
+        free, _ = torch.cuda.mem_get_info(self.device)
+        per_sample = DECODER_BYTES_PER_VOXEL * int(np.prod(self.config.image_size))
+        return max(1, min(samples, int(0.5 * free) // per_sample))
 
     @torch.no_grad()
     def encode(self, plan: TorchPlan) -> None:
@@ -125,6 +151,7 @@ class TorchBackend(Backend[TorchPlan, torch.Tensor]):
             return self._capture(plan, body)
 
     def _capture(self, plan: TorchPlan, body: Callable[[], None]) -> _Captured:
+        plan.probabilities = plan.labels = None  # set again only by a body that decodes
         try:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
@@ -137,12 +164,12 @@ class TorchBackend(Backend[TorchPlan, torch.Tensor]):
                 body()
         except RuntimeError as exc:
             raise CaptureFailed(str(exc)) from exc
-        assert plan.probabilities is not None and plan.labels is not None
-        return _Captured(graph, plan.probabilities, plan.labels)
+        return _Captured(graph, plan.probabilities, plan.labels)  # outputs only used when the body decodes
 
     def replay(self, plan: TorchPlan, graph: _Captured) -> None:
         graph.graph.replay()
-        plan.probabilities, plan.labels = graph.probabilities, graph.labels  # this graph's static outputs
+        if graph.probabilities is not None:
+            plan.probabilities, plan.labels = graph.probabilities, graph.labels  # this graph's static outputs
 
     def synchronize(self) -> None:
         if self.device.startswith("cuda"):

@@ -54,7 +54,8 @@ def test_graph_replay_equals_eager_and_follows_new_inputs(model):
     eager = TorchBackend(model, "cuda", cuda_graph=False)
     requests = replay_requests(model.cfg, _image(model, 0, 4), steps=5)
     assert_replays_follow_inputs(graphed, eager, requests, atol=1e-5)
-    assert graphed.fallback_reason is None and list(graphed._graphs) == [(2, 5)]  # captured once, replayed twice
+    assert graphed.fallback_reason is None
+    assert list(graphed._graphs) == [(2, 2, 5, True, True)]  # captured once, replayed twice
 
 
 @cuda
@@ -64,7 +65,7 @@ def test_replays_allocate_nothing_and_keep_their_buffers(model):
     inputs = make_inputs(model.cfg, _image(model, 2), [0], steps=15)
     backend.run(inputs)
     buf = backend.plan(1, 15)
-    assert (1, 15, False) in backend._graphs
+    assert (1, 1, 15, False, True) in backend._graphs
     pointers = [buf.image.data_ptr(), buf.z_init.data_ptr(), buf.labels.data_ptr()]
     torch.cuda.synchronize()
     allocated = torch.cuda.memory_allocated()

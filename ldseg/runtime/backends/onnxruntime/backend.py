@@ -11,6 +11,9 @@ ptr)`). CPU and CUDA share this structure, so the CPU tests cover it.
 Sessions are created per batch with the "batch" axis pinned (add_free_dimension_override_by_name):
 ORT then folds the dynamic graph's shape arithmetic into constants, which a CUDA graph needs.
 
+Sessions are made on first use: `Backend.sample` encodes at batch 1, denoises at batch K and
+decodes in chunks, so the batch-K plan never creates (or compiles) an encoder or decoder session.
+
 Labels come from decoder_argmax. When probabilities are asked for, the decoder graph runs instead
 and labels are its argmax on the host (first maximum, like torch and ONNX ArgMax), so the decoder
 never runs twice.
@@ -22,12 +25,17 @@ first provider must be CUDA: ORT silently falls back to CPU when the CUDA librar
 run on zeros up to that capturing run when the backend is built, so a route that cannot work is
 refused up front with the reason (auto-selection then moves on). A session that refuses graph
 capture (nodes not on the CUDA EP, control flow) is recreated without it, and describe() says so.
+Capture and the inputs: ORT captures one session run (one binding) at a time, and no binding
+writes a buffer it reads (a step reads z[p] and writes z[1 - p]; table/noise rows and the image are
+only read), so the capturing run, which ORT replays once after recording, computes what an eager
+run does; the Backend-level capture is not used (cuda_graph stays False).
 This path has NOT been run: the project's machines have had no GPU with onnxruntime-gpu.
 """
 
 from __future__ import annotations
 
 import warnings
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -144,14 +152,25 @@ class BoundPipeline:
         self.coeffs_shape = step.inputs[2].concrete(batch)
         self.noise_shape = step.inputs[3].concrete(batch)
         self.labels = _Tensor(argmax.outputs[0].concrete(batch), argmax.outputs[0].dtype, gpu)
-        self.encoder = backend.graph("encoder", batch)
-        self.encoder.bind([self.image], [self.z_image])
-        self.step = backend.graph("denoise_step", batch)  # bound per step index by each plan
-        self.argmax = backend.graph("decoder_argmax", batch)
-        for p in (0, 1):
-            self.argmax.bind([self.z[p]], [self.labels])
         self.probs: _Tensor | None = None
         self.decoder: _Graph | None = None
+
+    @cached_property
+    def encoder(self) -> _Graph:
+        graph = self.backend.graph("encoder", self.batch)
+        graph.bind([self.image], [self.z_image])
+        return graph
+
+    @cached_property
+    def step(self) -> _Graph:
+        return self.backend.graph("denoise_step", self.batch)  # bound per step index by each plan
+
+    @cached_property
+    def argmax(self) -> _Graph:
+        graph = self.backend.graph("decoder_argmax", self.batch)
+        for p in (0, 1):
+            graph.bind([self.z[p]], [self.labels])
+        return graph
 
     def probabilities_graph(self) -> tuple[_Graph, _Tensor]:
         if self.decoder is None or self.probs is None:  # built on the first run that asks
@@ -195,7 +214,11 @@ class OnnxRuntimeBackend(Backend[OrtPlan, int]):
 
     name = "onnxruntime"
 
-    def __init__(self, bundle: Bundle | Path | str, device: str = "cpu", *, threads: int | None = None):
+    def __init__(
+        self, bundle: Bundle | Path | str, device: str = "cpu", *, threads: int | None = None, cuda_graph: bool = True
+    ):
+        """cuda_graph (CUDA only): ORT's per-binding CUDA graphs; False runs every session eagerly
+        (gpu_check compares the two)."""
         loaded = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
         super().__init__(loaded.config, f"bundle {loaded.preset!r}")
         self.bundle = loaded
@@ -211,6 +234,7 @@ class OnnxRuntimeBackend(Backend[OrtPlan, int]):
         self.device = "cpu" if self.gpu is None else f"cuda:{self.gpu}"
         self.precision = self.bundle.precision
         self.threads = threads
+        self.ort_graphs = cuda_graph
         self.allocations = 0  # buffer sets allocated so far (one per batch size)
         self.graph_refusals: dict[str, str] = {}  # graph -> why it runs without a CUDA graph
         self._pipelines: dict[int, BoundPipeline] = {}
@@ -239,6 +263,8 @@ class OnnxRuntimeBackend(Backend[OrtPlan, int]):
     def describe(self) -> dict[str, str]:
         if self.gpu is None:
             graph = "off (CPU)"
+        elif not self.ort_graphs:
+            graph = "off (asked)"
         elif self.graph_refusals:
             graph = "off for " + "; ".join(f"{g} ({why})" for g, why in self.graph_refusals.items())
         else:
@@ -273,7 +299,7 @@ class OnnxRuntimeBackend(Backend[OrtPlan, int]):
         if self.threads:
             options.intra_op_num_threads = self.threads
         path = self.bundle.path / info.file
-        graphs = self.gpu is not None and name not in self.graph_refusals
+        graphs = self.gpu is not None and self.ort_graphs and name not in self.graph_refusals
         try:
             try:
                 session = ort.InferenceSession(str(path), options, providers=self._providers(graphs))
@@ -304,12 +330,21 @@ class OnnxRuntimeBackend(Backend[OrtPlan, int]):
             self._plans[batch, steps] = OrtPlan(self._pipelines[batch], steps)
         return self._plans[batch, steps]
 
-    def copy_in(self, plan: OrtPlan, inputs: PipelineInputs) -> int:
-        pipe = plan.pipe
-        pipe.image.write(inputs.image)
-        pipe.z[0].write(inputs.z_init)
+    def copy_image(self, plan: OrtPlan, image: np.ndarray) -> None:
+        plan.pipe.image.write(image)
+
+    def copy_latents(self, plan: OrtPlan, inputs: PipelineInputs) -> int:
+        plan.pipe.z[0].write(inputs.z_init)
         plan.table.write(inputs.table[:, None, :])  # one upload of every step's coefficients
         plan.noise.write(inputs.noise)  # and of every step's noise
+        return 0
+
+    def broadcast(self, src: OrtPlan, dst: OrtPlan) -> None:
+        if src.pipe is not dst.pipe:  # (1, *latent) -> (K, *latent); on CUDA through the host (it is tiny)
+            dst.pipe.z_image.write(src.pipe.z_image.read())
+
+    def take(self, src: OrtPlan, z: int, start: int, dst: OrtPlan) -> int:
+        dst.pipe.z[0].write(src.pipe.z[z].read()[start : start + dst.pipe.batch])
         return 0
 
     def encode(self, plan: OrtPlan) -> None:

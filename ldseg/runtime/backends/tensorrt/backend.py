@@ -18,15 +18,30 @@ and TensorRT may keep host-side copies of them that a later re-bind would overwr
     encoder:            image -> z_image
     denoise_step A / B: z[0] -> z[1]  /  z[1] -> z[0]   (same coeffs and noise slots)
     decoder(_argmax) A / B: z[0] -> out  /  z[1] -> out
-The stages (ldseg/runtime/backend.py) all enqueue on one stream: copy_in fills the pinned mirrors
-and copies them host->device; encode; step i copies table row i and noise i into the slots
-(device->device) and runs A or B by the parity it reads; decode runs decoder(_argmax) on the parity
-the last step wrote; copy_out copies the output device->host and syncs. encode + loop + decode run
-once eagerly (TensorRT allocates on the first enqueue after a shape change), then are captured in
-thread-local mode into one CUDA graph per (batch, steps, probabilities); a run is then: the input
-copies, one graph launch, the output copy, one sync. If an enqueue returns false, the capture is
-invalidated or instantiation fails, the capture is ended, the CUDA error cleared, and the backend
-warns once with the reason and runs the same stages eagerly (per-step launches) from then on.
+The stages (ldseg/runtime/backend.py) all enqueue on one stream: copy_image / copy_latents fill the
+pinned mirrors and copy them host->device; encode; broadcast copies the batch-1 plan's z_image into
+every row of the batch-K plan's (device->device, `sample`); step i copies table row i and noise i
+into the slots (device->device) and runs A or B by the parity it reads; take copies a chunk of the
+final latents into the chunk plan's z[0]; decode runs decoder(_argmax) on the parity the last step
+wrote; copy_out copies the output device->host and syncs. encode + broadcast + loop (+ decode when
+the batch is decoded in one chunk) run once eagerly (TensorRT allocates on the first enqueue after a
+shape change), then are captured in thread-local mode into one CUDA graph per shape; a run is then:
+the input copies, one graph launch, (the decoder chunks,) the output copy, one sync.
+
+The eager warm-up inside `capture` ping-pongs through z[0] and z[1] and so overwrites z[0], the
+initial latent the captured graph starts from; nothing in the graph restores it (its copies read
+z[0] in place). The lifecycle therefore copies the request's inputs in again after every capture
+attempt (Backend._execute): the capturing call replays from the request's z_init, like every later
+replay, and the eager fallback after a failed capture starts from it too. (Before that rule, the
+first run of every shape replayed from step 13's output: tests/tensorrt/test_emulated_backend.py.)
+If an enqueue returns false, the capture is invalidated or instantiation fails, the capture is
+ended, the CUDA error cleared, and the backend warns once with the reason and runs the same stages
+eagerly (per-step launches) from then on.
+
+Decoder chunks (`decode_chunk`): min(K, the engines' max batch). Every context shares one activation
+buffer already sized for the largest profile batch, so any chunk up to it needs no more activation
+memory, only its (chunk, classes, *grid) probability buffer; K itself must fit the profile (the
+loop runs as one batch of K).
 
 Probabilities (always asked by `ldseg-run`, which averages samples) come from the decoder engine;
 labels are then their argmax on the host (first maximum, like torch and ONNX ArgMax), so the
@@ -230,21 +245,25 @@ class _Plan:
 
 
 class _EventClock:
-    """Stage times from CUDA events on the backend's stream: no host sync between stages."""
+    """Stage times from CUDA events on the backend's stream: no host sync between stages. A stage
+    marked several times (the decoder chunks of `sample`) adds up."""
 
     def __init__(self, backend: TensorRTBackend):
         self.backend = backend
         self.names: list[str] = []
-        backend._events[0].record(backend.stream)
+        backend.event(0).record(backend.stream)
 
     def mark(self, stage: str) -> None:
         self.names.append(stage)
-        self.backend._events[len(self.names)].record(self.backend.stream)
+        self.backend.event(len(self.names)).record(self.backend.stream)
 
     def result(self) -> dict[str, float]:
         ev = self.backend._events
         self.backend.stream.synchronize()
-        return {name: ev[i + 1].ms_since(ev[i]) for i, name in enumerate(self.names)}
+        out: dict[str, float] = {}
+        for i, name in enumerate(self.names):
+            out[name] = out.get(name, 0.0) + ev[i + 1].ms_since(ev[i])
+        return out
 
 
 class TensorRTBackend(Backend[_Plan, int]):
@@ -341,18 +360,40 @@ class TensorRTBackend(Backend[_Plan, int]):
             self._plans[key] = _Plan(b, _Steps(b, steps))
         return self._plans[key]
 
-    def copy_in(self, plan: _Plan, inputs: PipelineInputs) -> int:
-        """Fill the pinned mirrors, then copy them host -> device on the stream."""
+    def copy_image(self, plan: _Plan, image: np.ndarray) -> None:
+        """Fill the pinned mirror, then copy it host -> device on the stream."""
+        dev = plan.b.image
+        assert dev.host is not None
+        self.stream.synchronize()  # an earlier run's enqueued copy may still read the mirror
+        np.copyto(dev.host.array, image)
+        self.stream.copy_htod(dev.buffer.ptr, dev.host.ptr, dev.nbytes)
+
+    def copy_latents(self, plan: _Plan, inputs: PipelineInputs) -> int:
         b, s = plan.b, plan.s
-        assert b.image.host and b.z[0].host and s.table.host and s.noise.host
-        np.copyto(b.image.host.array, inputs.image)
+        assert b.z[0].host and s.table.host and s.noise.host
+        self.stream.synchronize()
         np.copyto(b.z[0].host.array, inputs.z_init)
         np.copyto(s.table.host.array, inputs.table[:, None, :])  # one row per step, for every sample
         np.copyto(s.noise.host.array, inputs.noise)
-        for dev in (b.image, b.z[0], s.table, s.noise):
+        for dev in (b.z[0], s.table, s.noise):
             assert dev.host is not None
             self.stream.copy_htod(dev.buffer.ptr, dev.host.ptr, dev.nbytes)
         return 0
+
+    def broadcast(self, src: _Plan, dst: _Plan) -> None:
+        if src.b is dst.b:
+            return
+        one = src.b.z_image
+        for k in range(dst.b.batch):  # (1, *latent) -> every row of (K, *latent), device -> device
+            self.stream.copy_dtod(dst.b.z_image.buffer.ptr + k * one.nbytes, one.buffer.ptr, one.nbytes)
+
+    def take(self, src: _Plan, z: int, start: int, dst: _Plan) -> int:
+        row = src.b.z[z].nbytes // src.b.batch
+        self.stream.copy_dtod(dst.b.z[0].buffer.ptr, src.b.z[z].buffer.ptr + start * row, dst.b.batch * row)
+        return 0
+
+    def decode_chunk(self, samples: int) -> int:
+        return max(1, min(samples, self.engine_set.max_batch))
 
     def encode(self, plan: _Plan) -> None:
         plan.b.encoder.enqueue(self.stream)
@@ -387,13 +428,20 @@ class TensorRTBackend(Backend[_Plan, int]):
     def clock(self) -> _EventClock:
         return _EventClock(self)
 
+    def event(self, i: int) -> cuda.Event:
+        """The i-th timing event, made on first use (K decoder chunks need more than STAGES)."""
+        while len(self._events) <= i:
+            self._events.append(cuda.Event())
+        return self._events[i]
+
     def synchronize(self) -> None:
         self.stream.synchronize()
 
     # ------------------------------------------------------------------ CUDA graph
 
     def capture(self, plan: _Plan, body: Callable[[], None]) -> cuda.CudaGraph:
-        """One eager run first (the first enqueues after shape setup allocate), then a thread-local capture."""
+        """One eager run first (the first enqueues after shape setup allocate), then a thread-local
+        capture. Both leave z[0] overwritten: the lifecycle copies the inputs in again after this."""
         try:
             body()
             self.stream.synchronize()
@@ -434,8 +482,8 @@ class TensorRTBackend(Backend[_Plan, int]):
     def release(self) -> None:
         """Free graphs, buffers and the stream (engines and contexts go with the object)."""
         self.stream.synchronize()
-        for graph in self._graphs.values():
-            graph.destroy()
+        for captured in self._graphs.values():
+            captured.graph.destroy()
         self._graphs.clear()
         for plan in self._plans.values():
             plan.s.table.free()

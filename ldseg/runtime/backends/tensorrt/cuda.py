@@ -104,6 +104,12 @@ def gpu_info(index: int = 0) -> GpuInfo:
     return GpuInfo(index, name.strip(), f"{props.major}.{props.minor}", int(props.totalGlobalMem))
 
 
+def memory_info() -> tuple[int, int]:
+    """(free, total) bytes of the current device (cudaMemGetInfo)."""
+    free, total = check(runtime().cudaMemGetInfo(), "cudaMemGetInfo")
+    return int(free), int(total)
+
+
 def set_device(index: int) -> None:
     check(runtime().cudaSetDevice(index), f"cudaSetDevice({index})")
 
