@@ -38,6 +38,10 @@ time one by one.
 
 Every backend sees the same data, prepared once by `make_inputs`: initial latents, per-step noise
 and the coefficient table, so their results are comparable voxel for voxel.
+
+Over 400 lines on purpose: this is the one lifecycle (stages, eager run, capture and replay,
+K samples with chunked decode) that every backend and the bench share; splitting it would put
+the run's order in two places.
 """
 
 from __future__ import annotations

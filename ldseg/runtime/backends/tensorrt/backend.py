@@ -1,6 +1,6 @@
 """TensorRT backend: the whole pipeline from an engine set, captured once into one CUDA graph.
 
-Before TensorRT sees a byte, the engine set is checked against this machine (runtime/engines.py):
+Before TensorRT sees a byte, the engine set is checked against this machine (runtime/artifacts/engines.py):
 TensorRT version, GPU model and compute capability, the SHA-256 of every engine and, when given,
 the bundle it was built from. A set for another machine is refused with BackendUnavailable, a
 broken one with ArtifactError; both say why and how to rebuild.
@@ -51,6 +51,10 @@ NOT RUN: TensorRT cannot be installed on the development machines and they have 
 is type-checked against tensorrt-stubs 10.13 (no stubs exist for 11); what differs between
 TensorRT 10 and 11 goes through runtime/trt_compat.py, unit-tested with faked 10.x and 11.x
 modules; tests/tensorrt has real-engine tests that skip here.
+
+Over 400 lines because the engine contexts, the plan of device buffers per shape and the stages
+that enqueue on them share one stream and one set of addresses; split apart, each would reach
+into the others' buffers.
 """
 
 from __future__ import annotations
