@@ -17,6 +17,9 @@ class _Fake:
     def __init__(self, name: str, device: str):
         self.name, self.device, self.precision = name, device, "fp32"
 
+    def prepare(self, batch: int) -> None:  # Backend.prepare: selection starts a run's preparation
+        pass
+
 
 class Calls(list[str]):
     """The (backend/device) candidates tried, in order; `allow` lists those that succeed."""
@@ -245,6 +248,9 @@ def test_tensorrt_from_a_checkpoint_exports_fp16_then_builds_engines(monkeypatch
         def __init__(self, path: Path, device: str):
             made.append(path)
             self.device = device
+
+        def prepare(self, batch: int) -> None:
+            pass
 
     monkeypatch.setattr(select, "tensorrt_environment", lambda index=0: GPU_A)
     monkeypatch.setattr(tensorrt_backend, "TensorRTBackend", FakeTensorRTBackend)
