@@ -119,11 +119,12 @@ def probabilities_to_input_grid(probs: np.ndarray, input_shape_nib: Sequence[int
     """Class probabilities (C, D, H, W) on the model grid -> uint8 labels (X, Y, Z) on the input.
 
     Defined as: each class map zoomed (order=1, float32) to the input's (D, H, W), then argmax (ties ->
-    lower class, as np.argmax). Computed without zooming every class everywhere (that was ~0.7 s of a
-    knee volume): an output voxel whose 8 source voxels share one class, each by more than MARGIN,
-    takes that class (a convex combination cannot reorder classes separated by more than rounding);
-    only the others, near class boundaries, are interpolated (map_coordinates: zoom's own kernel at
-    zoom's own coordinates). tests/io/test_preprocess.py checks it against the definition voxel for voxel.
+    lower class, as np.argmax). Computed without zooming every class everywhere (most of a knee
+    volume's time outside the model's stages): an output voxel whose 8 source voxels share one
+    class, each by more than MARGIN, takes that class (a convex combination cannot reorder classes
+    separated by more than rounding); only the others, near class boundaries, are interpolated
+    (map_coordinates: zoom's own kernel at zoom's own coordinates). tests/io/test_preprocess.py
+    checks it against the definition voxel for voxel.
     """
     shape_nib = _as_shape(input_shape_nib)
     if probs.ndim != 4 or len(shape_nib) != 3:
