@@ -17,9 +17,11 @@ done
 # The released label autoencoder and image encoder stay frozen: their latents are computed once per
 # (case, flips) and only the denoiser trains, in the 8x8x16 latent space. No validation split
 # during training (three cases are few enough); case4 is scored afterwards through ldseg-run.
+# --device auto trains on the GPU when PyTorch sees one (bit-reproducible on the CPU only; --threads
+# applies to the CPU).
 time .venv/bin/ldseg-train --preset knee3d --data "$OUT/train" --init "$OUT/official.safetensors" \
   --freeze encoders --steps "${KNEE_STEPS:-1000}" --batch-size 3 --noise-draws 16 --val 0 \
-  --checkpoint-every 500 ${KNEE_FLIPS:+--flips} --lr 1e-3 --lr-schedule cosine --threads 2 \
+  --checkpoint-every 500 ${KNEE_FLIPS:+--flips} --lr 1e-3 --lr-schedule cosine --device auto --threads 2 \
   -o "$OUT/knee3d.safetensors" --overwrite
 .venv/bin/ldseg-run $DATA/knee/images/case4.nii.gz --checkpoint "$OUT/knee3d.safetensors" -o "$OUT/seg" --overwrite
 .venv/bin/python - "$OUT/seg/case4_seg.nii.gz" "$DATA/knee/labels/case4.nii.gz" <<'PY'

@@ -44,7 +44,9 @@ def train(
     flips: Annotated[bool, typer.Option(help="Random flips along each spatial axis.")] = False,
     num_train: Annotated[int, typer.Option(help="Phantoms per epoch (with --data phantoms).")] = 256,
     val: Annotated[int, typer.Option(help="Validation samples (0: none).")] = 4,
-    device: Annotated[str, typer.Option(help="cpu | cuda[:N] (bit-reproducible on cpu only)")] = "cpu",
+    device: Annotated[
+        str, typer.Option(help="auto (a GPU when PyTorch sees one, else cpu) | cpu | cuda[:N]; bit-reproducible on cpu")
+    ] = "auto",
     threads: Annotated[Optional[int], typer.Option(help="CPU threads for torch.")] = None,
     seed: Annotated[int, typer.Option(help="Weights, data order, noise and augmentation seed.")] = 0,
     resume: Annotated[bool, typer.Option(help="Continue the run saved at --output.")] = False,
@@ -68,6 +70,7 @@ def train(
         json.dumps(
             {
                 "checkpoint": str(result.checkpoint),
+                "device": result.device,
                 "step": result.step,
                 "val_dice": result.val_dice,
                 "trained": result.trained,

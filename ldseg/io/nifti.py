@@ -12,30 +12,39 @@ import math
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import nibabel as nib
 import numpy as np
-from nibabel.filebasedimages import ImageFileError
-from nibabel.spatialimages import HeaderDataError, ImageDataError
 from numpy.typing import DTypeLike
 
 from ldseg.errors import InputError, OutputError
 from ldseg.io.atomic import atomic_write
 from ldseg.io.geometry import Geometry
+from ldseg.io.lazy import lazy_module
 from ldseg.io.validate import DEFAULT_MAX_VOXELS, as_label_ids, check_intensities, check_shape
 
-# What nibabel/gzip/zlib/numpy raise on unreadable, truncated or corrupt files.
-_READ_ERRORS = (
-    ImageFileError,
-    HeaderDataError,
-    ImageDataError,
-    OSError,
-    EOFError,
-    zlib.error,
-    ValueError,
-    OverflowError,  # e.g. a vox_offset of 3e38 does not fit a file offset
-)
+if TYPE_CHECKING:
+    import nibabel as nib
+else:  # 0.2-0.3 s of import (it loads pydicom when installed): paid by the first read, not the first screen
+    nib = lazy_module("nibabel")
+
+
+def _read_errors() -> tuple[type[BaseException], ...]:
+    """What nibabel/gzip/zlib/numpy raise on unreadable, truncated or corrupt files."""
+    from nibabel.filebasedimages import ImageFileError
+    from nibabel.spatialimages import HeaderDataError, ImageDataError
+
+    return (
+        ImageFileError,
+        HeaderDataError,
+        ImageDataError,
+        OSError,
+        EOFError,
+        zlib.error,
+        ValueError,
+        OverflowError,  # e.g. a vox_offset of 3e38 does not fit a file offset
+    )
+
 _NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
 
@@ -98,7 +107,7 @@ def _load_header(path: Path, max_voxels: int) -> tuple[nib.Nifti1Image, tuple[in
         raise InputError(f"{path}: is a directory, expected a NIfTI file")
     try:
         img = nib.load(path)
-    except _READ_ERRORS as exc:
+    except _read_errors() as exc:
         raise InputError(f"{path}: not a readable NIfTI file ({_one_line(exc)})") from exc
     if not isinstance(img, nib.Nifti1Image):  # Nifti2Image is a subclass
         raise InputError(f"{path}: not a NIfTI file (nibabel read it as {type(img).__name__})")
@@ -135,7 +144,7 @@ def _read_array(img: nib.Nifti1Image, path: Path, shape: tuple[int, ...], *, lab
         else:
             # Scales straight into float32; get_fdata() would default to float64 (2x memory).
             array = img.get_fdata(dtype=np.float32, caching="unchanged")
-    except _READ_ERRORS as exc:
+    except _read_errors() as exc:
         raise InputError(f"{path}: truncated or corrupt image data ({_one_line(exc)})") from exc
     return np.asarray(array).reshape(shape)
 

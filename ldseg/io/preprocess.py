@@ -14,7 +14,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-from scipy import ndimage
 
 _TO_MODEL = (2, 1, 0)  # nibabel (X, Y, Z) <-> model (D, H, W); the permutation is its own inverse
 
@@ -44,6 +43,8 @@ def zoom_to(array: np.ndarray, shape: Sequence[int], *, order: int = 1) -> np.nd
     So factors target/size give the official result, and nudging a factor whose product rounds
     the wrong way (float error) changes nothing but the size.
     """
+    from scipy import ndimage  # here, not at import: 0.1-0.4 s a run pays on its reading thread
+
     target = _as_shape(shape)
     if array.ndim != len(target):
         raise ValueError(f"cannot zoom a {array.ndim}D array to {len(target)}D shape {target}")
@@ -146,6 +147,8 @@ def probabilities_to_input_grid(probs: np.ndarray, input_shape_nib: Sequence[int
     labels = low
     edge = np.nonzero((low != high) | (low == AMBIGUOUS))
     if edge[0].size:
+        from scipy import ndimage
+
         points = np.stack([coords[axis][edge[axis]] for axis in range(3)])
         best = np.full(edge[0].size, -np.inf, np.float32)
         chosen = np.zeros(edge[0].size, np.uint8)

@@ -60,7 +60,9 @@ class TrainOptions:
       --epochs N                    [epochs]       passes over the training set (default 10)
       --batch-size B                [batch_size]   images per step (default 2)
       --lr LR                       [lr]           Adam learning rate (official 1e-3)
-      --device cpu|cuda             [device]       deterministic (bit-reproducible) on cpu only
+      --device auto|cpu|cuda[:N]    [device]       auto (default): cuda when PyTorch sees a GPU,
+                                                   else cpu; deterministic (bit-reproducible) on
+                                                   cpu only
       --resume                      [resume]       continue the run saved at --output
       --seed S                      [seed]         weights init, data order, noise, augmentation
       --overwrite                   [overwrite]    replace an existing --output
@@ -90,7 +92,7 @@ class TrainOptions:
     epochs: int | None = None
     batch_size: int = 2
     lr: float = 1e-3
-    device: str = "cpu"
+    device: str = "auto"
     resume: bool = False
     seed: int = 0
     overwrite: bool = False
@@ -138,8 +140,8 @@ class TrainOptions:
             problems.append(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
         if self.lr_schedule not in ("constant", "cosine"):
             problems.append(f"--lr-schedule must be constant or cosine, got {self.lr_schedule!r}")
-        if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
-            problems.append(f"--device must be cpu or cuda, got {self.device!r}")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            problems.append(f"--device must be auto, cpu or cuda[:N], got {self.device!r}")
         if self.resume and self.overwrite:
             problems.append("--resume continues the run at --output; it cannot be combined with --overwrite")
         if problems:
@@ -165,3 +167,4 @@ class TrainResult:
     val_dice: dict[str, float] | None  # last validation: per foreground class + "mean"
     trained: dict[str, bool]
     wall_time_s: float
+    device: str = "cpu"  # where it trained (--device auto resolved)

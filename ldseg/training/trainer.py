@@ -132,7 +132,7 @@ class _Run:
     def __init__(self, options: TrainOptions):
         self.o = options
         self.paths = RunPaths.beside(options.output)
-        self.device = _device(options.device)
+        self.device = resolve_device(options.device)
         self.wall_start = time.perf_counter()
         self.saved_once = False  # later saves in this run replace the first one
         self.final_loss = float("nan")
@@ -433,11 +433,13 @@ class _Run:
             val_dice=last_val,
             trained=self._flags(),
             wall_time_s=time.perf_counter() - self.wall_start,
+            device=str(self.device),
         )
 
     def _summary(self, epochs: list[dict[str, Any]], step: int, digest: str) -> dict[str, Any]:
         return {
             "options": self.o.to_json_dict(),
+            "device": str(self.device),
             "preset": self.state.cfg.preset,
             "step": step,
             "total_steps": self.data.total,
@@ -452,7 +454,11 @@ class _Run:
         }
 
 
-def _device(name: str) -> torch.device:
+def resolve_device(name: str) -> torch.device:
+    """--device: "auto" is the first CUDA GPU when PyTorch sees one, else the CPU (where training is
+    bit-reproducible); "cuda[:N]" without a visible GPU is refused."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise BackendUnavailable("--device cuda: no CUDA GPU visible to PyTorch")

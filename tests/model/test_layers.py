@@ -38,12 +38,35 @@ def test_transpose_conv_same_doubles_and_crops_the_tail():
 
 
 def test_group_norm_matches_torch_with_keras_epsilon():
-    gn = GroupNorm(4, 16)
+    gn = GroupNorm(4, 16).eval()  # the written-out form (inference, export)
     torch.nn.init.normal_(gn.weight)
     torch.nn.init.normal_(gn.bias)
     x = torch.randn(2, 16, 3, 4, 5) * 5 + 2
     expected = F.group_norm(x, 4, gn.weight, gn.bias, eps=1e-3)
     torch.testing.assert_close(gn(x), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(3, 16, 4, 4, 8), (2, 8, 5, 7)])
+def test_group_norm_training_kernel_equals_the_written_out_form(shape):
+    """Training uses PyTorch's fused group_norm; values and gradients equal the inference form's
+    up to float rounding (channels-last input included, as the CPU trainer feeds it)."""
+    torch.manual_seed(0)
+    gn = GroupNorm(4, shape[1])
+    torch.nn.init.normal_(gn.weight)
+    torch.nn.init.normal_(gn.bias)
+    x = torch.randn(*shape) * 3 + 1
+    if x.dim() == 5:
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    results = []
+    for training in (True, False):
+        gn.train(training)
+        xi = x.detach().clone().requires_grad_(True)
+        out = gn(xi)
+        (out * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum().backward()
+        results.append((out.detach(), xi.grad, gn.weight.grad.clone(), gn.bias.grad.clone()))
+        gn.zero_grad(set_to_none=True)
+    for fused, written in zip(*results):
+        torch.testing.assert_close(fused, written, atol=1e-5, rtol=1e-5)
 
 
 def test_attention_residual_goes_to_normalized_or_raw_input():

@@ -12,7 +12,6 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import nibabel as nib
 import numpy as np
 from numpy.typing import DTypeLike
 
@@ -26,8 +25,10 @@ from ldseg.io.validate import DEFAULT_MAX_VOXELS, as_label_ids, check_intensitie
 from .base import check_write_shape
 
 if TYPE_CHECKING:
+    import nibabel as nib
     import SimpleITK as sitk
 else:
+    nib = lazy_module("nibabel")
     sitk = lazy_module("SimpleITK")
 
 _COMPLEX = ("sitkComplexFloat32", "sitkComplexFloat64")  # pixel ids by name: SimpleITK loads on first use
