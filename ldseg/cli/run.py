@@ -139,6 +139,7 @@ def run(
     inputs it records as done and retries the failed ones."""
     from ldseg.api import Segmenter
     from ldseg.runs.cohort import collect_inputs, shard
+    from ldseg.runs.head_start import head_start_for
     from ldseg.runs.outputs import check_output_options
     from ldseg.runs.ray_engine import RayOptions
     from ldseg.runtime.devices import nvidia_gpu_present
@@ -204,24 +205,28 @@ def run(
         }
         _run_ray(items, out_dir, settings, ray_options, ray_write, preview, qc, labels)
         return
-    with Segmenter(
-        checkpoint,
-        bundle=bundle,
-        engines=engines,
-        backend=backend.value,
-        device=device.value,
-        gpu=gpu or 0,
-        cache=cache,
-        steps=steps,
-        sampler=value(sampler),
-        seed=seed,
-        samples=samples,
-        trust_unvalidated=trust_unvalidated,
-        precision=precision.value,
-        threads=threads,
-        warn_demo=not demo,
-        reporter=ConsoleReporter(),
-    ) as seg:
+    reading = head_start_for(paths, checkpoint, bundle, engines, series)  # the first input, while the backend builds
+    with (
+        reading,
+        Segmenter(
+            checkpoint,
+            bundle=bundle,
+            engines=engines,
+            backend=backend.value,
+            device=device.value,
+            gpu=gpu or 0,
+            cache=cache,
+            steps=steps,
+            sampler=value(sampler),
+            seed=seed,
+            samples=samples,
+            trust_unvalidated=trust_unvalidated,
+            precision=precision.value,
+            threads=threads,
+            warn_demo=not demo,
+            reporter=ConsoleReporter(),
+        ) as seg,
+    ):
         chosen, cfg = seg.backend, seg.config
         try:
             check_output_options(cfg, types, seg_type.value, samples > 1 or save_probabilities)

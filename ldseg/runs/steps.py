@@ -22,9 +22,10 @@ from ldseg.io.atomic import atomic_write
 from ldseg.metrics import dice_per_class
 from ldseg.model.config import ModelConfig
 from ldseg.runs.cohort import CohortInput, key_of
+from ldseg.runs.head_start import prepare_input
 from ldseg.runs.manifest import RunManifest, RunRow, error_kind
 from ldseg.runs.outputs import Target, plan_targets, refuse_unreferenced, refuse_unwritable, write_target
-from ldseg.runs.volumes import Prepared, prepare, read_reference_labels
+from ldseg.runs.volumes import Prepared, read_reference_labels
 
 if TYPE_CHECKING:
     from ldseg.runs.types import ExtraFiles, RunOptions, Segmentation, VolumeExtras
@@ -87,7 +88,7 @@ def read_volume(plan: VolumePlan, cfg: ModelConfig, series: str | None, extras: 
     started, clock = time.time(), time.perf_counter()
     path = plan.item.path
     try:
-        prepared = prepare(path, cfg, series)
+        prepared = prepare_input(path, cfg, series)  # the head start's result when there is one
         refuse_unreferenced(plan.maps, prepared)  # a SEG's source is checked before any compute
         truth = read_reference_labels(plan.item.label, prepared, cfg) if plan.item.label is not None else None
         finish = extras.start(prepared) if extras is not None else None

@@ -23,7 +23,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-import ldseg.runs.steps as volume_steps
+import ldseg.runs.head_start as reading
 from ldseg.errors import InputError, OutputError
 from ldseg.model.config import PRESETS
 from ldseg.runs.local import run_files
@@ -123,14 +123,14 @@ def test_ctrl_c_inside_a_write_leaves_no_partial_file(inputs, demo_backend, tmp_
 
 def test_unexpected_reader_error_fails_only_that_file(inputs, demo_backend, tmp_path, monkeypatch):
     """A reader bug on one odd file (here a RuntimeError) must not end a run of thousands."""
-    real_prepare = volume_steps.prepare
+    real_prepare = reading.prepare
 
     def prepare(path, cfg, series=None):
         if path.name == "p0.nii.gz":
             raise RuntimeError("boom\nsecond line")
         return real_prepare(path, cfg, series)
 
-    monkeypatch.setattr(volume_steps, "prepare", prepare)
+    monkeypatch.setattr(reading, "prepare", prepare)  # what read_volume reads through
     out = tmp_path / "out"
     out.mkdir()
     summary = run_files(inputs[:2], out, demo_backend, CFG, RunOptions(steps=2))

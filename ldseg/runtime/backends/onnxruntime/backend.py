@@ -207,6 +207,7 @@ class OrtPlan:
 
 
 _GRAPH_REFUSAL = "graph capture feature"  # ORT's words when a session cannot be captured
+_LATENT_GRAPHS = ("denoise_step", "denoiser")  # latent-sized tensors only: they keep their memory pattern
 
 
 class OnnxRuntimeBackend(Backend[OrtPlan, int]):
@@ -296,6 +297,12 @@ class OnnxRuntimeBackend(Backend[OrtPlan, int]):
         if self.gpu is None:
             _register_shared_cpu_arena()
             options.add_session_config_entry("session.use_env_allocators", "1")
+            if name not in _LATENT_GRAPHS:
+                # A memory pattern allocates a graph's whole planned activation memory as one block
+                # per run; the encoder's block cannot hold the decoder's larger one, so the shared
+                # arena grows by both and keeps both. Tensor by tensor, the decoder reuses what the
+                # encoder freed: knee3d K=8 peak RSS 4.7 -> under 3 GB (the step graph keeps it).
+                options.enable_mem_pattern = False
         if self.threads:
             options.intra_op_num_threads = self.threads
         path = self.bundle.path / info.file
