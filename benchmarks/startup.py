@@ -8,8 +8,11 @@ writes what it measured (JSON and a markdown table).
 - import: `import ldseg.cli.run, ldseg.api` (the run path) in a fresh process, median of --runs;
 - single: a cold `ldseg-run` of one volume on the cached bundle, one process per run: process wall
   time against the model's own stage time from the run manifest (encoder + loop + decoder + copies);
-- folder: one `ldseg-run` over 8 volumes (the cases repeated through links): wall per volume against
-  the median stage time.
+- folder: one `ldseg-run` over --folder volumes (default 8; the cases repeated through links): wall
+  per volume against the median stage time (0 leaves it out).
+`--bundle DIR` runs an exported bundle instead of a checkpoint (with --trust-unvalidated: a bundle
+exported with --no-validate serves for timing). `--baseline DIR` measures another checkout (e.g. main)
+alternately with this one, import and single runs interleaved, so a busy machine slows both alike.
 A first, unmeasured run fills the artifact cache (export) and OpenVINO's compiled-model cache.
 """
 
@@ -25,8 +28,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 BIN = Path(sys.executable).parent
+HERE = Path(__file__).resolve().parents[1]  # the tree whose ldseg is measured (PYTHONPATH of each process)
 IMPORT = "import time; t = time.perf_counter(); import ldseg.cli.run, ldseg.api; print(time.perf_counter() - t)"
 MODEL_STAGES = ("input_copy", "encoder", "loop", "decoder", "output_copy", "graph")
 
@@ -35,19 +40,21 @@ def load_average() -> float:
     return os.getloadavg()[0]
 
 
-def import_seconds(runs: int) -> list[float]:
-    env = {**os.environ, "PYTHONUTF8": "1"}
-    out = []
-    for _ in range(runs):
-        done = subprocess.run([sys.executable, "-c", IMPORT], capture_output=True, text=True, check=True, env=env)
-        out.append(float(done.stdout.strip()))
-    return out
+def _env(tree: Path) -> dict[str, str]:
+    return {**os.environ, "PYTHONUTF8": "1", "PYTHONPATH": str(tree)}
 
 
-def ldseg_run(args: list[str]) -> float:
-    env = {**os.environ, "PYTHONUTF8": "1"}
+def import_seconds(tree: Path) -> float:
+    # cwd too: `python -c` puts the current folder first on sys.path, before PYTHONPATH.
+    done = subprocess.run(
+        [sys.executable, "-c", IMPORT], capture_output=True, text=True, check=True, env=_env(tree), cwd=tree
+    )
+    return float(done.stdout.strip())
+
+
+def ldseg_run(args: list[str], tree: Path) -> float:
     clock = time.perf_counter()
-    done = subprocess.run([str(BIN / "ldseg-run"), *args], capture_output=True, text=True, env=env)
+    done = subprocess.run([str(BIN / "ldseg-run"), *args], capture_output=True, text=True, env=_env(tree))
     wall = time.perf_counter() - clock
     if done.returncode != 0:
         raise SystemExit(f"ldseg-run failed ({done.returncode}): {done.stderr[-2000:]}")
@@ -66,78 +73,94 @@ def stage_ms(row: dict[str, str]) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint")
+    source.add_argument("--bundle")
     parser.add_argument("--images", type=Path, required=True)
     parser.add_argument("--case", default="case4")
     parser.add_argument("--backend", default="openvino")
     parser.add_argument("--precision", default="bf16")
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--folder", type=int, default=8, help="volumes of the folder run (0: none)")
+    parser.add_argument("--baseline", type=Path, help="another checkout, measured alternately with this one")
     parser.add_argument("-o", "--output", type=Path, required=True)
     args = parser.parse_args()
-    model = ["--checkpoint", args.checkpoint, "--backend", args.backend, "--precision", args.precision]
+    named = ["--checkpoint", args.checkpoint] if args.checkpoint else ["--bundle", args.bundle, "--trust-unvalidated"]
+    model = [*named, "--backend", args.backend, "--precision", args.precision]
     case = args.images / f"{args.case}.nii.gz"
-    record: dict[str, object] = {"command": " ".join(sys.argv), "load_before": load_average()}
+    # Every measurement alternates between the trees (this one, then --baseline), so that a busy
+    # machine slows both alike and their ratio stays comparable.
+    trees = {"this": HERE, **({"baseline": args.baseline.resolve()} if args.baseline else {})}
+    record: dict[str, Any] = {"command": " ".join(sys.argv), "load_before": load_average(), "trees": {}}
+    results: dict[str, dict[str, Any]] = {name: {"import_s": [], "single": []} for name in trees}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        ldseg_run([str(case), "-o", str(root / "warm"), *model])  # fills the artifact and compiled-model caches
-        record["import_s"] = import_seconds(args.runs)
-        singles = []
+        ldseg_run([str(case), "-o", str(root / "warm"), *model], HERE)  # fills the artifact and compiled-model caches
         for i in range(args.runs):
-            out = root / f"single{i}"
-            wall = ldseg_run([str(case), "-o", str(out), *model])
-            [row] = manifest_rows(out)
-            singles.append(
-                {
-                    "wall_s": wall,
-                    "stages_s": stage_ms(row) / 1e3,
-                    "read_s": float(row["read_ms"]) / 1e3,
-                    "infer_s": float(row["infer_ms"]) / 1e3,
-                    "write_s": float(row["write_ms"]) / 1e3,
-                    "seconds": float(row["seconds"]),
-                }
-            )
-        record["single"] = singles
-        folder = root / "folder"
-        folder.mkdir()
-        cases = sorted(args.images.glob("case*.nii.gz"))
-        for i in range(8):
-            (folder / f"v{i}.nii.gz").symlink_to(cases[i % len(cases)].resolve())
-        wall = ldseg_run([str(folder), "-o", str(root / "folder-out"), *model])
-        rows = manifest_rows(root / "folder-out")
-        record["folder"] = {
-            "volumes": len(rows),
-            "wall_s": wall,
-            "per_volume_s": wall / len(rows),
-            "median_stages_s": statistics.median(stage_ms(r) for r in rows) / 1e3,
-        }
+            for name, tree in trees.items():
+                results[name]["import_s"].append(import_seconds(tree))
+                out = root / f"{name}-single{i}"
+                wall = ldseg_run([str(case), "-o", str(out), *model], tree)
+                [row] = manifest_rows(out)
+                results[name]["single"].append(
+                    {
+                        "wall_s": wall,
+                        "stages_s": stage_ms(row) / 1e3,
+                        "read_s": float(row["read_ms"]) / 1e3,
+                        "infer_s": float(row["infer_ms"]) / 1e3,
+                        "write_s": float(row["write_ms"]) / 1e3,
+                        "seconds": float(row["seconds"]),
+                    }
+                )
+        if args.folder:
+            folder = root / "folder"
+            folder.mkdir()
+            cases = sorted(args.images.glob("case*.nii.gz"))
+            for i in range(args.folder):
+                (folder / f"v{i}.nii.gz").symlink_to(cases[i % len(cases)].resolve())
+            wall = ldseg_run([str(folder), "-o", str(root / "folder-out"), *model], HERE)
+            rows = manifest_rows(root / "folder-out")
+            results["this"]["folder"] = {
+                "volumes": len(rows),
+                "wall_s": wall,
+                "per_volume_s": wall / len(rows),
+                "median_stages_s": statistics.median(stage_ms(r) for r in rows) / 1e3,
+            }
     record["load_after"] = load_average()
-    single_wall = statistics.median(s["wall_s"] for s in singles)
-    single_stages = statistics.median(s["stages_s"] for s in singles)
-    folder_rec = record["folder"]
-    assert isinstance(folder_rec, dict)
-    record["summary"] = {
-        "import_s_median": statistics.median(record["import_s"]),  # type: ignore[arg-type]
-        "single_wall_s": single_wall,
-        "single_stages_s": single_stages,
-        "single_ratio": single_wall / single_stages,
-        "folder_per_volume_s": folder_rec["per_volume_s"],
-        "folder_ratio": folder_rec["per_volume_s"] / folder_rec["median_stages_s"],
-    }
-    args.output.mkdir(parents=True, exist_ok=True)
-    (args.output / "startup.json").write_text(json.dumps(record, indent=2))
-    s = record["summary"]
-    assert isinstance(s, dict)
     lines = [
         f"`{record['command']}` (load {record['load_before']:.2f} before, {record['load_after']:.2f} after)",
         "",
-        "| what | seconds | vs model stages |",
-        "| --- | --- | --- |",
-        f"| import of the run path (fresh process, median of {args.runs}) | {s['import_s_median']:.3f} | |",
-        f"| cold `ldseg-run`, one volume (median of {args.runs}) | {s['single_wall_s']:.2f} | "
-        f"{s['single_ratio']:.2f}x of {s['single_stages_s']:.2f} |",
-        f"| folder of 8, per volume | {s['folder_per_volume_s']:.2f} | "
-        f"{s['folder_ratio']:.2f}x of {folder_rec['median_stages_s']:.2f} |",
+        "| tree | what | seconds | vs model stages |",
+        "| --- | --- | --- | --- |",
     ]
+    for name, res in results.items():
+        singles = res["single"]
+        wall = statistics.median(s["wall_s"] for s in singles)
+        stages = statistics.median(s["stages_s"] for s in singles)
+        res["summary"] = {
+            "import_s_median": statistics.median(res["import_s"]),
+            "single_wall_s": wall,
+            "single_stages_s": stages,
+            "single_ratio": statistics.median(s["wall_s"] / s["stages_s"] for s in singles),
+        }
+        summary = res["summary"]
+        lines += [
+            f"| {name} | import of the run path (fresh process, median of {args.runs}) | "
+            f"{summary['import_s_median']:.3f} | |",
+            f"| {name} | cold `ldseg-run`, one volume (median of {args.runs}; ratio: median of the runs' ratios) | "
+            f"{wall:.2f} | {summary['single_ratio']:.2f}x of {stages:.2f} |",
+        ]
+        if "folder" in res:
+            folder_rec = res["folder"]
+            summary["folder_per_volume_s"] = folder_rec["per_volume_s"]
+            summary["folder_ratio"] = folder_rec["per_volume_s"] / folder_rec["median_stages_s"]
+            lines.append(
+                f"| {name} | folder of {folder_rec['volumes']}, per volume | {folder_rec['per_volume_s']:.2f} | "
+                f"{summary['folder_ratio']:.2f}x of {folder_rec['median_stages_s']:.2f} |"
+            )
+        record["trees"][name] = {"path": str(trees[name]), **res}
+    args.output.mkdir(parents=True, exist_ok=True)
+    (args.output / "startup.json").write_text(json.dumps(record, indent=2))
     (args.output / "startup.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
