@@ -7,6 +7,7 @@ Tolerance: the checks' own, GRAPH_TOLERANCE (1e-6 on probabilities) and identica
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,6 @@ import pytest
 
 from ldseg.bench.gpu_check import backend_checks
 from ldseg.bench.gpu_check.torch_checks import Checks
-from ldseg.export import export_bundle
 from ldseg.runtime.backend import Backend
 from ldseg.runtime.backends.tensorrt.backend import TensorRTBackend
 from ldseg.runtime.select import load_model
@@ -25,7 +25,7 @@ pytestmark = pytest.mark.gpu_emulated
 
 
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def prepared(tmp_path_factory: pytest.TempPathFactory, shipped_demo_bundle: Path) -> Path:
     """A gpu_check folder as --prepare leaves it (phantoms, the fp32 bundle) plus emulator engines."""
     model = load_model("demo")
     folder = tmp_path_factory.mktemp("gpu-check")
@@ -33,8 +33,7 @@ def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
     truth = np.zeros((4, *model.cfg.image_size), np.uint8)
     np.savez_compressed(folder / "phantoms.npz", seeds=np.arange(4), images=images, truth=truth)
     (folder / "prepared.json").write_text("{}\n")
-    graphs = ["encoder", "denoise_step", "decoder", "decoder_argmax"]
-    bundle = export_bundle(model, folder / "demo-fp32", graphs=graphs)
+    bundle = Path(shutil.copytree(shipped_demo_bundle, folder / "demo-fp32"))
     emulated_engine_set(folder / "engines-fp32", bundle, max_batch=4)
     return folder
 

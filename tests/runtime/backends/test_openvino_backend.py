@@ -15,7 +15,6 @@ import pytest
 
 from ldseg.data.phantoms import make_phantom, write_phantom_nifti
 from ldseg.errors import BackendUnavailable
-from ldseg.export import export_bundle
 from ldseg.model.network import LDSeg
 from ldseg.runs.local import run_files
 from ldseg.runs.types import RunOptions
@@ -41,8 +40,8 @@ def model() -> LDSeg:
 
 
 @pytest.fixture(scope="module")
-def bundle_dir(model: LDSeg, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return export_bundle(model, tmp_path_factory.mktemp("ov") / "demo.bundle", graphs=GRAPHS)
+def bundle_dir(shipped_demo_bundle: Path) -> Path:
+    return shipped_demo_bundle  # the trained demo model's bundle
 
 
 @pytest.fixture(scope="module")
