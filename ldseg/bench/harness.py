@@ -286,7 +286,7 @@ def warmup_runs(backend: Backend[Any, Any], warmup: int) -> int:
     """Untimed runs before timing, so that no graph capture lands in a timed run, even with --warmup 0:
     one for a backend that captures in its first run (torch, TensorRT), three for ONNX Runtime's CUDA
     graphs (captured on the third run of each binding)."""
-    from ldseg.runtime.backends.onnxruntime.env import RUNS_TO_CAPTURE
+    from ldseg.runtime.backends.onnxruntime.probe import RUNS_TO_CAPTURE
 
     if backend.describe().get("cuda_graph", "").startswith("on"):
         return max(warmup, RUNS_TO_CAPTURE)

@@ -37,7 +37,7 @@ import numpy as np
 try:
     import onnxruntime
 except ImportError as exc:  # neither extra installed: say which one
-    from ldseg.runtime.backends.onnxruntime.env import missing
+    from ldseg.runtime.backends.onnxruntime.probe import missing
 
     raise missing("INT8 calibration") from exc
 

@@ -20,7 +20,7 @@ try:
     import onnxruntime as ort
     from onnxruntime.quantization import CalibrationDataReader
 except ImportError as exc:  # neither extra installed: say which one
-    from ldseg.runtime.backends.onnxruntime.env import missing
+    from ldseg.runtime.backends.onnxruntime.probe import missing
 
     raise missing("INT8 calibration") from exc
 

@@ -50,7 +50,7 @@ try:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, create_calibrator, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 except ImportError as exc:  # neither extra installed: say which one
-    from ldseg.runtime.backends.onnxruntime.env import missing
+    from ldseg.runtime.backends.onnxruntime.probe import missing
 
     raise missing("INT8 calibration") from exc
 

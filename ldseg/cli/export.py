@@ -143,7 +143,7 @@ def build_engine(
     """
     from ldseg.errors import BackendUnavailable, OutputError
     from ldseg.runtime.artifacts.engines import engine_set_problems
-    from ldseg.runtime.backends.tensorrt.environment import detect_environment
+    from ldseg.runtime.backends.tensorrt.probe import detect_environment
 
     if check:
         problems = engine_set_problems(bundle, detect_environment(gpu))

@@ -19,7 +19,7 @@ import onnx
 try:
     import onnxruntime
 except ImportError as exc:  # neither extra installed: say which one
-    from ldseg.runtime.backends.onnxruntime.env import missing
+    from ldseg.runtime.backends.onnxruntime.probe import missing
 
     raise missing("writing a bundle manifest") from exc
 import onnxscript

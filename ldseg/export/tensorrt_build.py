@@ -50,7 +50,7 @@ from ldseg.runtime.artifacts.engines import (
 )
 from ldseg.runtime.backends.tensorrt import compat as trt_compat
 from ldseg.runtime.backends.tensorrt.compat import TrtApi
-from ldseg.runtime.backends.tensorrt.environment import detect_environment, logged_errors, require_tensorrt, trt_logger
+from ldseg.runtime.backends.tensorrt.probe import detect_environment, logged_errors, require_tensorrt, trt_logger
 
 if TYPE_CHECKING:
     import tensorrt as trt

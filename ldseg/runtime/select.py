@@ -59,7 +59,7 @@ def torch_cuda_problem(index: int = 0) -> str | None:
     missing = torch_missing("the torch backend")
     if missing is not None:
         return str(missing)
-    from ldseg.runtime.backends.torch_backend import torch_cuda_problem as probe
+    from ldseg.runtime.backends.torch.backend import torch_cuda_problem as probe
 
     return probe(index)
 
@@ -123,7 +123,7 @@ def _torch(source: Source, device: str, wants: Wants) -> Selection:
     missing = torch_missing("the torch backend")
     if missing is not None:
         raise missing
-    from ldseg.runtime.backends.torch_backend import TorchBackend
+    from ldseg.runtime.backends.torch.backend import TorchBackend
 
     index = device_index(device)
     problem = None if index is None else torch_cuda_problem(index)
@@ -135,7 +135,7 @@ def _torch(source: Source, device: str, wants: Wants) -> Selection:
 
 
 def _onnxruntime_device(device: str) -> None:
-    from ldseg.runtime.backends.onnxruntime.env import ort_cuda_problem
+    from ldseg.runtime.backends.onnxruntime.probe import ort_cuda_problem
 
     problem = None if device_index(device) is None else ort_cuda_problem()
     if problem:
@@ -168,7 +168,7 @@ def _onnxruntime(source: Source, device: str, wants: Wants) -> Selection:
 
 def _openvino(source: Source, device: str, wants: Wants) -> Selection:
     from ldseg.runtime.artifacts.bundle import load_bundle
-    from ldseg.runtime.backends.openvino_backend import OpenVinoBackend, import_openvino
+    from ldseg.runtime.backends.openvino.backend import OpenVinoBackend, import_openvino
 
     if device != "cpu":
         raise BackendUnavailable("the openvino backend runs on the CPU (--device cpu, or auto)")
@@ -210,7 +210,7 @@ def _tensorrt(source: Source, device: str, wants: Wants) -> Selection:
 
 def tensorrt_environment(index: int = 0) -> Environment:
     """This machine's TensorRT version and GPU `index`; BackendUnavailable without either (tests fake this)."""
-    from ldseg.runtime.backends.tensorrt.environment import detect_environment
+    from ldseg.runtime.backends.tensorrt.probe import detect_environment
 
     return detect_environment(index)
 

@@ -29,7 +29,7 @@ from ldseg.runs.inference import segment_prepared
 from ldseg.runs.types import RunOptions
 from ldseg.runs.volumes import prepare
 from ldseg.runtime.backend import STAGES
-from ldseg.runtime.backends.torch_backend import TorchBackend
+from ldseg.runtime.backends.torch.backend import TorchBackend
 from ldseg.runtime.select import load_model
 from tests.helpers import assert_several_classes
 

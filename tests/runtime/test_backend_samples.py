@@ -25,8 +25,8 @@ from ldseg.runs.inference import infer
 from ldseg.runs.types import RunOptions
 from ldseg.runtime.backend import Backend, make_inputs
 from ldseg.runtime.backends.onnxruntime.backend import OnnxRuntimeBackend
-from ldseg.runtime.backends.openvino_backend import OpenVinoBackend
-from ldseg.runtime.backends.torch_backend import TorchBackend
+from ldseg.runtime.backends.openvino.backend import OpenVinoBackend
+from ldseg.runtime.backends.torch.backend import TorchBackend
 from ldseg.runtime.select import load_model
 from tests.helpers import assert_several_classes, phantom_images
 

@@ -152,7 +152,7 @@ def test_precision_and_threads_reach_every_candidate(tried, monkeypatch):
 
 def test_auto_skips_openvino_when_it_is_not_installed_and_says_why(monkeypatch, tmp_path):
     """The real openvino factory, with the import failing as on a platform without a wheel."""
-    from ldseg.runtime.backends import openvino_backend
+    from ldseg.runtime.backends.openvino import backend as openvino_backend
 
     def missing() -> None:
         raise BackendUnavailable("openvino is not installed (no wheel for this platform)")
@@ -227,7 +227,7 @@ def test_gpu_candidates_check_the_machine_before_exporting(monkeypatch, tmp_path
 
 def _tensorrt_present() -> bool:
     try:
-        from ldseg.runtime.backends.tensorrt.environment import require_tensorrt
+        from ldseg.runtime.backends.tensorrt.probe import require_tensorrt
 
         require_tensorrt()
     except BackendUnavailable:

@@ -16,7 +16,7 @@ import pytest
 from ldseg.errors import BackendUnavailable
 from ldseg.runtime.artifacts.engines import Environment, engine_set_problems, read_engine_set
 from ldseg.runtime.backends.tensorrt import compat as trt_compat
-from ldseg.runtime.backends.tensorrt import environment
+from ldseg.runtime.backends.tensorrt import probe as environment
 from ldseg.runtime.backends.tensorrt.backend import _Context
 from tests.tensorrt.conftest import make_fake_engine_set
 

@@ -14,7 +14,7 @@ from ldseg.runtime.artifacts import engines
 from ldseg.runtime.backends.tensorrt import backend as tensorrt_backend
 from ldseg.runtime.backends.tensorrt import cuda
 from ldseg.runtime.backends.tensorrt.backend import TensorRTBackend, check_usable, parse_device
-from ldseg.runtime.backends.tensorrt.environment import check_engines_here, detect_environment, require_tensorrt
+from ldseg.runtime.backends.tensorrt.probe import check_engines_here, detect_environment, require_tensorrt
 
 
 def _has_real_tensorrt() -> bool:

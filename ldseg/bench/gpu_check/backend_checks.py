@@ -170,7 +170,7 @@ def tensorrt(checks: Checks, precision: str) -> Result:
     from ldseg.errors import BackendUnavailable
     from ldseg.export.tensorrt_build import build_engines
     from ldseg.runtime.backends.tensorrt.backend import TensorRTBackend
-    from ldseg.runtime.backends.tensorrt.environment import require_tensorrt
+    from ldseg.runtime.backends.tensorrt.probe import require_tensorrt
 
     try:
         require_tensorrt()

@@ -10,7 +10,7 @@ import torch
 from ldseg.model.config import PRESETS
 from ldseg.model.network import LDSeg
 from ldseg.runtime.backend import make_inputs
-from ldseg.runtime.backends.torch_backend import TorchBackend
+from ldseg.runtime.backends.torch.backend import TorchBackend
 from ldseg.runtime.select import load_model
 from tests.helpers import assert_replays_follow_inputs, assert_several_classes, phantom_images, replay_requests
 

@@ -72,7 +72,7 @@ from ldseg.runtime.artifacts.engines import EngineSet, engine_set_problems, read
 from ldseg.runtime.backend import STAGES, Backend, CaptureFailed, PipelineInputs
 from ldseg.runtime.backends.tensorrt import compat as trt_compat
 from ldseg.runtime.backends.tensorrt import cuda
-from ldseg.runtime.backends.tensorrt.environment import detect_environment, logged_errors, require_tensorrt, trt_logger
+from ldseg.runtime.backends.tensorrt.probe import detect_environment, logged_errors, require_tensorrt, trt_logger
 
 if TYPE_CHECKING:
     import tensorrt as trt
