@@ -29,8 +29,8 @@ from ldseg.runs.inference import segment_prepared
 from ldseg.runs.types import RunOptions
 from ldseg.runs.volumes import prepare
 from ldseg.runtime.artifacts.bundle import load_bundle
+from ldseg.runtime.artifacts.source import load_model
 from ldseg.runtime.backend import Backend
-from ldseg.runtime.select import load_model
 
 
 def _backends(args: argparse.Namespace) -> list[tuple[str, Any]]:

@@ -15,9 +15,9 @@ import pytest
 from ldseg.bench.gpu_check import backend_checks
 from ldseg.bench.gpu_check.torch_checks import Checks
 from ldseg.export import export_bundle
+from ldseg.runtime.artifacts.source import load_model
 from ldseg.runtime.backend import Backend
 from ldseg.runtime.backends.tensorrt.backend import TensorRTBackend
-from ldseg.runtime.select import load_model
 from tests.helpers import phantom_images
 from tests.tensorrt.emulator import emulated_engine_set, install
 

@@ -24,7 +24,7 @@ import pytest
 
 from ldseg.data.phantoms import make_phantom, write_phantom_nifti
 from ldseg.export.exporter import export_bundle
-from ldseg.runtime.select import load_model
+from ldseg.runtime.artifacts.source import load_model
 from tests.io.dicom_series import write_series
 
 RUNTIME_PYTHON = os.environ.get("LDSEG_RUNTIME_PYTHON")

@@ -38,7 +38,7 @@ def environment() -> Environment:
 
 @pytest.fixture(scope="module")
 def model(environment: Environment):  # noqa: ANN201 - LDSeg
-    from ldseg.runtime.select import load_model
+    from ldseg.runtime.artifacts.source import load_model
 
     try:
         return load_model("demo")

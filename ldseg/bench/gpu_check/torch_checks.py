@@ -88,7 +88,7 @@ class Checks:
         return data["images"], data["truth"], [int(s) for s in data["seeds"]]
 
     def model(self) -> Any:
-        from ldseg.runtime.select import load_model
+        from ldseg.runtime.artifacts.source import load_model
 
         return load_model("demo")
 

@@ -20,11 +20,11 @@ from ldseg.model.network import LDSeg
 from ldseg.runs.local import run_files
 from ldseg.runs.types import RunOptions
 from ldseg.runtime.artifacts.bundle import load_bundle
+from ldseg.runtime.artifacts.source import load_model
 from ldseg.runtime.backend import PipelineInputs, make_inputs
 from ldseg.runtime.backends.onnxruntime.backend import OnnxRuntimeBackend
 from ldseg.runtime.backends.openvino import backend as openvino_backend
 from ldseg.runtime.backends.torch.backend import TorchBackend
-from ldseg.runtime.select import load_model
 
 ov = pytest.importorskip("openvino", reason="openvino has no wheel for this platform (the backend is skipped)")
 from ldseg.runtime.backends.openvino.backend import OpenVinoBackend  # noqa: E402
