@@ -17,12 +17,10 @@ from typing import Any
 
 import numpy as np
 
-try:
-    import onnxruntime as ort
-except ImportError as exc:  # neither extra installed: say which one
-    from ldseg.runtime.backends.onnxruntime.probe import missing
+from ldseg.runtime.backends.onnxruntime.probe import onnxruntime_needed
 
-    raise missing("bundle validation") from exc
+with onnxruntime_needed("bundle validation"):
+    import onnxruntime as ort
 import torch
 from rich.markup import escape
 from rich.table import Table

@@ -4,7 +4,7 @@
 
 Each actor builds its backend once through the normal selection (artifact cache included) and keeps
 it warm: the sampling loop, CUDA-graph replays included, runs inside the actor, never across the
-network. Reading and writing are the same steps as the local loop (runtime.volume_steps), so the
+network. Reading and writing are the same steps as the local loop (runs/steps.py), so the
 files, names, atomicity, --overwrite/--skip-existing rules and manifest rows are the same; the write
 task appends each input's manifest row itself, under the manifest's file lock, so rows survive the
 driver. On a cluster, inputs, outputs and the artifact cache must be on storage every node sees,

@@ -16,9 +16,9 @@ import pytest
 
 from ldseg.errors import ArtifactError, BackendUnavailable
 from ldseg.metrics import agreement, dice_per_class
-from ldseg.runtime.artifacts.engines import Environment, read_engine_set
+from ldseg.runtime.artifacts.engines import Environment, bundle_hash, engine_set_problems, read_engine_set
 from ldseg.runtime.backend import make_inputs
-from ldseg.runtime.backends.tensorrt.probe import check_engines_here, detect_environment
+from ldseg.runtime.backends.tensorrt.probe import detect_environment
 from tests.helpers import assert_replays_follow_inputs, assert_several_classes, replay_requests
 
 pytestmark = pytest.mark.tensorrt
@@ -163,5 +163,5 @@ def test_engine_set_describes_this_machine(engines, environment: Environment, bu
             environment.trt_version,
             environment.gpu_name,
         )
-        assert check_engines_here(folder, bundle_dir=bundles[precision]) == []
+        assert engine_set_problems(folder, environment, bundle_hash=bundle_hash(bundles[precision])) == []
         assert (folder / "encoder.layers.json").is_file()

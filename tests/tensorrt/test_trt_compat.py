@@ -1,4 +1,4 @@
-"""TensorRT 10 and 11, faked: feature detection (runtime/trt_compat.py), the cross-major refusal,
+"""TensorRT 10 and 11, faked: feature detection (runtime/backends/tensorrt/compat.py), the cross-major refusal,
 the TensorRT logger routed to `logging`, and a refused optimization profile reported, not raised."""
 
 from __future__ import annotations

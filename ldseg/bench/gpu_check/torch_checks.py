@@ -282,7 +282,7 @@ class Checks:
         }
 
     def torch_k_samples(self) -> Result:
-        from ldseg.bench.gpu_check.backend_checks import closing, k_inputs, k_samples_within_budget
+        from ldseg.bench.gpu_check.compare import closing, k_inputs, k_samples_within_budget
         from ldseg.runtime.backends.torch.backend import TorchBackend
 
         model = self.model()

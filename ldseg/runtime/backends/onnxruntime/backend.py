@@ -40,13 +40,11 @@ from pathlib import Path
 
 import numpy as np
 
-try:
+from ldseg.runtime.backends.onnxruntime.probe import onnxruntime_needed
+
+with onnxruntime_needed("the onnxruntime backend"):
     import onnxruntime as ort
     from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
-except ImportError as exc:  # neither extra installed: say which one
-    from ldseg.runtime.backends.onnxruntime.probe import missing
-
-    raise missing("the onnxruntime backend") from exc
 
 from ldseg.errors import ArtifactError, BackendUnavailable
 from ldseg.runtime.artifacts.bundle import Bundle, GraphInfo, load_bundle

@@ -49,7 +49,7 @@ decoder never runs twice. Without probabilities, decoder_argmax writes uint8 lab
 
 NOT RUN: TensorRT cannot be installed on the development machines and they have no GPU. This file
 is type-checked against tensorrt-stubs 10.13 (no stubs exist for 11); what differs between
-TensorRT 10 and 11 goes through runtime/trt_compat.py, unit-tested with faked 10.x and 11.x
+TensorRT 10 and 11 goes through runtime/backends/tensorrt/compat.py, unit-tested with faked 10.x and 11.x
 modules; tests/tensorrt has real-engine tests that skip here.
 
 Over 400 lines because the engine contexts, the plan of device buffers per shape and the stages
