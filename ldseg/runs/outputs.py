@@ -13,7 +13,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -22,7 +22,7 @@ from ldseg.io.formats import DICOM, format_of
 from ldseg.io.nifti import Volume
 from ldseg.model.config import ModelConfig
 from ldseg.model.sampling import NOISE_VERSION
-from ldseg.runs.specs import SamplingSpec, WriteSpec
+from ldseg.runs.specs import NOT_IN_RUN_KEY, SamplingSpec, WriteSpec
 
 if TYPE_CHECKING:
     from ldseg.io.formats.dicom_seg import Algorithm
@@ -86,6 +86,10 @@ def algorithm_for(source: Source, cfg: ModelConfig, opts: RunOptions) -> Algorit
     return Algorithm(checkpoint_digest(source), parameters)
 
 
+# Names in the run key's material where they differ from the spec's (keys written by earlier runs stay valid).
+_KEY_NAMES = {"output_types": "outputs", "save_probabilities": "probabilities"}
+
+
 def run_key(source: Source, cfg: ModelConfig, opts: RunOptions, precision: str) -> str:
     """What decides an input's outputs, as a short digest kept in its manifest row: the model (the
     checkpoint's hash, or the bundle's or engine set's own), sampling settings, precision asked
@@ -99,19 +103,21 @@ def run_key(source: Source, cfg: ModelConfig, opts: RunOptions, precision: str) 
         model = sha256_file(source.bundle / "manifest.json")
     else:
         model = str(checkpoint_digest(source))
-    material = {
-        "model": model,
-        "sampler": opts.sampler or cfg.diffusion.sampler,
-        "steps": opts.steps or cfg.diffusion.steps,
-        "seed": opts.seed,
-        "samples": opts.samples,
-        "precision": precision,
-        "outputs": list(opts.output_types),
-        "seg_type": opts.seg_type,
-        "probabilities": opts.save_probabilities,
-        "series": opts.series,
-        "noise": NOISE_VERSION,  # what a seed draws (ldseg.model.sampling): rows made with other noise never count
+    # Every spec field (a new option included) but those that do not change the files written.
+    names = [f.name for spec in (SamplingSpec, WriteSpec) for f in dataclasses.fields(spec)]
+    material: dict[str, object] = {
+        _KEY_NAMES.get(name, name): getattr(opts, name) for name in names if name not in NOT_IN_RUN_KEY
     }
+    material.update(
+        {
+            "model": model,
+            "sampler": opts.sampler or cfg.diffusion.sampler,
+            "steps": opts.steps or cfg.diffusion.steps,
+            "precision": precision,
+            "outputs": list(opts.output_types),
+            "noise": NOISE_VERSION,  # what a seed draws (ldseg.model.sampling): rows made with other noise never count
+        }
+    )
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -119,20 +125,11 @@ def run_options(sampling: SamplingSpec, write: WriteSpec | None = None) -> RunOp
     """The flat options the run steps go by, from the specs (no checks against a model yet)."""
     from ldseg.runs.types import RunOptions
 
-    write = write or WriteSpec()
-    return RunOptions(
-        steps=sampling.steps,
-        sampler=sampling.sampler,
-        seed=sampling.seed,
-        samples=sampling.samples,
-        save_probabilities=write.probabilities,
-        overwrite=write.overwrite,
-        fail_fast=write.fail_fast,
-        skip_existing=write.skip_existing,
-        output_types=write.output_types,
-        seg_type=write.seg_type,
-        series=write.series,
-    )
+    return RunOptions(**_spec_values(sampling, write or WriteSpec()))
+
+
+def _spec_values(*specs: SamplingSpec | WriteSpec) -> dict[str, Any]:
+    return {f.name: getattr(spec, f.name) for spec in specs for f in dataclasses.fields(spec)}
 
 
 def plan_options(

@@ -7,8 +7,12 @@ ldseg.api.Segmenter, a Ray actor) and passed down whole: no option dicts across 
 
 Each rule lives here once (K >= 1, a choice among its one list in ldseg.choices, --overwrite against
 --skip-existing); a bad value is a ValueError in the option's words (the CLI turns it into a usage
-error, exit 2). runs/outputs.plan_options turns the specs into the RunOptions a run goes by and its
-run key; which files K > 1 writes is runs/outputs.output_suffixes.
+error, exit 2). runs/outputs.plan_options turns the specs into the RunOptions a run goes by (the
+same field names, copied by name) and derives the run key from every field but NOT_IN_RUN_KEY;
+which files K > 1 writes is runs/outputs.output_suffixes.
+
+A new ldseg-run option: the CLI signature, one field here (and in RunOptions if the run steps read
+it), and the code that uses it; it enters the run key unless it is named in NOT_IN_RUN_KEY.
 """
 
 from __future__ import annotations
@@ -92,11 +96,15 @@ class SamplingSpec:
             check_choice("--sampler", self.sampler, SAMPLERS)
 
 
+# WriteSpec fields that decide how a run proceeds, not what it writes (outputs.run_key leaves them out).
+NOT_IN_RUN_KEY = frozenset({"overwrite", "skip_existing", "fail_fast"})
+
+
 @dataclass(frozen=True)
 class WriteSpec:
     """What a run into a folder writes: every map in each volume format asked for (dicom-seg: one SEG)."""
 
-    probabilities: bool = False  # also the per-class probability maps
+    save_probabilities: bool = False  # also the per-class probability maps
     overwrite: bool = False
     skip_existing: bool = False  # an input whose outputs all exist is skipped (resume)
     fail_fast: bool = False
