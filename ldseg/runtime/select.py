@@ -5,10 +5,14 @@ bundle and engines the cache exports or builds on first use), a bundle (openvino
 engine set (tensorrt). `auto` tries AUTO_ORDER — TensorRT, ONNX Runtime on CUDA, PyTorch on CUDA,
 OpenVINO on CPU, ONNX Runtime on CPU, PyTorch on CPU — among what the given source can run, and says
 what it skipped. On CPU OpenVINO comes first because it measured fastest there (knee3d:
-benchmarks/results/amd-epyc-2c-2026-11-30/knee3d-openvino). Each candidate checks that it can run
-here (TensorRT and a GPU, onnxruntime's CUDA provider, openvino importable) before the cache exports
-or builds anything. Backends import lazily: a machine without openvino, onnxruntime-gpu or TensorRT
-never loads them.
+benchmarks/results/amd-epyc-2c-2026-11-30/knee3d-openvino).
+
+Everything about one backend is its declaration (ldseg/runtime/backends/<name>/declaration.py):
+the sources it runs, its devices, precisions and largest K, its probe (TensorRT and a GPU,
+onnxruntime's CUDA provider, openvino importable) and how it is made. This module keeps only the
+auto order and the loop: each candidate is refused from its declaration, with one line saying why
+and what to do, before the cache exports or builds anything. Backends import lazily: a machine
+without openvino, onnxruntime-gpu or TensorRT never loads them.
 
 `Wants.precision` "auto" runs what the source holds (FP32, or the INT8/FP16 of a calibrated/exported
 bundle): reduced precision is never chosen silently; "bf16" must be asked for (OpenVINO only).
@@ -39,7 +43,6 @@ AUTO_ORDER = [
     ("onnxruntime", "cpu"),
     ("torch", "cpu"),
 ]
-TENSORRT_BUNDLE_PRECISION = "fp16"  # what a checkpoint is exported to for TensorRT (validated like any bundle)
 
 
 def torch_cuda_problem(index: int = 0) -> str | None:
