@@ -80,3 +80,14 @@ def test_every_backend_declares_itself() -> None:
 def test_k_below_one_is_refused() -> None:
     with pytest.raises(BackendUnavailable, match="K must be at least 1"):
         select_backend(Source(checkpoint="demo"), backend="torch", device="cpu", wants=Wants(max_samples=0))
+
+
+@pytest.mark.parametrize(
+    ("backend", "device", "words"),
+    [("openvino", "cuda", "runs on the CPU"), ("tensorrt", "cpu", "needs --device cuda")],
+)
+def test_a_device_a_backend_does_not_run_on_is_refused_before_exporting(tmp_path, backend, device, words) -> None:  # noqa: ANN001
+    source = cached_source(tmp_path)
+    with pytest.raises(BackendUnavailable, match=words):
+        select_backend(source, backend=backend, device=device)
+    assert nothing_built(source)
