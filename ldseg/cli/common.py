@@ -34,7 +34,7 @@ def one_of(choices: tuple[str, ...], help: str) -> Any:
 
     def parse(given: str) -> str:
         if given not in choices:
-            raise typer.BadParameter(f"{given!r} is not one of {', '.join(choices)}")
+            raise typer.BadParameter(f"{given!r} is not one of {', '.join(map(repr, choices))}.")  # click's words
         return given
 
     return typer.Option(parser=parse, metavar="[" + "|".join(choices) + "]", help=help)
