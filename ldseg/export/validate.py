@@ -26,12 +26,10 @@ from typing import Any
 
 import numpy as np
 
-try:
-    import onnxruntime as ort
-except ImportError as exc:  # neither extra installed: say which one
-    from ldseg.runtime.backends.onnxruntime.env import missing
+from ldseg.runtime.backends.onnxruntime.probe import onnxruntime_needed
 
-    raise missing("bundle validation") from exc
+with onnxruntime_needed("bundle validation"):
+    import onnxruntime as ort
 import torch
 from rich.markup import escape
 from rich.table import Table
@@ -43,7 +41,7 @@ from ldseg.model.network import LDSeg
 from ldseg.runtime.artifacts.bundle import FAILED, PASSED, Bundle, load_bundle
 from ldseg.runtime.backend import make_inputs
 from ldseg.runtime.backends.onnxruntime.backend import OnnxRuntimeBackend
-from ldseg.runtime.backends.torch_backend import TorchBackend
+from ldseg.runtime.backends.torch.backend import TorchBackend
 
 
 @dataclass(frozen=True)

@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ldseg.bench.gpu_check import backend_checks
+from ldseg.bench.gpu_check import backend_checks, compare
 from ldseg.bench.gpu_check.torch_checks import Checks
+from ldseg.runtime.artifacts.source import load_model
 from ldseg.runtime.backend import Backend
 from ldseg.runtime.backends.tensorrt.backend import TensorRTBackend
-from ldseg.runtime.select import load_model
 from tests.helpers import phantom_images
 from tests.tensorrt.emulator import emulated_engine_set, install
 
@@ -40,7 +40,7 @@ def prepared(tmp_path_factory: pytest.TempPathFactory, shipped_demo_bundle: Path
 
 @pytest.fixture()
 def checks(prepared: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Checks:
-    monkeypatch.setattr(backend_checks, "GRAPH_TOLERANCE", 1e-6)
+    monkeypatch.setattr(compare, "GRAPH_TOLERANCE", 1e-6)  # the comparisons live in compare.py
     checks = Checks(prepared, tmp_path / "out", budget_s=600, watchdog=False)
     checks.engines["fp32"] = prepared / "engines-fp32"
     return checks

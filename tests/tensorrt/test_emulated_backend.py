@@ -19,10 +19,10 @@ import pytest
 from ldseg.errors import ArtifactError
 from ldseg.model.network import LDSeg
 from ldseg.runtime.artifacts.engines import bundle_hash
+from ldseg.runtime.artifacts.source import load_model
 from ldseg.runtime.backend import PipelineInputs, make_inputs
 from ldseg.runtime.backends.onnxruntime.backend import OnnxRuntimeBackend
 from ldseg.runtime.backends.tensorrt.backend import TensorRTBackend
-from ldseg.runtime.select import load_model
 from tests.helpers import assert_several_classes, phantom_images
 from tests.tensorrt.emulator import Emulator, emulated_engine_set
 
