@@ -26,7 +26,7 @@ import numpy as np
 from ldseg.bench.machine import machine_info
 from ldseg.data.phantoms import make_phantom, write_phantom_nifti
 from ldseg.runs.manifest import RunManifest
-from ldseg.runtime.select import source_config
+from ldseg.runtime.artifacts.source import source_config
 
 BIN = Path(sys.executable).parent
 

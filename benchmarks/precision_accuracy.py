@@ -29,15 +29,15 @@ from ldseg.runs.inference import segment_prepared
 from ldseg.runs.types import RunOptions
 from ldseg.runs.volumes import prepare
 from ldseg.runtime.artifacts.bundle import load_bundle
+from ldseg.runtime.artifacts.source import load_model
 from ldseg.runtime.backend import Backend
-from ldseg.runtime.select import load_model
 
 
 def _backends(args: argparse.Namespace) -> list[tuple[str, Any]]:
     """(row name, factory) in the order measured; factories import lazily."""
     from ldseg.runtime.backends.onnxruntime.backend import OnnxRuntimeBackend
-    from ldseg.runtime.backends.openvino_backend import OpenVinoBackend
-    from ldseg.runtime.backends.torch_backend import TorchBackend
+    from ldseg.runtime.backends.openvino.backend import OpenVinoBackend
+    from ldseg.runtime.backends.torch.backend import TorchBackend
 
     fp32 = load_bundle(args.bundle)
     rows: list[tuple[str, Any]] = [

@@ -35,6 +35,7 @@ import numpy as np
 import requests
 
 from ldseg.bench.machine import machine_info
+from ldseg.runs.specs import ModelSpec
 
 BIN = Path(sys.executable).parent
 
@@ -66,8 +67,8 @@ def _phantoms(folder: Path, count: int) -> list[Path]:
     return paths
 
 
-def _model(args: argparse.Namespace) -> dict[str, Any]:
-    return {"checkpoint": args.checkpoint, "precision": args.precision}
+def _model(args: argparse.Namespace) -> ModelSpec:
+    return ModelSpec(args.checkpoint, precision=args.precision)
 
 
 def _serve(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:

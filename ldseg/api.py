@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import inspect
 import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -32,10 +33,13 @@ from ldseg.runs.cohort import CohortInput, collect_inputs
 from ldseg.runs.inference import segment_prepared
 from ldseg.runs.local import run_files
 from ldseg.runs.manifest import RunManifest
-from ldseg.runs.types import RunOptions, RunSummary, VolumeExtras
+from ldseg.runs.outputs import run_options
+from ldseg.runs.specs import ModelSpec, SamplingSpec, WriteSpec
+from ldseg.runs.types import RunSummary, VolumeExtras
 from ldseg.runs.volumes import prepare
 from ldseg.runtime.artifacts.cache import ArtifactCache, BundleKey, Progress, QuietReporter, Reporter
-from ldseg.runtime.select import Selection, Source, Wants, demo_checkpoint_path, select_backend
+from ldseg.runtime.artifacts.source import Source, demo_checkpoint_path
+from ldseg.runtime.select import Selection, Wants, select_backend
 
 if TYPE_CHECKING:
     from ldseg.model.network import LDSeg
@@ -127,36 +131,60 @@ class Segmenter:
         trust_unvalidated: bool = False,
         precision: str = "auto",
         threads: int | None = None,
+        max_samples: int | None = None,
         warn_demo: bool = True,
         reporter: Reporter | None = None,
     ):
-        if samples < 1 or (steps is not None and steps < 1):
-            raise ValueError("samples and steps must be at least 1")
-        if checkpoint is None and bundle is None and engines is None:
-            checkpoint = "demo"
-        self.reporter: Reporter = reporter or QuietReporter()
-        self.options = RunOptions(steps=steps, sampler=sampler, seed=seed, samples=samples)
-        self._closing = contextlib.ExitStack()
-        self.artifacts: ArtifactCache | None = None
-        if checkpoint is not None and backend != "torch":
-            if cache is False:
-                root = self._closing.enter_context(tempfile.TemporaryDirectory(prefix="ldseg-nocache-"))
-                self.reporter.note(f"no cache (--no-cache): artifacts go to {root}, removed after this run")
-            self.artifacts = artifact_cache(
-                None if cache is True else (root if cache is False else cache), self.reporter
-            )
-        self.source = Source(
+        """The keywords are ModelSpec's and SamplingSpec's (ldseg.runs.specs); ValueError for a bad
+        one. `max_samples`: the largest K later calls may ask for (default: `samples`)."""
+        model = ModelSpec(
             None if checkpoint is None else str(checkpoint),
             None if bundle is None else Path(bundle),
             None if engines is None else Path(engines),
-            trust_unvalidated,
-            self.artifacts,
-            samples,
+            backend=backend,
+            device=device,
+            gpu=gpu,
+            precision=precision,
+            threads=threads,
+            max_samples=max(samples, max_samples or samples),
+            cache=cache if isinstance(cache, bool) else Path(cache),
+            trust_unvalidated=trust_unvalidated,
         )
+        self._start(model, SamplingSpec(steps, sampler, seed, samples), warn_demo, reporter)
+
+    @classmethod
+    def of(
+        cls,
+        model: ModelSpec,
+        sampling: SamplingSpec | None = None,
+        *,
+        warn_demo: bool = True,
+        reporter: Reporter | None = None,
+    ) -> Segmenter:
+        """A Segmenter from the specs a front door built (ldseg-run, ldseg-serve, a Ray actor)."""
+        seg = cls.__new__(cls)
+        seg._start(model, sampling or SamplingSpec(), warn_demo, reporter)
+        return seg
+
+    def _start(self, model: ModelSpec, sampling: SamplingSpec, warn_demo: bool, reporter: Reporter | None) -> None:
+        if sampling.samples > model.max_samples:
+            raise ValueError(f"samples {sampling.samples}: more than this model's max_samples {model.max_samples}")
+        self.model, self.sampling = model, sampling
+        self.reporter: Reporter = reporter or QuietReporter()
+        self.options = run_options(sampling)
+        self._closing = contextlib.ExitStack()
+        self.artifacts: ArtifactCache | None = None
+        if model.checkpoint is not None and model.backend != "torch":
+            cache = model.cache
+            if cache is False:
+                cache = Path(self._closing.enter_context(tempfile.TemporaryDirectory(prefix="ldseg-nocache-")))
+                self.reporter.note(f"no cache (--no-cache): artifacts go to {cache}, removed after this run")
+            self.artifacts = artifact_cache(None if cache is True else cache, self.reporter)
+        self.source = Source(model.checkpoint, model.bundle, model.engines, model.trust_unvalidated, self.artifacts)
         try:
-            self._precision = precision
-            wants = Wants(precision, threads)  # "auto": what the source holds, never a silent reduction
-            self.selection: Selection = select_backend(self.source, backend, device, gpu=gpu, wants=wants)
+            # precision "auto": what the source holds, never a silent reduction
+            wants = Wants(model.precision, model.threads, model.max_samples)
+            self.selection: Selection = select_backend(self.source, model.backend, model.device, model.gpu, wants)
         except BaseException:
             self._closing.close()
             raise
@@ -169,7 +197,7 @@ class Segmenter:
     @property
     def precision_asked(self) -> str:
         """The precision asked for ("auto" or a name): part of a run's key (outputs.run_key)."""
-        return self._precision
+        return self.model.precision
 
     @property
     def why(self) -> str:
@@ -214,29 +242,21 @@ class Segmenter:
         on_done: Callable[[Path, str | None], None] | None = None,
         manifest: bool = True,
         labels: dict[Path, Path] | None = None,
+        spec: WriteSpec | None = None,
     ) -> RunSummary:
         """Segment files into `output` as ldseg-run does (atomic, never overwriting without `overwrite`);
         a bad input is listed in the summary's failures and skipped (`fail_fast` stops there).
         `output_types`: nifti, nrrd, mha, dicom-seg (`seg_type` binary or fractional); `extras` adds
         files per volume (ldseg.qc). `manifest`: keep `output/ldseg-run.csv`, one row per input, and skip
         the inputs it records as done; `labels` ({input: reference label}) adds Dice to their rows.
+        `spec` (a WriteSpec) replaces the keywords from `probabilities` to `series`.
         ValueError for output options that cannot be combined."""
         from ldseg.io.atomic import ensure_output_dir
-        from ldseg.runs.outputs import write_options
+        from ldseg.runs.outputs import plan_options
 
-        opts = write_options(
-            self.source,
-            self.config,
-            self.options,
-            self._precision,
-            probabilities=probabilities,
-            overwrite=overwrite,
-            skip_existing=skip_existing,
-            fail_fast=fail_fast,
-            output_types=tuple(output_types),
-            seg_type=seg_type,
-            series=series,
-        )
+        if spec is None:
+            spec = WriteSpec(probabilities, overwrite, skip_existing, fail_fast, tuple(output_types), seg_type, series)
+        opts = plan_options(self.source, self.config, self.sampling, spec, self.model.precision)
         paths = expand_inputs([inputs] if isinstance(inputs, (str, Path)) else inputs)
         items = [CohortInput(p, (labels or {}).get(p)) for p in paths]
         out_dir = ensure_output_dir(Path(output))
@@ -273,21 +293,12 @@ def segment(
 ) -> list[Segmentation] | RunSummary:
     """One call: arrays + geometry (no `output`), or files written into `output` (a RunSummary).
 
-    `options` are Segmenter's (bundle, engines, device, cache, steps, sampler, seed, samples...) and,
-    with `output`, write's (probabilities, overwrite, skip_existing, fail_fast).
+    `options` are Segmenter's (bundle, engines, device, cache, steps, sampler, seed, samples...) and
+    the call's: segment's (probabilities, series) or, with `output`, write's (overwrite, skip_existing,
+    fail_fast, output_types...). Which is which is read from their signatures, not kept by hand.
     """
-    write_keys = {
-        "overwrite",
-        "skip_existing",
-        "fail_fast",
-        "on_done",
-        "output_types",
-        "seg_type",
-        "extras",
-        "manifest",
-        "labels",
-    }
-    call_keys = (write_keys if output is not None else set()) | {"probabilities", "series"}
+    method = Segmenter.write if output is not None else Segmenter.segment
+    call_keys = set(inspect.signature(method).parameters) - {"self", "inputs", "output"}
     with Segmenter(checkpoint, backend=backend, **{k: v for k, v in options.items() if k not in call_keys}) as seg:
         call = {k: v for k, v in options.items() if k in call_keys}
         return seg.segment(inputs, **call) if output is None else seg.write(inputs, output, **call)

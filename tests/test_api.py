@@ -16,7 +16,7 @@ from ldseg.data.phantoms import make_phantom, write_phantom_nifti
 from ldseg.errors import InputError
 from ldseg.model import checkpoint as checkpoint_module
 from ldseg.model.checkpoint import load_checkpoint, save_checkpoint
-from ldseg.runtime.select import demo_checkpoint_path
+from ldseg.runtime.artifacts.source import demo_checkpoint_path
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from ldseg.metrics import dice_per_class
 from ldseg.model.checkpoint import save_checkpoint
 from ldseg.model.config import PRESETS
 from ldseg.model.network import COMPONENTS, LDSeg
-from ldseg.runtime.select import demo_checkpoint_path
+from ldseg.runtime.artifacts.source import demo_checkpoint_path
 from tests.helpers import assert_several_classes, output_names, shared_or_skip
 
 BIN = Path(sys.executable).parent

@@ -29,6 +29,7 @@ from ldseg.bench.sources import load_images, load_source
 from ldseg.bench.stats import summarize
 from ldseg.bench.targets import FACTORIES, REFERENCE, Context, Target, Unsupported, build_target, reference
 from ldseg.bench.timing import Timer, timer_for
+from ldseg.choices import PRECISIONS
 from ldseg.errors import InputError, OutputError
 from ldseg.io.atomic import atomic_write, ensure_output_dir
 from ldseg.model.config import ModelConfig
@@ -38,7 +39,6 @@ from ldseg.runtime.backend import STAGES, Backend, PipelineInputs, PipelineOutpu
 from ldseg.runtime.select import resolve_device
 
 RESULTS_SCHEMA = "ldseg-bench/2"  # 2: accuracy null where not meaningful, with a note; vs_truth
-PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 Log = Callable[[str], None]
 
 
@@ -286,7 +286,7 @@ def warmup_runs(backend: Backend[Any, Any], warmup: int) -> int:
     """Untimed runs before timing, so that no graph capture lands in a timed run, even with --warmup 0:
     one for a backend that captures in its first run (torch, TensorRT), three for ONNX Runtime's CUDA
     graphs (captured on the third run of each binding)."""
-    from ldseg.runtime.backends.onnxruntime.env import RUNS_TO_CAPTURE
+    from ldseg.runtime.backends.onnxruntime.probe import RUNS_TO_CAPTURE
 
     if backend.describe().get("cuda_graph", "").startswith("on"):
         return max(warmup, RUNS_TO_CAPTURE)

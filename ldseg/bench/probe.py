@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ldseg.bench.timing import timer_for
-from ldseg.runtime.backends.torch_backend import strict_fp32
+from ldseg.runtime.backends.torch.backend import strict_fp32
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 OPENVINO_DTYPES = ("fp32", "bf16", "int8")

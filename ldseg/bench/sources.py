@@ -18,7 +18,7 @@ from ldseg.model.checkpoint import load_checkpoint, read_metadata
 from ldseg.model.config import ModelConfig, get_preset
 from ldseg.model.network import LDSeg
 from ldseg.runs.volumes import Prepared, is_input_file, prepare
-from ldseg.runtime.select import demo_checkpoint_path, resolve_checkpoint
+from ldseg.runtime.artifacts.source import demo_checkpoint_path, resolve_checkpoint
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from ldseg.errors import BackendUnavailable
 from ldseg.model.network import LDSeg
 from ldseg.runtime.artifacts.bundle import Bundle
 from ldseg.runtime.backend import Backend
-from ldseg.runtime.backends.torch_backend import TorchBackend
+from ldseg.runtime.backends.torch.backend import TorchBackend
 
 REFERENCE = ("torch", "fp32", "eager")  # backend, precision, mode of the baseline every row is compared to
 
@@ -119,7 +119,7 @@ def _tensorrt(ctx: Context, precision: str) -> Target:
     from ldseg.export.tensorrt_build import build_engines
     from ldseg.runtime.artifacts.bundle import EXPORT_PRECISIONS, load_bundle
     from ldseg.runtime.backends.tensorrt.backend import TensorRTBackend
-    from ldseg.runtime.backends.tensorrt.environment import require_tensorrt
+    from ldseg.runtime.backends.tensorrt.probe import require_tensorrt
     from ldseg.runtime.devices import device_index
 
     index = device_index(ctx.device)
@@ -153,7 +153,7 @@ def _tensorrt(ctx: Context, precision: str) -> Target:
 def _openvino(ctx: Context, precision: str) -> Target:
     """fp32 and bf16 run the FP32 bundle (bf16 by OpenVINO's precision hint), int8 the INT8 bundle."""
     from ldseg.errors import BackendUnavailable
-    from ldseg.runtime.backends.openvino_backend import OpenVinoBackend, import_openvino
+    from ldseg.runtime.backends.openvino.backend import OpenVinoBackend, import_openvino
 
     if ctx.device != "cpu":
         raise Unsupported("openvino runs on the CPU")

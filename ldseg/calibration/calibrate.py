@@ -34,12 +34,10 @@ from typing import Any
 
 import numpy as np
 
-try:
-    import onnxruntime
-except ImportError as exc:  # neither extra installed: say which one
-    from ldseg.runtime.backends.onnxruntime.env import missing
+from ldseg.runtime.backends.onnxruntime.probe import onnxruntime_needed
 
-    raise missing("INT8 calibration") from exc
+with onnxruntime_needed("INT8 calibration"):
+    import onnxruntime
 
 from ldseg.calibration.data import CalibrationVolume, Feed, FeedReader, collect, load_volumes, walk
 from ldseg.calibration.quantize import (

@@ -16,13 +16,11 @@ from pathlib import Path
 
 import numpy as np
 
-try:
+from ldseg.runtime.backends.onnxruntime.probe import onnxruntime_needed
+
+with onnxruntime_needed("INT8 calibration"):
     import onnxruntime as ort
     from onnxruntime.quantization import CalibrationDataReader
-except ImportError as exc:  # neither extra installed: say which one
-    from ldseg.runtime.backends.onnxruntime.env import missing
-
-    raise missing("INT8 calibration") from exc
 
 from ldseg.errors import InputError
 from ldseg.model.config import ModelConfig

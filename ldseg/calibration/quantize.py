@@ -45,14 +45,12 @@ from typing import Any
 import onnx
 from onnx import numpy_helper
 
-try:
+from ldseg.runtime.backends.onnxruntime.probe import onnxruntime_needed
+
+with onnxruntime_needed("INT8 calibration"):
     import onnxruntime
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, create_calibrator, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
-except ImportError as exc:  # neither extra installed: say which one
-    from ldseg.runtime.backends.onnxruntime.env import missing
-
-    raise missing("INT8 calibration") from exc
 
 from ldseg.calibration.data import Feed, FeedReader
 from ldseg.calibration.ranges import RangeTracker

@@ -10,11 +10,12 @@ from typing import Annotated, Optional
 
 import typer
 
-from ldseg.cli.common import DeviceChoice, PresetChoice, SamplerChoice, VersionOption, console, entry, value
+from ldseg.choices import BACKENDS, PRECISIONS
+from ldseg.cli.common import DeviceOption, PresetChoice, SamplerOption, VersionOption, console, entry, value
 
 bench_typer = typer.Typer(add_completion=False, help="Benchmark LDSeg backends: latency, throughput, FLOPs, accuracy.")
-BENCH_BACKENDS = ("torch", "onnxruntime", "openvino", "tensorrt")  # the registry in ldseg/bench/targets.py
-BENCH_PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+BENCH_BACKENDS = BACKENDS  # each one a maker in ldseg/bench/targets.py
+BENCH_PRECISIONS = PRECISIONS
 
 
 def parse_list(option: str, text: str, choices: tuple[str, ...] | None = None) -> tuple[str, ...]:
@@ -63,8 +64,8 @@ def bench(
             help="Folder of inputs, or with images/ and labels/ (adds Dice vs truth); default synthetic phantoms."
         ),
     ] = None,
-    device: Annotated[DeviceChoice, typer.Option(help="Where to run; auto prefers a GPU.")] = DeviceChoice.auto,
-    sampler: Annotated[Optional[SamplerChoice], typer.Option(help="Sampler (default: the model's).")] = None,
+    device: DeviceOption = "auto",
+    sampler: SamplerOption = None,
     seed: Annotated[int, typer.Option(help="Weights (presets), phantoms and noise seed.")] = 0,
     probe_size: Annotated[int, typer.Option(help="Matmul size of the peak probe.")] = 2048,
     probe_repeat: Annotated[int, typer.Option(help="Matmuls timed by the peak probe.")] = 5,
@@ -88,8 +89,8 @@ def bench(
         repeat=repeat,
         warmup=warmup,
         data=data,
-        device=device.value,
-        sampler=value(sampler),
+        device=device,
+        sampler=sampler,
         seed=seed,
         probe_size=probe_size,
         probe_repeat=probe_repeat,

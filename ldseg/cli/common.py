@@ -9,6 +9,7 @@ import logging
 import signal
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
@@ -16,6 +17,7 @@ from rich.console import Console
 from rich.markup import escape
 
 import ldseg
+from ldseg.choices import BACKEND_CHOICES, DEVICES, RUN_PRECISIONS, SAMPLERS
 from ldseg.errors import BackendUnavailable, LdsegError
 
 console = Console(stderr=True)  # what the tools decide and report
@@ -26,24 +28,21 @@ out = Console()  # results: paths written, tables asked for
 EXPORT_ONLY = ("torch", "onnxscript", "h5py")
 
 
-# One str Enum per choice (functional form: a dict literal keeps mypy able to check the members).
-BackendChoice = enum.Enum(
-    "BackendChoice",
-    {"auto": "auto", "torch": "torch", "onnxruntime": "onnxruntime", "openvino": "openvino", "tensorrt": "tensorrt"},
-    type=str,
-)
-RunPrecision = enum.Enum(
-    "RunPrecision", {"auto": "auto", "fp32": "fp32", "fp16": "fp16", "bf16": "bf16", "int8": "int8"}, type=str
-)
-DeviceChoice = enum.Enum("DeviceChoice", {"auto": "auto", "cpu": "cpu", "cuda": "cuda"}, type=str)
-SamplerChoice = enum.Enum("SamplerChoice", {"ddim": "ddim", "ddpm": "ddpm"}, type=str)
+def one_of(choices: tuple[str, ...], help: str) -> Any:
+    """An option taking one value of its one list (ldseg.choices): anything else is a usage error
+    (exit 2) listing them, and --help lists them. Add a value to the list, not here."""
+
+    def parse(given: str) -> str:
+        if given not in choices:
+            raise typer.BadParameter(f"{given!r} is not one of {', '.join(map(repr, choices))}.")  # click's words
+        return given
+
+    return typer.Option(parser=parse, metavar="[" + "|".join(choices) + "]", help=help)
+
+
+# Choices that only the export and training commands offer (str Enums; functional form: a dict
+# literal keeps mypy able to check the members).
 PresetChoice = enum.Enum("PresetChoice", {"knee3d": "knee3d", "glas2d": "glas2d", "demo": "demo"}, type=str)
-ExportPrecision = enum.Enum("ExportPrecision", {"fp32": "fp32", "fp16": "fp16"}, type=str)
-EnginePrecision = enum.Enum(
-    "EnginePrecision",
-    {"best": "best", "fp32": "fp32", "fp16": "fp16", "bf16": "bf16", "int8": "int8", "fp8": "fp8"},
-    type=str,
-)
 CalibrationMethod = enum.Enum(
     "CalibrationMethod", {"minmax": "minmax", "entropy": "entropy", "percentile": "percentile"}, type=str
 )
@@ -51,11 +50,26 @@ FreezeChoice = enum.Enum(
     "FreezeChoice", {"none": "none", "autoencoder": "autoencoder", "encoders": "encoders"}, type=str
 )
 LrScheduleChoice = enum.Enum("LrScheduleChoice", {"constant": "constant", "cosine": "cosine"}, type=str)
-OutputType = enum.Enum(
-    "OutputType", {"nifti": "nifti", "nrrd": "nrrd", "mha": "mha", "dicom_seg": "dicom-seg"}, type=str
-)
 EngineChoice = enum.Enum("EngineChoice", {"local": "local", "ray": "ray"}, type=str)
-SegType = enum.Enum("SegType", {"binary": "binary", "fractional": "fractional"}, type=str)
+
+# The model-source options ldseg-run and ldseg-serve share (runs/specs.ModelSpec), declared once.
+CheckpointOption = Annotated[
+    Optional[str], typer.Option(help="Checkpoint path, or 'demo' (the bundled model; the default).")
+]
+BundleOption = Annotated[Optional[Path], typer.Option(help="Exported ONNX bundle (ldseg-export onnx).")]
+EnginesOption = Annotated[Optional[Path], typer.Option(help="TensorRT engine set (ldseg-export build-engine).")]
+BackendOption = Annotated[str, one_of(BACKEND_CHOICES, help="Runtime; auto picks the fastest available.")]
+DeviceOption = Annotated[str, one_of(DEVICES, help="Where to run; auto prefers a GPU.")]
+PrecisionOption = Annotated[
+    str,
+    one_of(
+        RUN_PRECISIONS,
+        help="auto: what the source holds (never a silent reduction); bf16 (openvino, CPUs with native BF16), "
+        "int8 (an int8 bundle). A backend that cannot honour it is refused before anything is built.",
+    ),
+]
+ThreadsOption = Annotated[Optional[int], typer.Option(help="CPU threads (default: all cores).")]
+SamplerOption = Annotated[Optional[str], one_of(SAMPLERS, help="Sampler (default: the checkpoint's).")]
 
 
 def value(choice: enum.Enum | None) -> str | None:

@@ -8,14 +8,14 @@ from typing import Annotated, Optional
 
 import typer
 
+from ldseg.choices import ENGINE_PRECISIONS, EXPORT_PRECISIONS
 from ldseg.cli.common import (
     CalibrationMethod,
-    EnginePrecision,
-    ExportPrecision,
     PresetChoice,
     VersionOption,
     console,
     entry,
+    one_of,
     out,
 )
 from ldseg.errors import ArtifactError
@@ -83,9 +83,7 @@ def export_onnx(
     checkpoint: Annotated[str, typer.Argument(help="Checkpoint path, or 'demo'.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Bundle folder to write.")],
     opset: Annotated[int, typer.Option(help="ONNX opset (18 or newer).")] = 18,
-    precision: Annotated[
-        ExportPrecision, typer.Option(help="fp16 keeps normalizations, softmax in FP32.")
-    ] = ExportPrecision.fp32,
+    precision: Annotated[str, one_of(EXPORT_PRECISIONS, help="fp16 keeps normalizations, softmax in FP32.")] = "fp32",
     batch: Annotated[int, typer.Option(help="Batch the graphs are traced at (the axis stays dynamic).")] = 1,
     validate: Annotated[
         bool, typer.Option(help="Compare ONNX Runtime with PyTorch before writing; the manifest records the verdict.")
@@ -96,16 +94,16 @@ def export_onnx(
     """Write a validated, self-describing ONNX bundle. Example: ldseg-export onnx demo -o demo-bundle"""
     from ldseg.export.exporter import export_bundle
     from ldseg.model.checkpoint import load_checkpoint
-    from ldseg.runtime.select import resolve_checkpoint
+    from ldseg.runtime.artifacts.source import resolve_checkpoint
 
     model = load_checkpoint(resolve_checkpoint(checkpoint))
-    console.print(f"exporting {model.cfg.preset} ({precision.value}, opset {opset}) to {output}")
+    console.print(f"exporting {model.cfg.preset} ({precision}, opset {opset}) to {output}")
     try:
         bundle = export_bundle(
             model,
             output,
             opset=opset,
-            precision=precision.value,
+            precision=precision,
             batch=batch,
             overwrite=overwrite,
             progress=lambda line: console.print(line, highlight=False),
@@ -122,9 +120,7 @@ def export_onnx(
 def build_engine(
     bundle: Annotated[Path, typer.Argument(help="Bundle folder, or with --check an engine set.")],
     output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Engine set folder.")] = None,
-    precision: Annotated[
-        EnginePrecision, typer.Option(help="Must match the bundle's; best takes it.")
-    ] = EnginePrecision.best,
+    precision: Annotated[str, one_of(ENGINE_PRECISIONS, help="Must match the bundle's; best takes it.")] = "best",
     max_batch: Annotated[int, typer.Option("--max-batch", "--batch", help="Largest batch (K samples).")] = 1,
     opt_batch: Annotated[Optional[int], typer.Option(help="Batch to tune for (default: max).")] = None,
     workspace: Annotated[Optional[float], typer.Option("--workspace", help="Workspace limit in GB.")] = None,
@@ -143,7 +139,7 @@ def build_engine(
     """
     from ldseg.errors import BackendUnavailable, OutputError
     from ldseg.runtime.artifacts.engines import engine_set_problems
-    from ldseg.runtime.backends.tensorrt.environment import detect_environment
+    from ldseg.runtime.backends.tensorrt.probe import detect_environment
 
     if check:
         problems = engine_set_problems(bundle, detect_environment(gpu))
@@ -161,7 +157,7 @@ def build_engine(
     built = build_engines(
         bundle,
         output,
-        precision=precision.value,
+        precision=precision,
         max_batch=max_batch,
         opt_batch=opt_batch,
         workspace_gb=workspace,

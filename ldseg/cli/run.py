@@ -7,7 +7,6 @@ lines of that), and the local, Ray, --demo and --reconstruct modes each render t
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,22 +18,26 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from ldseg.choices import OUTPUT_TYPES, SEG_TYPES
 from ldseg.cli.common import (
-    BackendChoice,
-    DeviceChoice,
+    BackendOption,
+    BundleOption,
+    CheckpointOption,
+    DeviceOption,
     EngineChoice,
-    OutputType,
-    RunPrecision,
-    SamplerChoice,
-    SegType,
+    EnginesOption,
+    PrecisionOption,
+    SamplerOption,
+    ThreadsOption,
     VersionOption,
     console,
     entry,
+    one_of,
     out,
-    value,
 )
 from ldseg.errors import InputError, LdsegError
 from ldseg.io.atomic import ensure_output_dir
+from ldseg.runs.specs import ModelSpec, SamplingSpec, WriteSpec
 
 if TYPE_CHECKING:
     from ldseg.runs.ray_engine import RayOptions
@@ -49,32 +52,22 @@ def run(
         typer.Argument(help="Files, folders, or input lists (.csv/.parquet with a path column, optional label)."),
     ] = None,
     output: Annotated[Path, typer.Option("-o", "--output", help="Output folder.")] = Path("ldseg-out"),
-    checkpoint: Annotated[
-        Optional[str], typer.Option(help="Checkpoint path, or 'demo' (the bundled model; the default).")
-    ] = None,
-    bundle: Annotated[Optional[Path], typer.Option(help="Exported ONNX bundle (ldseg-export onnx).")] = None,
-    engines: Annotated[Optional[Path], typer.Option(help="TensorRT engine set (ldseg-export build-engine).")] = None,
-    backend: Annotated[
-        BackendChoice, typer.Option(help="Runtime; auto picks the fastest available.")
-    ] = BackendChoice.auto,
-    device: Annotated[DeviceChoice, typer.Option(help="Where to run; auto prefers a GPU.")] = DeviceChoice.auto,
+    checkpoint: CheckpointOption = None,
+    bundle: BundleOption = None,
+    engines: EnginesOption = None,
+    backend: BackendOption = "auto",
+    device: DeviceOption = "auto",
     gpu: Annotated[
         Optional[int],
         typer.Option(help="GPU index for every backend (torch cuda:N, ONNX Runtime device_id, TensorRT); default 0."),
     ] = None,
-    precision: Annotated[
-        RunPrecision,
-        typer.Option(
-            help="auto: what the source holds (never a silent reduction); bf16 (openvino, CPUs with native BF16), "
-            "int8 (an int8 bundle)."
-        ),
-    ] = RunPrecision.auto,
-    threads: Annotated[Optional[int], typer.Option(help="CPU threads (default: all cores).")] = None,
+    precision: PrecisionOption = "auto",
+    threads: ThreadsOption = None,
     verbose: Annotated[
         bool, typer.Option("-v", "--verbose", help="Say why each faster route was skipped (with pip commands).")
     ] = False,
     steps: Annotated[Optional[int], typer.Option(help="Sampling steps (default: checkpoint's, 15).")] = None,
-    sampler: Annotated[Optional[SamplerChoice], typer.Option(help="Sampler (default: the checkpoint's).")] = None,
+    sampler: SamplerOption = None,
     seed: Annotated[int, typer.Option(help="Noise seed; sample k uses seed + k.")] = 0,
     samples: Annotated[int, typer.Option(help="K samples, one encoder run: adds confidence and entropy maps.")] = 1,
     save_probabilities: Annotated[bool, typer.Option(help="Also write per-class probability maps.")] = False,
@@ -89,11 +82,13 @@ def run(
     demo: Annotated[bool, typer.Option(help="Segment a fresh synthetic phantom and print its Dice.")] = False,
     demo_seed: Annotated[int, typer.Option(help="Phantom seed for --demo.")] = 0,
     output_type: Annotated[
-        Optional[list[OutputType]], typer.Option(help="Output format; repeat for several (default nifti).")
+        Optional[list[str]],
+        one_of(OUTPUT_TYPES, help="Output format; repeat for several (default nifti)."),
     ] = None,
     seg_type: Annotated[
-        SegType, typer.Option(help="DICOM SEG: binary (labels) or fractional (probabilities).")
-    ] = SegType.binary,
+        str,
+        one_of(SEG_TYPES, help="DICOM SEG: binary (labels) or fractional (probabilities)."),
+    ] = "binary",
     series: Annotated[
         Optional[str], typer.Option(help="SeriesInstanceUID to read from a DICOM folder holding several series.")
     ] = None,
@@ -140,96 +135,66 @@ def run(
     from ldseg.api import Segmenter
     from ldseg.runs.cohort import collect_inputs, shard
     from ldseg.runs.head_start import head_start_for
-    from ldseg.runs.outputs import check_output_options
+    from ldseg.runs.outputs import check_output_options, run_options
     from ldseg.runs.ray_engine import RayOptions
+    from ldseg.runtime.artifacts.source import RECONSTRUCT_NEEDS, load_model
     from ldseg.runtime.devices import nvidia_gpu_present
-    from ldseg.runtime.select import RECONSTRUCT_NEEDS, load_model
 
-    if samples < 1 or (steps is not None and steps < 1):
-        raise typer.BadParameter("--samples and --steps must be at least 1")
-    if gpu is not None and (gpu < 0 or device == DeviceChoice.cpu):
-        raise typer.BadParameter("--gpu N is a GPU index >= 0, and contradicts --device cpu")
-    if threads is not None and threads < 1:
-        raise typer.BadParameter("--threads must be at least 1")
-    if overwrite and skip_existing:
-        raise typer.BadParameter("--overwrite and --skip-existing contradict each other: choose one")
+    # The specs, built once here (a bad value: a usage error in the option's words).
+    try:
+        if gpu is not None and device == "cpu":
+            raise ValueError("--gpu N is a GPU index >= 0, and contradicts --device cpu")
+        model = ModelSpec(
+            checkpoint,
+            bundle,
+            engines,
+            backend=backend,
+            device=device,
+            gpu=gpu or 0,
+            precision=precision,
+            threads=threads,
+            max_samples=max(samples, 1),
+            cache=cache,
+            trust_unvalidated=trust_unvalidated,
+        )
+        sampling = SamplingSpec(steps, sampler, seed, samples)
+        write = WriteSpec(
+            save_probabilities, overwrite, skip_existing, fail_fast, tuple(output_type or ["nifti"]), seg_type, series
+        )
+        ray_options = RayOptions(address, workers, gpus_per_worker, batch, threads)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
     if not demo and reconstruct is None and not inputs:
         raise typer.BadParameter("give input files or folders, or --demo")
-    if workers < 1 or batch < 1 or (gpus_per_worker is not None and gpus_per_worker < 0):
-        raise typer.BadParameter("--workers and --batch must be at least 1, --gpus-per-worker at least 0")
     if num_parts < 1 or not 0 <= part_id < num_parts:
         raise typer.BadParameter(f"--part-id must be in 0..{num_parts - 1} for --num-parts {num_parts}")
     if engine == EngineChoice.ray and (demo or reconstruct is not None or report or fail_fast):
         raise typer.BadParameter("--demo, --reconstruct, --report and --fail-fast run on the local engine only")
     if labels is not None and not labels.is_dir():
         raise InputError(f"{labels}: --labels needs a folder of reference labels")
-    types = tuple(dict.fromkeys(t.value for t in output_type or [OutputType.nifti]))
-    if demo and types != ("nifti",):
+    if demo and write.output_types != ("nifti",):
         raise typer.BadParameter("--demo segments a NIfTI phantom and scores the NIfTI result: leave out --output-type")
     out_dir = ensure_output_dir(output)
     if reconstruct is not None:
-        model = load_model(checkpoint or "demo", RECONSTRUCT_NEEDS)
+        reconstruction = load_model(checkpoint or "demo", RECONSTRUCT_NEEDS)
         if threads is not None:
             import torch
 
             torch.set_num_threads(threads)  # --reconstruct runs the PyTorch model itself
-        _reconstruct(model, reconstruct, out_dir, overwrite)
+        _reconstruct(reconstruction, reconstruct, out_dir, overwrite)
         return
     # A missing input is reported before any export.
     items = [] if demo else shard(collect_inputs(inputs or [], labels), num_parts, part_id)
     paths = [item.path for item in items]
     if engine == EngineChoice.ray:
-        settings = {
-            "checkpoint": checkpoint,
-            "bundle": bundle,
-            "engines": engines,
-            "backend": backend.value,
-            "device": device.value,
-            "gpu": gpu or 0,
-            "cache": cache,
-            "steps": steps,
-            "sampler": value(sampler),
-            "seed": seed,
-            "samples": samples,
-            "trust_unvalidated": trust_unvalidated,
-            "precision": precision.value,
-        }
-        ray_options = RayOptions(address, workers, gpus_per_worker, batch, threads)
-        ray_write: dict[str, Any] = {
-            "probabilities": save_probabilities,
-            "overwrite": overwrite,
-            "skip_existing": skip_existing,
-            "output_types": types,
-            "seg_type": seg_type.value,
-            "series": series,
-        }
-        _run_ray(items, out_dir, settings, ray_options, ray_write, preview, qc, labels)
+        _run_ray(items, out_dir, model, sampling, ray_options, write, preview, qc, labels)
         return
-    reading = head_start_for(paths, checkpoint, bundle, engines, series)  # the first input, while the backend builds
-    with (
-        reading,
-        Segmenter(
-            checkpoint,
-            bundle=bundle,
-            engines=engines,
-            backend=backend.value,
-            device=device.value,
-            gpu=gpu or 0,
-            cache=cache,
-            steps=steps,
-            sampler=value(sampler),
-            seed=seed,
-            samples=samples,
-            trust_unvalidated=trust_unvalidated,
-            precision=precision.value,
-            threads=threads,
-            warn_demo=not demo,
-            reporter=ConsoleReporter(),
-        ) as seg,
-    ):
+    # The first input is read on a thread while the backend is chosen and built (ldseg.runs.head_start).
+    reading = head_start_for(paths, model.checkpoint, model.bundle, model.engines, series)
+    with reading, Segmenter.of(model, sampling, warn_demo=not demo, reporter=ConsoleReporter()) as seg:
         chosen, cfg = seg.backend, seg.config
         try:
-            check_output_options(cfg, types, seg_type.value, samples > 1 or save_probabilities)
+            check_output_options(cfg, run_options(sampling, write))
         except ValueError as exc:
             raise typer.BadParameter(str(exc)) from exc
         why = seg.why if verbose else seg.selection.brief(nvidia_gpu_present())
@@ -239,26 +204,17 @@ def run(
             soft_wrap=True,
         )
         extras, report_path = None, None
-        write = {
-            "probabilities": save_probabilities,
-            "overwrite": overwrite,
-            "skip_existing": skip_existing,
-            "fail_fast": fail_fast,
-            "output_types": types,
-            "seg_type": seg_type.value,
-            "series": series,
-        }
         if preview or qc or report or labels is not None:  # ldseg.qc (matplotlib, jinja2) only when asked
             from ldseg.qc.run import qc_extras, report_target, write_run_report
 
             extras = qc_extras(cfg, samples, preview=preview, qc=qc, labels=labels, report=report)
-            report_opts = dataclasses.replace(seg.options, overwrite=overwrite, skip_existing=skip_existing)
+            report_opts = run_options(sampling, write)
             report_path = report_target(out_dir, report_opts) if report else None  # refused before any compute
         if demo:
             summary = _demo(seg, out_dir, demo_seed, extras, write)
         else:
             label_of = {item.path: item.label for item in items if item.label is not None}
-            summary = _run_with_progress(seg, paths, out_dir, extras, {**write, "labels": label_of})
+            summary = _run_with_progress(seg, paths, out_dir, extras, write, label_of)
         if report_path is not None and extras is not None:
             out.print(str(write_run_report(report_path, summary, extras, chosen, cfg, report_opts)), highlight=False)
     if summary.failures:
@@ -303,7 +259,9 @@ class ConsoleReporter:
             yield lambda line: progress.update(task, description=escape(line))
 
 
-def _run_with_progress(seg: Any, paths: list[Path], out_dir: Path, extras: Any, write: dict[str, Any]) -> Any:
+def _run_with_progress(
+    seg: Any, paths: list[Path], out_dir: Path, extras: Any, write: WriteSpec, labels: dict[Path, Path] | None = None
+) -> Any:
     backend = seg.backend
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=False) as progress:
@@ -314,7 +272,7 @@ def _run_with_progress(seg: Any, paths: list[Path], out_dir: Path, extras: Any, 
                 progress.console.print(f"[red]failed:[/] {escape(error)}", highlight=False, soft_wrap=True)
             progress.advance(task)
 
-        summary = seg.write(paths, out_dir, extras=extras, on_done=done, **write)
+        summary = seg.write(paths, out_dir, extras=extras, on_done=done, labels=labels, spec=write)
     # Plain lines around a narrow table: a title or caption would wrap at the table's width.
     console.print(
         f"{summary.volumes} volume(s) in {summary.seconds:.1f} s "
@@ -349,9 +307,10 @@ def _run_with_progress(seg: Any, paths: list[Path], out_dir: Path, extras: Any, 
 def _run_ray(
     items: list[Any],
     out_dir: Path,
-    settings: dict[str, Any],
+    model: ModelSpec,
+    sampling: SamplingSpec,
     ray_options: RayOptions,
-    write: dict[str, Any],
+    write: WriteSpec,
     preview: bool,
     qc: bool,
     labels: Optional[Path],
@@ -366,10 +325,10 @@ def _run_ray(
             return None
         from ldseg.qc.run import qc_extras
 
-        return qc_extras(cfg, settings["samples"], preview=preview, qc=qc, labels=labels, report=False)
+        return qc_extras(cfg, sampling.samples, preview=preview, qc=qc, labels=labels, report=False)
 
     try:
-        plan = plan_cohort(items, out_dir, settings, write, extras_for)
+        plan = plan_cohort(items, out_dir, model, sampling, write, extras_for)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
     if plan.is_demo:
@@ -388,8 +347,8 @@ def _run_ray(
                 progress.console.print(f"[red]failed:[/] {escape(row.error)}", highlight=False, soft_wrap=True)
             progress.advance(task)
 
-        make_model = functools.partial(Segmenter, warn_demo=False)  # what each actor builds its model with
-        run, stats = run_cohort(plan, settings, make_model, ray_options, out_dir, on_row=done)
+        make_model = functools.partial(Segmenter.of, warn_demo=False)  # what each actor builds its model with
+        run, stats = run_cohort(plan, model, sampling, make_model, ray_options, out_dir, on_row=done)
     for line in stats.lines():
         console.print(line, highlight=False)
     _warn_manifest(plan.manifest.problem)
@@ -421,7 +380,7 @@ def _reconstruct(model: Any, label_path: Path, out_dir: Path, overwrite: bool) -
     out.print(str(target), highlight=False)
 
 
-def _demo(seg: Any, out_dir: Path, seed: int, extras: Any, write: dict[str, Any]) -> Any:
+def _demo(seg: Any, out_dir: Path, seed: int, extras: Any, write: WriteSpec) -> Any:
     from ldseg.data.phantoms import make_phantom, write_phantom_nifti
     from ldseg.io.nifti import read_label_volume
     from ldseg.metrics import dice_per_class
@@ -429,7 +388,7 @@ def _demo(seg: Any, out_dir: Path, seed: int, extras: Any, write: dict[str, Any]
     cfg = seg.config
     phantom = make_phantom(seed, cfg.image_size, cfg.num_classes)
     image_path, truth_path = out_dir / f"phantom{seed}.nii.gz", out_dir / f"phantom{seed}_truth.nii.gz"
-    write_phantom_nifti(phantom, image_path, truth_path, overwrite=write["overwrite"])
+    write_phantom_nifti(phantom, image_path, truth_path, overwrite=write.overwrite)
     console.print(f"demo: phantom seed {seed} written to {image_path}")
     summary = _run_with_progress(seg, [image_path], out_dir, extras, write)
     if summary.failures:

@@ -10,26 +10,40 @@ from typing import Annotated, Optional
 import typer
 from rich.markup import escape
 
-from ldseg.cli.common import BackendChoice, DeviceChoice, RunPrecision, VersionOption, console, entry, out
+from ldseg.cli.common import (
+    BackendOption,
+    BundleOption,
+    CheckpointOption,
+    DeviceOption,
+    EnginesOption,
+    PrecisionOption,
+    ThreadsOption,
+    VersionOption,
+    console,
+    entry,
+    out,
+)
+from ldseg.serve.config import DEFAULT_MAX_SAMPLES
 
 serve_typer = typer.Typer(add_completion=False, help="Serve LDSeg segmentation over HTTP (Ray Serve).")
 
 
 @serve_typer.command()
 def serve(
-    checkpoint: Annotated[
-        Optional[str], typer.Option(help="Checkpoint path, or 'demo' (the bundled model; the default).")
+    checkpoint: CheckpointOption = None,
+    bundle: BundleOption = None,
+    engines: EnginesOption = None,
+    backend: BackendOption = "auto",
+    device: DeviceOption = "auto",
+    precision: PrecisionOption = "auto",
+    threads: ThreadsOption = None,
+    max_samples: Annotated[
+        Optional[int],
+        typer.Option(
+            help="Largest K samples a request may ask for (engines are built for it; above it: 400). "
+            f"Default: an engine set's largest batch, else {DEFAULT_MAX_SAMPLES}."
+        ),
     ] = None,
-    bundle: Annotated[Optional[Path], typer.Option(help="Exported ONNX bundle (ldseg-export onnx).")] = None,
-    engines: Annotated[Optional[Path], typer.Option(help="TensorRT engine set (ldseg-export build-engine).")] = None,
-    backend: Annotated[
-        BackendChoice, typer.Option(help="Runtime; auto picks the fastest available.")
-    ] = BackendChoice.auto,
-    device: Annotated[DeviceChoice, typer.Option(help="Where to run; auto prefers a GPU.")] = DeviceChoice.auto,
-    precision: Annotated[
-        RunPrecision, typer.Option(help="As ldseg-run: auto is what the source holds; bf16 on openvino.")
-    ] = RunPrecision.auto,
-    threads: Annotated[Optional[int], typer.Option(help="CPU threads per replica (default: all cores).")] = None,
     host: Annotated[str, typer.Option(help="Address to listen on; anything but loopback exposes the service.")] = (
         "127.0.0.1"
     ),
@@ -54,21 +68,17 @@ def serve(
 ) -> None:
     """Example: `ldseg-serve --checkpoint demo`, then
     `curl --data-binary @scan.nii.gz 127.0.0.1:8000/v1/segment -o scan_seg.nii.gz`."""
+    from ldseg.runs.specs import ModelSpec
     from ldseg.serve.config import ServeConfig, read_api_key
     from ldseg.serve.launch import is_loopback, start, stop
 
-    model = {
-        "checkpoint": checkpoint,
-        "bundle": bundle,
-        "engines": engines,
-        "backend": backend.value,
-        "device": device.value,
-        "precision": precision.value,
-        "threads": threads,
-    }
     try:
+        model = ModelSpec(
+            checkpoint, bundle, engines, backend=backend, device=device, precision=precision, threads=threads
+        )
         config = ServeConfig(
             model=model,
+            max_samples=max_samples,
             host=host,
             port=port,
             replicas=replicas,

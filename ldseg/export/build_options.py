@@ -10,6 +10,7 @@ import datetime as _dt
 import json
 from pathlib import Path
 
+from ldseg.choices import ENGINE_PRECISIONS
 from ldseg.errors import ArtifactError
 from ldseg.runtime.artifacts.bundle import Bundle, GraphInfo, sha256_file
 from ldseg.runtime.artifacts.engines import (
@@ -21,7 +22,7 @@ from ldseg.runtime.artifacts.engines import (
     InputProfile,
 )
 
-BUILD_PRECISIONS = ("best", "fp32", "fp16", "bf16", "int8", "fp8")
+BUILD_PRECISIONS = ENGINE_PRECISIONS
 DLA_PRECISIONS = ("fp16", "int8")  # DLA runs FP16/INT8 only
 MAX_OPTIMIZATION_LEVEL = 5
 

@@ -9,6 +9,7 @@ nothing behind (unless asked to keep a failed bundle, whose manifest then says i
 from __future__ import annotations
 
 import dataclasses
+import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,8 +19,8 @@ import onnx
 from ldseg.errors import ArtifactError
 from ldseg.export.fp16 import convert_to_fp16, fp32_scopes
 from ldseg.export.manifest import build_manifest, graph_entry, with_validation, write_manifest
-from ldseg.export.onnx_export import MIN_OPSET, export_graph
-from ldseg.export.specs import GraphSpec, graph_specs
+from ldseg.export.onnx_export import MIN_OPSET, derive_graph, trace_graph
+from ldseg.export.specs import GraphSpec, graph_specs, update_spec
 from ldseg.io.atomic import check_folder_target, staged_folder
 from ldseg.model.checkpoint import load_checkpoint
 from ldseg.model.layers import folded_batchnorm, phase_upsampling
@@ -90,7 +91,7 @@ def export_bundle(
     # multiply-adds; layers.Upsample), and inference BatchNorm folded into the conv before it.
     with staged_folder(target, overwrite=overwrite, marker=MANIFEST) as tmp:
         with phase_upsampling(model), folded_batchnorm(model):
-            entries = {spec.name: _export_one(spec, model, tmp, opset, precision, batch, say) for spec in specs}
+            entries = _export_graphs(specs, model, tmp, opset, precision, batch, say)
         manifest = build_manifest(model, entries, folder=tmp, precision=precision, opset=opset, batch=batch)
         write_manifest(tmp, manifest)
         if validate:
@@ -110,25 +111,59 @@ def export_bundle(
     return target
 
 
-def _export_one(
-    spec: GraphSpec, model: LDSeg, folder: Path, opset: int, precision: str, batch: int, say: Progress
-) -> dict[str, Any]:
-    """Export one graph (inside the rewrites), lower it to FP16 if asked; its manifest entry."""
+def _export_graphs(
+    specs: list[GraphSpec], model: LDSeg, folder: Path, opset: int, precision: str, batch: int, say: Progress
+) -> dict[str, dict[str, Any]]:
+    """Trace each network once (inside the rewrites), lower it to FP16 if asked, derive the graphs
+    that repeat another (ldseg.export.compose) from the finished base graph; manifest entries in
+    `specs` order. A base graph that was not asked for is traced but not written."""
+    all_specs = graph_specs(model.cfg)
+    bases = list(dict.fromkeys(spec.derived_from or spec.name for spec in specs))
+    done: dict[str, tuple[onnx.ModelProto, dict[str, Any]]] = {}
+    update = None
+    with tempfile.TemporaryDirectory() as scratch:  # the TorchScript fallback writes a file
+        for name in bases:
+            done[name] = _trace_one(all_specs[name], model, Path(scratch), opset, precision, batch, say)
+        if any(spec.derived_from == "denoiser" for spec in specs):
+            step_update = update_spec(model.cfg)
+            update, _, _ = trace_graph(step_update, model, Path(scratch) / step_update.file, opset=opset, batch=batch)
+    entries: dict[str, dict[str, Any]] = {}
+    for spec in specs:
+        if spec.derived_from is None:
+            proto, entry = done[spec.name]
+        else:
+            say(f"deriving {spec.name} from {spec.derived_from}")
+            base, base_entry = done[spec.derived_from]
+            proto = derive_graph(spec, base, update)
+            entry = graph_entry(
+                spec,
+                exporter=base_entry["exporter"],
+                fallback_reason=base_entry["fallback_reason"],
+                precision=precision,
+                derived_from=spec.derived_from,
+                **{k: v for k, v in base_entry.items() if k.startswith("fp") or k == "casts"},
+            )
+        onnx.save(proto, str(folder / spec.file))
+        entries[spec.name] = entry
+    return entries
+
+
+def _trace_one(
+    spec: GraphSpec, model: LDSeg, scratch: Path, opset: int, precision: str, batch: int, say: Progress
+) -> tuple[onnx.ModelProto, dict[str, Any]]:
+    """Trace one graph, lower it to FP16 if asked: the finished model and its manifest entry."""
     say(f"exporting {spec.name} (opset {opset}, {precision})")
-    result = export_graph(spec, model, folder / spec.file, opset=opset, batch=batch)
-    if result.exporter != "dynamo":
-        say(f"{spec.name}: dynamo export failed ({result.fallback_reason}); used the TorchScript exporter")
+    proto, exporter, reason = trace_graph(spec, model, scratch / spec.file, opset=opset, batch=batch)
+    if exporter != "dynamo":
+        say(f"{spec.name}: dynamo export failed ({reason}); used the TorchScript exporter")
     extra: dict[str, Any] = {}
     if precision == "fp16":
         keep = fp32_scopes(spec.build(model))
-        lowered, stats = convert_to_fp16(onnx.load(str(result.path)), spec.fp16_body, keep)
-        onnx.save(lowered, str(result.path))
+        proto, stats = convert_to_fp16(proto, spec.fp16_body, keep)
         extra = {
             "fp16_nodes": stats.fp16_nodes,
             "fp32_nodes": stats.fp32_nodes,
             "casts": stats.casts,
             "fp32_scopes": list(keep),
         }
-    return graph_entry(
-        spec, exporter=result.exporter, fallback_reason=result.fallback_reason, precision=precision, **extra
-    )
+    return proto, graph_entry(spec, exporter=exporter, fallback_reason=reason, precision=precision, **extra)

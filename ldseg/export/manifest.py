@@ -16,12 +16,10 @@ from typing import Any
 
 import onnx
 
-try:
-    import onnxruntime
-except ImportError as exc:  # neither extra installed: say which one
-    from ldseg.runtime.backends.onnxruntime.env import missing
+from ldseg.runtime.backends.onnxruntime.probe import onnxruntime_needed
 
-    raise missing("writing a bundle manifest") from exc
+with onnxruntime_needed("writing a bundle manifest"):
+    import onnxruntime
 import onnxscript
 import torch
 

@@ -16,7 +16,7 @@ from torch import nn
 
 from ldseg.model.components import Denoiser, ImageEncoder, LabelDecoder
 from ldseg.model.config import ModelConfig
-from ldseg.model.diffusion import renormalize, sampler_table, table_tensor
+from ldseg.model.diffusion import renormalize, sampler_step, sampler_table, table_tensor
 from ldseg.model.network import LDSeg, minmax
 
 BATCH_AXIS = "batch"
@@ -45,6 +45,14 @@ class DenoiseStepGraph(nn.Module):
         self, z: torch.Tensor, z_image: torch.Tensor, coeffs: torch.Tensor, noise: torch.Tensor
     ) -> torch.Tensor:
         return self.step(z, z_image, coeffs, noise)
+
+
+class StepUpdateGraph(nn.Module):
+    """The sampler update of one step alone (no weights): denoise_step is the denoiser graph followed
+    by this one (ldseg.export.compose), so the denoiser is traced once."""
+
+    def forward(self, z: torch.Tensor, eps: torch.Tensor, coeffs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        return sampler_step(z, eps, noise, coeffs)
 
 
 class DenoiserGraph(nn.Module):
@@ -100,6 +108,9 @@ class GraphSpec:
     # Modules whose nodes the FP16 pass may lower (minus normalizations, see fp16.py); everything
     # the wrapper adds around them (min-max, the sampler update, argmax) stays FP32.
     fp16_body: tuple[type[nn.Module], ...]
+    # Built from this other graph of the bundle (ldseg.export.compose) rather than traced; what
+    # `build` returns is still the PyTorch reference it is validated against.
+    derived_from: str | None = None
 
     @property
     def file(self) -> str:
@@ -162,6 +173,7 @@ def graph_specs(cfg: ModelConfig) -> dict[str, GraphSpec]:
             (TensorSpec("z_next", latent, "float32"),),
             _step_inputs,
             (Denoiser,),
+            derived_from="denoiser",
         ),
         GraphSpec(
             "denoiser",
@@ -186,6 +198,27 @@ def graph_specs(cfg: ModelConfig) -> dict[str, GraphSpec]:
             (TensorSpec("labels", (b, *cfg.image_size), "uint8"),),
             lambda c, n, g: (_latent(c, n, g),),
             (LabelDecoder,),
+            derived_from="decoder",
         ),
     ]
     return {s.name: s for s in specs}
+
+
+def update_spec(cfg: ModelConfig) -> GraphSpec:
+    """The step's update as a graph of its own: traced for ldseg.export.compose, never a bundle file."""
+    latent: Shape = (BATCH_AXIS, *cfg.latent_shape)
+
+    def inputs(c: ModelConfig, n: int, g: torch.Generator) -> tuple[torch.Tensor, ...]:
+        return _latent(c, n, g), _latent(c, n, g), _table_rows(c, n, g), _latent(c, n, g)
+
+    return GraphSpec(
+        "update",
+        lambda m: StepUpdateGraph(),
+        tuple(
+            TensorSpec(name, shape, "float32")
+            for name, shape in (("z", latent), ("eps", latent), ("coeffs", (BATCH_AXIS, 4)), ("noise", latent))
+        ),
+        (TensorSpec("z_next", latent, "float32"),),
+        inputs,
+        (),
+    )

@@ -13,7 +13,7 @@ The whole set is written in a temp folder and renamed into place (io.atomic.stag
 
 Nothing here has run on real TensorRT: it cannot be installed on the development machines. The
 code is type-checked against tensorrt-stubs 10.13 (the newest stubs; none exist for 11), what
-differs between TensorRT 10 and 11 is in runtime/trt_compat.py, and its pure parts are unit-tested.
+differs between TensorRT 10 and 11 is in runtime/backends/tensorrt/compat.py, and its pure parts are unit-tested.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ from ldseg.runtime.artifacts.engines import (
 )
 from ldseg.runtime.backends.tensorrt import compat as trt_compat
 from ldseg.runtime.backends.tensorrt.compat import TrtApi
-from ldseg.runtime.backends.tensorrt.environment import detect_environment, logged_errors, require_tensorrt, trt_logger
+from ldseg.runtime.backends.tensorrt.probe import detect_environment, logged_errors, require_tensorrt, trt_logger
 
 if TYPE_CHECKING:
     import tensorrt as trt

@@ -45,6 +45,7 @@ def _read_errors() -> tuple[type[BaseException], ...]:
         OverflowError,  # e.g. a vox_offset of 3e38 does not fit a file offset
     )
 
+
 _NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
 

@@ -13,23 +13,22 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ldseg.errors import InputError
-from ldseg.io.formats import DICOM, OUTPUT_TYPES, format_of
+from ldseg.io.formats import DICOM, format_of
 from ldseg.io.nifti import Volume
 from ldseg.model.config import ModelConfig
 from ldseg.model.sampling import NOISE_VERSION
+from ldseg.runs.specs import NOT_IN_RUN_KEY, SamplingSpec, WriteSpec
 
 if TYPE_CHECKING:
     from ldseg.io.formats.dicom_seg import Algorithm
     from ldseg.runs.types import RunOptions
     from ldseg.runs.volumes import Prepared
     from ldseg.runtime.artifacts.source import Source
-
-SEG_TYPES = ("binary", "fractional")
 
 
 @dataclass(frozen=True)
@@ -39,20 +38,21 @@ class Target:
     suffix: str  # the map it holds ("_seg", "_confidence", ...); "_seg" for a SEG
 
 
-def check_output_options(cfg: ModelConfig, output_types: tuple[str, ...], seg_type: str, float_maps: bool) -> None:
-    """ValueError (a usage error) for combinations that cannot be written."""
-    unknown = [t for t in output_types if t not in OUTPUT_TYPES]
-    if unknown or not output_types:
-        raise ValueError(f"--output-type {', '.join(unknown) or '(none)'}: choose from {', '.join(OUTPUT_TYPES)}")
-    if seg_type not in SEG_TYPES:
-        raise ValueError(f"--seg-type {seg_type}: choose binary or fractional")
-    if cfg.spatial_dims == 2 and output_types != ("nifti",):
+def check_output_options(cfg: ModelConfig, opts: RunOptions) -> None:
+    """ValueError (a usage error) for what this model cannot write (the choices themselves are
+    checked by runs/specs.WriteSpec)."""
+    if cfg.spatial_dims == 2 and opts.output_types != ("nifti",):
         raise ValueError("a 2D model writes PNG label images; --output-type applies to 3D models")
-    if float_maps and set(output_types) == {"dicom-seg"}:
+    if float_maps(opts) and set(opts.output_types) == {"dicom-seg"}:
         raise ValueError(
             "a DICOM SEG holds the segmentation only: add --output-type nifti, nrrd or mha "
             "for the confidence, entropy or probability maps"
         )
+
+
+def float_maps(opts: RunOptions) -> bool:
+    """Maps beside the labels are written: K > 1 (confidence, entropy) or probabilities asked for."""
+    return opts.samples > 1 or opts.save_probabilities
 
 
 def seg_needs_probabilities(opts: RunOptions) -> bool:
@@ -86,6 +86,10 @@ def algorithm_for(source: Source, cfg: ModelConfig, opts: RunOptions) -> Algorit
     return Algorithm(checkpoint_digest(source), parameters)
 
 
+# Names in the run key's material where they differ from the spec's (keys written by earlier runs stay valid).
+_KEY_NAMES = {"output_types": "outputs", "save_probabilities": "probabilities"}
+
+
 def run_key(source: Source, cfg: ModelConfig, opts: RunOptions, precision: str) -> str:
     """What decides an input's outputs, as a short digest kept in its manifest row: the model (the
     checkpoint's hash, or the bundle's or engine set's own), sampling settings, precision asked
@@ -99,51 +103,43 @@ def run_key(source: Source, cfg: ModelConfig, opts: RunOptions, precision: str) 
         model = sha256_file(source.bundle / "manifest.json")
     else:
         model = str(checkpoint_digest(source))
-    material = {
-        "model": model,
-        "sampler": opts.sampler or cfg.diffusion.sampler,
-        "steps": opts.steps or cfg.diffusion.steps,
-        "seed": opts.seed,
-        "samples": opts.samples,
-        "precision": precision,
-        "outputs": list(opts.output_types),
-        "seg_type": opts.seg_type,
-        "probabilities": opts.save_probabilities,
-        "series": opts.series,
-        "noise": NOISE_VERSION,  # what a seed draws (ldseg.model.sampling): rows made with other noise never count
+    # Every spec field (a new option included) but those that do not change the files written.
+    names = [f.name for spec in (SamplingSpec, WriteSpec) for f in dataclasses.fields(spec)]
+    material: dict[str, object] = {
+        _KEY_NAMES.get(name, name): getattr(opts, name) for name in names if name not in NOT_IN_RUN_KEY
     }
+    material.update(
+        {
+            "model": model,
+            "sampler": opts.sampler or cfg.diffusion.sampler,
+            "steps": opts.steps or cfg.diffusion.steps,
+            "precision": precision,
+            "outputs": list(opts.output_types),
+            "noise": NOISE_VERSION,  # what a seed draws (ldseg.model.sampling): rows made with other noise never count
+        }
+    )
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def write_options(
-    source: Source,
-    cfg: ModelConfig,
-    base: RunOptions,
-    precision: str,
-    *,
-    probabilities: bool = False,
-    overwrite: bool = False,
-    skip_existing: bool = False,
-    fail_fast: bool = False,
-    output_types: tuple[str, ...] = ("nifti",),
-    seg_type: str = "binary",
-    series: str | None = None,
+def run_options(sampling: SamplingSpec, write: WriteSpec | None = None) -> RunOptions:
+    """The flat options the run steps go by, from the specs (no checks against a model yet)."""
+    from ldseg.runs.types import RunOptions
+
+    return RunOptions(**_spec_values(sampling, write or WriteSpec()))
+
+
+def _spec_values(*specs: SamplingSpec | WriteSpec) -> dict[str, Any]:
+    return {f.name: getattr(spec, f.name) for spec in specs for f in dataclasses.fields(spec)}
+
+
+def plan_options(
+    source: Source, cfg: ModelConfig, sampling: SamplingSpec, write: WriteSpec, precision: str
 ) -> RunOptions:
-    """The options a run into files goes by, planned once for Segmenter.write and the Ray driver alike:
-    the output options checked (ValueError), the SEG's algorithm record, and the run key."""
-    types = tuple(dict.fromkeys(output_types))
-    check_output_options(cfg, types, seg_type, base.samples > 1 or probabilities)
-    opts = dataclasses.replace(
-        base,
-        save_probabilities=probabilities,
-        overwrite=overwrite,
-        skip_existing=skip_existing,
-        fail_fast=fail_fast,
-        output_types=types,
-        seg_type=seg_type,
-        series=series,
-    )
-    if "dicom-seg" in types:  # the SEG names the checkpoint and the sampling settings
+    """The options a run into files goes by, planned once for Segmenter.write, the Ray driver and the
+    service alike: checked against the model (ValueError), the SEG's algorithm record, the run key."""
+    opts = run_options(sampling, write)
+    check_output_options(cfg, opts)
+    if "dicom-seg" in opts.output_types:  # the SEG names the checkpoint and the sampling settings
         opts = dataclasses.replace(opts, algorithm=algorithm_for(source, cfg, opts))
     return dataclasses.replace(opts, run_key=run_key(source, cfg, opts, precision))
 
@@ -229,7 +225,7 @@ def write_target(
 def output_suffixes(cfg: ModelConfig, opts: RunOptions) -> list[str]:
     """The maps one input produces, as file-name suffixes (segment_prepared's keys)."""
     suffixes = ["_seg"]
-    if opts.samples > 1:
+    if opts.samples > 1:  # the one place that says what K > 1 adds
         suffixes += ["_confidence", "_entropy"]
     if opts.save_probabilities or seg_needs_probabilities(opts):
         suffixes += [f"_prob{c}" for c in range(cfg.num_classes)]

@@ -4,7 +4,7 @@
 
 Each actor builds its backend once through the normal selection (artifact cache included) and keeps
 it warm: the sampling loop, CUDA-graph replays included, runs inside the actor, never across the
-network. Reading and writing are the same steps as the local loop (runtime.volume_steps), so the
+network. Reading and writing are the same steps as the local loop (runs/steps.py), so the
 files, names, atomicity, --overwrite/--skip-existing rules and manifest rows are the same; the write
 task appends each input's manifest row itself, under the manifest's file lock, so rows survive the
 driver. On a cluster, inputs, outputs and the artifact cache must be on storage every node sees,
@@ -16,6 +16,7 @@ header and geometry, which Arrow has no type for.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -31,6 +32,7 @@ from ldseg.model.config import ModelConfig
 from ldseg.runs.cohort import CohortInput, CohortStats
 from ldseg.runs.inference import infer, on_input_grid
 from ldseg.runs.manifest import RunManifest, RunRow
+from ldseg.runs.specs import ModelSpec, SamplingSpec, WriteSpec
 from ldseg.runs.steps import (
     Producer,
     ReadVolume,
@@ -58,6 +60,10 @@ class RayOptions:
     gpus_per_worker: float | None = None  # 0: CPU actors; None: 1 where the cluster has GPUs, else 0
     batch: int = 1  # volumes handed to an actor per call
     threads: int | None = None  # per CPU actor; None: this machine's cores split among the actors
+
+    def __post_init__(self) -> None:
+        if self.workers < 1 or self.batch < 1 or (self.gpus_per_worker is not None and self.gpus_per_worker < 0):
+            raise ValueError("--workers and --batch must be at least 1, --gpus-per-worker at least 0")
 
 
 @dataclass
@@ -122,17 +128,17 @@ class ModelHandle(Protocol):
     def close(self) -> None: ...
 
 
-# Makes an actor's model from the Segmenter keywords (the CLI passes ldseg.api.Segmenter): the run layer
+# Makes an actor's model from the specs (the CLI passes ldseg.api.Segmenter.of): the run layer
 # receives it instead of importing the API above it.
-MakeModel = Callable[..., ModelHandle]
+MakeModel = Callable[[ModelSpec, SamplingSpec], ModelHandle]
 
 
 class _ModelActor:
     """One warm backend, made by `make_model` (the normal selection, cache included)."""
 
-    def __init__(self, settings: dict[str, Any], job: bytes, make_model: MakeModel):
+    def __init__(self, model: ModelSpec, sampling: SamplingSpec, job: bytes, make_model: MakeModel):
         self.spec: _Job = _loads(job)
-        self.segmenter = make_model(**settings)
+        self.segmenter = make_model(model, sampling)
         backend = self.segmenter.backend
         self.producer = Producer(backend.name, backend.device, backend.precision)
 
@@ -183,21 +189,21 @@ def _write_task(row: dict[str, Any], job: bytes) -> dict[str, Any]:
 # ---------------------------------------------------------------------------- the driver
 
 
-def _build_backend(settings: dict[str, Any], make_model: MakeModel) -> tuple[str, str] | None:
+def _build_backend(model: ModelSpec, sampling: SamplingSpec, make_model: MakeModel) -> tuple[str, str] | None:
     """In a worker: build the backend an actor would (exporting into the artifact cache if needed)."""
     try:
-        make_model(**settings).close()
+        make_model(model, sampling).close()
     except LdsegError as exc:
         return type(exc).__name__, str(exc)
     return None
 
 
-def _probe_backend(ray: Any, settings: dict[str, Any], make_model: MakeModel, gpus: float) -> None:
+def _probe_backend(ray: Any, model: ModelSpec, sampling: SamplingSpec, make_model: MakeModel, gpus: float) -> None:
     """Build the backend once where an actor would run before any actor starts: a backend that
     cannot run there is one line with its own exit code (not an actor's traceback), and a first
     export into the artifact cache happens once, not in every actor at the same time."""
     remote = ray.remote(_build_backend).options(num_cpus=1, num_gpus=gpus or 0)
-    failure = ray.get(remote.remote(settings, make_model))
+    failure = ray.get(remote.remote(model, sampling, make_model))
     if failure is not None:
         kinds = {cls.__name__: cls for cls in (InputError, ArtifactError, OutputError, BackendUnavailable)}
         raise kinds.get(failure[0], LdsegError)(failure[1])
@@ -242,7 +248,8 @@ def _start(ray: Any, options: RayOptions) -> bool:
 
 def run_on_ray(
     plans: list[VolumePlan],
-    settings: dict[str, Any],
+    model: ModelSpec,
+    sampling: SamplingSpec,
     make_model: MakeModel,
     cfg: ModelConfig,
     opts: RunOptions,
@@ -252,8 +259,8 @@ def run_on_ray(
     extras: VolumeExtras | None = None,
     on_row: Callable[[RunRow], None] = lambda row: None,
 ) -> RayRun:
-    """Segment the planned inputs on Ray; each actor makes its model with `make_model(**settings)`
-    (the Segmenter's keyword arguments). Rows reach `on_row` as volumes finish, in any order."""
+    """Segment the planned inputs on Ray; each actor makes its model with `make_model(model, sampling)`.
+    Rows reach `on_row` as volumes finish, in any order."""
     ray = import_ray()
     run = RayRun()
     if not plans:
@@ -267,11 +274,11 @@ def run_on_ray(
         gpus = options.gpus_per_worker
         if gpus is None:
             gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
-        actor_settings = dict(settings)
+        actor_model = model
         if gpus == 0:
             cores = os.cpu_count() or 1
-            actor_settings["threads"] = options.threads or max(1, cores // options.workers)
-        _probe_backend(ray, actor_settings, make_model, gpus)
+            actor_model = dataclasses.replace(model, threads=options.threads or max(1, cores // options.workers))
+        _probe_backend(ray, actor_model, sampling, make_model, gpus)
         items = [{"payload": _dumps(plan)} for plan in plans]
         # Blocks of up to ROWS_PER_TASK inputs, but at least two per actor so that reading overlaps.
         per_block = max(1, min(ROWS_PER_TASK, len(items) // (2 * options.workers)))
@@ -280,7 +287,12 @@ def run_on_ray(
             .map(_read_task, fn_kwargs={"job": job}, num_cpus=READ_WRITE_CPUS)
             .map_batches(
                 _ModelActor,
-                fn_constructor_kwargs={"settings": actor_settings, "job": job, "make_model": make_model},
+                fn_constructor_kwargs={
+                    "model": actor_model,
+                    "sampling": sampling,
+                    "job": job,
+                    "make_model": make_model,
+                },
                 batch_size=options.batch,
                 compute=ray.data.ActorPoolStrategy(size=options.workers),
                 num_cpus=1,
@@ -329,30 +341,22 @@ class CohortPlan:
 def plan_cohort(
     items: list[CohortInput],
     out_dir: Path,
-    settings: dict[str, Any],
-    write: dict[str, Any],
+    model: ModelSpec,
+    sampling: SamplingSpec,
+    write: WriteSpec,
     extras_for: Callable[[ModelConfig], VolumeExtras | None] = lambda cfg: None,
 ) -> CohortPlan:
-    """Plan a Ray run as Segmenter.write plans a local one. `settings` are the Segmenter's keywords
-    (what every actor builds its backend from); `write` holds write's (probabilities, overwrite,
-    skip_existing, output_types, seg_type, series). ValueError for output options that cannot be
-    combined; BackendUnavailable without the ray extra."""
+    """Plan a Ray run as Segmenter.write plans a local one, from the specs every actor builds its
+    backend from. ValueError for output options that cannot be combined; BackendUnavailable
+    without the ray extra."""
     from ldseg.runs.local import plan_run, record_skipped
-    from ldseg.runs.outputs import write_options
+    from ldseg.runs.outputs import plan_options
     from ldseg.runtime.artifacts.source import source_config
 
     import_ray()  # says how to install it before anything else
-    model_file = settings.get("bundle") is not None or settings.get("engines") is not None
-    checkpoint = settings.get("checkpoint") or (None if model_file else "demo")  # Segmenter's default
-    source = Source(checkpoint, settings.get("bundle"), settings.get("engines"))
+    source = Source(model.checkpoint, model.bundle, model.engines)
     cfg = source_config(source.checkpoint, source.bundle, source.engines)
-    sampling = RunOptions(
-        steps=settings.get("steps"),
-        sampler=settings.get("sampler"),
-        seed=settings.get("seed", 0),
-        samples=settings.get("samples", 1),
-    )
-    opts = write_options(source, cfg, sampling, settings.get("precision", "auto"), **write)
+    opts = plan_options(source, cfg, sampling, write, model.precision)
     extras = extras_for(cfg)
     manifest = RunManifest(out_dir)
     todo, left = plan_run(items, out_dir, cfg, opts, extras, manifest)
@@ -362,7 +366,8 @@ def plan_cohort(
 
 def run_cohort(
     plan: CohortPlan,
-    settings: dict[str, Any],
+    model: ModelSpec,
+    sampling: SamplingSpec,
     make_model: MakeModel,
     options: RayOptions,
     out_dir: Path,
@@ -373,7 +378,16 @@ def run_cohort(
     clock = time.perf_counter()
     try:
         run = run_on_ray(
-            plan.todo, settings, make_model, plan.config, plan.opts, options, out_dir, extras=plan.extras, on_row=on_row
+            plan.todo,
+            model,
+            sampling,
+            make_model,
+            plan.config,
+            plan.opts,
+            options,
+            out_dir,
+            extras=plan.extras,
+            on_row=on_row,
         )
     finally:
         plan.manifest.compact()

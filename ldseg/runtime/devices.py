@@ -2,7 +2,7 @@
 
 A CPU-only PyTorch (the project's own CPU constraint) says nothing about whether ONNX Runtime or
 TensorRT can reach the GPU, so nothing here gates one route on another: PyTorch asks torch.cuda,
-ONNX Runtime its providers (ldseg/runtime/backends/onnxruntime/env.py), TensorRT cuda-python's device count. Each
+ONNX Runtime its providers (ldseg/runtime/backends/onnxruntime/probe.py), TensorRT cuda-python's device count. Each
 answers None (usable) or the real reason, e.g. the CUDA error name cudaErrorInsufficientDriver.
 """
 

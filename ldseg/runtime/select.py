@@ -5,10 +5,14 @@ bundle and engines the cache exports or builds on first use), a bundle (openvino
 engine set (tensorrt). `auto` tries AUTO_ORDER — TensorRT, ONNX Runtime on CUDA, PyTorch on CUDA,
 OpenVINO on CPU, ONNX Runtime on CPU, PyTorch on CPU — among what the given source can run, and says
 what it skipped. On CPU OpenVINO comes first because it measured fastest there (knee3d:
-benchmarks/results/amd-epyc-2c-2026-11-30/knee3d-openvino). Each candidate checks that it can run
-here (TensorRT and a GPU, onnxruntime's CUDA provider, openvino importable) before the cache exports
-or builds anything. Backends import lazily: a machine without openvino, onnxruntime-gpu or TensorRT
-never loads them.
+benchmarks/results/amd-epyc-2c-2026-11-30/knee3d-openvino).
+
+Everything about one backend is its declaration (ldseg/runtime/backends/<name>/declaration.py):
+the sources it runs, its devices, precisions and largest K, its probe (TensorRT and a GPU,
+onnxruntime's CUDA provider, openvino importable) and how it is made. This module keeps only the
+auto order and the loop: each candidate is refused from its declaration, with one line saying why
+and what to do, before the cache exports or builds anything. Backends import lazily: a machine
+without openvino, onnxruntime-gpu or TensorRT never loads them.
 
 `Wants.precision` "auto" runs what the source holds (FP32, or the INT8/FP16 of a calibrated/exported
 bundle): reduced precision is never chosen silently; "bf16" must be asked for (OpenVINO only).
@@ -16,32 +20,20 @@ bundle): reduced precision is never chosen silently; "bf16" must be asked for (O
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING
 
+from ldseg.choices import BACKEND_CHOICES, RUN_PRECISIONS, check_choice, check_device
 from ldseg.errors import ArtifactError, BackendUnavailable
 from ldseg.model.config import ModelConfig
-from ldseg.runtime.artifacts.source import (  # noqa: F401  (Source and its helpers, re-exported for callers)
-    EXPORT_EXTRA,
-    RECONSTRUCT_NEEDS,
-    SEGMENT_NEEDS,
-    Source,
-    demo_checkpoint_path,
-    load_model,
-    refuse_untrained,
-    resolve_checkpoint,
-    source_config,
-    torch_missing,
-)
+from ldseg.runtime.artifacts.source import EXPORT_EXTRA, Source, torch_missing
 from ldseg.runtime.backend import Backend
+from ldseg.runtime.backends.declaration import Declaration, Request
+from ldseg.runtime.backends.onnxruntime import declaration as ONNXRUNTIME
+from ldseg.runtime.backends.openvino import declaration as OPENVINO
+from ldseg.runtime.backends.tensorrt import declaration as TENSORRT
+from ldseg.runtime.backends.torch import declaration as TORCH
 from ldseg.runtime.devices import cuda_device, device_index
 
-if TYPE_CHECKING:
-    from ldseg.runtime.artifacts.engines import Environment
-BACKENDS = ("auto", "torch", "onnxruntime", "openvino", "tensorrt")
-PRECISIONS = ("auto", "fp32", "fp16", "bf16", "int8")
 # `auto`: the first of these that the source can run and that loads here wins (fastest first).
 AUTO_ORDER = [
     ("tensorrt", "cuda"),
@@ -51,7 +43,6 @@ AUTO_ORDER = [
     ("onnxruntime", "cpu"),
     ("torch", "cpu"),
 ]
-TENSORRT_BUNDLE_PRECISION = "fp16"  # what a checkpoint is exported to for TensorRT (validated like any bundle)
 
 
 def torch_cuda_problem(index: int = 0) -> str | None:
@@ -59,7 +50,7 @@ def torch_cuda_problem(index: int = 0) -> str | None:
     missing = torch_missing("the torch backend")
     if missing is not None:
         return str(missing)
-    from ldseg.runtime.backends.torch_backend import torch_cuda_problem as probe
+    from ldseg.runtime.backends.torch.backend import torch_cuda_problem as probe
 
     return probe(index)
 
@@ -83,15 +74,12 @@ def resolve_device(device: str) -> str:
 
 @dataclass(frozen=True)
 class Wants:
-    """What the user asked of any backend: a precision ("auto": the source's own) and a thread count."""
+    """What the user asked of any backend: a precision ("auto": the source's own), a thread count and
+    the largest K a run will ask for (the capacity a backend must have: engines are built for it)."""
 
     precision: str = "auto"
     threads: int | None = None  # None: the backend's default (all cores)
-
-
-def _refuse_precision(name: str, wants: Wants, runs: str) -> None:
-    if wants.precision not in ("auto", runs):
-        raise BackendUnavailable(f"the {name} backend runs {runs} here, not {wants.precision}")
+    max_samples: int = 1
 
 
 @dataclass
@@ -117,118 +105,25 @@ class Selection:
         return f"{head}; {what}: -v for why"
 
 
-def _torch(source: Source, device: str, wants: Wants) -> Selection:
-    if source.checkpoint is None:
-        raise BackendUnavailable("the torch backend runs a checkpoint (--checkpoint)")
-    missing = torch_missing("the torch backend")
-    if missing is not None:
-        raise missing
-    from ldseg.runtime.backends.torch_backend import TorchBackend
-
-    index = device_index(device)
-    problem = None if index is None else torch_cuda_problem(index)
-    if problem:
-        raise BackendUnavailable(problem)
-    _refuse_precision("torch", wants, "fp32")
-    model = source.model()
-    return Selection(TorchBackend(model, device, threads=wants.threads), model.cfg, "", model.checkpoint_hash)
-
-
-def _onnxruntime_device(device: str) -> None:
-    from ldseg.runtime.backends.onnxruntime.env import ort_cuda_problem
-
-    problem = None if device_index(device) is None else ort_cuda_problem()
-    if problem:
-        raise BackendUnavailable(problem)
-
-
-def _bundle_path(source: Source, name: str) -> Path:
-    """The bundle a bundle backend runs: the one given, or the checkpoint's FP32 export from the cache."""
-    if source.bundle is not None:
-        return source.bundle
-    if source.cached:
-        assert source.artifacts is not None
-        return source.artifacts.bundle(source.reference())
-    raise BackendUnavailable(f"the {name} backend runs an exported bundle (--bundle)")
-
-
-def _onnxruntime(source: Source, device: str, wants: Wants) -> Selection:
-    from ldseg.runtime.artifacts.bundle import load_bundle
-    from ldseg.runtime.backends.onnxruntime.backend import OnnxRuntimeBackend
-
-    if source.bundle is None and source.cached:
-        _onnxruntime_device(device)  # before minutes of exporting
-    path = _bundle_path(source, "onnxruntime")
-    bundle = load_bundle(path, trust_unvalidated=source.trust_unvalidated)
-    refuse_untrained(path, dict(bundle.trained), SEGMENT_NEEDS)
-    _refuse_precision("onnxruntime", wants, bundle.precision)
-    backend = OnnxRuntimeBackend(bundle, device, threads=wants.threads)
-    return Selection(backend, bundle.config, "", bundle.checkpoint_hash)
-
-
-def _openvino(source: Source, device: str, wants: Wants) -> Selection:
-    from ldseg.runtime.artifacts.bundle import load_bundle
-    from ldseg.runtime.backends.openvino_backend import OpenVinoBackend, import_openvino
-
-    if device != "cpu":
-        raise BackendUnavailable("the openvino backend runs on the CPU (--device cpu, or auto)")
-    import_openvino()  # not installed: say so before reading or exporting a bundle
-    path = _bundle_path(source, "openvino")
-    bundle = load_bundle(path, trust_unvalidated=source.trust_unvalidated)
-    refuse_untrained(path, dict(bundle.trained), SEGMENT_NEEDS)
-    # Compiled models live beside the run's artifacts (a --no-cache run's temporary folder included).
-    from ldseg.runtime.artifacts.cache import cache_root
-
-    cache = (source.artifacts.root if source.artifacts is not None else cache_root()) / "openvino"
-    backend = OpenVinoBackend(bundle, wants.precision, threads=wants.threads, cache=cache)
-    return Selection(backend, bundle.config, "", bundle.checkpoint_hash)
-
-
-def _tensorrt(source: Source, device: str, wants: Wants) -> Selection:
-    from ldseg.runtime.artifacts.engines import read_engine_set
-    from ldseg.runtime.backends.tensorrt.backend import TensorRTBackend
-
-    index = device_index(device)
-    if index is None:
-        raise BackendUnavailable("the tensorrt backend needs --device cuda (or auto on a GPU machine)")
-    checkpoint_hash = None
-    if source.engines is not None:
-        path = source.engines
-    elif source.cached:
-        assert source.artifacts is not None
-        environment = tensorrt_environment(index)  # TensorRT and this GPU, before minutes of exporting
-        reference = source.reference()
-        bundle = source.artifacts.bundle(reference, precision=TENSORRT_BUNDLE_PRECISION)
-        path = source.artifacts.engines(bundle, environment, max_batch=source.samples)
-        checkpoint_hash = reference.sha256
-    else:
-        raise BackendUnavailable("the tensorrt backend runs an engine set (--engines)")
-    engine_set = read_engine_set(path)
-    _refuse_precision("tensorrt", wants, engine_set.precision)
-    return Selection(TensorRTBackend(path, device), engine_set.config, "", checkpoint_hash)
-
-
-def tensorrt_environment(index: int = 0) -> Environment:
-    """This machine's TensorRT version and GPU `index`; BackendUnavailable without either (tests fake this)."""
-    from ldseg.runtime.backends.tensorrt.environment import detect_environment
-
-    return detect_environment(index)
-
-
-_FACTORIES = {"torch": _torch, "onnxruntime": _onnxruntime, "openvino": _openvino, "tensorrt": _tensorrt}
-# Which sources each backend runs (a checkpoint with a cache runs on every backend).
-_RUNS: dict[str, Callable[[Source], bool]] = {
-    "tensorrt": lambda s: s.engines is not None or s.cached,
-    "onnxruntime": lambda s: s.bundle is not None or s.cached,
-    "openvino": lambda s: s.bundle is not None or s.cached,
-    "torch": lambda s: s.checkpoint is not None,
+# Each backend describes itself (ldseg/runtime/backends/*/declaration.py): sources, devices,
+# precisions, capacity, probe, and how it is made.
+DECLARATIONS: dict[str, Declaration] = {
+    d.name: d for d in (TORCH.DECLARATION, ONNXRUNTIME.DECLARATION, OPENVINO.DECLARATION, TENSORRT.DECLARATION)
 }
+TENSORRT_BUNDLE_PRECISION = TENSORRT.BUNDLE_PRECISION
+
+
+def _make(name: str, request: Request) -> Selection:
+    """One candidate: refused (BackendUnavailable) before anything is exported or built, else made."""
+    made = DECLARATIONS[name].select(request)
+    return Selection(made.backend, made.config, "", made.checkpoint_hash)
 
 
 def _auto_candidates(source: Source, gpu: str | None) -> list[tuple[str, str]]:
     """AUTO_ORDER among what the source runs; "cuda" is the GPU asked for (None: CPU only)."""
     devices = {"cpu": "cpu", **({"cuda": gpu} if gpu is not None else {})}
-    return [(name, devices[dev]) for name, dev in AUTO_ORDER if dev in devices and _RUNS[name](source)]
+    runs = [(name, dev) for name, dev in AUTO_ORDER if dev in devices and DECLARATIONS[name].runs(source)]
+    return [(name, devices[dev]) for name, dev in runs]
 
 
 def select_backend(
@@ -244,12 +139,14 @@ def select_backend(
     given = [s for s in (source.checkpoint, source.bundle, source.engines) if s is not None]
     if len(given) != 1:
         raise BackendUnavailable("give exactly one of --checkpoint, --bundle, --engines")
-    if backend not in BACKENDS:
-        raise BackendUnavailable(f"--backend {backend}: choose one of {', '.join(BACKENDS)}")
-    if wants.precision not in PRECISIONS:
-        raise BackendUnavailable(f"--precision {wants.precision}: choose one of {', '.join(PRECISIONS)}")
-    if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
-        raise BackendUnavailable(f"--device {device}: choose cpu, cuda or auto")
+    try:
+        check_choice("--backend", backend, BACKEND_CHOICES)
+        check_choice("--precision", wants.precision, RUN_PRECISIONS)
+        check_device(device)
+    except ValueError as exc:
+        raise BackendUnavailable(str(exc)) from None
+    if wants.max_samples < 1:
+        raise BackendUnavailable(f"samples {wants.max_samples}: K must be at least 1")
     index = device_index(device) if device != "auto" else None
     gpu_device = None if device == "cpu" else cuda_device(gpu if index is None else index)
     if backend == "auto":
@@ -267,13 +164,13 @@ def select_backend(
     if source.cached:
         source.reference()  # a bad checkpoint is its own error (exit 4), not a reason to skip candidates
     skipped: list[str] = []
-    on_gpu = [f"{name}/{dev}" for name, dev in AUTO_ORDER if dev == "cuda" and _RUNS[name](source)]
+    on_gpu = [f"{name}/{dev}" for name, dev in AUTO_ORDER if dev == "cuda" and DECLARATIONS[name].runs(source)]
     if backend == "auto" and gpu_device is None and on_gpu:
         skipped.append(f"{', '.join(on_gpu)}: --device cpu")
     errors: list[BackendUnavailable] = []
     for name, dev in candidates:
         try:
-            selection = _FACTORIES[name](source, dev, wants)
+            selection = _make(name, Request(source, dev, wants.precision, wants.threads, wants.max_samples))
         except BackendUnavailable as exc:  # announced, then the next candidate
             skipped.append(f"{name}/{dev}: {exc}")
             errors.append(exc)

@@ -99,7 +99,7 @@ class SegmentService:
         from ldseg.data.phantoms import make_phantom, write_phantom_nifti
 
         clock = time.perf_counter()
-        self.seg = Segmenter(**self.config.model, warn_demo=False)
+        self.seg = Segmenter.of(self.config.model, warn_demo=False)
         self.producer = producer_of(self.seg)
         with tempfile.TemporaryDirectory(prefix="ldseg-warmup-") as tmp:
             cfg = self.seg.config
@@ -237,6 +237,10 @@ class SegmentService:
         else:
             log.warning("%s: refused %s %s", what, response.status_code, outcome)
 
+    def _query(self, request: Request) -> SegmentQuery:
+        assert self.config.max_samples is not None  # ServeConfig resolves it
+        return parse_query(request.query_params, self.config.max_samples)
+
     def _headers(self, stage_ms: dict[str, float], batch_size: int) -> dict[str, str]:
         backend = self.seg.backend
         self.metrics.stage_times(stage_ms)
@@ -333,7 +337,7 @@ class SegmentService:
     @api.post("/v1/segment")
     async def segment(self, request: Request) -> Response:
         async def work(tmp: Path) -> Response:
-            return await self._segment_upload(request, parse_query(request.query_params), tmp)
+            return await self._segment_upload(request, self._query(request), tmp)
 
         return await self._handle("segment", request, work)
 
@@ -345,7 +349,7 @@ class SegmentService:
         that lock) must not wait for its own WADO-RS answer."""
         try:
             self._authorize(request)
-            query = parse_query(request.query_params)
+            query = self._query(request)
             uids = check_uid(study, "study"), check_uid(series, "series")
         except HttpProblem as problem:
             return error_response(problem)

@@ -2,23 +2,41 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+
+from ldseg.runs.specs import ModelSpec
 
 DEFAULT_MAX_UPLOAD_MB = 2048
+SAMPLES_CEILING = 64  # the most K samples any service takes (--max-samples)
+# The K a service takes by default from a checkpoint or a bundle (issue 30 measures --samples 8);
+# an engine set takes what it was built for.
+DEFAULT_MAX_SAMPLES = 8
+
+
+def default_max_samples(model: ModelSpec) -> int:
+    """The largest K a service of `model` takes unless told: an engine set's largest batch (what its
+    TensorRT profiles hold), else DEFAULT_MAX_SAMPLES (engines built from a checkpoint are built for it)."""
+    if model.engines is not None:
+        from ldseg.runtime.artifacts.engines import read_engine_set
+
+        return min(read_engine_set(model.engines).max_batch, SAMPLES_CEILING)
+    return DEFAULT_MAX_SAMPLES
 
 
 @dataclass(frozen=True)
 class ServeConfig:
-    """`model` holds ldseg.api.Segmenter's keyword arguments (checkpoint/bundle/engines, backend,
-    device, gpu, precision, threads, cache...): each replica builds its backend from them.
+    """`model`: what each replica builds its backend from. `max_samples`: the largest K a request may
+    ask for (None: default_max_samples); it becomes the model's capacity, so engines are built for
+    it, a backend that cannot take it is refused at start, and a request above it gets 400.
 
     Back-pressure: a replica runs up to `max_batch` requests as one Serve batch (gathered for at
     most `batch_wait_s`) and admits `max_queued` more; the next gets 503 with Retry-After.
     """
 
-    model: dict[str, Any] = field(default_factory=lambda: {"checkpoint": "demo"})
+    model: ModelSpec = field(default_factory=ModelSpec)
+    max_samples: int | None = None
     host: str = "127.0.0.1"
     port: int = 8000
     replicas: int = 1
@@ -39,6 +57,11 @@ class ServeConfig:
             raise ValueError("--replicas, --max-batch and --max-upload-mb must be at least 1, --max-queued at least 0")
         if self.gpus_per_replica < 0:
             raise ValueError("--gpus-per-replica must be at least 0")
+        k = default_max_samples(self.model) if self.max_samples is None else self.max_samples
+        if not 1 <= k <= SAMPLES_CEILING:
+            raise ValueError(f"--max-samples {k}: must be in 1..{SAMPLES_CEILING}")
+        object.__setattr__(self, "max_samples", k)
+        object.__setattr__(self, "model", dataclasses.replace(self.model, max_samples=k))
 
     @property
     def url(self) -> str:

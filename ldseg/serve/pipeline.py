@@ -21,7 +21,8 @@ from ldseg.api import Segmenter
 from ldseg.model.config import ModelConfig
 from ldseg.runs.cohort import CohortInput
 from ldseg.runs.inference import infer, on_input_grid
-from ldseg.runs.outputs import output_suffixes, write_options
+from ldseg.runs.outputs import output_suffixes, plan_options
+from ldseg.runs.specs import WriteSpec
 from ldseg.runs.steps import Producer, ReadVolume, check_writable, plan_volume, read_volume, write_volume
 from ldseg.runs.types import RunOptions
 
@@ -56,11 +57,10 @@ def options_for(
     series: str | None = None,
 ) -> RunOptions:
     """The RunOptions ldseg-run goes by for these options: Segmenter.write's own planning
-    (runs.outputs.write_options: options checked, ValueError; the SEG's algorithm record)."""
-    base = dataclasses.replace(seg.options, samples=samples, steps=steps, seed=seed)
-    return write_options(
-        seg.source, seg.config, base, seg.precision_asked, output_types=(output_type,), seg_type=seg_type, series=series
-    )
+    (runs.outputs.plan_options: options checked, ValueError; the SEG's algorithm record)."""
+    sampling = dataclasses.replace(seg.sampling, samples=samples, steps=steps, seed=seed)
+    write = WriteSpec(output_types=(output_type,), seg_type=seg_type, series=series)
+    return plan_options(seg.source, seg.config, sampling, write, seg.model.precision)
 
 
 def plan_and_read(path: Path, out_dir: Path, cfg: ModelConfig, opts: RunOptions) -> ReadVolume:

@@ -7,10 +7,9 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from ldseg.io.formats import OUTPUT_TYPES
+from ldseg.choices import OUTPUT_TYPES, SEG_TYPES
 from ldseg.serve.errors import HttpProblem
 
-MAX_SAMPLES = 64
 MAX_STEPS = 1000
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _KNOWN = {"format", "output_type", "samples", "steps", "seed", "seg_type", "series", "filename"}
@@ -47,7 +46,8 @@ def check_uid(value: str, what: str) -> str:
     return value
 
 
-def parse_query(params: Mapping[str, str]) -> SegmentQuery:
+def parse_query(params: Mapping[str, str], max_samples: int) -> SegmentQuery:
+    """The query checked; `max_samples` is the largest K this service was started for (--max-samples)."""
     unknown = sorted(set(params) - _KNOWN)
     if unknown:
         raise HttpProblem(400, f"unknown query parameter(s) {', '.join(unknown)}: use {', '.join(sorted(_KNOWN))}")
@@ -55,13 +55,21 @@ def parse_query(params: Mapping[str, str]) -> SegmentQuery:
     if output_type not in OUTPUT_TYPES:
         raise HttpProblem(400, f"output_type={output_type}: choose from {', '.join(OUTPUT_TYPES)}", "options")
     seg_type = params.get("seg_type") or "binary"
-    if seg_type not in ("binary", "fractional"):
+    if seg_type not in SEG_TYPES:
         raise HttpProblem(400, f"seg_type={seg_type}: choose binary or fractional", "options")
     series = params.get("series") or None
+    samples = _int(params, "samples", 1, 2**31 - 1) or 1
+    if samples > max_samples:
+        raise HttpProblem(
+            400,
+            f"samples={samples}: this service takes at most {max_samples} samples per request "
+            "(its engines are built for that; ldseg-serve --max-samples sets it)",
+            "options",
+        )
     return SegmentQuery(
         format=params.get("format") or None,
         output_type=output_type,
-        samples=_int(params, "samples", 1, MAX_SAMPLES) or 1,
+        samples=samples,
         steps=_int(params, "steps", 1, MAX_STEPS),
         seed=_int(params, "seed", 0, 2**31 - 1) or 0,
         seg_type=seg_type,

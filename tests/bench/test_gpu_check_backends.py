@@ -7,17 +7,17 @@ Tolerance: the checks' own, GRAPH_TOLERANCE (1e-6 on probabilities) and identica
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from ldseg.bench.gpu_check import backend_checks
+from ldseg.bench.gpu_check import backend_checks, compare
 from ldseg.bench.gpu_check.torch_checks import Checks
-from ldseg.export import export_bundle
+from ldseg.runtime.artifacts.source import load_model
 from ldseg.runtime.backend import Backend
 from ldseg.runtime.backends.tensorrt.backend import TensorRTBackend
-from ldseg.runtime.select import load_model
 from tests.helpers import phantom_images
 from tests.tensorrt.emulator import emulated_engine_set, install
 
@@ -25,7 +25,7 @@ pytestmark = pytest.mark.gpu_emulated
 
 
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def prepared(tmp_path_factory: pytest.TempPathFactory, shipped_demo_bundle: Path) -> Path:
     """A gpu_check folder as --prepare leaves it (phantoms, the fp32 bundle) plus emulator engines."""
     model = load_model("demo")
     folder = tmp_path_factory.mktemp("gpu-check")
@@ -33,15 +33,14 @@ def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
     truth = np.zeros((4, *model.cfg.image_size), np.uint8)
     np.savez_compressed(folder / "phantoms.npz", seeds=np.arange(4), images=images, truth=truth)
     (folder / "prepared.json").write_text("{}\n")
-    graphs = ["encoder", "denoise_step", "decoder", "decoder_argmax"]
-    bundle = export_bundle(model, folder / "demo-fp32", graphs=graphs)
+    bundle = Path(shutil.copytree(shipped_demo_bundle, folder / "demo-fp32"))
     emulated_engine_set(folder / "engines-fp32", bundle, max_batch=4)
     return folder
 
 
 @pytest.fixture()
 def checks(prepared: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Checks:
-    monkeypatch.setattr(backend_checks, "GRAPH_TOLERANCE", 1e-6)
+    monkeypatch.setattr(compare, "GRAPH_TOLERANCE", 1e-6)  # the comparisons live in compare.py
     checks = Checks(prepared, tmp_path / "out", budget_s=600, watchdog=False)
     checks.engines["fp32"] = prepared / "engines-fp32"
     return checks

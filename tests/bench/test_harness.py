@@ -28,9 +28,9 @@ from ldseg.model.network import COMPONENTS
 from ldseg.runs.inference import segment_prepared
 from ldseg.runs.types import RunOptions
 from ldseg.runs.volumes import prepare
+from ldseg.runtime.artifacts.source import load_model
 from ldseg.runtime.backend import STAGES
-from ldseg.runtime.backends.torch_backend import TorchBackend
-from ldseg.runtime.select import load_model
+from ldseg.runtime.backends.torch.backend import TorchBackend
 from tests.helpers import assert_several_classes
 
 REPO = Path(__file__).resolve().parents[2]

@@ -16,7 +16,7 @@ from ldseg.export.validate import ValidationReport, phantom_image
 from ldseg.model.network import LDSeg
 from ldseg.runtime.artifacts.bundle import GRAPH_NAMES, load_bundle
 from ldseg.runtime.backend import make_inputs
-from ldseg.runtime.backends.torch_backend import TorchBackend
+from ldseg.runtime.backends.torch.backend import TorchBackend
 from tests.helpers import assert_several_classes
 
 

@@ -1,6 +1,6 @@
 """Validation is part of the bundle: the manifest records the table and verdict (exporter.py,
 validate.py, manifest.py), a failed bundle is written only when asked, and loaders refuse a bundle
-whose manifest records a failed validation or none (runtime/bundle.py)."""
+whose manifest records a failed validation or none (runtime/artifacts/bundle.py)."""
 
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ import pytest
 from ldseg.errors import ArtifactError
 from ldseg.model.checkpoint import load_checkpoint, read_metadata
 from ldseg.model.config import PRESETS, ModelConfig
-from ldseg.runtime.select import demo_checkpoint_path
+from ldseg.runtime.artifacts.source import demo_checkpoint_path
 
 
 def test_presets_name_their_classes():

@@ -10,7 +10,7 @@ import torch
 from ldseg.model.checkpoint import save_checkpoint
 from ldseg.model.config import PRESETS
 from ldseg.model.network import COMPONENTS, LDSeg
-from ldseg.runtime.backends.torch_backend import TorchBackend
+from ldseg.runtime.backends.torch.backend import TorchBackend
 
 
 @pytest.fixture(scope="package")

@@ -23,8 +23,7 @@ import pydicom
 import pytest
 
 from ldseg.data.phantoms import make_phantom, write_phantom_nifti
-from ldseg.export.exporter import export_bundle
-from ldseg.runtime.select import load_model
+from tests.helpers import user_checkpoint
 from tests.io.dicom_series import write_series
 
 RUNTIME_PYTHON = os.environ.get("LDSEG_RUNTIME_PYTHON")
@@ -44,8 +43,8 @@ print(json.dumps({{"torch": "torch" in sys.modules, "code": code}}))
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return export_bundle(load_model("demo"), tmp_path_factory.mktemp("notorch") / "demo.bundle")
+def bundle(shipped_demo_bundle: Path) -> Path:
+    return shipped_demo_bundle
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +88,8 @@ def test_the_python_api_on_a_bundle_imports_no_torch(bundle: Path, phantom: Path
 def test_a_checkpoint_whose_bundle_is_cached_runs_without_torch(phantom: Path, tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     env_cache = f"import os; os.environ['LDSEG_CACHE'] = {str(cache)!r}\n    "
-    argv = [str(phantom), "--checkpoint", "demo", "-o", str(tmp_path / "out"), *RUN]
+    mine = user_checkpoint(tmp_path / "mine.safetensors")  # not the demo, whose bundle ships with ldseg
+    argv = [str(phantom), "--checkpoint", str(mine), "-o", str(tmp_path / "out"), *RUN]
     first = probe(sys.executable, ["run", *argv], env_cache + "from ldseg.cli.run import main; main()")
     assert first["code"] == 0 and first["torch"] is True  # the first run exports the bundle: torch
     second = probe(sys.executable, ["run", *argv, "--overwrite"], env_cache + "from ldseg.cli.run import main; main()")
@@ -151,9 +151,21 @@ def test_runtime_only_install_inspects_and_checks(runtime_python: str, bundle: P
     assert check["code"] != 0 and len(str(check["stderr"]).strip().splitlines()) == 1, check["stderr"]
 
 
+def test_runtime_only_install_runs_the_demo_from_its_shipped_bundle(runtime_python: str, tmp_path: Path) -> None:
+    env_cache = f"import os; os.environ['LDSEG_CACHE'] = {str(tmp_path / 'empty-cache')!r}\n    "
+    argv = ["run", "--demo", "-o", str(tmp_path / "out"), *RUN]
+    result = probe(runtime_python, argv, env_cache + "from ldseg.cli.run import main; main()")
+    assert result["code"] == 0 and result["torch"] is False, result["stderr"]
+    assert "shipped: fp32 ONNX bundle of demo" in str(result["stderr"])
+    assert not (tmp_path / "empty-cache" / "bundles").exists() or not any(
+        (tmp_path / "empty-cache" / "bundles").iterdir()
+    )
+
+
 def test_runtime_only_install_names_the_export_extra(runtime_python: str, phantom: Path, tmp_path: Path) -> None:
     env_cache = f"import os; os.environ['LDSEG_CACHE'] = {str(tmp_path / 'empty-cache')!r}\n    "
-    argv = ["run", str(phantom), "--checkpoint", "demo", "-o", str(tmp_path / "out"), *RUN]
+    mine = user_checkpoint(tmp_path / "mine.safetensors")  # the demo would take its shipped bundle
+    argv = ["run", str(phantom), "--checkpoint", str(mine), "-o", str(tmp_path / "out"), *RUN]
     result = probe(runtime_python, argv, env_cache + "from ldseg.cli.run import main; main()")
     stderr = str(result["stderr"]).strip()
     assert result["code"] == 6 and "pip install 'ldseg[export]'" in stderr, stderr

@@ -19,15 +19,14 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from ldseg.export import export_bundle
 from ldseg.model.network import LDSeg
 from ldseg.runs.inference import infer
 from ldseg.runs.types import RunOptions
+from ldseg.runtime.artifacts.source import load_model
 from ldseg.runtime.backend import Backend, make_inputs
 from ldseg.runtime.backends.onnxruntime.backend import OnnxRuntimeBackend
-from ldseg.runtime.backends.openvino_backend import OpenVinoBackend
-from ldseg.runtime.backends.torch_backend import TorchBackend
-from ldseg.runtime.select import load_model
+from ldseg.runtime.backends.openvino.backend import OpenVinoBackend
+from ldseg.runtime.backends.torch.backend import TorchBackend
 from tests.helpers import assert_several_classes, phantom_images
 
 STEPS = 4
@@ -41,9 +40,8 @@ def model() -> LDSeg:
 
 
 @pytest.fixture(scope="module")
-def bundle_dir(model: LDSeg, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    graphs = ["encoder", "denoise_step", "decoder", "decoder_argmax"]
-    return export_bundle(model, tmp_path_factory.mktemp("samples") / "demo.bundle", graphs=graphs)
+def bundle_dir(shipped_demo_bundle: Path) -> Path:
+    return shipped_demo_bundle  # the trained demo model's bundle
 
 
 @pytest.fixture(scope="module")

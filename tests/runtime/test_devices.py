@@ -7,8 +7,8 @@ import torch
 
 from ldseg.errors import BackendUnavailable
 from ldseg.runtime import devices
-from ldseg.runtime.backends import torch_backend
 from ldseg.runtime.backends.tensorrt import cuda
+from ldseg.runtime.backends.torch import backend as torch_backend
 
 
 def test_device_names():

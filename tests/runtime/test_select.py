@@ -10,6 +10,7 @@ import torch
 from ldseg.errors import BackendUnavailable
 from ldseg.model.config import get_preset
 from ldseg.runtime import select
+from ldseg.runtime.backends.declaration import Request
 from ldseg.runtime.select import Selection, Source, Wants, select_backend
 
 
@@ -34,17 +35,15 @@ def tried(monkeypatch: pytest.MonkeyPatch) -> Calls:
     calls.allow = allow = set()
     calls.wants = []
 
-    def factory(name: str):
-        def make(source: Source, device: str, wants: Wants) -> Selection:
-            calls.append(f"{name}/{device}")
-            calls.wants.append(wants)
-            if f"{name}/{device}" not in allow:
-                raise BackendUnavailable(f"{name} refused on {device}")
-            return Selection(_Fake(name, device), get_preset("demo"), "")  # type: ignore[arg-type]
+    def make(name: str, request: Request) -> Selection:
+        device = request.device
+        calls.append(f"{name}/{device}")
+        calls.wants.append(Wants(request.precision, request.threads, request.max_samples))
+        if f"{name}/{device}" not in allow:
+            raise BackendUnavailable(f"{name} refused on {device}")
+        return Selection(_Fake(name, device), get_preset("demo"), "")  # type: ignore[arg-type]
 
-        return make
-
-    monkeypatch.setattr(select, "_FACTORIES", {n: factory(n) for n in ("torch", "onnxruntime", "openvino", "tensorrt")})
+    monkeypatch.setattr(select, "_make", make)
     return calls
 
 
@@ -152,40 +151,43 @@ def test_precision_and_threads_reach_every_candidate(tried, monkeypatch):
 
 def test_auto_skips_openvino_when_it_is_not_installed_and_says_why(monkeypatch, tmp_path):
     """The real openvino factory, with the import failing as on a platform without a wheel."""
-    from ldseg.runtime.backends import openvino_backend
+    from ldseg.runtime.backends.openvino import backend as openvino_backend
 
     def missing() -> None:
         raise BackendUnavailable("openvino is not installed (no wheel for this platform)")
 
     monkeypatch.setattr(openvino_backend, "import_openvino", missing)
     taken = []
+    real = select._make
 
-    def onnxruntime(source: Source, device: str, wants: Wants) -> Selection:
-        taken.append(device)
-        return Selection(_Fake("onnxruntime", device), get_preset("demo"), "")  # type: ignore[arg-type]
+    def make(name: str, request: Request) -> Selection:
+        if name != "onnxruntime":
+            return real(name, request)
+        taken.append(request.device)
+        return Selection(_Fake("onnxruntime", request.device), get_preset("demo"), "")  # type: ignore[arg-type]
 
-    monkeypatch.setitem(select._FACTORIES, "onnxruntime", onnxruntime)
+    monkeypatch.setattr(select, "_make", make)
     chosen = select_backend(Source(bundle=tmp_path / "bundle"), device="cpu")
     assert taken == ["cpu"] and chosen.backend.name == "onnxruntime"
     assert "openvino/cpu: openvino is not installed" in chosen.why
 
 
 def test_a_backend_refuses_a_precision_it_does_not_run():
-    with pytest.raises(BackendUnavailable, match="the torch backend runs fp32 here, not bf16"):
+    with pytest.raises(BackendUnavailable, match="the torch backend runs fp32 here, not bf16: use --precision auto"):
         select_backend(Source(checkpoint="demo"), backend="torch", device="cpu", wants=Wants("bf16"))
 
 
 # --------------------------------------------------------------------------- a checkpoint with the cache
 
 
-def _cached_source(tmp_path: Path, samples: int = 1):  # type: ignore[no-untyped-def]
+def _cached_source(tmp_path: Path):  # type: ignore[no-untyped-def]
     from ldseg.runtime.artifacts.cache import ArtifactCache
     from tests.runtime.artifacts.cache_fakes import GPU_A, FakeBundleBuilder, FakeEngineBuilder
 
     artifacts = ArtifactCache(
         tmp_path / "cache", build_bundle=FakeBundleBuilder(), build_engines=FakeEngineBuilder(GPU_A)
     )
-    return Source(checkpoint="demo", artifacts=artifacts, samples=samples)
+    return Source(checkpoint="demo", artifacts=artifacts)
 
 
 def test_a_checkpoint_with_the_cache_tries_every_backend_fastest_first(tried, tmp_path):
@@ -216,18 +218,18 @@ def test_gpu_candidates_check_the_machine_before_exporting(monkeypatch, tmp_path
     source = _cached_source(tmp_path)
     if not _tensorrt_present():
         with pytest.raises(BackendUnavailable, match="TensorRT"):
-            select._tensorrt(source, "cuda", Wants())
+            select.DECLARATIONS["tensorrt"].select(Request(source, "cuda:0"))
     import onnxruntime
 
     if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
         with pytest.raises(BackendUnavailable, match="onnxruntime-gpu"):
-            select._onnxruntime(source, "cuda", Wants())
+            select.DECLARATIONS["onnxruntime"].select(Request(source, "cuda:0"))
     assert source.artifacts is not None and source.artifacts.build_bundle.calls == []  # type: ignore[union-attr]
 
 
 def _tensorrt_present() -> bool:
     try:
-        from ldseg.runtime.backends.tensorrt.environment import require_tensorrt
+        from ldseg.runtime.backends.tensorrt.probe import require_tensorrt
 
         require_tensorrt()
     except BackendUnavailable:
@@ -252,10 +254,10 @@ def test_tensorrt_from_a_checkpoint_exports_fp16_then_builds_engines(monkeypatch
         def prepare(self, batch: int) -> None:
             pass
 
-    monkeypatch.setattr(select, "tensorrt_environment", lambda index=0: GPU_A)
+    monkeypatch.setattr(select.TENSORRT, "environment", lambda index=0: GPU_A)
     monkeypatch.setattr(tensorrt_backend, "TensorRTBackend", FakeTensorRTBackend)
-    source = _cached_source(tmp_path, samples=4)
-    chosen = select_backend(source)
+    source = _cached_source(tmp_path)
+    chosen = select_backend(source, wants=Wants(max_samples=4))
     assert chosen.backend.name == "tensorrt" and chosen.why.startswith("auto: first available")
     artifacts = source.artifacts
     assert artifacts is not None
@@ -263,7 +265,7 @@ def test_tensorrt_from_a_checkpoint_exports_fp16_then_builds_engines(monkeypatch
     assert key.precision == select.TENSORRT_BUNDLE_PRECISION
     [(bundle_dir, max_batch, _timing)] = artifacts.build_engines.calls  # type: ignore[union-attr]
     assert max_batch == 4 and made == [artifacts.hits[-1].path]
-    select_backend(source)  # second run: both entries reused
+    select_backend(source, wants=Wants(max_samples=4))  # second run: both entries reused
     assert len(artifacts.build_bundle.calls) == 1 and len(artifacts.build_engines.calls) == 1  # type: ignore[union-attr]
 
 
@@ -271,14 +273,15 @@ def test_a_failed_export_falls_back_to_the_next_candidate(tried, monkeypatch, tm
     from ldseg.errors import ArtifactError
 
     tried.allow.add("torch/cpu")
-    factories = dict(select._FACTORIES)
+    fake = select._make
 
-    def failing_export(source: Source, device: str, wants: Wants) -> Selection:
-        tried.append(f"onnxruntime/{device}")
+    def failing_export(name: str, request: Request) -> Selection:
+        if name != "onnxruntime":
+            return fake(name, request)
+        tried.append(f"onnxruntime/{request.device}")
         raise ArtifactError("bundle: not written: the bundle failed validation")
 
-    factories["onnxruntime"] = failing_export
-    monkeypatch.setattr(select, "_FACTORIES", factories)
+    monkeypatch.setattr(select, "_make", failing_export)
     chosen = select_backend(_cached_source(tmp_path), device="cpu")
     assert tried == ["openvino/cpu", "onnxruntime/cpu", "torch/cpu"] and "failed validation" in chosen.why
 

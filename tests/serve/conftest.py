@@ -124,11 +124,13 @@ def server(orthanc_or_reason: Orthanc | str, serve_port: int, tmp_path_factory: 
     reason = _serve_missing()
     if reason is not None:
         pytest.skip(reason)
+    from ldseg.runs.specs import ModelSpec
     from ldseg.serve.config import ServeConfig
     from ldseg.serve.launch import start, stop
 
     config = ServeConfig(
-        model={"checkpoint": "demo"},
+        model=ModelSpec(checkpoint="demo"),
+        max_samples=4,
         port=serve_port,
         max_batch=4,
         batch_wait_s=0.05,

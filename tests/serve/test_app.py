@@ -169,6 +169,14 @@ def test_samples_return_a_zip_of_ldseg_runs_maps(server, inputs):
             assert zf.read(name) == (inputs / "run3" / name).read_bytes(), f"{name} differs from ldseg-run's"
 
 
+def test_samples_above_the_services_k_get_400_with_the_limit(server, inputs):
+    """The server was started with max_samples=4 (tests/serve/conftest.py): K=5 is refused, K=4 is not."""
+    body = (inputs / "case.nii.gz").read_bytes()
+    r = post(server, body, filename="case.nii.gz", samples=5, steps=1)
+    assert r.status_code == 400 and "at most 4 samples" in r.json()["detail"], r.text
+    assert post(server, body, filename="case.nii.gz", samples=4, steps=1).status_code == 200
+
+
 def test_sixteen_concurrent_requests_are_batched_and_each_equals_its_single_answer(server, tmp_path):
     bodies = []
     for seed in range(4):

@@ -17,13 +17,12 @@ import numpy as np
 import pytest
 
 from ldseg.errors import ArtifactError
-from ldseg.export import export_bundle
 from ldseg.model.network import LDSeg
 from ldseg.runtime.artifacts.engines import bundle_hash
+from ldseg.runtime.artifacts.source import load_model
 from ldseg.runtime.backend import PipelineInputs, make_inputs
 from ldseg.runtime.backends.onnxruntime.backend import OnnxRuntimeBackend
 from ldseg.runtime.backends.tensorrt.backend import TensorRTBackend
-from ldseg.runtime.select import load_model
 from tests.helpers import assert_several_classes, phantom_images
 from tests.tensorrt.emulator import Emulator, emulated_engine_set
 
@@ -39,9 +38,8 @@ def model() -> LDSeg:
 
 
 @pytest.fixture(scope="module")
-def bundle_dir(model: LDSeg, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    graphs = ["encoder", "denoise_step", "decoder", "decoder_argmax"]
-    return export_bundle(model, tmp_path_factory.mktemp("emulated") / "demo.bundle", graphs=graphs)
+def bundle_dir(shipped_demo_bundle: Path) -> Path:
+    return shipped_demo_bundle  # the trained demo model's bundle
 
 
 @pytest.fixture(scope="module")

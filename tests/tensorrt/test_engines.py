@@ -1,4 +1,4 @@
-"""runtime/engines.py and export/build_options.py: precision agreement, batch profiles, engines.json,
+"""runtime/artifacts/engines.py and export/build_options.py: precision agreement, batch profiles, engines.json,
 refusal logic, atomic folders."""
 
 from __future__ import annotations

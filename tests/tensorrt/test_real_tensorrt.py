@@ -16,9 +16,9 @@ import pytest
 
 from ldseg.errors import ArtifactError, BackendUnavailable
 from ldseg.metrics import agreement, dice_per_class
-from ldseg.runtime.artifacts.engines import Environment, read_engine_set
+from ldseg.runtime.artifacts.engines import Environment, bundle_hash, engine_set_problems, read_engine_set
 from ldseg.runtime.backend import make_inputs
-from ldseg.runtime.backends.tensorrt.environment import check_engines_here, detect_environment
+from ldseg.runtime.backends.tensorrt.probe import detect_environment
 from tests.helpers import assert_replays_follow_inputs, assert_several_classes, replay_requests
 
 pytestmark = pytest.mark.tensorrt
@@ -38,7 +38,7 @@ def environment() -> Environment:
 
 @pytest.fixture(scope="module")
 def model(environment: Environment):  # noqa: ANN201 - LDSeg
-    from ldseg.runtime.select import load_model
+    from ldseg.runtime.artifacts.source import load_model
 
     try:
         return load_model("demo")
@@ -64,7 +64,7 @@ def reference(model, phantoms) -> list[np.ndarray]:  # noqa: ANN001
     """torch FP32 labels, the reference every engine is compared with."""
     import torch
 
-    from ldseg.runtime.backends.torch_backend import TorchBackend
+    from ldseg.runtime.backends.torch.backend import TorchBackend
 
     backend = TorchBackend(model, "cuda" if torch.cuda.is_available() else "cpu", cuda_graph=False)
     return [backend.run(make_inputs(model.cfg, img[None], [s])).labels[0] for s, (img, _) in zip(SEEDS, phantoms)]
@@ -163,5 +163,5 @@ def test_engine_set_describes_this_machine(engines, environment: Environment, bu
             environment.trt_version,
             environment.gpu_name,
         )
-        assert check_engines_here(folder, bundle_dir=bundles[precision]) == []
+        assert engine_set_problems(folder, environment, bundle_hash=bundle_hash(bundles[precision])) == []
         assert (folder / "encoder.layers.json").is_file()

@@ -1,4 +1,4 @@
-"""TensorRT 10 and 11, faked: feature detection (runtime/trt_compat.py), the cross-major refusal,
+"""TensorRT 10 and 11, faked: feature detection (runtime/backends/tensorrt/compat.py), the cross-major refusal,
 the TensorRT logger routed to `logging`, and a refused optimization profile reported, not raised."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import pytest
 from ldseg.errors import BackendUnavailable
 from ldseg.runtime.artifacts.engines import Environment, engine_set_problems, read_engine_set
 from ldseg.runtime.backends.tensorrt import compat as trt_compat
-from ldseg.runtime.backends.tensorrt import environment
+from ldseg.runtime.backends.tensorrt import probe as environment
 from ldseg.runtime.backends.tensorrt.backend import _Context
 from tests.tensorrt.conftest import make_fake_engine_set
 

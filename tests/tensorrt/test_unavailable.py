@@ -14,7 +14,7 @@ from ldseg.runtime.artifacts import engines
 from ldseg.runtime.backends.tensorrt import backend as tensorrt_backend
 from ldseg.runtime.backends.tensorrt import cuda
 from ldseg.runtime.backends.tensorrt.backend import TensorRTBackend, check_usable, parse_device
-from ldseg.runtime.backends.tensorrt.environment import check_engines_here, detect_environment, require_tensorrt
+from ldseg.runtime.backends.tensorrt.probe import detect_environment, require_tensorrt
 
 
 def _has_real_tensorrt() -> bool:
@@ -79,9 +79,14 @@ def test_no_gpu_is_backend_unavailable(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @no_real_trt
-def test_check_engines_here_needs_tensorrt(fake_engines: Path) -> None:
-    with pytest.raises(BackendUnavailable, match="TensorRT is not"):
-        check_engines_here(fake_engines)
+def test_build_engine_check_needs_tensorrt(fake_engines: Path) -> None:
+    """The real `ldseg-export build-engine --check`, without TensorRT: refused with the reason."""
+    from typer.testing import CliRunner
+
+    from ldseg.cli.export import export_typer
+
+    result = CliRunner().invoke(export_typer, ["build-engine", "--check", str(fake_engines)])
+    assert isinstance(result.exception, BackendUnavailable) and "TensorRT is not" in str(result.exception)
 
 
 @no_real_trt

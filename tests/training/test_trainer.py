@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from ldseg.errors import OutputError
 from ldseg.model.checkpoint import load_checkpoint, read_metadata, save_checkpoint, state_tensors, tensors_hash
-from ldseg.runtime.select import demo_checkpoint_path
+from ldseg.runtime.artifacts.source import demo_checkpoint_path
 from ldseg.training import OptionsError, TrainOptions, train
 from ldseg.training.state import RunPaths
 

@@ -9,7 +9,7 @@ machine needs neither scipy nor nibabel for them) and wheels of small pure depen
 machine may lack (scripts/gpu_check.sh installs the missing ones from there, offline).
 
 The run checks, each into the report as pass / fail / "not run: <reason>", with its numbers:
-- cuda_layer: ldseg/runtime/cuda.py (cuda-python) captures copies into a graph, relaunches it on
+- cuda_layer: ldseg/runtime/backends/tensorrt/cuda.py (cuda-python) captures copies into a graph, relaunches it on
   changed inputs, and a deliberately broken capture ends with a reason and an eager run;
 - torch_graph, torch_broken_capture: the torch whole-pipeline graph against eager (torch_checks.py);
 - agreement of every GPU route with the torch CPU FP32 reference on the phantoms (and Dice vs truth);

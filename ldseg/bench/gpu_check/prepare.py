@@ -56,7 +56,7 @@ def prepare(folder: Path, wheels: bool = True, log: Callable[[str], None] = prin
     from ldseg.data.phantoms import make_phantom
     from ldseg.export.exporter import export_bundle
     from ldseg.model.config import get_preset
-    from ldseg.runtime.select import demo_checkpoint_path
+    from ldseg.runtime.artifacts.source import demo_checkpoint_path
 
     folder.mkdir(parents=True, exist_ok=True)
     cfg = get_preset("demo")

@@ -88,7 +88,7 @@ class Checks:
         return data["images"], data["truth"], [int(s) for s in data["seeds"]]
 
     def model(self) -> Any:
-        from ldseg.runtime.select import load_model
+        from ldseg.runtime.artifacts.source import load_model
 
         return load_model("demo")
 
@@ -119,7 +119,7 @@ class Checks:
 
     # ---------------------------------------------------------------- checks
     def torch_cpu_reference(self) -> Result:
-        from ldseg.runtime.backends.torch_backend import TorchBackend
+        from ldseg.runtime.backends.torch.backend import TorchBackend
 
         self.reference = self.labels_of(TorchBackend(self.model(), "cpu"))
         classes = [int(len(np.unique(r))) for r in self.reference]
@@ -185,7 +185,7 @@ class Checks:
         import torch
 
         from ldseg.runtime.backend import make_inputs
-        from ldseg.runtime.backends.torch_backend import TorchBackend
+        from ldseg.runtime.backends.torch.backend import TorchBackend
 
         model = self.model()
         graphed, eager = TorchBackend(model, "cuda:0"), TorchBackend(model, "cuda:0", cuda_graph=False)
@@ -253,7 +253,7 @@ class Checks:
         import warnings
 
         from ldseg.runtime.backend import make_inputs
-        from ldseg.runtime.backends.torch_backend import TorchBackend
+        from ldseg.runtime.backends.torch.backend import TorchBackend
 
         backend = TorchBackend(self.model(), "cuda:0")
         fused = backend.model.step  # the backend's own copy of the model (it was moved to the GPU)
@@ -282,8 +282,8 @@ class Checks:
         }
 
     def torch_k_samples(self) -> Result:
-        from ldseg.bench.gpu_check.backend_checks import closing, k_inputs, k_samples_within_budget
-        from ldseg.runtime.backends.torch_backend import TorchBackend
+        from ldseg.bench.gpu_check.compare import closing, k_inputs, k_samples_within_budget
+        from ldseg.runtime.backends.torch.backend import TorchBackend
 
         model = self.model()
         graphed, eager = TorchBackend(model, "cuda:0"), TorchBackend(model, "cuda:0", cuda_graph=False)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ldseg.choices import OUTPUT_TYPES
 from ldseg.errors import InputError
 
 from .base import VolumeFormat
@@ -21,8 +22,6 @@ from .nifti import NiftiFormat
 
 NIFTI = NiftiFormat()
 FILE_FORMATS: tuple[VolumeFormat, ...] = (NIFTI, NRRD, METAIMAGE)
-# --output-type values; dicom-seg is written by dicom_seg.write_dicom_seg, the others by their format.
-OUTPUT_TYPES = ("nifti", "nrrd", "mha", "dicom-seg")
 WRITERS: dict[str, VolumeFormat] = {"nifti": NIFTI, "nrrd": NRRD, "mha": METAIMAGE}
 EXTENSIONS = {"nifti": ".nii.gz", "nrrd": ".nrrd", "mha": ".mha", "dicom-seg": ".dcm"}
 VOLUME_SUFFIXES = tuple(s for f in FILE_FORMATS for s in f.suffixes)

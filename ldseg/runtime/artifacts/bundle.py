@@ -17,13 +17,13 @@ from typing import Any
 
 import numpy as np
 
+from ldseg.choices import EXPORT_PRECISIONS  # what `ldseg-export onnx` writes
 from ldseg.errors import ArtifactError
 from ldseg.model.config import NON_ARCHITECTURE, ModelConfig, get_preset
 
 BUNDLE_FORMAT = "ldseg-bundle/1"
 MANIFEST = "manifest.json"
 GRAPH_NAMES = ("encoder", "denoise_step", "denoiser", "decoder", "decoder_argmax")
-EXPORT_PRECISIONS = ("fp32", "fp16")  # what `ldseg-export onnx` writes
 PRECISIONS = (*EXPORT_PRECISIONS, "int8")  # what a bundle may hold (int8: Q/DQ graphs from calibration)
 _CHUNK = 1 << 20
 PASSED, FAILED = "passed", "failed"  # manifest["validation"]["verdict"]

@@ -13,6 +13,10 @@ or complete; an entry that fails its check (a file's SHA-256, the manifest's key
 validation verdict, the engines' GPU and TensorRT version) is removed and rebuilt, with one line
 saying why. Last use is the entry folder's mtime (touched on every hit).
 
+A checkpoint whose bundle ships inside the package (the bundled demo model: ldseg/data/demo.bundle)
+is served from there when that bundle passes the same check as a cache entry, so `ldseg-run --demo`
+exports nothing and needs no PyTorch; a stale shipped bundle is ignored and the usual export runs.
+
 The runtime does not import the exporter: the builders are callables handed in by whoever wires
 the cache (ldseg.api), so this module and ldseg.runtime.select stay free of ldseg.export.
 """
@@ -30,6 +34,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
+from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -38,7 +43,7 @@ import platformdirs
 
 from ldseg.errors import ArtifactError, OutputError
 from ldseg.io.atomic import disk_error
-from ldseg.runtime.artifacts.bundle import load_bundle
+from ldseg.runtime.artifacts.bundle import MANIFEST, load_bundle
 from ldseg.runtime.artifacts.engines import Environment, bundle_hash, engine_set_problems
 from ldseg.versions import LDSEG_VERSION
 
@@ -182,6 +187,12 @@ class ArtifactCache:
         """The validated bundle of a checkpoint: reused, or exported now (the model is loaded only then)."""
         ref = checkpoint if isinstance(checkpoint, CheckpointRef) else CheckpointRef.of(checkpoint)
         key = BundleKey(ref.sha256, ref.preset, precision, opset, batch)
+        what = f"{precision} ONNX bundle of {ref.preset} (checkpoint {key.checkpoint_sha256[:12]})"
+        shipped = shipped_bundle(key)
+        if shipped is not None:
+            self.reporter.note(f"shipped: {what} in {shipped}")
+            self.hits.append(CacheHit(shipped, False, 0.0))
+            return shipped
         builder = self.build_bundle
         if builder is None:
             raise ArtifactError("this artifact cache has no bundle builder")
@@ -189,7 +200,6 @@ class ArtifactCache:
         def build(target: Path, progress: Progress) -> None:
             builder(ref.load(), target, key, progress)
 
-        what = f"{precision} ONNX bundle of {ref.preset} (checkpoint {key.checkpoint_sha256[:12]})"
         check = functools.partial(check_bundle, key=key)
         return self.entry(BUNDLES, key.name, what, check, build, verb="exporting", ready=ref.loadable)
 
@@ -283,6 +293,28 @@ class ArtifactCache:
 def _reason(exc: ArtifactError, path: Path) -> str:
     text = str(exc)
     return text[len(str(path)) + 2 :] if text.startswith(f"{path}: ") else text
+
+
+def shipped_bundles() -> list[Path]:
+    """Bundles that ship inside the package (read-only), for the checkpoints shipped with it."""
+    return [Path(str(resources.files("ldseg.data") / "demo.bundle"))]
+
+
+def shipped_bundle(key: BundleKey) -> Path | None:
+    """The shipped bundle that `key` names, if one passes check_bundle; else None (then export)."""
+    for path in shipped_bundles():
+        try:
+            recorded = json.loads((path / MANIFEST).read_text(encoding="utf-8")).get("checkpoint_hash")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if recorded != key.checkpoint_sha256:
+            continue  # cheap: another checkpoint's bundle is not hashed at all
+        try:
+            check_bundle(path, key)
+        except ArtifactError:
+            continue
+        return path
+    return None
 
 
 def check_bundle(path: Path, key: BundleKey) -> None:

@@ -16,7 +16,7 @@ An engine set is a folder with one serialized engine per graph and `engines.json
 Engines are not portable: TensorRT refuses (or worse, misbehaves with) a plan made by another
 TensorRT version or for another GPU model, so the set records both and `check_engine_set` compares
 them with the machine it is about to run on, before TensorRT sees a byte. Nothing here imports
-TensorRT: loading it and asking the GPU is ldseg/runtime/backends/tensorrt/environment.py.
+TensorRT: loading it and asking the GPU is ldseg/runtime/backends/tensorrt/probe.py.
 """
 
 from __future__ import annotations

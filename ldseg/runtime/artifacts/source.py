@@ -91,7 +91,6 @@ class Source:
     engines: Path | None = None
     trust_unvalidated: bool = False  # load a bundle whose manifest records no passed validation
     artifacts: ArtifactCache | None = None  # exports/builds a checkpoint's bundle and engines on first use
-    samples: int = 1  # batch the engines must take (K samples run as one batch)
     _memo: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def model(self) -> LDSeg:
@@ -122,6 +121,33 @@ class Source:
             raise problem
 
     @property
+    def kind(self) -> str:
+        """ "checkpoint", "bundle" or "engines": how the model is given (ldseg.runtime.backends.declaration)."""
+        return "engines" if self.engines is not None else "bundle" if self.bundle is not None else "checkpoint"
+
+    @property
     def cached(self) -> bool:
         """A checkpoint with a cache: every backend can run it."""
         return self.checkpoint is not None and self.artifacts is not None
+
+
+CACHED_BUNDLE_PRECISION = "fp32"  # what a checkpoint is exported to for the bundle backends
+
+
+def bundle_path(source: Source) -> Path:
+    """The bundle a bundle backend runs: the one given, or the checkpoint's FP32 export from the cache
+    (exported now if missing)."""
+    if source.bundle is not None:
+        return source.bundle
+    assert source.cached and source.artifacts is not None  # Declaration.runs checked it
+    return source.artifacts.bundle(source.reference(), precision=CACHED_BUNDLE_PRECISION)
+
+
+def bundle_precision(source: Source) -> str:
+    """The precision of the bundle a bundle backend would run, known without exporting: the given
+    bundle's manifest, or what a checkpoint is exported to."""
+    if source.bundle is None:
+        return CACHED_BUNDLE_PRECISION
+    from ldseg.runtime.artifacts.bundle import MANIFEST, read_json_object
+
+    return str(read_json_object(source.bundle / MANIFEST, "bundle manifest").get("precision", "fp32"))

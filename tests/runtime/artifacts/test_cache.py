@@ -1,4 +1,4 @@
-"""runtime/cache.py: keys, reuse, invalidation, the lock across processes, a full disk, list/clear.
+"""runtime/artifacts/cache.py: keys, reuse, invalidation, the lock across processes, a full disk, list/clear.
 
 Builders are the fakes of cache_fakes.py (real manifests, placeholder graphs): these tests are about
 the cache, not the exporter; tests/runtime/artifacts/test_cache_cli.py runs the real export end to end."""

@@ -16,21 +16,20 @@ from ldseg.model.network import LDSeg
 from ldseg.runtime.artifacts.bundle import load_bundle
 from ldseg.runtime.backend import PipelineInputs, make_inputs
 from ldseg.runtime.backends.onnxruntime.backend import OnnxRuntimeBackend
-from ldseg.runtime.backends.torch_backend import TorchBackend
-from tests.helpers import assert_replays_follow_inputs, assert_several_classes, informative_model, replay_requests
+from ldseg.runtime.backends.torch.backend import TorchBackend
+from tests.helpers import assert_replays_follow_inputs, assert_several_classes, replay_requests
 
 LABEL_TARGET = 99.9  # % identical voxels, FP32 ORT vs PyTorch
 
 
 @pytest.fixture(scope="module")
-def model() -> LDSeg:
-    return informative_model("demo")
+def model(demo_model: LDSeg) -> LDSeg:
+    return demo_model  # random BN-calibrated weights (tests.helpers.informative_model)
 
 
 @pytest.fixture(scope="module")
-def bundle_dir(model: LDSeg, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    graphs = ["encoder", "denoise_step", "decoder", "decoder_argmax"]  # all a runtime uses
-    return export_bundle(model, tmp_path_factory.mktemp("ort") / "demo.bundle", graphs=graphs)
+def bundle_dir(demo_bundle: Path) -> Path:
+    return demo_bundle
 
 
 @pytest.fixture(scope="module")
@@ -160,7 +159,7 @@ def test_cuda_graph_replays_equal_cpu_and_follow_new_inputs(bundle_dir: Path) ->
 # Everything of ours on the CUDA path (provider options, probing, graph refusal, per-step bindings,
 # uploads per run) runs for real.
 from ldseg.runtime.backends.onnxruntime import backend as ort_backend  # noqa: E402
-from ldseg.runtime.backends.onnxruntime import env as ort_env  # noqa: E402
+from ldseg.runtime.backends.onnxruntime import probe as ort_env  # noqa: E402
 
 REFUSAL = (
     "This session cannot use the graph capture feature as requested by the user as all compute graph nodes "

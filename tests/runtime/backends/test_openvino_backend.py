@@ -1,4 +1,4 @@
-"""ldseg/runtime/backends/openvino_backend.py: labels of the trained demo model as PyTorch's (FP32, BF16), INT8
+"""ldseg/runtime/backends/openvino/backend.py: labels of the trained demo model as PyTorch's (FP32, BF16), INT8
 bundles on OpenVINO's integer kernels, BF16 refused on a CPU without it, buffers and compiled models
 reused, the compiled-model cache where LDSEG_CACHE says, the precision recorded in the outputs, and
 the bench's openvino target. One FP32 and one INT8 bundle of the bundled (trained) demo model are
@@ -15,19 +15,18 @@ import pytest
 
 from ldseg.data.phantoms import make_phantom, write_phantom_nifti
 from ldseg.errors import BackendUnavailable
-from ldseg.export import export_bundle
 from ldseg.model.network import LDSeg
 from ldseg.runs.local import run_files
 from ldseg.runs.types import RunOptions
 from ldseg.runtime.artifacts.bundle import load_bundle
+from ldseg.runtime.artifacts.source import load_model
 from ldseg.runtime.backend import PipelineInputs, make_inputs
-from ldseg.runtime.backends import openvino_backend
 from ldseg.runtime.backends.onnxruntime.backend import OnnxRuntimeBackend
-from ldseg.runtime.backends.torch_backend import TorchBackend
-from ldseg.runtime.select import load_model
+from ldseg.runtime.backends.openvino import backend as openvino_backend
+from ldseg.runtime.backends.torch.backend import TorchBackend
 
 ov = pytest.importorskip("openvino", reason="openvino has no wheel for this platform (the backend is skipped)")
-from ldseg.runtime.backends.openvino_backend import OpenVinoBackend  # noqa: E402
+from ldseg.runtime.backends.openvino.backend import OpenVinoBackend  # noqa: E402
 
 FP32_TARGET, BF16_TARGET = 99.9, 99.5  # % identical voxels vs PyTorch FP32 (issue 19)
 INT8_TARGET = 99.0  # % identical voxels vs PyTorch FP32 for the small phantom-calibrated INT8 bundle
@@ -41,8 +40,8 @@ def model() -> LDSeg:
 
 
 @pytest.fixture(scope="module")
-def bundle_dir(model: LDSeg, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return export_bundle(model, tmp_path_factory.mktemp("ov") / "demo.bundle", graphs=GRAPHS)
+def bundle_dir(shipped_demo_bundle: Path) -> Path:
+    return shipped_demo_bundle  # the trained demo model's bundle
 
 
 @pytest.fixture(scope="module")

@@ -9,9 +9,9 @@ import torch
 
 from ldseg.model.config import PRESETS
 from ldseg.model.network import LDSeg
+from ldseg.runtime.artifacts.source import load_model
 from ldseg.runtime.backend import make_inputs
-from ldseg.runtime.backends.torch_backend import TorchBackend
-from ldseg.runtime.select import load_model
+from ldseg.runtime.backends.torch.backend import TorchBackend
 from tests.helpers import assert_replays_follow_inputs, assert_several_classes, phantom_images, replay_requests
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on a lent device)")

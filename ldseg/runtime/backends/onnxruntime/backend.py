@@ -18,7 +18,7 @@ Labels come from decoder_argmax. When probabilities are asked for, the decoder g
 and labels are its argmax on the host (first maximum, like torch and ONNX ArgMax), so the decoder
 never runs twice.
 
-CUDA (device "cuda"/"cuda:N", needs onnxruntime-gpu, ldseg/runtime/backends/onnxruntime/env.py): the CUDA EP with
+CUDA (device "cuda"/"cuda:N", needs onnxruntime-gpu, ldseg/runtime/backends/onnxruntime/probe.py): the CUDA EP with
 TF32 off (fp32 means FP32) and enable_cuda_graph; every binding has its own gpu_graph_id, so ORT
 captures one graph per binding, on the binding's third run. Sessions are created, checked (their
 first provider must be CUDA: ORT silently falls back to CPU when the CUDA libraries do not load) and
@@ -40,18 +40,16 @@ from pathlib import Path
 
 import numpy as np
 
-try:
+from ldseg.runtime.backends.onnxruntime.probe import onnxruntime_needed
+
+with onnxruntime_needed("the onnxruntime backend"):
     import onnxruntime as ort
     from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
-except ImportError as exc:  # neither extra installed: say which one
-    from ldseg.runtime.backends.onnxruntime.env import missing
-
-    raise missing("the onnxruntime backend") from exc
 
 from ldseg.errors import ArtifactError, BackendUnavailable
 from ldseg.runtime.artifacts.bundle import Bundle, GraphInfo, load_bundle
 from ldseg.runtime.backend import Backend, PipelineInputs, make_inputs
-from ldseg.runtime.backends.onnxruntime.env import CUDA_PROVIDER, RUNS_TO_CAPTURE, cuda_problem
+from ldseg.runtime.backends.onnxruntime.probe import CUDA_PROVIDER, RUNS_TO_CAPTURE, cuda_problem
 from ldseg.runtime.devices import device_index
 
 _ORT_ERRORS = (ort_state.Fail, ort_state.InvalidArgument, ort_state.InvalidProtobuf, ort_state.NoSuchFile)

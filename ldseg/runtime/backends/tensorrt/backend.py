@@ -49,7 +49,7 @@ decoder never runs twice. Without probabilities, decoder_argmax writes uint8 lab
 
 NOT RUN: TensorRT cannot be installed on the development machines and they have no GPU. This file
 is type-checked against tensorrt-stubs 10.13 (no stubs exist for 11); what differs between
-TensorRT 10 and 11 goes through runtime/trt_compat.py, unit-tested with faked 10.x and 11.x
+TensorRT 10 and 11 goes through runtime/backends/tensorrt/compat.py, unit-tested with faked 10.x and 11.x
 modules; tests/tensorrt has real-engine tests that skip here.
 
 Over 400 lines because the engine contexts, the plan of device buffers per shape and the stages
@@ -72,7 +72,7 @@ from ldseg.runtime.artifacts.engines import EngineSet, engine_set_problems, read
 from ldseg.runtime.backend import STAGES, Backend, CaptureFailed, PipelineInputs
 from ldseg.runtime.backends.tensorrt import compat as trt_compat
 from ldseg.runtime.backends.tensorrt import cuda
-from ldseg.runtime.backends.tensorrt.environment import detect_environment, logged_errors, require_tensorrt, trt_logger
+from ldseg.runtime.backends.tensorrt.probe import detect_environment, logged_errors, require_tensorrt, trt_logger
 
 if TYPE_CHECKING:
     import tensorrt as trt

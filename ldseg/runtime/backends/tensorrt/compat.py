@@ -12,7 +12,7 @@ ldseg touches that differs (../shared/docs/tensorrt.md, NVIDIA's 10 -> 11 migrat
 - the engine inspector's JSON lists I/O under "Bindings" in 10 and "I/O Tensors" in 11.
 
 Engines are not portable across versions at all, and never across majors: engines.json records
-the major (runtime/engines.py refuses a set from another one with that reason).
+the major (runtime/artifacts/engines.py refuses a set from another one with that reason).
 """
 
 from __future__ import annotations

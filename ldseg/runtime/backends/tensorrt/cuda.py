@@ -74,10 +74,6 @@ def clear_last_error() -> str | None:
     return None if err == cudart.cudaError_t.cudaSuccess else _error_name(cudart, err)
 
 
-def align(nbytes: int, alignment: int = ALIGNMENT) -> int:
-    return (nbytes + alignment - 1) // alignment * alignment
-
-
 @dataclass(frozen=True)
 class GpuInfo:
     index: int

@@ -8,6 +8,9 @@ one it finds can do the job, saying exactly how to fix the install when it canno
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 from ldseg.errors import BackendUnavailable
 from ldseg.versions import installed_versions
 
@@ -31,6 +34,16 @@ def missing(purpose: str) -> BackendUnavailable:
         f"onnxruntime is not installed ({purpose} needs it): pip install -e '.[cpu]' on a CPU machine, "
         "or pip install -e '.[gpu]' (onnxruntime-gpu) on a CUDA machine"
     )
+
+
+@contextlib.contextmanager
+def onnxruntime_needed(purpose: str) -> Iterator[None]:
+    """The one guard around `import onnxruntime` (at module level or in a function): not installed,
+    BackendUnavailable saying which extra to install for `purpose`."""
+    try:
+        yield
+    except ImportError as exc:
+        raise missing(purpose) from exc
 
 
 def cuda_problem(available_providers: list[str], dists: dict[str, str] | None = None) -> str | None:

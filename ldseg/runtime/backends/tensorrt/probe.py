@@ -4,12 +4,11 @@ machine an engine set is about to run on (TensorRT version, GPU)."""
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING
 
 from ldseg.errors import BackendUnavailable
-from ldseg.runtime.artifacts.engines import Environment, bundle_hash, check_engine_set
+from ldseg.runtime.artifacts.engines import Environment
 from ldseg.runtime.backends.tensorrt import compat as trt_compat
 
 if TYPE_CHECKING:
@@ -79,13 +78,3 @@ def detect_environment(device: int = 0) -> Environment:
     trt_compat.check_version(str(trt.__version__))  # refuses a TensorRT older than 10.3
     gpu = gpu_info(device)
     return Environment(str(trt.__version__), gpu.name, gpu.compute_capability)
-
-
-def check_engines_here(engines_dir: Path | str, *, bundle_dir: Path | str | None = None, device: int = 0) -> list[str]:
-    """`build-engine --check`: reasons the engine set cannot run on this machine (empty: it can).
-
-    Raises BackendUnavailable if TensorRT does not import or no GPU is present (nothing to compare).
-    """
-    env = detect_environment(device)
-    expected = bundle_hash(bundle_dir) if bundle_dir is not None else None
-    return check_engine_set(engines_dir, env, bundle_hash=expected)
