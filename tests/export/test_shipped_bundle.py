@@ -10,11 +10,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import onnx
 import pytest
 
 from ldseg.export import export_bundle
 from ldseg.model.checkpoint_file import read_metadata
-from ldseg.runtime.artifacts.bundle import MANIFEST, load_bundle, sha256_file
+from ldseg.runtime.artifacts.bundle import MANIFEST, load_bundle
 from ldseg.runtime.artifacts.cache import ArtifactCache, BundleKey, CheckpointRef, check_bundle, shipped_bundles
 from ldseg.runtime.artifacts.source import demo_checkpoint_path
 
@@ -37,7 +38,16 @@ def test_the_shipped_bundle_is_what_the_exporter_writes_today(shipped: Path, tmp
     graphs = json.loads((fresh / MANIFEST).read_text())["graphs"]
     assert sorted(graphs) == sorted(load_bundle(shipped).graphs), REGENERATE
     for name, entry in graphs.items():
-        assert sha256_file(fresh / entry["file"]) == sha256_file(shipped / entry["file"]), f"{name}: {REGENERATE}"
+        assert _graph_bytes(fresh / entry["file"]) == _graph_bytes(shipped / entry["file"]), f"{name}: {REGENERATE}"
+
+
+def _graph_bytes(path: Path) -> bytes:
+    """The graph without per-node metadata: the exporter records stack traces with absolute source
+    paths there, which differ between checkouts (a CI clone) but say nothing about what runs."""
+    model = onnx.load(str(path))
+    for node in model.graph.node:
+        del node.metadata_props[:]
+    return model.graph.SerializeToString()
 
 
 def test_the_shipped_bundle_passes_the_cache_check_and_records_a_passed_validation(shipped: Path) -> None:
