@@ -57,7 +57,9 @@ def head_start_for(
 ) -> AbstractContextManager[None]:
     """A head start on the first of `paths` for a model source as ldseg-run names it; none when
     there is no input or the source's header cannot be read (the backend's selection then says why)."""
-    if not paths:
+    if not paths or paths[0].is_dir() or paths[0].suffix.lower() == ".dcm":
+        # A DICOM series: its reader imports pydicom while the main thread may import highdicom (DICOM SEG
+        # output), and two threads importing the same package can see it half-initialized.
         return nullcontext()
     try:
         cfg = source_config(checkpoint, bundle, engines)
