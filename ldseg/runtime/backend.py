@@ -27,14 +27,17 @@ shape (its "plan") and reuses for every later run:
   `probabilities.mean(axis=0)` adds them, so chunking changes no bit of the mean.
 
 Eagerly, or, where a backend captures (`capture`/`replay`, CUDA graphs), encode + broadcast + loop
-(+ decode when one chunk holds the batch) as one graph replay; the decode chunks of `sample` run
-eagerly after it (one launch each: a graph would buy nothing). A capture runs the body over the
-plan's buffers (warm-up, then recording), which overwrites the latents the loop started from, so
-after any capture attempt, successful or not, `_execute` copies the inputs in again: the capturing
-call, the eager fallback after a failed capture and every replay all start from the request's own
-inputs. The loop is `ldseg.model.sampling.denoise_loop`, the function the PyTorch model samples
-with, so the sampler is written once. `stage_calls` hands `ldseg-bench` the same stage methods to
-time one by one.
+(+ decode when one chunk holds the batch) as one graph replay. Capture only when it pays: a shape's
+first request runs eagerly and the graph is captured by its second (`capture_from`), since a capture
+costs several eager runs (on an H200, 1.5 s against a 0.27 s eager knee run) and a one-volume
+`ldseg-run` would never replay it; a folder, the API and the service replay from the third on. The
+decode chunks of `sample` run eagerly after the graph (one launch each: a graph would buy nothing).
+A capture runs the body over the plan's buffers (warm-up, then recording), which overwrites the
+latents the loop started from, so after any capture attempt, successful or not, `_execute` copies
+the inputs in again: the capturing call, the eager fallback after a failed capture and every replay
+all start from the request's own inputs. The loop is `ldseg.model.sampling.denoise_loop`, the
+function the PyTorch model samples with, so the sampler is written once. `stage_calls` hands
+`ldseg-bench` the same stage methods to time one by one.
 
 Every backend sees the same data, prepared once by `make_inputs`: initial latents, per-step noise
 and the coefficient table, so their results are comparable voxel for voxel.
@@ -57,6 +60,7 @@ import numpy as np
 
 from ldseg.model.config import ModelConfig
 from ldseg.model.sampling import denoise_loop, draw_noise, sampler_table
+from ldseg.runtime.volume_ops import VolumeOps
 
 STAGES = ("input_copy", "encoder", "step", "loop", "decoder", "output_copy")  # what the bench times
 
@@ -153,7 +157,9 @@ class Backend(ABC, Generic[PlanT, LatentT]):
         self.artifact = artifact  # how errors name it, e.g. "bundle 'knee3d'"
         self.cuda_graph = cuda_graph  # whole-pipeline capture (backends that implement capture)
         self.fallback_reason: str | None = None  # why capture was given up, once it was
+        self.capture_from = 2  # the request of a shape that captures (1: the first; the bench warms up anyway)
         self._graphs: dict[tuple[int, int, int, bool, bool], Captured] = {}
+        self._requests: dict[tuple[int, int, int, bool, bool], int] = {}  # per shape, until it is captured
 
     # ------------------------------------------------------------------ the stages
     @abstractmethod
@@ -215,6 +221,11 @@ class Backend(ABC, Generic[PlanT, LatentT]):
 
     def release(self) -> None:
         """Free what the backend allocated (close() calls it once)."""
+
+    def volume_ops(self) -> VolumeOps | None:
+        """Pre/post-processing on this backend's device (ldseg/runtime/volume_ops.py), or None: the
+        run path then resamples on the CPU."""
+        return None
 
     def decode_chunk(self, samples: int) -> int:
         """Samples per decoder run in `sample`. The decoder is the one stage whose memory grows with
@@ -329,6 +340,9 @@ class Backend(ABC, Generic[PlanT, LatentT]):
         if key in self._graphs:
             return self._graphs[key], False
         if self.fallback_reason is not None:
+            return None, False
+        self._requests[key] = seen = self._requests.get(key, 0) + 1
+        if seen < self.capture_from:
             return None, False
         final: list[LatentT] = []
 

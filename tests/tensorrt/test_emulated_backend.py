@@ -100,14 +100,29 @@ def test_eager_equals_onnxruntime(emulated_gpu, engines_dir, bundle_dir, ort, im
     trt.close()
 
 
-def test_the_first_capturing_call_equals_eager(emulated_gpu, engines_dir, bundle_dir, ort, images, model):
-    """The defect of issue 26: capture's eager warm-up ping-pongs through z[0], and the graph then
+def test_a_shapes_first_request_runs_eagerly_and_its_second_captures(
+    emulated_gpu, engines_dir, bundle_dir, ort, images, model
+):
+    """Capture only when it pays (issue 30): a one-volume run never captures. The capturing call
+    is the defect of issue 26: capture's eager warm-up ping-pongs through z[0], and the graph then
     started from step STEPS-1's output instead of z_init. Fails without the lifecycle's copy-in
     after a capture attempt (checked by reverting it)."""
     trt = _trt(engines_dir, bundle_dir, cuda_graph=True)
-    assert_equals_onnxruntime(trt, emulated_gpu, ort, make_inputs(model.cfg, images[:1], [0], STEPS), "first call")
+    inputs = make_inputs(model.cfg, images[:1], [0], STEPS)
+    assert_equals_onnxruntime(trt, emulated_gpu, ort, inputs, "first call")
+    assert not trt._graphs and "graph launch" not in emulated_gpu.log and not emulated_gpu.graphs
+    second = make_inputs(model.cfg, images[1:2], [1], STEPS)  # other inputs: the graph must not keep the first's
+    assert_equals_onnxruntime(trt, emulated_gpu, ort, second, "second (capturing) call")
     assert trt.mode == "cuda-graph" and len(trt._graphs) == 1
-    assert "graph launch" in emulated_gpu.log  # the first call's answer came from the graph
+    assert "graph launch" in emulated_gpu.log  # the capturing call's answer came from the graph
+    trt.close()
+
+
+def test_capture_from_the_first_request_when_asked(emulated_gpu, engines_dir, bundle_dir, ort, images, model):
+    trt = _trt(engines_dir, bundle_dir, cuda_graph=True)
+    trt.capture_from = 1
+    assert_equals_onnxruntime(trt, emulated_gpu, ort, make_inputs(model.cfg, images[:1], [0], STEPS), "first call")
+    assert len(trt._graphs) == 1 and "graph launch" in emulated_gpu.log
     trt.close()
 
 
@@ -129,7 +144,8 @@ def test_replays_equal_onnxruntime_and_follow_new_inputs(emulated_gpu, engines_d
 def test_a_replay_is_one_graph_launch(emulated_gpu, engines_dir, bundle_dir, images, model):
     trt = _trt(engines_dir, bundle_dir, cuda_graph=True)
     inputs = make_inputs(model.cfg, images[:1], [0], STEPS)
-    trt.run(inputs, probabilities=True)
+    trt.run(inputs, probabilities=True)  # eager
+    trt.run(inputs, probabilities=True)  # captures
     emulated_gpu.log.clear()
     trt.run(inputs, probabilities=True)
     eager = [op for op in emulated_gpu.log if op.startswith("execute")]
@@ -144,6 +160,7 @@ def test_a_failed_capture_falls_back_to_eager_with_the_same_results(
 ):
     emulated_gpu.fail_capture = True  # every enqueue inside a capture returns false
     trt = _trt(engines_dir, bundle_dir, cuda_graph=True)
+    trt.capture_from = 1
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         first = make_inputs(model.cfg, images[:1], [2], STEPS)
@@ -159,7 +176,7 @@ def test_a_failed_capture_falls_back_to_eager_with_the_same_results(
 def test_two_batches_and_two_step_counts(emulated_gpu, engines_dir, bundle_dir, ort, images, model, cuda_graph):
     trt = _trt(engines_dir, bundle_dir, cuda_graph=cuda_graph)
     shapes = [(images[:1], [0], STEPS), (images[:2], [4, 5], STEPS), (images[:2], [6, 7], 4), (images[:1], [8], 4)]
-    for image, seeds, steps in shapes:
+    for image, seeds, steps in shapes * 2:  # each shape's second request captures
         what = f"batch {len(seeds)}, {steps} steps"
         assert_equals_onnxruntime(trt, emulated_gpu, ort, make_inputs(model.cfg, image, seeds, steps), what)
     assert len(trt._graphs) == (4 if cuda_graph else 0)
@@ -171,7 +188,7 @@ def test_labels_without_probabilities_come_from_the_argmax_engine(
 ):
     trt = _trt(engines_dir, bundle_dir, cuda_graph=True)
     inputs = make_inputs(model.cfg, images[:2], [0, 1], STEPS)
-    for k in range(2):  # the capturing call, then a replay
+    for k in range(3):  # eager, the capturing call, then a replay
         got, ref = trt.run(inputs), ort.run(inputs)
         assert got.probabilities is None
         assert_several_classes(ref.labels, "ONNX Runtime labels")
@@ -182,9 +199,10 @@ def test_labels_without_probabilities_come_from_the_argmax_engine(
 @pytest.mark.parametrize("chunk", [1, 2, 3])
 @pytest.mark.parametrize("cuda_graph", [False, True])
 def test_k_samples_equal_onnxruntime(emulated_gpu, engines_dir, bundle_dir, ort, images, model, chunk, cuda_graph):
-    """sample(): one encoder run at batch 1, K=3 chains, the decoder in chunks; twice (capture, replay)."""
+    """sample(): one encoder run at batch 1, K=3 chains, the decoder in chunks; three times (eager,
+    capture, replay)."""
     trt = _trt(engines_dir, bundle_dir, cuda_graph=cuda_graph)
-    for seed in (10, 20):
+    for seed in (10, 20, 30):
         inputs = make_inputs(model.cfg, images[:1], [seed, seed + 1, seed + 2], STEPS)
         got, ref = trt.sample(inputs, chunk=chunk), ort.sample(inputs, chunk=chunk)
         assert got.chunk == chunk
@@ -208,8 +226,9 @@ def test_k_samples_default_chunk_is_what_the_profile_provisions(emulated_gpu, en
 
 def test_close_frees_every_buffer(emulated_gpu, engines_dir, bundle_dir, images, model):
     trt = _trt(engines_dir, bundle_dir, cuda_graph=True)
-    trt.sample(make_inputs(model.cfg, images[:1], [0, 1, 2], STEPS), chunk=2)
-    trt.run(make_inputs(model.cfg, images[:2], [0, 1], 4))
+    for _ in range(2):  # a shape's second request captures
+        trt.sample(make_inputs(model.cfg, images[:1], [0, 1, 2], STEPS), chunk=2)
+        trt.run(make_inputs(model.cfg, images[:2], [0, 1], 4))
     assert emulated_gpu.memory and emulated_gpu.graphs
     trt.close()
     assert not emulated_gpu.memory, f"{len(emulated_gpu.memory)} allocations left after close()"

@@ -1,8 +1,9 @@
 """gpu_check's generic comparisons, which catch what label agreement cannot (a replay from a
 plausible wrong start scores 98-99.9 % against the torch reference and passes):
 - `graphs_match_eager`: the same inputs through a backend with graphs on and one with graphs off,
-  the first (capturing) request, the same request again, and others (new noise, a new image, another
-  batch): max |delta p| <= GRAPH_TOLERANCE and identical labels on every one;
+  a shape's first request (eager: capture only when it pays), the same again (captures), a replay,
+  and others (new noise, a new image, another batch, twice): max |delta p| <= GRAPH_TOLERANCE and
+  identical labels on every one;
 - `k_samples_within_budget`: `Backend.sample` with K samples, graphs on vs off, the same tolerance,
   and the device memory it added within the budget `decode_chunk` sizes chunks for (half the free
   memory before the run).
@@ -41,7 +42,7 @@ def closing(*backends: Backend) -> Iterator[None]:
 
 
 def requests_of(cfg: Any, images: np.ndarray, seeds: list[int]) -> list[PipelineInputs]:
-    """First request (captured), then new noise, a new image, and a batch of two (another shape)."""
+    """First request (captured by its repeat), then new noise, a new image, and a batch of two (another shape)."""
     from ldseg.runtime.backend import make_inputs
 
     return [
@@ -55,8 +56,9 @@ def requests_of(cfg: Any, images: np.ndarray, seeds: list[int]) -> list[Pipeline
 def graphs_match_eager(
     graphed: Backend, eager: Backend, requests: list[PipelineInputs], graphs_on: Callable[[Backend], bool]
 ) -> Result:
-    """Each request through both; the first one twice (its first run captures, the second replays)."""
-    order = [requests[0], requests[0], *requests[1:]]
+    """Each request through both; a shape's first request runs eagerly and its second captures, so
+    the first request goes three times (eager, capture, replay) and the last shape twice."""
+    order = [requests[0], requests[0], requests[0], *requests[1:], requests[-1]]
     diffs, equal, firsts = [], [], []
     for inputs in order:
         g, e = graphed.run(inputs, probabilities=True), eager.run(inputs, probabilities=True)
@@ -64,13 +66,21 @@ def graphs_match_eager(
         diffs.append(float(np.abs(g.probabilities - e.probabilities).max()))
         equal.append(float((g.labels == e.labels).mean()))
         firsts.append(g.probabilities)
-    differ = float(np.abs(firsts[0] - firsts[2]).max())  # new noise must change the output
+    differ = float(np.abs(firsts[0] - firsts[3]).max())  # new noise must change the output
     on = graphs_on(graphed)
     ok = on and max(diffs) <= GRAPH_TOLERANCE and min(equal) == 1.0 and differ > 10 * GRAPH_TOLERANCE
     return {
         "status": "pass" if ok else "fail",
         "graphs_on": on,
-        "requests": ["first (captures)", "first again (replay)", "new noise", "new image", "batch 2"],
+        "requests": [
+            "first (eager)",
+            "first again (captures)",
+            "first again (replay)",
+            "new noise",
+            "new image",
+            "batch 2 (eager)",
+            "batch 2 again (captures)",
+        ],
         "max_abs_delta_p": diffs,
         "labels_equal": equal,
         "tolerance": GRAPH_TOLERANCE,
@@ -84,12 +94,12 @@ def k_samples_within_budget(
 ) -> Result:
     """sample() with graphs on and off: same mean and votes, device memory added within budget."""
     before = free_memory()
-    first = graphed.sample(inputs)
-    again = graphed.sample(inputs)
+    runs = [graphed.sample(inputs) for _ in range(3)]  # eager, capture, replay
+    first = runs[0]
     after = free_memory()
     ref = eager.sample(inputs)
-    diffs = [float(np.abs(r.mean - ref.mean).max()) for r in (first, again)]
-    votes = [bool(np.array_equal(r.votes, ref.votes)) for r in (first, again)]
+    diffs = [float(np.abs(r.mean - ref.mean).max()) for r in runs]
+    votes = [bool(np.array_equal(r.votes, ref.votes)) for r in runs]
     used = None if before is None or after is None else before - after
     within = used is None or used <= MEMORY_FRACTION * before  # type: ignore[operator]
     ok = max(diffs) <= GRAPH_TOLERANCE and all(votes) and within

@@ -55,7 +55,7 @@ def test_graph_replay_equals_eager_and_follows_new_inputs(model):
     requests = replay_requests(model.cfg, _image(model, 0, 4), steps=5)
     assert_replays_follow_inputs(graphed, eager, requests, atol=1e-5)
     assert graphed.fallback_reason is None
-    assert list(graphed._graphs) == [(2, 2, 5, True, True)]  # captured once, replayed twice
+    assert list(graphed._graphs) == [(2, 2, 5, True, True)]  # eager, captured by the second request, replayed
 
 
 @cuda
@@ -63,7 +63,9 @@ def test_graph_replay_equals_eager_and_follows_new_inputs(model):
 def test_replays_allocate_nothing_and_keep_their_buffers(model):
     backend = TorchBackend(model, "cuda", cuda_graph=True)
     inputs = make_inputs(model.cfg, _image(model, 2), [0], steps=15)
-    backend.run(inputs)
+    backend.run(inputs)  # a shape's first request runs eagerly
+    assert not backend._graphs
+    backend.run(inputs)  # its second captures
     buf = backend.plan(1, 15)
     assert (1, 1, 15, False, True) in backend._graphs
     pointers = [buf.image.data_ptr(), buf.z_init.data_ptr(), buf.labels.data_ptr()]
