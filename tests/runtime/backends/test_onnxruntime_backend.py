@@ -237,7 +237,7 @@ def test_cuda_path_probes_at_build_and_matches_cpu(
     gpu = OnnxRuntimeBackend(bundle_dir, device="cuda:1")
     assert sessions.runs == 3 * (2 + 15)  # the probe: up to ORT's capturing run, encoder + 15 steps + decoder
     for _, providers in sessions.asked:
-        options = {"device_id": "1", "use_tf32": "0", "enable_cuda_graph": "1"}
+        options = {"device_id": "1", "use_tf32": "0", "enable_cuda_graph": "1", "cudnn_conv_algo_search": "EXHAUSTIVE"}
         assert providers[0] == ("CUDAExecutionProvider", options)
     info = gpu.describe()
     assert info["device"] == "cuda:1" and info["cuda_graph"].startswith("on") and info["tf32"] == "off"
@@ -279,3 +279,15 @@ def test_two_onnxruntime_distributions_are_named_with_the_fix(
         OnnxRuntimeBackend(bundle_dir, device="cuda")
     monkeypatch.setattr(ort_env, "installed", lambda: {"onnxruntime-gpu": "1.23.0"})
     assert "CUDA and cuDNN libraries" in ort_env.cuda_problem(["CPUExecutionProvider"])
+
+
+def test_the_cudnn_search_setting_is_read_and_checked(monkeypatch):
+    from ldseg.runtime.backends.onnxruntime.backend import CUDNN_SEARCH_ENV, cudnn_search
+
+    monkeypatch.delenv(CUDNN_SEARCH_ENV, raising=False)
+    assert cudnn_search() == "EXHAUSTIVE"  # ORT's own default until a GPU measurement says otherwise
+    monkeypatch.setenv(CUDNN_SEARCH_ENV, "heuristic")
+    assert cudnn_search() == "HEURISTIC"
+    monkeypatch.setenv(CUDNN_SEARCH_ENV, "fastest")
+    with pytest.raises(ValueError, match=f"{CUDNN_SEARCH_ENV}=FASTEST: choose one of EXHAUSTIVE"):
+        cudnn_search()

@@ -29,11 +29,17 @@ Capture and the inputs: ORT captures one session run (one binding) at a time, an
 writes a buffer it reads (a step reads z[p] and writes z[1 - p]; table/noise rows and the image are
 only read), so the capturing run, which ORT replays once after recording, computes what an eager
 run does; the Backend-level capture is not used (cuda_graph stays False).
+cuDNN's convolution algorithm search: ORT's default (EXHAUSTIVE) benchmarks every algorithm on a
+session's first run; on an H200 that made the knee decoder's first run 446 ms against ~60 ms warm
+(../shared/docs/measured-2026-12-04.md). LDSEG_ORT_CUDNN_ALGO_SEARCH (EXHAUSTIVE, HEURISTIC or
+DEFAULT) sets it; the default stays EXHAUSTIVE until benchmarks/ort_cudnn_search.py has measured the
+warm cost of HEURISTIC on a GPU (it has not: no GPU since), and describe() says which ran.
 This path has NOT been run: the project's machines have had no GPU with onnxruntime-gpu.
 """
 
 from __future__ import annotations
 
+import os
 import warnings
 from functools import cached_property
 from pathlib import Path
@@ -52,6 +58,8 @@ from ldseg.runtime.backend import Backend, PipelineInputs, make_inputs
 from ldseg.runtime.backends.onnxruntime.probe import CUDA_PROVIDER, RUNS_TO_CAPTURE, cuda_problem
 from ldseg.runtime.devices import device_index
 
+CUDNN_SEARCH_ENV = "LDSEG_ORT_CUDNN_ALGO_SEARCH"
+CUDNN_SEARCHES = ("EXHAUSTIVE", "HEURISTIC", "DEFAULT")  # the CUDA EP's cudnn_conv_algo_search values
 _ORT_ERRORS = (ort_state.Fail, ort_state.InvalidArgument, ort_state.InvalidProtobuf, ort_state.NoSuchFile)
 _DTYPES = {"float32": np.float32, "float16": np.float16, "uint8": np.uint8}
 
@@ -228,6 +236,7 @@ class OnnxRuntimeBackend(Backend[OrtPlan, int]):
             problem = cuda_problem(list(ort.get_available_providers()))
             if problem:
                 raise BackendUnavailable(f"onnxruntime on {device}: {problem}")
+            cudnn_search()  # a bad LDSEG_ORT_CUDNN_ALGO_SEARCH is refused before any session is made
         for name in ("encoder", "denoise_step", "decoder_argmax"):
             self.bundle.graph(name)  # refuse a bundle without the graphs a run needs, now
         self.device = "cpu" if self.gpu is None else f"cuda:{self.gpu}"
@@ -275,6 +284,7 @@ class OnnxRuntimeBackend(Backend[OrtPlan, int]):
             "providers": ", ".join(p for p, _ in self._providers(graphs=False)),
             "cuda_graph": graph,
             "tf32": "off" if self.gpu is not None else "n/a",
+            "cudnn_conv_algo_search": cudnn_search() if self.gpu is not None else "n/a",
             "bundle": str(self.bundle.path),
             "preset": self.bundle.preset,
         }
@@ -282,7 +292,12 @@ class OnnxRuntimeBackend(Backend[OrtPlan, int]):
     def _providers(self, graphs: bool) -> list[tuple[str, dict[str, str]]]:
         if self.gpu is None:
             return [("CPUExecutionProvider", {})]
-        options = {"device_id": str(self.gpu), "use_tf32": "0", "enable_cuda_graph": "1" if graphs else "0"}
+        options = {
+            "device_id": str(self.gpu),
+            "use_tf32": "0",
+            "enable_cuda_graph": "1" if graphs else "0",
+            "cudnn_conv_algo_search": cudnn_search(),
+        }
         return [(CUDA_PROVIDER, options), ("CPUExecutionProvider", {})]
 
     def graph(self, name: str, batch: int) -> _Graph:
@@ -370,3 +385,11 @@ class OnnxRuntimeBackend(Backend[OrtPlan, int]):
             probs = plan.pipe.probabilities_graph()[1].read()
             return probs.argmax(axis=1).astype(np.uint8), probs
         return plan.pipe.labels.read(), None
+
+
+def cudnn_search() -> str:
+    """The cuDNN algorithm search the CUDA sessions use (module doc); ValueError naming the variable."""
+    value = os.environ.get(CUDNN_SEARCH_ENV, "EXHAUSTIVE").upper()
+    if value not in CUDNN_SEARCHES:
+        raise ValueError(f"{CUDNN_SEARCH_ENV}={value}: choose one of {', '.join(CUDNN_SEARCHES)}")
+    return value
