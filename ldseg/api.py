@@ -219,7 +219,7 @@ class Segmenter:
         opts = dataclasses.replace(self.options, save_probabilities=probabilities, series=series)
         results = []
         for path in paths:
-            prepared = prepare(path, self.config, series)
+            prepared = prepare(path, self.config, series, self.backend.volume_ops())
             outputs, _ = segment_prepared(prepared, self.backend, self.config, opts)
             maps: dict[str, np.ndarray] = {s.lstrip("_"): v.astype(dtype) for s, (v, dtype) in outputs.items()}
             labels = maps.pop("seg")

@@ -23,6 +23,7 @@ from ldseg.errors import LdsegError
 from ldseg.model.config import ModelConfig
 from ldseg.runs.volumes import Prepared, prepare
 from ldseg.runtime.artifacts.source import source_config
+from ldseg.runtime.volume_ops import VolumeOps
 
 _Key = tuple[Path, ModelConfig, str | None]
 _lock = threading.Lock()
@@ -68,8 +69,9 @@ def head_start_for(
     return head_start(paths[0], cfg, series)
 
 
-def prepare_input(path: Path, cfg: ModelConfig, series: str | None) -> Prepared:
-    """`prepare(path, cfg, series)`, or the head start's result for exactly these arguments."""
+def prepare_input(path: Path, cfg: ModelConfig, series: str | None, ops: VolumeOps | None = None) -> Prepared:
+    """`prepare(path, cfg, series, ops)`, or the head start's result for exactly these arguments
+    (prepared on the CPU while the backend was built: the same image, see ldseg/runtime/volume_ops.py)."""
     with _lock:
         future = _pending.pop((path, cfg, series), None)
-    return prepare(path, cfg, series) if future is None else future.result()
+    return prepare(path, cfg, series, ops) if future is None else future.result()

@@ -10,6 +10,7 @@ from ldseg.runs.outputs import output_suffixes, seg_needs_probabilities
 from ldseg.runs.types import RunOptions, Segmentation
 from ldseg.runs.volumes import Prepared, map_to_input_grid, to_input_grid
 from ldseg.runtime.backend import Backend, make_inputs
+from ldseg.runtime.volume_ops import VolumeOps
 
 
 def vote_entropy(labels: np.ndarray, num_classes: int) -> np.ndarray:
@@ -47,21 +48,23 @@ def on_input_grid(
     stage_ms: dict[str, float],
     cfg: ModelConfig,
     opts: RunOptions,
+    ops: VolumeOps | None = None,
 ) -> Segmentation:
-    """infer's result as the maps to write, on the input's grid."""
-    outputs: dict[str, tuple[np.ndarray, type]] = {"_seg": (to_input_grid(prepared, mean), np.uint8)}
+    """infer's result as the maps to write, on the input's grid (`ops`: resampled on the backend's
+    device, ldseg/runtime/volume_ops.py)."""
+    outputs: dict[str, tuple[np.ndarray, type]] = {"_seg": (to_input_grid(prepared, mean, ops), np.uint8)}
     if opts.samples > 1:
         chosen = np.take_along_axis(mean, mean.argmax(axis=0)[None], axis=0)[0]
-        outputs["_confidence"] = (map_to_input_grid(prepared, chosen), np.float32)
+        outputs["_confidence"] = (map_to_input_grid(prepared, chosen, ops), np.float32)
         entropy = vote_entropy(votes, cfg.num_classes)
-        outputs["_entropy"] = (map_to_input_grid(prepared, entropy), np.float32)
+        outputs["_entropy"] = (map_to_input_grid(prepared, entropy, ops), np.float32)
     if opts.save_probabilities or seg_needs_probabilities(opts):
         for c in range(cfg.num_classes):
-            outputs[f"_prob{c}"] = (map_to_input_grid(prepared, mean[c]), np.float32)
+            outputs[f"_prob{c}"] = (map_to_input_grid(prepared, mean[c], ops), np.float32)
     assert list(outputs) == output_suffixes(cfg, opts)  # run_files plans the file names from that list
     return Segmentation(outputs, stage_ms, votes, mean)
 
 
 def segment(prepared: Prepared, backend: Backend, cfg: ModelConfig, opts: RunOptions) -> Segmentation:
     """segment_prepared, also keeping the K votes and mean probabilities (model grid) that QC counts on."""
-    return on_input_grid(prepared, *infer(prepared.image, backend, cfg, opts), cfg, opts)
+    return on_input_grid(prepared, *infer(prepared.image, backend, cfg, opts), cfg, opts, backend.volume_ops())

@@ -33,16 +33,17 @@ from ldseg.runs.steps import (
 )
 from ldseg.runs.types import RunOptions, RunSummary, VolumeExtras
 from ldseg.runtime.backend import Backend
+from ldseg.runtime.volume_ops import VolumeOps
 
 
 def _read_ahead(
-    plans: list[VolumePlan], cfg: ModelConfig, series: str | None, extras: VolumeExtras | None
+    plans: list[VolumePlan], cfg: ModelConfig, series: str | None, extras: VolumeExtras | None, ops: VolumeOps | None
 ) -> Iterator[tuple[VolumePlan, Future[ReadVolume]]]:
     """Decode the next file (gzip NIfTI can cost more than the model) while this one computes."""
     with ThreadPoolExecutor(max_workers=1) as pool:
 
         def submit(i: int) -> Future[ReadVolume] | None:
-            return pool.submit(read_volume, plans[i], cfg, series, extras) if i < len(plans) else None
+            return pool.submit(read_volume, plans[i], cfg, series, extras, ops) if i < len(plans) else None
 
         pending = submit(0)
         for i, plan in enumerate(plans):
@@ -146,11 +147,16 @@ class _Inferred:
 
 
 def _write(
-    done: _Inferred, cfg: ModelConfig, opts: RunOptions, producer: Producer, manifest: RunManifest | None
+    done: _Inferred,
+    cfg: ModelConfig,
+    opts: RunOptions,
+    producer: Producer,
+    manifest: RunManifest | None,
+    ops: VolumeOps | None,
 ) -> Written:
     """Resample to the input grid and write (the writer thread, while the next input computes)."""
     clock = time.perf_counter()
-    result = on_input_grid(done.read.prepared, done.mean, done.votes, done.stage_ms, cfg, opts)
+    result = on_input_grid(done.read.prepared, done.mean, done.votes, done.stage_ms, cfg, opts, ops)
     result.stage_ms["resample"] = (time.perf_counter() - clock) * 1e3
     return write_volume(done.read, result, cfg, opts, producer=producer, infer_ms=done.infer_ms, manifest=manifest)
 
@@ -199,7 +205,8 @@ def _run_plans(
 
     pending: tuple[VolumePlan, Future[Written]] | None = None
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ldseg-write") as writer:
-        for plan, future in _read_ahead(todo, cfg, opts.series, extras):
+        ops = backend.volume_ops()
+        for plan, future in _read_ahead(todo, cfg, opts.series, extras, ops):
             try:
                 check_writable(plan, opts)
                 read = future.result()
@@ -216,5 +223,5 @@ def _run_plans(
             ok, pending = collect(pending), None
             if not ok and opts.fail_fast:
                 break
-            pending = (plan, writer.submit(_write, inferred, cfg, opts, producer, manifest))
+            pending = (plan, writer.submit(_write, inferred, cfg, opts, producer, manifest, ops))
         collect(pending)

@@ -29,6 +29,7 @@ from ldseg.runs.volumes import Prepared, read_reference_labels
 
 if TYPE_CHECKING:
     from ldseg.runs.types import ExtraFiles, RunOptions, Segmentation, VolumeExtras
+    from ldseg.runtime.volume_ops import VolumeOps
 
 Finish = Callable[["Segmentation", dict[str, Path]], "ExtraFiles"]
 
@@ -84,11 +85,18 @@ class ReadVolume:
     read_ms: float
 
 
-def read_volume(plan: VolumePlan, cfg: ModelConfig, series: str | None, extras: VolumeExtras | None) -> ReadVolume:
+def read_volume(
+    plan: VolumePlan,
+    cfg: ModelConfig,
+    series: str | None,
+    extras: VolumeExtras | None,
+    ops: VolumeOps | None = None,
+) -> ReadVolume:
+    """Read and preprocess one input (`ops`: on the backend's device)."""
     started, clock = time.time(), time.perf_counter()
     path = plan.item.path
     try:
-        prepared = prepare_input(path, cfg, series)  # the head start's result when there is one
+        prepared = prepare_input(path, cfg, series, ops)  # the head start's result when there is one
         refuse_unreferenced(plan.maps, prepared)  # a SEG's source is checked before any compute
         truth = read_reference_labels(plan.item.label, prepared, cfg) if plan.item.label is not None else None
         finish = extras.start(prepared) if extras is not None else None

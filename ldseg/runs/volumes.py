@@ -1,4 +1,7 @@
-"""From files to model-grid arrays and back: one shared pre/post-processing for every backend."""
+"""From files to model-grid arrays and back: one shared pre/post-processing for every backend.
+
+`ops` (a backend's VolumeOps, ldseg/runtime/volume_ops.py) moves a 3D volume's resampling to the
+device the model runs on; without it, the CPU reference path runs (ldseg.io.preprocess)."""
 
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ from ldseg.io.preprocess import (
     zoom_to,
 )
 from ldseg.model.config import ModelConfig
+from ldseg.runtime.volume_ops import VolumeOps
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 IMAGE_SUFFIXES = (".png", ".bmp", ".jpg", ".jpeg", ".tif", ".tiff")
@@ -72,10 +76,11 @@ class Prepared:
         return tuple(shape[:2] if isinstance(self.reference, Image2D) else shape)
 
 
-def prepare(path: Path, cfg: ModelConfig, series: str | None = None) -> Prepared:
+def prepare(path: Path, cfg: ModelConfig, series: str | None = None, ops: VolumeOps | None = None) -> Prepared:
     """Read and preprocess one input exactly as the official pipeline does.
 
-    3D: any volume format (ldseg.io.formats picks the reader); `series` picks a DICOM series."""
+    3D: any volume format (ldseg.io.formats picks the reader); `series` picks a DICOM series; with
+    `ops`, min-max and the zoom run on the backend's device."""
     if cfg.spatial_dims == 3:
         if path.name.lower().endswith(IMAGE_SUFFIXES):
             raise InputError(f"{path}: a 3D model needs a volume (NIfTI, NRRD, MetaImage or a DICOM series folder)")
@@ -83,7 +88,10 @@ def prepare(path: Path, cfg: ModelConfig, series: str | None = None) -> Prepared
         if volume.array.ndim != 3:
             raise InputError(f"{path}: expected a 3D volume, got shape {volume.array.shape}")
         try:
-            image = image_to_model_grid(volume.array, cfg.image_size)[None]
+            if ops is not None:
+                image = ops.to_model_grid(volume.array, cfg.image_size)[None]
+            else:
+                image = image_to_model_grid(volume.array, cfg.image_size)[None]
         except ValueError as exc:
             raise InputError(f"{path}: {exc}") from exc
         return Prepared(path, image.astype(np.float32), volume)
@@ -125,17 +133,21 @@ def read_reference_labels(path: Path, prepared: Prepared, cfg: ModelConfig) -> n
     return labels
 
 
-def to_input_grid(prepared: Prepared, probabilities: np.ndarray) -> np.ndarray:
+def to_input_grid(prepared: Prepared, probabilities: np.ndarray, ops: VolumeOps | None = None) -> np.ndarray:
     """(K, *grid) probabilities -> uint8 labels on the input's grid and axis order."""
     if isinstance(prepared.reference, Image2D):
         return probabilities2d_to_input_grid(probabilities, prepared.input_shape)
+    if ops is not None:
+        return ops.labels_on_input_grid(probabilities, prepared.input_shape)
     return probabilities_to_input_grid(probabilities, prepared.input_shape)
 
 
-def map_to_input_grid(prepared: Prepared, values: np.ndarray) -> np.ndarray:
+def map_to_input_grid(prepared: Prepared, values: np.ndarray, ops: VolumeOps | None = None) -> np.ndarray:
     """A float map on the model grid (e.g. uncertainty) -> input grid, linear (3D) / nearest (2D)."""
     if isinstance(prepared.reference, Image2D):
         return resize_nearest(values, prepared.input_shape).astype(np.float32)
+    if ops is not None:
+        return ops.map_on_input_grid(values, prepared.input_shape)
     shape_dhw = tuple(reversed(prepared.input_shape))
     return zoom_to(values.astype(np.float32), shape_dhw).transpose(2, 1, 0)
 

@@ -109,8 +109,9 @@ class SegmentService:
                 write_phantom_nifti(phantom, image, Path(tmp) / "truth.nii.gz", overwrite=False)
                 opts = options_for(self.seg, samples=1, steps=None, seed=0, output_type="nifti")
                 (Path(tmp) / "out").mkdir()
-                read = plan_and_read(image, Path(tmp) / "out", cfg, opts)
-                finish(read, infer_read(read, self.seg, opts), cfg, opts, self.producer)
+                ops = self.seg.backend.volume_ops()
+                read = plan_and_read(image, Path(tmp) / "out", cfg, opts, ops)
+                finish(read, infer_read(read, self.seg, opts), cfg, opts, self.producer, ops)
         self.warm_s = time.perf_counter() - clock
         log.info("ldseg-serve replica ready in %.1f s: %s", self.warm_s, self.seg.why)
 
@@ -272,9 +273,10 @@ class SegmentService:
         )
         out = tmp / ".out"
         out.mkdir()
-        read = await asyncio.to_thread(plan_and_read, upload.path, out, self.seg.config, opts)
+        ops = self.seg.backend.volume_ops()
+        read = await asyncio.to_thread(plan_and_read, upload.path, out, self.seg.config, opts, ops)
         inferred = await self._infer(read, opts)
-        written = await asyncio.to_thread(finish, read, inferred, self.seg.config, opts, self.producer)
+        written = await asyncio.to_thread(finish, read, inferred, self.seg.config, opts, self.producer, ops)
         content, media, name = await asyncio.to_thread(pack, written.files, upload.stem)
         headers = self._headers({**inferred.stage_ms, "infer": inferred.infer_ms, **written.stage_ms},
                                 inferred.batch_size)  # fmt: skip
@@ -295,9 +297,10 @@ class SegmentService:
         )
         out = tmp / ".out"
         out.mkdir()
-        read = await asyncio.to_thread(plan_and_read, folder, out, self.seg.config, opts)
+        ops = self.seg.backend.volume_ops()
+        read = await asyncio.to_thread(plan_and_read, folder, out, self.seg.config, opts, ops)
         inferred = await self._infer(read, opts)
-        written = await asyncio.to_thread(finish, read, inferred, self.seg.config, opts, self.producer)
+        written = await asyncio.to_thread(finish, read, inferred, self.seg.config, opts, self.producer, ops)
         clock = time.perf_counter()
         uid = await asyncio.to_thread(dicomweb.store_seg, url, written.files[0], timeout)
         stages = {"fetch": fetch_ms, **inferred.stage_ms, "infer": inferred.infer_ms, **written.stage_ms,

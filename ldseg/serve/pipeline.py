@@ -25,6 +25,7 @@ from ldseg.runs.outputs import output_suffixes, plan_options
 from ldseg.runs.specs import WriteSpec
 from ldseg.runs.steps import Producer, ReadVolume, check_writable, plan_volume, read_volume, write_volume
 from ldseg.runs.types import RunOptions
+from ldseg.runtime.volume_ops import VolumeOps
 
 __all__ = ["Inferred", "RunOptions", "Written", "finish", "infer_read", "options_for", "plan_and_read"]
 
@@ -63,11 +64,13 @@ def options_for(
     return plan_options(seg.source, seg.config, sampling, write, seg.model.precision)
 
 
-def plan_and_read(path: Path, out_dir: Path, cfg: ModelConfig, opts: RunOptions) -> ReadVolume:
+def plan_and_read(
+    path: Path, out_dir: Path, cfg: ModelConfig, opts: RunOptions, ops: VolumeOps | None = None
+) -> ReadVolume:
     """Plan the input's files, refuse what cannot be written, read and preprocess (InputError)."""
     plan = plan_volume(CohortInput(path), out_dir, cfg, opts, output_suffixes(cfg, opts), None)
     check_writable(plan, opts)
-    return read_volume(plan, cfg, opts.series, None)
+    return read_volume(plan, cfg, opts.series, None, ops)
 
 
 def infer_read(read: ReadVolume, seg: Segmenter, opts: RunOptions) -> Inferred:
@@ -77,10 +80,17 @@ def infer_read(read: ReadVolume, seg: Segmenter, opts: RunOptions) -> Inferred:
     return Inferred(mean, votes, stage_ms, (time.perf_counter() - clock) * 1e3)
 
 
-def finish(read: ReadVolume, inferred: Inferred, cfg: ModelConfig, opts: RunOptions, producer: Producer) -> Written:
+def finish(
+    read: ReadVolume,
+    inferred: Inferred,
+    cfg: ModelConfig,
+    opts: RunOptions,
+    producer: Producer,
+    ops: VolumeOps | None = None,
+) -> Written:
     """Back to the input grid and written, exactly as a run writes them (no manifest)."""
     clock = time.perf_counter()
-    result = on_input_grid(read.prepared, inferred.mean, inferred.votes, inferred.stage_ms, cfg, opts)
+    result = on_input_grid(read.prepared, inferred.mean, inferred.votes, inferred.stage_ms, cfg, opts, ops)
     grid_ms = (time.perf_counter() - clock) * 1e3
     done = write_volume(read, result, cfg, opts, producer=producer, infer_ms=inferred.infer_ms, manifest=None)
     write_ms = (time.perf_counter() - clock) * 1e3 - grid_ms

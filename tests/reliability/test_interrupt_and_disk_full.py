@@ -125,10 +125,10 @@ def test_unexpected_reader_error_fails_only_that_file(inputs, demo_backend, tmp_
     """A reader bug on one odd file (here a RuntimeError) must not end a run of thousands."""
     real_prepare = reading.prepare
 
-    def prepare(path, cfg, series=None):
+    def prepare(path, cfg, series=None, ops=None):
         if path.name == "p0.nii.gz":
             raise RuntimeError("boom\nsecond line")
-        return real_prepare(path, cfg, series)
+        return real_prepare(path, cfg, series, ops)
 
     monkeypatch.setattr(reading, "prepare", prepare)  # what read_volume reads through
     out = tmp_path / "out"

@@ -36,9 +36,9 @@ def counted(monkeypatch: pytest.MonkeyPatch) -> list[tuple[Path, str]]:
     """(path, thread) of each read head_start and prepare_input make (both call `prepare`)."""
     calls: list[tuple[Path, str]] = []
 
-    def counting(path: Path, cfg: object, series: str | None = None) -> object:
+    def counting(path: Path, cfg: object, series: str | None = None, ops: object = None) -> object:
         calls.append((path, threading.current_thread().name))
-        return prepare(path, cfg, series)  # type: ignore[arg-type]
+        return prepare(path, cfg, series, ops)  # type: ignore[arg-type]
 
     monkeypatch.setattr(reading, "prepare", counting)
     return calls

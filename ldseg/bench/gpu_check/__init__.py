@@ -13,10 +13,12 @@ The run checks, each into the report as pass / fail / "not run: <reason>", with 
   changed inputs, and a deliberately broken capture ends with a reason and an eager run;
 - torch_graph, torch_broken_capture: the torch whole-pipeline graph against eager (torch_checks.py);
 - agreement of every GPU route with the torch CPU FP32 reference on the phantoms (and Dice vs truth);
-- onnxruntime_cuda_graphs, tensorrt_<precision>_graphs: the same inputs with graphs on and off, the
-  first (capturing) request and a repeated one, max |delta p| <= 1e-6 (graph_checks.py): this is what
-  catches a capture that corrupts a run (issue 26's TensorRT first-run defect);
+- onnxruntime_cuda_graphs, tensorrt_<precision>_graphs: the same inputs with graphs on and off, a
+  shape's first request (eager), its second (capturing) and a replay, max |delta p| <= 1e-6
+  (compare.py): this is what catches a capture that corrupts a run (issue 26's TensorRT first-run defect);
 - *_k_samples: Backend.sample with K samples within the GPU memory budget, equal to eager;
+- device_volume_ops: the torch backend's pre/post-processing on the GPU against the CPU path, and its
+  time on a knee-sized volume (volume_checks.py);
 - bench: `ldseg-bench --device cuda --warmup 0` over what is available.
 
 The budget bounds the whole run (report.py): each check gets the time left, an engine build is

@@ -34,6 +34,7 @@ import torch
 
 from ldseg.model.network import LDSeg
 from ldseg.runtime.backend import Backend, CaptureFailed, PipelineInputs
+from ldseg.runtime.backends.torch.volume import TorchVolumeOps
 
 
 @dataclass
@@ -64,7 +65,16 @@ class _Captured:
 class TorchBackend(Backend[TorchPlan, torch.Tensor]):
     name = "torch"
 
-    def __init__(self, model: LDSeg, device: str = "cpu", cuda_graph: bool | None = None, threads: int | None = None):
+    def __init__(
+        self,
+        model: LDSeg,
+        device: str = "cpu",
+        cuda_graph: bool | None = None,
+        threads: int | None = None,
+        device_volume: bool | None = None,
+    ):
+        """device_volume: pre/post-processing on the model's device (ldseg/runtime/volume_ops.py);
+        None: on CUDA only (on the CPU, scipy's zoom is the reference and no slower)."""
         if threads is not None:
             torch.set_num_threads(threads)  # torch's intra-op pool is per process
         target = _torch_device(device)
@@ -77,6 +87,8 @@ class TorchBackend(Backend[TorchPlan, torch.Tensor]):
         self.device = str(target)  # "cpu" or "cuda:N"
         self.precision = "fp32"
         self._plans: dict[tuple[int, int], TorchPlan] = {}
+        on_device = target.type == "cuda" if device_volume is None else device_volume
+        self._volume_ops = TorchVolumeOps(self.device) if on_device else None
 
     def describe(self) -> dict[str, str]:
         return {
@@ -85,7 +97,11 @@ class TorchBackend(Backend[TorchPlan, torch.Tensor]):
             "precision": self.precision,
             "mode": self.mode,
             "tf32": "off",
+            "volume_ops": self.device if self._volume_ops is not None else "cpu (numpy/scipy)",
         }
+
+    def volume_ops(self) -> TorchVolumeOps | None:
+        return self._volume_ops
 
     # ------------------------------------------------------------------ stages
     def plan(self, batch: int, steps: int) -> TorchPlan:
