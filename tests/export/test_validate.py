@@ -67,3 +67,31 @@ def test_model_of_another_preset_is_refused(demo_bundle: Path) -> None:
 
     with pytest.raises(ArtifactError, match="expected 'glas2d'"):
         validate_bundle(demo_bundle, LDSeg(get_preset("glas2d")))
+
+
+def test_large_grids_check_the_full_resolution_graphs_along_the_pipeline(
+    demo_bundle: Path, demo_model: LDSeg, make_model: Callable[..., LDSeg], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Beyond FULL_BATCH_VOXELS (knee3d) the encoder, decoder and decoder_argmax rows take the PyTorch
+    pipeline's own stages as references: the same rows pass on the matching model and fail on another."""
+    from ldseg.export import validate
+
+    monkeypatch.setattr(validate, "FULL_BATCH_VOXELS", 1)  # the demo grid counts as large
+    calls: list[str] = []
+    monkeypatch.setattr(validate, "_check_graph", _counting(validate._check_graph, calls))
+    report = validate_bundle(demo_bundle, demo_model, seed=0)
+    assert report.passed, _text(report)
+    assert [c.graph for c in report.checks] == [*GRAPH_NAMES, "pipeline"]
+    assert sorted(calls) == ["denoise_step", "denoiser"]  # the full-resolution ones came from the pipeline
+    assert (report.pipeline_agreement or 0) >= 99.9
+    other = validate_bundle(demo_bundle, make_model("demo", seed=1), seed=0)
+    failing = {c.graph for c in other.checks if not c.passed}
+    assert {"encoder", "decoder", "decoder_argmax"} <= failing, _text(other)
+
+
+def _counting(check: Callable[..., object], calls: list[str]) -> Callable[..., object]:
+    def counted(bundle: object, model: object, name: str, *args: object) -> object:
+        calls.append(name)
+        return check(bundle, model, name, *args)
+
+    return counted
