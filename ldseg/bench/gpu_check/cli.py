@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from ldseg.bench.gpu_check import backend_checks as gpu
+from ldseg.bench.gpu_check import volume_checks as volume
 from ldseg.bench.gpu_check.prepare import PREPARED, no_gpu_reason, prepare
 from ldseg.bench.gpu_check.torch_checks import Checks
-from ldseg.bench.gpu_check.volume_checks import device_volume_ops
 
 BUDGET_S = 420.0  # the whole run, checks and watchdog included (a lent GPU session has minutes)
 
@@ -30,10 +30,11 @@ def run_checks(prepared: Path, out_dir: Path, budget_s: float = BUDGET_S) -> tup
     checks.run("torch_cuda_agreement", checks.torch_agreement)
     checks.run("torch_broken_capture", checks.torch_broken_capture)
     checks.run("torch_k_samples", checks.torch_k_samples)
-    checks.run("device_volume_ops", device_volume_ops)
+    checks.run("device_volume_ops_torch", lambda: volume.device_volume_ops(volume.torch_ops))
     checks.run("onnxruntime_cuda", lambda: gpu.onnxruntime_cuda(checks))
     checks.run("onnxruntime_cuda_graphs", lambda: gpu.onnxruntime_cuda(checks, "graphs"))
     checks.run("onnxruntime_cuda_k_samples", lambda: gpu.onnxruntime_cuda(checks, "k_samples"))
+    checks.run("device_volume_ops_onnxruntime", lambda: volume.device_volume_ops(volume.onnxruntime_ops))
     checks.run("tensorrt_fp32", lambda: gpu.tensorrt(checks, "fp32"))
     checks.run("tensorrt_fp32_graphs", lambda: gpu.tensorrt_graphs(checks, "fp32", "graphs"))
     checks.run("tensorrt_fp32_k_samples", lambda: gpu.tensorrt_graphs(checks, "fp32", "k_samples"))

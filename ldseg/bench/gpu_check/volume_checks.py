@@ -1,9 +1,9 @@
-"""gpu_check's device_volume_ops row (issue 30): the torch backend's pre/post-processing on the GPU
-(ldseg/runtime/backends/torch/volume.py) against the CPU reference path (ldseg.io.preprocess) on
-phantoms, up- and down-sampled: model-grid images and float maps within MAP_TOLERANCE, labels
-identical (ties that float rounding flips are counted and reported), and the time of each on a
-knee-sized volume (240x104x160 int16 to 128x128x256 and back), GPU (synchronized, median of
-REPEATS after a warm-up) against the CPU path in the same run."""
+"""gpu_check's device_volume_ops rows (issue 30): a backend's pre/post-processing on the GPU
+(torch: ldseg/runtime/backends/torch/volume.py; ONNX Runtime CUDA: .../onnxruntime/volume.py) against
+the CPU reference path (ldseg.io.preprocess) on phantoms, up- and down-sampled: model-grid images
+and float maps within MAP_TOLERANCE, labels identical (ties that float rounding flips are counted
+and reported), and the time of each on a knee-sized volume (240x104x160 int16 to 128x128x256 and
+back), GPU (synchronized, median of REPEATS after a warm-up) against the CPU path in the same run."""
 
 from __future__ import annotations
 
@@ -51,12 +51,30 @@ def _timings(ops: Any, raw: np.ndarray, grid: tuple[int, ...], probs: np.ndarray
     }
 
 
-def device_volume_ops(device: str = "cuda:0") -> Result:
-    from ldseg.data.phantoms import make_phantom
-    from ldseg.io.preprocess import image_to_model_grid, probabilities_to_input_grid, zoom_to
+def torch_ops(device: str = "cuda:0") -> Any:
     from ldseg.runtime.backends.torch.volume import TorchVolumeOps
 
-    ops = TorchVolumeOps(device)
+    return TorchVolumeOps(device)
+
+
+def onnxruntime_ops(device: str = "cuda:0") -> Any:
+    import onnxruntime as ort
+
+    from ldseg.runtime.backends.onnxruntime.volume import OrtVolumeOps
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return None
+    index = device.partition(":")[2] or "0"
+    return OrtVolumeOps([("CUDAExecutionProvider", {"device_id": index}), ("CPUExecutionProvider", {})], device)
+
+
+def device_volume_ops(make: Callable[[], Any]) -> Result:
+    from ldseg.data.phantoms import make_phantom
+    from ldseg.io.preprocess import image_to_model_grid, probabilities_to_input_grid, zoom_to
+
+    ops = make()
+    if ops is None:
+        return {"status": "not run: no CUDA provider in this onnxruntime (onnxruntime-gpu)"}
     rows: list[dict[str, Any]] = []
     ok = True
     for seed, (shape, grid) in enumerate(CASES):
@@ -78,4 +96,4 @@ def device_volume_ops(device: str = "cuda:0") -> Result:
             row["ms"] = _timings(ops, raw, grid, probs)
         ok = ok and image_err <= MAP_TOLERANCE and map_err <= MAP_TOLERANCE and flipped == 0
         rows.append(row)
-    return {"status": "pass" if ok else "fail", "tolerance": MAP_TOLERANCE, "cases": rows, "device": device}
+    return {"status": "pass" if ok else "fail", "tolerance": MAP_TOLERANCE, "cases": rows, "device": ops.where}

@@ -56,6 +56,7 @@ from ldseg.errors import ArtifactError, BackendUnavailable
 from ldseg.runtime.artifacts.bundle import Bundle, GraphInfo, load_bundle
 from ldseg.runtime.backend import Backend, PipelineInputs, make_inputs
 from ldseg.runtime.backends.onnxruntime.probe import CUDA_PROVIDER, RUNS_TO_CAPTURE, cuda_problem
+from ldseg.runtime.backends.onnxruntime.volume import OrtVolumeOps
 from ldseg.runtime.devices import device_index
 
 CUDNN_SEARCH_ENV = "LDSEG_ORT_CUDNN_ALGO_SEARCH"
@@ -222,10 +223,17 @@ class OnnxRuntimeBackend(Backend[OrtPlan, int]):
     name = "onnxruntime"
 
     def __init__(
-        self, bundle: Bundle | Path | str, device: str = "cpu", *, threads: int | None = None, cuda_graph: bool = True
+        self,
+        bundle: Bundle | Path | str,
+        device: str = "cpu",
+        *,
+        threads: int | None = None,
+        cuda_graph: bool = True,
+        device_volume: bool | None = None,
     ):
         """cuda_graph (CUDA only): ORT's per-binding CUDA graphs; False runs every session eagerly
-        (gpu_check compares the two)."""
+        (gpu_check compares the two). device_volume: pre/post-processing as ONNX graphs on this
+        backend's provider (volume.py); None: on CUDA only (on the CPU scipy's path is the reference)."""
         loaded = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
         super().__init__(loaded.config, f"bundle {loaded.preset!r}")
         self.bundle = loaded
@@ -245,6 +253,8 @@ class OnnxRuntimeBackend(Backend[OrtPlan, int]):
         self.ort_graphs = cuda_graph
         self.allocations = 0  # buffer sets allocated so far (one per batch size)
         self.graph_refusals: dict[str, str] = {}  # graph -> why it runs without a CUDA graph
+        on_device = self.gpu is not None if device_volume is None else device_volume
+        self._volume_ops = OrtVolumeOps(self._providers(graphs=False), self.device) if on_device else None
         self._pipelines: dict[int, BoundPipeline] = {}
         self._plans: dict[tuple[int, int], OrtPlan] = {}
         if self.gpu is not None:
@@ -285,9 +295,13 @@ class OnnxRuntimeBackend(Backend[OrtPlan, int]):
             "cuda_graph": graph,
             "tf32": "off" if self.gpu is not None else "n/a",
             "cudnn_conv_algo_search": cudnn_search() if self.gpu is not None else "n/a",
+            "volume_ops": f"ONNX graphs on {self.device}" if self._volume_ops is not None else "cpu (numpy/scipy)",
             "bundle": str(self.bundle.path),
             "preset": self.bundle.preset,
         }
+
+    def volume_ops(self) -> OrtVolumeOps | None:
+        return self._volume_ops
 
     def _providers(self, graphs: bool) -> list[tuple[str, dict[str, str]]]:
         if self.gpu is None:
