@@ -114,7 +114,7 @@ def test_a_constant_or_nan_volume_is_refused_in_the_references_words(ops, tmp_pa
 
 def _backends(kind: str, model, bundle: Path) -> tuple[Backend, Backend]:
     if kind == "torch":
-        return TorchBackend(model), TorchBackend(model, device_volume=True)
+        return TorchBackend(model, device_volume=False), TorchBackend(model)  # the torch ops are its default
     return OnnxRuntimeBackend(bundle, threads=2), OnnxRuntimeBackend(bundle, threads=2, device_volume=True)
 
 
