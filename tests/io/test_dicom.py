@@ -268,6 +268,9 @@ class _NoCompute:
     def describe(self):
         return {}
 
+    def volume_ops(self):
+        return None
+
 
 @pytest.mark.parametrize("fuzz", FUZZ, ids=[f.__name__[6:] for f in FUZZ])
 def test_fuzzed_series_is_one_error_naming_the_file_and_leaves_nothing(tmp_path, fuzz):
