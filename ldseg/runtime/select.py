@@ -119,7 +119,7 @@ TENSORRT_BUNDLE_PRECISION = TENSORRT.BUNDLE_PRECISION
 def _make(name: str, request: Request) -> Selection:
     """One candidate: refused (BackendUnavailable) before anything is exported or built, else made."""
     made = DECLARATIONS[name].select(request)
-    return Selection(made.backend, made.config, "", made.checkpoint_hash)
+    return Selection(made.backend, made.config, "", made.checkpoint_hash, gate=made.gate)
 
 
 def _auto_candidates(source: Source, gpu: str | None) -> list[tuple[str, str]]:
@@ -194,7 +194,6 @@ def select_backend(
             on = "a GPU" if dev != "cpu" else "CPU"
             first = f"first available for this source on {on}"
             selection.why = f"auto: {'; '.join(skipped)}" if skipped else f"auto: {first}"
-        selection.gate = selection.backend.describe().get("gate")
         if selection.gate:
             selection.why += f"; {selection.gate}"
         return selection

@@ -120,11 +120,15 @@ class TorchBackend(Backend[TorchPlan, torch.Tensor]):
             "precision": self.precision,
             "mode": self.mode,
             "tf32": "off",
-            "compile": self._compile_note or "; ".join((self._denoise.state(), self._decode.state())),
+            "compile": self._compile_state(),
         }
         if self.gate is not None:
             described["gate"] = self.gate
         return described
+
+    def _compile_state(self) -> str:
+        stages = (self._denoise, self._decode)
+        return "; ".join(c.state() for c in stages) if any(c.enabled for c in stages) else self._compile_note
 
     @contextmanager
     def numerics(self) -> Iterator[None]:

@@ -33,23 +33,25 @@ def make(request: Request) -> Made:
     from ldseg.runtime.backends.torch.backend import TorchBackend
 
     precision = "fp32" if request.precision == "auto" else request.precision
-    model = request.source.model()
     if precision == "fp32":
+        model = request.source.model()
         backend = TorchBackend(model, request.device, threads=request.threads)
         return Made(backend, model.cfg, model.checkpoint_hash)
     from ldseg.errors import BackendUnavailable
     from ldseg.runtime.backends.torch import gate
 
-    verdict = gate.cached_verdict(model.checkpoint_hash, precision, request.device)
+    # The checkpoint's verified content hash from its header: a cached refusal loads no model.
+    verdict = gate.cached_verdict(request.source.reference().sha256, precision, request.device)
     if verdict is not None and not verdict.passed:  # refused by an earlier process: nothing is made
         raise BackendUnavailable(verdict.refusal())
+    model = request.source.model()
     backend = TorchBackend(model, request.device, threads=request.threads, precision=precision)
     try:
-        gate.hold(backend, model.checkpoint_hash, verdict)
+        verdict = gate.hold(backend, model.checkpoint_hash, verdict)
     except BackendUnavailable:
         backend.close()
         raise
-    return Made(backend, model.cfg, model.checkpoint_hash)
+    return Made(backend, model.cfg, model.checkpoint_hash, verdict.words())
 
 
 DECLARATION = Declaration(

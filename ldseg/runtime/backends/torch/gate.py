@@ -29,6 +29,7 @@ import torch
 
 from ldseg.data.phantoms import make_phantom
 from ldseg.errors import BackendUnavailable
+from ldseg.io.preprocess import min_max_standardize
 from ldseg.model.config import ModelConfig
 from ldseg.runtime.artifacts.cache import cache_root
 from ldseg.runtime.backend import make_inputs
@@ -118,9 +119,9 @@ def _store(verdict: Verdict, checkpoint_hash: str) -> None:
 
 
 def phantom_image(cfg: ModelConfig, seed: int) -> np.ndarray:
-    """One synthetic phantom on the model grid, (1, C, *grid) (as ldseg.export.validate makes them)."""
-    phantom = make_phantom(seed, cfg.image_size, min(cfg.num_classes, 3))
-    return np.repeat(phantom.image[None, None], cfg.image_channels, axis=1).astype(np.float32)
+    """One synthetic phantom on the model grid, (1, C, *grid), standardized as a run's inputs are."""
+    image = min_max_standardize(make_phantom(seed, cfg.image_size, min(max(cfg.num_classes, 2), 3)).image)
+    return np.repeat(image[None, None], cfg.image_channels, axis=1).astype(np.float32)
 
 
 def measure(backend: TorchBackend, phantoms: int = GATE_PHANTOMS) -> Verdict:
