@@ -60,10 +60,14 @@ Factory = Callable[[Context, str], Target]
 
 
 def _torch(ctx: Context, precision: str, *, eager: bool = False) -> Target:
-    if precision != "fp32":
-        raise Unsupported("the torch backend runs fp32 only")
-    backend = TorchBackend(ctx.model, ctx.device, cuda_graph=False if eager else None)
-    return Target(backend, "torch weights")
+    """fp32, bf16 (CPU or GPU) and fp16 (GPU) by autocast. No accuracy gate here: the bench reports
+    each row's agreement with the FP32 reference itself (ldseg/bench/accuracy.py)."""
+    on_gpu = ctx.device.startswith("cuda")
+    runs = ("fp32", "bf16", "fp16") if on_gpu else ("fp32", "bf16")
+    if precision not in runs:
+        raise Unsupported(f"the torch backend runs {', '.join(runs)} on {'a GPU' if on_gpu else 'the CPU'}")
+    backend = TorchBackend(ctx.model, ctx.device, cuda_graph=False if eager else None, precision=precision)
+    return Target(backend, "torch weights" if precision == "fp32" else f"torch weights, {precision} autocast")
 
 
 def reference(ctx: Context) -> Target:

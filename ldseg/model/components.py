@@ -21,6 +21,7 @@ from ldseg.model.layers import (
     TimeEmbedding,
     TimeResBlock,
     Upsample,
+    reduced,
     swish,
 )
 
@@ -90,7 +91,10 @@ class LabelDecoder(nn.Module):
         return self.out_norm(self.out_conv(swish(x)))
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.logits(z), dim=1)
+        logits = self.logits(z)
+        if reduced(logits):  # autocast: probabilities (and the argmax of them) in FP32
+            logits = logits.float()
+        return torch.softmax(logits, dim=1)
 
     def conv_bn_pairs(self) -> list[ConvBN]:
         return [(self.out_conv, self.out_norm)]

@@ -20,6 +20,15 @@ import torch.nn.functional as F
 from torch import nn
 
 KERAS_EPS = 1e-3
+# Attention with a smaller head dimension runs in FP32 under reduced precision (the rule and its
+# measurement: ldseg/export/fp16.py, MIN_FP16_HEAD_DIM).
+MIN_REDUCED_HEAD_DIM = 4
+
+
+def reduced(x: torch.Tensor) -> bool:
+    """x is in a reduced floating type (torch autocast; the ONNX export traces FP32 only, so a
+    branch on this adds nothing to an exported graph)."""
+    return x.dtype in (torch.bfloat16, torch.float16)
 
 
 def conv_cls(dims: int) -> type[nn.Conv2d] | type[nn.Conv3d]:
@@ -149,6 +158,11 @@ class GroupNorm(nn.Module):
             # knee denoiser step ~25 % in elementwise ops and their gradients on CPU). Same
             # statistics up to float rounding; inference and export keep the form above.
             return F.group_norm(x, self.groups, self.weight, self.bias, KERAS_EPS)
+        if reduced(x):  # autocast: the written-out statistics would be BF16/FP16 reductions; FP32 island
+            return self._normalize(x.float()).to(x.dtype)
+        return self._normalize(x)
+
+    def _normalize(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         g = x.reshape(shape[0], self.groups, (shape[1] // self.groups) * shape[2], -1)
         mean = g.mean(dim=-1, keepdim=True).mean(dim=-2, keepdim=True)
@@ -282,6 +296,12 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(channels, channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if reduced(x) and self.query.in_features // self.heads < MIN_REDUCED_HEAD_DIM:
+            with torch.autocast(x.device.type, enabled=False):  # FP32 island (see MIN_REDUCED_HEAD_DIM)
+                return self._attend(x.float()).to(x.dtype)
+        return self._attend(x)
+
+    def _attend(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         normed = self.norm(x)
         tokens = normed.reshape(shape[0], shape[1], -1).transpose(1, 2)  # (B, N, C)

@@ -8,6 +8,7 @@ from torch import nn
 from ldseg.model.components import Denoiser, ImageEncoder, LabelDecoder, LabelEncoder
 from ldseg.model.config import ModelConfig
 from ldseg.model.diffusion import denoise_loop, draw_noise, sampler_step, sampler_table, table_tensor
+from ldseg.model.layers import reduced
 
 COMPONENTS = ("label_encoder", "label_decoder", "image_encoder", "denoiser")
 
@@ -35,6 +36,8 @@ class FusedStep(nn.Module):
         self, z: torch.Tensor, z_image: torch.Tensor, coeffs: torch.Tensor, noise: torch.Tensor
     ) -> torch.Tensor:
         eps = self.denoiser(z, z_image, coeffs[:, 0])
+        if reduced(eps):  # autocast: the update and the renormalization stay FP32, like z
+            eps = eps.to(z.dtype)
         return sampler_step(z, eps, noise, coeffs)
 
 

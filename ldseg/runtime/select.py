@@ -15,7 +15,8 @@ and what to do, before the cache exports or builds anything. Backends import laz
 without openvino, onnxruntime-gpu or TensorRT never loads them.
 
 `Wants.precision` "auto" runs what the source holds (FP32, or the INT8/FP16 of a calibrated/exported
-bundle): reduced precision is never chosen silently; "bf16" must be asked for (OpenVINO only).
+bundle): reduced precision is never chosen silently; "bf16" must be asked for (OpenVINO, and torch
+with its accuracy gate, whose verdict the reason carries).
 """
 
 from __future__ import annotations
@@ -91,18 +92,20 @@ class Selection:
     auto: bool = True  # chosen by AUTO_ORDER (not asked for by name)
     skipped: list[str] = field(default_factory=list)  # "name/device: reason", in the order tried
     gpu_asked: bool = False  # --device cuda[:N], or a GPU-only backend asked for by name
+    gate: str | None = None  # a reduced precision's accuracy verdict in words (the torch backend's gate)
 
     def brief(self, gpu_present: bool) -> str:
         """The reason in a few words for the first screen: the skipped routes' reasons only where they
         matter (a GPU route was asked for, or a GPU is here but could not be used); else `-v` has them."""
+        gate = f"; {self.gate}" if self.gate else ""
         if not self.skipped:
-            return "auto" if self.auto else "asked for"
+            return ("auto" if self.auto else "asked for") + gate
         if self.gpu_asked or gpu_present:
             return self.why
         head = "auto" if self.auto else "asked for"
         gpu_routes = all("/cuda" in s or s.endswith("--device cpu") for s in self.skipped)
         what = "no GPU route here" if gpu_routes else f"{len(self.skipped)} route(s) skipped"
-        return f"{head}; {what}: -v for why"
+        return f"{head}; {what}: -v for why{gate}"
 
 
 # Each backend describes itself (ldseg/runtime/backends/*/declaration.py): sources, devices,
@@ -116,7 +119,7 @@ TENSORRT_BUNDLE_PRECISION = TENSORRT.BUNDLE_PRECISION
 def _make(name: str, request: Request) -> Selection:
     """One candidate: refused (BackendUnavailable) before anything is exported or built, else made."""
     made = DECLARATIONS[name].select(request)
-    return Selection(made.backend, made.config, "", made.checkpoint_hash)
+    return Selection(made.backend, made.config, "", made.checkpoint_hash, gate=made.gate)
 
 
 def _auto_candidates(source: Source, gpu: str | None) -> list[tuple[str, str]]:
@@ -191,6 +194,8 @@ def select_backend(
             on = "a GPU" if dev != "cpu" else "CPU"
             first = f"first available for this source on {on}"
             selection.why = f"auto: {'; '.join(skipped)}" if skipped else f"auto: {first}"
+        if selection.gate:
+            selection.why += f"; {selection.gate}"
         return selection
     if backend != "auto" and len({str(e) for e in errors}) == 1:  # one backend, one reason (e.g. wrong source)
         raise errors[0]

@@ -168,3 +168,11 @@ def test_the_script_passes_output_resolved_from_where_it_was_called(tmp_path):
     )
     assert done.returncode == 0, done.stderr
     assert f"--output {tmp_path / 'report-here'} --budget-s 5" in done.stdout
+
+
+@pytest.mark.skipif(gpu_check.no_gpu_reason() is None, reason="a GPU is visible: the real check would run")
+def test_torch_reduced_precision_rows_say_why_they_did_not_run(tmp_path):
+    checks = gpu_check.Checks(tmp_path, tmp_path / "out", budget_s=60, watchdog=False)
+    for precision in ("bf16", "fp16"):
+        checks.run(f"torch_{precision}", lambda p=precision: checks.torch_reduced(p))
+        assert checks.results[f"torch_{precision}"]["status"] == "not run: no CUDA GPU visible to PyTorch"

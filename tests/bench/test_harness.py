@@ -283,3 +283,22 @@ def test_random_weight_preset_rows_say_agreement_is_not_meaningful(tmp_path):
     assert ort["accuracy"]["note"] == RANDOM_WEIGHTS_NOTE and ort["accuracy"]["agreement"] is None
     md = (tmp_path / "random" / "results.md").read_text()
     assert f"| {RANDOM_WEIGHTS_NOTE} | – |" in md
+
+
+def test_torch_bf16_row_beside_the_fp32_reference_with_its_agreement(tmp_path):
+    """torch at a reduced precision is a row of its own (precision column, label) scored against the
+    FP32 reference; fp16 on the CPU is a skip with its reason, not an error."""
+    options = {**TINY, "precisions": ("fp32", "bf16", "fp16"), "repeat": 1, "warmup": 0}
+    res = _results(run_benchmark(BenchOptions(output=tmp_path / "bf16", **options)))  # type: ignore[arg-type]
+    ref, bf16 = res["rows"]
+    assert ref["reference"] and ref["precision"] == "fp32"
+    assert bf16["precision"] == "bf16" and bf16["label"] == "torch/bf16/eager" and bf16["peak_dtype"] == "bf16"
+    assert bf16["describe"]["precision"] == "bf16"
+    accuracy = bf16["accuracy"]
+    assert_several_classes(accuracy["reference_class_fractions"], "torch fp32 reference on phantom 0")
+    assert accuracy["note"] is None and accuracy["agreement"] >= 0.995, accuracy
+    assert res["skipped"] == [
+        {"backend": "torch", "precision": "fp16", "reason": "the torch backend runs fp32, bf16 on the CPU"}
+    ]
+    md = (tmp_path / "bf16" / "results.md").read_text()
+    assert "torch/bf16/eager" in md

@@ -56,3 +56,11 @@ def test_fp32_peak_is_measured_with_tf32_off_and_leaves_the_setting_alone():
         still = matmul.allow_tf32
         matmul.allow_tf32 = saved
     assert seen and not any(seen) and still
+
+
+def test_torch_targets_run_bf16_on_cpu_and_skip_fp16_with_the_reason(ctx: Context):
+    assert build_target("torch", ctx, "bf16").backend.precision == "bf16"
+    with pytest.raises(Unsupported, match="the torch backend runs fp32, bf16 on the CPU"):
+        build_target("torch", ctx, "fp16")
+    with pytest.raises(Unsupported, match="fp32, bf16, fp16 on a GPU"):
+        build_target("torch", Context(ctx.model, "cuda", None, ctx.workdir), "int8")

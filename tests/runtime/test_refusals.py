@@ -10,6 +10,7 @@ import pytest
 
 from ldseg.errors import BackendUnavailable
 from ldseg.runtime.artifacts.cache import ArtifactCache
+from ldseg.runtime.backends.declaration import Request
 from ldseg.runtime.select import DECLARATIONS, Source, Wants, select_backend
 from tests.runtime.artifacts.cache_fakes import GPU_A, FakeBundleBuilder, FakeEngineBuilder
 
@@ -30,7 +31,7 @@ def nothing_built(source: Source) -> bool:
 def test_torch_refuses_a_precision_before_loading_the_model() -> None:
     source = Source(checkpoint="demo")
     with pytest.raises(
-        BackendUnavailable, match="torch backend runs fp32 here, not fp16: use --precision auto or fp32"
+        BackendUnavailable, match="torch backend runs fp32, bf16 here, not fp16: use --precision auto or fp32"
     ):
         select_backend(source, backend="torch", device="cpu", wants=Wants("fp16"))
     assert "model" not in source._memo  # the checkpoint was never loaded
@@ -74,7 +75,8 @@ def test_every_backend_declares_itself() -> None:
     for declaration in DECLARATIONS.values():
         assert declaration.sources and set(declaration.devices) <= {"cpu", "cuda"}
     request_precisions = DECLARATIONS["torch"].precisions  # every listed precision is one of the one list
-    assert set(request_precisions(None)) <= set(PRECISIONS)  # type: ignore[arg-type]
+    for device in ("cpu", "cuda:0"):
+        assert set(request_precisions(Request(Source(checkpoint="demo"), device))) <= set(PRECISIONS)
 
 
 def test_k_below_one_is_refused() -> None:

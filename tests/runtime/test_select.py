@@ -173,8 +173,9 @@ def test_auto_skips_openvino_when_it_is_not_installed_and_says_why(monkeypatch, 
 
 
 def test_a_backend_refuses_a_precision_it_does_not_run():
-    with pytest.raises(BackendUnavailable, match="the torch backend runs fp32 here, not bf16: use --precision auto"):
-        select_backend(Source(checkpoint="demo"), backend="torch", device="cpu", wants=Wants("bf16"))
+    refusal = "the torch backend runs fp32, bf16 here, not int8: use --precision auto"
+    with pytest.raises(BackendUnavailable, match=refusal):
+        select_backend(Source(checkpoint="demo"), backend="torch", device="cpu", wants=Wants("int8"))
 
 
 # --------------------------------------------------------------------------- a checkpoint with the cache

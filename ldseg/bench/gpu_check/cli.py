@@ -30,6 +30,8 @@ def run_checks(prepared: Path, out_dir: Path, budget_s: float = BUDGET_S) -> tup
     checks.run("torch_cuda_agreement", checks.torch_agreement)
     checks.run("torch_broken_capture", checks.torch_broken_capture)
     checks.run("torch_k_samples", checks.torch_k_samples)
+    for reduced in ("bf16", "fp16"):
+        checks.run(f"torch_{reduced}", lambda p=reduced: checks.torch_reduced(p))  # type: ignore[misc]
     checks.run("device_volume_ops_torch", lambda: volume.device_volume_ops(volume.torch_ops))
     checks.run("onnxruntime_cuda", lambda: gpu.onnxruntime_cuda(checks))
     checks.run("onnxruntime_cuda_graphs", lambda: gpu.onnxruntime_cuda(checks, "graphs"))

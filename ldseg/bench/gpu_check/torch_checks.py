@@ -281,6 +281,39 @@ class Checks:
             "labels_equal_eager": equal,
         }
 
+    def torch_reduced(self, precision: str) -> Result:
+        """torch bf16/fp16 (autocast, one CUDA-graph replay) held against FP32 on the phantoms: each
+        phantom's agreement with the CPU FP32 reference and with FP32 on this GPU at the accuracy
+        gate's bar, Dice vs truth, and the median end-to-end time of both on the GPU."""
+        import torch
+
+        if not torch.cuda.is_available():
+            return {"status": "not run: no CUDA GPU visible to PyTorch"}
+        if self.reference is None:
+            return {"status": "not run: torch_cpu_reference did not finish"}
+        from ldseg.runtime.backend import make_inputs
+        from ldseg.runtime.backends.torch.backend import TorchBackend
+        from ldseg.runtime.backends.torch.gate import GATE_AGREEMENT
+
+        model = self.model()
+        reduced, fp32 = TorchBackend(model, "cuda:0", precision=precision), TorchBackend(model, "cuda:0")
+        labels, gpu_fp32 = self.labels_of(reduced), self.labels_of(fp32)
+        scored = self.scored(labels)
+        vs_gpu = [float((labels[k] == gpu_fp32[k]).mean()) for k in range(len(labels))]
+        images, _, seeds = self.phantoms()
+        inputs = make_inputs(model.cfg, images[:1], [seeds[0]])
+        ms = {name: _median_ms(backend, inputs) for name, backend in (("fp32", fp32), (precision, reduced))}
+        ok = min(scored["agreement_per_phantom"]) >= GATE_AGREEMENT and min(vs_gpu) >= GATE_AGREEMENT
+        return {
+            **scored,
+            "status": "pass" if ok else "fail",
+            "agreement_target": GATE_AGREEMENT,
+            "agreement_vs_gpu_fp32": vs_gpu,
+            "end_to_end_ms_p50": ms,
+            "mode": reduced.mode,
+            "describe": reduced.describe(),
+        }
+
     def torch_k_samples(self) -> Result:
         from ldseg.bench.gpu_check.compare import closing, k_inputs, k_samples_within_budget
         from ldseg.runtime.backends.torch.backend import TorchBackend
@@ -289,6 +322,21 @@ class Checks:
         graphed, eager = TorchBackend(model, "cuda:0"), TorchBackend(model, "cuda:0", cuda_graph=False)
         with closing(graphed, eager):
             return k_samples_within_budget(graphed, eager, k_inputs(self, model.cfg), _torch_free_memory)
+
+
+def _median_ms(backend: Any, inputs: Any, runs: int = 10) -> float:
+    """Median wall time of `runs` end-to-end runs after one untimed (capturing) run."""
+    import torch
+
+    backend.run(inputs)
+    times = []
+    for _ in range(runs):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        backend.run(inputs)
+        torch.cuda.synchronize()
+        times.append(1e3 * (time.perf_counter() - start))
+    return float(np.median(times))
 
 
 def _torch_free_memory() -> int:

@@ -45,6 +45,7 @@ class Made(NamedTuple):
     backend: Backend
     config: ModelConfig
     checkpoint_hash: str | None  # content SHA-256 of the checkpoint behind it, where known
+    gate: str | None = None  # a reduced precision's accuracy verdict in words (the first screen shows it)
 
 
 def any_k(request: Request) -> int | None:

@@ -1,4 +1,4 @@
-"""PyTorch reference backend (FP32, CPU or CUDA).
+"""PyTorch backend: the FP32 reference, and BF16/FP16 autocast (CPU or CUDA).
 
 On CUDA the whole pipeline — encoder, N fused steps, decoder with argmax (for `sample`: encoder,
 broadcast and steps, the decoder chunks after it eagerly) — is captured once per shape into a
@@ -20,6 +20,20 @@ The model it is handed is never modified: a model on another device, or in train
 "fp32" is FP32 math: cuDNN convolutions and matmuls default to TF32 on Ampere and later, so every
 stage (and the graph capture, which bakes the kernels in) runs under `strict_fp32()`, which turns
 TF32 off and restores the caller's settings afterwards: no global state is left changed.
+
+"bf16" (CPU or CUDA) and "fp16" (CUDA) run the encoder, each denoiser step and the decoder under
+torch.autocast, whose convolutions and matmuls take the reduced type. FP32 islands, where the
+model's own code puts them (a branch on the tensor's dtype, so exported graphs are unchanged):
+GroupNorm's written-out statistics, attention with a head dimension below MIN_REDUCED_HEAD_DIM,
+the sampler update and per-sample renormalization (the step's input latent is FP32), the softmax
+and so the argmax; the image latent is kept in FP32 between stages. The caller gets float32
+probabilities. Autocast runs without its weight-cast cache: a cast cached in a warm-up run and
+reused by the recording would leave the graph reading a tensor freed after capture. The capture
+records under the same autocast (every stage sets it). Whether a reduced precision is good enough
+for a model is the declaration's accuracy gate (gate.py), not this class's business.
+
+`compile=True` (or LDSEG_TORCH_COMPILE=1) wraps the denoiser and the decoder in torch.compile on
+CUDA (compile.py); on CPU it is ignored, and where compiling fails the stage runs eagerly.
 """
 
 from __future__ import annotations
@@ -34,7 +48,11 @@ import torch
 
 from ldseg.model.network import LDSeg
 from ldseg.runtime.backend import Backend, CaptureFailed, PipelineInputs
+from ldseg.runtime.backends.torch.compile import Compiled, compile_wanted
 from ldseg.runtime.backends.torch.volume import TorchVolumeOps
+
+# What the torch backend computes in: the autocast type (None: plain FP32).
+AUTOCAST: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -71,12 +89,17 @@ class TorchBackend(Backend[TorchPlan, torch.Tensor]):
         device: str = "cpu",
         cuda_graph: bool | None = None,
         threads: int | None = None,
+        precision: str = "fp32",
+        compile: bool | None = None,
         device_volume: bool = True,
     ):
         """device_volume: pre/post-processing with torch ops on the model's device (ldseg/runtime/
         volume_ops.py), the default on CUDA and on the CPU too, where they are bit-equal to the scipy
         path on the knee cases and faster (1.6-2.6x to the model grid, 3.4-3.6x back on 2 Zen 1
-        cores: benchmarks/results/amd-epyc-zen1-2c-2026-12-05/volume-ops-cpu); False: the scipy path."""
+        cores: benchmarks/results/amd-epyc-zen1-2c-2026-12-05/volume-ops-cpu); False: the scipy path.
+        They run in float64 whatever `precision` is."""
+        if precision not in AUTOCAST:
+            raise ValueError(f"precision {precision!r}: the torch backend runs {', '.join(AUTOCAST)}")
         if threads is not None:
             torch.set_num_threads(threads)  # torch's intra-op pool is per process
         target = _torch_device(device)
@@ -87,19 +110,45 @@ class TorchBackend(Backend[TorchPlan, torch.Tensor]):
         )
         self.model = _on_device(model, target)
         self.device = str(target)  # "cpu" or "cuda:N"
-        self.precision = "fp32"
+        self.precision = precision
+        self._autocast_dtype = AUTOCAST[precision]
+        self.gate: str | None = None  # the accuracy gate's verdict in words, set by whoever ran it (gate.py)
         self._plans: dict[tuple[int, int], TorchPlan] = {}
         self._volume_ops = TorchVolumeOps(self.device) if device_volume else None
+        on_cuda = target.type == "cuda"
+        wanted = compile_wanted(compile)
+        self._denoise = Compiled("denoiser", self.model.step, wanted and on_cuda)
+        self._decode = Compiled("decoder", self.model.label_decoder, wanted and on_cuda)
+        self._compile_note = "off" if not wanted else "" if on_cuda else "off (CUDA only)"
 
     def describe(self) -> dict[str, str]:
-        return {
+        described = {
             "backend": self.name,
             "device": self.device,
             "precision": self.precision,
             "mode": self.mode,
             "tf32": "off",
+            "compile": self._compile_state(),
             "volume_ops": self.device if self._volume_ops is not None else "cpu (numpy/scipy)",
         }
+        if self.gate is not None:
+            described["gate"] = self.gate
+        return described
+
+    def _compile_state(self) -> str:
+        stages = (self._denoise, self._decode)
+        return "; ".join(c.state() for c in stages) if any(c.enabled for c in stages) else self._compile_note
+
+    @contextmanager
+    def numerics(self) -> Iterator[None]:
+        """TF32 off, and autocast to the reduced type where one is asked for (every stage, and the capture)."""
+        with strict_fp32():
+            if self._autocast_dtype is None:
+                yield
+                return
+            device_type = torch.device(self.device).type
+            with torch.autocast(device_type, dtype=self._autocast_dtype, cache_enabled=False):
+                yield
 
     def volume_ops(self) -> TorchVolumeOps | None:
         return self._volume_ops
@@ -142,19 +191,19 @@ class TorchBackend(Backend[TorchPlan, torch.Tensor]):
 
     @torch.no_grad()
     def encode(self, plan: TorchPlan) -> None:
-        with strict_fp32():
-            plan.z_image = self.model.encode_image(plan.image)
+        with self.numerics():
+            plan.z_image = self.model.encode_image(plan.image).float()  # FP32 between stages (a no-op in FP32)
 
     @torch.no_grad()
     def step(self, plan: TorchPlan, z: torch.Tensor, i: int) -> torch.Tensor:
         assert plan.z_image is not None
-        with strict_fp32():
-            return self.model.step(z, plan.z_image, plan.table[i].expand(z.shape[0], 4), plan.noise[i])
+        with self.numerics():
+            return self._denoise(z, plan.z_image, plan.table[i].expand(z.shape[0], 4), plan.noise[i])
 
     @torch.no_grad()
     def decode(self, plan: TorchPlan, z: torch.Tensor, probabilities: bool) -> None:
-        with strict_fp32():
-            plan.probabilities = self.model.label_decoder(z)
+        with self.numerics():
+            plan.probabilities = self._decode(z)  # float32: the decoder's softmax is an FP32 island
         plan.labels = plan.probabilities.argmax(dim=1).to(torch.uint8)
 
     def copy_out(self, plan: TorchPlan, probabilities: bool) -> tuple[np.ndarray, np.ndarray | None]:
@@ -164,7 +213,7 @@ class TorchBackend(Backend[TorchPlan, torch.Tensor]):
 
     # ------------------------------------------------------------------ CUDA graphs
     def capture(self, plan: TorchPlan, body: Callable[[], None]) -> _Captured:
-        with strict_fp32():  # the stages set it too; this covers everything the capture records
+        with self.numerics():  # the stages set it too; this covers everything the capture records
             return self._capture(plan, body)
 
     def _capture(self, plan: TorchPlan, body: Callable[[], None]) -> _Captured:

@@ -1,4 +1,9 @@
-"""The torch backend: runs a checkpoint itself (no export), on the CPU or a CUDA GPU, in FP32."""
+"""The torch backend: runs a checkpoint itself (no export), on the CPU or a CUDA GPU.
+
+FP32 always (what `auto` runs: never a silent reduction); bf16 on the CPU and a GPU, fp16 on a GPU
+only (PyTorch's CPU autocast has no FP16 convolutions worth running), each asked for by name and
+held to the accuracy gate (gate.py) before it runs.
+"""
 
 from __future__ import annotations
 
@@ -21,15 +26,32 @@ def probe(request: Request) -> str | None:
 
 
 def precisions(request: Request) -> tuple[str, ...]:
-    return ("fp32",)
+    return ("fp32", "bf16", "fp16") if request.on_gpu else ("fp32", "bf16")
 
 
 def make(request: Request) -> Made:
     from ldseg.runtime.backends.torch.backend import TorchBackend
 
+    precision = "fp32" if request.precision == "auto" else request.precision
+    if precision == "fp32":
+        model = request.source.model()
+        backend = TorchBackend(model, request.device, threads=request.threads)
+        return Made(backend, model.cfg, model.checkpoint_hash)
+    from ldseg.errors import BackendUnavailable
+    from ldseg.runtime.backends.torch import gate
+
+    # The checkpoint's verified content hash from its header: a cached refusal loads no model.
+    verdict = gate.cached_verdict(request.source.reference().sha256, precision, request.device)
+    if verdict is not None and not verdict.passed:  # refused by an earlier process: nothing is made
+        raise BackendUnavailable(verdict.refusal())
     model = request.source.model()
-    backend = TorchBackend(model, request.device, threads=request.threads)
-    return Made(backend, model.cfg, model.checkpoint_hash)
+    backend = TorchBackend(model, request.device, threads=request.threads, precision=precision)
+    try:
+        verdict = gate.hold(backend, model.checkpoint_hash, verdict)
+    except BackendUnavailable:
+        backend.close()
+        raise
+    return Made(backend, model.cfg, model.checkpoint_hash, verdict.words())
 
 
 DECLARATION = Declaration(
