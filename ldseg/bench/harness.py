@@ -284,13 +284,14 @@ def _measure(
 
 def warmup_runs(backend: Backend[Any, Any], warmup: int) -> int:
     """Untimed runs before timing, so that no graph capture lands in a timed run, even with --warmup 0:
-    one for a backend that captures in its first run (torch, TensorRT), three for ONNX Runtime's CUDA
-    graphs (captured on the third run of each binding)."""
+    up to the capturing request for a backend that captures the pipeline (torch, TensorRT: a shape's
+    `capture_from`-th request), three for ONNX Runtime's CUDA graphs (captured on the third run of
+    each binding)."""
     from ldseg.runtime.backends.onnxruntime.probe import RUNS_TO_CAPTURE
 
     if backend.describe().get("cuda_graph", "").startswith("on"):
         return max(warmup, RUNS_TO_CAPTURE)
-    return max(warmup, 1) if backend.cuda_graph else warmup
+    return max(warmup, backend.capture_from) if backend.cuda_graph else warmup
 
 
 def _device_used_mb() -> float:

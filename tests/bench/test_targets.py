@@ -19,11 +19,11 @@ def ctx(tmp_path_factory) -> Context:
     return Context(LDSeg(get_preset("demo")).eval(), "cpu", None, tmp_path_factory.mktemp("bench"), max_batch=2)
 
 
-def test_capturing_backends_always_get_one_untimed_run():
+def test_capturing_backends_get_untimed_runs_up_to_the_capture():
     def backend(cuda_graph: bool, described: str = "off (CPU)") -> SimpleNamespace:
-        return SimpleNamespace(cuda_graph=cuda_graph, describe=lambda: {"cuda_graph": described})
+        return SimpleNamespace(cuda_graph=cuda_graph, capture_from=2, describe=lambda: {"cuda_graph": described})
 
-    assert warmup_runs(backend(True), 0) == 1 and warmup_runs(backend(True), 3) == 3  # type: ignore[arg-type]
+    assert warmup_runs(backend(True), 0) == 2 and warmup_runs(backend(True), 3) == 3  # type: ignore[arg-type]
     assert warmup_runs(backend(False, "on (one CUDA graph per binding)"), 0) == 3  # type: ignore[arg-type]
     assert warmup_runs(backend(False), 0) == 0  # type: ignore[arg-type]
 
