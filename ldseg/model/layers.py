@@ -310,8 +310,13 @@ class SelfAttention(nn.Module):
             layer(tokens).reshape(b, n, self.heads, c // self.heads).transpose(1, 2)
             for layer in (self.query, self.key, self.value)
         )
-        attn = torch.softmax(torch.matmul(q, k.transpose(-1, -2)) * self.scale, dim=-1)
-        out = torch.matmul(attn, v).transpose(1, 2).reshape(b, n, c)
+        if q.is_cuda and not torch.compiler.is_exporting():
+            # One fused kernel instead of matmul, scale, softmax, matmul (issue 31); exports trace the
+            # written-out form, which ONNX Runtime and TensorRT fuse themselves.
+            attended = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        else:
+            attended = torch.matmul(torch.softmax(torch.matmul(q, k.transpose(-1, -2)) * self.scale, dim=-1), v)
+        out = attended.transpose(1, 2).reshape(b, n, c)
         out = self.proj(out).transpose(1, 2).reshape(shape)
         return (normed if self.normalized_residual else x) + out
 
