@@ -94,6 +94,9 @@ class _NeverCalled:
     def run(self, inputs, *, probabilities=False):  # pragma: no cover - the inputs all fail
         raise AssertionError("no input should reach the model")
 
+    def volume_ops(self):
+        return None  # the CPU path reads (and refuses) the inputs
+
 
 def test_failed_files_do_not_pin_memory(tmp_path):
     """A run over many refused inputs keeps no voxels: a failure's traceback would hold the
