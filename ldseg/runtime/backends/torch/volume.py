@@ -86,7 +86,7 @@ class TorchVolumeOps:
             labels = torch.zeros(best.shape, dtype=torch.uint8, device=best.device)
             for c in range(1, probs.shape[0]):
                 value = self._resampled(probs[None, c : c + 1], input_shape_nib)[0, 0]
-                labels[value > best] = c
+                labels.masked_fill_(value > best, c)  # no host sync (a boolean index would make one)
                 torch.maximum(best, value, out=best)
             return self._download(labels.permute(*_TO_MODEL).contiguous())
 
