@@ -1,7 +1,8 @@
 """PyTorch backend: the FP32 reference, and BF16/FP16 autocast (CPU or CUDA).
 
 On CUDA the whole pipeline — encoder, N fused steps, decoder with argmax (for `sample`: encoder,
-broadcast and steps, the decoder chunks after it eagerly) — is captured once per shape into a
+broadcast and steps, the decoder chunks after it eagerly) — is captured once per shape, by the
+shape's second request (the first runs eagerly: ldseg/runtime/backend.py), into a
 torch.cuda.CUDAGraph over the plan's static buffers; a request copies its inputs into those buffers,
 replays, and reads the outputs: no Python work, allocation or host sync inside. Where capture fails
 the backend warns once with the reason and runs the same stages eagerly (ldseg/runtime/backend.py).
@@ -31,6 +32,9 @@ probabilities. Autocast runs without its weight-cast cache: a cast cached in a w
 reused by the recording would leave the graph reading a tensor freed after capture. The capture
 records under the same autocast (every stage sets it). Whether a reduced precision is good enough
 for a model is the declaration's accuracy gate (gate.py), not this class's business.
+
+Pre/post-processing (`volume_ops()`, volume.py): torch ops on the model's device, the CPU included,
+unless `device_volume=False` (then the run path's scipy reference).
 
 `compile=True` (or LDSEG_TORCH_COMPILE=1) wraps the denoiser and the decoder in torch.compile on
 CUDA (compile.py); on CPU it is ignored, and where compiling fails the stage runs eagerly.
