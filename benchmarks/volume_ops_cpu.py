@@ -22,8 +22,8 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-from scipy import ndimage
 
+from ldseg.data.phantoms import blurred_probabilities
 from ldseg.io.preprocess import image_to_model_grid, labels_to_model_grid, probabilities_to_input_grid
 from ldseg.model.config import get_preset
 from ldseg.runtime.backends.onnxruntime.volume import OrtVolumeOps
@@ -49,8 +49,7 @@ def main() -> int:
         raw = np.asarray(nib.load(image_path).dataobj)
         label = np.asarray(nib.load(args.labels / image_path.name).dataobj)
         model_labels = labels_to_model_grid(label, cfg.image_size, cfg.num_classes)
-        soft = [ndimage.gaussian_filter((model_labels == c).astype(np.float32), 1.5) + 1e-3 for c in range(3)]
-        probs = (np.stack(soft) / np.sum(soft, axis=0)).astype(np.float32)
+        probs = blurred_probabilities(model_labels, cfg.num_classes)
         ref_image = image_to_model_grid(raw, cfg.image_size)
         ref_labels = probabilities_to_input_grid(probs, raw.shape)
         times: dict[str, dict[str, list[float]]] = {k: {"to_model_grid": [], "labels_back": []} for k in paths}

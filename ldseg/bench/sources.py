@@ -11,9 +11,8 @@ import numpy as np
 import torch
 
 from ldseg.bench.accuracy import truth_folders
-from ldseg.data.phantoms import make_phantom
+from ldseg.data.phantoms import phantom_model_image
 from ldseg.errors import ArtifactError, InputError
-from ldseg.io.preprocess import min_max_standardize
 from ldseg.model.checkpoint import load_checkpoint, read_metadata
 from ldseg.model.config import ModelConfig, get_preset
 from ldseg.model.network import LDSeg
@@ -96,8 +95,7 @@ def load_images(
     order (cycled when the folder has fewer than `count`), with their Prepared (None for phantoms).
     A folder holding images/ (and labels/) is read from images/."""
     if data is None:
-        classes = min(max(cfg.num_classes, 2), 3)  # phantoms have 2 or 3 classes; the image is what matters
-        images = [_phantom_image(cfg, seed + k, classes) for k in range(count)]
+        images = [phantom_model_image(cfg, seed + k) for k in range(count)]
         return np.stack(images), {"source": "phantoms", "seeds": [seed + k for k in range(count)]}, None
     if not data.is_dir():
         raise InputError(f"{data}: --data must be a folder of volumes or images")
@@ -109,8 +107,3 @@ def load_images(
     prepared = {p: prepare(p, cfg) for p in dict.fromkeys(chosen)}
     items = [prepared[p] for p in chosen]
     return np.stack([item.image for item in items]), {"source": str(folder), "files": [p.name for p in chosen]}, items
-
-
-def _phantom_image(cfg: ModelConfig, seed: int, classes: int) -> np.ndarray:
-    image = min_max_standardize(make_phantom(seed, cfg.image_size, classes).image)
-    return np.repeat(image[None], cfg.image_channels, axis=0)

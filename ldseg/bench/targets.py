@@ -62,8 +62,10 @@ Factory = Callable[[Context, str], Target]
 def _torch(ctx: Context, precision: str, *, eager: bool = False) -> Target:
     """fp32, bf16 (CPU or GPU) and fp16 (GPU) by autocast. No accuracy gate here: the bench reports
     each row's agreement with the FP32 reference itself (ldseg/bench/accuracy.py)."""
+    from ldseg.runtime.backends.torch.declaration import precisions_on
+
     on_gpu = ctx.device.startswith("cuda")
-    runs = ("fp32", "bf16", "fp16") if on_gpu else ("fp32", "bf16")
+    runs = precisions_on(on_gpu)
     if precision not in runs:
         raise Unsupported(f"the torch backend runs {', '.join(runs)} on {'a GPU' if on_gpu else 'the CPU'}")
     backend = TorchBackend(ctx.model, ctx.device, cuda_graph=False if eager else None, precision=precision)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections.abc import Callable
 from typing import Protocol
@@ -46,3 +47,10 @@ class CudaEventTimer:
 
 def timer_for(device: str) -> Timer:
     return CudaEventTimer() if device.startswith("cuda") else WallTimer()
+
+
+def median_ms(fn: Callable[[], object], timer: Timer, runs: int, warmup: int = 1) -> float:
+    """The median of `runs` timed calls of `fn` after `warmup` untimed ones (graph capture, caches)."""
+    for _ in range(warmup):
+        fn()
+    return float(statistics.median(timer(fn) for _ in range(runs)))

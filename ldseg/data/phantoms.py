@@ -19,6 +19,8 @@ from scipy import ndimage
 
 from ldseg.errors import OutputError
 from ldseg.io.atomic import atomic_write
+from ldseg.io.preprocess import min_max_standardize
+from ldseg.model.config import ModelConfig
 
 MIN_FRACTION = 0.03  # each structure covers at least this much of the field of view
 _MAX_TRIES = 200
@@ -141,3 +143,19 @@ def write_phantom_nifti(phantom: Phantom, image_path: Path, label_path: Path, ov
     label = _nifti(phantom.label.transpose(2, 1, 0), np.uint8)
     atomic_write(image_path, lambda tmp: nib.save(image, tmp), overwrite)
     atomic_write(label_path, lambda tmp: nib.save(label, tmp), overwrite)
+
+
+def phantom_model_image(cfg: ModelConfig, seed: int) -> np.ndarray:
+    """One phantom as a model input, (C, *grid) float32: min-max standardized as a run's inputs are,
+    grey replicated over the image channels; 2 or 3 classes (what phantoms have; the image is what
+    matters to a model of more)."""
+    image = min_max_standardize(make_phantom(seed, cfg.image_size, min(max(cfg.num_classes, 2), 3)).image)
+    return np.repeat(image[None], cfg.image_channels, axis=0).astype(np.float32)
+
+
+def blurred_probabilities(labels: np.ndarray, classes: int, sigma: float = 1.5) -> np.ndarray:
+    """Smooth class probabilities (classes, *labels.shape) float32 with real boundaries: each class's
+    one-hot mask blurred (Gaussian, `sigma` voxels), floored at 1e-3 and normalized. What resampling
+    checks use instead of running a model."""
+    soft = np.stack([ndimage.gaussian_filter((labels == c).astype(np.float32), sigma) + 1e-3 for c in range(classes)])
+    return (soft / soft.sum(axis=0)).astype(np.float32)

@@ -291,6 +291,7 @@ class Checks:
             return {"status": "not run: no CUDA GPU visible to PyTorch"}
         if self.reference is None:
             return {"status": "not run: torch_cpu_reference did not finish"}
+        from ldseg.bench.timing import median_ms, timer_for
         from ldseg.runtime.backend import make_inputs
         from ldseg.runtime.backends.torch.backend import TorchBackend
         from ldseg.runtime.backends.torch.gate import GATE_AGREEMENT
@@ -302,7 +303,12 @@ class Checks:
         vs_gpu = [float((labels[k] == gpu_fp32[k]).mean()) for k in range(len(labels))]
         images, _, seeds = self.phantoms()
         inputs = make_inputs(model.cfg, images[:1], [seeds[0]])
-        ms = {name: _median_ms(backend, inputs) for name, backend in (("fp32", fp32), (precision, reduced))}
+        timer = timer_for("cuda:0")
+
+        def end_to_end(backend: TorchBackend) -> float:
+            return median_ms(lambda: backend.run(inputs), timer, runs=10, warmup=backend.capture_from)
+
+        ms = {"fp32": end_to_end(fp32), precision: end_to_end(reduced)}
         ok = min(scored["agreement_per_phantom"]) >= GATE_AGREEMENT and min(vs_gpu) >= GATE_AGREEMENT
         return {
             **scored,
@@ -322,21 +328,6 @@ class Checks:
         graphed, eager = TorchBackend(model, "cuda:0"), TorchBackend(model, "cuda:0", cuda_graph=False)
         with closing(graphed, eager):
             return k_samples_within_budget(graphed, eager, k_inputs(self, model.cfg), _torch_free_memory)
-
-
-def _median_ms(backend: Any, inputs: Any, runs: int = 10) -> float:
-    """Median wall time of `runs` end-to-end runs after one untimed (capturing) run."""
-    import torch
-
-    backend.run(inputs)
-    times = []
-    for _ in range(runs):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        backend.run(inputs)
-        torch.cuda.synchronize()
-        times.append(1e3 * (time.perf_counter() - start))
-    return float(np.median(times))
 
 
 def _torch_free_memory() -> int:

@@ -7,8 +7,6 @@ back), GPU (synchronized, median of REPEATS after a warm-up) against the CPU pat
 
 from __future__ import annotations
 
-import statistics
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -22,32 +20,17 @@ REPEATS = 5
 CASES = (((20, 36, 40), (32, 64, 64)), ((90, 33, 70), (32, 64, 64)), ((160, 104, 240), (128, 128, 256)))
 
 
-def _soft(labels: np.ndarray, classes: int) -> np.ndarray:
-    from scipy import ndimage
-
-    onehot = [ndimage.gaussian_filter((labels == c).astype(np.float32), 1.5) + 1e-3 for c in range(classes)]
-    stacked = np.stack(onehot)
-    return (stacked / stacked.sum(axis=0)).astype(np.float32)
-
-
-def _median_ms(call: Callable[[], object], repeats: int = REPEATS) -> float:
-    call()  # warm-up: kernels, pinned pools
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        call()  # each op synchronizes its stream before returning the host array
-        times.append((time.perf_counter() - start) * 1e3)
-    return round(statistics.median(times), 2)
-
-
 def _timings(ops: Any, raw: np.ndarray, grid: tuple[int, ...], probs: np.ndarray) -> dict[str, float]:
+    """Wall time: each op synchronizes its stream before it returns the host array."""
+    from ldseg.bench.timing import WallTimer, median_ms
     from ldseg.io.preprocess import image_to_model_grid, probabilities_to_input_grid
 
+    timer = WallTimer()
     return {
-        "preprocess_device": _median_ms(lambda: ops.to_model_grid(raw, grid)),
-        "preprocess_cpu": _median_ms(lambda: image_to_model_grid(raw, grid), 2),
-        "labels_device": _median_ms(lambda: ops.labels_on_input_grid(probs, raw.shape)),
-        "labels_cpu": _median_ms(lambda: probabilities_to_input_grid(probs, raw.shape), 2),
+        "preprocess_device": median_ms(lambda: ops.to_model_grid(raw, grid), timer, REPEATS),
+        "preprocess_cpu": median_ms(lambda: image_to_model_grid(raw, grid), timer, 2),
+        "labels_device": median_ms(lambda: ops.labels_on_input_grid(probs, raw.shape), timer, REPEATS),
+        "labels_cpu": median_ms(lambda: probabilities_to_input_grid(probs, raw.shape), timer, 2),
     }
 
 
@@ -69,7 +52,7 @@ def onnxruntime_ops(device: str = "cuda:0") -> Any:
 
 
 def device_volume_ops(make: Callable[[], Any]) -> Result:
-    from ldseg.data.phantoms import make_phantom
+    from ldseg.data.phantoms import blurred_probabilities, make_phantom
     from ldseg.io.preprocess import image_to_model_grid, probabilities_to_input_grid, zoom_to
 
     ops = make()
@@ -80,7 +63,7 @@ def device_volume_ops(make: Callable[[], Any]) -> Result:
     for seed, (shape, grid) in enumerate(CASES):
         raw = make_phantom(seed, shape).image.transpose(2, 1, 0).astype(np.int16)  # nibabel order, as read
         image_err = float(np.abs(ops.to_model_grid(raw, grid) - image_to_model_grid(raw, grid)).max())
-        probs = _soft(make_phantom(seed + 10, grid).label, 3)
+        probs = blurred_probabilities(make_phantom(seed + 10, grid).label, 3)
         labels = ops.labels_on_input_grid(probs, raw.shape)
         flipped = int((labels != probabilities_to_input_grid(probs, raw.shape)).sum())
         map_ref = zoom_to(probs[1], raw.shape[::-1]).transpose(2, 1, 0)

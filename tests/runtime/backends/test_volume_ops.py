@@ -12,9 +12,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from scipy import ndimage
 
-from ldseg.data.phantoms import make_phantom
+from ldseg.data.phantoms import blurred_probabilities, make_phantom
 from ldseg.errors import InputError
 from ldseg.io.preprocess import image_to_model_grid, labels_to_model_grid, probabilities_to_input_grid, zoom_to
 from ldseg.model.config import get_preset
@@ -43,13 +42,6 @@ def ops(request: pytest.FixtureRequest) -> VolumeOps:
     return MADE[request.param]()
 
 
-def soft_probabilities(labels: np.ndarray, classes: int, sigma: float = 1.5) -> np.ndarray:
-    """Smooth class probabilities with real boundaries: blurred one-hot labels, normalized."""
-    onehot = [ndimage.gaussian_filter((labels == c).astype(np.float32), sigma) + 1e-3 for c in range(classes)]
-    stacked = np.stack(onehot)
-    return (stacked / stacked.sum(axis=0)).astype(np.float32)
-
-
 @pytest.mark.parametrize("case", ["case1", "case4"])
 def test_on_the_knee_cases_the_device_path_equals_the_cpu_path(ops, case):
     image = np.asarray(nib.load(shared_or_skip("knee", "images", f"{case}.nii.gz")).dataobj)
@@ -59,7 +51,7 @@ def test_on_the_knee_cases_the_device_path_equals_the_cpu_path(ops, case):
     got = ops.to_model_grid(image, KNEE.image_size)
     assert got.dtype == np.float32 and got.shape == ref.shape
     assert float(np.abs(got - ref).max()) <= 1e-6
-    probs = soft_probabilities(labels_to_model_grid(label, KNEE.image_size, KNEE.num_classes), KNEE.num_classes)
+    probs = blurred_probabilities(labels_to_model_grid(label, KNEE.image_size, KNEE.num_classes), KNEE.num_classes)
     labels = ops.labels_on_input_grid(probs, image.shape)
     reference = probabilities_to_input_grid(probs, image.shape)
     assert_several_classes(reference, f"{case} reference labels")
@@ -80,7 +72,7 @@ def test_on_phantoms_up_and_down_the_device_path_equals_the_cpu_path(ops, shape,
     phantom = make_phantom(3, shape)
     raw = phantom.image.transpose(2, 1, 0).astype(dtype)  # nibabel order, as read
     assert float(np.abs(ops.to_model_grid(raw, grid) - image_to_model_grid(raw, grid)).max()) <= 1e-6
-    probs = soft_probabilities(make_phantom(4, grid).label, 3, sigma=1.0)
+    probs = blurred_probabilities(make_phantom(4, grid).label, 3, sigma=1.0)
     np.testing.assert_array_equal(
         ops.labels_on_input_grid(probs, raw.shape), probabilities_to_input_grid(probs, raw.shape)
     )

@@ -25,8 +25,13 @@ def probe(request: Request) -> str | None:
     return torch_cuda_problem(index)
 
 
+def precisions_on(on_gpu: bool) -> tuple[str, ...]:
+    """What the torch backend computes in on a GPU or the CPU (the bench asks this too)."""
+    return ("fp32", "bf16", "fp16") if on_gpu else ("fp32", "bf16")
+
+
 def precisions(request: Request) -> tuple[str, ...]:
-    return ("fp32", "bf16", "fp16") if request.on_gpu else ("fp32", "bf16")
+    return precisions_on(request.on_gpu)
 
 
 def make(request: Request) -> Made:

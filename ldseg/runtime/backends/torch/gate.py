@@ -27,10 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ldseg.data.phantoms import make_phantom
+from ldseg.data.phantoms import phantom_model_image
 from ldseg.errors import BackendUnavailable
-from ldseg.io.preprocess import min_max_standardize
-from ldseg.model.config import ModelConfig
 from ldseg.runtime.artifacts.cache import cache_root
 from ldseg.runtime.backend import make_inputs
 from ldseg.runtime.backends.torch.backend import TorchBackend
@@ -118,19 +116,13 @@ def _store(verdict: Verdict, checkpoint_hash: str) -> None:
         pass
 
 
-def phantom_image(cfg: ModelConfig, seed: int) -> np.ndarray:
-    """One synthetic phantom on the model grid, (1, C, *grid), standardized as a run's inputs are."""
-    image = min_max_standardize(make_phantom(seed, cfg.image_size, min(max(cfg.num_classes, 2), 3)).image)
-    return np.repeat(image[None, None], cfg.image_channels, axis=1).astype(np.float32)
-
-
 def measure(backend: TorchBackend, phantoms: int = GATE_PHANTOMS) -> Verdict:
     """Labels of `backend` against FP32 eager on the same weights and device, on `phantoms` phantoms."""
     start = time.perf_counter()
     reference = TorchBackend(backend.model, backend.device, cuda_graph=False)  # shares the model: no copy
     equal, total, worst = 0, 0, 1.0
     for seed in range(phantoms):
-        inputs = make_inputs(backend.config, phantom_image(backend.config, seed), [seed])
+        inputs = make_inputs(backend.config, phantom_model_image(backend.config, seed)[None], [seed])
         got, want = backend.run(inputs).labels, reference.run(inputs).labels
         same = int(np.count_nonzero(got == want))
         equal, total, worst = equal + same, total + want.size, min(worst, same / want.size)
