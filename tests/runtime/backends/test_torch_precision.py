@@ -175,7 +175,9 @@ def test_compile_is_cuda_only_and_falls_back_to_eager(model, monkeypatch):
 
 
 def test_compile_is_asked_for_by_env_and_caches_under_the_project(private_cache, monkeypatch):
-    monkeypatch.delenv(torch_compile.INDUCTOR_CACHE_ENV, raising=False)
+    # set, then deleted: monkeypatch then removes what inductor_cache_dir() sets in os.environ afterwards
+    monkeypatch.setenv(torch_compile.INDUCTOR_CACHE_ENV, "unset-below")
+    monkeypatch.delenv(torch_compile.INDUCTOR_CACHE_ENV)
     monkeypatch.setenv(torch_compile.COMPILE_ENV, "1")
     assert torch_compile.compile_wanted(None) and not torch_compile.compile_wanted(False)
     assert torch_compile.inductor_cache_dir() == str(private_cache / "torch-inductor")
