@@ -335,7 +335,9 @@ class TimeEmbedding(nn.Module):
         self.dense2 = nn.Linear(dim, dim)
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        emb = t.to(torch.float32)[:, None] * self.freqs[None, :]
+        if t.dtype != torch.float32:  # integer timesteps in training; no cast node in exported graphs
+            t = t.float()
+        emb = t[:, None] * self.freqs[None, :]
         emb = torch.cat([torch.sin(emb), torch.cos(emb)], dim=-1)
         return self.dense2(swish(self.dense1(emb)))
 
