@@ -1,0 +1,73 @@
+"""Two bundles of the same model, graph by graph on ONNX Runtime CPU: are the outputs bit-identical, and
+what does each take (median of interleaved runs, batch 1, fixed random inputs)? For an exporter
+change that must leave the bundles "as good as today". Not a test: it prints what it measured.
+
+    git archive <old-commit> ldseg/data/demo.bundle | tar -x -C /tmp/old
+    python benchmarks/bundle_compare.py /tmp/old/ldseg/data/demo.bundle ldseg/data/demo.bundle --runs 30
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+GRAPHS = ("encoder", "denoise_step", "decoder_argmax", "decoder")
+
+
+def _session(path: Path, threads: int) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def compare(old: Path, new: Path, runs: int, threads: int) -> list[dict[str, object]]:
+    rows = []
+    for graph in GRAPHS:
+        if not (old / f"{graph}.onnx").is_file() or not (new / f"{graph}.onnx").is_file():
+            continue
+        sessions = {"old": _session(old / f"{graph}.onnx", threads), "new": _session(new / f"{graph}.onnx", threads)}
+        gen = np.random.default_rng(0)
+        feeds = {
+            i.name: gen.standard_normal([1 if isinstance(d, str) else d for d in i.shape]).astype(np.float32)
+            for i in sessions["old"].get_inputs()
+        }
+        outputs = {name: s.run(None, feeds) for name, s in sessions.items()}  # also the warm-up
+        times: dict[str, list[float]] = {"old": [], "new": []}
+        for r in range(runs):
+            for name in ("old", "new") if r % 2 else ("new", "old"):
+                start = time.perf_counter()
+                sessions[name].run(None, feeds)
+                times[name].append((time.perf_counter() - start) * 1e3)
+        identical = all(np.array_equal(a, b) for a, b in zip(outputs["old"], outputs["new"]))
+        rows.append(
+            {
+                "graph": graph,
+                "identical_outputs": identical,
+                "old_ms": round(statistics.median(times["old"]), 2),
+                "new_ms": round(statistics.median(times["new"]), 2),
+            }
+        )
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("old", type=Path)
+    parser.add_argument("new", type=Path)
+    parser.add_argument("--runs", type=int, default=30)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    rows = compare(args.old, args.new, args.runs, args.threads)
+    return 0 if rows and all(r["identical_outputs"] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
