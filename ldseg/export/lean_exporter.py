@@ -21,7 +21,7 @@ attributes are spelled differently with the same meaning (Reshape allowzero=0 wh
 `view` gave 1, for constant shapes without zeros; Slice without its all-ones steps input). Checked
 on every graph of the demo by tests/export/test_lean_exporter.py.
 
-These are private hooks of torch.onnx's exporter (torch 2.9-2.13): where a release moves one,
+These are private hooks of torch.onnx's exporter (checked on torch 2.13): where a release moves one,
 nothing is patched and exports take the exporter's full path, only slower.
 """
 
@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-_LOCK = threading.Lock()  # the hooks are module globals of torch.onnx: one export at a time patches them
+_LOCK = threading.RLock()  # the hooks are module globals of torch.onnx: one export at a time patches them
 _REGISTRIES: dict[tuple[Any, ...], Any] = {}
 
 # Dropped by the exporter right after the decomposition (its remove_assertion_nodes).
