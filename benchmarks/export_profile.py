@@ -1,9 +1,11 @@
-"""Where one graph's export goes: cProfile of `trace_graph` (torch.export, its decomposition re-trace,
-the translation to ONNX, ldseg's optimizer, the checks) for one network of a checkpoint, after an
-untimed export of the encoder (imports and first-use costs). Prints the cumulative times of the
-exporter's phases. Issue 32's profile, 2026-12-05 (demo denoiser, 2-core Zen 1 under load, 22.0 s
-under the profiler): torch.export capture 4.1 s, run_decompositions 8.8 s, translation 1.6 s,
-ldseg.export.optimize 3.8 s (onnxscript's rewriter 2.4 s, constant folding 1.2 s).
+"""Where one graph's export goes: cProfile of `trace_graph` (torch.export, the translation to ONNX,
+ldseg's optimizer, the checks; the decomposition re-trace when ldseg.export.lean_exporter does not
+skip it) for one network of a checkpoint, after an untimed export of the encoder (imports and
+first-use costs). Prints the cumulative times of the exporter's phases. Issue 32's profiles (demo
+denoiser, 2-core Zen 1): before the lean exporter, 22.0 s under the profiler under load: torch.export
+capture 4.1 s, run_decompositions 8.8 s, translation 1.6 s, ldseg.export.optimize 3.8 s; with it
+(2026-12-05, quiet), 7.9 s: capture 4.2 s, no decomposition, translation 1.0 s, optimize 2.3 s
+(profiler overhead included; 3.4 s without the profiler, benchmarks/export_speed.py).
 
     python benchmarks/export_profile.py demo denoiser
 """
