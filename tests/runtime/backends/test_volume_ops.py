@@ -87,6 +87,17 @@ def test_exact_ties_go_to_the_lower_class_as_on_the_cpu(ops):
     assert set(np.unique(labels)) == {0, 1}
 
 
+def test_many_classes_give_the_cpu_paths_labels(ops):
+    """Eight classes of uneven, off-grid probabilities: ONNX Runtime folds them in one at a time
+    (a running best on the device), the torch ops class by class; both must be np.argmax's labels."""
+    gen = np.random.default_rng(3)
+    logits = gen.normal(size=(8, 9, 10, 12)).astype(np.float32)
+    probs = np.exp(logits) / np.exp(logits).sum(axis=0)
+    labels = ops.labels_on_input_grid(probs.astype(np.float32), (17, 14, 23))
+    np.testing.assert_array_equal(labels, probabilities_to_input_grid(probs.astype(np.float32), (17, 14, 23)))
+    assert len(np.unique(labels)) == 8
+
+
 @pytest.mark.parametrize("bad", ["constant", "nan"])
 def test_a_constant_or_nan_volume_is_refused_in_the_references_words(ops, tmp_path, bad):
     raw = np.full((12, 10, 9), 7.0, np.float32)

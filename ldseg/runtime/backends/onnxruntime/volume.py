@@ -14,11 +14,16 @@ CPU Resize has no float64 kernel, and in float32 it moved the knee's model-grid 
 - to_model_grid: volume (X, Y, Z) float32 -> min-max in float32 as the official code -> (D, H, W);
   also returns the peak and the sum, so a constant or NaN volume is refused in the CPU path's words
   (ONNX Runtime's ReduceMin skips NaN where numpy's min returns it);
-- labels: probabilities (C, D, H, W) -> (C, *input D, H, W) -> ArgMax over C (first class on ties,
-  as np.argmax) -> uint8 (X, Y, Z);
+- class_step: one class's probabilities (D, H, W) resampled to the input grid and folded into a
+  running best value and class index there (a class replaces the best only where strictly greater:
+  the first class wins ties, as np.argmax); run once per class, so the device holds one class's
+  float64 resampling and two input-grid maps whatever the number of classes (all classes at once
+  needed C float64 input-grid maps: 96 MB on the knee, gigabytes on a large CT with many classes).
+  The best value and index stay on the device between the runs (I/O binding) and only the uint8
+  labels come back;
 - map: one float map (D, H, W) -> float32 (X, Y, Z).
-Inputs and outputs are host arrays (session.run copies them to and from the device); the volume goes
-up as float32 (an int16 scan converts exactly).
+Other inputs and outputs are host arrays (session.run copies them to and from the device); the
+volume goes up as float32 (an int16 scan converts exactly).
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from ldseg.io.preprocess import zoom_coordinates
-from ldseg.runtime.backends.onnxruntime.probe import onnxruntime_needed
+from ldseg.runtime.backends.onnxruntime.probe import CUDA_PROVIDER, onnxruntime_needed
 
 with onnxruntime_needed("the onnxruntime backend"):
     import onnxruntime as ort
@@ -104,30 +109,42 @@ def to_model_grid_graph() -> onnx.ModelProto:
     return _model(nodes, "ldseg_to_model_grid", inputs, outputs)
 
 
-def to_input_grid_graph(labels: bool) -> onnx.ModelProto:
-    """labels: (C, D, H, W) probabilities -> uint8 (X, Y, Z); else one map (D, H, W) -> float32 (X, Y, Z)."""
+def class_step_graph() -> onnx.ModelProto:
+    """One class (D, H, W) resampled to the input grid (n0, n1, n2) and folded into the running best
+    value and class index: where it is strictly greater, it and `klass` replace them."""
     nodes: list[onnx.NodeProto] = []
-    if labels:
-        out = _resample(nodes, "values", 1)
-        nodes += [
-            helper.make_node("ArgMax", [out], ["best"], axis=0, keepdims=0, select_last_index=0),
-            helper.make_node("Cast", ["best"], ["best_u8"], to=TensorProto.UINT8),
-            helper.make_node("Transpose", ["best_u8"], ["result"], perm=list(_TO_MODEL)),
-        ]
-        values = helper.make_tensor_value_info("values", TensorProto.FLOAT, ["c", "d", "h", "w"])
-        result = helper.make_tensor_value_info("result", TensorProto.UINT8, ["n2", "n1", "n0"])
-        inputs = [values]
-        for axis in range(1, 4):
-            inputs += _axis_inputs(axis, 4)
-    else:
-        out = _resample(nodes, "values", 0)
-        nodes.append(helper.make_node("Transpose", [out], ["result"], perm=list(_TO_MODEL)))
-        values = helper.make_tensor_value_info("values", TensorProto.FLOAT, ["d", "h", "w"])
-        result = helper.make_tensor_value_info("result", TensorProto.FLOAT, ["n2", "n1", "n0"])
-        inputs = [values]
-        for axis in range(3):
-            inputs += _axis_inputs(axis, 3)
-    return _model(nodes, "ldseg_labels_on_input_grid" if labels else "ldseg_map_on_input_grid", inputs, [result])
+    out = _resample(nodes, "values", 0)
+    nodes += [
+        helper.make_node("Greater", [out, "best"], ["wins"]),
+        helper.make_node("Where", ["wins", out, "best"], ["best_out"]),
+        helper.make_node("Where", ["wins", "klass", "index"], ["index_out"]),
+    ]
+    grid = ["n0", "n1", "n2"]
+    inputs = [helper.make_tensor_value_info("values", TensorProto.FLOAT, ["d", "h", "w"])]
+    for axis in range(3):
+        inputs += _axis_inputs(axis, 3)
+    inputs += [
+        helper.make_tensor_value_info("best", TensorProto.FLOAT, grid),
+        helper.make_tensor_value_info("index", TensorProto.UINT8, grid),
+        helper.make_tensor_value_info("klass", TensorProto.UINT8, []),
+    ]
+    outputs = [
+        helper.make_tensor_value_info("best_out", TensorProto.FLOAT, grid),
+        helper.make_tensor_value_info("index_out", TensorProto.UINT8, grid),
+    ]
+    return _model(nodes, "ldseg_class_step_on_input_grid", inputs, outputs)
+
+
+def map_graph() -> onnx.ModelProto:
+    """One float map (D, H, W) -> float32 (X, Y, Z) on the input grid."""
+    nodes: list[onnx.NodeProto] = []
+    out = _resample(nodes, "values", 0)
+    nodes.append(helper.make_node("Transpose", [out], ["result"], perm=list(_TO_MODEL)))
+    inputs = [helper.make_tensor_value_info("values", TensorProto.FLOAT, ["d", "h", "w"])]
+    for axis in range(3):
+        inputs += _axis_inputs(axis, 3)
+    result = helper.make_tensor_value_info("result", TensorProto.FLOAT, ["n2", "n1", "n0"])
+    return _model(nodes, "ldseg_map_on_input_grid", inputs, [result])
 
 
 def axis_feeds(sizes_in: Sequence[int], sizes_out: Sequence[int], first_axis: int, rank: int) -> dict[str, np.ndarray]:
@@ -151,6 +168,9 @@ class OrtVolumeOps:
     def __init__(self, providers: list[tuple[str, dict[str, str]]], where: str):
         self.providers = providers
         self.where = where
+        name, options = providers[0]
+        # Where the class step's running best and index live between its runs.
+        self._device = ("cuda", int(options.get("device_id", 0))) if name == CUDA_PROVIDER else ("cpu", 0)
 
     def _session(self, model: onnx.ModelProto) -> ort.InferenceSession:
         options = ort.SessionOptions()
@@ -162,12 +182,12 @@ class OrtVolumeOps:
         return self._session(to_model_grid_graph())
 
     @cached_property
-    def _labels(self) -> ort.InferenceSession:
-        return self._session(to_input_grid_graph(labels=True))
+    def _class_step(self) -> ort.InferenceSession:
+        return self._session(class_step_graph())
 
     @cached_property
     def _map(self) -> ort.InferenceSession:
-        return self._session(to_input_grid_graph(labels=False))
+        return self._session(map_graph())
 
     def to_model_grid(self, array_nib: np.ndarray, grid: Sequence[int]) -> np.ndarray:
         target = tuple(int(s) for s in grid)
@@ -185,10 +205,35 @@ class OrtVolumeOps:
             raise ValueError(
                 f"need probs (C, D, H, W) and a 3D input shape, got {probabilities.shape}, {tuple(input_shape_nib)}"
             )
+        if probabilities.shape[0] > 256:
+            raise ValueError(f"at most 256 classes fit uint8 labels, got {probabilities.shape[0]}")
         target = tuple(int(s) for s in input_shape_nib)[::-1]
-        feeds = {"values": np.ascontiguousarray(probabilities, dtype=np.float32)}
-        feeds.update(axis_feeds(probabilities.shape[1:], target, 1, 4))
-        return np.asarray(self._labels.run(None, feeds)[0])
+        device, device_id = self._device
+        # Ping-pong pairs of (best, index) on the device; the first class beats -inf everywhere.
+        pairs = [
+            (
+                ort.OrtValue.ortvalue_from_numpy(np.full(target, -np.inf, np.float32), device, device_id),
+                ort.OrtValue.ortvalue_from_numpy(np.zeros(target, np.uint8), device, device_id),
+            ),
+            (
+                ort.OrtValue.ortvalue_from_shape_and_type(target, np.float32, device, device_id),
+                ort.OrtValue.ortvalue_from_shape_and_type(target, np.uint8, device, device_id),
+            ),
+        ]
+        binding = self._class_step.io_binding()
+        for name, array in axis_feeds(probabilities.shape[1:], target, 0, 3).items():
+            binding.bind_cpu_input(name, array)
+        for c in range(probabilities.shape[0]):
+            (best, index), (best_out, index_out) = pairs[c % 2], pairs[1 - c % 2]
+            binding.bind_cpu_input("values", np.ascontiguousarray(probabilities[c], dtype=np.float32))
+            binding.bind_cpu_input("klass", np.array(c, np.uint8))
+            binding.bind_ortvalue_input("best", best)
+            binding.bind_ortvalue_input("index", index)
+            binding.bind_ortvalue_output("best_out", best_out)
+            binding.bind_ortvalue_output("index_out", index_out)
+            self._class_step.run_with_iobinding(binding)
+        labels = pairs[probabilities.shape[0] % 2][1].numpy()
+        return np.ascontiguousarray(labels.transpose(_TO_MODEL))
 
     def map_on_input_grid(self, values: np.ndarray, input_shape_nib: Sequence[int]) -> np.ndarray:
         target = tuple(int(s) for s in input_shape_nib)[::-1]
