@@ -20,7 +20,7 @@ are the references for the encoder (the phantom image), the decoder and decoder_
 latent) and the pipeline row (its labels). The rows and tolerances are the same; the inputs are a
 real image and a real latent, PyTorch runs the encoder and decoder once instead of twice, and ONNX
 Runtime's pipeline run is staged so its encoder run is also the encoder row (the knee3d validation
-went from 69 s to about 48 s on 2 Zen 1 cores; benchmarks/export_speed.py). What remains is the
+went from 69 s to about 47 s on 2 Zen 1 cores; benchmarks/export_speed.py). What remains is the
 compute of full-resolution passes: PyTorch's encoder and decoder (about 18 s there) and ONNX
 Runtime's encoder, decoder and decoder_argmax twice (on PyTorch's final latent for its row, on its
 own for the pipeline's; about 28 s).
