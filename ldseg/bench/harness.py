@@ -24,6 +24,7 @@ import torch
 from ldseg.bench import machine, plots, report
 from ldseg.bench.accuracy import TruthCase, dice_vs_truth, load_truth, row_accuracy, truth_folders, untrained_note
 from ldseg.bench.flops import pipeline_flops
+from ldseg.bench.pipeline import pipeline_record
 from ldseg.bench.probe import DTYPES, OPENVINO_DTYPES, Peak, best_peak
 from ldseg.bench.sources import load_images, load_source
 from ldseg.bench.stats import summarize
@@ -107,6 +108,8 @@ def run_benchmark(options: BenchOptions, log: Log = _quiet) -> Path:
     steps_list = options.steps or (cfg.diffusion.steps,)
     images, image_info, prepared = load_images(cfg, max(options.batch), options.data, options.seed)
     truth = _truth(cfg, options.data, prepared, image_info)
+    # A 3D volume file to time the whole path around the model on (ldseg.bench.pipeline).
+    whole_volume = prepared[0].path if prepared and cfg.spatial_dims == 3 else None
     weights_note = untrained_note(source.model.trained)
     if truth is not None:
         _check_probabilities(options.bundle)
@@ -133,6 +136,7 @@ def run_benchmark(options: BenchOptions, log: Log = _quiet) -> Path:
                 inputs = make_inputs(
                     cfg, images[:batch], [options.seed + k for k in range(batch)], steps, options.sampler
                 )
+                volume = whole_volume if batch == options.batch[0] else None  # once per backend and steps
                 ref_row, ref_labels = _measure(ref, inputs, options, timer, source.model, peaks)
                 ref_row["reference"] = True
                 for target in [ref, *targets]:  # the reference row first, measured once
@@ -142,6 +146,7 @@ def run_benchmark(options: BenchOptions, log: Log = _quiet) -> Path:
                         if is_ref
                         else _measure(target, inputs, options, timer, source.model, peaks)
                     )
+                    row["pipeline"] = None if volume is None else _pipeline(target, cfg, volume, steps, options)
                     accuracy = row_accuracy(
                         labels,
                         ref_labels,
@@ -280,6 +285,19 @@ def _measure(
     )
     row["throughput_volumes_per_s"] = inputs.batch / (row["end_to_end"]["ms"]["p50"] / 1e3)
     return row, outputs[-1].labels
+
+
+def _pipeline(target: Target, cfg: ModelConfig, path: Path, steps: int, options: BenchOptions) -> dict[str, Any]:
+    return pipeline_record(
+        target.backend,
+        cfg,
+        path,
+        steps=steps,
+        sampler=options.sampler,
+        seed=options.seed,
+        repeat=options.repeat,
+        model_warmup=warmup_runs(target.backend, options.warmup),
+    )
 
 
 def warmup_runs(backend: Backend[Any, Any], warmup: int) -> int:

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ldseg.bench.accuracy import REFERENCE_NOTE, untrained_note
+from ldseg.bench.pipeline import STAGES as PIPELINE_STAGES
 from ldseg.errors import InputError
 from ldseg.runtime.backend import STAGES
 
@@ -157,6 +158,24 @@ def render_results(results: dict[str, Any]) -> str:
         + ".",
         "",
     ]
+    whole = [r for r in results["rows"] if r.get("pipeline")]
+    if whole:
+        lines += [
+            f"## Whole volume (p50 ms; {whole[0]['pipeline']['file']}, input grid "
+            f"{'x'.join(map(str, whole[0]['pipeline']['input_shape']))}, K = 1; ldseg.bench.pipeline)",
+            "",
+        ]
+        body = [
+            [
+                r["label"],
+                r["pipeline"]["volume_ops"],
+                *(_f(r["pipeline"]["ms"][name]["p50"], 1) for name in PIPELINE_STAGES),
+                _f(r["pipeline"]["over_model"], 2),
+            ]
+            for r in whole
+        ]
+        lines += _table(["backend", "volume ops", *PIPELINE_STAGES, "all but read / model"], body)
+        lines.append("")
     return "\n".join(lines)
 
 

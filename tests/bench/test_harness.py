@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 from ldseg.bench.accuracy import ONE_CLASS_NOTE, RANDOM_WEIGHTS_NOTE, REFERENCE_NOTE, row_accuracy, untrained_note
 from ldseg.bench.harness import BenchOptions, run_benchmark
+from ldseg.bench.pipeline import STAGES as PIPELINE_STAGES
 from ldseg.bench.plots import PLOT_FILES
 from ldseg.bench.report import performance_section
 from ldseg.cli.bench import bench_typer
@@ -83,6 +84,7 @@ ROW_KEYS = {
     "speedup_vs_reference",
     "accuracy",
     "executed_flops",
+    "pipeline",
 }
 
 
@@ -146,6 +148,21 @@ def test_results_json_structure(run_dir):
     assert_several_classes(accuracy["reference_class_fractions"], "demo model on p1")
     assert row["memory"]["peak_rss_mb"] > 0 and row["memory"]["device_peak_mb"] is None
     assert row["throughput_volumes_per_s"] == pytest.approx(1e3 / row["end_to_end"]["ms"]["p50"])
+
+
+def test_the_whole_volume_around_the_model(run_dir, labelled_data):
+    """--data with 3D volumes: each row times the first volume's read, preprocess, model, postprocess
+    and write (ldseg.bench.pipeline), here with the torch backend's own volume ops on the CPU."""
+    (row,) = _results(run_dir)["rows"]
+    whole = row["pipeline"]
+    assert whole["file"] == "p1.nii.gz"
+    assert sorted(whole["input_shape"]) == sorted(nib.load(labelled_data / "images" / "p1.nii.gz").shape)
+    assert whole["volume_ops"] == "TorchVolumeOps on cpu"
+    assert list(whole["ms"]) == list(PIPELINE_STAGES)
+    assert all(stage["n"] == 2 and stage["p50"] > 0 for stage in whole["ms"].values())
+    around = sum(whole["ms"][name]["p50"] for name in PIPELINE_STAGES if name != "read")
+    assert whole["over_model"] == pytest.approx(around / whole["ms"]["model"]["p50"]) and whole["over_model"] > 1
+    assert "## Whole volume" in (run_dir / "results.md").read_text()
 
 
 def test_dice_against_the_labels_of_data(run_dir, labelled_data):
@@ -272,6 +289,7 @@ def test_onnxruntime_rows_beside_the_reference(tmp_path):
     assert accuracy["note"] is None and ref["accuracy"]["agreement"] is None
     assert accuracy["agreement"] >= 0.99, f"onnxruntime fp32 vs torch fp32 agreement {accuracy['agreement']}"
     assert accuracy["vs_truth"] is None  # phantoms from seeds: no --data labels
+    assert ref["pipeline"] is None and ort["pipeline"] is None  # no volume file to time around the model
 
 
 @pytest.mark.slow
