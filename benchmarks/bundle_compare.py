@@ -1,9 +1,11 @@
-"""Two bundles of the same model, graph by graph on ONNX Runtime CPU: are the outputs bit-identical, and
-what does each take (median of interleaved runs, batch 1, fixed random inputs)? For an exporter
-change that must leave the bundles "as good as today". Not a test: it prints what it measured.
+"""Two bundles of the same model, graph by graph on ONNX Runtime CPU (or OpenVINO CPU): are the outputs
+bit-identical, and what does each take (median of interleaved runs, batch 1, fixed random inputs)? For
+an exporter change that must leave the bundles "as good as today". Not a test: it prints what it
+measured.
 
     git archive <old-commit> ldseg/data/demo.bundle | tar -x -C /tmp/old
     python benchmarks/bundle_compare.py /tmp/old/ldseg/data/demo.bundle ldseg/data/demo.bundle --runs 30
+    python benchmarks/bundle_compare.py OLD NEW --runtime openvino --runs 4
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import argparse
 import json
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -20,34 +23,57 @@ import onnxruntime as ort
 GRAPHS = ("encoder", "denoise_step", "decoder_argmax", "decoder")
 
 
-def _session(path: Path, threads: int) -> ort.InferenceSession:
+Run = Callable[[], list[np.ndarray]]
+
+
+def _onnxruntime(path: Path, threads: int) -> Run:
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    gen = np.random.default_rng(0)
+    feeds = {
+        i.name: gen.standard_normal([1 if isinstance(d, str) else d for d in i.shape]).astype(np.float32)
+        for i in session.get_inputs()
+    }
+    return lambda: session.run(None, feeds)
 
 
-def compare(old: Path, new: Path, runs: int, threads: int) -> list[dict[str, object]]:
+def _openvino(path: Path, threads: int) -> Run:
+    import openvino as ov
+
+    compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_NUM_THREADS": threads})
+    gen = np.random.default_rng(0)
+    feeds = {
+        i.get_any_name(): gen.standard_normal(
+            [1 if d.is_dynamic else d.get_length() for d in i.get_partial_shape()]
+        ).astype(np.float32)
+        for i in compiled.inputs
+    }
+    return lambda: [np.asarray(v) for v in compiled(feeds).values()]
+
+
+RUNTIMES = {"onnxruntime": _onnxruntime, "openvino": _openvino}
+
+
+def compare(old: Path, new: Path, runs: int, threads: int, runtime: str = "onnxruntime") -> list[dict[str, object]]:
     rows = []
     for graph in GRAPHS:
         if not (old / f"{graph}.onnx").is_file() or not (new / f"{graph}.onnx").is_file():
             continue
-        sessions = {"old": _session(old / f"{graph}.onnx", threads), "new": _session(new / f"{graph}.onnx", threads)}
-        gen = np.random.default_rng(0)
-        feeds = {
-            i.name: gen.standard_normal([1 if isinstance(d, str) else d for d in i.shape]).astype(np.float32)
-            for i in sessions["old"].get_inputs()
-        }
-        outputs = {name: s.run(None, feeds) for name, s in sessions.items()}  # also the warm-up
+        make = RUNTIMES[runtime]
+        sessions = {"old": make(old / f"{graph}.onnx", threads), "new": make(new / f"{graph}.onnx", threads)}
+        outputs = {name: run() for name, run in sessions.items()}  # also the warm-up
         times: dict[str, list[float]] = {"old": [], "new": []}
         for r in range(runs):
             for name in ("old", "new") if r % 2 else ("new", "old"):
                 start = time.perf_counter()
-                sessions[name].run(None, feeds)
+                sessions[name]()
                 times[name].append((time.perf_counter() - start) * 1e3)
         identical = all(np.array_equal(a, b) for a, b in zip(outputs["old"], outputs["new"]))
         rows.append(
             {
+                "runtime": runtime,
                 "graph": graph,
                 "identical_outputs": identical,
                 "old_ms": round(statistics.median(times["old"]), 2),
@@ -64,8 +90,9 @@ def main() -> int:
     parser.add_argument("new", type=Path)
     parser.add_argument("--runs", type=int, default=30)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--runtime", choices=sorted(RUNTIMES), default="onnxruntime")
     args = parser.parse_args()
-    rows = compare(args.old, args.new, args.runs, args.threads)
+    rows = compare(args.old, args.new, args.runs, args.threads, args.runtime)
     return 0 if rows and all(r["identical_outputs"] for r in rows) else 1
 
 
