@@ -1,10 +1,13 @@
 """From files to model-grid arrays and back: one shared pre/post-processing for every backend.
 
 `ops` (a backend's VolumeOps, ldseg/runtime/volume_ops.py) moves a 3D volume's resampling to the
-device the model runs on; without it, the CPU reference path runs (ldseg.io.preprocess)."""
+device the model runs on; without it, the CPU reference path runs (ldseg.io.preprocess). A step the
+device has no memory for runs on the CPU path instead, with a warning naming the file."""
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +28,7 @@ from ldseg.io.preprocess import (
     zoom_to,
 )
 from ldseg.model.config import ModelConfig
-from ldseg.runtime.volume_ops import VolumeOps
+from ldseg.runtime.volume_ops import DeviceMemoryError, VolumeOps
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 IMAGE_SUFFIXES = (".png", ".bmp", ".jpg", ".jpeg", ".tif", ".tiff")
@@ -88,10 +91,12 @@ def prepare(path: Path, cfg: ModelConfig, series: str | None = None, ops: Volume
         if volume.array.ndim != 3:
             raise InputError(f"{path}: expected a 3D volume, got shape {volume.array.shape}")
         try:
-            if ops is not None:
-                image = ops.to_model_grid(volume.array, cfg.image_size)[None]
-            else:
-                image = image_to_model_grid(volume.array, cfg.image_size)[None]
+            image = _on_device(
+                ops,
+                lambda o: o.to_model_grid(volume.array, cfg.image_size),
+                lambda: image_to_model_grid(volume.array, cfg.image_size),
+                path,
+            )[None]
         except ValueError as exc:
             raise InputError(f"{path}: {exc}") from exc
         return Prepared(path, image.astype(np.float32), volume)
@@ -137,19 +142,39 @@ def to_input_grid(prepared: Prepared, probabilities: np.ndarray, ops: VolumeOps 
     """(K, *grid) probabilities -> uint8 labels on the input's grid and axis order."""
     if isinstance(prepared.reference, Image2D):
         return probabilities2d_to_input_grid(probabilities, prepared.input_shape)
-    if ops is not None:
-        return ops.labels_on_input_grid(probabilities, prepared.input_shape)
-    return probabilities_to_input_grid(probabilities, prepared.input_shape)
+    return _on_device(
+        ops,
+        lambda o: o.labels_on_input_grid(probabilities, prepared.input_shape),
+        lambda: probabilities_to_input_grid(probabilities, prepared.input_shape),
+        prepared.path,
+    )
 
 
 def map_to_input_grid(prepared: Prepared, values: np.ndarray, ops: VolumeOps | None = None) -> np.ndarray:
     """A float map on the model grid (e.g. uncertainty) -> input grid, linear (3D) / nearest (2D)."""
     if isinstance(prepared.reference, Image2D):
         return resize_nearest(values, prepared.input_shape).astype(np.float32)
-    if ops is not None:
-        return ops.map_on_input_grid(values, prepared.input_shape)
     shape_dhw = tuple(reversed(prepared.input_shape))
-    return zoom_to(values.astype(np.float32), shape_dhw).transpose(2, 1, 0)
+    return _on_device(
+        ops,
+        lambda o: o.map_on_input_grid(values, prepared.input_shape),
+        lambda: zoom_to(values.astype(np.float32), shape_dhw).transpose(2, 1, 0),
+        prepared.path,
+    )
+
+
+def _on_device(
+    ops: VolumeOps | None, on_device: Callable[[VolumeOps], np.ndarray], on_cpu: Callable[[], np.ndarray], path: Path
+) -> np.ndarray:
+    """A volume step on the backend's device when it offers one; where the device runs out of memory,
+    the CPU path (the reference: same result) for this step, with a warning naming the file."""
+    if ops is None:
+        return on_cpu()
+    try:
+        return on_device(ops)
+    except DeviceMemoryError as exc:
+        warnings.warn(f"{path}: {exc}; resampled on the CPU instead", RuntimeWarning, stacklevel=2)
+        return on_cpu()
 
 
 def output_path(out_dir: Path, input_path: Path, cfg: ModelConfig, suffix: str, output_type: str = "nifti") -> Path:

@@ -9,6 +9,10 @@ host. Each operation computes what its reference computes, in float64 like scipy
 - `map_on_input_grid`: a float map zoomed back (ldseg.runs.volumes.map_to_input_grid, 3D).
 Arrays come and go in the reference's axis orders: nibabel (X, Y, Z) on the input side, (D, H, W)
 on the model grid.
+
+An operation that runs out of the device's memory (a large CT beside the model on a small GPU) raises
+DeviceMemoryError, whatever its library said; the run path then does that volume's step on the CPU
+path instead (ldseg.runs.volumes), so the volume is still segmented, identically.
 """
 
 from __future__ import annotations
@@ -17,6 +21,10 @@ from collections.abc import Sequence
 from typing import Protocol
 
 import numpy as np
+
+
+class DeviceMemoryError(RuntimeError):
+    """A volume operation ran out of its device's memory (the message names the device)."""
 
 
 class VolumeOps(Protocol):

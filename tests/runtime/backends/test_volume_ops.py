@@ -8,10 +8,12 @@ classes; the counts are asserted zero on the real knee cases and phantoms here).
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 
 from ldseg.data.phantoms import blurred_probabilities, make_phantom
 from ldseg.errors import InputError
@@ -24,9 +26,10 @@ from ldseg.runtime.artifacts.source import load_model
 from ldseg.runtime.backend import Backend
 from ldseg.runtime.backends.onnxruntime.backend import OnnxRuntimeBackend
 from ldseg.runtime.backends.onnxruntime.volume import OrtVolumeOps
+from ldseg.runtime.backends.torch import volume as torch_volume
 from ldseg.runtime.backends.torch.backend import TorchBackend
 from ldseg.runtime.backends.torch.volume import TorchVolumeOps
-from ldseg.runtime.volume_ops import VolumeOps
+from ldseg.runtime.volume_ops import DeviceMemoryError, VolumeOps
 from tests.helpers import assert_several_classes, shared_or_skip
 from tests.reliability.helpers import write_phantoms
 
@@ -113,6 +116,62 @@ def test_a_constant_or_nan_volume_is_refused_in_the_references_words(ops, tmp_pa
     with pytest.raises(InputError) as device:
         prepare(path, get_preset("demo"), ops=ops)
     assert str(device.value) == str(cpu.value) and str(cpu.value).startswith(f"{path}: ")
+
+
+class _FullDevice:
+    """Volume ops on a device that is always out of memory."""
+
+    where = "cuda:7"
+
+    def _full(self, *args: object) -> np.ndarray:
+        raise DeviceMemoryError("cuda:7: out of memory (Tried to allocate 3.10 GiB)")
+
+    to_model_grid = labels_on_input_grid = map_on_input_grid = _full
+
+
+def test_a_device_out_of_memory_takes_the_cpu_path_with_a_warning(tmp_path):
+    cfg = get_preset("demo")
+    (path,) = write_phantoms(tmp_path / "in", 1, tmp_path / "truth")
+    with pytest.warns(RuntimeWarning, match=r"p0\.nii\.gz: cuda:7: out of memory .*on the CPU instead"):
+        full = prepare(path, cfg, ops=_FullDevice())
+    cpu = prepare(path, cfg)
+    np.testing.assert_array_equal(full.image, cpu.image)
+    probs = blurred_probabilities(make_phantom(0, cfg.image_size).label, 3)  # on the model grid
+    with pytest.warns(RuntimeWarning, match="out of memory"):
+        np.testing.assert_array_equal(to_input_grid(cpu, probs, _FullDevice()), to_input_grid(cpu, probs))
+    with pytest.warns(RuntimeWarning, match="out of memory"):
+        np.testing.assert_array_equal(map_to_input_grid(cpu, probs[1], _FullDevice()), map_to_input_grid(cpu, probs[1]))
+
+
+def test_torch_ops_say_out_of_memory_in_one_error(monkeypatch):
+    def full(*args: object, **kwargs: object) -> None:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.10 GiB (GPU 0; 7.4 GiB total)")
+
+    monkeypatch.setattr(torch_volume, "F", SimpleNamespace(interpolate=full))
+    with pytest.raises(DeviceMemoryError, match=r"^cpu: out of memory \(CUDA out of memory\. Tried to allocate 3\.10"):
+        TorchVolumeOps("cpu").labels_on_input_grid(np.ones((3, 4, 4, 4), np.float32), (5, 6, 7))
+
+
+def test_onnxruntime_ops_say_out_of_memory_in_one_error_and_pass_other_errors_on(monkeypatch):
+    ops = OrtVolumeOps([("CPUExecutionProvider", {})], "cpu")
+    probs = np.ones((3, 4, 4, 4), np.float32)
+    for message, raised in [
+        (
+            "[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Failed to allocate memory for requested buffer "
+            "of size 3325165568",
+            DeviceMemoryError,
+        ),
+        ("[ONNXRuntimeError] : 2 : INVALID_ARGUMENT : Unexpected input data type", RuntimeError),
+    ]:
+
+        def failing(*args: object, message: str = message) -> None:
+            raise RuntimeError(message)
+
+        monkeypatch.setattr(ops._class_step, "run_with_iobinding", failing)
+        with pytest.raises(raised) as caught:
+            ops.labels_on_input_grid(probs, (5, 6, 7))
+        assert type(caught.value) is raised
+    assert str(caught.value).startswith("[ONNXRuntimeError] : 2")
 
 
 def _backends(kind: str, model, bundle: Path) -> tuple[Backend, Backend]:

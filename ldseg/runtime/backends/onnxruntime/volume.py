@@ -28,7 +28,8 @@ volume goes up as float32 (an int16 scan converts exactly).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from functools import cached_property
 
 import numpy as np
@@ -37,6 +38,7 @@ from onnx import TensorProto, helper
 
 from ldseg.io.preprocess import zoom_coordinates
 from ldseg.runtime.backends.onnxruntime.probe import CUDA_PROVIDER, onnxruntime_needed
+from ldseg.runtime.volume_ops import DeviceMemoryError
 
 with onnxruntime_needed("the onnxruntime backend"):
     import onnxruntime as ort
@@ -44,6 +46,8 @@ with onnxruntime_needed("the onnxruntime backend"):
 OPSET = 18
 _CONSTANT = "cannot min-max standardize a constant (or NaN) image"  # ldseg.io.preprocess's words
 _TO_MODEL = (2, 1, 0)
+# How ONNX Runtime words an allocation failure (BFC arena, CUDA allocator, CPU allocator).
+_OUT_OF_MEMORY_WORDS = ("failed to allocate memory", "out of memory", "cudaerrormemoryallocation")
 
 
 def _axis_inputs(axis: int, rank: int) -> list[onnx.ValueInfoProto]:
@@ -195,7 +199,8 @@ class OrtVolumeOps:
             raise ValueError(f"to_model_grid: need a 3D array and 3D grid, got {array_nib.shape} and {target}")
         volume = np.ascontiguousarray(array_nib, dtype=np.float32)
         feeds = {"volume": volume, **axis_feeds(volume.shape[::-1], target, 0, 3)}
-        image, peak, total = self._pre.run(None, feeds)
+        with self._device_memory():
+            image, peak, total = self._pre.run(None, feeds)
         if not (float(peak) > 0 and np.isfinite(total)):
             raise ValueError(_CONSTANT)
         return np.asarray(image, dtype=np.float32)
@@ -208,6 +213,12 @@ class OrtVolumeOps:
         if probabilities.shape[0] > 256:
             raise ValueError(f"at most 256 classes fit uint8 labels, got {probabilities.shape[0]}")
         target = tuple(int(s) for s in input_shape_nib)[::-1]
+        with self._device_memory():
+            labels = self._fold_classes(probabilities, target)
+        return np.ascontiguousarray(labels.transpose(_TO_MODEL))
+
+    def _fold_classes(self, probabilities: np.ndarray, target: tuple[int, ...]) -> np.ndarray:
+        """The class step over every class, on the device; the index map (n0, n1, n2) on the host."""
         device, device_id = self._device
         # Ping-pong pairs of (best, index) on the device; the first class beats -inf everywhere.
         pairs = [
@@ -232,10 +243,23 @@ class OrtVolumeOps:
             binding.bind_ortvalue_output("best_out", best_out)
             binding.bind_ortvalue_output("index_out", index_out)
             self._class_step.run_with_iobinding(binding)
-        labels = pairs[probabilities.shape[0] % 2][1].numpy()
-        return np.ascontiguousarray(labels.transpose(_TO_MODEL))
+        # A copy: on the CPU provider numpy() is a view of the OrtValue, which dies with `pairs`.
+        return np.array(pairs[probabilities.shape[0] % 2][1].numpy(), copy=True)
 
     def map_on_input_grid(self, values: np.ndarray, input_shape_nib: Sequence[int]) -> np.ndarray:
         target = tuple(int(s) for s in input_shape_nib)[::-1]
         feeds = {"values": np.ascontiguousarray(values, dtype=np.float32), **axis_feeds(values.shape, target, 0, 3)}
-        return np.asarray(self._map.run(None, feeds)[0])
+        with self._device_memory():
+            return np.asarray(self._map.run(None, feeds)[0])
+
+    @contextmanager
+    def _device_memory(self) -> Iterator[None]:
+        """ONNX Runtime's allocation failures (its own words, on any provider) as DeviceMemoryError."""
+        try:
+            yield
+        except Exception as exc:
+            text = str(exc)
+            if not any(words in text.lower() for words in _OUT_OF_MEMORY_WORDS):
+                raise
+            first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+            raise DeviceMemoryError(f"{self.where}: out of memory ({first})") from exc

@@ -21,8 +21,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ldseg.runtime.volume_ops import DeviceMemoryError
+
 _TO_MODEL = (2, 1, 0)  # nibabel (X, Y, Z) <-> model (D, H, W), as ldseg.io.preprocess
 _CONSTANT = "cannot min-max standardize a constant (or NaN) image"  # the reference's words
+_OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 
 
 class TorchVolumeOps:
@@ -34,12 +37,20 @@ class TorchVolumeOps:
 
     @contextmanager
     def _on_stream(self) -> Iterator[None]:
-        if self._stream is None:
-            yield
-            return
-        with torch.cuda.stream(self._stream):
-            yield
-        self._stream.synchronize()  # the host reads the result right after
+        """The operation on this object's stream; the device running out of memory leaves it as
+        DeviceMemoryError (the run path then takes the CPU path for that step)."""
+        try:
+            if self._stream is None:
+                yield
+            else:
+                with torch.cuda.stream(self._stream):
+                    yield
+                self._stream.synchronize()  # the host reads the result right after
+        except _OUT_OF_MEMORY as exc:
+            if self._cuda:
+                torch.cuda.empty_cache()  # give back what the failed step held
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise DeviceMemoryError(f"{self.where}: out of memory ({first})") from exc
 
     def _upload(self, array: np.ndarray) -> torch.Tensor:
         host = torch.from_numpy(np.ascontiguousarray(array))
