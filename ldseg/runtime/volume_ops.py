@@ -26,6 +26,12 @@ import numpy as np
 class DeviceMemoryError(RuntimeError):
     """A volume operation ran out of its device's memory (the message names the device)."""
 
+    @classmethod
+    def of(cls, where: str, exc: BaseException) -> DeviceMemoryError:
+        """`where: out of memory (<the library's first line>)`."""
+        text = str(exc).strip()
+        return cls(f"{where}: out of memory ({text.splitlines()[0] if text else type(exc).__name__})")
+
 
 class VolumeOps(Protocol):
     where: str  # the device, for records ("cuda:0")

@@ -258,8 +258,6 @@ class OrtVolumeOps:
         try:
             yield
         except Exception as exc:
-            text = str(exc)
-            if not any(words in text.lower() for words in _OUT_OF_MEMORY_WORDS):
+            if not any(words in str(exc).lower() for words in _OUT_OF_MEMORY_WORDS):
                 raise
-            first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
-            raise DeviceMemoryError(f"{self.where}: out of memory ({first})") from exc
+            raise DeviceMemoryError.of(self.where, exc) from exc

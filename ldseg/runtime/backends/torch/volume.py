@@ -49,8 +49,7 @@ class TorchVolumeOps:
         except _OUT_OF_MEMORY as exc:
             if self._cuda:
                 torch.cuda.empty_cache()  # give back what the failed step held
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise DeviceMemoryError(f"{self.where}: out of memory ({first})") from exc
+            raise DeviceMemoryError.of(self.where, exc) from exc
 
     def _upload(self, array: np.ndarray) -> torch.Tensor:
         host = torch.from_numpy(np.ascontiguousarray(array))
