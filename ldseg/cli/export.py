@@ -128,6 +128,12 @@ def build_engine(
     dla: Annotated[Optional[int], typer.Option("--dla", help="Jetson: DLA core, with GPU fallback.")] = None,
     builder_optimization_level: Annotated[Optional[int], typer.Option(help="0-5 (TensorRT default 3).")] = None,
     include_denoiser: Annotated[bool, typer.Option(help="Also build the raw denoiser graph.")] = False,
+    volume_ops: Annotated[
+        bool, typer.Option(help="3D models: also build the pre/post-processing engines (resampling on the GPU).")
+    ] = True,
+    max_input_grid: Annotated[
+        Optional[int], typer.Option(help="Largest input volume the volume engines take, voxels per axis (512).")
+    ] = None,
     gpu: Annotated[int, typer.Option("--gpu", help="CUDA device index.")] = 0,
     check: Annotated[bool, typer.Option(help="Only say whether the engine set BUNDLE is usable here.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing engine set.")] = False,
@@ -165,6 +171,8 @@ def build_engine(
         dla_core=dla,
         optimization_level=builder_optimization_level,
         include_denoiser=include_denoiser,
+        volume_ops=volume_ops,
+        **({} if max_input_grid is None else {"max_input_grid": max_input_grid}),
         device=gpu,
         overwrite=overwrite,
         trust_unvalidated=trust_unvalidated,

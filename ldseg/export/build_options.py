@@ -1,5 +1,6 @@
 """The pure pieces of a TensorRT build: precision agreement with the bundle, DLA rules, builder
-optimization level, batch profiles, which graphs to build, and writing engines.json.
+optimization level, batch profiles, the volume operations' profiles, which graphs to build, and
+writing engines.json.
 
 Nothing here imports TensorRT: the tests and `build-engine` use it before (or without) TensorRT.
 """
@@ -12,7 +13,7 @@ from pathlib import Path
 
 from ldseg.choices import ENGINE_PRECISIONS
 from ldseg.errors import ArtifactError
-from ldseg.runtime.artifacts.bundle import Bundle, GraphInfo, sha256_file
+from ldseg.runtime.artifacts.bundle import Bundle, GraphInfo, TensorInfo, sha256_file
 from ldseg.runtime.artifacts.engines import (
     ENGINES_JSON,
     REQUIRED_GRAPHS,
@@ -21,6 +22,11 @@ from ldseg.runtime.artifacts.engines import (
     EngineSet,
     InputProfile,
 )
+from ldseg.runtime.volume_graphs import FLOAT32, GRAPHS, graph_io
+
+# The volume operations' engines take input grids of 1..this many voxels per axis by default: CT and
+# MRI series up to 512 x 512 x 512; a larger volume is resampled on the CPU (ldseg.runs.volumes).
+DEFAULT_MAX_INPUT_GRID = 512
 
 BUILD_PRECISIONS = ENGINE_PRECISIONS
 DLA_PRECISIONS = ("fp16", "int8")  # DLA runs FP16/INT8 only
@@ -113,6 +119,37 @@ def batch_profile(
             )
         inputs.append(InputProfile(tensor.name, tensor.concrete(low), tensor.concrete(opt), tensor.concrete(max_batch)))
     return BatchProfile(graph.name, low, opt, max_batch, tuple(inputs))
+
+
+def volume_tensors(graph: str) -> tuple[tuple[TensorInfo, ...], tuple[TensorInfo, ...]]:
+    """Inputs and outputs of a volume operation's float32 graph (ldseg/runtime/volume_graphs.py)."""
+    inputs, outputs = graph_io(GRAPHS[graph](FLOAT32))
+    return tuple(TensorInfo(*t) for t in inputs), tuple(TensorInfo(*t) for t in outputs)
+
+
+def volume_profiles(grid: tuple[int, ...], max_input_grid: int) -> dict[str, tuple[InputProfile, ...]]:
+    """One profile per volume graph: the model grid (D, H, W) fixed, every input-grid axis
+    1..max_input_grid (opt: the model grid's size on that axis, a typical scan's order of size)."""
+    if len(grid) != 3:
+        raise ValueError(f"volume engines are for 3D models, the model grid is {grid}")
+    if max_input_grid < max(grid):
+        raise ValueError(f"max input grid must be >= the model grid's largest axis ({max(grid)}), got {max_input_grid}")
+    d, h, w = (int(v) for v in grid)
+    fixed = lambda n: (n, n, n)  # noqa: E731
+    ranged = lambda n: (1, n, max_input_grid)  # noqa: E731
+    on_input = {"n0": ranged(d), "n1": ranged(h), "n2": ranged(w), "d": fixed(d), "h": fixed(h), "w": fixed(w)}
+    # to_model_grid reads the volume in nibabel's (X, Y, Z) order and writes the model grid.
+    to_model = {"x": ranged(w), "y": ranged(h), "z": ranged(d), "n0": fixed(d), "n1": fixed(h), "n2": fixed(w)}
+    profiles = {}
+    for graph in GRAPHS:
+        sizes = to_model if graph == "volume_to_model_grid" else on_input
+        inputs = volume_tensors(graph)[0]
+        profiles[graph] = tuple(
+            InputProfile(t.name, *(tuple(sizes[n][k] if isinstance(n, str) else n for n in t.shape) for k in range(3)))
+            for t in inputs
+            if any(isinstance(n, str) for n in t.shape)  # static inputs (the class number) need none
+        )
+    return profiles
 
 
 def graphs_to_build(bundle: Bundle, include_denoiser: bool = False) -> list[str]:

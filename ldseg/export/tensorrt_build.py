@@ -11,6 +11,13 @@ GPU fallback, build, and write the plan plus the engine inspector's per-layer JS
 really run in INT8 or FP16: TensorRT may fall back, e.g. ConvTranspose3d with Q/DQ, #4668).
 The whole set is written in a temp folder and renamed into place (io.atomic.staged_folder).
 
+With `volume_ops` (the default, 3D models), the set also gets the volume operations' engines: the
+float32 graphs of ldseg/runtime/volume_graphs.py (min-max and zoom to the model grid, the class step
+and the map back to the input grid), with profiles over input grids of 1..max_input_grid voxels per
+axis (build_options.volume_profiles); always on the GPU (never DLA), and with TensorRT 10.10's
+runtime activation resize where it exists, so a context's memory follows the volume's shape rather
+than the largest grid the profile allows.
+
 Nothing here has run on real TensorRT: it cannot be installed on the development machines. The
 code is type-checked against tensorrt-stubs 10.13 (the newest stubs; none exist for 11), what
 differs between TensorRT 10 and 11 is in runtime/backends/tensorrt/compat.py, and its pure parts are unit-tested.
@@ -18,6 +25,7 @@ differs between TensorRT 10 and 11 is in runtime/backends/tensorrt/compat.py, an
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import warnings
 from collections.abc import Callable
@@ -27,6 +35,7 @@ from typing import TYPE_CHECKING
 
 from ldseg.errors import ArtifactError, BackendUnavailable
 from ldseg.export.build_options import (
+    DEFAULT_MAX_INPUT_GRID,
     batch_profile,
     check_dla,
     check_optimization_level,
@@ -34,6 +43,8 @@ from ldseg.export.build_options import (
     graphs_to_build,
     now_iso,
     resolve_precision,
+    volume_profiles,
+    volume_tensors,
     write_engines_json,
 )
 from ldseg.io.atomic import atomic_write, check_folder_target, staged_folder
@@ -45,12 +56,14 @@ from ldseg.runtime.artifacts.engines import (
     EngineFile,
     EngineSet,
     Environment,
+    InputProfile,
     bundle_hash,
     major_of,
 )
 from ldseg.runtime.backends.tensorrt import compat as trt_compat
 from ldseg.runtime.backends.tensorrt.compat import TrtApi
 from ldseg.runtime.backends.tensorrt.probe import detect_environment, logged_errors, require_tensorrt, trt_logger
+from ldseg.runtime.volume_graphs import FLOAT32, GRAPHS
 
 if TYPE_CHECKING:
     import tensorrt as trt
@@ -78,6 +91,8 @@ def build_engines(
     dla_core: int | None = None,
     optimization_level: int | None = None,
     include_denoiser: bool = False,
+    volume_ops: bool = True,
+    max_input_grid: int = DEFAULT_MAX_INPUT_GRID,
     device: int = 0,
     overwrite: bool = False,
     progress: Progress | None = None,
@@ -105,6 +120,8 @@ def build_engines(
             stacklevel=2,
         )
     profiles = {g: batch_profile(bundle.graph(g), max_batch, opt_batch, fixed=dla_core is not None) for g in graphs}
+    three_d = len(bundle.config.image_size) == 3
+    volume = volume_profiles(bundle.config.image_size, max_input_grid) if volume_ops and three_d else {}
     target = Path(out_dir)
     check_folder_target(target, overwrite, ENGINES_JSON)  # fail before minutes of building
 
@@ -145,26 +162,37 @@ def build_engines(
     started = time.perf_counter()
     shared_cache: trt.ITimingCache | None = None
     with staged_folder(target, overwrite=overwrite, marker=ENGINES_JSON) as tmp:
-        for graph in graphs:
+        volume_engines: dict[str, EngineFile] = {}
+        for graph in [*graphs, *volume]:
             say(f"building {graph} ...")
             clock = time.perf_counter()
             config = builder.create_builder_config()
             shared_cache = _attach_timing_cache(config, shared_cache, cache_bytes, say)
-            plan = _build_one(builder, logger, config, bundle, graph, profiles[graph], options)
+            if graph in volume:
+                network = _parse(builder, logger, GRAPHS[graph](FLOAT32).SerializeToString(), graph)
+                plan = _build_network(builder, logger, config, network, graph, volume[graph], options, gpu_only=True)
+                inputs, outputs = volume_tensors(graph)
+            else:
+                network = _parse(builder, logger, bundle.graph_path(graph), graph)
+                _check_network_io(network, bundle, graph, bundle.graph_path(graph))
+                plan = _build_network(builder, logger, config, network, graph, profiles[graph].inputs, options)
+                inputs, outputs = bundle.graph(graph).inputs, bundle.graph(graph).outputs
             seconds = time.perf_counter() - clock
             engine_file = tmp / f"{graph}{ENGINE_SUFFIX}"
             engine_file.write_bytes(memoryview(plan))
             layers_file = _write_layer_info(runtime, plan, tmp / f"{graph}.layers.json", say)
             size, digest = file_digest(engine_file)
-            info = bundle.graph(graph)
-            engines[graph] = EngineFile(
-                graph, engine_file.name, size, digest, round(seconds, 2), info.inputs, info.outputs, layers_file
-            )
+            entry = EngineFile(graph, engine_file.name, size, digest, round(seconds, 2), inputs, outputs, layers_file)
+            (volume_engines if graph in volume else engines)[graph] = entry
             say(f"{graph}: {size / 2**20:.1f} MiB in {seconds:.1f} s")
             if cache_path is not None and shared_cache is not None:
                 _save_timing_cache(shared_cache, cache_path)  # after each graph: a crash keeps the work
         engine_set = describe_engine_set(bundle, target, env, profiles, engines, options, cache_path,
                                          time.perf_counter() - started, trt_compat.api(trt))  # fmt: skip
+        if volume:
+            engine_set = dataclasses.replace(
+                engine_set, volume_engines=volume_engines, volume_profiles=volume, max_input_grid=max_input_grid
+            )
         write_engines_json(tmp, engine_set)
     say(f"wrote {target}")
     return target
@@ -237,32 +265,41 @@ def _save_timing_cache(cache: trt.ITimingCache, path: Path) -> None:
     atomic_write(path, write, overwrite=True)
 
 
-def _build_one(
-    builder: trt.Builder,
-    logger: trt.ILogger,
-    config: trt.IBuilderConfig,
-    bundle: Bundle,
-    graph: str,
-    profile: BatchProfile,
-    options: BuildOptions,
-) -> trt.IHostMemory:
+def _parse(builder: trt.Builder, logger: trt.ILogger, source: Path | bytes, graph: str) -> trt.INetworkDefinition:
+    """A strongly typed network from a bundle's ONNX file or a volume graph's bytes."""
     import tensorrt as trt
 
     network = builder.create_network(trt_compat.api(trt).network_flags)  # strongly typed, 10 and 11 alike
     parser = trt.OnnxParser(network, logger)
-    path = bundle.graph_path(graph)
-    if not parser.parse_from_file(str(path)):
+    parsed = parser.parse_from_file(str(source)) if isinstance(source, Path) else parser.parse(source)
+    if not parsed:
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        where = source if isinstance(source, Path) else f"{graph} (ldseg/runtime/volume_graphs.py)"
         raise ArtifactError(
-            f"{path}: TensorRT {trt.__version__} cannot parse this graph: {errors or logged_errors(logger)}"
+            f"{where}: TensorRT {trt.__version__} cannot parse this graph: {errors or logged_errors(logger)}"
         )
-    _check_network_io(network, bundle, graph, path)
+    network.name = graph
+    return network
+
+
+def _build_network(
+    builder: trt.Builder,
+    logger: trt.ILogger,
+    config: trt.IBuilderConfig,
+    network: trt.INetworkDefinition,
+    graph: str,
+    profile: tuple[InputProfile, ...],
+    options: BuildOptions,
+    *,
+    gpu_only: bool = False,
+) -> trt.IHostMemory:
+    import tensorrt as trt
 
     trt_profile = builder.create_optimization_profile()
-    for item in profile.inputs:
+    for item in profile:
         trt_profile.set_shape(item.name, trt.Dims(list(item.min)), trt.Dims(list(item.opt)), trt.Dims(list(item.max)))
     if config.add_optimization_profile(trt_profile) < 0:
-        raise ArtifactError(f"{path}: TensorRT rejected the batch profile {profile.to_dict()}")
+        raise ArtifactError(f"{graph}: TensorRT rejected the profile {[(i.name, i.min, i.max) for i in profile]}")
 
     if options.workspace_bytes is not None:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, options.workspace_bytes)
@@ -270,7 +307,9 @@ def _build_one(
         config.builder_optimization_level = options.optimization_level
     if options.precision == "fp32":
         config.clear_flag(trt.BuilderFlag.TF32)  # "fp32" means FP32 math, as in the torch reference
-    if options.dla_core is not None:
+    if gpu_only:
+        trt_compat.allow_activation_resize(config, trt)
+    elif options.dla_core is not None:
         config.default_device_type = trt.DeviceType.DLA
         config.DLA_core = options.dla_core
         config.set_flag(trt.BuilderFlag.GPU_FALLBACK)

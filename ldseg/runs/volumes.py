@@ -28,7 +28,7 @@ from ldseg.io.preprocess import (
     zoom_to,
 )
 from ldseg.model.config import ModelConfig
-from ldseg.runtime.volume_ops import DeviceMemoryError, VolumeOps
+from ldseg.runtime.volume_ops import DeviceStepUnavailable, VolumeOps
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 IMAGE_SUFFIXES = (".png", ".bmp", ".jpg", ".jpeg", ".tif", ".tiff")
@@ -166,13 +166,14 @@ def map_to_input_grid(prepared: Prepared, values: np.ndarray, ops: VolumeOps | N
 def _on_device(
     ops: VolumeOps | None, on_device: Callable[[VolumeOps], np.ndarray], on_cpu: Callable[[], np.ndarray], path: Path
 ) -> np.ndarray:
-    """A volume step on the backend's device when it offers one; where the device runs out of memory,
-    the CPU path (the reference: same result) for this step, with a warning naming the file."""
+    """A volume step on the backend's device when it offers one; where the device cannot take it (out
+    of memory, outside TensorRT's built range), the CPU path (the reference) for this step, with a
+    warning naming the file."""
     if ops is None:
         return on_cpu()
     try:
         return on_device(ops)
-    except DeviceMemoryError as exc:
+    except DeviceStepUnavailable as exc:
         warnings.warn(f"{path}: {exc}; resampled on the CPU instead", RuntimeWarning, stacklevel=2)
         return on_cpu()
 

@@ -8,11 +8,13 @@ host. Each operation computes what its reference computes, in float64 like scipy
 - `labels_on_input_grid`: ldseg.io.preprocess.probabilities_to_input_grid;
 - `map_on_input_grid`: a float map zoomed back (ldseg.runs.volumes.map_to_input_grid, 3D).
 Arrays come and go in the reference's axis orders: nibabel (X, Y, Z) on the input side, (D, H, W)
-on the model grid.
+on the model grid. The graphs that ONNX Runtime and TensorRT run are ldseg/runtime/volume_graphs.py;
+`axis_feeds` is their per-axis interpolation table.
 
 An operation that runs out of the device's memory (a large CT beside the model on a small GPU) raises
-DeviceMemoryError, whatever its library said; the run path then does that volume's step on the CPU
-path instead (ldseg.runs.volumes), so the volume is still segmented, identically.
+DeviceMemoryError, whatever its library said, and one the device cannot take at all (a volume larger
+than TensorRT's engines were built for) DeviceStepUnavailable; the run path then does that volume's
+step on the CPU path instead (ldseg.runs.volumes), so the volume is still segmented, identically.
 """
 
 from __future__ import annotations
@@ -22,8 +24,15 @@ from typing import Protocol
 
 import numpy as np
 
+from ldseg.io.preprocess import zoom_coordinates
 
-class DeviceMemoryError(RuntimeError):
+
+class DeviceStepUnavailable(RuntimeError):
+    """This volume's step cannot run on the device (the message says why and names the device); the
+    run path then does it on the CPU path."""
+
+
+class DeviceMemoryError(DeviceStepUnavailable):
     """A volume operation ran out of its device's memory (the message names the device)."""
 
     @classmethod
@@ -48,3 +57,24 @@ class VolumeOps(Protocol):
     def map_on_input_grid(self, values: np.ndarray, input_shape_nib: Sequence[int]) -> np.ndarray:
         """(D, H, W) float map on the model grid -> float32 (X, Y, Z) on the input grid."""
         ...
+
+
+def axis_feeds(
+    sizes_in: Sequence[int],
+    sizes_out: Sequence[int],
+    *,
+    index_dtype: str = "int64",
+    weight_dtype: str = "float64",
+) -> dict[str, np.ndarray]:
+    """Per spatial axis a of a (D, H, W)-like array: the two source indices (i0_a, i1_a) and the
+    weight (w_a, shaped to broadcast along a) of every output index, at zoom's own coordinates."""
+    feeds: dict[str, np.ndarray] = {}
+    for axis, (n_in, n_out) in enumerate(zip(sizes_in, sizes_out)):
+        x = zoom_coordinates(int(n_in), int(n_out))
+        low = np.minimum(np.floor(x).astype(np.int64), n_in - 1)
+        shape = [1, 1, 1]
+        shape[axis] = int(n_out)
+        feeds[f"i0_{axis}"] = low.astype(index_dtype)
+        feeds[f"i1_{axis}"] = np.minimum(low + 1, n_in - 1).astype(index_dtype)
+        feeds[f"w_{axis}"] = (x - low).reshape(shape).astype(weight_dtype)
+    return feeds

@@ -125,3 +125,15 @@ def test_tensorrt_backend_is_what_the_check_runs(checks: Checks, monkeypatch: py
     monkeypatch.setattr(TensorRTBackend, "__init__", spy)
     assert backend_checks.tensorrt_graphs(checks, "fp32", "k_samples")["status"] == "pass"
     assert made == [TensorRTBackend, TensorRTBackend]
+
+
+def test_tensorrt_volume_ops_row_checks_the_engines_on_their_grid(
+    checks: Checks, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    install(monkeypatch)
+    result = backend_checks.tensorrt_volume_ops(checks)
+    assert result["status"] == "pass" and result["device"] == "cuda:0"
+    assert [c["grid"] for c in result["cases"]] == [[32, 64, 64], [32, 64, 64]]  # the demo engines' grid
+    assert all(c["labels_differing"] == 0 and c["image_max_abs"] <= 1e-6 for c in result["cases"])
+    checks.engines.pop("fp32")
+    assert backend_checks.tensorrt_volume_ops(checks)["status"] == "not run: tensorrt_fp32 built no engines"

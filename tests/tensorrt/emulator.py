@@ -12,7 +12,10 @@ behaviour the defects depend on, so `TensorRTBackend.run` executes end to end on
   reading the memory at launch time;
 - a TensorRT execution context's `execute_async_v3` runs the engine's math on the addresses bound
   with `set_tensor_address`: an "engine" file is a small JSON naming the bundle's ONNX graph, run
-  through ONNX Runtime on CPU (batch from the input shapes set on the context).
+  through ONNX Runtime on CPU; every named axis (the batch, the volume engines' grid axes) takes
+  its size from the input shapes set on the context, and an input shape outside the profile the
+  JSON records (the volume engines') is refused, as TensorRT does. The volume engines' "ONNX graph"
+  is the float32 graph of ldseg/runtime/volume_graphs.py, saved beside them.
 
 `fail_capture` makes every execute_async_v3 inside a capture return false (a capture that fails,
 as an unsupported layer does); `fail_eager` makes the eager ones fail too. Never shipped: this is a
@@ -22,6 +25,7 @@ test fixture, the backend registry knows nothing of it.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import json
 import sys
 from collections.abc import Callable
@@ -31,12 +35,14 @@ from types import ModuleType, SimpleNamespace
 from typing import Any
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 
-from ldseg.export.build_options import batch_profile, file_digest, write_engines_json
+from ldseg.export.build_options import batch_profile, file_digest, volume_profiles, volume_tensors, write_engines_json
 from ldseg.export.tensorrt_build import BuildOptions, describe_engine_set
 from ldseg.runtime.artifacts.bundle import load_bundle
-from ldseg.runtime.artifacts.engines import ENGINE_SUFFIX, EngineFile, Environment
+from ldseg.runtime.artifacts.engines import ENGINE_SUFFIX, EngineFile, Environment, InputProfile
+from ldseg.runtime.volume_graphs import FLOAT32, GRAPHS
 
 TRT_VERSION = "10.13.0.35"
 GPU = SimpleNamespace(name=b"NVIDIA H100 80GB HBM3\0", major=9, minor=0, totalGlobalMem=80 * 2**30)
@@ -256,6 +262,7 @@ class _Engine:
         options.log_severity_level = 3
         self.session = ort.InferenceSession(description["onnx"], options, providers=["CPUExecutionProvider"])
         self.io = {t["name"]: t for t in description["inputs"] + description["outputs"]}
+        self.profile = description.get("profile", {})  # input -> {"min", "max"} (volume engines)
         self.inputs = [t["name"] for t in description["inputs"]]
         self.names = self.inputs + [t["name"] for t in description["outputs"]]
         self.num_io_tensors = len(self.names)
@@ -289,16 +296,31 @@ class _Context:
         return index == 0
 
     def set_input_shape(self, name: str, shape: tuple[int, ...]) -> bool:
-        self.shapes[name] = tuple(shape)
-        self.batch = int(shape[0])
+        shape = tuple(int(s) for s in shape)
+        bounds = self.engine.profile.get(name)
+        declared = self.engine.io[name]["shape"]
+        if len(shape) != len(declared) or (
+            bounds is not None and not all(lo <= s <= hi for lo, s, hi in zip(bounds["min"], shape, bounds["max"]))
+        ):
+            return False
+        self.shapes[name] = shape
+        if shape and isinstance(declared[0], str):
+            self.batch = shape[0]
         return True
 
     def infer_shapes(self) -> list[str]:
         return []
 
+    def update_device_memory_size_for_shapes(self) -> int:
+        return 1 << 20
+
     def get_tensor_shape(self, name: str) -> tuple[int, ...]:
-        assert self.batch is not None
-        return tuple(self.batch if isinstance(d, str) else int(d) for d in self.engine.io[name]["shape"])
+        sizes: dict[str, int] = {}  # named axis -> size, from the input shapes set
+        for given, shape in self.shapes.items():
+            for d, s in zip(self.engine.io[given]["shape"], shape):
+                if isinstance(d, str):
+                    sizes[d] = s
+        return tuple(sizes[d] if isinstance(d, str) else int(d) for d in self.engine.io[name]["shape"])
 
     def set_tensor_address(self, name: str, address: int) -> bool:
         self.addresses[name] = int(address)
@@ -309,16 +331,17 @@ class _Context:
         if gpu.fail_eager or (gpu.fail_capture and gpu.capturing(int(stream))):
             return False
         addresses = dict(self.addresses)  # what is bound now is what a graph bakes in
+        shapes = {name: self.get_tensor_shape(name) for name in self.engine.names}
 
         def run() -> None:
             feeds = {
-                name: gpu.view(addresses[name], self.get_tensor_shape(name), self.engine.io[name]["dtype"]).copy()
+                name: gpu.view(addresses[name], shapes[name], self.engine.io[name]["dtype"]).copy()
                 for name in self.engine.inputs
             }
             outputs = self.engine.session.run(None, feeds)
             for meta, value in zip(self.engine.session.get_outputs(), outputs):
                 dtype = self.engine.io[meta.name]["dtype"]
-                np.copyto(gpu.view(addresses[meta.name], self.get_tensor_shape(meta.name), dtype), value)
+                np.copyto(gpu.view(addresses[meta.name], shapes[meta.name], dtype), value)
 
         gpu.enqueue(int(stream), f"execute {self.engine.graph} batch {self.batch}", run)
         return True
@@ -364,30 +387,55 @@ def install(monkeypatch: Any) -> Emulator:
     return gpu
 
 
-def emulated_engine_set(folder: Path, bundle_dir: Path, max_batch: int = 4) -> Path:
+def _tensors(ts: Any) -> list[dict[str, Any]]:
+    return [{"name": t.name, "shape": list(t.shape), "dtype": t.dtype} for t in ts]
+
+
+def _engine_file(path: Path, graph: str, description: dict[str, Any], inputs: Any, outputs: Any) -> EngineFile:
+    path.write_text(
+        json.dumps({"graph": graph, **description, "inputs": _tensors(inputs), "outputs": _tensors(outputs)})
+    )
+    size, digest = file_digest(path)
+    return EngineFile(graph, path.name, size, digest, 0.0, inputs, outputs, None)
+
+
+def emulated_engine_set(
+    folder: Path, bundle_dir: Path, max_batch: int = 4, *, volume_ops: bool = True, max_input_grid: int = 512
+) -> Path:
     """An engine set for the emulator from a real bundle: each engine file is a JSON naming the
-    bundle's ONNX graph and its I/O; engines.json is the real one (hashes, profiles, environment)."""
+    bundle's ONNX graph (or a volume operation's float32 graph, saved beside it) and its I/O;
+    engines.json is the real one (hashes, profiles, environment)."""
     bundle = load_bundle(bundle_dir)
     folder.mkdir(parents=True)
     engines, profiles = {}, {}
     for graph in ("encoder", "denoise_step", "decoder", "decoder_argmax"):
         info = bundle.graph(graph)
-        path = folder / f"{graph}{ENGINE_SUFFIX}"
-
-        def tensors(ts: Any) -> list[dict[str, Any]]:
-            return [{"name": t.name, "shape": list(t.shape), "dtype": t.dtype} for t in ts]
-
-        description = {
-            "graph": graph,
-            "onnx": str((bundle.path / info.file).resolve()),
-            "inputs": tensors(info.inputs),
-            "outputs": tensors(info.outputs),
-        }
-        path.write_text(json.dumps(description))
-        size, digest = file_digest(path)
-        engines[graph] = EngineFile(graph, path.name, size, digest, 0.0, info.inputs, info.outputs, None)
+        onnx_file = str((bundle.path / info.file).resolve())
+        engines[graph] = _engine_file(folder / f"{graph}{ENGINE_SUFFIX}", graph, {"onnx": onnx_file},
+                                      info.inputs, info.outputs)  # fmt: skip
         profiles[graph] = batch_profile(info, max_batch)
     options = BuildOptions(precision=bundle.precision, workspace_bytes=None, optimization_level=None, dla_core=None)
     es = describe_engine_set(bundle, folder, EMULATED, profiles, engines, options, cache_path=None, seconds=0.0)
+    if volume_ops:
+        volume_engines, volume = emulated_volume_engines(folder, bundle.config.image_size, max_input_grid)
+        es = dataclasses.replace(
+            es, volume_engines=volume_engines, volume_profiles=volume, max_input_grid=max_input_grid
+        )
     write_engines_json(folder, es)
     return folder
+
+
+def emulated_volume_engines(
+    folder: Path, grid: tuple[int, ...], max_input_grid: int
+) -> tuple[dict[str, EngineFile], dict[str, tuple[InputProfile, ...]]]:
+    """The volume operations' emulated engines for a model grid, in `folder` (which exists): each
+    float32 graph saved as ONNX, its engine JSON with the profile's bounds."""
+    engines = {}
+    profiles = volume_profiles(grid, max_input_grid)
+    for graph, make in GRAPHS.items():
+        onnx.save(make(FLOAT32), folder / f"{graph}.onnx")
+        bounds = {i.name: {"min": list(i.min), "max": list(i.max)} for i in profiles[graph]}
+        description = {"onnx": str((folder / f"{graph}.onnx").resolve()), "profile": bounds}
+        path = folder / f"{graph}{ENGINE_SUFFIX}"
+        engines[graph] = _engine_file(path, graph, description, *volume_tensors(graph))
+    return engines, profiles

@@ -16,6 +16,7 @@ from ldseg.export.build_options import (
     check_optimization_level,
     graphs_to_build,
     resolve_precision,
+    volume_profiles,
     write_engines_json,
 )
 from ldseg.io.atomic import staged_folder
@@ -29,6 +30,7 @@ from ldseg.runtime.artifacts.engines import (
     read_engine_set,
 )
 from tests.tensorrt.conftest import HERE, make_fake_bundle
+from tests.tensorrt.emulator import emulated_volume_engines
 
 # --------------------------------------------------------------------------- precision
 
@@ -118,7 +120,42 @@ def test_graphs_to_build(fake_bundle: Path) -> None:
         graphs_to_build(partial)
 
 
+def test_volume_profiles_fix_the_model_grid_and_range_the_input_grid() -> None:
+    profiles = volume_profiles((32, 64, 48), 300)
+    pre = {i.name: i for i in profiles["volume_to_model_grid"]}
+    assert (pre["volume"].min, pre["volume"].opt, pre["volume"].max) == ((1, 1, 1), (48, 64, 32), (300, 300, 300))
+    assert pre["w_2"].min == pre["w_2"].max == (1, 1, 48) and pre["i0_0"].max == (32,)
+    step = {i.name: i for i in profiles["volume_class_step"]}
+    assert "klass" not in step  # a scalar: nothing to range
+    assert step["values"].min == step["values"].max == (32, 64, 48)
+    assert (step["best"].min, step["best"].opt, step["best"].max) == ((1, 1, 1), (32, 64, 48), (300, 300, 300))
+    assert step["w_1"].max == (1, 300, 1) and step["i1_2"].opt == (48,)
+    assert {i.name for i in profiles["volume_map"]} == set(step) - {"best", "index"}
+    with pytest.raises(ValueError, match="largest axis"):
+        volume_profiles((32, 64, 48), 63)
+
+
 # --------------------------------------------------------------------------- engines.json
+
+
+def test_volume_engines_round_trip_and_are_hash_checked(fake_engines: Path, tmp_path: Path) -> None:
+    es = read_engine_set(fake_engines)
+    engines, profiles = emulated_volume_engines(fake_engines, es.config.image_size, 256)
+    with_volume = dataclasses.replace(es, volume_engines=engines, volume_profiles=profiles, max_input_grid=256)
+    write_engines_json(fake_engines, with_volume)
+    again = read_engine_set(fake_engines)
+    by_name = lambda es: {g: {i.name: i for i in p} for g, p in es.volume_profiles.items()}  # noqa: E731
+    assert again == dataclasses.replace(with_volume, volume_profiles=again.volume_profiles)  # JSON sorts the inputs
+    assert by_name(again) == by_name(with_volume)
+    assert again.engine_path("volume_map") == fake_engines / "volume_map.engine"
+    data = json.loads((fake_engines / ENGINES_JSON).read_text())
+    assert data["volume_ops"]["max_input_grid"] == 256
+    assert data["volume_ops"]["profiles"]["volume_class_step"]["best"]["max"] == [256, 256, 256]
+    assert engine_set_problems(fake_engines, HERE) == []
+    (fake_engines / "volume_class_step.engine").write_bytes(b"tampered")
+    (reason,) = check_engine_set(fake_engines, HERE)
+    assert "volume_class_step.engine: SHA-256 does not match" in reason
+    assert "volume_ops" not in json.loads(json.dumps(es.to_dict()))  # a set without them stays as it was
 
 
 def test_engines_json_round_trip(fake_engines: Path, tmp_path: Path) -> None:

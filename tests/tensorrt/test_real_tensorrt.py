@@ -165,3 +165,26 @@ def test_engine_set_describes_this_machine(engines, environment: Environment, bu
         )
         assert engine_set_problems(folder, environment, bundle_hash=bundle_hash(bundles[precision])) == []
         assert (folder / "encoder.layers.json").is_file()
+
+
+def test_volume_engines_equal_the_cpu_path(engines, model) -> None:  # noqa: ANN001
+    """The float32 pre/post-processing engines against scipy's float64 path on an off-grid phantom
+    (on the emulator: tests/tensorrt/test_emulated_volume_ops.py)."""
+    from ldseg.data.phantoms import blurred_probabilities, make_phantom
+    from ldseg.io.preprocess import image_to_model_grid, probabilities_to_input_grid, zoom_to
+    from ldseg.runtime.backends.tensorrt.backend import TensorRTBackend
+
+    grid = model.cfg.image_size
+    raw = make_phantom(3, (90, 33, 70)).image.transpose(2, 1, 0).astype(np.int16)  # nibabel order, as read
+    probs = blurred_probabilities(make_phantom(4, grid).label, 3, sigma=1.0)
+    with TensorRTBackend(engines["fp32"]) as backend:
+        ops = backend.volume_ops()
+        assert ops is not None, backend.describe()["volume_ops"]
+        image = ops.to_model_grid(raw, grid)
+        labels = ops.labels_on_input_grid(probs, raw.shape)
+        mapped = ops.map_on_input_grid(probs[1], raw.shape)
+    assert float(np.abs(image - image_to_model_grid(raw, grid)).max()) <= 1e-6
+    reference = probabilities_to_input_grid(probs, raw.shape)
+    assert_several_classes(reference, "CPU path labels")
+    assert int((labels != reference).sum()) == 0
+    assert float(np.abs(mapped - zoom_to(probs[1], raw.shape[::-1]).transpose(2, 1, 0)).max()) <= 1e-5

@@ -19,8 +19,9 @@ The run checks, each into the report as pass / fail / "not run: <reason>", with 
   shape's first request (eager), its second (capturing) and a replay, max |delta p| <= 1e-6
   (compare.py): this is what catches a capture that corrupts a run (issue 26's TensorRT first-run defect);
 - *_k_samples: Backend.sample with K samples within the GPU memory budget, equal to eager;
-- device_volume_ops_torch / _onnxruntime: each backend's pre/post-processing on the GPU against the
-  CPU path, and its time on a knee-sized volume (volume_checks.py);
+- device_volume_ops_torch / _onnxruntime / _tensorrt: each backend's pre/post-processing on the GPU
+  against the CPU path, and its time on a knee-sized volume (volume_checks.py; TensorRT's engines hold
+  the demo's grid, so its row checks the demo-grid cases and times nothing);
 - bench: `ldseg-bench --device cuda --warmup 0` over what is available.
 
 The budget bounds the whole run (report.py): each check gets the time left, an engine build is

@@ -115,6 +115,19 @@ def tensorrt_graphs(checks: Checks, precision: str, kind: str) -> Result:
         return k_samples_within_budget(graphed, eager, k_inputs(checks, graphed.config), free_device_memory)
 
 
+def tensorrt_volume_ops(checks: Checks) -> Result:
+    """The volume engines of the set tensorrt("fp32") built, against the CPU path (volume_checks)."""
+    from ldseg.bench.gpu_check.volume_checks import device_volume_ops
+    from ldseg.runtime.backends.tensorrt.backend import TensorRTBackend
+
+    engines = checks.engines.get("fp32")
+    if engines is None:
+        return {"status": "not run: tensorrt_fp32 built no engines"}
+    backend = TensorRTBackend(engines, "cuda:0")
+    with closing(backend):
+        return device_volume_ops(backend.volume_ops, "the engine set has no volume engines")
+
+
 # --------------------------------------------------------------------------- bench
 
 

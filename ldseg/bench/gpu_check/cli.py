@@ -40,6 +40,7 @@ def run_checks(prepared: Path, out_dir: Path, budget_s: float = BUDGET_S) -> tup
     checks.run("tensorrt_fp32", lambda: gpu.tensorrt(checks, "fp32"))
     checks.run("tensorrt_fp32_graphs", lambda: gpu.tensorrt_graphs(checks, "fp32", "graphs"))
     checks.run("tensorrt_fp32_k_samples", lambda: gpu.tensorrt_graphs(checks, "fp32", "k_samples"))
+    checks.run("device_volume_ops_tensorrt", lambda: gpu.tensorrt_volume_ops(checks))
     for precision in ("fp16", "int8"):
         checks.run(f"tensorrt_{precision}", lambda p=precision: gpu.tensorrt(checks, p))  # type: ignore[misc]
     checks.run("bench", lambda: gpu.bench(checks))

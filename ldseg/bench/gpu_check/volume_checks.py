@@ -1,5 +1,6 @@
 """gpu_check's device_volume_ops rows (issue 30): a backend's pre/post-processing on the GPU
-(torch: ldseg/runtime/backends/torch/volume.py; ONNX Runtime CUDA: .../onnxruntime/volume.py) against
+(torch: ldseg/runtime/backends/torch/volume.py; ONNX Runtime CUDA: .../onnxruntime/volume.py;
+TensorRT: .../tensorrt/volume.py, whose engines hold one model grid, so only the cases on that grid) against
 the CPU reference path (ldseg.io.preprocess) on phantoms, up- and down-sampled: model-grid images
 and float maps within MAP_TOLERANCE, labels identical (ties that float rounding flips are counted
 and reported), and the time of each on a knee-sized volume (240x104x160 int16 to 128x128x256 and
@@ -51,16 +52,20 @@ def onnxruntime_ops(device: str = "cuda:0") -> Any:
     return OrtVolumeOps([("CUDAExecutionProvider", {"device_id": index}), ("CPUExecutionProvider", {})], device)
 
 
-def device_volume_ops(make: Callable[[], Any]) -> Result:
+def device_volume_ops(
+    make: Callable[[], Any], unavailable: str = "no CUDA provider in this onnxruntime (onnxruntime-gpu)"
+) -> Result:
     from ldseg.data.phantoms import blurred_probabilities, make_phantom
     from ldseg.io.preprocess import image_to_model_grid, probabilities_to_input_grid, zoom_to
 
     ops = make()
     if ops is None:
-        return {"status": "not run: no CUDA provider in this onnxruntime (onnxruntime-gpu)"}
+        return {"status": f"not run: {unavailable}"}
     rows: list[dict[str, Any]] = []
     ok = True
     for seed, (shape, grid) in enumerate(CASES):
+        if getattr(ops, "grid", grid) != grid:  # TensorRT's engines: their own model grid only
+            continue
         raw = make_phantom(seed, shape).image.transpose(2, 1, 0).astype(np.int16)  # nibabel order, as read
         image_err = float(np.abs(ops.to_model_grid(raw, grid) - image_to_model_grid(raw, grid)).max())
         probs = blurred_probabilities(make_phantom(seed + 10, grid).label, 3)

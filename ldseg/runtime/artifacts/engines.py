@@ -11,7 +11,13 @@ An engine set is a folder with one serialized engine per graph and `engines.json
      "precision", "dla_core", "builder": {...}, "profiles": {graph: {input: {min, opt, max}}},
      "config", "diffusion": {"sampler", "steps", "table"},           # enough to run without the bundle
      "built_at", "build_seconds",
-     "engines": {graph: {"file", "bytes", "sha256", "build_seconds", "inputs", "outputs"}}}
+     "engines": {graph: {"file", "bytes", "sha256", "build_seconds", "inputs", "outputs"}},
+     "volume_ops": {"max_input_grid", "profiles": {graph: {input: {min, opt, max}}},   # optional
+                    "engines": {graph: {...as above}}}}
+
+`volume_ops` (absent in sets built without them, or before they existed) holds the pre/post-processing
+engines (ldseg/runtime/volume_graphs.py in float32: min-max and zoom to the model grid, the class
+step, the map back), with profiles over input grids up to `max_input_grid` voxels per axis.
 
 Engines are not portable: TensorRT refuses (or worse, misbehaves with) a plan made by another
 TensorRT version or for another GPU model, so the set records both and `check_engine_set` compares
@@ -66,7 +72,7 @@ class BatchProfile:
     inputs: tuple[InputProfile, ...]
 
     def to_dict(self) -> dict[str, Any]:
-        return {i.name: {"min": list(i.min), "opt": list(i.opt), "max": list(i.max)} for i in self.inputs}
+        return _profile_dict(self.inputs)
 
     def accepts(self, batch: int) -> bool:
         return self.min_batch <= batch <= self.max_batch
@@ -106,6 +112,9 @@ class EngineSet:
     build_seconds: float
     builder: Mapping[str, Any] = field(default_factory=dict)
     format: str = ENGINES_FORMAT
+    volume_engines: Mapping[str, EngineFile] = field(default_factory=dict)
+    volume_profiles: Mapping[str, tuple[InputProfile, ...]] = field(default_factory=dict)
+    max_input_grid: int = 0  # per axis; 0: no volume engines
 
     @property
     def max_batch(self) -> int:
@@ -116,19 +125,20 @@ class EngineSet:
         return max(p.min_batch for p in self.profiles.values())
 
     def engine_path(self, graph: str) -> Path:
-        if graph not in self.engines:
-            raise ArtifactError(f"{self.path}: engine set has no {graph!r} engine (it has {', '.join(self.engines)})")
-        return self.path / self.engines[graph].file
+        known = {**self.engines, **self.volume_engines}
+        if graph not in known:
+            raise ArtifactError(f"{self.path}: engine set has no {graph!r} engine (it has {', '.join(known)})")
+        return self.path / known[graph].file
+
+    def all_engines(self) -> list[EngineFile]:
+        return [*self.engines.values(), *self.volume_engines.values()]
 
     @property
     def tensorrt_major(self) -> int:
         return major_of(self.tensorrt_version)
 
     def to_dict(self) -> dict[str, Any]:
-        def tensors(ts: Sequence[TensorInfo]) -> list[dict[str, Any]]:
-            return [{"name": t.name, "shape": list(t.shape), "dtype": t.dtype} for t in ts]
-
-        return {
+        out = {
             "format": self.format,
             "bundle": {
                 "path": self.bundle_path,
@@ -150,19 +160,15 @@ class EngineSet:
             "diffusion": {"sampler": self.sampler, "steps": self.steps, "table": [list(r) for r in self.table]},
             "built_at": self.built_at,
             "build_seconds": self.build_seconds,
-            "engines": {
-                g: {
-                    "file": e.file,
-                    "bytes": e.bytes,
-                    "sha256": e.sha256,
-                    "build_seconds": e.build_seconds,
-                    "inputs": tensors(e.inputs),
-                    "outputs": tensors(e.outputs),
-                    "layers_file": e.layers_file,
-                }
-                for g, e in self.engines.items()
-            },
+            "engines": {g: _engine_dict(e) for g, e in self.engines.items()},
         }
+        if self.volume_engines:
+            out["volume_ops"] = {
+                "max_input_grid": self.max_input_grid,
+                "profiles": {g: _profile_dict(p) for g, p in self.volume_profiles.items()},
+                "engines": {g: _engine_dict(e) for g, e in self.volume_engines.items()},
+            }
+        return out
 
     @staticmethod
     def from_dict(path: Path, data: Mapping[str, Any]) -> EngineSet:
@@ -175,26 +181,12 @@ class EngineSet:
                     int(p["min_batch"]),
                     int(p["opt_batch"]),
                     int(p["max_batch"]),
-                    tuple(
-                        InputProfile(name, tuple(s["min"]), tuple(s["opt"]), tuple(s["max"]))
-                        for name, s in p["inputs"].items()
-                    ),
+                    _parse_inputs(p["inputs"]),
                 )
                 for g, p in data["profiles"].items()
             }
-            engines = {
-                g: EngineFile(
-                    graph=g,
-                    file=str(e["file"]),
-                    bytes=int(e["bytes"]),
-                    sha256=str(e["sha256"]),
-                    build_seconds=float(e["build_seconds"]),
-                    inputs=tuple(parse_tensor(t) for t in e["inputs"]),
-                    outputs=tuple(parse_tensor(t) for t in e["outputs"]),
-                    layers_file=e.get("layers_file"),
-                )
-                for g, e in data["engines"].items()
-            }
+            engines = {g: _parse_engine(g, e) for g, e in data["engines"].items()}
+            volume = data.get("volume_ops") or {"engines": {}, "profiles": {}, "max_input_grid": 0}
             dla = data.get("dla_core")
             return EngineSet(
                 path=path,
@@ -216,11 +208,54 @@ class EngineSet:
                 built_at=str(data["built_at"]),
                 build_seconds=float(data["build_seconds"]),
                 builder=dict(data.get("builder", {})),
+                volume_engines={g: _parse_engine(g, e) for g, e in volume["engines"].items()},
+                volume_profiles={g: _parse_inputs(p) for g, p in volume["profiles"].items()},
+                max_input_grid=int(volume["max_input_grid"]),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ArtifactError(
                 f"{path}: {ENGINES_JSON} is incomplete or malformed ({type(exc).__name__}: {exc})"
             ) from exc
+
+
+def _profile_dict(inputs: Sequence[InputProfile]) -> dict[str, Any]:
+    return {i.name: {"min": list(i.min), "opt": list(i.opt), "max": list(i.max)} for i in inputs}
+
+
+def _parse_inputs(data: Mapping[str, Any]) -> tuple[InputProfile, ...]:
+    return tuple(
+        InputProfile(name, tuple(int(v) for v in s["min"]), tuple(int(v) for v in s["opt"]),
+                     tuple(int(v) for v in s["max"]))
+        for name, s in data.items()
+    )  # fmt: skip
+
+
+def _engine_dict(e: EngineFile) -> dict[str, Any]:
+    def tensors(ts: Sequence[TensorInfo]) -> list[dict[str, Any]]:
+        return [{"name": t.name, "shape": list(t.shape), "dtype": t.dtype} for t in ts]
+
+    return {
+        "file": e.file,
+        "bytes": e.bytes,
+        "sha256": e.sha256,
+        "build_seconds": e.build_seconds,
+        "inputs": tensors(e.inputs),
+        "outputs": tensors(e.outputs),
+        "layers_file": e.layers_file,
+    }
+
+
+def _parse_engine(graph: str, e: Mapping[str, Any]) -> EngineFile:
+    return EngineFile(
+        graph=graph,
+        file=str(e["file"]),
+        bytes=int(e["bytes"]),
+        sha256=str(e["sha256"]),
+        build_seconds=float(e["build_seconds"]),
+        inputs=tuple(parse_tensor(t) for t in e["inputs"]),
+        outputs=tuple(parse_tensor(t) for t in e["outputs"]),
+        layers_file=e.get("layers_file"),
+    )
 
 
 def _tensorrt_version(data: Mapping[str, Any]) -> str:
@@ -321,7 +356,7 @@ def engine_set_problems(
     missing = [g for g in REQUIRED_GRAPHS if g not in es.engines]
     if missing:
         problems.append(Problem("artifact", f"engines for {', '.join(missing)} are missing from {ENGINES_JSON}"))
-    for entry in es.engines.values():
+    for entry in es.all_engines():
         path = folder / entry.file
         if not path.is_file():
             problems.append(Problem("artifact", f"{path}: listed in {ENGINES_JSON} but missing"))

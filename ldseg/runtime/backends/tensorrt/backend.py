@@ -43,6 +43,10 @@ buffer already sized for the largest profile batch, so any chunk up to it needs 
 memory, only its (chunk, classes, *grid) probability buffer; K itself must fit the profile (the
 loop runs as one batch of K).
 
+Pre- and post-processing (`volume_ops`): where the engine set has the volume engines (build-engine
+makes them for 3D models), runtime/backends/tensorrt/volume.py runs them on their own stream and
+buffers; otherwise the run path resamples on the CPU.
+
 Probabilities (always asked by `ldseg-run`, which averages samples) come from the decoder engine;
 labels are then their argmax on the host (first maximum, like torch and ONNX ArgMax), so the
 decoder never runs twice. Without probabilities, decoder_argmax writes uint8 labels on the GPU.
@@ -73,6 +77,7 @@ from ldseg.runtime.backend import STAGES, Backend, CaptureFailed, PipelineInputs
 from ldseg.runtime.backends.tensorrt import compat as trt_compat
 from ldseg.runtime.backends.tensorrt import cuda
 from ldseg.runtime.backends.tensorrt.probe import detect_environment, logged_errors, require_tensorrt, trt_logger
+from ldseg.runtime.backends.tensorrt.volume import TrtVolumeOps
 
 if TYPE_CHECKING:
     import tensorrt as trt
@@ -304,16 +309,10 @@ class TensorRTBackend(Backend[_Plan, int]):
         self.runtime = trt.Runtime(self.logger)
         if self.engine_set.dla_core is not None:
             self.runtime.DLA_core = self.engine_set.dla_core
-        self.engines: dict[str, trt.ICudaEngine] = {}
-        for graph, entry in self.engine_set.engines.items():
-            engine = self.runtime.deserialize_cuda_engine(self.engine_set.engine_path(graph).read_bytes())
-            if engine is None:  # the binding returns None on failure; the stubs do not say so
-                raise ArtifactError(
-                    f"{self.engine_set.engine_path(graph)}: TensorRT cannot deserialize it: "
-                    f"{logged_errors(self.logger)}"
-                )
-            self._check_io(graph, engine, entry.inputs, entry.outputs)
-            self.engines[graph] = engine
+        self.engines = {graph: self._load_engine(graph) for graph in self.engine_set.engines}
+        self._volume_ops = (
+            TrtVolumeOps(self.engine_set, self._load_engine, index) if self.engine_set.volume_engines else None
+        )
         self.stream = cuda.Stream()
         # One activation buffer for every context: they never run concurrently (one stream).
         self.activation = cuda.DeviceBuffer(max(trt_compat.device_memory_size(e) for e in self.engines.values()))
@@ -322,6 +321,16 @@ class TensorRTBackend(Backend[_Plan, int]):
         self._events = [cuda.Event() for _ in range(len(STAGES) + 1)]
 
     # ------------------------------------------------------------------ setup
+
+    def _load_engine(self, graph: str) -> trt.ICudaEngine:
+        """Deserialize one engine of the set and check its I/O against engines.json."""
+        path = self.engine_set.engine_path(graph)
+        engine = self.runtime.deserialize_cuda_engine(path.read_bytes())
+        if engine is None:  # the binding returns None on failure; the stubs do not say so
+            raise ArtifactError(f"{path}: TensorRT cannot deserialize it: {logged_errors(self.logger)}")
+        entry = {**self.engine_set.engines, **self.engine_set.volume_engines}[graph]
+        self._check_io(graph, engine, entry.inputs, entry.outputs)
+        return engine
 
     def _check_io(
         self, graph: str, engine: trt.ICudaEngine, inputs: tuple[TensorInfo, ...], outputs: tuple[TensorInfo, ...]
@@ -478,13 +487,21 @@ class TensorRTBackend(Backend[_Plan, int]):
             "tensorrt": self.environment.trt_version,
             "gpu": f"{self.environment.gpu_name} (sm {self.environment.compute_capability})",
             "batch": f"{es.min_batch}..{es.max_batch}",
+            "volume_ops": self._volume_ops.describe()
+            if self._volume_ops is not None
+            else ("cpu (numpy/scipy): the engine set has no volume engines (build-engine makes them for 3D models)"),
         }
         if self.fallback_reason:
             out["fallback"] = self.fallback_reason
         return out
 
+    def volume_ops(self) -> TrtVolumeOps | None:
+        return self._volume_ops
+
     def release(self) -> None:
         """Free graphs, buffers and the stream (engines and contexts go with the object)."""
+        if self._volume_ops is not None:
+            self._volume_ops.release()
         self.stream.synchronize()
         for captured in self._graphs.values():
             captured.graph.destroy()

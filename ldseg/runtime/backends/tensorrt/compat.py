@@ -9,7 +9,10 @@ ldseg touches that differs (../shared/docs/tensorrt.md, NVIDIA's 10 -> 11 migrat
   it (precision lives in the ONNX graph), the builder only records whether it was there;
 - activation memory: `device_memory_size_v2` (10.1+; the old property is removed in 11) and
   `set_device_memory(ptr, size)` (10.1+; the `device_memory` setter is removed in 11);
-- the engine inspector's JSON lists I/O under "Bindings" in 10 and "I/O Tensors" in 11.
+- the engine inspector's JSON lists I/O under "Bindings" in 10 and "I/O Tensors" in 11;
+- activation memory sized to the current input shapes (`update_device_memory_size_for_shapes`, and
+  the RUNTIME_ACTIVATION_RESIZE_10_10 preview feature that makes it shrink below the profile's
+  maximum): absent before 10.10, where the profile's maximum is what a context needs.
 
 Engines are not portable across versions at all, and never across majors: engines.json records
 the major (runtime/artifacts/engines.py refuses a set from another one with that reason).
@@ -73,6 +76,22 @@ def set_device_memory(context: Any, ptr: int, nbytes: int) -> None:
         context.set_device_memory(ptr, nbytes)
     else:  # 10.0's property setter
         context.device_memory = ptr
+
+
+def allow_activation_resize(config: Any, trt: ModuleType) -> bool:
+    """Let a context's activation memory follow its input shapes (10.10+); False where it cannot."""
+    feature = getattr(trt.PreviewFeature, "RUNTIME_ACTIVATION_RESIZE_10_10", None)
+    if feature is None:
+        return False
+    config.set_preview_feature(feature, True)
+    return True
+
+
+def activation_size_for_shapes(context: Any, engine: Any) -> int:
+    """Activation memory the context needs for the input shapes set on it (the engine's maximum where
+    this TensorRT cannot tell)."""
+    update = getattr(context, "update_device_memory_size_for_shapes", None)
+    return int(update()) if update is not None else device_memory_size(engine)
 
 
 def inspector_io(info: dict[str, Any]) -> list[Any]:
