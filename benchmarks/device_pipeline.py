@@ -35,11 +35,12 @@ def measure(args: argparse.Namespace, device_ops: bool) -> dict[str, object]:
 
     images = expand_folder(args.images)
     paths = [images[k % len(images)] for k in range(args.volumes)]
-    seg = Segmenter(args.checkpoint, backend=args.backend, device=args.device, steps=args.steps, warn_demo=False)
+    where = "auto" if device_ops else "cpu"  # cpu: the reference path (segment and write alike)
+    seg = Segmenter(
+        args.checkpoint, backend=args.backend, device=args.device, steps=args.steps, volume_ops=where, warn_demo=False
+    )
     try:
         backend = seg.backend
-        if not device_ops:  # the CPU reference path for this Segmenter (segment and write alike)
-            backend.volume_ops = lambda: None  # type: ignore[method-assign]
         ops = backend.volume_ops()
         if device_ops and ops is None:
             return {"device_ops": True, "skipped": f"{backend.name} on {backend.device} offers no volume ops"}

@@ -132,6 +132,7 @@ class Segmenter:
         precision: str = "auto",
         threads: int | None = None,
         max_samples: int | None = None,
+        volume_ops: str = "auto",
         warn_demo: bool = True,
         reporter: Reporter | None = None,
     ):
@@ -149,6 +150,7 @@ class Segmenter:
             max_samples=max(samples, max_samples or samples),
             cache=cache if isinstance(cache, bool) else Path(cache),
             trust_unvalidated=trust_unvalidated,
+            volume_ops=volume_ops,
         )
         self._start(model, SamplingSpec(steps, sampler, seed, samples), warn_demo, reporter)
 
@@ -183,7 +185,7 @@ class Segmenter:
         self.source = Source(model.checkpoint, model.bundle, model.engines, model.trust_unvalidated, self.artifacts)
         try:
             # precision "auto": what the source holds, never a silent reduction
-            wants = Wants(model.precision, model.threads, model.max_samples)
+            wants = Wants(model.precision, model.threads, model.max_samples, model.volume_ops)
             self.selection: Selection = select_backend(self.source, model.backend, model.device, model.gpu, wants)
         except BaseException:
             self._closing.close()

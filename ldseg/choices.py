@@ -14,6 +14,7 @@ PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 RUN_PRECISIONS = ("auto", *PRECISIONS)
 DEVICES = ("auto", "cpu", "cuda")  # "cuda:N" is also accepted where a device is given as text
 SAMPLERS = ("ddim", "ddpm")
+VOLUME_OPS = ("auto", "cpu")  # where pre/post-processing runs: the backend's device where it offers it, or the CPU
 # --output-type values; dicom-seg is written by ldseg.io.formats.dicom_seg, the others by their format.
 OUTPUT_TYPES = ("nifti", "nrrd", "mha", "dicom-seg")
 SEG_TYPES = ("binary", "fractional")  # DICOM SEG: labels, or the foreground classes' probabilities

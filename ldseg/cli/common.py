@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.markup import escape
 
 import ldseg
-from ldseg.choices import BACKEND_CHOICES, DEVICES, RUN_PRECISIONS, SAMPLERS
+from ldseg.choices import BACKEND_CHOICES, DEVICES, RUN_PRECISIONS, SAMPLERS, VOLUME_OPS
 from ldseg.errors import BackendUnavailable, LdsegError
 
 console = Console(stderr=True)  # what the tools decide and report
@@ -69,6 +69,14 @@ PrecisionOption = Annotated[
     ),
 ]
 ThreadsOption = Annotated[Optional[int], typer.Option(help="CPU threads (default: all cores).")]
+VolumeOpsOption = Annotated[
+    str,
+    one_of(
+        VOLUME_OPS,
+        help="Pre/post-processing (min-max, resampling, argmax): auto on the backend's device where it offers "
+        "it; cpu always on the CPU reference path (numpy/scipy).",
+    ),
+]
 SamplerOption = Annotated[Optional[str], one_of(SAMPLERS, help="Sampler (default: the checkpoint's).")]
 
 

@@ -30,6 +30,7 @@ from ldseg.cli.common import (
     SamplerOption,
     ThreadsOption,
     VersionOption,
+    VolumeOpsOption,
     console,
     entry,
     one_of,
@@ -63,6 +64,7 @@ def run(
     ] = None,
     precision: PrecisionOption = "auto",
     threads: ThreadsOption = None,
+    volume_ops: VolumeOpsOption = "auto",
     verbose: Annotated[
         bool, typer.Option("-v", "--verbose", help="Say why each faster route was skipped (with pip commands).")
     ] = False,
@@ -156,6 +158,7 @@ def run(
             max_samples=max(samples, 1),
             cache=cache,
             trust_unvalidated=trust_unvalidated,
+            volume_ops=volume_ops,
         )
         sampling = SamplingSpec(steps, sampler, seed, samples)
         write = WriteSpec(
@@ -200,6 +203,11 @@ def run(
         why = seg.why if verbose else seg.selection.brief(nvidia_gpu_present())
         console.print(
             f"backend: [bold]{chosen.name}[/] on {chosen.device}, {chosen.precision} ({escape(why)})",
+            highlight=False,
+            soft_wrap=True,
+        )
+        console.print(
+            f"pre/post-processing: {escape(chosen.describe().get('volume_ops', 'cpu (numpy/scipy)'))}",
             highlight=False,
             soft_wrap=True,
         )

@@ -19,6 +19,7 @@ from ldseg.cli.common import (
     PrecisionOption,
     ThreadsOption,
     VersionOption,
+    VolumeOpsOption,
     console,
     entry,
     out,
@@ -37,6 +38,7 @@ def serve(
     device: DeviceOption = "auto",
     precision: PrecisionOption = "auto",
     threads: ThreadsOption = None,
+    volume_ops: VolumeOpsOption = "auto",
     max_samples: Annotated[
         Optional[int],
         typer.Option(
@@ -74,7 +76,14 @@ def serve(
 
     try:
         model = ModelSpec(
-            checkpoint, bundle, engines, backend=backend, device=device, precision=precision, threads=threads
+            checkpoint,
+            bundle,
+            engines,
+            backend=backend,
+            device=device,
+            precision=precision,
+            threads=threads,
+            volume_ops=volume_ops,
         )
         config = ServeConfig(
             model=model,

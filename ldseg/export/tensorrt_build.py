@@ -169,14 +169,15 @@ def build_engines(
             config = builder.create_builder_config()
             shared_cache = _attach_timing_cache(config, shared_cache, cache_bytes, say)
             if graph in volume:
-                network = _parse(builder, logger, GRAPHS[graph](FLOAT32).SerializeToString(), graph)
+                network, parser = _parse(builder, logger, GRAPHS[graph](FLOAT32).SerializeToString(), graph)
                 plan = _build_network(builder, logger, config, network, graph, volume[graph], options, gpu_only=True)
                 inputs, outputs = volume_tensors(graph)
             else:
-                network = _parse(builder, logger, bundle.graph_path(graph), graph)
+                network, parser = _parse(builder, logger, bundle.graph_path(graph), graph)
                 _check_network_io(network, bundle, graph, bundle.graph_path(graph))
                 plan = _build_network(builder, logger, config, network, graph, profiles[graph].inputs, options)
                 inputs, outputs = bundle.graph(graph).inputs, bundle.graph(graph).outputs
+            del parser, network  # built: the weights they held are in the plan
             seconds = time.perf_counter() - clock
             engine_file = tmp / f"{graph}{ENGINE_SUFFIX}"
             engine_file.write_bytes(memoryview(plan))
@@ -265,8 +266,11 @@ def _save_timing_cache(cache: trt.ITimingCache, path: Path) -> None:
     atomic_write(path, write, overwrite=True)
 
 
-def _parse(builder: trt.Builder, logger: trt.ILogger, source: Path | bytes, graph: str) -> trt.INetworkDefinition:
-    """A strongly typed network from a bundle's ONNX file or a volume graph's bytes."""
+def _parse(
+    builder: trt.Builder, logger: trt.ILogger, source: Path | bytes, graph: str
+) -> tuple[trt.INetworkDefinition, trt.OnnxParser]:
+    """A strongly typed network from a bundle's ONNX file or a volume graph's bytes, with its parser:
+    the parser owns the network's weights, so the caller keeps it until the engine is built."""
     import tensorrt as trt
 
     network = builder.create_network(trt_compat.api(trt).network_flags)  # strongly typed, 10 and 11 alike
@@ -279,7 +283,7 @@ def _parse(builder: trt.Builder, logger: trt.ILogger, source: Path | bytes, grap
             f"{where}: TensorRT {trt.__version__} cannot parse this graph: {errors or logged_errors(logger)}"
         )
     network.name = graph
-    return network
+    return network, parser
 
 
 def _build_network(

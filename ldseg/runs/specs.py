@@ -26,6 +26,7 @@ from ldseg.choices import (
     RUN_PRECISIONS,
     SAMPLERS,
     SEG_TYPES,
+    VOLUME_OPS,
     check_choice,
     check_device,
 )
@@ -56,6 +57,7 @@ class ModelSpec:
     max_samples: int = 1
     cache: bool | Path = True
     trust_unvalidated: bool = False
+    volume_ops: str = "auto"  # "cpu": pre/post-processing on the CPU path whatever the device offers
 
     def __post_init__(self) -> None:
         given = [s for s in (self.checkpoint, self.bundle, self.engines) if s is not None]
@@ -74,6 +76,7 @@ class ModelSpec:
         check_choice("--backend", self.backend, BACKEND_CHOICES)
         check_device(self.device)
         check_choice("--precision", self.precision, RUN_PRECISIONS)
+        check_choice("--volume-ops", self.volume_ops, VOLUME_OPS)
         if self.gpu < 0 or (self.gpu and self.device == "cpu"):
             raise ValueError("--gpu N is a GPU index >= 0, and contradicts --device cpu")
         _at_least("--threads", self.threads, 1)

@@ -222,10 +222,23 @@ class Backend(ABC, Generic[PlanT, LatentT]):
     def release(self) -> None:
         """Free what the backend allocated (close() calls it once)."""
 
+    # "cpu": the run path's scipy reference even where the device offers its own (--volume-ops cpu).
+    volume_path = "auto"
+
     def volume_ops(self) -> VolumeOps | None:
         """Pre/post-processing on this backend's device (ldseg/runtime/volume_ops.py), or None: the
-        run path then resamples on the CPU."""
+        run path then resamples on the CPU (always with volume_path "cpu")."""
+        return None if self.volume_path == "cpu" else self.device_volume_ops()
+
+    def device_volume_ops(self) -> VolumeOps | None:
+        """What this backend offers on its device (backends override it); None: nothing."""
         return None
+
+    def volume_ops_words(self, on_device: str | None) -> str:
+        """describe()'s volume_ops entry: where pre/post-processing runs, given the device's words."""
+        if on_device is None:
+            return "cpu (numpy/scipy)"
+        return "cpu (numpy/scipy): --volume-ops cpu" if self.volume_path == "cpu" else on_device
 
     def decode_chunk(self, samples: int) -> int:
         """Samples per decoder run in `sample`. The decoder is the one stage whose memory grows with

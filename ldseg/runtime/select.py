@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ldseg.choices import BACKEND_CHOICES, RUN_PRECISIONS, check_choice, check_device
+from ldseg.choices import BACKEND_CHOICES, RUN_PRECISIONS, VOLUME_OPS, check_choice, check_device
 from ldseg.errors import ArtifactError, BackendUnavailable
 from ldseg.model.config import ModelConfig
 from ldseg.runtime.artifacts.source import EXPORT_EXTRA, Source, torch_missing
@@ -81,6 +81,7 @@ class Wants:
     precision: str = "auto"
     threads: int | None = None  # None: the backend's default (all cores)
     max_samples: int = 1
+    volume_ops: str = "auto"  # "cpu": the run path's CPU pre/post-processing even where the device has its own
 
 
 @dataclass
@@ -145,6 +146,7 @@ def select_backend(
     try:
         check_choice("--backend", backend, BACKEND_CHOICES)
         check_choice("--precision", wants.precision, RUN_PRECISIONS)
+        check_choice("--volume-ops", wants.volume_ops, VOLUME_OPS)
         check_device(device)
     except ValueError as exc:
         raise BackendUnavailable(str(exc)) from None
@@ -187,6 +189,7 @@ def select_backend(
             continue
         selection.auto, selection.skipped = backend == "auto", list(skipped)
         selection.gpu_asked = index is not None or backend == "tensorrt"
+        selection.backend.volume_path = wants.volume_ops
         selection.backend.prepare(1)  # K samples encode at batch 1: what every run needs first
         if backend != "auto":
             selection.why = "asked for" + (f"; skipped {'; '.join(skipped)}" if skipped else "")

@@ -295,12 +295,12 @@ class OnnxRuntimeBackend(Backend[OrtPlan, int]):
             "cuda_graph": graph,
             "tf32": "off" if self.gpu is not None else "n/a",
             "cudnn_conv_algo_search": cudnn_search() if self.gpu is not None else "n/a",
-            "volume_ops": f"ONNX graphs on {self.device}" if self._volume_ops is not None else "cpu (numpy/scipy)",
+            "volume_ops": self.volume_ops_words(None if self._volume_ops is None else f"ONNX graphs on {self.device}"),
             "bundle": str(self.bundle.path),
             "preset": self.bundle.preset,
         }
 
-    def volume_ops(self) -> OrtVolumeOps | None:
+    def device_volume_ops(self) -> OrtVolumeOps | None:
         return self._volume_ops
 
     def _providers(self, graphs: bool) -> list[tuple[str, dict[str, str]]]:

@@ -7,7 +7,8 @@ Float32, not scipy's float64: TensorRT has no float64 tensors. On the shared kne
 float32 graphs, run by ONNX Runtime on the CPU, give the float64 CPU path's labels exactly (0 of 4.0M
 voxels differ per case) and model-grid images within 1.2e-7 (`python benchmarks/volume_ops_cpu.py
 --float32`); TensorRT may fuse the blend's multiply-add and round differently, which nothing here has
-measured. Only uint8 labels and the float maps asked for come back, through pinned memory.
+measured. The volume goes up as float32 (TensorRT has no int16 tensors; an int16 scan converts
+exactly); only uint8 labels and the float maps asked for come back, through pinned memory.
 
 Memory: one activation buffer for the three contexts (they run one after another under a lock, on
 one stream), sized to the shapes in use (compat.activation_size_for_shapes) and grown when a larger

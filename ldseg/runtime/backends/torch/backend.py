@@ -133,7 +133,7 @@ class TorchBackend(Backend[TorchPlan, torch.Tensor]):
             "mode": self.mode,
             "tf32": "off",
             "compile": self._compile_state(),
-            "volume_ops": self.device if self._volume_ops is not None else "cpu (numpy/scipy)",
+            "volume_ops": self.volume_ops_words(None if self._volume_ops is None else f"torch ops on {self.device}"),
         }
         if self.gate is not None:
             described["gate"] = self.gate
@@ -154,7 +154,7 @@ class TorchBackend(Backend[TorchPlan, torch.Tensor]):
             with torch.autocast(device_type, dtype=self._autocast_dtype, cache_enabled=False):
                 yield
 
-    def volume_ops(self) -> TorchVolumeOps | None:
+    def device_volume_ops(self) -> TorchVolumeOps | None:
         return self._volume_ops
 
     # ------------------------------------------------------------------ stages
