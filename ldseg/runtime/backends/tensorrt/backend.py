@@ -487,8 +487,9 @@ class TensorRTBackend(Backend[_Plan, int]):
             "tensorrt": self.environment.trt_version,
             "gpu": f"{self.environment.gpu_name} (sm {self.environment.compute_capability})",
             "batch": f"{es.min_batch}..{es.max_batch}",
-            "volume_ops": self.volume_ops_words(None if self._volume_ops is None else self._volume_ops.describe())
-            + ("" if self._volume_ops else ": the engine set has no volume engines (build-engine makes them for 3D)"),
+            "volume_ops": self.volume_ops_words(self._volume_ops.describe())
+            if self._volume_ops is not None
+            else "cpu (numpy/scipy): the engine set has no volume engines (build-engine makes them for 3D models)",
         }
         if self.fallback_reason:
             out["fallback"] = self.fallback_reason
