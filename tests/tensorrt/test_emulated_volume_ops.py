@@ -196,3 +196,28 @@ def test_a_run_through_the_tensorrt_backend_writes_what_the_cpu_path_writes(gpu,
     for name in ("_confidence", "_entropy"):
         assert float(np.abs(got.outputs[name][0] - ref.outputs[name][0]).max()) <= 1e-5, name
     trt.close()
+
+
+def test_a_folder_through_segmenter_on_tensorrt_writes_what_the_cpu_path_writes(gpu, tmp_path, shipped_demo_bundle):
+    """The local run path end to end on the emulated GPU: backend selection, the reading thread's
+    preprocessing and the writing thread's resampling through the volume engines, three volumes
+    of two shapes; labels as the same run with --volume-ops cpu writes them."""
+    from ldseg.api import Segmenter
+
+    engines = emulated_engine_set(tmp_path / "engines", shipped_demo_bundle)
+    paths = write_phantoms(tmp_path / "in", 2, tmp_path / "truth")
+    odd = tmp_path / "in" / "odd.nii.gz"  # another input grid, off the model grid's ratios
+    nib.save(nib.Nifti1Image(make_phantom(5, (30, 41, 50)).image.transpose(2, 1, 0), np.eye(4)), odd)
+    written, ran = {}, len(gpu.log)
+    for where in ("auto", "cpu"):
+        with Segmenter(engines=engines, backend="tensorrt", device="cuda", steps=3, volume_ops=where) as seg:
+            assert (seg.backend.volume_ops() is None) == (where == "cpu")
+            summary = seg.write([*paths, odd], tmp_path / where)
+        assert not summary.failures and len(summary.written) == 3
+        written[where] = {p.name: np.asarray(nib.load(p).dataobj) for p in summary.written}
+    executed = [e.split()[1] for e in gpu.log[ran:] if e.startswith("execute volume_")]  # the auto run only
+    assert executed.count("volume_to_model_grid") == 3 and executed.count("volume_class_step") == 9
+    assert written["auto"].keys() == written["cpu"].keys()
+    for name, labels in written["cpu"].items():
+        assert len(np.unique(labels)) > 1, name
+        np.testing.assert_array_equal(written["auto"][name], labels, err_msg=name)
