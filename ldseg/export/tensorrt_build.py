@@ -16,7 +16,8 @@ float32 graphs of ldseg/runtime/volume_graphs.py (min-max and zoom to the model 
 and the map back to the input grid), with profiles over input grids of 1..max_input_grid voxels per
 axis (build_options.volume_profiles); always on the GPU (never DLA), and with TensorRT 10.10's
 runtime activation resize where it exists, so a context's memory follows the volume's shape rather
-than the largest grid the profile allows.
+than the largest grid the profile allows. Before the set is renamed into place they are run against
+the CPU path on two phantoms (export/volume_check.py; the numbers go into engines.json).
 
 Nothing here has run on real TensorRT: it cannot be installed on the development machines. The
 code is type-checked against tensorrt-stubs 10.13 (the newest stubs; none exist for 11), what
@@ -31,7 +32,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ldseg.errors import ArtifactError, BackendUnavailable
 from ldseg.export.build_options import (
@@ -47,6 +48,7 @@ from ldseg.export.build_options import (
     volume_tensors,
     write_engines_json,
 )
+from ldseg.export.volume_check import check_volume_ops
 from ldseg.io.atomic import atomic_write, check_folder_target, staged_folder
 from ldseg.runtime.artifacts.bundle import Bundle, load_bundle
 from ldseg.runtime.artifacts.engines import (
@@ -194,6 +196,12 @@ def build_engines(
             engine_set = dataclasses.replace(
                 engine_set, volume_engines=volume_engines, volume_profiles=volume, max_input_grid=max_input_grid
             )
+            say("checking the volume engines against the CPU path ...")
+            check = _check_volume_engines(dataclasses.replace(engine_set, path=tmp), runtime, device)
+            engine_set = dataclasses.replace(engine_set, builder={**engine_set.builder, "volume_check": check})
+            worst = max(c["image_max_abs"] for c in check["cases"])
+            say(f"volume engines: images within {worst:.1e} of the CPU path, labels differing "
+                f"{[c['labels_differing'] for c in check['cases']]}")  # fmt: skip
         write_engines_json(tmp, engine_set)
     say(f"wrote {target}")
     return target
@@ -323,6 +331,23 @@ def _build_network(
     if plan is None:  # the stubs say IHostMemory; the binding returns None on failure
         raise BackendUnavailable(f"TensorRT could not build {graph} on this GPU: {logged_errors(logger)}")
     return plan
+
+
+def _check_volume_engines(engine_set: EngineSet, runtime: trt.Runtime, device: int) -> dict[str, Any]:
+    """Run the volume engines just built (in the staging folder) against the CPU path (volume_check)."""
+    from ldseg.runtime.backends.tensorrt.volume import TrtVolumeOps
+
+    def load(graph: str) -> trt.ICudaEngine:
+        engine = runtime.deserialize_cuda_engine(engine_set.engine_path(graph).read_bytes())
+        if engine is None:  # the binding returns None on failure; the stubs do not say so
+            raise BackendUnavailable(f"TensorRT cannot deserialize the {graph} engine it just built")
+        return engine
+
+    ops = TrtVolumeOps(engine_set, load, device)
+    try:
+        return check_volume_ops(ops, engine_set.config.image_size, engine_set.config.num_classes)
+    finally:
+        ops.release()
 
 
 def _check_network_io(network: trt.INetworkDefinition, bundle: Bundle, graph: str, path: Path) -> None:

@@ -221,3 +221,28 @@ def test_a_folder_through_segmenter_on_tensorrt_writes_what_the_cpu_path_writes(
     for name, labels in written["cpu"].items():
         assert len(np.unique(labels)) > 1, name
         np.testing.assert_array_equal(written["auto"][name], labels, err_msg=name)
+
+
+def test_build_engine_checks_its_volume_engines_and_refuses_a_wrong_rule(
+    gpu, tmp_path, shipped_demo_bundle, monkeypatch
+):
+    """The check build-engine runs before renaming the set into place (export/volume_check.py), on the
+    emulated engines: it passes with scipy's rule and records the numbers; with half-pixel
+    coordinates in the feeds it refuses the set."""
+    from ldseg.errors import ArtifactError
+    from ldseg.export.tensorrt_build import _check_volume_engines
+    from ldseg.runtime.artifacts.engines import read_engine_set
+
+    engine_set = read_engine_set(emulated_engine_set(tmp_path / "engines", shipped_demo_bundle))
+    runtime = sys.modules["tensorrt"].Runtime(None)
+    record = _check_volume_engines(engine_set, runtime, 0)
+    assert record["passed"] and [c["labels_differing"] for c in record["cases"]] == [0, 0]
+    assert [c["input_nib"] for c in record["cases"]] == [[46, 45, 22], [85, 84, 41]]  # off-grid, both ways
+    assert all(c["image_max_abs"] <= 1e-6 and c["map_max_abs"] <= 1e-5 for c in record["cases"])
+
+    def half_pixel(n_in: int, n_out: int) -> np.ndarray:
+        return np.clip((np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5, 0, n_in - 1)
+
+    monkeypatch.setattr(volume_ops, "zoom_coordinates", half_pixel)
+    with pytest.raises(ArtifactError, match="volume engines disagree with the CPU path .*--no-volume-ops"):
+        _check_volume_engines(engine_set, runtime, 0)

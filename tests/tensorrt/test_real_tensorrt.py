@@ -165,6 +165,7 @@ def test_engine_set_describes_this_machine(engines, environment: Environment, bu
         )
         assert engine_set_problems(folder, environment, bundle_hash=bundle_hash(bundles[precision])) == []
         assert (folder / "encoder.layers.json").is_file()
+        assert es.volume_engines and es.builder["volume_check"]["passed"]  # build-engine ran its check
 
 
 def test_volume_engines_equal_the_cpu_path(engines, model) -> None:  # noqa: ANN001
