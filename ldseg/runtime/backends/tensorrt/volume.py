@@ -137,8 +137,8 @@ class TrtVolumeOps:
         with self._device():
             feeds = self._upload_feeds(probabilities.shape[1:], target)
             # Ping-pong (best, index) pairs on the device; the first class beats -inf everywhere.
-            self._upload("best0", np.full(target, -np.inf, np.float32))
-            self._upload("index0", np.zeros(target, np.int32))
+            self._fill("best0", target, np.float32, -np.inf)
+            self._fill("index0", target, np.int32, 0)
             for c in range(probabilities.shape[0]):
                 now, after = c % 2, 1 - c % 2
                 self._upload("values", probabilities[c], np.float32)
@@ -203,10 +203,17 @@ class TrtVolumeOps:
     def _upload(self, key: str, array: np.ndarray, dtype: Any = None) -> None:
         """Host array -> its slot on the device, through the slot's pinned mirror (converted to
         `dtype` there: an int16 scan goes up as the float32 the graph reads)."""
+        self._put(key, array.shape, dtype or array.dtype, array)
+
+    def _fill(self, key: str, shape: Sequence[int], dtype: Any, value: float) -> None:
+        """A slot of `shape` set to `value` on the device, filled in its pinned mirror (no host array)."""
+        self._put(key, shape, dtype, value)
+
+    def _put(self, key: str, shape: Sequence[int], dtype: Any, values: np.ndarray | float) -> None:
         slot = self._slot(key)
-        ptr = slot.fit(array.shape, dtype or array.dtype)
+        ptr = slot.fit(shape, dtype)
         self.stream.synchronize()  # the mirror may still feed an earlier enqueued copy
-        np.copyto(slot.mirror(), array, casting="unsafe")
+        np.copyto(slot.mirror(), values, casting="unsafe")
         assert slot.host is not None
         self.stream.copy_htod(ptr, slot.host.ptr, slot.nbytes)
 
