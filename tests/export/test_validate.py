@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -95,3 +97,46 @@ def _counting(check: Callable[..., object], calls: list[str]) -> Callable[..., o
         return check(bundle, model, name, *args)
 
     return counted
+
+
+def test_the_decoder_row_comes_from_decoder_argmax_only_when_that_is_derived_from_decoder_onnx(
+    demo_bundle: Path, demo_model: LDSeg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Along the pipeline, one run of decoder_argmax (its probabilities exposed) gives both decoder
+    rows, but only while decoder_argmax.onnx is byte for byte what the export derives from
+    decoder.onnx: a decoder.onnx with one weight changed is then run on its own, and its row fails."""
+    import onnx
+    from onnx import numpy_helper
+
+    from ldseg.export import validate
+    from ldseg.export.manifest import write_manifest
+    from ldseg.runtime.artifacts.bundle import MANIFEST, sha256_file
+
+    monkeypatch.setattr(validate, "FULL_BATCH_VOXELS", 1)  # the demo grid counts as large
+    sessions: list[list[str]] = []
+    real_session = validate.ort.InferenceSession
+
+    def counting(model: bytes | str, *args: object, **kwargs: object) -> object:
+        session = real_session(model, *args, **kwargs)
+        if isinstance(model, bytes):  # the decoder rows' sessions (the backend opens files)
+            sessions.append([o.name for o in session.get_outputs()])
+        return session
+
+    monkeypatch.setattr(validate.ort, "InferenceSession", counting)
+    rows = validate_bundle(demo_bundle, demo_model, graphs=["encoder", "decoder", "decoder_argmax", "denoise_step"])
+    assert rows.passed, _text(rows)
+    assert sessions == [["labels", "probabilities"]]  # one run for both rows
+
+    copy = Path(shutil.copytree(demo_bundle, tmp_path / "copy"))
+    decoder = onnx.load(str(copy / "decoder.onnx"))
+    weight = max(decoder.graph.initializer, key=lambda t: int(np.prod(t.dims)))
+    changed = numpy_helper.to_array(weight) * np.float32(1.5)
+    weight.CopyFrom(numpy_helper.from_array(changed, weight.name))
+    onnx.save(decoder, str(copy / "decoder.onnx"))
+    manifest = json.loads((copy / MANIFEST).read_text())
+    manifest["files"]["decoder.onnx"] = sha256_file(copy / "decoder.onnx")
+    write_manifest(copy, manifest)
+    sessions.clear()
+    rows = validate_bundle(copy, demo_model, graphs=["encoder", "decoder", "decoder_argmax", "denoise_step"])
+    assert sessions == [["probabilities"], ["labels"]]  # each graph on its own
+    assert {c.graph for c in rows.checks if not c.passed} == {"decoder"}, _text(rows)

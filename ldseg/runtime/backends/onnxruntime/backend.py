@@ -317,21 +317,7 @@ class OnnxRuntimeBackend(Backend[OrtPlan, int]):
     def graph(self, name: str, batch: int) -> _Graph:
         """A session for one graph with the batch axis pinned to `batch` (CUDA: with graphs if it can)."""
         info = self.bundle.graph(name)
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.log_severity_level = 3
-        options.add_free_dimension_override_by_name("batch", batch)
-        if self.gpu is None:
-            _register_shared_cpu_arena()
-            options.add_session_config_entry("session.use_env_allocators", "1")
-            if name not in _LATENT_GRAPHS:
-                # A memory pattern allocates a graph's whole planned activation memory as one block
-                # per run; the encoder's block cannot hold the decoder's larger one, so the shared
-                # arena grows by both and keeps both. Tensor by tensor, the decoder reuses what the
-                # encoder freed: knee3d K=8 peak RSS 4.7 -> under 3 GB (the step graph keeps it).
-                options.enable_mem_pattern = False
-        if self.threads:
-            options.intra_op_num_threads = self.threads
+        options = self.session_options(name, batch)
         path = self.bundle.path / info.file
         graphs = self.gpu is not None and self.ort_graphs and name not in self.graph_refusals
         try:
@@ -352,6 +338,26 @@ class OnnxRuntimeBackend(Backend[OrtPlan, int]):
         except _ORT_ERRORS as exc:
             raise ArtifactError(f"{path}: ONNX Runtime cannot load it ({str(exc).splitlines()[0]})") from exc
         return _Graph(session, info, self.gpu, graphs)
+
+    def session_options(self, name: str, batch: int) -> ort.SessionOptions:
+        """How this backend configures the session of graph `name` at `batch` (bundle validation
+        uses it too, so it checks the graphs as they run here)."""
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.log_severity_level = 3
+        options.add_free_dimension_override_by_name("batch", batch)
+        if self.gpu is None:
+            _register_shared_cpu_arena()
+            options.add_session_config_entry("session.use_env_allocators", "1")
+            if name not in _LATENT_GRAPHS:
+                # A memory pattern allocates a graph's whole planned activation memory as one block
+                # per run; the encoder's block cannot hold the decoder's larger one, so the shared
+                # arena grows by both and keeps both. Tensor by tensor, the decoder reuses what the
+                # encoder freed: knee3d K=8 peak RSS 4.7 -> under 3 GB (the step graph keeps it).
+                options.enable_mem_pattern = False
+        if self.threads:
+            options.intra_op_num_threads = self.threads
+        return options
 
     # ------------------------------------------------------------------ stages
     def plan(self, batch: int, steps: int) -> OrtPlan:
