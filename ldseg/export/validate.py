@@ -21,7 +21,7 @@ latent) and the pipeline row (its labels). The rows and tolerances are the same;
 real image and a real latent, PyTorch runs the encoder and decoder once instead of twice, and ONNX
 Runtime's pipeline run is staged so its encoder run is also the encoder row. The decoder rows run in
 sessions configured as the ONNX Runtime backend configures them (batch pinned, no memory pattern:
-a knee3d decoder run 11.8 -> 8.2 s), and once: decoder_argmax is checked to be, byte for byte,
+a knee3d decoder run about 30 % faster), and once: decoder_argmax is checked to be, byte for byte,
 what the export derives from decoder.onnx, so one run of it with the decoder's output exposed is a
 run of both graphs (otherwise each runs on its own). What remains is the compute of full-resolution
 passes: PyTorch's encoder and decoder (about 20 s on 2 Zen 1 cores) and ONNX Runtime's encoder and
