@@ -29,7 +29,7 @@ export PYTHONPATH="$PWD:$PWD/$PREPARED/site${PYTHONPATH:+:$PYTHONPATH}"
 # Offline: install the prepared wheels this Python lacks (import name -> wheel), into the prepared folder.
 missing=$("$PY" - <<'PYEOF'
 import importlib.util
-wanted = {"nibabel": "nibabel", "packaging": "packaging", "safetensors": "safetensors", "psutil": "psutil",
+wanted = {"nibabel": "nibabel", "platformdirs": "platformdirs", "packaging": "packaging", "safetensors": "safetensors", "psutil": "psutil",
           "typer": "typer", "click": "click", "rich": "rich", "shellingham": "shellingham",
           "markdown_it": "markdown-it-py", "mdurl": "mdurl", "pygments": "pygments",
           "typing_extensions": "typing_extensions", "importlib_resources": "importlib_resources"}

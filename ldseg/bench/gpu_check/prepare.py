@@ -20,6 +20,7 @@ TARGET_AGREEMENT = {"fp32": 0.999, "fp16": 0.99, "int8": 0.98}  # fraction of vo
 # Pure (or abi3) wheels the GPU machine may lack; the shell script installs only the missing ones.
 WHEELS = (
     "nibabel",
+    "platformdirs",  # the artifact cache (a checkpoint's bundle on first use); not in the GPU image
     "packaging",
     "importlib_resources",
     "typing_extensions",

@@ -1,0 +1,134 @@
+#!/usr/bin/env bash
+# A lent GPU's device time (about 15 minutes, machine starts included) spent on issues 30 and 31's
+# measurements, prepared here so that it is three `run` calls back to back: the device machine stays
+# warm about 30 s after a call and keeps /tmp while it does, and what one call carries (the checkout,
+# about 14 MiB, plus `carry`) must stay under 64 MiB, so the onnxruntime-gpu parts (40 + 26 MiB) and the
+# knee data travel in separate calls.
+#
+#   bash scripts/gpu_session.sh prepare     here (CPU, .venv): work/gpu-check (gpu_check.sh --prepare) and
+#                                           work/gpu-session/{ort-a,ort-b,knee}; ../shared is read, never
+#                                           committed (work/ is git-ignored)
+#   1. run carry=[work/gpu-session/ort-a]                       command: bash scripts/gpu_session.sh stash
+#   2. run carry=[work/gpu-session/ort-b, work/gpu-check]        command: bash scripts/gpu_session.sh check
+#   3. run carry=[work/gpu-session/knee, work/gpu-check/wheels]  command: bash scripts/gpu_session.sh knee
+#
+# check: installs onnxruntime-gpu from the two parts, then gpu_check (every CUDA path on the demo model
+# and phantoms) within what is left of $BUDGET_S (default 270 s). knee: the knee denoiser trained on the
+# GPU (knee recipe settings, case4 held out), then within what is left of $BUDGET_S (default 450 s), in
+# this order: issue 31's precision bench (benchmarks/gpu_precision.sh), issue 30's device pipeline
+# (benchmarks/device_pipeline.py, torch then ONNX Runtime CUDA), ONNX Runtime's cuDNN search
+# (benchmarks/ort_cudnn_search.py). A step that would start with under a minute left is skipped and
+# says so. Each call leaves one log and one .tgz under $OUT (what the device tool brings back: at most 8
+# files), whatever happens; unpack them into benchmarks/results/<gpu>-<date>/ and commit with the GPU
+# named.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+STASH=/tmp/ldseg-gpu
+SESSION=work/gpu-session
+OUT=${OUT:-$SESSION/out}
+DATA=${DATA:-../shared/data}
+PY=${PYTHON:-python3}
+
+prepare() {
+  local py=${PYTHON:-.venv/bin/python}
+  PYTHON=$py bash scripts/gpu_check.sh --prepare
+  rm -rf "$SESSION" && mkdir -p "$SESSION/ort-a" "$SESSION/ort-b" "$SESSION/knee/images" "$SESSION/knee/labels"
+  cp ../shared/gpu/ort-sm90.tar.xz.part-aa "$SESSION/ort-a/"
+  cp ../shared/gpu/ort-sm90.tar.xz.part-ab ../shared/gpu/SHA256SUMS ../shared/gpu/install-onnxruntime-gpu.sh "$SESSION/ort-b/"
+  cp "$DATA"/knee/images/case*.nii.gz "$SESSION/knee/images/"
+  cp "$DATA"/knee/labels/case*.nii.gz "$SESSION/knee/labels/"
+  local w=$DATA/official-keras-weights
+  "$py" -m ldseg.cli.export import-keras --preset knee3d --label-encoder "$w/labelEncoder3D.hdf5" \
+    --label-decoder "$w/labelDecoder3D.hdf5" --image-encoder "$w/imageEncoder3D.hdf5" \
+    -o "$SESSION/knee/official.safetensors" --overwrite
+  du -sh "$SESSION"/* work/gpu-check
+}
+
+# Everything a call leaves goes to $STASH/out/<call> and is packed into $OUT on exit, even after a failure.
+start_call() {
+  CALL=$1
+  mkdir -p "$STASH/out/$CALL" "$OUT"
+  LOG=$OUT/$CALL.log
+  exec > >(tee -a "$LOG") 2>&1
+  trap 'tar czf "$OUT/$CALL.tgz" -C "$STASH/out" "$CALL"; echo "packed $OUT/$CALL.tgz"' EXIT
+  DEADLINE=$(($(date +%s) + ${BUDGET_S:-$2}))
+  echo "== $CALL $(date -u +%FT%TZ) on $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null || echo 'no GPU')"
+}
+
+left() { echo $((DEADLINE - $(date +%s))); }
+
+# step NAME CMD...: run CMD under what is left of the budget (minus 20 s to pack), or skip it.
+step() {
+  local name=$1 budget
+  shift
+  budget=$(($(left) - 20))
+  if [ "$budget" -lt 60 ]; then
+    echo "-- $name: skipped ($(left) s left)"
+    return 0
+  fi
+  echo "-- $name (up to $budget s): $*"
+  local t0=$SECONDS rc=0
+  timeout --signal=INT --kill-after=10 "$budget" "$@" || rc=$?
+  echo "-- $name: exit $rc after $((SECONDS - t0)) s"
+}
+
+site_packages() {  # the wheels this Python lacks (nibabel, platformdirs, ...), into /tmp, on the path
+  "$PY" -m pip install --quiet --no-index --no-deps --no-compile --target "$STASH/site" work/gpu-check/wheels/*.whl \
+    2>&1 | tail -2 || true
+  export PYTHONPATH="$PWD:$STASH/site${PYTHONPATH:+:$PYTHONPATH}"
+}
+
+case "${1:-}" in
+  prepare) prepare ;;
+  stash)
+    mkdir -p "$STASH" && cp "$SESSION"/ort-a/* "$STASH/" && ls -la "$STASH"
+    ;;
+  check)
+    start_call check 270  # with a machine start, call 1 and call 3 (450 s): about 15 device-minutes
+    cp "$SESSION"/ort-b/* "$STASH/"
+    step install-onnxruntime-gpu bash "$STASH/install-onnxruntime-gpu.sh" "$STASH"
+    step gpu_check bash scripts/gpu_check.sh --output "$STASH/out/check/gpu-check" --budget-s $(($(left) - 40))
+    ;;
+  knee)
+    start_call knee 450
+    site_packages
+    export LDSEG_CACHE=$STASH/cache PYTHONUNBUFFERED=1
+    K=$SESSION/knee
+    mkdir -p "$STASH/train/images" "$STASH/train/labels"
+    for c in case1 case2 case3; do
+      cp "$K/images/$c.nii.gz" "$STASH/train/images/"
+      cp "$K/labels/$c.nii.gz" "$STASH/train/labels/"
+    done
+    CKPT=$STASH/knee3d.safetensors
+    step train "$PY" -c 'from ldseg.cli.train import main; main()' --preset knee3d --data "$STASH/train" \
+      --init "$K/official.safetensors" --freeze encoders --steps "${KNEE_STEPS:-1000}" --batch-size 3 \
+      --noise-draws 16 --val 0 --lr 1e-3 --lr-schedule cosine --device "${TRAIN_DEVICE:-cuda}" -o "$CKPT" --overwrite
+    [ -f "$CKPT" ] || { echo "no trained checkpoint: the knee steps need it"; exit 1; }
+    step precision env CHECKPOINT="$CKPT" DATA="$K" OUT="$STASH/out/knee/gpu-precision" PYTHON="$PY" \
+      bash benchmarks/gpu_precision.sh
+    for backend in torch onnxruntime; do
+      step "pipeline-$backend" "$PY" benchmarks/device_pipeline.py --checkpoint "$CKPT" --backend "$backend" \
+        --device cuda --images "$K/images" --volumes 16 -o "$STASH/out/knee/device-pipeline-$backend"
+    done
+    bundle=$("$PY" - "$LDSEG_CACHE" <<'PYEOF'
+import json, sys
+from pathlib import Path
+for manifest in sorted(Path(sys.argv[1]).glob("bundles/*/manifest.json")):
+    m = json.loads(manifest.read_text())
+    if m.get("config", {}).get("preset") == "knee3d" and m.get("precision") == "fp32":
+        print(manifest.parent)
+        break
+PYEOF
+)
+    if [ -n "$bundle" ]; then
+      step ort-cudnn "$PY" benchmarks/ort_cudnn_search.py --bundle "$bundle" --runs 2 \
+        -o "$STASH/out/knee/ort-cudnn"
+    else
+      echo "-- ort-cudnn: skipped (no cached knee3d fp32 bundle)"
+    fi
+    ;;
+  *)
+    sed -n '2,/^set -euo/p' "$0" | sed '$d'
+    exit 2
+    ;;
+esac
