@@ -38,7 +38,7 @@ prepare() {
   cp "$DATA"/knee/images/case*.nii.gz "$SESSION/knee/images/"
   cp "$DATA"/knee/labels/case*.nii.gz "$SESSION/knee/labels/"
   local w=$DATA/official-keras-weights
-  "$py" -m ldseg.cli.export import-keras --preset knee3d --label-encoder "$w/labelEncoder3D.hdf5" \
+  "$py" -c 'from ldseg.cli.export import main; main()' import-keras --preset knee3d --label-encoder "$w/labelEncoder3D.hdf5" \
     --label-decoder "$w/labelDecoder3D.hdf5" --image-encoder "$w/imageEncoder3D.hdf5" \
     -o "$SESSION/knee/official.safetensors" --overwrite
   du -sh "$SESSION"/* work/gpu-check
