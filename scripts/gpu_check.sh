@@ -26,19 +26,5 @@ if [ "${1:-}" = "--prepare" ]; then
 fi
 PY=${PYTHON:-python3}
 export PYTHONPATH="$PWD:$PWD/$PREPARED/site${PYTHONPATH:+:$PYTHONPATH}"
-# Offline: install the prepared wheels this Python lacks (import name -> wheel), into the prepared folder.
-missing=$("$PY" - <<'PYEOF'
-import importlib.util
-wanted = {"nibabel": "nibabel", "platformdirs": "platformdirs", "packaging": "packaging", "safetensors": "safetensors", "psutil": "psutil",
-          "typer": "typer", "click": "click", "rich": "rich", "shellingham": "shellingham",
-          "markdown_it": "markdown-it-py", "mdurl": "mdurl", "pygments": "pygments",
-          "typing_extensions": "typing_extensions", "importlib_resources": "importlib_resources"}
-print(" ".join(dist for module, dist in wanted.items() if importlib.util.find_spec(module) is None))
-PYEOF
-)
-if [ -n "$missing" ] && [ -d "$PREPARED/wheels" ]; then
-  # shellcheck disable=SC2086
-  "$PY" -m pip install --quiet --no-index --no-deps --find-links "$PREPARED/wheels" --target "$PREPARED/site" \
-    $missing || echo "gpu_check: could not install $missing from $PREPARED/wheels (checks needing them will say so)" >&2
-fi
+PYTHON=$PY bash scripts/gpu_wheels.sh "$PREPARED/wheels" "$PREPARED/site"  # offline: what this Python lacks
 exec "$PY" -m ldseg.bench.gpu_check --prepared "$PREPARED" "$@"

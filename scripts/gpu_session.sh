@@ -72,9 +72,8 @@ step() {
   echo "-- $name: exit $rc after $((SECONDS - t0)) s"
 }
 
-site_packages() {  # the wheels this Python lacks (nibabel, platformdirs, ...), into /tmp, on the path
-  "$PY" -m pip install --quiet --no-index --no-deps --no-compile --target "$STASH/site" work/gpu-check/wheels/*.whl \
-    2>&1 | tail -2 || true
+site_packages() {  # the prepared wheels this Python lacks (nibabel, platformdirs, ...), into /tmp, on the path
+  PYTHON=$PY bash scripts/gpu_wheels.sh work/gpu-check/wheels "$STASH/site"
   export PYTHONPATH="$PWD:$STASH/site${PYTHONPATH:+:$PYTHONPATH}"
 }
 
