@@ -6,9 +6,10 @@ them and the CPU path (numpy/scipy) otherwise, so a GPU row shows what the model
 out.
 
 Each stage is timed alone with perf_counter, `repeat` times after one untimed pass (and the model's
-warm-up up to its capturing request): every stage returns host arrays, so it has finished when its
-call returns. On a GPU the upload is inside preprocess and the download inside postprocess (the volume
-ops copy through pinned buffers and hand back host arrays). `over_model` is the sum of the stage
+warm-up up to its capturing request), and waits for the device before it returns. The model keeps its
+result on the device where the volume ops are the backend's own (`sample(resident=True)`, as
+`ldseg-run` does), so postprocess starts from there; on a GPU the volume's upload is inside preprocess
+and the labels' download inside postprocess (pinned buffers, host arrays back). `over_model` is the sum of the stage
 medians other than read, over the model's: issue 30's "warm per-volume time <= 1.3x the model".
 """
 
@@ -55,11 +56,13 @@ def pipeline_record(
 
     prepared = Prepared(path, preprocess(), volume)
     inputs = make_inputs(cfg, prepared.image[None], [seed], steps, sampler)
-    mean = backend.sample(inputs).mean
+    resident = ops is not None
+    mean = backend.sample(inputs, resident=resident).mean
 
     def model() -> None:
         nonlocal mean
-        mean = backend.sample(inputs).mean
+        mean = backend.sample(inputs, resident=resident).mean
+        backend.synchronize()
 
     labels = to_input_grid(prepared, mean, ops)
     with tempfile.TemporaryDirectory(prefix="ldseg-bench-") as folder:

@@ -15,7 +15,7 @@ import numpy as np
 from scipy import ndimage
 
 from ldseg.metrics import dice_per_class
-from ldseg.runs.inference import vote_entropy
+from ldseg.runtime.samples import vote_entropy
 
 LOW_CONFIDENCE = 0.75  # a structure voxel is "unsure" when fewer than 75 % of the K votes agree
 QC_FORMAT = "ldseg-qc/1"

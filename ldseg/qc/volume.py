@@ -19,6 +19,7 @@ from ldseg.qc.classes import class_names
 from ldseg.qc.metrics import VolumeQC, class_stats, uncertainty_stats, voxel_volume_mm3
 from ldseg.runs.types import ExtraFiles, Segmentation
 from ldseg.runs.volumes import Prepared, read_reference_labels, stem
+from ldseg.runtime.samples import host
 
 PREVIEW = "_preview"
 QC = "_qc"
@@ -98,7 +99,7 @@ class QcExtras:
         voxel_mm3 = None if isinstance(source, Image2D) else voxel_volume_mm3(source.affine)
         truth = reference.labels if reference is not None else None
         mean_entropy, low_confidence = uncertainty_stats(
-            result.votes, result.mean_probabilities.argmax(axis=0), self.cfg.num_classes
+            host(result.votes), host(result.mean_probabilities).argmax(axis=0), self.cfg.num_classes
         )
         record = VolumeQC(
             name=stem(prepared.path),

@@ -10,16 +10,8 @@ from ldseg.runs.outputs import output_suffixes, seg_needs_probabilities
 from ldseg.runs.types import RunOptions, Segmentation
 from ldseg.runs.volumes import Prepared, map_to_input_grid, to_input_grid
 from ldseg.runtime.backend import Backend, make_inputs
+from ldseg.runtime.samples import SampleResult
 from ldseg.runtime.volume_ops import VolumeOps
-
-
-def vote_entropy(labels: np.ndarray, num_classes: int) -> np.ndarray:
-    """Per-voxel entropy of K label votes (K, *grid), normalized to [0, 1] by log(num_classes)."""
-    counts = np.stack([(labels == c).sum(axis=0) for c in range(num_classes)]).astype(np.float32)
-    p = counts / labels.shape[0]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        terms = np.where(p > 0, -p * np.log(p), 0.0)
-    return (terms.sum(axis=0) / np.log(num_classes)).astype(np.float32)
 
 
 def segment_prepared(
@@ -31,40 +23,34 @@ def segment_prepared(
 
 
 def infer(
-    image: np.ndarray, backend: Backend, cfg: ModelConfig, opts: RunOptions
-) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
+    image: np.ndarray, backend: Backend, cfg: ModelConfig, opts: RunOptions, *, resident: bool = False
+) -> SampleResult:
     """The model on one prepared image (C, *grid), K samples (Backend.sample: one encoder run, the
     K chains as one batch, the decoder in memory-bounded chunks): the mean probabilities
-    (num_classes, *grid), the K label votes (K, *grid) and the backend's stage times."""
+    (num_classes, *grid), the K label votes (K, *grid) and the backend's stage times. resident: left
+    on the device where the backend's volume ops will resample them (same thread or process only)."""
     seeds = [opts.seed + k for k in range(opts.samples)]
-    result = backend.sample(make_inputs(cfg, image[None], seeds, opts.steps, opts.sampler))
-    return result.mean, result.votes, result.stage_ms
+    return backend.sample(make_inputs(cfg, image[None], seeds, opts.steps, opts.sampler), resident=resident)
 
 
 def on_input_grid(
-    prepared: Prepared,
-    mean: np.ndarray,
-    votes: np.ndarray,
-    stage_ms: dict[str, float],
-    cfg: ModelConfig,
-    opts: RunOptions,
-    ops: VolumeOps | None = None,
+    prepared: Prepared, result: SampleResult, cfg: ModelConfig, opts: RunOptions, ops: VolumeOps | None = None
 ) -> Segmentation:
     """infer's result as the maps to write, on the input's grid (`ops`: resampled on the backend's
-    device, ldseg/runtime/volume_ops.py)."""
+    device, ldseg/runtime/volume_ops.py; a result kept there is used where it is)."""
+    mean = result.mean
     outputs: dict[str, tuple[np.ndarray, type]] = {"_seg": (to_input_grid(prepared, mean, ops), np.uint8)}
     if opts.samples > 1:
-        chosen = np.take_along_axis(mean, mean.argmax(axis=0)[None], axis=0)[0]
-        outputs["_confidence"] = (map_to_input_grid(prepared, chosen, ops), np.float32)
-        entropy = vote_entropy(votes, cfg.num_classes)
-        outputs["_entropy"] = (map_to_input_grid(prepared, entropy, ops), np.float32)
+        outputs["_confidence"] = (map_to_input_grid(prepared, result.confidence(), ops), np.float32)
+        outputs["_entropy"] = (map_to_input_grid(prepared, result.entropy(cfg.num_classes), ops), np.float32)
     if opts.save_probabilities or seg_needs_probabilities(opts):
         for c in range(cfg.num_classes):
             outputs[f"_prob{c}"] = (map_to_input_grid(prepared, mean[c], ops), np.float32)
     assert list(outputs) == output_suffixes(cfg, opts)  # run_files plans the file names from that list
-    return Segmentation(outputs, stage_ms, votes, mean)
+    return Segmentation(outputs, result.stage_ms, result.votes, mean)
 
 
 def segment(prepared: Prepared, backend: Backend, cfg: ModelConfig, opts: RunOptions) -> Segmentation:
     """segment_prepared, also keeping the K votes and mean probabilities (model grid) that QC counts on."""
-    return on_input_grid(prepared, *infer(prepared.image, backend, cfg, opts), cfg, opts, backend.volume_ops())
+    ops = backend.volume_ops()
+    return on_input_grid(prepared, infer(prepared.image, backend, cfg, opts, resident=ops is not None), cfg, opts, ops)

@@ -9,8 +9,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from ldseg.errors import LdsegError
 from ldseg.model.config import ModelConfig
 from ldseg.runs.cohort import CohortInput, key_of
@@ -33,6 +31,7 @@ from ldseg.runs.steps import (
 )
 from ldseg.runs.types import RunOptions, RunSummary, VolumeExtras
 from ldseg.runtime.backend import Backend
+from ldseg.runtime.samples import SampleResult
 from ldseg.runtime.volume_ops import VolumeOps
 
 
@@ -140,9 +139,7 @@ class _Inferred:
 
     plan: VolumePlan
     read: ReadVolume
-    mean: np.ndarray
-    votes: np.ndarray
-    stage_ms: dict[str, float]
+    result: SampleResult  # on the backend's device where its volume ops resample it
     infer_ms: float
 
 
@@ -156,7 +153,7 @@ def _write(
 ) -> Written:
     """Resample to the input grid and write (the writer thread, while the next input computes)."""
     clock = time.perf_counter()
-    result = on_input_grid(done.read.prepared, done.mean, done.votes, done.stage_ms, cfg, opts, ops)
+    result = on_input_grid(done.read.prepared, done.result, cfg, opts, ops)
     result.stage_ms["resample"] = (time.perf_counter() - clock) * 1e3
     return write_volume(done.read, result, cfg, opts, producer=producer, infer_ms=done.infer_ms, manifest=manifest)
 
@@ -211,8 +208,8 @@ def _run_plans(
                 check_writable(plan, opts)
                 read = future.result()
                 clock = time.perf_counter()
-                mean, votes, stage_ms = infer(read.prepared.image, backend, cfg, opts)
-                inferred = _Inferred(plan, read, mean, votes, stage_ms, (time.perf_counter() - clock) * 1e3)
+                result = infer(read.prepared.image, backend, cfg, opts, resident=ops is not None)
+                inferred = _Inferred(plan, read, result, (time.perf_counter() - clock) * 1e3)
             except LdsegError as exc:
                 collect(pending)
                 pending = None

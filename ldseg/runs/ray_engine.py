@@ -154,7 +154,7 @@ class _ModelActor:
     def _infer(self, read: ReadVolume) -> tuple[Any, ...]:
         clock = time.perf_counter()
         try:
-            result = infer(read.prepared.image, self.segmenter.backend, self.spec.cfg, self.spec.opts)
+            result = infer(read.prepared.image, self.segmenter.backend, self.spec.cfg, self.spec.opts)  # host arrays
         except LdsegError as exc:
             return ("failed", failed_row(read.plan.item, exc, self.spec.opts.run_key, self.producer))
         except Exception as exc:  # one volume's crash in the model fails its row, not the run
@@ -172,9 +172,9 @@ def _write_task(row: dict[str, Any], job: bytes) -> dict[str, Any]:
         result_row: RunRow = payload[1]
         manifest.append(result_row)
     else:
-        _, read, (mean, votes, stage_ms), infer_ms, producer = payload
+        _, read, result, infer_ms, producer = payload
         try:
-            segmentation = on_input_grid(read.prepared, mean, votes, stage_ms, spec.cfg, spec.opts)
+            segmentation = on_input_grid(read.prepared, result, spec.cfg, spec.opts)
             done = write_volume(
                 read, segmentation, spec.cfg, spec.opts, producer=producer, infer_ms=infer_ms, manifest=manifest
             )

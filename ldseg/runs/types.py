@@ -12,6 +12,7 @@ import numpy as np
 
 from ldseg.errors import LdsegError
 from ldseg.runs.manifest import RunRow
+from ldseg.runtime.samples import ModelGridArray
 
 if TYPE_CHECKING:
     from ldseg.io.formats.dicom_seg import Algorithm
@@ -55,8 +56,9 @@ class Segmentation:
 
     outputs: dict[str, tuple[np.ndarray, type]]  # {output suffix: (array on input grid, dtype)}
     stage_ms: dict[str, float]
-    votes: np.ndarray  # (K, *grid) uint8: each sample's labels on the model grid
-    mean_probabilities: np.ndarray  # (num_classes, *grid): mean over the K samples, model grid
+    votes: ModelGridArray  # (K, *grid) uint8: each sample's labels on the model grid
+    mean_probabilities: ModelGridArray  # (num_classes, *grid): mean over the K samples, model grid
+    # (both possibly still on the backend's device: ldseg.runtime.samples.host brings them over)
 
 
 @dataclass

@@ -28,6 +28,7 @@ from ldseg.io.preprocess import (
     zoom_to,
 )
 from ldseg.model.config import ModelConfig
+from ldseg.runtime.samples import ModelGridArray, host
 from ldseg.runtime.volume_ops import DeviceStepUnavailable, VolumeOps
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -138,27 +139,28 @@ def read_reference_labels(path: Path, prepared: Prepared, cfg: ModelConfig) -> n
     return labels
 
 
-def to_input_grid(prepared: Prepared, probabilities: np.ndarray, ops: VolumeOps | None = None) -> np.ndarray:
-    """(K, *grid) probabilities -> uint8 labels on the input's grid and axis order."""
+def to_input_grid(prepared: Prepared, probabilities: ModelGridArray, ops: VolumeOps | None = None) -> np.ndarray:
+    """(K, *grid) probabilities -> uint8 labels on the input's grid and axis order (a result left on
+    the device goes to `ops` as it is; the CPU path downloads it)."""
     if isinstance(prepared.reference, Image2D):
-        return probabilities2d_to_input_grid(probabilities, prepared.input_shape)
+        return probabilities2d_to_input_grid(host(probabilities), prepared.input_shape)
     return _on_device(
         ops,
         lambda o: o.labels_on_input_grid(probabilities, prepared.input_shape),
-        lambda: probabilities_to_input_grid(probabilities, prepared.input_shape),
+        lambda: probabilities_to_input_grid(host(probabilities), prepared.input_shape),
         prepared.path,
     )
 
 
-def map_to_input_grid(prepared: Prepared, values: np.ndarray, ops: VolumeOps | None = None) -> np.ndarray:
+def map_to_input_grid(prepared: Prepared, values: ModelGridArray, ops: VolumeOps | None = None) -> np.ndarray:
     """A float map on the model grid (e.g. uncertainty) -> input grid, linear (3D) / nearest (2D)."""
     if isinstance(prepared.reference, Image2D):
-        return resize_nearest(values, prepared.input_shape).astype(np.float32)
+        return resize_nearest(host(values), prepared.input_shape).astype(np.float32)
     shape_dhw = tuple(reversed(prepared.input_shape))
     return _on_device(
         ops,
         lambda o: o.map_on_input_grid(values, prepared.input_shape),
-        lambda: zoom_to(values.astype(np.float32), shape_dhw).transpose(2, 1, 0),
+        lambda: zoom_to(host(values).astype(np.float32), shape_dhw).transpose(2, 1, 0),
         prepared.path,
     )
 

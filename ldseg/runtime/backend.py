@@ -24,7 +24,9 @@ shape (its "plan") and reuses for every later run:
   a decoder holds full-resolution activations per sample) and the mean probabilities and the K
   label votes are accumulated chunk by chunk, so no K full-resolution probability volumes are ever
   held at once. Same seeds, same labels: the sum runs sample by sample in float32 in the order
-  `probabilities.mean(axis=0)` adds them, so chunking changes no bit of the mean.
+  `probabilities.mean(axis=0)` adds them, so chunking changes no bit of the mean. With
+  `resident=True` a backend whose volume ops run on its device keeps the sum, the votes and the maps
+  made from them there (`device_samples`, ldseg/runtime/samples.py): only what is written comes back.
 
 Eagerly, or, where a backend captures (`capture`/`replay`, CUDA graphs), encode + broadcast + loop
 (+ decode when one chunk holds the batch) as one graph replay. Capture only when it pays: a shape's
@@ -60,6 +62,7 @@ import numpy as np
 
 from ldseg.model.config import ModelConfig
 from ldseg.model.sampling import denoise_loop, draw_noise, sampler_table
+from ldseg.runtime.samples import DeviceSamples, HostSamples, SampleResult
 from ldseg.runtime.volume_ops import VolumeOps
 
 STAGES = ("input_copy", "encoder", "step", "loop", "decoder", "output_copy")  # what the bench times
@@ -92,16 +95,6 @@ class PipelineOutputs:
     labels: np.ndarray  # (B, *grid) uint8
     probabilities: np.ndarray | None = None  # (B, K, *grid) float32 when asked for
     stage_ms: dict[str, float] = field(default_factory=dict)  # wall/GPU time per stage
-
-
-@dataclass
-class SampleResult:
-    """K samples of one image, accumulated chunk by chunk (`Backend.sample`)."""
-
-    mean: np.ndarray  # (num_classes, *grid) float32: the mean probabilities over the K samples
-    votes: np.ndarray  # (K, *grid) uint8: each sample's labels (vote entropy, QC)
-    stage_ms: dict[str, float]
-    chunk: int  # samples per decoder run
 
 
 @dataclass
@@ -240,6 +233,11 @@ class Backend(ABC, Generic[PlanT, LatentT]):
             return "cpu (numpy/scipy)"
         return "cpu (numpy/scipy): --volume-ops cpu" if self.volume_path == "cpu" else on_device
 
+    def device_samples(self, samples: int) -> DeviceSamples | None:
+        """An accumulator that keeps `sample`'s result on the device for this backend's volume ops
+        (ldseg/runtime/samples.py), or None: host arrays. Backends with device volume ops override it."""
+        return None
+
     def decode_chunk(self, samples: int) -> int:
         """Samples per decoder run in `sample`. The decoder is the one stage whose memory grows with
         the batch at full resolution (knee3d: ~2.5 GB per sample on CPU), so the default is 1: the
@@ -267,39 +265,36 @@ class Backend(ABC, Generic[PlanT, LatentT]):
         labels, probs = out[0]
         return PipelineOutputs(labels=labels, probabilities=probs, stage_ms=stage_ms)
 
-    def sample(self, inputs: PipelineInputs, *, chunk: int | None = None) -> SampleResult:
+    def sample(self, inputs: PipelineInputs, *, chunk: int | None = None, resident: bool = False) -> SampleResult:
         """K samples of one image (inputs.image of batch 1, K latents): the mean probabilities and
-        the K label votes, decoded `chunk` samples at a time (default `decode_chunk(K)`)."""
+        the K label votes, decoded `chunk` samples at a time (default `decode_chunk(K)`).
+        resident: leave them on the device where the backend keeps results there for its own volume
+        ops (`device_samples`; ldseg/runtime/samples.py); otherwise, and by default, host arrays."""
         if inputs.images != 1:
             raise ValueError(f"sample takes one image and K latents, got {inputs.images} images")
         k = inputs.batch
         size = max(1, min(k, chunk or self.decode_chunk(k)))
-        votes = np.empty((k, *self.config.image_size), np.uint8)
-        total: list[np.ndarray] = []
-
-        def consume(start: int, labels: np.ndarray, probs: np.ndarray | None) -> None:
-            assert probs is not None
-            votes[start : start + len(labels)] = labels
-            for p in probs:  # sample by sample in float32: the additions probabilities.sum(axis=0) makes
-                if total:
-                    np.add(total[0], p, out=total[0])
-                else:
-                    total.append(np.array(p, dtype=np.float32, copy=True))
-
-        stage_ms = self._execute(inputs, True, size, consume)
-        # np.mean's own division (by an intp count, into the float32 sum): the same bits as before.
-        mean = np.true_divide(total[0], np.intp(k), out=total[0], casting="unsafe")
-        return SampleResult(mean=mean, votes=votes, stage_ms=stage_ms, chunk=size)
+        kept = self.device_samples(k) if resident else None
+        samples = kept or HostSamples(k, self.config.image_size)
+        stage_ms = self._execute(inputs, True, size, samples.add, fetch=None if kept is None else kept.fetch)
+        return samples.result(stage_ms, size)
 
     def _execute(
         self,
         inputs: PipelineInputs,
         probabilities: bool,
         chunk: int,
-        consume: Callable[[int, np.ndarray, np.ndarray | None], None],
+        consume: Callable[[int, Any, Any], None],
+        fetch: Callable[[PlanT], tuple[Any, Any]] | None = None,
     ) -> dict[str, float]:
         """The one lifecycle: copy in, encode (once per image), broadcast, loop, then decode in
-        chunks of `chunk` latents, each handed to `consume(start, labels, probabilities)`."""
+        chunks of `chunk` latents, each handed to `consume(start, labels, probabilities)` as `fetch`
+        gives them (default: `copy_out`, host arrays)."""
+
+        def host_arrays(plan: PlanT) -> tuple[Any, Any]:
+            return self.copy_out(plan, probabilities)
+
+        fetch = fetch or host_arrays
         check_inputs(inputs, self.config, self.artifact)
         batch, steps = inputs.batch, inputs.steps
         enc = self.plan(inputs.images, steps)
@@ -327,7 +322,7 @@ class Backend(ABC, Generic[PlanT, LatentT]):
                 self.decode(head, z, probabilities)
                 clock.mark("decoder")
         if whole:
-            labels, probs = self.copy_out(head, probabilities)
+            labels, probs = fetch(head)
             clock.mark("output_copy")
             consume(0, labels, probs)
             return clock.result()
@@ -335,7 +330,7 @@ class Backend(ABC, Generic[PlanT, LatentT]):
             part = self.plan(min(chunk, batch - start), steps)
             self.decode(part, self.take(head, z, start, part), probabilities)
             clock.mark("decoder")
-            labels, probs = self.copy_out(part, probabilities)
+            labels, probs = fetch(part)
             clock.mark("output_copy")
             consume(start, labels, probs)
             clock.mark("accumulate")

@@ -25,6 +25,7 @@ from typing import Protocol
 import numpy as np
 
 from ldseg.io.preprocess import zoom_coordinates
+from ldseg.runtime.samples import ModelGridArray
 
 
 class DeviceStepUnavailable(RuntimeError):
@@ -50,11 +51,12 @@ class VolumeOps(Protocol):
         constant or NaN volume, in the reference's words."""
         ...
 
-    def labels_on_input_grid(self, probabilities: np.ndarray, input_shape_nib: Sequence[int]) -> np.ndarray:
-        """(C, D, H, W) probabilities on the model grid -> uint8 labels (X, Y, Z) on the input grid."""
+    def labels_on_input_grid(self, probabilities: ModelGridArray, input_shape_nib: Sequence[int]) -> np.ndarray:
+        """(C, D, H, W) probabilities on the model grid -> uint8 labels (X, Y, Z) on the input grid
+        (a DeviceArray of this device's backend is used where it is, any other downloaded)."""
         ...
 
-    def map_on_input_grid(self, values: np.ndarray, input_shape_nib: Sequence[int]) -> np.ndarray:
+    def map_on_input_grid(self, values: ModelGridArray, input_shape_nib: Sequence[int]) -> np.ndarray:
         """(D, H, W) float map on the model grid -> float32 (X, Y, Z) on the input grid."""
         ...
 

@@ -120,7 +120,7 @@ class SegmentService:
         for read, opts in jobs:
             try:
                 inferred = infer_read(read, self.seg, opts)
-                results.append(Inferred(inferred.mean, inferred.votes, inferred.stage_ms, inferred.infer_ms, len(jobs)))
+                results.append(Inferred(inferred.result, inferred.infer_ms, len(jobs)))
             except LdsegError as exc:
                 results.append(exc)
             except Exception as exc:  # the backend's state is unknown now: Serve replaces this replica

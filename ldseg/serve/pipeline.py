@@ -15,8 +15,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from ldseg.api import Segmenter
 from ldseg.model.config import ModelConfig
 from ldseg.runs.cohort import CohortInput
@@ -25,6 +23,7 @@ from ldseg.runs.outputs import output_suffixes, plan_options
 from ldseg.runs.specs import WriteSpec
 from ldseg.runs.steps import Producer, ReadVolume, check_writable, plan_volume, read_volume, write_volume
 from ldseg.runs.types import RunOptions
+from ldseg.runtime.samples import SampleResult
 from ldseg.runtime.volume_ops import VolumeOps
 
 __all__ = ["Inferred", "RunOptions", "Written", "finish", "infer_read", "options_for", "plan_and_read"]
@@ -32,13 +31,16 @@ __all__ = ["Inferred", "RunOptions", "Written", "finish", "infer_read", "options
 
 @dataclass(frozen=True)
 class Inferred:
-    """The model's part of one request: mean probabilities, votes, stage times (ms)."""
+    """The model's part of one request: the K samples (left on the backend's device where its volume
+    ops finish the request) and the time it took."""
 
-    mean: np.ndarray
-    votes: np.ndarray
-    stage_ms: dict[str, float]
+    result: SampleResult
     infer_ms: float
     batch_size: int = 1  # requests in the Serve batch this one ran in
+
+    @property
+    def stage_ms(self) -> dict[str, float]:
+        return self.result.stage_ms
 
 
 @dataclass(frozen=True)
@@ -76,8 +78,8 @@ def plan_and_read(
 def infer_read(read: ReadVolume, seg: Segmenter, opts: RunOptions) -> Inferred:
     """The model on one read input (call it on the model's thread only)."""
     clock = time.perf_counter()
-    mean, votes, stage_ms = infer(read.prepared.image, seg.backend, seg.config, opts)
-    return Inferred(mean, votes, stage_ms, (time.perf_counter() - clock) * 1e3)
+    result = infer(read.prepared.image, seg.backend, seg.config, opts, resident=seg.backend.volume_ops() is not None)
+    return Inferred(result, (time.perf_counter() - clock) * 1e3)
 
 
 def finish(
@@ -90,7 +92,7 @@ def finish(
 ) -> Written:
     """Back to the input grid and written, exactly as a run writes them (no manifest)."""
     clock = time.perf_counter()
-    result = on_input_grid(read.prepared, inferred.mean, inferred.votes, inferred.stage_ms, cfg, opts, ops)
+    result = on_input_grid(read.prepared, inferred.result, cfg, opts, ops)
     grid_ms = (time.perf_counter() - clock) * 1e3
     done = write_volume(read, result, cfg, opts, producer=producer, infer_ms=inferred.infer_ms, manifest=None)
     write_ms = (time.perf_counter() - clock) * 1e3 - grid_ms

@@ -167,7 +167,8 @@ def test_the_encoder_at_batch_1_gives_the_z_image_of_batch_k(model: LDSeg, bundl
 
 def test_infer_with_one_sample_is_unchanged(model: LDSeg, image: np.ndarray) -> None:
     backend = TorchBackend(model)
-    mean, votes, _ = infer(image, backend, model.cfg, RunOptions(steps=STEPS, seed=3, samples=1))
+    result = infer(image, backend, model.cfg, RunOptions(steps=STEPS, seed=3, samples=1))
+    mean, votes = result.mean, result.votes
     old_mean, old_votes = old_infer(image, backend, [3])
     np.testing.assert_array_equal(mean, old_mean)
     np.testing.assert_array_equal(votes, old_votes)

@@ -6,7 +6,8 @@ plausible wrong start scores 98-99.9 % against the torch reference and passes):
   identical labels on every one;
 - `k_samples_within_budget`: `Backend.sample` with K samples, graphs on vs off, the same tolerance,
   and the device memory it added within the budget `decode_chunk` sizes chunks for (half the free
-  memory before the run).
+  memory before the run); and the same K samples kept on the device (`sample(resident=True)`, the run
+  path's own call where the backend keeps them) equal to the host's bit for bit, maps included.
 Used by the torch checks (torch_checks.py) and the other backends' (backend_checks.py); imports neither.
 """
 
@@ -19,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from ldseg.bench.gpu_check.report import Result
+from ldseg.runtime.samples import host
 
 if TYPE_CHECKING:
     from ldseg.runtime.backend import Backend, PipelineInputs
@@ -98,17 +100,32 @@ def k_samples_within_budget(
     first = runs[0]
     after = free_memory()
     ref = eager.sample(inputs)
-    diffs = [float(np.abs(r.mean - ref.mean).max()) for r in runs]
-    votes = [bool(np.array_equal(r.votes, ref.votes)) for r in runs]
+    diffs = [float(np.abs(host(r.mean) - host(ref.mean)).max()) for r in runs]
+    votes = [bool(np.array_equal(host(r.votes), host(ref.votes))) for r in runs]
     used = None if before is None or after is None else before - after
     within = used is None or used <= MEMORY_FRACTION * before  # type: ignore[operator]
-    ok = max(diffs) <= GRAPH_TOLERANCE and all(votes) and within
+    kept, last = graphed.sample(inputs, resident=True), runs[-1]
+    classes = graphed.config.num_classes
+    resident = {
+        "kept": type(kept.mean).__name__,
+        "mean": bool(np.array_equal(host(kept.mean), host(last.mean))),
+        "votes": bool(np.array_equal(host(kept.votes), host(last.votes))),
+        "confidence": bool(np.array_equal(host(kept.confidence()), host(last.confidence()))),
+        "entropy": bool(np.array_equal(host(kept.entropy(classes)), host(last.entropy(classes)))),
+    }
+    ok = (
+        max(diffs) <= GRAPH_TOLERANCE
+        and all(votes)
+        and within
+        and all(v for key, v in resident.items() if key != "kept")
+    )
     return {
         "status": "pass" if ok else "fail",
         "samples": inputs.batch,
         "chunk": first.chunk,
         "max_abs_delta_mean_p": diffs,
         "votes_equal": votes,
+        "resident_equal_to_host": resident,
         "device_bytes_added": used,
         "device_budget_bytes": None if before is None else int(MEMORY_FRACTION * before),
         "memory": "measured" if used is not None else "not measured (no cudaMemGetInfo here)",

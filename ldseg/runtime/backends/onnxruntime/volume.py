@@ -18,6 +18,7 @@ import numpy as np
 import onnx
 
 from ldseg.runtime.backends.onnxruntime.probe import CUDA_PROVIDER, onnxruntime_needed
+from ldseg.runtime.samples import ModelGridArray, host
 from ldseg.runtime.volume_graphs import EXACT, class_step_graph, map_graph, to_model_grid_graph
 from ldseg.runtime.volume_ops import DeviceMemoryError, axis_feeds
 
@@ -69,7 +70,8 @@ class OrtVolumeOps:
             raise ValueError(_CONSTANT)
         return np.asarray(image, dtype=np.float32)
 
-    def labels_on_input_grid(self, probabilities: np.ndarray, input_shape_nib: Sequence[int]) -> np.ndarray:
+    def labels_on_input_grid(self, probabilities: ModelGridArray, input_shape_nib: Sequence[int]) -> np.ndarray:
+        probabilities = host(probabilities)  # this backend's results come back as host arrays
         if probabilities.ndim != 4 or len(input_shape_nib) != 3:
             raise ValueError(
                 f"need probs (C, D, H, W) and a 3D input shape, got {probabilities.shape}, {tuple(input_shape_nib)}"
@@ -110,7 +112,8 @@ class OrtVolumeOps:
         # A copy: on the CPU provider numpy() is a view of the OrtValue, which dies with `pairs`.
         return np.array(pairs[probabilities.shape[0] % 2][1].numpy(), copy=True)
 
-    def map_on_input_grid(self, values: np.ndarray, input_shape_nib: Sequence[int]) -> np.ndarray:
+    def map_on_input_grid(self, values: ModelGridArray, input_shape_nib: Sequence[int]) -> np.ndarray:
+        values = host(values)
         target = tuple(int(s) for s in input_shape_nib)[::-1]
         feeds = {"values": np.ascontiguousarray(values, dtype=np.float32), **axis_feeds(values.shape, target)}
         with self._device_memory():

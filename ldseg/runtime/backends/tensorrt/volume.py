@@ -34,6 +34,7 @@ from ldseg.errors import BackendUnavailable
 from ldseg.runtime.artifacts.engines import EngineSet
 from ldseg.runtime.backends.tensorrt import compat as trt_compat
 from ldseg.runtime.backends.tensorrt import cuda
+from ldseg.runtime.samples import ModelGridArray, host
 from ldseg.runtime.volume_graphs import FLOAT32
 from ldseg.runtime.volume_ops import DeviceMemoryError, DeviceStepUnavailable, axis_feeds
 
@@ -124,7 +125,8 @@ class TrtVolumeOps:
             raise ValueError(_CONSTANT)
         return image
 
-    def labels_on_input_grid(self, probabilities: np.ndarray, input_shape_nib: Sequence[int]) -> np.ndarray:
+    def labels_on_input_grid(self, probabilities: ModelGridArray, input_shape_nib: Sequence[int]) -> np.ndarray:
+        probabilities = host(probabilities)  # this backend's results come back as host arrays
         if probabilities.ndim != 4 or len(input_shape_nib) != 3 or probabilities.shape[1:] != self.grid:
             raise ValueError(
                 f"need probs (C, *{self.grid}) and a 3D input shape, got {probabilities.shape}, "
@@ -149,7 +151,8 @@ class TrtVolumeOps:
             labels = self._download("labels")
         return np.ascontiguousarray(labels.transpose(_TO_MODEL))
 
-    def map_on_input_grid(self, values: np.ndarray, input_shape_nib: Sequence[int]) -> np.ndarray:
+    def map_on_input_grid(self, values: ModelGridArray, input_shape_nib: Sequence[int]) -> np.ndarray:
+        values = host(values)
         if values.shape != self.grid or len(input_shape_nib) != 3:
             raise ValueError(
                 f"need a map of {self.grid} and a 3D input shape, got {values.shape}, {tuple(input_shape_nib)}"

@@ -34,7 +34,8 @@ records under the same autocast (every stage sets it). Whether a reduced precisi
 for a model is the declaration's accuracy gate (gate.py), not this class's business.
 
 Pre/post-processing (`volume_ops()`, volume.py): torch ops on the model's device, the CPU included,
-unless `device_volume=False` (then the run path's scipy reference).
+unless `device_volume=False` (then the run path's scipy reference). With them, `sample(resident=True)`
+keeps the K samples' mean, votes and maps on the device for them (samples.py).
 
 `compile=True` (or LDSEG_TORCH_COMPILE=1) wraps the denoiser and the decoder in torch.compile on
 CUDA (compile.py); on CPU it is ignored, and where compiling fails the stage runs eagerly.
@@ -53,6 +54,7 @@ import torch
 from ldseg.model.network import LDSeg
 from ldseg.runtime.backend import Backend, CaptureFailed, PipelineInputs
 from ldseg.runtime.backends.torch.compile import Compiled, compile_wanted
+from ldseg.runtime.backends.torch.samples import TorchSamples
 from ldseg.runtime.backends.torch.volume import TorchVolumeOps
 
 # What the torch backend computes in: the autocast type (None: plain FP32).
@@ -185,6 +187,12 @@ class TorchBackend(Backend[TorchPlan, torch.Tensor]):
 
     def take(self, src: TorchPlan, z: torch.Tensor, start: int, dst: TorchPlan) -> torch.Tensor:
         return z[start : start + dst.z_init.shape[0]]
+
+    def device_samples(self, samples: int) -> TorchSamples | None:
+        """K samples kept on the device where TorchVolumeOps resamples them (samples.py)."""
+        if self.volume_ops() is None or self._volume_ops is None:
+            return None
+        return TorchSamples(samples, self.config.image_size, torch.device(self.device), self._volume_ops.stream)
 
     def decode_chunk(self, samples: int) -> int:
         if not self.device.startswith("cuda"):

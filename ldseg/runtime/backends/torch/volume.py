@@ -21,6 +21,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ldseg.runtime.backends.torch.samples import TorchDeviceArray
+from ldseg.runtime.samples import ModelGridArray, host
 from ldseg.runtime.volume_ops import DeviceMemoryError
 
 _TO_MODEL = (2, 1, 0)  # nibabel (X, Y, Z) <-> model (D, H, W), as ldseg.io.preprocess
@@ -33,37 +35,41 @@ class TorchVolumeOps:
         self.device = torch.device(device)
         self.where = str(self.device)
         self._cuda = self.device.type == "cuda"
-        self._stream = torch.cuda.Stream(self.device) if self._cuda else None
+        self.stream = torch.cuda.Stream(self.device) if self._cuda else None
 
     @contextmanager
     def _on_stream(self) -> Iterator[None]:
         """The operation on this object's stream; the device running out of memory leaves it as
         DeviceMemoryError (the run path then takes the CPU path for that step)."""
         try:
-            if self._stream is None:
+            if self.stream is None:
                 yield
             else:
-                with torch.cuda.stream(self._stream):
+                with torch.cuda.stream(self.stream):
                     yield
-                self._stream.synchronize()  # the host reads the result right after
+                self.stream.synchronize()  # the host reads the result right after
         except _OUT_OF_MEMORY as exc:
             if self._cuda:
                 torch.cuda.empty_cache()  # give back what the failed step held
             raise DeviceMemoryError.of(self.where, exc) from exc
 
-    def _upload(self, array: np.ndarray) -> torch.Tensor:
-        host = torch.from_numpy(np.ascontiguousarray(array))
+    def _upload(self, array: ModelGridArray) -> torch.Tensor:
+        """The array on this device: a result the backend left here as it is (once written), anything
+        else through pinned memory."""
+        if isinstance(array, TorchDeviceArray) and array.tensor.device == self.device:
+            return array.wait()
+        source = torch.from_numpy(np.ascontiguousarray(host(array)))
         if not self._cuda:
-            return host
-        return host.pin_memory().to(self.device, non_blocking=True)
+            return source
+        return source.pin_memory().to(self.device, non_blocking=True)
 
     def _download(self, tensor: torch.Tensor) -> np.ndarray:
         if not self._cuda:
             return tensor.numpy()
         host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
         host.copy_(tensor, non_blocking=True)
-        assert self._stream is not None
-        self._stream.synchronize()
+        assert self.stream is not None
+        self.stream.synchronize()
         return host.numpy()
 
     @torch.no_grad()
@@ -83,8 +89,8 @@ class TorchVolumeOps:
             return self._download(out)
 
     @torch.no_grad()
-    def labels_on_input_grid(self, probabilities: np.ndarray, input_shape_nib: Sequence[int]) -> np.ndarray:
-        if probabilities.ndim != 4 or len(input_shape_nib) != 3:
+    def labels_on_input_grid(self, probabilities: ModelGridArray, input_shape_nib: Sequence[int]) -> np.ndarray:
+        if len(probabilities.shape) != 4 or len(input_shape_nib) != 3:
             raise ValueError(
                 f"need probs (C, D, H, W) and a 3D input shape, got {probabilities.shape}, {tuple(input_shape_nib)}"
             )
@@ -101,9 +107,9 @@ class TorchVolumeOps:
             return self._download(labels.permute(*_TO_MODEL).contiguous())
 
     @torch.no_grad()
-    def map_on_input_grid(self, values: np.ndarray, input_shape_nib: Sequence[int]) -> np.ndarray:
+    def map_on_input_grid(self, values: ModelGridArray, input_shape_nib: Sequence[int]) -> np.ndarray:
         with self._on_stream():
-            mapped = self._resampled(self._upload(values.astype(np.float32, copy=False))[None, None], input_shape_nib)
+            mapped = self._resampled(self._upload(values).to(torch.float32)[None, None], input_shape_nib)
             return self._download(mapped[0, 0].permute(*_TO_MODEL).contiguous())
 
     def _resampled(self, volumes: torch.Tensor, input_shape_nib: Sequence[int]) -> torch.Tensor:

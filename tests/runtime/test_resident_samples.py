@@ -1,0 +1,121 @@
+"""K samples kept on the backend's device (issue 30, ldseg/runtime/samples.py and the torch backend's
+samples.py): `sample(resident=True)` must give what the host path gives, bit for bit — the mean,
+the votes, and the confidence and entropy maps made from them — since only where they live changes.
+Run here on the CPU, where the torch backend keeps them as CPU tensors through the same code a GPU
+runs (the CUDA events aside); on a GPU, gpu_check's k_samples row holds the same equalities.
+
+On the trained demo model and phantoms (several classes, checked)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ldseg.model.network import LDSeg
+from ldseg.runs.inference import infer, on_input_grid, segment
+from ldseg.runs.types import RunOptions
+from ldseg.runs.volumes import prepare
+from ldseg.runtime.artifacts.source import load_model
+from ldseg.runtime.backend import make_inputs
+from ldseg.runtime.backends.onnxruntime.backend import OnnxRuntimeBackend
+from ldseg.runtime.backends.torch.backend import TorchBackend
+from ldseg.runtime.backends.torch.samples import TorchDeviceArray, TorchSampleResult
+from ldseg.runtime.samples import DeviceArray, SampleResult, host, vote_entropy
+from tests.helpers import assert_several_classes, phantom_images
+from tests.reliability.helpers import write_phantoms
+
+STEPS = 3
+
+
+@pytest.fixture(scope="module")
+def model() -> LDSeg:
+    return load_model("demo")
+
+
+@pytest.fixture(scope="module")
+def backend(model: LDSeg) -> TorchBackend:
+    return TorchBackend(model)  # its torch volume ops are on: results may stay with them
+
+
+@pytest.mark.parametrize(("samples", "chunk"), [(1, None), (3, 1), (3, 2), (3, 3)])
+def test_kept_samples_equal_the_host_samples_bit_for_bit(backend: TorchBackend, samples: int, chunk: int | None):
+    image = phantom_images(backend.config, [2])
+    inputs = make_inputs(backend.config, image, list(range(7, 7 + samples)), STEPS)
+    on_host = backend.sample(inputs, chunk=chunk)
+    kept = backend.sample(inputs, chunk=chunk, resident=True)
+    assert isinstance(on_host.mean, np.ndarray) and isinstance(on_host.votes, np.ndarray)
+    assert isinstance(kept, TorchSampleResult) and isinstance(kept.mean, TorchDeviceArray)
+    assert kept.chunk == on_host.chunk and kept.samples == on_host.samples == samples
+    assert_several_classes(on_host.votes[0], "host votes")
+    np.testing.assert_array_equal(host(kept.mean), on_host.mean)
+    np.testing.assert_array_equal(host(kept.votes), on_host.votes)
+    classes = backend.config.num_classes
+    np.testing.assert_array_equal(host(kept.confidence()), host(on_host.confidence()))
+    np.testing.assert_array_equal(host(kept.entropy(classes)), host(on_host.entropy(classes)))
+    np.testing.assert_array_equal(host(kept.mean[1]), on_host.mean[1])  # a class, still on the device
+    assert np.asarray(kept.mean).dtype == np.float32 and len(kept.mean) == classes
+
+
+@pytest.mark.parametrize(("samples", "classes"), [(1, 2), (2, 3), (5, 3), (8, 4), (9, 5)])
+def test_the_device_entropy_is_the_host_vote_entropy(samples: int, classes: int):
+    """Every count of votes a voxel can have (random votes over many voxels), against vote_entropy."""
+    votes = np.random.default_rng(samples * 10 + classes).integers(0, classes, (samples, 6, 7, 40), dtype=np.uint8)
+    votes[:, 0, 0, :classes] = np.arange(classes, dtype=np.uint8)[:, None].T  # unanimous voxels too
+    kept = TorchSampleResult(
+        mean=TorchDeviceArray(torch.zeros((classes, 6, 7, 40))),
+        votes=TorchDeviceArray(torch.from_numpy(votes)),
+        stage_ms={},
+        chunk=1,
+    )
+    reference = vote_entropy(votes, classes)
+    assert float(reference.min()) == 0.0 and (samples == 1 or float(reference.max()) > 0.5)
+    np.testing.assert_array_equal(host(kept.entropy(classes)), reference)
+
+
+def test_confidence_is_the_chosen_class_probability():
+    mean = np.array([[0.5, 0.2, 0.3], [0.5, 0.7, 0.3], [0.0, 0.1, 0.4]], np.float32)[:, :, None, None]
+    on_host = SampleResult(mean=mean, votes=np.zeros((2, 3, 1, 1), np.uint8), stage_ms={}, chunk=1)
+    kept = TorchSampleResult(
+        mean=TorchDeviceArray(torch.from_numpy(mean)),
+        votes=TorchDeviceArray(torch.zeros(2, 3, 1, 1)),
+        stage_ms={},
+        chunk=1,
+    )
+    np.testing.assert_array_equal(host(on_host.confidence())[:, 0, 0], np.float32([0.5, 0.7, 0.4]))
+    np.testing.assert_array_equal(host(kept.confidence()), host(on_host.confidence()))
+
+
+def test_a_backend_without_device_volume_ops_gives_host_arrays(model: LDSeg, shipped_demo_bundle: Path):
+    inputs = make_inputs(model.cfg, phantom_images(model.cfg, [1]), [0, 1], STEPS)
+    for other in (
+        TorchBackend(model, device_volume=False),
+        OnnxRuntimeBackend(shipped_demo_bundle, threads=2),
+        OnnxRuntimeBackend(shipped_demo_bundle, threads=2, device_volume=True),  # no keeping there yet
+    ):
+        result = other.sample(inputs, resident=True)
+        assert isinstance(result.mean, np.ndarray) and isinstance(result.votes, np.ndarray), other.describe()
+    cpu_path = TorchBackend(model)
+    cpu_path.volume_path = "cpu"  # --volume-ops cpu: the scipy path takes host arrays
+    assert isinstance(cpu_path.sample(inputs, resident=True).mean, np.ndarray)
+
+
+def test_the_run_path_keeps_them_and_writes_what_the_host_result_writes(tmp_path: Path, backend: TorchBackend):
+    """`segment` (the API's and `ldseg-run`'s per-volume call) hands the ops the kept result: the maps
+    written are those of the same ops on the host result, and QC's model-grid arrays come over."""
+    [path] = write_phantoms(tmp_path / "in", 1, tmp_path / "truth")
+    cfg, ops = backend.config, backend.volume_ops()
+    opts = RunOptions(steps=STEPS, samples=2, save_probabilities=True)
+    prepared = prepare(path, cfg, ops=ops)
+    got = segment(prepared, backend, cfg, opts)
+    assert isinstance(got.mean_probabilities, DeviceArray) and isinstance(got.votes, DeviceArray)
+    on_host = on_input_grid(prepared, infer(prepared.image, backend, cfg, opts), cfg, opts, ops)
+    assert list(got.outputs) == list(on_host.outputs) and "_entropy" in got.outputs
+    assert_several_classes(on_host.outputs["_seg"][0], "host-path labels")
+    for name, (array, dtype) in on_host.outputs.items():
+        assert got.outputs[name][1] is dtype
+        np.testing.assert_array_equal(got.outputs[name][0], array, err_msg=name)
+    np.testing.assert_array_equal(host(got.votes), host(on_host.votes))
+    np.testing.assert_array_equal(host(got.mean_probabilities), host(on_host.mean_probabilities))
