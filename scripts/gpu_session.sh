@@ -106,10 +106,9 @@ case "${1:-}" in
     step precision env CHECKPOINT="$CKPT" DATA="$K" OUT="$STASH/out/knee/gpu-precision" PYTHON="$PY" \
       bash benchmarks/gpu_precision.sh
     for backend in torch onnxruntime; do
-      samples="1"
-      [ "$backend" = torch ] && samples="1 8"  # torch keeps K samples on the device: issue 30's K=8 <= 2x K=1
+      # --samples 1 8: issue 30's K=8 <= 2x K=1 (both backends keep the K samples on the device)
       step "pipeline-$backend" "$PY" benchmarks/device_pipeline.py --checkpoint "$CKPT" --backend "$backend" \
-        --device cuda --images "$K/images" --volumes 16 --samples $samples -o "$STASH/out/knee/device-pipeline-$backend"
+        --device cuda --images "$K/images" --volumes 16 --samples 1 8 -o "$STASH/out/knee/device-pipeline-$backend"
     done
     bundle=$("$PY" - "$LDSEG_CACHE" <<'PYEOF'
 import json, sys

@@ -53,6 +53,10 @@ class DeviceArray:
     def __len__(self) -> int:
         return self.shape[0]
 
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
 
 ModelGridArray = np.ndarray | DeviceArray  # a model-grid array, on the host or left on the device
 

@@ -103,7 +103,8 @@ def _resample(nodes: list[onnx.NodeProto], x: str, a: Arithmetic) -> str:
     return out
 
 
-def _model(nodes: list[onnx.NodeProto], name: str, inputs: list, outputs: list) -> onnx.ModelProto:
+def small_model(nodes: list[onnx.NodeProto], name: str, inputs: list, outputs: list) -> onnx.ModelProto:
+    """A checked model of `nodes` at OPSET (the volume and sample graphs)."""
     model = helper.make_model(
         helper.make_graph(nodes, name, inputs, outputs), opset_imports=[helper.make_opsetid("", OPSET)]
     )
@@ -130,7 +131,7 @@ def to_model_grid_graph(a: Arithmetic = EXACT) -> onnx.ModelProto:
         helper.make_tensor_value_info("peak", TensorProto.FLOAT, []),
         helper.make_tensor_value_info("total", TensorProto.FLOAT, []),
     ]
-    return _model(nodes, "ldseg_to_model_grid", inputs, outputs)
+    return small_model(nodes, "ldseg_to_model_grid", inputs, outputs)
 
 
 def class_step_graph(a: Arithmetic = EXACT) -> onnx.ModelProto:
@@ -159,7 +160,7 @@ def class_step_graph(a: Arithmetic = EXACT) -> onnx.ModelProto:
     if a.labels_output:
         nodes.append(helper.make_node("Cast", ["index_out"], ["labels"], to=TensorProto.UINT8))
         outputs.append(helper.make_tensor_value_info("labels", TensorProto.UINT8, grid))
-    return _model(nodes, "ldseg_class_step_on_input_grid", inputs, outputs)
+    return small_model(nodes, "ldseg_class_step_on_input_grid", inputs, outputs)
 
 
 def map_graph(a: Arithmetic = EXACT) -> onnx.ModelProto:
@@ -171,7 +172,7 @@ def map_graph(a: Arithmetic = EXACT) -> onnx.ModelProto:
     for axis in range(3):
         inputs += _axis_inputs(axis, 3, a)
     result = helper.make_tensor_value_info("result", TensorProto.FLOAT, ["n2", "n1", "n0"])
-    return _model(nodes, "ldseg_map_on_input_grid", inputs, [result])
+    return small_model(nodes, "ldseg_map_on_input_grid", inputs, [result])
 
 
 # What an engine set calls them (ldseg/runtime/artifacts/engines.py: "volume_ops").

@@ -1,8 +1,9 @@
-"""K samples kept on the backend's device (issue 30, ldseg/runtime/samples.py and the torch backend's
-samples.py): `sample(resident=True)` must give what the host path gives, bit for bit — the mean,
-the votes, and the confidence and entropy maps made from them — since only where they live changes.
-Run here on the CPU, where the torch backend keeps them as CPU tensors through the same code a GPU
-runs (the CUDA events aside); on a GPU, gpu_check's k_samples row holds the same equalities.
+"""K samples kept on the backend's device (issue 30, ldseg/runtime/samples.py and the torch and ONNX
+Runtime backends' samples.py): `sample(resident=True)` must give what the host path gives, bit for
+bit — the mean, the votes, and the confidence and entropy maps made from them — since only where
+they live changes. Run here on the CPU, where the torch backend keeps them as CPU tensors and ONNX
+Runtime as CPU OrtValues through the same code a GPU runs (the CUDA events aside); on a GPU,
+gpu_check's k_samples row holds the same equalities.
 
 On the trained demo model and phantoms (several classes, checked)."""
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 import torch
 
@@ -19,8 +21,9 @@ from ldseg.runs.inference import infer, on_input_grid, segment
 from ldseg.runs.types import RunOptions
 from ldseg.runs.volumes import prepare
 from ldseg.runtime.artifacts.source import load_model
-from ldseg.runtime.backend import make_inputs
+from ldseg.runtime.backend import Backend, make_inputs
 from ldseg.runtime.backends.onnxruntime.backend import OnnxRuntimeBackend
+from ldseg.runtime.backends.onnxruntime.samples import OrtDeviceArray, OrtSampleGraphs, OrtSampleResult
 from ldseg.runtime.backends.torch.backend import TorchBackend
 from ldseg.runtime.backends.torch.samples import TorchDeviceArray, TorchSampleResult
 from ldseg.runtime.samples import DeviceArray, SampleResult, host, vote_entropy
@@ -35,19 +38,27 @@ def model() -> LDSeg:
     return load_model("demo")
 
 
-@pytest.fixture(scope="module")
-def backend(model: LDSeg) -> TorchBackend:
-    return TorchBackend(model)  # its torch volume ops are on: results may stay with them
+KEPT = {"torch": (TorchSampleResult, TorchDeviceArray), "onnxruntime": (OrtSampleResult, OrtDeviceArray)}
+
+
+@pytest.fixture(scope="module", params=list(KEPT))
+def backend(request: pytest.FixtureRequest, model: LDSeg, shipped_demo_bundle: Path) -> Backend:
+    """A backend whose volume ops are on (the torch ops are its default; ONNX Runtime's graphs are
+    the default on CUDA only), so results may stay with them."""
+    if request.param == "torch":
+        return TorchBackend(model)
+    return OnnxRuntimeBackend(shipped_demo_bundle, threads=2, device_volume=True)
 
 
 @pytest.mark.parametrize(("samples", "chunk"), [(1, None), (3, 1), (3, 2), (3, 3)])
-def test_kept_samples_equal_the_host_samples_bit_for_bit(backend: TorchBackend, samples: int, chunk: int | None):
+def test_kept_samples_equal_the_host_samples_bit_for_bit(backend: Backend, samples: int, chunk: int | None):
     image = phantom_images(backend.config, [2])
     inputs = make_inputs(backend.config, image, list(range(7, 7 + samples)), STEPS)
     on_host = backend.sample(inputs, chunk=chunk)
     kept = backend.sample(inputs, chunk=chunk, resident=True)
     assert isinstance(on_host.mean, np.ndarray) and isinstance(on_host.votes, np.ndarray)
-    assert isinstance(kept, TorchSampleResult) and isinstance(kept.mean, TorchDeviceArray)
+    result_type, array_type = KEPT[backend.name]
+    assert isinstance(kept, result_type) and isinstance(kept.mean, array_type) and isinstance(kept.votes, array_type)
     assert kept.chunk == on_host.chunk and kept.samples == on_host.samples == samples
     assert_several_classes(on_host.votes[0], "host votes")
     np.testing.assert_array_equal(host(kept.mean), on_host.mean)
@@ -64,15 +75,29 @@ def test_the_device_entropy_is_the_host_vote_entropy(samples: int, classes: int)
     """Every count of votes a voxel can have (random votes over many voxels), against vote_entropy."""
     votes = np.random.default_rng(samples * 10 + classes).integers(0, classes, (samples, 6, 7, 40), dtype=np.uint8)
     votes[:, 0, 0, :classes] = np.arange(classes, dtype=np.uint8)[:, None].T  # unanimous voxels too
-    kept = TorchSampleResult(
+    reference = vote_entropy(votes, classes)
+    assert float(reference.min()) == 0.0 and (samples == 1 or float(reference.max()) > 0.5)
+    on_torch = TorchSampleResult(
         mean=TorchDeviceArray(torch.zeros((classes, 6, 7, 40))),
         votes=TorchDeviceArray(torch.from_numpy(votes)),
         stage_ms={},
         chunk=1,
     )
-    reference = vote_entropy(votes, classes)
-    assert float(reference.min()) == 0.0 and (samples == 1 or float(reference.max()) > 0.5)
-    np.testing.assert_array_equal(host(kept.entropy(classes)), reference)
+    np.testing.assert_array_equal(host(on_torch.entropy(classes)), reference)
+    device = ("cpu", 0)
+    on_ort = OrtSampleResult(
+        mean=OrtDeviceArray(
+            ort.OrtValue.ortvalue_from_numpy(np.zeros((classes, 6, 7, 40), np.float32)),
+            (classes, 6, 7, 40),
+            np.float32,
+            device,
+        ),
+        votes=OrtDeviceArray(ort.OrtValue.ortvalue_from_numpy(votes), votes.shape, np.uint8, device),
+        stage_ms={},
+        chunk=1,
+    )
+    on_ort.graphs = OrtSampleGraphs([("CPUExecutionProvider", {})], device)
+    np.testing.assert_array_equal(host(on_ort.entropy(classes)), reference)
 
 
 def test_confidence_is_the_chosen_class_probability():
@@ -90,19 +115,15 @@ def test_confidence_is_the_chosen_class_probability():
 
 def test_a_backend_without_device_volume_ops_gives_host_arrays(model: LDSeg, shipped_demo_bundle: Path):
     inputs = make_inputs(model.cfg, phantom_images(model.cfg, [1]), [0, 1], STEPS)
-    for other in (
-        TorchBackend(model, device_volume=False),
-        OnnxRuntimeBackend(shipped_demo_bundle, threads=2),
-        OnnxRuntimeBackend(shipped_demo_bundle, threads=2, device_volume=True),  # no keeping there yet
-    ):
+    for other in (TorchBackend(model, device_volume=False), OnnxRuntimeBackend(shipped_demo_bundle, threads=2)):
         result = other.sample(inputs, resident=True)
         assert isinstance(result.mean, np.ndarray) and isinstance(result.votes, np.ndarray), other.describe()
-    cpu_path = TorchBackend(model)
-    cpu_path.volume_path = "cpu"  # --volume-ops cpu: the scipy path takes host arrays
-    assert isinstance(cpu_path.sample(inputs, resident=True).mean, np.ndarray)
+    for cpu_path in (TorchBackend(model), OnnxRuntimeBackend(shipped_demo_bundle, threads=2, device_volume=True)):
+        cpu_path.volume_path = "cpu"  # --volume-ops cpu: the scipy path takes host arrays
+        assert isinstance(cpu_path.sample(inputs, resident=True).mean, np.ndarray), cpu_path.name
 
 
-def test_the_run_path_keeps_them_and_writes_what_the_host_result_writes(tmp_path: Path, backend: TorchBackend):
+def test_the_run_path_keeps_them_and_writes_what_the_host_result_writes(tmp_path: Path, backend: Backend):
     """`segment` (the API's and `ldseg-run`'s per-volume call) hands the ops the kept result: the maps
     written are those of the same ops on the host result, and QC's model-grid arrays come over."""
     [path] = write_phantoms(tmp_path / "in", 1, tmp_path / "truth")

@@ -56,6 +56,7 @@ from ldseg.errors import ArtifactError, BackendUnavailable
 from ldseg.runtime.artifacts.bundle import Bundle, GraphInfo, load_bundle
 from ldseg.runtime.backend import Backend, PipelineInputs, make_inputs
 from ldseg.runtime.backends.onnxruntime.probe import CUDA_PROVIDER, RUNS_TO_CAPTURE, cuda_problem
+from ldseg.runtime.backends.onnxruntime.samples import OrtSampleGraphs, OrtSamples
 from ldseg.runtime.backends.onnxruntime.volume import OrtVolumeOps
 from ldseg.runtime.devices import device_index
 
@@ -302,6 +303,17 @@ class OnnxRuntimeBackend(Backend[OrtPlan, int]):
 
     def device_volume_ops(self) -> OrtVolumeOps | None:
         return self._volume_ops
+
+    @cached_property
+    def _sample_graphs(self) -> OrtSampleGraphs:
+        assert self._volume_ops is not None
+        return OrtSampleGraphs(self._providers(graphs=False), self._volume_ops.device)
+
+    def device_samples(self, samples: int) -> OrtSamples | None:
+        """K samples kept where the volume ops read them (samples.py); None without them."""
+        if self.volume_ops() is None:
+            return None
+        return OrtSamples(self._sample_graphs, samples, self.config.image_size, self.config.num_classes)
 
     def _providers(self, graphs: bool) -> list[tuple[str, dict[str, str]]]:
         if self.gpu is None:

@@ -18,6 +18,7 @@ import numpy as np
 import onnx
 
 from ldseg.runtime.backends.onnxruntime.probe import CUDA_PROVIDER, onnxruntime_needed
+from ldseg.runtime.backends.onnxruntime.samples import OrtDeviceArray
 from ldseg.runtime.samples import ModelGridArray, host
 from ldseg.runtime.volume_graphs import EXACT, class_step_graph, map_graph, to_model_grid_graph
 from ldseg.runtime.volume_ops import DeviceMemoryError, axis_feeds
@@ -39,7 +40,7 @@ class OrtVolumeOps:
         self.where = where
         name, options = providers[0]
         # Where the class step's running best and index live between its runs.
-        self._device = ("cuda", int(options.get("device_id", 0))) if name == CUDA_PROVIDER else ("cpu", 0)
+        self.device = ("cuda", int(options.get("device_id", 0))) if name == CUDA_PROVIDER else ("cpu", 0)  # OrtValues
 
     def _session(self, model: onnx.ModelProto) -> ort.InferenceSession:
         options = ort.SessionOptions()
@@ -71,7 +72,7 @@ class OrtVolumeOps:
         return np.asarray(image, dtype=np.float32)
 
     def labels_on_input_grid(self, probabilities: ModelGridArray, input_shape_nib: Sequence[int]) -> np.ndarray:
-        probabilities = host(probabilities)  # this backend's results come back as host arrays
+        probabilities = self._here(probabilities)
         if probabilities.ndim != 4 or len(input_shape_nib) != 3:
             raise ValueError(
                 f"need probs (C, D, H, W) and a 3D input shape, got {probabilities.shape}, {tuple(input_shape_nib)}"
@@ -83,9 +84,13 @@ class OrtVolumeOps:
             labels = self._fold_classes(probabilities, target)
         return np.ascontiguousarray(labels.transpose(_TO_MODEL))
 
-    def _fold_classes(self, probabilities: np.ndarray, target: tuple[int, ...]) -> np.ndarray:
+    def _here(self, array: ModelGridArray) -> np.ndarray | OrtDeviceArray:
+        """A result the backend kept on this device as it is (bound in place), anything else on the host."""
+        return array if isinstance(array, OrtDeviceArray) and array.device == self.device else host(array)
+
+    def _fold_classes(self, probabilities: np.ndarray | OrtDeviceArray, target: tuple[int, ...]) -> np.ndarray:
         """The class step over every class, on the device; the index map (n0, n1, n2) on the host."""
-        device, device_id = self._device
+        device, device_id = self.device
         # Ping-pong pairs of (best, index) on the device; the first class beats -inf everywhere.
         pairs = [
             (
@@ -102,7 +107,10 @@ class OrtVolumeOps:
             binding.bind_cpu_input(name, array)
         for c in range(probabilities.shape[0]):
             (best, index), (best_out, index_out) = pairs[c % 2], pairs[1 - c % 2]
-            binding.bind_cpu_input("values", np.ascontiguousarray(probabilities[c], dtype=np.float32))
+            if isinstance(probabilities, OrtDeviceArray):
+                probabilities[c].bind_input(binding, "values")
+            else:
+                binding.bind_cpu_input("values", np.ascontiguousarray(probabilities[c], dtype=np.float32))
             binding.bind_cpu_input("klass", np.array(c, np.uint8))
             binding.bind_ortvalue_input("best", best)
             binding.bind_ortvalue_input("index", index)
@@ -113,11 +121,19 @@ class OrtVolumeOps:
         return np.array(pairs[probabilities.shape[0] % 2][1].numpy(), copy=True)
 
     def map_on_input_grid(self, values: ModelGridArray, input_shape_nib: Sequence[int]) -> np.ndarray:
-        values = host(values)
+        here = self._here(values)
         target = tuple(int(s) for s in input_shape_nib)[::-1]
-        feeds = {"values": np.ascontiguousarray(values, dtype=np.float32), **axis_feeds(values.shape, target)}
+        feeds = axis_feeds(here.shape, target)
         with self._device_memory():
-            return np.asarray(self._map.run(None, feeds)[0])
+            if isinstance(here, np.ndarray):
+                return np.asarray(self._map.run(None, {"values": np.ascontiguousarray(here, np.float32), **feeds})[0])
+            binding = self._map.io_binding()  # the kept map bound in place; the result comes back
+            here.bind_input(binding, "values")
+            for name, array in feeds.items():
+                binding.bind_cpu_input(name, array)
+            binding.bind_output("result", "cpu")
+            self._map.run_with_iobinding(binding)
+            return np.array(binding.get_outputs()[0].numpy(), copy=True)
 
     @contextmanager
     def _device_memory(self) -> Iterator[None]:
