@@ -28,7 +28,7 @@ def infer(
     """The model on one prepared image (C, *grid), K samples (Backend.sample: one encoder run, the
     K chains as one batch, the decoder in memory-bounded chunks): the mean probabilities
     (num_classes, *grid), the K label votes (K, *grid) and the backend's stage times. resident: left
-    on the device where the backend's volume ops will resample them (same thread or process only)."""
+    on the device where the backend's volume ops will resample them (this process only)."""
     seeds = [opts.seed + k for k in range(opts.samples)]
     return backend.sample(make_inputs(cfg, image[None], seeds, opts.steps, opts.sampler), resident=resident)
 

@@ -154,7 +154,8 @@ class _ModelActor:
     def _infer(self, read: ReadVolume) -> tuple[Any, ...]:
         clock = time.perf_counter()
         try:
-            result = infer(read.prepared.image, self.segmenter.backend, self.spec.cfg, self.spec.opts)  # host arrays
+            # Host arrays (resident=False): the result crosses to a writer process.
+            result = infer(read.prepared.image, self.segmenter.backend, self.spec.cfg, self.spec.opts)
         except LdsegError as exc:
             return ("failed", failed_row(read.plan.item, exc, self.spec.opts.run_key, self.producer))
         except Exception as exc:  # one volume's crash in the model fails its row, not the run

@@ -140,3 +140,20 @@ def test_the_run_path_keeps_them_and_writes_what_the_host_result_writes(tmp_path
         np.testing.assert_array_equal(got.outputs[name][0], array, err_msg=name)
     np.testing.assert_array_equal(host(got.votes), host(on_host.votes))
     np.testing.assert_array_equal(host(got.mean_probabilities), host(on_host.mean_probabilities))
+
+
+def test_gpu_checks_k_samples_row_holds_kept_samples_to_the_host_path(backend: Backend):
+    """gpu_check's comparison (run here on the CPU backends): kept results, compared bit for bit."""
+    from ldseg.bench.gpu_check.compare import k_samples_within_budget
+
+    inputs = make_inputs(backend.config, phantom_images(backend.config, [3]), [1, 2], STEPS)
+    result = k_samples_within_budget(backend, backend, inputs, lambda: None)
+    assert result["status"] == "pass", result
+    kept = result["resident_equal_to_host"]
+    assert kept == {
+        "kept": KEPT[backend.name][1].__name__,
+        "mean": True,
+        "votes": True,
+        "confidence": True,
+        "entropy": True,
+    }
