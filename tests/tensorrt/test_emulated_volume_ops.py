@@ -29,11 +29,14 @@ from ldseg.runs.volumes import prepare
 from ldseg.runtime import volume_ops
 from ldseg.runtime.artifacts.engines import bundle_hash
 from ldseg.runtime.artifacts.source import load_model
+from ldseg.runtime.backend import make_inputs
 from ldseg.runtime.backends.onnxruntime.backend import OnnxRuntimeBackend
 from ldseg.runtime.backends.tensorrt.backend import TensorRTBackend
+from ldseg.runtime.backends.tensorrt.samples import TrtDeviceArray
 from ldseg.runtime.backends.tensorrt.volume import TrtVolumeOps
+from ldseg.runtime.samples import host
 from ldseg.runtime.volume_ops import DeviceMemoryError, DeviceStepUnavailable
-from tests.helpers import assert_several_classes, shared_or_skip
+from tests.helpers import assert_several_classes, phantom_images, shared_or_skip
 from tests.reliability.helpers import write_phantoms
 from tests.tensorrt.emulator import ERROR_NAMES, Emulator, emulated_engine_set, emulated_volume_engines, install
 
@@ -195,6 +198,44 @@ def test_a_run_through_the_tensorrt_backend_writes_what_the_cpu_path_writes(gpu,
     np.testing.assert_array_equal(got.outputs["_seg"][0], ref.outputs["_seg"][0])
     for name in ("_confidence", "_entropy"):
         assert float(np.abs(got.outputs[name][0] - ref.outputs[name][0]).max()) <= 1e-5, name
+    trt.close()
+
+
+def test_one_sample_stays_on_the_gpu_for_the_volume_engines(gpu, tmp_path, shipped_demo_bundle):
+    """K = 1 with resident=True (the run path's call): the decoder's probabilities are copied device
+    to device into the result and the class steps read them there; nothing full-resolution comes
+    down. Same mean and votes as the host path, bit for bit, same labels; K = 2 stays on the host;
+    the kept buffer is freed with the result."""
+    engines = emulated_engine_set(tmp_path / "engines", shipped_demo_bundle)
+    trt = TensorRTBackend(engines, "cuda", bundle_hash=bundle_hash(shipped_demo_bundle))
+    ops = trt.volume_ops()
+    assert ops is not None
+    cfg = trt.config
+    inputs = make_inputs(cfg, phantom_images(cfg, [1]), [4], 3)
+    on_host = trt.sample(inputs)
+    ran = len(gpu.log)
+    kept = trt.sample(inputs, resident=True)
+    probs_bytes = on_host.mean.nbytes
+    copies = [e for e in gpu.log[ran:] if e.startswith("copy")]
+    assert f"copy dtod {probs_bytes}" in copies and f"copy dtoh {probs_bytes}" not in copies, copies
+    assert isinstance(kept.mean, TrtDeviceArray) and kept.mean.buffer.ptr in gpu.memory
+    buffer = kept.mean.buffer.ptr
+    shape = (41, 30, 50)
+    ran = len(gpu.log)
+    labels = ops.labels_on_input_grid(kept.mean, shape)
+    uploads = [e for e in gpu.log[ran:] if e.startswith("copy htod")]
+    assert not any(e.endswith(str(probs_bytes // cfg.num_classes)) for e in uploads), uploads  # no class went up
+    np.testing.assert_array_equal(labels, ops.labels_on_input_grid(on_host.mean, shape))
+    assert_several_classes(labels, "TensorRT labels")
+    np.testing.assert_array_equal(
+        ops.map_on_input_grid(kept.mean[1], shape), ops.map_on_input_grid(on_host.mean[1], shape)
+    )
+    np.testing.assert_array_equal(host(kept.mean), on_host.mean)
+    np.testing.assert_array_equal(host(kept.votes), on_host.votes)
+    del kept
+    assert buffer not in gpu.memory  # freed with the result (the volume ops keep no reference)
+    two = make_inputs(cfg, phantom_images(cfg, [1]), [4, 5], 3)
+    assert isinstance(trt.sample(two, resident=True).mean, np.ndarray)  # K > 1: no sample engines
     trt.close()
 
 

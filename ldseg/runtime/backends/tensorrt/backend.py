@@ -49,7 +49,9 @@ buffers; otherwise the run path resamples on the CPU.
 
 Probabilities (always asked by `ldseg-run`, which averages samples) come from the decoder engine;
 labels are then their argmax on the host (first maximum, like torch and ONNX ArgMax), so the
-decoder never runs twice. Without probabilities, decoder_argmax writes uint8 labels on the GPU.
+decoder never runs twice. Without probabilities, decoder_argmax writes uint8 labels on the GPU. With
+the volume engines and K = 1, `sample(resident=True)` (the run path's call) keeps the probabilities on
+the GPU instead, for the volume engines to read there (samples.py).
 
 NOT RUN: TensorRT cannot be installed on the development machines and they have no GPU. This file
 is type-checked against tensorrt-stubs 10.13 (no stubs exist for 11); what differs between
@@ -77,6 +79,7 @@ from ldseg.runtime.backend import STAGES, Backend, CaptureFailed, PipelineInputs
 from ldseg.runtime.backends.tensorrt import compat as trt_compat
 from ldseg.runtime.backends.tensorrt import cuda
 from ldseg.runtime.backends.tensorrt.probe import detect_environment, logged_errors, require_tensorrt, trt_logger
+from ldseg.runtime.backends.tensorrt.samples import TrtOneSample
 from ldseg.runtime.backends.tensorrt.volume import TrtVolumeOps
 
 if TYPE_CHECKING:
@@ -305,6 +308,7 @@ class TensorRTBackend(Backend[_Plan, int]):
         super().__init__(self.engine_set.config, f"engines for {self.engine_set.preset!r}", cuda_graph=cuda_graph)
         self.precision = self.engine_set.precision
         cuda.set_device(index)
+        self.gpu_index = index
         self.logger = trt_logger()
         self.runtime = trt.Runtime(self.logger)
         if self.engine_set.dla_core is not None:
@@ -497,6 +501,12 @@ class TensorRTBackend(Backend[_Plan, int]):
 
     def device_volume_ops(self) -> TrtVolumeOps | None:
         return self._volume_ops
+
+    def device_samples(self, samples: int) -> TrtOneSample | None:
+        """One sample kept on the GPU for the volume engines (samples.py); K > 1: host arrays."""
+        if samples != 1 or self.volume_ops() is None:
+            return None
+        return TrtOneSample(self.stream, self.gpu_index)
 
     def release(self) -> None:
         """Free graphs, buffers and the stream (engines and contexts go with the object)."""

@@ -8,7 +8,8 @@ float32 graphs, run by ONNX Runtime on the CPU, give the float64 CPU path's labe
 voxels differ per case) and model-grid images within 1.2e-7 (`python benchmarks/volume_ops_cpu.py
 --float32`); TensorRT may fuse the blend's multiply-add and round differently, which nothing here has
 measured. The volume goes up as float32 (TensorRT has no int16 tensors; an int16 scan converts
-exactly); only uint8 labels and the float maps asked for come back, through pinned memory.
+exactly); only uint8 labels and the float maps asked for come back, through pinned memory. A
+sample the backend kept on this GPU (samples.py, K = 1) is read class by class at its own address.
 
 Memory: one activation buffer for the three contexts (they run one after another under a lock, on
 one stream), sized to the shapes in use (compat.activation_size_for_shapes) and grown when a larger
@@ -34,6 +35,7 @@ from ldseg.errors import BackendUnavailable
 from ldseg.runtime.artifacts.engines import EngineSet
 from ldseg.runtime.backends.tensorrt import compat as trt_compat
 from ldseg.runtime.backends.tensorrt import cuda
+from ldseg.runtime.backends.tensorrt.samples import TrtDeviceArray
 from ldseg.runtime.samples import ModelGridArray, host
 from ldseg.runtime.volume_graphs import FLOAT32
 from ldseg.runtime.volume_ops import DeviceMemoryError, DeviceStepUnavailable, axis_feeds
@@ -80,11 +82,29 @@ class _Slot:
         count = int(np.prod(self.shape, dtype=np.int64))
         return np.frombuffer(memoryview(raw), dtype=self.dtype, count=count).reshape(self.shape)
 
+    def address(self) -> int:
+        assert self.device is not None
+        return self.device.ptr
+
     def free(self) -> None:
         for buffer in (self.device, self.host):
             if buffer is not None:
                 buffer.free()
         self.device = self.host = None
+
+
+class _Kept(_Slot):
+    """An input read where the backend left it (a TrtDeviceArray: one class of a kept sample)."""
+
+    def __init__(self, array: TrtDeviceArray):
+        super().__init__()
+        self.array, self.shape, self.dtype = array, array.shape, array.dtype
+
+    def address(self) -> int:
+        return self.array.ptr
+
+    def free(self) -> None:  # the array's result owns the memory
+        pass
 
 
 class TrtVolumeOps:
@@ -126,7 +146,7 @@ class TrtVolumeOps:
         return image
 
     def labels_on_input_grid(self, probabilities: ModelGridArray, input_shape_nib: Sequence[int]) -> np.ndarray:
-        probabilities = host(probabilities)  # this backend's results come back as host arrays
+        probabilities = self._here(probabilities)
         if probabilities.ndim != 4 or len(input_shape_nib) != 3 or probabilities.shape[1:] != self.grid:
             raise ValueError(
                 f"need probs (C, *{self.grid}) and a 3D input shape, got {probabilities.shape}, "
@@ -143,16 +163,16 @@ class TrtVolumeOps:
             self._fill("index0", target, np.int32, 0)
             for c in range(probabilities.shape[0]):
                 now, after = c % 2, 1 - c % 2
-                self._upload("values", probabilities[c], np.float32)
+                values = self._put_values(probabilities[c])
                 self._upload("klass", np.array(c, np.int32))
-                inputs = {"values": "values", **feeds, "best": f"best{now}", "index": f"index{now}", "klass": "klass"}
+                inputs = {"values": values, **feeds, "best": f"best{now}", "index": f"index{now}", "klass": "klass"}
                 outputs = {"best_out": f"best{after}", "index_out": f"index{after}", "labels": "labels"}
                 self._run("volume_class_step", inputs, outputs)
             labels = self._download("labels")
         return np.ascontiguousarray(labels.transpose(_TO_MODEL))
 
     def map_on_input_grid(self, values: ModelGridArray, input_shape_nib: Sequence[int]) -> np.ndarray:
-        values = host(values)
+        values = self._here(values)
         if values.shape != self.grid or len(input_shape_nib) != 3:
             raise ValueError(
                 f"need a map of {self.grid} and a 3D input shape, got {values.shape}, {tuple(input_shape_nib)}"
@@ -161,8 +181,7 @@ class TrtVolumeOps:
         target = tuple(int(s) for s in input_shape_nib)[::-1]
         with self._device():
             feeds = self._upload_feeds(values.shape, target)
-            self._upload("values", values, np.float32)
-            self._run("volume_map", {"values": "values", **feeds}, {"result": "result"})
+            self._run("volume_map", {"values": self._put_values(values), **feeds}, {"result": "result"})
             return self._download("result")
 
     # ------------------------------------------------------------------ plumbing
@@ -188,11 +207,27 @@ class TrtVolumeOps:
                 if "MemoryAllocation" not in str(exc):
                     raise
                 raise DeviceMemoryError.of(self.where, exc) from exc
+            finally:  # every operation ends with a download (a sync): a kept input has been read
+                self._slots.pop("kept", None)
 
     @property
     def stream(self) -> cuda.Stream:
         assert self._stream is not None
         return self._stream
+
+    def _here(self, array: ModelGridArray) -> np.ndarray | TrtDeviceArray:
+        """A sample the backend kept on this GPU as it is, anything else on the host."""
+        if isinstance(array, TrtDeviceArray) and array.gpu == self._index:
+            return array
+        return host(array)
+
+    def _put_values(self, values: np.ndarray | TrtDeviceArray) -> str:
+        """The slot key a graph's `values` input reads: a kept array in place, a host one uploaded."""
+        if isinstance(values, TrtDeviceArray):
+            self._slots["kept"] = _Kept(values)
+            return "kept"
+        self._upload("values", values, np.float32)
+        return "values"
 
     def _slot(self, key: str) -> _Slot:
         return self._slots.setdefault(key, _Slot())
@@ -256,9 +291,7 @@ class TrtVolumeOps:
         for name, key in outputs.items():
             self._slot(key).fit(tuple(context.get_tensor_shape(name)), dtypes[name])
         for name, key in {**inputs, **outputs}.items():
-            device = self._slots[key].device
-            assert device is not None
-            if not context.set_tensor_address(name, device.ptr):
+            if not context.set_tensor_address(name, self._slots[key].address()):
                 raise BackendUnavailable(f"{graph}: TensorRT refused the address of {name}")
         if not context.execute_async_v3(self.stream.ptr):
             raise BackendUnavailable(f"execute_async_v3 of {graph} returned false")
