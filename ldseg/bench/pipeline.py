@@ -6,11 +6,12 @@ them and the CPU path (numpy/scipy) otherwise, so a GPU row shows what the model
 out.
 
 Each stage is timed alone with perf_counter, `repeat` times after one untimed pass (and the model's
-warm-up up to its capturing request), and waits for the device before it returns. The model keeps its
-result on the device where the volume ops are the backend's own (`sample(resident=True)`, as
-`ldseg-run` does), so postprocess starts from there; on a GPU the volume's upload is inside preprocess
-and the labels' download inside postprocess (pinned buffers, host arrays back). `over_model` is the sum of the stage
-medians other than read, over the model's: issue 30's "warm per-volume time <= 1.3x the model".
+warm-up up to its capturing request), and waits for the device before it returns. The model keeps
+its result on the device where the volume ops are the backend's own (`sample(resident=True)`, as
+`ldseg-run` does), so postprocess starts from there; on a GPU the volume's upload is inside
+preprocess and the labels' download inside postprocess (pinned buffers, host arrays back).
+`over_model` is the sum of the stage medians other than read, over the model's: issue 30's "warm
+per-volume time <= 1.3x the model".
 """
 
 from __future__ import annotations

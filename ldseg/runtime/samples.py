@@ -43,8 +43,9 @@ class DeviceArray:
         return self._host
 
     def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
-        host = self.numpy()
-        return host if dtype is None else host.astype(dtype, copy=False)
+        cached = self.numpy()
+        converted = cached if dtype is None else cached.astype(dtype, copy=False)
+        return converted.copy() if copy and converted is cached else converted  # the cache stays ours
 
     def __getitem__(self, index: int) -> DeviceArray:
         """One entry of the first axis (a class of the mean), still on the device."""

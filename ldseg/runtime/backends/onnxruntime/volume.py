@@ -39,8 +39,9 @@ class OrtVolumeOps:
         self.providers = providers
         self.where = where
         name, options = providers[0]
-        # Where the class step's running best and index live between its runs.
-        self.device = ("cuda", int(options.get("device_id", 0))) if name == CUDA_PROVIDER else ("cpu", 0)  # OrtValues
+        # (kind, index) where this provider's OrtValues live: the class step's running best and index
+        # between its runs, and the samples the backend keeps for these ops (samples.py).
+        self.device = ("cuda", int(options.get("device_id", 0))) if name == CUDA_PROVIDER else ("cpu", 0)
 
     def _session(self, model: onnx.ModelProto) -> ort.InferenceSession:
         options = ort.SessionOptions()
