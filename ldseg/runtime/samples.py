@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, Self
 
 import numpy as np
 
@@ -34,7 +34,7 @@ class DeviceArray:
     def _download(self) -> np.ndarray:
         raise NotImplementedError
 
-    def _item(self, index: int) -> DeviceArray:
+    def _item(self, index: int) -> Self:
         raise NotImplementedError
 
     def numpy(self) -> np.ndarray:
@@ -47,7 +47,7 @@ class DeviceArray:
         converted = cached if dtype is None else cached.astype(dtype, copy=False)
         return converted.copy() if copy and converted is cached else converted  # the cache stays ours
 
-    def __getitem__(self, index: int) -> DeviceArray:
+    def __getitem__(self, index: int) -> Self:
         """One entry of the first axis (a class of the mean), still on the device."""
         return self._item(index)
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from functools import cached_property
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 import onnx
@@ -30,6 +30,13 @@ with onnxruntime_needed("the onnxruntime backend"):
     import onnxruntime as ort
 
 Device = tuple[str, int]  # ("cuda", 0) or ("cpu", 0): where OrtValues live
+
+
+def small_session(model: onnx.ModelProto, providers: list[tuple[str, dict[str, str]]]) -> ort.InferenceSession:
+    """A quiet session for one of the small weightless graphs (sample and volume graphs)."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(model.SerializeToString(), options, providers=providers)
 
 
 class OrtDeviceArray(DeviceArray):
@@ -52,13 +59,9 @@ class OrtDeviceArray(DeviceArray):
         flat = np.asarray(self.value.numpy()).reshape(-1).view(np.uint8)
         return np.array(flat[self.offset : self.offset + self.nbytes].view(self.dtype).reshape(self.shape), copy=True)
 
-    def __getitem__(self, index: int) -> OrtDeviceArray:
-        return self._item(index)
-
-    def _item(self, index: int) -> OrtDeviceArray:
-        item = OrtDeviceArray(self.value, self.shape[1:], self.dtype, self.device)
-        item.offset = self.offset + index * item.nbytes
-        return item
+    def _item(self, index: int) -> Self:
+        plane = self.nbytes // self.shape[0]
+        return type(self)(self.value, self.shape[1:], self.dtype, self.device, self.offset + index * plane)
 
 
 class OrtSampleGraphs:
@@ -69,9 +72,7 @@ class OrtSampleGraphs:
         self._entropy: dict[int, ort.InferenceSession] = {}
 
     def _session(self, model: onnx.ModelProto) -> ort.InferenceSession:
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        return ort.InferenceSession(model.SerializeToString(), options, providers=self.providers)
+        return small_session(model, self.providers)
 
     @cached_property
     def accumulate(self) -> ort.InferenceSession:

@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 
 from ldseg.runtime.backends.onnxruntime.probe import CUDA_PROVIDER, onnxruntime_needed
-from ldseg.runtime.backends.onnxruntime.samples import OrtDeviceArray
+from ldseg.runtime.backends.onnxruntime.samples import OrtDeviceArray, small_session
 from ldseg.runtime.samples import ModelGridArray, host
 from ldseg.runtime.volume_graphs import EXACT, class_step_graph, map_graph, to_model_grid_graph
 from ldseg.runtime.volume_ops import DeviceMemoryError, axis_feeds
@@ -44,9 +44,7 @@ class OrtVolumeOps:
         self.device = ("cuda", int(options.get("device_id", 0))) if name == CUDA_PROVIDER else ("cpu", 0)
 
     def _session(self, model: onnx.ModelProto) -> ort.InferenceSession:
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        return ort.InferenceSession(model.SerializeToString(), options, providers=self.providers)
+        return small_session(model, self.providers)
 
     @cached_property
     def _pre(self) -> ort.InferenceSession:

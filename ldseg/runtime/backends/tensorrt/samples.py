@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 
@@ -66,13 +66,9 @@ class TrtDeviceArray(DeviceArray):
             stream.destroy()
             pinned.free()
 
-    def __getitem__(self, index: int) -> TrtDeviceArray:
-        return self._item(index)
-
-    def _item(self, index: int) -> TrtDeviceArray:
-        item = TrtDeviceArray(self.buffer, self.shape[1:], self.dtype, self.gpu)
-        item.offset = self.offset + index * item.nbytes
-        return item
+    def _item(self, index: int) -> Self:
+        plane = self.nbytes // self.shape[0]
+        return type(self)(self.buffer, self.shape[1:], self.dtype, self.gpu, self.offset + index * plane)
 
 
 class _OneSampleVotes(DeviceArray):
@@ -86,7 +82,7 @@ class _OneSampleVotes(DeviceArray):
     def _download(self) -> np.ndarray:
         return host(self.mean).argmax(axis=0)[None].astype(np.uint8)
 
-    def _item(self, index: int) -> DeviceArray:
+    def _item(self, index: int) -> Self:
         raise IndexError("one sample's votes: index the host array (np.asarray)")
 
 

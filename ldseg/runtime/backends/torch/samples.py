@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 import torch
@@ -45,8 +45,8 @@ class TorchDeviceArray(DeviceArray):
             self.ready.synchronize()
         return self.tensor.cpu().numpy()
 
-    def _item(self, index: int) -> TorchDeviceArray:
-        return TorchDeviceArray(self.tensor[index], self.ready)
+    def _item(self, index: int) -> Self:
+        return type(self)(self.tensor[index], self.ready)
 
 
 def _stamped(tensor: torch.Tensor) -> TorchDeviceArray:
