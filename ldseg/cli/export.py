@@ -129,7 +129,11 @@ def build_engine(
     builder_optimization_level: Annotated[Optional[int], typer.Option(help="0-5 (TensorRT default 3).")] = None,
     include_denoiser: Annotated[bool, typer.Option(help="Also build the raw denoiser graph.")] = False,
     volume_ops: Annotated[
-        bool, typer.Option(help="3D models: also build the pre/post-processing engines (resampling on the GPU).")
+        bool,
+        typer.Option(
+            help="3D models: also build the pre/post-processing engines (resampling on the GPU; with "
+            "--max-batch >= 2, K samples averaged there too)."
+        ),
     ] = True,
     max_input_grid: Annotated[
         Optional[int], typer.Option(help="Largest input volume the volume engines take, voxels per axis (512).")

@@ -22,6 +22,7 @@ from ldseg.runtime.artifacts.engines import (
     EngineSet,
     InputProfile,
 )
+from ldseg.runtime.sample_graphs import SAMPLE_GRAPHS
 from ldseg.runtime.volume_graphs import FLOAT32, GRAPHS, graph_io
 
 # The volume operations' engines take input grids of 1..this many voxels per axis by default: CT and
@@ -148,6 +149,33 @@ def volume_profiles(grid: tuple[int, ...], max_input_grid: int) -> dict[str, tup
             InputProfile(t.name, *(tuple(sizes[n][k] if isinstance(n, str) else n for n in t.shape) for k in range(3)))
             for t in inputs
             if any(isinstance(n, str) for n in t.shape)  # static inputs (the class number) need none
+        )
+    return profiles
+
+
+def sample_tensors(graph: str, num_classes: int) -> tuple[tuple[TensorInfo, ...], tuple[TensorInfo, ...]]:
+    """Inputs and outputs of a sample engine's graph (ldseg/runtime/sample_graphs.py)."""
+    inputs, outputs = graph_io(SAMPLE_GRAPHS[graph](num_classes))
+    return tuple(TensorInfo(*t) for t in inputs), tuple(TensorInfo(*t) for t in outputs)
+
+
+def sample_profiles(grid: tuple[int, ...], num_classes: int, max_samples: int) -> dict[str, tuple[InputProfile, ...]]:
+    """One profile per sample engine: the classes and the model grid fixed (the sum is always
+    whole: TensorRT zeroes it rather than broadcast), the K votes 1..max_samples (opt: the largest)."""
+    if max_samples < 2:
+        raise ValueError(f"sample engines are for K >= 2 samples, got at most {max_samples}")
+    d, h, w = (int(v) for v in grid)
+    fixed = lambda n: (n, n, n)  # noqa: E731
+    sizes = {"c": fixed(num_classes), "tc": fixed(num_classes), "d": fixed(d), "h": fixed(h), "w": fixed(w)}
+    sizes |= {"td": fixed(d), "th": fixed(h), "tw": fixed(w)}
+    sizes |= {"k": (1, max_samples, max_samples), "k1": (2, max_samples + 1, max_samples + 1)}
+    profiles = {}
+    for graph in SAMPLE_GRAPHS:
+        inputs = sample_tensors(graph, num_classes)[0]
+        profiles[graph] = tuple(
+            InputProfile(t.name, *(tuple(sizes[n][k] if isinstance(n, str) else n for n in t.shape) for k in range(3)))
+            for t in inputs
+            if any(isinstance(n, str) for n in t.shape)
         )
     return profiles
 

@@ -32,7 +32,10 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from ldseg.errors import ArtifactError, BackendUnavailable
 from ldseg.export.build_options import (
@@ -44,11 +47,13 @@ from ldseg.export.build_options import (
     graphs_to_build,
     now_iso,
     resolve_precision,
+    sample_profiles,
+    sample_tensors,
     volume_profiles,
     volume_tensors,
     write_engines_json,
 )
-from ldseg.export.volume_check import check_volume_ops
+from ldseg.export.volume_check import check_sample_engines, check_volume_ops
 from ldseg.io.atomic import atomic_write, check_folder_target, staged_folder
 from ldseg.runtime.artifacts.bundle import Bundle, load_bundle
 from ldseg.runtime.artifacts.engines import (
@@ -65,6 +70,8 @@ from ldseg.runtime.artifacts.engines import (
 from ldseg.runtime.backends.tensorrt import compat as trt_compat
 from ldseg.runtime.backends.tensorrt.compat import TrtApi
 from ldseg.runtime.backends.tensorrt.probe import detect_environment, logged_errors, require_tensorrt, trt_logger
+from ldseg.runtime.sample_graphs import SAMPLE_GRAPHS
+from ldseg.runtime.samples import SampleResult
 from ldseg.runtime.volume_graphs import FLOAT32, GRAPHS
 
 if TYPE_CHECKING:
@@ -124,6 +131,9 @@ def build_engines(
     profiles = {g: batch_profile(bundle.graph(g), max_batch, opt_batch, fixed=dla_core is not None) for g in graphs}
     three_d = len(bundle.config.image_size) == 3
     volume = volume_profiles(bundle.config.image_size, max_input_grid) if volume_ops and three_d else {}
+    num_classes = bundle.config.num_classes
+    keeps_samples = bool(volume) and "decoder" in graphs and max_batch >= 2
+    samples = sample_profiles(bundle.config.image_size, num_classes, max_batch) if keeps_samples else {}
     target = Path(out_dir)
     check_folder_target(target, overwrite, ENGINES_JSON)  # fail before minutes of building
 
@@ -165,7 +175,7 @@ def build_engines(
     shared_cache: trt.ITimingCache | None = None
     with staged_folder(target, overwrite=overwrite, marker=ENGINES_JSON) as tmp:
         volume_engines: dict[str, EngineFile] = {}
-        for graph in [*graphs, *volume]:
+        for graph in [*graphs, *volume, *samples]:
             say(f"building {graph} ...")
             clock = time.perf_counter()
             config = builder.create_builder_config()
@@ -174,6 +184,10 @@ def build_engines(
                 network, parser = _parse(builder, logger, GRAPHS[graph](FLOAT32).SerializeToString(), graph)
                 plan = _build_network(builder, logger, config, network, graph, volume[graph], options, gpu_only=True)
                 inputs, outputs = volume_tensors(graph)
+            elif graph in samples:
+                network, parser = _parse(builder, logger, SAMPLE_GRAPHS[graph](num_classes).SerializeToString(), graph)
+                plan = _build_network(builder, logger, config, network, graph, samples[graph], options, gpu_only=True)
+                inputs, outputs = sample_tensors(graph, num_classes)
             else:
                 network, parser = _parse(builder, logger, bundle.graph_path(graph), graph)
                 _check_network_io(network, bundle, graph, bundle.graph_path(graph))
@@ -186,22 +200,28 @@ def build_engines(
             layers_file = _write_layer_info(runtime, plan, tmp / f"{graph}.layers.json", say)
             size, digest = file_digest(engine_file)
             entry = EngineFile(graph, engine_file.name, size, digest, round(seconds, 2), inputs, outputs, layers_file)
-            (volume_engines if graph in volume else engines)[graph] = entry
+            (volume_engines if graph in volume or graph in samples else engines)[graph] = entry
             say(f"{graph}: {size / 2**20:.1f} MiB in {seconds:.1f} s")
             if cache_path is not None and shared_cache is not None:
                 _save_timing_cache(shared_cache, cache_path)  # after each graph: a crash keeps the work
         engine_set = describe_engine_set(bundle, target, env, profiles, engines, options, cache_path,
                                          time.perf_counter() - started, trt_compat.api(trt))  # fmt: skip
         if volume:
+            on_gpu = {**volume, **samples}
             engine_set = dataclasses.replace(
-                engine_set, volume_engines=volume_engines, volume_profiles=volume, max_input_grid=max_input_grid
+                engine_set, volume_engines=volume_engines, volume_profiles=on_gpu, max_input_grid=max_input_grid
             )
             say("checking the volume engines against the CPU path ...")
-            check = _check_volume_engines(dataclasses.replace(engine_set, path=tmp), runtime, device)
-            engine_set = dataclasses.replace(engine_set, builder={**engine_set.builder, "volume_check": check})
-            worst = max(c["image_max_abs"] for c in check["cases"])
+            staged = dataclasses.replace(engine_set, path=tmp)
+            checks = {"volume_check": _check_volume_engines(staged, runtime, device)}
+            worst = max(c["image_max_abs"] for c in checks["volume_check"]["cases"])
             say(f"volume engines: images within {worst:.1e} of the CPU path, labels differing "
-                f"{[c['labels_differing'] for c in check['cases']]}")  # fmt: skip
+                f"{[c['labels_differing'] for c in checks['volume_check']['cases']]}")  # fmt: skip
+            if samples:
+                checks["sample_check"] = _check_sample_engines(staged, runtime, device, min(3, max_batch))
+                say(f"sample engines: mean within {checks['sample_check']['mean_max_abs']:.1e} of the host's, "
+                    f"entropy within {checks['sample_check']['entropy_max_abs']:.1e}")  # fmt: skip
+            engine_set = dataclasses.replace(engine_set, builder={**engine_set.builder, **checks})
         write_engines_json(tmp, engine_set)
     say(f"wrote {target}")
     return target
@@ -333,9 +353,8 @@ def _build_network(
     return plan
 
 
-def _check_volume_engines(engine_set: EngineSet, runtime: trt.Runtime, device: int) -> dict[str, Any]:
-    """Run the volume engines just built (in the staging folder) against the CPU path (volume_check)."""
-    from ldseg.runtime.backends.tensorrt.volume import TrtVolumeOps
+def _loader(engine_set: EngineSet, runtime: trt.Runtime) -> Callable[[str], trt.ICudaEngine]:
+    """Deserialize an engine of the set just built (in the staging folder)."""
 
     def load(graph: str) -> trt.ICudaEngine:
         engine = runtime.deserialize_cuda_engine(engine_set.engine_path(graph).read_bytes())
@@ -343,10 +362,53 @@ def _check_volume_engines(engine_set: EngineSet, runtime: trt.Runtime, device: i
             raise BackendUnavailable(f"TensorRT cannot deserialize the {graph} engine it just built")
         return engine
 
-    ops = TrtVolumeOps(engine_set, load, device)
+    return load
+
+
+def _check_volume_engines(engine_set: EngineSet, runtime: trt.Runtime, device: int) -> dict[str, Any]:
+    """Run the volume engines just built (in the staging folder) against the CPU path (volume_check)."""
+    from ldseg.runtime.backends.tensorrt.volume import TrtVolumeOps
+
+    ops = TrtVolumeOps(engine_set, _loader(engine_set, runtime), device)
     try:
         return check_volume_ops(ops, engine_set.config.image_size, engine_set.config.num_classes)
     finally:
+        ops.release()
+
+
+def _check_sample_engines(engine_set: EngineSet, runtime: trt.Runtime, device: int, samples: int) -> dict[str, Any]:
+    """Run the sample engines just built on `samples` phantom probability volumes, as the backend runs
+    them (samples.TrtSamples after the decoder), against the host path (volume_check)."""
+    from ldseg.runtime.backends.tensorrt import cuda
+    from ldseg.runtime.backends.tensorrt.engine_runner import EngineRunner
+    from ldseg.runtime.backends.tensorrt.samples import TrtSamples
+    from ldseg.runtime.backends.tensorrt.volume import TrtVolumeOps
+
+    load, config = _loader(engine_set, runtime), engine_set.config
+    ops = TrtVolumeOps(engine_set, load, device)
+    stream = cuda.Stream()
+    runner = EngineRunner(engine_set, load, device, stream)
+
+    def keep(probabilities: np.ndarray) -> SampleResult:
+        decoded = cuda.PinnedArray(probabilities.shape, np.float32)
+        buffer = cuda.DeviceBuffer(decoded.nbytes)
+        slot = SimpleNamespace(shape=probabilities.shape, nbytes=decoded.nbytes, buffer=buffer)
+        try:
+            decoded.array[...] = probabilities
+            stream.copy_htod(slot.buffer.ptr, decoded.ptr, decoded.nbytes)
+            kept = TrtSamples(runner, ops.kept, ops, len(probabilities), config.image_size, config.num_classes)
+            kept.add(0, None, slot)
+            return kept.result({}, len(probabilities))
+        finally:
+            stream.synchronize()
+            slot.buffer.free()
+            decoded.free()
+
+    try:
+        return check_sample_engines(keep, config.image_size, config.num_classes, samples)
+    finally:
+        runner.release()
+        stream.destroy()
         ops.release()
 
 

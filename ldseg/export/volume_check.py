@@ -1,4 +1,4 @@
-"""The check `build-engine` runs on the volume engines it just built, before the set is renamed into
+"""The checks `build-engine` runs on the volume engines it just built, before the set is renamed into
 place: each operation on two off-grid phantoms (one smaller and one larger than the model grid, int16
 as scans are read) against the CPU reference path (ldseg.io.preprocess, scipy in float64).
 
@@ -8,11 +8,13 @@ most MAX_LABELS_DIFFERING of the voxels (an exact tie that float rounding flips;
 with the same graphs on ONNX Runtime, benchmarks/volume_ops_cpu.py --float32). A wrong resampling
 rule misses these by orders of magnitude (half-pixel coordinates: > 1e-3 on the images). The
 numbers go into engines.json (builder.volume_check); a failure is an ArtifactError and no set is
-written.
+written. Likewise the sample engines (K samples kept on the GPU) against the host's K-sample
+arithmetic (builder.sample_check).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -20,6 +22,7 @@ import numpy as np
 from ldseg.data.phantoms import blurred_probabilities, make_phantom
 from ldseg.errors import ArtifactError
 from ldseg.io.preprocess import image_to_model_grid, probabilities_to_input_grid, zoom_to
+from ldseg.runtime.samples import HostSamples, SampleResult, host
 from ldseg.runtime.volume_ops import VolumeOps
 
 IMAGE_TOLERANCE = 1e-6
@@ -64,5 +67,44 @@ def check_volume_ops(ops: VolumeOps, grid: tuple[int, ...], num_classes: int) ->
         raise ArtifactError(
             f"the volume engines disagree with the CPU path ({cases}); build with --no-volume-ops to resample "
             "on the CPU instead"
+        )
+    return record
+
+
+# The sample engines against HostSamples (ldseg/runtime/samples.py): the same float32 sums, so the bar
+# is tight; the entropy's division is in float32 (an ulp or two).
+SAMPLE_TOLERANCE = 1e-6
+
+
+def check_sample_engines(
+    keep: Callable[[np.ndarray], SampleResult], grid: tuple[int, ...], num_classes: int, samples: int
+) -> dict[str, Any]:
+    """{"passed", ...} for `keep` (K probability volumes (K, C, *grid) -> the kept SampleResult) against
+    the host path on phantom probabilities; ArtifactError when it fails."""
+    classes = max(2, num_classes)
+    probabilities = np.stack(
+        [blurred_probabilities(make_phantom(20 + k, grid).label, classes) for k in range(samples)]
+    ).astype(np.float32)
+    reference = HostSamples(samples, grid)
+    reference.add(0, probabilities.argmax(axis=1).astype(np.uint8), probabilities)
+    expected = reference.result({}, samples)
+    kept = keep(probabilities)
+    record: dict[str, Any] = {
+        "samples": samples,
+        "mean_max_abs": float(np.abs(host(kept.mean) - host(expected.mean)).max()),
+        "votes_differing": int((host(kept.votes) != host(expected.votes)).sum()),
+        "confidence_max_abs": float(np.abs(host(kept.confidence()) - host(expected.confidence())).max()),
+        "entropy_max_abs": float(np.abs(host(kept.entropy(classes)) - host(expected.entropy(classes))).max()),
+        "voxels": int(np.prod(grid)) * samples,
+    }
+    record["passed"] = (
+        max(record[k] for k in ("mean_max_abs", "confidence_max_abs", "entropy_max_abs")) <= SAMPLE_TOLERANCE
+        and record["votes_differing"] <= MAX_LABELS_DIFFERING * record["voxels"]
+    )
+    record["tolerance"] = SAMPLE_TOLERANCE
+    if not record["passed"]:
+        raise ArtifactError(
+            f"the sample engines disagree with the host path ({record}); build with --no-volume-ops to average "
+            "K samples and resample on the CPU instead"
         )
     return record

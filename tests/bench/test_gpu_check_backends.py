@@ -83,7 +83,9 @@ def test_tensorrt_k_samples_within_the_memory_budget(checks: Checks, monkeypatch
     assert result["samples"] == backend_checks.K_SAMPLES and result["chunk"] == 4  # the profile's max batch
     assert result["memory"] == "measured" and 0 < result["device_bytes_added"] <= result["device_budget_bytes"]
     assert max(result["max_abs_delta_mean_p"]) <= 1e-6 and all(result["votes_equal"])
-    assert result["resident_equal_to_host"]["kept"] == "ndarray"  # TensorRT keeps no samples on the device yet
+    kept = result["resident_equal_to_host"]
+    assert kept["kept"] == "TrtDeviceArray"  # the sample engines keep them on the GPU
+    assert kept["mean"] and kept["votes"] and kept["confidence"] and kept["entropy_max_abs"] <= 1.2e-7
     assert not gpu.memory
 
 

@@ -38,10 +38,19 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from ldseg.export.build_options import batch_profile, file_digest, volume_profiles, volume_tensors, write_engines_json
+from ldseg.export.build_options import (
+    batch_profile,
+    file_digest,
+    sample_profiles,
+    sample_tensors,
+    volume_profiles,
+    volume_tensors,
+    write_engines_json,
+)
 from ldseg.export.tensorrt_build import BuildOptions, describe_engine_set
 from ldseg.runtime.artifacts.bundle import load_bundle
 from ldseg.runtime.artifacts.engines import ENGINE_SUFFIX, EngineFile, Environment, InputProfile
+from ldseg.runtime.sample_graphs import SAMPLE_GRAPHS
 from ldseg.runtime.volume_graphs import FLOAT32, GRAPHS
 
 TRT_VERSION = "10.13.0.35"
@@ -165,6 +174,10 @@ class FakeCudart:
     def cudaMemcpyAsync(self, dst: int, src: int, nbytes: int, kind: int, stream: int) -> tuple[int]:  # noqa: N802
         names = {1: "htod", 2: "dtoh", 3: "dtod"}
         self.gpu.enqueue(int(stream), f"copy {names[kind]} {nbytes}", lambda: ctypes.memmove(dst, src, nbytes))
+        return (OK,)
+
+    def cudaMemsetAsync(self, dst: int, value: int, nbytes: int, stream: int) -> tuple[int]:  # noqa: N802
+        self.gpu.enqueue(int(stream), f"memset {nbytes}", lambda: ctypes.memset(dst, value, nbytes))
         return (OK,)
 
     # streams and events
@@ -400,11 +413,18 @@ def _engine_file(path: Path, graph: str, description: dict[str, Any], inputs: An
 
 
 def emulated_engine_set(
-    folder: Path, bundle_dir: Path, max_batch: int = 4, *, volume_ops: bool = True, max_input_grid: int = 512
+    folder: Path,
+    bundle_dir: Path,
+    max_batch: int = 4,
+    *,
+    volume_ops: bool = True,
+    sample_engines: bool = True,
+    max_input_grid: int = 512,
 ) -> Path:
     """An engine set for the emulator from a real bundle: each engine file is a JSON naming the
-    bundle's ONNX graph (or a volume operation's float32 graph, saved beside it) and its I/O;
-    engines.json is the real one (hashes, profiles, environment)."""
+    bundle's ONNX graph (or a volume operation's or sample engine's float32 graph, saved beside it)
+    and its I/O; engines.json is the real one (hashes, profiles, environment). The sample engines
+    come with the volume engines for max_batch >= 2, as build-engine makes them."""
     bundle = load_bundle(bundle_dir)
     folder.mkdir(parents=True)
     engines, profiles = {}, {}
@@ -418,6 +438,10 @@ def emulated_engine_set(
     es = describe_engine_set(bundle, folder, EMULATED, profiles, engines, options, cache_path=None, seconds=0.0)
     if volume_ops:
         volume_engines, volume = emulated_volume_engines(folder, bundle.config.image_size, max_input_grid)
+        if sample_engines and max_batch >= 2:
+            engines_k, profiles_k = emulated_sample_engines(folder, bundle.config.image_size,
+                                                            bundle.config.num_classes, max_batch)  # fmt: skip
+            volume_engines, volume = {**volume_engines, **engines_k}, {**volume, **profiles_k}
         es = dataclasses.replace(
             es, volume_engines=volume_engines, volume_profiles=volume, max_input_grid=max_input_grid
         )
@@ -438,4 +462,19 @@ def emulated_volume_engines(
         description = {"onnx": str((folder / f"{graph}.onnx").resolve()), "profile": bounds}
         path = folder / f"{graph}{ENGINE_SUFFIX}"
         engines[graph] = _engine_file(path, graph, description, *volume_tensors(graph))
+    return engines, profiles
+
+
+def emulated_sample_engines(
+    folder: Path, grid: tuple[int, ...], num_classes: int, max_samples: int
+) -> tuple[dict[str, EngineFile], dict[str, tuple[InputProfile, ...]]]:
+    """The sample engines (ldseg/runtime/sample_graphs.py, TensorRT's float32 flavour) in `folder`."""
+    engines = {}
+    profiles = sample_profiles(grid, num_classes, max_samples)
+    for graph, make in SAMPLE_GRAPHS.items():
+        onnx.save(make(num_classes), folder / f"{graph}.onnx")
+        bounds = {i.name: {"min": list(i.min), "max": list(i.max)} for i in profiles[graph]}
+        description = {"onnx": str((folder / f"{graph}.onnx").resolve()), "profile": bounds}
+        path = folder / f"{graph}{ENGINE_SUFFIX}"
+        engines[graph] = _engine_file(path, graph, description, *sample_tensors(graph, num_classes))
     return engines, profiles

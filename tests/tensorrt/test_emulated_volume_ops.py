@@ -204,12 +204,12 @@ def test_a_run_through_the_tensorrt_backend_writes_what_the_cpu_path_writes(gpu,
 def test_one_sample_stays_on_the_gpu_for_the_volume_engines(gpu, tmp_path, shipped_demo_bundle):
     """K = 1 with resident=True (the run path's call): the decoder's probabilities are copied device
     to device into the result and the class steps read them there; nothing full-resolution comes
-    down. Same mean and votes as the host path, bit for bit, same labels; K = 2 stays on the host;
-    the kept buffer is freed with the result."""
+    down. Same mean and votes as the host path, bit for bit, same labels; the kept buffer goes back
+    to the pool with the result, the next volume takes it again, and it is freed with the backend."""
     engines = emulated_engine_set(tmp_path / "engines", shipped_demo_bundle)
     trt = TensorRTBackend(engines, "cuda", bundle_hash=bundle_hash(shipped_demo_bundle))
     ops = trt.volume_ops()
-    assert ops is not None
+    assert isinstance(ops, TrtVolumeOps)
     cfg = trt.config
     inputs = make_inputs(cfg, phantom_images(cfg, [1]), [4], 3)
     on_host = trt.sample(inputs)
@@ -218,8 +218,8 @@ def test_one_sample_stays_on_the_gpu_for_the_volume_engines(gpu, tmp_path, shipp
     probs_bytes = on_host.mean.nbytes
     copies = [e for e in gpu.log[ran:] if e.startswith("copy")]
     assert f"copy dtod {probs_bytes}" in copies and f"copy dtoh {probs_bytes}" not in copies, copies
-    assert isinstance(kept.mean, TrtDeviceArray) and kept.mean.buffer.ptr in gpu.memory
-    buffer = kept.mean.buffer.ptr
+    assert isinstance(kept.mean, TrtDeviceArray) and kept.mean.ptr in gpu.memory
+    buffer = kept.mean.ptr
     shape = (41, 30, 50)
     ran = len(gpu.log)
     labels = ops.labels_on_input_grid(kept.mean, shape)
@@ -232,11 +232,59 @@ def test_one_sample_stays_on_the_gpu_for_the_volume_engines(gpu, tmp_path, shipp
     )
     np.testing.assert_array_equal(host(kept.mean), on_host.mean)
     np.testing.assert_array_equal(host(kept.votes), on_host.votes)
+    made = ops.kept.allocated
     del kept
-    assert buffer not in gpu.memory  # freed with the result (the volume ops keep no reference)
-    two = make_inputs(cfg, phantom_images(cfg, [1]), [4, 5], 3)
-    assert isinstance(trt.sample(two, resident=True).mean, np.ndarray)  # K > 1: no sample engines
+    assert buffer in gpu.memory and ops.kept.idle() == 1  # back in the pool (no cudaFree per volume)
+    again = trt.sample(inputs, resident=True)
+    assert again.mean.ptr == buffer and ops.kept.allocated == made  # the next volume takes it again
+    np.testing.assert_array_equal(host(again.mean), on_host.mean)
+    del again
     trt.close()
+    assert buffer not in gpu.memory  # freed with the backend
+
+
+def test_k_samples_stay_on_the_gpu_through_the_sample_engines(gpu, tmp_path, shipped_demo_bundle):
+    """K = 3 with resident=True: each sample added to the running sum by the sample engines on the
+    GPU (chunks of 1 and 3), the mean, votes and confidence the host path's bit for bit, the entropy
+    within an ulp (float32 division), labels and maps on the input grid as the host result's;
+    nothing full-resolution comes down. A set without the sample engines keeps K > 1 on the host."""
+    engines = emulated_engine_set(tmp_path / "engines", shipped_demo_bundle)
+    trt = TensorRTBackend(engines, "cuda", bundle_hash=bundle_hash(shipped_demo_bundle))
+    ops = trt.volume_ops()
+    assert isinstance(ops, TrtVolumeOps)
+    cfg = trt.config
+    inputs = make_inputs(cfg, phantom_images(cfg, [1]), [4, 5, 6], 3)
+    on_host = trt.sample(inputs, chunk=1)
+    entropy = host(on_host.entropy(cfg.num_classes))
+    assert float(entropy.max()) > 0  # the samples disagree somewhere: the entropy is not trivially 0
+    shape = (41, 30, 50)
+    for chunk in (1, 3):
+        ran = len(gpu.log)
+        kept = trt.sample(inputs, chunk=chunk, resident=True)
+        assert isinstance(kept.mean, TrtDeviceArray) and isinstance(kept.votes, TrtDeviceArray)
+        executed = [e.split()[1] for e in gpu.log[ran:] if e.startswith("execute sample_")]
+        assert executed == ["sample_accumulate"] * 3 + ["sample_mean"], executed
+        assert not [e for e in gpu.log[ran:] if e == f"copy dtoh {on_host.mean.nbytes}"]
+        np.testing.assert_array_equal(host(kept.mean), on_host.mean)
+        np.testing.assert_array_equal(host(kept.votes), on_host.votes)
+        confidence = kept.confidence()
+        np.testing.assert_array_equal(host(confidence), host(on_host.confidence()))
+        np.testing.assert_allclose(host(kept.entropy(cfg.num_classes)), entropy, rtol=0, atol=1.2e-7)
+        labels = ops.labels_on_input_grid(kept.mean, shape)
+        np.testing.assert_array_equal(labels, ops.labels_on_input_grid(on_host.mean, shape))
+        assert_several_classes(labels, "TensorRT labels")
+        np.testing.assert_array_equal(
+            ops.map_on_input_grid(confidence, shape), ops.map_on_input_grid(host(on_host.confidence()), shape)
+        )
+        del kept, confidence
+    made = ops.kept.allocated
+    trt.sample(inputs, resident=True).confidence()
+    assert ops.kept.allocated == made  # mean, votes and the map: the pool's buffers again
+    trt.close()
+    without = emulated_engine_set(tmp_path / "engines-without", shipped_demo_bundle, sample_engines=False)
+    old = TensorRTBackend(without, "cuda", bundle_hash=bundle_hash(shipped_demo_bundle))
+    assert isinstance(old.sample(inputs, resident=True).mean, np.ndarray)
+    old.close()
 
 
 def test_a_folder_through_segmenter_on_tensorrt_writes_what_the_cpu_path_writes(gpu, tmp_path, shipped_demo_bundle):
@@ -287,3 +335,29 @@ def test_build_engine_checks_its_volume_engines_and_refuses_a_wrong_rule(
     monkeypatch.setattr(volume_ops, "zoom_coordinates", half_pixel)
     with pytest.raises(ArtifactError, match="volume engines disagree with the CPU path .*--no-volume-ops"):
         _check_volume_engines(engine_set, runtime, 0)
+
+
+def test_build_engine_checks_its_sample_engines_and_refuses_wrong_arithmetic(
+    gpu, tmp_path, shipped_demo_bundle, monkeypatch
+):
+    """The sample engines' check (export/volume_check.check_sample_engines) on the emulated engines,
+    run as the backend runs them: it passes and records the numbers; with the entropy's terms taken
+    for another K it refuses the set."""
+    from ldseg.errors import ArtifactError
+    from ldseg.export.tensorrt_build import _check_sample_engines
+    from ldseg.runtime.artifacts.engines import read_engine_set
+    from ldseg.runtime.backends.tensorrt import volume
+    from ldseg.runtime.samples import entropy_terms
+
+    engine_set = read_engine_set(emulated_engine_set(tmp_path / "engines", shipped_demo_bundle))
+    runtime = sys.modules["tensorrt"].Runtime(None)
+    before = dict(gpu.memory)
+    record = _check_sample_engines(engine_set, runtime, 0, 3)
+    assert record["passed"] and record["samples"] == 3 and record["votes_differing"] == 0
+    assert record["mean_max_abs"] == 0.0 and record["confidence_max_abs"] == 0.0
+    assert record["entropy_max_abs"] <= 1.2e-7
+    assert gpu.memory.keys() == before.keys()  # everything it allocated is freed
+
+    monkeypatch.setattr(volume, "entropy_terms", lambda k: entropy_terms(k + 1)[: k + 1])
+    with pytest.raises(ArtifactError, match="sample engines disagree with the host path .*--no-volume-ops"):
+        _check_sample_engines(engine_set, runtime, 0, 3)

@@ -7,7 +7,8 @@ plausible wrong start scores 98-99.9 % against the torch reference and passes):
 - `k_samples_within_budget`: `Backend.sample` with K samples, graphs on vs off, the same tolerance,
   and the device memory it added within the budget `decode_chunk` sizes chunks for (half the free
   memory before the run); and the same K samples kept on the device (`sample(resident=True)`, the run
-  path's own call where the backend keeps them) equal to the host's bit for bit, maps included.
+  path's own call where the backend keeps them) equal to the host's bit for bit, maps included (the
+  vote entropy within ENTROPY_TOLERANCE: TensorRT's last division is in float32).
 Used by the torch checks (torch_checks.py) and the other backends' (backend_checks.py); imports neither.
 """
 
@@ -26,6 +27,9 @@ if TYPE_CHECKING:
     from ldseg.runtime.backend import Backend, PipelineInputs
 
 GRAPH_TOLERANCE = 1e-6  # max |delta p|, graphs on vs off: the same kernels on the same inputs
+# Kept vs host vote entropy: torch and ONNX Runtime equal bit for bit (0); TensorRT divides by log(C)
+# in float32 (no float64), an ulp or two (< 2.4e-7 on [0, 1]).
+ENTROPY_TOLERANCE = 2.4e-7
 K_SAMPLES = 4  # within the engines' max batch (4)
 MEMORY_FRACTION = 0.5  # of the free device memory before a K-sample run
 
@@ -106,18 +110,20 @@ def k_samples_within_budget(
     within = used is None or used <= MEMORY_FRACTION * before  # type: ignore[operator]
     kept, last = graphed.sample(inputs, resident=True), runs[-1]
     classes = graphed.config.num_classes
-    resident = {
+    entropy_off = float(np.abs(host(kept.entropy(classes)) - host(last.entropy(classes))).max())
+    resident: dict[str, Any] = {
         "kept": type(kept.mean).__name__,
         "mean": bool(np.array_equal(host(kept.mean), host(last.mean))),
         "votes": bool(np.array_equal(host(kept.votes), host(last.votes))),
         "confidence": bool(np.array_equal(host(kept.confidence()), host(last.confidence()))),
-        "entropy": bool(np.array_equal(host(kept.entropy(classes)), host(last.entropy(classes)))),
+        "entropy_max_abs": entropy_off,
     }
     ok = (
         max(diffs) <= GRAPH_TOLERANCE
         and all(votes)
         and within
-        and all(v for key, v in resident.items() if key != "kept")
+        and all(resident[key] for key in ("mean", "votes", "confidence"))
+        and entropy_off <= ENTROPY_TOLERANCE
     )
     return {
         "status": "pass" if ok else "fail",

@@ -69,14 +69,16 @@ class OrtSampleGraphs:
 
     def __init__(self, providers: list[tuple[str, dict[str, str]]], device: Device):
         self.providers, self.device = providers, device
+        self._accumulate: dict[int, ort.InferenceSession] = {}
         self._entropy: dict[int, ort.InferenceSession] = {}
 
     def _session(self, model: onnx.ModelProto) -> ort.InferenceSession:
         return small_session(model, self.providers)
 
-    @cached_property
-    def accumulate(self) -> ort.InferenceSession:
-        return self._session(accumulate_graph())
+    def accumulate(self, num_classes: int) -> ort.InferenceSession:
+        if num_classes not in self._accumulate:
+            self._accumulate[num_classes] = self._session(accumulate_graph(num_classes))
+        return self._accumulate[num_classes]
 
     @cached_property
     def mean(self) -> ort.InferenceSession:
@@ -151,7 +153,8 @@ class OrtSamples:
             sample = OrtDeviceArray(probabilities, self.volume, np.float32, device)
             sample.offset = j * sample.nbytes
             target = self.spare if self.spare is not None else self.graphs.empty(self.volume, np.float32)
-            binding = self.graphs.accumulate.io_binding()
+            accumulate = self.graphs.accumulate(self.volume[0])
+            binding = accumulate.io_binding()
             if self.total is None:
                 binding.bind_cpu_input("total", np.zeros((1, 1, 1, 1), np.float32))
             else:
@@ -161,7 +164,7 @@ class OrtSamples:
             kind, index = device
             vote = self.votes.data_ptr() + (start + j) * int(np.prod(self.grid))  # uint8: a byte per voxel
             binding.bind_output("labels", kind, index, np.uint8, list(self.grid), vote)
-            self.graphs.accumulate.run_with_iobinding(binding)
+            accumulate.run_with_iobinding(binding)
             self.spare = None if self.total is None else self.total.value
             self.total = OrtDeviceArray(target, self.volume, np.float32, device)
 

@@ -78,8 +78,9 @@ from ldseg.runtime.artifacts.engines import EngineSet, engine_set_problems, read
 from ldseg.runtime.backend import STAGES, Backend, CaptureFailed, PipelineInputs
 from ldseg.runtime.backends.tensorrt import compat as trt_compat
 from ldseg.runtime.backends.tensorrt import cuda
+from ldseg.runtime.backends.tensorrt.engine_runner import EngineRunner
 from ldseg.runtime.backends.tensorrt.probe import detect_environment, logged_errors, require_tensorrt, trt_logger
-from ldseg.runtime.backends.tensorrt.samples import TrtOneSample
+from ldseg.runtime.backends.tensorrt.samples import SAMPLE_ENGINES, TrtOneSample, TrtSamples
 from ldseg.runtime.backends.tensorrt.volume import TrtVolumeOps
 
 if TYPE_CHECKING:
@@ -323,6 +324,7 @@ class TensorRTBackend(Backend[_Plan, int]):
         self._batches: dict[int, _Batch] = {}
         self._plans: dict[tuple[int, int], _Plan] = {}
         self._events = [cuda.Event() for _ in range(len(STAGES) + 1)]
+        self._sample_runner: EngineRunner | None = None  # the sample engines, made for the first K > 1
 
     # ------------------------------------------------------------------ setup
 
@@ -502,17 +504,35 @@ class TensorRTBackend(Backend[_Plan, int]):
     def device_volume_ops(self) -> TrtVolumeOps | None:
         return self._volume_ops
 
-    def device_samples(self, samples: int) -> TrtOneSample | None:
-        """One sample kept on the GPU for the volume engines (samples.py); K > 1: host arrays."""
-        if samples != 1 or self.volume_ops() is None:
+    def device_samples(self, samples: int) -> TrtOneSample | TrtSamples | None:
+        """The samples kept on the GPU for the volume engines (samples.py): one by a copy, K > 1 by
+        the sample engines where the set has them and its profiles take K; otherwise host arrays."""
+        ops, decoder = self.volume_ops(), self.engine_set.engines.get("decoder")
+        if not isinstance(ops, TrtVolumeOps) or decoder is None or decoder.outputs[0].dtype != "float32":
             return None
-        return TrtOneSample(self.stream, self.gpu_index)
+        if samples == 1:
+            return TrtOneSample(self.stream, ops.kept)
+        if not self.sample_engines_take(samples):
+            return None
+        if self._sample_runner is None:  # on the model's stream: the sums follow the decoder without a sync
+            self._sample_runner = EngineRunner(self.engine_set, self._load_engine, self.gpu_index, self.stream)
+        config = self.config
+        return TrtSamples(self._sample_runner, ops.kept, ops, samples, config.image_size, config.num_classes)
+
+    def sample_engines_take(self, samples: int) -> bool:
+        """Whether the set has the sample engines and their profile takes `samples` votes."""
+        if not all(g in self.engine_set.volume_engines for g in SAMPLE_ENGINES):
+            return False
+        votes = {p.name: p for p in self.engine_set.volume_profiles.get("sample_entropy", ())}.get("votes")
+        return votes is not None and votes.min[0] <= samples <= votes.max[0]
 
     def release(self) -> None:
         """Free graphs, buffers and the stream (engines and contexts go with the object)."""
+        self.stream.synchronize()
+        if self._sample_runner is not None:
+            self._sample_runner.release()
         if self._volume_ops is not None:
             self._volume_ops.release()
-        self.stream.synchronize()
         for captured in self._graphs.values():
             captured.graph.destroy()
         self._graphs.clear()

@@ -173,6 +173,9 @@ class Stream:
         kind = cudart.cudaMemcpyKind.cudaMemcpyDeviceToDevice
         check(cudart.cudaMemcpyAsync(dst, src, nbytes, kind, self.handle), "cudaMemcpyAsync(device->device)")
 
+    def memset(self, dst: int, value: int, nbytes: int) -> None:
+        check(runtime().cudaMemsetAsync(dst, value, nbytes, self.handle), "cudaMemsetAsync")
+
     def destroy(self) -> None:
         if self.handle is not None:
             check(runtime().cudaStreamDestroy(self.handle), "cudaStreamDestroy")
