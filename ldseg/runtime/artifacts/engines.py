@@ -17,7 +17,9 @@ An engine set is a folder with one serialized engine per graph and `engines.json
 
 `volume_ops` (absent in sets built without them, or before they existed) holds the pre/post-processing
 engines (ldseg/runtime/volume_graphs.py in float32: min-max and zoom to the model grid, the class
-step, the map back), with profiles over input grids up to `max_input_grid` voxels per axis.
+step, the map back), with profiles over input grids up to `max_input_grid` voxels per axis, and,
+in sets built for K >= 2 samples, the sample engines (ldseg/runtime/sample_graphs.py: sum and votes,
+mean, confidence, vote entropy) with profiles fixed to the model grid and K up to the max batch.
 
 Engines are not portable: TensorRT refuses (or worse, misbehaves with) a plan made by another
 TensorRT version or for another GPU model, so the set records both and `check_engine_set` compares
