@@ -189,3 +189,23 @@ def test_volume_engines_equal_the_cpu_path(engines, model) -> None:  # noqa: ANN
     assert_several_classes(reference, "CPU path labels")
     assert int((labels != reference).sum()) == 0
     assert float(np.abs(mapped - zoom_to(probs[1], raw.shape[::-1]).transpose(2, 1, 0)).max()) <= 1e-5
+
+
+def test_k_samples_kept_on_the_gpu_equal_the_host_samples(engines, model, phantoms) -> None:  # noqa: ANN001
+    """K = 2 through the sample engines (built for --max-batch 2) against the host path: mean, votes
+    and confidence equal, vote entropy within an ulp (on the emulator: test_emulated_volume_ops.py)."""
+    from ldseg.runtime.backends.tensorrt.backend import TensorRTBackend
+    from ldseg.runtime.backends.tensorrt.samples import TrtDeviceArray
+    from ldseg.runtime.samples import host
+
+    inputs = make_inputs(model.cfg, phantoms[0][0][None], [0, 1])
+    with TensorRTBackend(engines["fp32"]) as backend:
+        assert read_engine_set(engines["fp32"]).builder["sample_check"]["passed"]
+        on_host, kept = backend.sample(inputs), backend.sample(inputs, resident=True)
+        assert isinstance(kept.mean, TrtDeviceArray) and isinstance(kept.votes, TrtDeviceArray)
+        classes = model.cfg.num_classes
+        np.testing.assert_array_equal(host(kept.mean), on_host.mean)
+        np.testing.assert_array_equal(host(kept.votes), on_host.votes)
+        np.testing.assert_array_equal(host(kept.confidence()), host(on_host.confidence()))
+        entropy = host(kept.entropy(classes)) - host(on_host.entropy(classes))
+        assert float(np.abs(entropy).max()) <= 2.4e-7

@@ -220,6 +220,6 @@ class EngineRunner:
             self._slots.clear()
             self._contexts.clear()
             self._engines.clear()
-            if self._stream is not None and self._own_stream:
+            if self._stream is not None and self._own_stream:  # a stream it was given stays its owner's
                 self._stream.destroy()
-            self._stream = self._stream if not self._own_stream else None
+                self._stream = None
