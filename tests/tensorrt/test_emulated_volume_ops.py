@@ -252,6 +252,7 @@ def test_k_samples_stay_on_the_gpu_through_the_sample_engines(gpu, tmp_path, shi
     trt = TensorRTBackend(engines, "cuda", bundle_hash=bundle_hash(shipped_demo_bundle))
     ops = trt.volume_ops()
     assert isinstance(ops, TrtVolumeOps)
+    assert "K samples averaged there too (sample engines, K <= 4)" in trt.describe()["volume_ops"]
     cfg = trt.config
     inputs = make_inputs(cfg, phantom_images(cfg, [1]), [4, 5, 6], 3)
     on_host = trt.sample(inputs, chunk=1)
@@ -283,6 +284,7 @@ def test_k_samples_stay_on_the_gpu_through_the_sample_engines(gpu, tmp_path, shi
     trt.close()
     without = emulated_engine_set(tmp_path / "engines-without", shipped_demo_bundle, sample_engines=False)
     old = TensorRTBackend(without, "cuda", bundle_hash=bundle_hash(shipped_demo_bundle))
+    assert "K > 1 samples averaged on the host" in old.describe()["volume_ops"]
     assert isinstance(old.sample(inputs, resident=True).mean, np.ndarray)
     old.close()
 

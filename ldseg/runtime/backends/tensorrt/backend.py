@@ -493,7 +493,7 @@ class TensorRTBackend(Backend[_Plan, int]):
             "tensorrt": self.environment.trt_version,
             "gpu": f"{self.environment.gpu_name} (sm {self.environment.compute_capability})",
             "batch": f"{es.min_batch}..{es.max_batch}",
-            "volume_ops": self.volume_ops_words(self._volume_ops.describe())
+            "volume_ops": self.volume_ops_words(self._volume_ops.describe() + self._samples_words())
             if self._volume_ops is not None
             else "cpu (numpy/scipy): the engine set has no volume engines (build-engine makes them for 3D models)",
         }
@@ -521,10 +521,21 @@ class TensorRTBackend(Backend[_Plan, int]):
 
     def sample_engines_take(self, samples: int) -> bool:
         """Whether the set has the sample engines and their profile takes `samples` votes."""
+        most = self._most_samples()
+        return most is not None and 1 <= samples <= most
+
+    def _most_samples(self) -> int | None:
+        """The largest K the sample engines take, or None: the set has none."""
         if not all(g in self.engine_set.volume_engines for g in SAMPLE_ENGINES):
-            return False
+            return None
         votes = {p.name: p for p in self.engine_set.volume_profiles.get("sample_entropy", ())}.get("votes")
-        return votes is not None and votes.min[0] <= samples <= votes.max[0]
+        return None if votes is None else votes.max[0]
+
+    def _samples_words(self) -> str:
+        most = self._most_samples()
+        if most is None:
+            return "; K > 1 samples averaged on the host (no sample engines in the set)"
+        return f"; K samples averaged there too (sample engines, K <= {most})"
 
     def release(self) -> None:
         """Free graphs, buffers and the stream (engines and contexts go with the object)."""
