@@ -11,6 +11,8 @@ import datetime as _dt
 import json
 from pathlib import Path
 
+import onnx
+
 from ldseg.choices import ENGINE_PRECISIONS
 from ldseg.errors import ArtifactError
 from ldseg.runtime.artifacts.bundle import Bundle, GraphInfo, TensorInfo, sha256_file
@@ -124,7 +126,12 @@ def batch_profile(
 
 def volume_tensors(graph: str) -> tuple[tuple[TensorInfo, ...], tuple[TensorInfo, ...]]:
     """Inputs and outputs of a volume operation's float32 graph (ldseg/runtime/volume_graphs.py)."""
-    inputs, outputs = graph_io(GRAPHS[graph](FLOAT32))
+    return tensors_of(GRAPHS[graph](FLOAT32))
+
+
+def tensors_of(model: onnx.ModelProto) -> tuple[tuple[TensorInfo, ...], tuple[TensorInfo, ...]]:
+    """Inputs and outputs of one of ldseg's own small graphs, as engines.json records them."""
+    inputs, outputs = graph_io(model)
     return tuple(TensorInfo(*t) for t in inputs), tuple(TensorInfo(*t) for t in outputs)
 
 
@@ -141,22 +148,24 @@ def volume_profiles(grid: tuple[int, ...], max_input_grid: int) -> dict[str, tup
     on_input = {"n0": ranged(d), "n1": ranged(h), "n2": ranged(w), "d": fixed(d), "h": fixed(h), "w": fixed(w)}
     # to_model_grid reads the volume in nibabel's (X, Y, Z) order and writes the model grid.
     to_model = {"x": ranged(w), "y": ranged(h), "z": ranged(d), "n0": fixed(d), "n1": fixed(h), "n2": fixed(w)}
-    profiles = {}
-    for graph in GRAPHS:
-        sizes = to_model if graph == "volume_to_model_grid" else on_input
-        inputs = volume_tensors(graph)[0]
-        profiles[graph] = tuple(
-            InputProfile(t.name, *(tuple(sizes[n][k] if isinstance(n, str) else n for n in t.shape) for k in range(3)))
-            for t in inputs
-            if any(isinstance(n, str) for n in t.shape)  # static inputs (the class number) need none
-        )
-    return profiles
+    return {
+        graph: _profile(volume_tensors(graph)[0], to_model if graph == "volume_to_model_grid" else on_input)
+        for graph in GRAPHS
+    }
+
+
+def _profile(inputs: tuple[TensorInfo, ...], sizes: dict[str, tuple[int, int, int]]) -> tuple[InputProfile, ...]:
+    """An input profile from named axes' (min, opt, max); static inputs (the class number) need none."""
+    return tuple(
+        InputProfile(t.name, *(tuple(sizes[n][k] if isinstance(n, str) else n for n in t.shape) for k in range(3)))
+        for t in inputs
+        if any(isinstance(n, str) for n in t.shape)
+    )
 
 
 def sample_tensors(graph: str, num_classes: int) -> tuple[tuple[TensorInfo, ...], tuple[TensorInfo, ...]]:
     """Inputs and outputs of a sample engine's graph (ldseg/runtime/sample_graphs.py)."""
-    inputs, outputs = graph_io(SAMPLE_GRAPHS[graph](num_classes))
-    return tuple(TensorInfo(*t) for t in inputs), tuple(TensorInfo(*t) for t in outputs)
+    return tensors_of(SAMPLE_GRAPHS[graph](num_classes))
 
 
 def sample_profiles(grid: tuple[int, ...], num_classes: int, max_samples: int) -> dict[str, tuple[InputProfile, ...]]:
@@ -169,15 +178,7 @@ def sample_profiles(grid: tuple[int, ...], num_classes: int, max_samples: int) -
     sizes = {"c": fixed(num_classes), "tc": fixed(num_classes), "d": fixed(d), "h": fixed(h), "w": fixed(w)}
     sizes |= {"td": fixed(d), "th": fixed(h), "tw": fixed(w)}
     sizes |= {"k": (1, max_samples, max_samples), "k1": (2, max_samples + 1, max_samples + 1)}
-    profiles = {}
-    for graph in SAMPLE_GRAPHS:
-        inputs = sample_tensors(graph, num_classes)[0]
-        profiles[graph] = tuple(
-            InputProfile(t.name, *(tuple(sizes[n][k] if isinstance(n, str) else n for n in t.shape) for k in range(3)))
-            for t in inputs
-            if any(isinstance(n, str) for n in t.shape)
-        )
-    return profiles
+    return {graph: _profile(sample_tensors(graph, num_classes)[0], sizes) for graph in SAMPLE_GRAPHS}
 
 
 def graphs_to_build(bundle: Bundle, include_denoiser: bool = False) -> list[str]:

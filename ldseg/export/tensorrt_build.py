@@ -48,9 +48,8 @@ from ldseg.export.build_options import (
     now_iso,
     resolve_precision,
     sample_profiles,
-    sample_tensors,
+    tensors_of,
     volume_profiles,
-    volume_tensors,
     write_engines_json,
 )
 from ldseg.export.volume_check import check_sample_engines, check_volume_ops
@@ -134,6 +133,7 @@ def build_engines(
     num_classes = bundle.config.num_classes
     keeps_samples = bool(volume) and "decoder" in graphs and max_batch >= 2
     samples = sample_profiles(bundle.config.image_size, num_classes, max_batch) if keeps_samples else {}
+    on_gpu = {**volume, **samples}  # engines.json's volume_ops: their profiles
     target = Path(out_dir)
     check_folder_target(target, overwrite, ENGINES_JSON)  # fail before minutes of building
 
@@ -175,19 +175,16 @@ def build_engines(
     shared_cache: trt.ITimingCache | None = None
     with staged_folder(target, overwrite=overwrite, marker=ENGINES_JSON) as tmp:
         volume_engines: dict[str, EngineFile] = {}
-        for graph in [*graphs, *volume, *samples]:
+        for graph in [*graphs, *on_gpu]:
             say(f"building {graph} ...")
             clock = time.perf_counter()
             config = builder.create_builder_config()
             shared_cache = _attach_timing_cache(config, shared_cache, cache_bytes, say)
-            if graph in volume:
-                network, parser = _parse(builder, logger, GRAPHS[graph](FLOAT32).SerializeToString(), graph)
-                plan = _build_network(builder, logger, config, network, graph, volume[graph], options, gpu_only=True)
-                inputs, outputs = volume_tensors(graph)
-            elif graph in samples:
-                network, parser = _parse(builder, logger, SAMPLE_GRAPHS[graph](num_classes).SerializeToString(), graph)
-                plan = _build_network(builder, logger, config, network, graph, samples[graph], options, gpu_only=True)
-                inputs, outputs = sample_tensors(graph, num_classes)
+            if graph in on_gpu:  # ldseg's own small graphs: the volume and sample engines
+                model = GRAPHS[graph](FLOAT32) if graph in volume else SAMPLE_GRAPHS[graph](num_classes)
+                network, parser = _parse(builder, logger, model.SerializeToString(), graph)
+                plan = _build_network(builder, logger, config, network, graph, on_gpu[graph], options, gpu_only=True)
+                inputs, outputs = tensors_of(model)
             else:
                 network, parser = _parse(builder, logger, bundle.graph_path(graph), graph)
                 _check_network_io(network, bundle, graph, bundle.graph_path(graph))
@@ -200,14 +197,13 @@ def build_engines(
             layers_file = _write_layer_info(runtime, plan, tmp / f"{graph}.layers.json", say)
             size, digest = file_digest(engine_file)
             entry = EngineFile(graph, engine_file.name, size, digest, round(seconds, 2), inputs, outputs, layers_file)
-            (volume_engines if graph in volume or graph in samples else engines)[graph] = entry
+            (volume_engines if graph in on_gpu else engines)[graph] = entry
             say(f"{graph}: {size / 2**20:.1f} MiB in {seconds:.1f} s")
             if cache_path is not None and shared_cache is not None:
                 _save_timing_cache(shared_cache, cache_path)  # after each graph: a crash keeps the work
         engine_set = describe_engine_set(bundle, target, env, profiles, engines, options, cache_path,
                                          time.perf_counter() - started, trt_compat.api(trt))  # fmt: skip
         if volume:
-            on_gpu = {**volume, **samples}
             engine_set = dataclasses.replace(
                 engine_set, volume_engines=volume_engines, volume_profiles=on_gpu, max_input_grid=max_input_grid
             )
@@ -306,7 +302,7 @@ def _parse(
     parsed = parser.parse_from_file(str(source)) if isinstance(source, Path) else parser.parse(source)
     if not parsed:
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        where = source if isinstance(source, Path) else f"{graph} (ldseg/runtime/volume_graphs.py)"
+        where = source if isinstance(source, Path) else f"{graph} (ldseg/runtime/volume_graphs.py, sample_graphs.py)"
         raise ArtifactError(
             f"{where}: TensorRT {trt.__version__} cannot parse this graph: {errors or logged_errors(logger)}"
         )

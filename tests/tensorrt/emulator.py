@@ -42,9 +42,8 @@ from ldseg.export.build_options import (
     batch_profile,
     file_digest,
     sample_profiles,
-    sample_tensors,
+    tensors_of,
     volume_profiles,
-    volume_tensors,
     write_engines_json,
 )
 from ldseg.export.tensorrt_build import BuildOptions, describe_engine_set
@@ -454,27 +453,28 @@ def emulated_volume_engines(
 ) -> tuple[dict[str, EngineFile], dict[str, tuple[InputProfile, ...]]]:
     """The volume operations' emulated engines for a model grid, in `folder` (which exists): each
     float32 graph saved as ONNX, its engine JSON with the profile's bounds."""
-    engines = {}
     profiles = volume_profiles(grid, max_input_grid)
-    for graph, make in GRAPHS.items():
-        onnx.save(make(FLOAT32), folder / f"{graph}.onnx")
-        bounds = {i.name: {"min": list(i.min), "max": list(i.max)} for i in profiles[graph]}
-        description = {"onnx": str((folder / f"{graph}.onnx").resolve()), "profile": bounds}
-        path = folder / f"{graph}{ENGINE_SUFFIX}"
-        engines[graph] = _engine_file(path, graph, description, *volume_tensors(graph))
-    return engines, profiles
+    return _small_engines(folder, {graph: make(FLOAT32) for graph, make in GRAPHS.items()}, profiles), profiles
 
 
 def emulated_sample_engines(
     folder: Path, grid: tuple[int, ...], num_classes: int, max_samples: int
 ) -> tuple[dict[str, EngineFile], dict[str, tuple[InputProfile, ...]]]:
     """The sample engines (ldseg/runtime/sample_graphs.py, TensorRT's float32 flavour) in `folder`."""
-    engines = {}
     profiles = sample_profiles(grid, num_classes, max_samples)
-    for graph, make in SAMPLE_GRAPHS.items():
-        onnx.save(make(num_classes), folder / f"{graph}.onnx")
+    models = {graph: make(num_classes) for graph, make in SAMPLE_GRAPHS.items()}
+    return _small_engines(folder, models, profiles), profiles
+
+
+def _small_engines(
+    folder: Path, models: dict[str, onnx.ModelProto], profiles: dict[str, tuple[InputProfile, ...]]
+) -> dict[str, EngineFile]:
+    """ldseg's own small graphs as emulated engines: each saved as ONNX, its engine JSON with the
+    profile's bounds (enforced by set_input_shape) and the I/O engines.json records."""
+    engines = {}
+    for graph, model in models.items():
+        onnx.save(model, folder / f"{graph}.onnx")
         bounds = {i.name: {"min": list(i.min), "max": list(i.max)} for i in profiles[graph]}
         description = {"onnx": str((folder / f"{graph}.onnx").resolve()), "profile": bounds}
-        path = folder / f"{graph}{ENGINE_SUFFIX}"
-        engines[graph] = _engine_file(path, graph, description, *sample_tensors(graph, num_classes))
-    return engines, profiles
+        engines[graph] = _engine_file(folder / f"{graph}{ENGINE_SUFFIX}", graph, description, *tensors_of(model))
+    return engines
