@@ -33,5 +33,6 @@ for backend in $BACKENDS; do
     cp "$WORK/$backend-k1-reference/ldseg-run.csv" "$OUT/$backend-k1-reference.manifest.csv"
   fi
 done
+# shellcheck disable=SC2086  # BACKENDS is a space-separated list, one argument each
 "$PY" benchmarks/k_samples_summary.py --work "$WORK" --out "$OUT" --backends $BACKENDS
 uptime | tee "$OUT/load-after.txt"

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Set up, then lint and format-check (ruff), type-check (mypy), check the import layering
+# Set up, then lint and format-check (ruff), lint the shell scripts (shellcheck: the GPU session's
+# scripts run where a typo costs device time), type-check (mypy), check the import layering
 # (import-linter) and run the whole test suite
 # (CPU; GPU/TensorRT tests skip with a reason).
 set -euo pipefail
@@ -12,6 +13,7 @@ bash scripts/runtime_venv.sh  # the runtime-only install (no torch), which tests
 export LDSEG_RUNTIME_PYTHON="$PWD/.venv-runtime/bin/python"
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
+git ls-files -z -- '*.sh' .ci/run | xargs -0 .venv/bin/shellcheck
 .venv/bin/mypy ldseg
 .venv/bin/lint-imports  # the layering contracts in pyproject.toml ([tool.importlinter])
 .venv/bin/pytest -q "$@"
