@@ -7,12 +7,11 @@ lazily, so corrupt or truncated payloads only surface when the array is material
 
 from __future__ import annotations
 
-import gzip
 import math
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 from numpy.typing import DTypeLike
@@ -80,24 +79,51 @@ def _has_nifti_suffix(path: Path) -> bool:
     return path.name.lower().endswith(_NIFTI_SUFFIXES)
 
 
-def _verify_gzip(path: Path) -> int:
-    """Decompress a .gz to its end, so the CRC and length trailer are checked; returns the size
-    of the decompressed file (the on-disk size for a plain file).
+_GZIP_MAGIC = b"\x1f\x8b"
+_INFLATE_CHUNK = 1 << 22  # compressed bytes read, and inflated bytes dropped, per step
 
-    nibabel stops reading once it has the voxels it needs, so a damaged stream that still
-    inflates would otherwise pass silently as wrong intensities.
+
+def _inflate(path: Path, needed: int) -> tuple[bytes, int] | None:
+    """A gzipped file inflated to its end: its first `needed` bytes and its whole inflated size; None
+    for a plain file.
+
+    To the end, so the CRC and length trailer of every member are checked: nibabel stops reading
+    once it has the voxels it needs, so a damaged stream that still inflates would otherwise pass
+    silently as wrong intensities. The kept bytes are what nibabel then reads the voxels from, so
+    the file is inflated once, not twice (half a knee volume's read). Memory: `needed` bytes (the
+    header's size, bounded by the voxel limit) plus one chunk, whatever trails them. Members may
+    follow each other, with zero padding between them, as gzip allows.
     """
     with path.open("rb") as raw:
-        if raw.read(2) != b"\x1f\x8b":
-            return path.stat().st_size
-    size = 0
-    try:
-        with gzip.open(path, "rb") as stream:
-            while chunk := stream.read(1 << 24):
-                size += len(chunk)
-    except (OSError, EOFError, zlib.error) as exc:
-        raise InputError(f"{path}: truncated or corrupt gzip data ({_one_line(exc)})") from exc
-    return size
+        if raw.read(2) != _GZIP_MAGIC:
+            return None
+        raw.seek(0)
+        kept: list[bytes] = []
+        size = 0
+        member: Any = None  # None between members
+        data = b""
+        while True:
+            if not data:
+                data = raw.read(_INFLATE_CHUNK)
+                if not data:
+                    break
+            if member is None:
+                data = data.lstrip(b"\0")
+                if not data:
+                    continue
+                member = zlib.decompressobj(wbits=31)  # 31: a gzip header and trailer
+            room = needed - size
+            out = member.decompress(data, room if room > 0 else _INFLATE_CHUNK)
+            if room > 0:
+                kept.append(out)
+            size += len(out)
+            if member.eof:
+                data, member = member.unused_data, None
+            else:
+                data = member.unconsumed_tail
+        if member is not None:
+            raise EOFError("compressed file ended before the end-of-stream marker was reached")
+    return b"".join(kept), size
 
 
 def _load_header(path: Path, max_voxels: int) -> tuple[nib.Nifti1Image, tuple[int, ...]]:
@@ -127,14 +153,24 @@ def _load_header(path: Path, max_voxels: int) -> tuple[nib.Nifti1Image, tuple[in
     if np.linalg.matrix_rank(affine[:3, :3]) < 3:
         raise InputError(f"{path}: singular affine (zero voxel size or degenerate axes)")
     # last: the only check that reads the whole file. Comparing sizes before any voxel is read
-    # means a short file whose header promises a large volume costs no memory.
-    offset = int(img.header.get_data_offset())
+    # means a short file whose header promises a large volume costs no more memory than it holds.
+    # The offset is where nibabel reads the voxels (a single file's vox_offset 0 means after its header).
+    offset = int(cast(Any, img.dataobj).offset)
     needed = offset + voxels * dtype.itemsize
-    size = _verify_gzip(path)
+    try:
+        inflated = _inflate(path, needed)
+    except (OSError, EOFError, zlib.error) as exc:
+        raise InputError(f"{path}: truncated or corrupt gzip data ({_one_line(exc)})") from exc
+    size = path.stat().st_size if inflated is None else inflated[1]
     if size < needed:
         raise InputError(
             f"{path}: truncated or corrupt image data (the header needs {needed} bytes, the file holds {size})"
         )
+    if inflated is not None:  # the voxels are read from the inflated bytes, not inflated again
+        try:
+            img = type(img).from_bytes(inflated[0])
+        except _read_errors() as exc:
+            raise InputError(f"{path}: not a readable NIfTI file ({_one_line(exc)})") from exc
     return img, shape
 
 

@@ -276,3 +276,67 @@ def test_volume_is_frozen(tmp_path: Path) -> None:
     assert isinstance(vol, Volume)
     with pytest.raises(AttributeError):
         vol.path = tmp_path  # type: ignore[misc]
+
+
+# --- gzip read once ------------------------------------------------------------------------
+
+
+def _members(path: Path, data: bytes, cuts: list[int], padding: bytes = b"") -> Path:
+    """`data` gzipped as several members (gzip allows it), zero padding after each."""
+    pieces = [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True)]
+    path.write_bytes(b"".join(gzip.compress(piece) + padding for piece in pieces))
+    return path
+
+
+@pytest.mark.parametrize("chunk", [7, 1 << 22])  # 7: members, padding and the kept size across steps
+def test_gzip_members_padding_and_trailing_bytes_read_as_gzip_does(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, chunk: int
+) -> None:
+    import ldseg.io.nifti as nifti
+
+    monkeypatch.setattr(nifti, "_INFLATE_CHUNK", chunk)
+    data = _random_int16((9, 7, 5))
+    labels = np.random.default_rng(2).integers(0, 4, size=(9, 7, 5)).astype(np.uint8)
+    for stem, array in [("img", data), ("lab", labels)]:
+        plain = _save(tmp_path / f"{stem}.nii", array).read_bytes()
+        trailing = plain + bytes(range(200))  # bytes after the voxels: inflated and checked, not kept
+        for name, raw, cuts in [("one", plain, []), ("three", trailing, [100, 352, 700])]:
+            path = _members(tmp_path / f"{stem}-{name}.nii.gz", raw, cuts, padding=b"\0" * 11)
+            assert gzip.decompress(path.read_bytes()) == raw  # what gzip itself accepts
+            needed = len(plain)  # header and voxels: all nibabel reads
+            assert nifti._inflate(path, needed) == (raw[:needed], len(raw))  # memory: no more than needed
+            if stem == "img":
+                np.testing.assert_array_equal(read_volume(path).array, data.astype(np.float32))
+            else:
+                np.testing.assert_array_equal(read_label_volume(path).array, labels)
+
+
+@pytest.mark.parametrize("damage", ["crc", "truncated member", "garbage after padding"])
+def test_damage_in_any_gzip_member_is_refused(tmp_path: Path, damage: str) -> None:
+    raw = _save(tmp_path / "img.nii", _random_int16((30, 20, 10))).read_bytes()
+    first, second = gzip.compress(raw[:6000]), gzip.compress(raw[6000:])  # the header readable in both
+    if damage == "crc":  # the first member's CRC32 (its trailer's first 4 bytes)
+        first = first[:-8] + bytes(b ^ 0xFF for b in first[-8:-4]) + first[-4:]
+    elif damage == "truncated member":
+        first = first[:-20]
+    else:
+        second = second + b"\0\0" + b"not gzip"
+    path = tmp_path / "img.nii.gz"
+    path.write_bytes(first + second)
+    with pytest.raises(InputError, match="truncated or corrupt") as info:
+        read_volume(path)
+    _assert_one_line_naming(info, path)
+
+
+def test_a_gzipped_volume_is_inflated_once(tmp_path: Path) -> None:
+    """The voxels are read from the bytes the CRC check inflated, not from the file again."""
+    import io
+
+    import ldseg.io.nifti as nifti
+
+    path = _save(tmp_path / "img.nii.gz", _random_int16((9, 7, 5)))
+    img, _ = nifti._load_header(path, 10**6)
+    assert isinstance(img.dataobj.file_like, io.BytesIO)
+    plain = _save(tmp_path / "img.nii", _random_int16((9, 7, 5)))
+    img, _ = nifti._load_header(plain, 10**6)
+    assert img.dataobj.file_like == str(plain)  # a plain file is read (or mapped) where it lies
