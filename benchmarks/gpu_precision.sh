@@ -19,6 +19,6 @@ mkdir "$BENCH_DATA/images" "$BENCH_DATA/labels"
 ln -s "$(realpath "$DATA/images/$HELDOUT.nii.gz")" "$BENCH_DATA/images/"
 ln -s "$(realpath "$DATA/labels/$HELDOUT.nii.gz")" "$BENCH_DATA/labels/"
 bench() { "$PY" -m ldseg.bench --checkpoint "$CHECKPOINT" --data "$BENCH_DATA" --steps 15 --batch 1 \
-    --repeat "${REPEAT:-10}" --warmup 2 --device cuda "$@"; }
+    --repeat "${REPEAT:-10}" --warmup 2 --device "${DEVICE:-cuda}" "$@"; }
 bench --backends torch,onnxruntime --precisions fp32,bf16,fp16 -o "$OUT/eager-and-graph"
 LDSEG_TORCH_COMPILE=1 bench --backends torch --precisions fp32,bf16 -o "$OUT/compiled"

@@ -15,10 +15,13 @@
 # check: installs onnxruntime-gpu from the two parts, then gpu_check (every CUDA path on the demo model
 # and phantoms) within what is left of $BUDGET_S (default 270 s). knee: the knee denoiser trained on the
 # GPU (knee recipe settings, case4 held out), then within what is left of $BUDGET_S (default 450 s), in
-# this order: issue 31's precision bench (benchmarks/gpu_precision.sh), issue 30's device pipeline
-# (benchmarks/device_pipeline.py, torch then ONNX Runtime CUDA), ONNX Runtime's cuDNN search
-# (benchmarks/ort_cudnn_search.py). A step that would start with under a minute left is skipped and
-# says so. Each call leaves one log and one .tgz under $OUT (what the device tool brings back: at most 8
+# this order: issue 30's device pipeline on torch (benchmarks/device_pipeline.py), issue 31's precision
+# bench (benchmarks/gpu_precision.sh), the device pipeline on ONNX Runtime CUDA, ONNX Runtime's cuDNN
+# search (benchmarks/ort_cudnn_search.py), the torch pipeline at bf16. A step that would start with
+# under a minute left is skipped and says so. Rehearsed on a CPU (every step runs, ~35 min, BUDGET_S=2400):
+#   DEVICE=cpu TRAIN_DEVICE=cpu KNEE_STEPS=2 VOLUMES=2 REPEAT=1 PYTHON=.venv/bin/python OUT=/tmp/r \
+#   BUDGET_S=2400 bash scripts/gpu_session.sh knee
+# Each call leaves one log and one .tgz under $OUT (what the device tool brings back: at most 8
 # files), whatever happens; unpack them into benchmarks/results/<gpu>-<date>/ and commit with the GPU
 # named.
 set -euo pipefail
@@ -103,13 +106,18 @@ case "${1:-}" in
       --init "$K/official.safetensors" --freeze encoders --steps "${KNEE_STEPS:-1000}" --batch-size 3 \
       --noise-draws 16 --val 0 --lr 1e-3 --lr-schedule cosine --device "${TRAIN_DEVICE:-cuda}" -o "$CKPT" --overwrite
     [ -f "$CKPT" ] || { echo "no trained checkpoint: the knee steps need it"; exit 1; }
-    step precision env CHECKPOINT="$CKPT" DATA="$K" OUT="$STASH/out/knee/gpu-precision" PYTHON="$PY" \
+    pipeline() {  # NAME BACKEND [ARGS...]: benchmarks/device_pipeline.py on the knee images
+      local name=$1 backend=$2
+      shift 2
+      step "$name" "$PY" benchmarks/device_pipeline.py --checkpoint "$CKPT" --backend "$backend" \
+        --device "${DEVICE:-cuda}" --images "$K/images" --volumes "${VOLUMES:-16}" "$@" -o "$STASH/out/knee/$name"
+    }
+    # issue 30 first (a few volumes a second: the shortest step), then issue 31's longer precision bench;
+    # --samples 1 8: issue 30's K=8 <= 2x K=1 (both backends keep the K samples on the device)
+    pipeline device-pipeline-torch torch --samples 1 8
+    step precision env CHECKPOINT="$CKPT" DEVICE="${DEVICE:-cuda}" DATA="$K" OUT="$STASH/out/knee/gpu-precision" PYTHON="$PY" \
       bash benchmarks/gpu_precision.sh
-    for backend in torch onnxruntime; do
-      # --samples 1 8: issue 30's K=8 <= 2x K=1 (both backends keep the K samples on the device)
-      step "pipeline-$backend" "$PY" benchmarks/device_pipeline.py --checkpoint "$CKPT" --backend "$backend" \
-        --device cuda --images "$K/images" --volumes 16 --samples 1 8 -o "$STASH/out/knee/device-pipeline-$backend"
-    done
+    pipeline device-pipeline-onnxruntime onnxruntime --samples 1 8
     bundle=$("$PY" - "$LDSEG_CACHE" <<'PYEOF'
 import json, sys
 from pathlib import Path
@@ -126,6 +134,8 @@ PYEOF
     else
       echo "-- ort-cudnn: skipped (no cached knee3d fp32 bundle)"
     fi
+    # the folder rate with issue 31's bf16 model (FP32's model alone is ~124 ms: under 10 volumes/s)
+    pipeline device-pipeline-torch-bf16 torch --precision bf16 --device-ops on --samples 1
     ;;
   *)
     sed -n '2,/^set -euo/p' "$0" | sed '$d'
