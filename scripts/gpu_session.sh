@@ -112,7 +112,7 @@ case "${1:-}" in
       step "$name" "$PY" benchmarks/device_pipeline.py --checkpoint "$CKPT" --backend "$backend" \
         --device "${DEVICE:-cuda}" --images "$K/images" --volumes "${VOLUMES:-16}" "$@" -o "$STASH/out/knee/$name"
     }
-    # issue 30 first (a few volumes a second: the shortest step), then issue 31's longer precision bench;
+    # issue 30 first (its numbers must not wait on the precision bench, which exports and compiles), then 31;
     # --samples 1 8: issue 30's K=8 <= 2x K=1 (both backends keep the K samples on the device)
     pipeline device-pipeline-torch torch --samples 1 8
     step precision env CHECKPOINT="$CKPT" DEVICE="${DEVICE:-cuda}" DATA="$K" OUT="$STASH/out/knee/gpu-precision" PYTHON="$PY" \
