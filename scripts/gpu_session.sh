@@ -45,6 +45,15 @@ prepare() {
     --label-decoder "$w/labelDecoder3D.hdf5" --image-encoder "$w/imageEncoder3D.hdf5" \
     -o "$SESSION/knee/official.safetensors" --overwrite
   du -sh "$SESSION"/* work/gpu-check
+  # Each call carries the checkout (tracked and untracked, not ignored) plus its carry: at most 64 MiB.
+  local checkout carry size
+  checkout=$({ git ls-files -z; git ls-files -z --others --exclude-standard; } | xargs -0 stat -c %s -- | awk '{s += $1} END {print s}')
+  for carry in "$SESSION/ort-a" "$SESSION/ort-b work/gpu-check" "$SESSION/knee work/gpu-check/wheels"; do
+    # shellcheck disable=SC2086  # one call's carry: a space-separated list of paths
+    size=$(($(du -scb $carry | tail -1 | cut -f1) + checkout))
+    echo "a call carrying $carry: $((size / 1048576)) MiB of 64"
+    [ "$size" -le $((64 * 1048576)) ] || { echo "over the device tool's 64 MiB: make the checkout or the carry smaller"; exit 1; }
+  done
 }
 
 # Everything a call leaves goes to $STASH/out/<call> and is packed into $OUT on exit, even after a failure.
