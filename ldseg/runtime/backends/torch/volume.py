@@ -1,6 +1,7 @@
 """The torch backend's volume operations on its device (ldseg/runtime/volume_ops.py): the volume
-goes up in its own dtype (an int16 scan is half the bytes of the float32 model grid) through pinned
-memory, min-max runs in float32 as the official code does, and both resamplings are
+goes up in the dtype it is given through pinned memory (the readers give float32: converting an
+int16 knee volume on the host costs under a millisecond, so they are left as they are), min-max runs
+in float32 as the official code does, and both resamplings are
 `F.interpolate(mode="trilinear", align_corners=True)` in float64: align_corners samples input
 coordinate i * (in - 1) / (out - 1), which is exactly scipy.ndimage.zoom(order=1, grid_mode=False)
 (ldseg.io.preprocess.zoom_to), and float64 is scipy's own arithmetic, so the float32 results equal the
