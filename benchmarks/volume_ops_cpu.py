@@ -33,8 +33,8 @@ from ldseg.io.preprocess import image_to_model_grid, labels_to_model_grid, proba
 from ldseg.model.config import get_preset
 from ldseg.runtime.backends.onnxruntime.volume import OrtVolumeOps
 from ldseg.runtime.backends.torch.volume import TorchVolumeOps
-from ldseg.runtime.volume_graphs import FLOAT32, class_step_graph, to_model_grid_graph
-from ldseg.runtime.volume_ops import axis_feeds
+from ldseg.runtime.volume_graphs import class_step_graph, to_model_grid_graph
+from ldseg.runtime.volume_ops import FLOAT32, axis_feeds
 
 
 def float32_graphs() -> tuple[Callable, Callable]:

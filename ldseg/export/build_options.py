@@ -25,7 +25,8 @@ from ldseg.runtime.artifacts.engines import (
     InputProfile,
 )
 from ldseg.runtime.sample_graphs import SAMPLE_GRAPHS
-from ldseg.runtime.volume_graphs import FLOAT32, GRAPHS, graph_io
+from ldseg.runtime.volume_graphs import GRAPHS, graph_io
+from ldseg.runtime.volume_ops import FLOAT32
 
 # The volume operations' engines take input grids of 1..this many voxels per axis by default: CT and
 # MRI series up to 512 x 512 x 512; a larger volume is resampled on the CPU (ldseg.runs.volumes).

@@ -71,7 +71,8 @@ from ldseg.runtime.backends.tensorrt.compat import TrtApi
 from ldseg.runtime.backends.tensorrt.probe import detect_environment, logged_errors, require_tensorrt, trt_logger
 from ldseg.runtime.sample_graphs import SAMPLE_GRAPHS
 from ldseg.runtime.samples import SampleResult
-from ldseg.runtime.volume_graphs import FLOAT32, GRAPHS
+from ldseg.runtime.volume_graphs import GRAPHS
+from ldseg.runtime.volume_ops import FLOAT32
 
 if TYPE_CHECKING:
     import tensorrt as trt

@@ -24,11 +24,12 @@ scipy's.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper
+
+from ldseg.runtime.volume_ops import EXACT, Arithmetic
 
 OPSET = 18
 _TO_MODEL = (2, 1, 0)  # nibabel (X, Y, Z) <-> model (D, H, W)
@@ -41,38 +42,17 @@ _NUMPY: dict[int, str] = {
 }
 
 
-@dataclass(frozen=True)
-class Arithmetic:
-    name: str
-    compute: int  # the blend's type (TensorProto)
-    index: int  # the gather indices' type
-    klass: int  # the running class index's type
-    labels_output: bool  # class_step also writes the index as uint8 `labels`
-
-    @property
-    def index_dtype(self) -> str:
-        return _NUMPY[self.index]
-
-    @property
-    def weight_dtype(self) -> str:
-        return _NUMPY[self.compute]
-
-    @property
-    def klass_dtype(self) -> str:
-        return _NUMPY[self.klass]
-
-
-EXACT = Arithmetic("float64", TensorProto.DOUBLE, TensorProto.INT64, TensorProto.UINT8, False)  # ONNX Runtime
-FLOAT32 = Arithmetic("float32", TensorProto.FLOAT, TensorProto.INT32, TensorProto.INT32, True)  # TensorRT
+# The blend's and indices' types of each arithmetic (volume_ops.Arithmetic names them as numpy does).
+_PROTO = {name: proto for proto, name in _NUMPY.items()}
 
 
 def _axis_inputs(axis: int, rank: int, a: Arithmetic) -> list[onnx.ValueInfoProto]:
     shape: list[int | str | None] = [1] * rank
     shape[axis] = f"n{axis}"
     return [
-        helper.make_tensor_value_info(f"i0_{axis}", a.index, [f"n{axis}"]),
-        helper.make_tensor_value_info(f"i1_{axis}", a.index, [f"n{axis}"]),
-        helper.make_tensor_value_info(f"w_{axis}", a.compute, shape),
+        helper.make_tensor_value_info(f"i0_{axis}", _PROTO[a.index_dtype], [f"n{axis}"]),
+        helper.make_tensor_value_info(f"i1_{axis}", _PROTO[a.index_dtype], [f"n{axis}"]),
+        helper.make_tensor_value_info(f"w_{axis}", _PROTO[a.weight_dtype], shape),
     ]
 
 
@@ -91,13 +71,13 @@ def _blend(nodes: list[onnx.NodeProto], x: str, axis: int) -> str:
 
 def _resample(nodes: list[onnx.NodeProto], x: str, a: Arithmetic) -> str:
     """x (float32) blended along its three axes in `a`'s type, back to float32."""
-    out = x
-    if a.compute != TensorProto.FLOAT:
-        nodes.append(helper.make_node("Cast", [x], ["x_wide"], to=a.compute))
+    out, wide = x, a.weight_dtype != "float32"
+    if wide:
+        nodes.append(helper.make_node("Cast", [x], ["x_wide"], to=_PROTO[a.weight_dtype]))
         out = "x_wide"
     for axis in range(3):
         out = _blend(nodes, out, axis)
-    if a.compute != TensorProto.FLOAT:
+    if wide:
         nodes.append(helper.make_node("Cast", [out], ["resampled"], to=TensorProto.FLOAT))
         out = "resampled"
     return out
@@ -150,12 +130,12 @@ def class_step_graph(a: Arithmetic = EXACT) -> onnx.ModelProto:
         inputs += _axis_inputs(axis, 3, a)
     inputs += [
         helper.make_tensor_value_info("best", TensorProto.FLOAT, grid),
-        helper.make_tensor_value_info("index", a.klass, grid),
-        helper.make_tensor_value_info("klass", a.klass, []),
+        helper.make_tensor_value_info("index", _PROTO[a.klass_dtype], grid),
+        helper.make_tensor_value_info("klass", _PROTO[a.klass_dtype], []),
     ]
     outputs = [
         helper.make_tensor_value_info("best_out", TensorProto.FLOAT, grid),
-        helper.make_tensor_value_info("index_out", a.klass, grid),
+        helper.make_tensor_value_info("index_out", _PROTO[a.klass_dtype], grid),
     ]
     if a.labels_output:
         nodes.append(helper.make_node("Cast", ["index_out"], ["labels"], to=TensorProto.UINT8))

@@ -1,4 +1,5 @@
-"""Running a bundle never imports PyTorch (issue: the lightweight runtime), proven two ways:
+"""Running a bundle never imports PyTorch (issue: the lightweight runtime), nor onnx on the CPU
+(only a GPU backend's small volume and sample graphs need it), proven two ways:
 
 - in this environment (torch installed), a fresh process that runs `ldseg-run --bundle`, the Python
   API on a bundle, or a checkpoint whose bundle is already cached, ends with no `torch` in sys.modules;
@@ -38,7 +39,7 @@ try:
     {call}
 except SystemExit as exc:
     code = exc.code or 0
-print(json.dumps({{"torch": "torch" in sys.modules, "code": code}}))
+print(json.dumps({{"torch": "torch" in sys.modules, "onnx": "onnx" in sys.modules, "code": code}}))
 """
 
 
@@ -72,6 +73,8 @@ def test_ldseg_run_on_a_bundle_imports_no_torch(bundle: Path, phantom: Path, tmp
     result = run_cli(sys.executable, "run", str(phantom), "--bundle", str(bundle), "-o", str(tmp_path), *RUN)
     assert result["code"] == 0, result["stderr"]
     assert result["torch"] is False, "ldseg-run --bundle imported torch"
+    # nor onnx (0.6 s of a cold start here): ONNX Runtime's CPU provider builds no small graphs
+    assert result["onnx"] is False, "ldseg-run --bundle imported onnx"
     assert (tmp_path / "p3_seg.nii.gz").is_file()
 
 
@@ -82,7 +85,8 @@ def test_the_python_api_on_a_bundle_imports_no_torch(bundle: Path, phantom: Path
         f"        [r] = seg.segment({str(phantom)!r})\n"
         "        assert r.labels.max() > 0 and 'entropy' in r.maps"
     )
-    assert probe(sys.executable, ["api"], call)["torch"] is False
+    result = probe(sys.executable, ["api"], call)
+    assert result["torch"] is False and result["onnx"] is False, result
 
 
 def test_a_checkpoint_whose_bundle_is_cached_runs_without_torch(phantom: Path, tmp_path: Path) -> None:

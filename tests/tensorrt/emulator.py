@@ -50,7 +50,8 @@ from ldseg.export.tensorrt_build import BuildOptions, describe_engine_set
 from ldseg.runtime.artifacts.bundle import load_bundle
 from ldseg.runtime.artifacts.engines import ENGINE_SUFFIX, EngineFile, Environment, InputProfile
 from ldseg.runtime.sample_graphs import SAMPLE_GRAPHS
-from ldseg.runtime.volume_graphs import FLOAT32, GRAPHS
+from ldseg.runtime.volume_graphs import GRAPHS
+from ldseg.runtime.volume_ops import FLOAT32
 
 TRT_VERSION = "10.13.0.35"
 GPU = SimpleNamespace(name=b"NVIDIA H100 80GB HBM3\0", major=9, minor=0, totalGlobalMem=80 * 2**30)

@@ -10,6 +10,7 @@ resampling rule: half-pixel coordinates instead of scipy's corner-aligned ones f
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -363,3 +364,22 @@ def test_build_engine_checks_its_sample_engines_and_refuses_wrong_arithmetic(
     monkeypatch.setattr(volume, "entropy_terms", lambda k: entropy_terms(k + 1)[: k + 1])
     with pytest.raises(ArtifactError, match="sample engines disagree with the host path .*--no-volume-ops"):
         _check_sample_engines(engine_set, runtime, 0, 3)
+
+
+def test_the_sample_engines_a_set_needs_are_the_sample_graphs() -> None:
+    from ldseg.runtime.backends.tensorrt.samples import SAMPLE_ENGINES
+    from ldseg.runtime.sample_graphs import SAMPLE_GRAPHS
+
+    assert tuple(SAMPLE_GRAPHS) == SAMPLE_ENGINES
+
+
+def test_the_gpu_backends_import_no_onnx_until_they_make_a_graph() -> None:
+    """onnx (0.6 s of a cold start on this project's CPU) is for building graphs: an engine set's
+    runtime never builds one, ONNX Runtime only where its volume or sample graphs first run."""
+    code = (
+        "import sys\n"
+        "import ldseg.runtime.backends.tensorrt.backend, ldseg.runtime.backends.onnxruntime.backend\n"
+        "print('onnx' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    assert done.stdout.strip() == "False", "importing a GPU backend imported onnx"

@@ -17,23 +17,27 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from functools import cached_property
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 
 import numpy as np
-import onnx
 
 from ldseg.runtime.backends.onnxruntime.probe import onnxruntime_needed
-from ldseg.runtime.sample_graphs import accumulate_graph, class_max_graph, entropy_graph, mean_graph
 from ldseg.runtime.samples import DeviceArray, SampleResult, entropy_terms
 
 with onnxruntime_needed("the onnxruntime backend"):
     import onnxruntime as ort
 
+if TYPE_CHECKING:
+    import onnx
+
 Device = tuple[str, int]  # ("cuda", 0) or ("cpu", 0): where OrtValues live
 
 
 def small_session(model: onnx.ModelProto, providers: list[tuple[str, dict[str, str]]]) -> ort.InferenceSession:
-    """A quiet session for one of the small weightless graphs (sample and volume graphs)."""
+    """A quiet session for one of the small weightless graphs (sample and volume graphs). Their
+    builders (and onnx, whose import takes 0.6 s on a 2-core CPU) are imported where a graph is first
+    made, so a run that never makes one (the CPU provider keeps scipy and host samples) never
+    imports them."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
     return ort.InferenceSession(model.SerializeToString(), options, providers=providers)
@@ -77,19 +81,27 @@ class OrtSampleGraphs:
 
     def accumulate(self, num_classes: int) -> ort.InferenceSession:
         if num_classes not in self._accumulate:
+            from ldseg.runtime.sample_graphs import accumulate_graph  # onnx on first use: see small_session
+
             self._accumulate[num_classes] = self._session(accumulate_graph(num_classes))
         return self._accumulate[num_classes]
 
     @cached_property
     def mean(self) -> ort.InferenceSession:
+        from ldseg.runtime.sample_graphs import mean_graph
+
         return self._session(mean_graph())
 
     @cached_property
     def class_max(self) -> ort.InferenceSession:
+        from ldseg.runtime.sample_graphs import class_max_graph
+
         return self._session(class_max_graph())
 
     def entropy(self, num_classes: int) -> ort.InferenceSession:
         if num_classes not in self._entropy:
+            from ldseg.runtime.sample_graphs import entropy_graph
+
             self._entropy[num_classes] = self._session(entropy_graph(num_classes))
         return self._entropy[num_classes]
 

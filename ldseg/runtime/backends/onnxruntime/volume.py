@@ -13,18 +13,20 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from functools import cached_property
+from typing import TYPE_CHECKING
 
 import numpy as np
-import onnx
 
 from ldseg.runtime.backends.onnxruntime.probe import CUDA_PROVIDER, onnxruntime_needed
 from ldseg.runtime.backends.onnxruntime.samples import OrtDeviceArray, small_session
 from ldseg.runtime.samples import ModelGridArray, host
-from ldseg.runtime.volume_graphs import EXACT, class_step_graph, map_graph, to_model_grid_graph
-from ldseg.runtime.volume_ops import DeviceMemoryError, axis_feeds
+from ldseg.runtime.volume_ops import EXACT, DeviceMemoryError, axis_feeds
 
 with onnxruntime_needed("the onnxruntime backend"):
     import onnxruntime as ort
+
+if TYPE_CHECKING:
+    import onnx
 
 _CONSTANT = "cannot min-max standardize a constant (or NaN) image"  # ldseg.io.preprocess's words
 _TO_MODEL = (2, 1, 0)
@@ -48,14 +50,20 @@ class OrtVolumeOps:
 
     @cached_property
     def _pre(self) -> ort.InferenceSession:
+        from ldseg.runtime.volume_graphs import to_model_grid_graph  # onnx on first use: see small_session
+
         return self._session(to_model_grid_graph(EXACT))
 
     @cached_property
     def _class_step(self) -> ort.InferenceSession:
+        from ldseg.runtime.volume_graphs import class_step_graph  # onnx on first use: see small_session
+
         return self._session(class_step_graph(EXACT))
 
     @cached_property
     def _map(self) -> ort.InferenceSession:
+        from ldseg.runtime.volume_graphs import map_graph  # onnx on first use: see small_session
+
         return self._session(map_graph(EXACT))
 
     def to_model_grid(self, array_nib: np.ndarray, grid: Sequence[int]) -> np.ndarray:

@@ -31,8 +31,7 @@ from ldseg.runtime.artifacts.engines import EngineSet
 from ldseg.runtime.backends.tensorrt.engine_runner import EngineRunner
 from ldseg.runtime.backends.tensorrt.samples import KeptBuffers, TrtDeviceArray
 from ldseg.runtime.samples import ModelGridArray, entropy_terms, host
-from ldseg.runtime.volume_graphs import FLOAT32
-from ldseg.runtime.volume_ops import DeviceStepUnavailable, axis_feeds
+from ldseg.runtime.volume_ops import FLOAT32, DeviceStepUnavailable, axis_feeds
 
 if TYPE_CHECKING:
     import tensorrt as trt
