@@ -5,7 +5,9 @@ writes what it measured (JSON and a markdown table).
         --images ../shared/data/knee/images --case case4 --precision bf16 --runs 5 \
         -o benchmarks/results/<machine>/startup
 
-- import: `import ldseg.cli.run, ldseg.api` (the run path) in a fresh process, median of --runs;
+- import: `import ldseg.cli.run, ldseg.api` (the run path) in a fresh process, median of --runs; and
+  the same with the --backend's module (`ldseg.runtime.backends.<backend>.backend`), which the run
+  path imports only once it has chosen that backend;
 - single: a cold `ldseg-run` of one volume on the cached bundle, one process per run: process wall
   time against the model's own stage time from the run manifest (encoder + loop + decoder + copies);
 - folder: one `ldseg-run` over --folder volumes (default 8; the cases repeated through links): wall
@@ -32,7 +34,7 @@ from typing import Any
 
 BIN = Path(sys.executable).parent
 HERE = Path(__file__).resolve().parents[1]  # the tree whose ldseg is measured (PYTHONPATH of each process)
-IMPORT = "import time; t = time.perf_counter(); import ldseg.cli.run, ldseg.api; print(time.perf_counter() - t)"
+IMPORT = "import time; t = time.perf_counter(); import ldseg.cli.run, ldseg.api{}; print(time.perf_counter() - t)"
 MODEL_STAGES = ("input_copy", "encoder", "loop", "decoder", "output_copy", "graph")
 
 
@@ -44,10 +46,11 @@ def _env(tree: Path) -> dict[str, str]:
     return {**os.environ, "PYTHONUTF8": "1", "PYTHONPATH": str(tree)}
 
 
-def import_seconds(tree: Path) -> float:
+def import_seconds(tree: Path, backend: str | None = None) -> float:
+    code = IMPORT.format("" if backend is None else f", ldseg.runtime.backends.{backend}.backend")
     # cwd too: `python -c` puts the current folder first on sys.path, before PYTHONPATH.
     done = subprocess.run(
-        [sys.executable, "-c", IMPORT], capture_output=True, text=True, check=True, env=_env(tree), cwd=tree
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=_env(tree), cwd=tree
     )
     return float(done.stdout.strip())
 
@@ -92,13 +95,16 @@ def main() -> None:
     # machine slows both alike and their ratio stays comparable.
     trees = {"this": HERE, **({"baseline": args.baseline.resolve()} if args.baseline else {})}
     record: dict[str, Any] = {"command": " ".join(sys.argv), "load_before": load_average(), "trees": {}}
-    results: dict[str, dict[str, Any]] = {name: {"import_s": [], "single": []} for name in trees}
+    results: dict[str, dict[str, Any]] = {
+        name: {"import_s": [], "backend_import_s": [], "single": []} for name in trees
+    }
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         ldseg_run([str(case), "-o", str(root / "warm"), *model], HERE)  # fills the artifact and compiled-model caches
         for i in range(args.runs):
             for name, tree in trees.items():
                 results[name]["import_s"].append(import_seconds(tree))
+                results[name]["backend_import_s"].append(import_seconds(tree, args.backend))
                 out = root / f"{name}-single{i}"
                 wall = ldseg_run([str(case), "-o", str(out), *model], tree)
                 [row] = manifest_rows(out)
@@ -139,6 +145,7 @@ def main() -> None:
         stages = statistics.median(s["stages_s"] for s in singles)
         res["summary"] = {
             "import_s_median": statistics.median(res["import_s"]),
+            "backend_import_s_median": statistics.median(res["backend_import_s"]),
             "single_wall_s": wall,
             "single_stages_s": stages,
             "single_ratio": statistics.median(s["wall_s"] / s["stages_s"] for s in singles),
@@ -147,6 +154,8 @@ def main() -> None:
         lines += [
             f"| {name} | import of the run path (fresh process, median of {args.runs}) | "
             f"{summary['import_s_median']:.3f} | |",
+            f"| {name} | the same and the {args.backend} backend's module | "
+            f"{summary['backend_import_s_median']:.3f} | |",
             f"| {name} | cold `ldseg-run`, one volume (median of {args.runs}; ratio: median of the runs' ratios) | "
             f"{wall:.2f} | {summary['single_ratio']:.2f}x of {stages:.2f} |",
         ]
