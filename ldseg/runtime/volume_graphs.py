@@ -1,5 +1,6 @@
 """The volume operations (ldseg/runtime/volume_ops.py) as three small ONNX graphs, in two arithmetics:
-ONNX Runtime runs them in float64 (EXACT), TensorRT in float32 (FLOAT32: it has no float64 tensors).
+ONNX Runtime runs them in float64 (volume_ops.EXACT), TensorRT in float32 (volume_ops.FLOAT32: it has
+no float64 tensors).
 
 The graphs are built here with onnx.helper, not exported into each bundle: they hold no weights and
 are the same for every model, so code is their one definition (tests/runtime/backends/
