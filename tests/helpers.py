@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -138,3 +139,10 @@ def user_checkpoint(path: Path) -> Path:
         next(p for name, p in model.named_parameters() if name.endswith("bias")).add_(1e-6)
     save_checkpoint(model, path, overwrite=True)
     return path
+
+
+def ctrl_c_as_at_a_terminal() -> None:
+    """Popen's preexec_fn for a child that a test interrupts: SIGINT back to its default, so Python
+    installs its KeyboardInterrupt handler. A shell starts a background job (`bash .ci/run &`) with
+    SIGINT ignored, the child inherits that, and the Ctrl-C a test sends would never arrive."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -18,7 +18,7 @@ import pytest
 
 from ldseg.runs.manifest import RunManifest
 from tests.cli.test_run_cohort import RUN, ldseg_run, phantoms
-from tests.helpers import assert_several_classes
+from tests.helpers import assert_several_classes, ctrl_c_as_at_a_terminal
 
 pytest.importorskip("ray.data", reason="the Ray engine needs the ray extra (pip install 'ldseg[ray]')")
 BIN = Path(sys.executable).parent
@@ -72,7 +72,13 @@ def test_ray_run_interrupted_then_rerun_skips_the_finished_ones(tmp_path: Path):
     # More steps than elsewhere, so the run is still going when it is interrupted.
     args = [str(inputs), "-o", str(out), "--engine", "ray", "--workers", "1", "--backend", "torch", "--threads", "1"]
     env = {**os.environ, "PYTHONUTF8": "1"}
-    run = subprocess.Popen([str(BIN / "ldseg-run"), *args, "--steps", "40"], env=env, stderr=subprocess.PIPE, text=True)
+    run = subprocess.Popen(
+        [str(BIN / "ldseg-run"), *args, "--steps", "40"],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=ctrl_c_as_at_a_terminal,
+    )
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and run.poll() is None:
         if (out / "ldseg-run.csv").exists() and list(statuses(out).values()).count("ok") >= 2:
