@@ -34,15 +34,14 @@ class Arithmetic:
     """The types a backend's volume graphs compute in (numpy names; volume_graphs.py builds the graphs
     in them). Here, not there, so a runtime that only feeds the graphs never imports onnx."""
 
-    name: str
     weight_dtype: str  # the blend's type
     index_dtype: str  # the gather indices' type
     klass_dtype: str  # the running class index's type
     labels_output: bool  # class_step also writes the index as uint8 `labels`
 
 
-EXACT = Arithmetic("float64", "float64", "int64", "uint8", False)  # ONNX Runtime: scipy's arithmetic
-FLOAT32 = Arithmetic("float32", "float32", "int32", "int32", True)  # TensorRT: it has no float64 tensors
+EXACT = Arithmetic("float64", "int64", "uint8", False)  # ONNX Runtime: scipy's arithmetic
+FLOAT32 = Arithmetic("float32", "int32", "int32", True)  # TensorRT: it has no float64 tensors
 
 
 class DeviceStepUnavailable(RuntimeError):

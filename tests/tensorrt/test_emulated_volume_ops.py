@@ -33,8 +33,9 @@ from ldseg.runtime.artifacts.source import load_model
 from ldseg.runtime.backend import make_inputs
 from ldseg.runtime.backends.onnxruntime.backend import OnnxRuntimeBackend
 from ldseg.runtime.backends.tensorrt.backend import TensorRTBackend
-from ldseg.runtime.backends.tensorrt.samples import TrtDeviceArray
+from ldseg.runtime.backends.tensorrt.samples import SAMPLE_ENGINES, TrtDeviceArray
 from ldseg.runtime.backends.tensorrt.volume import TrtVolumeOps
+from ldseg.runtime.sample_graphs import SAMPLE_GRAPHS
 from ldseg.runtime.samples import host
 from ldseg.runtime.volume_ops import DeviceMemoryError, DeviceStepUnavailable
 from tests.helpers import assert_several_classes, phantom_images, shared_or_skip
@@ -367,9 +368,6 @@ def test_build_engine_checks_its_sample_engines_and_refuses_wrong_arithmetic(
 
 
 def test_the_sample_engines_a_set_needs_are_the_sample_graphs() -> None:
-    from ldseg.runtime.backends.tensorrt.samples import SAMPLE_ENGINES
-    from ldseg.runtime.sample_graphs import SAMPLE_GRAPHS
-
     assert tuple(SAMPLE_GRAPHS) == SAMPLE_ENGINES
 
 
