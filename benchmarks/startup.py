@@ -56,8 +56,11 @@ def import_seconds(tree: Path, backend: str | None = None) -> float:
 
 
 def ldseg_run(args: list[str], tree: Path) -> float:
+    # The console script where ldseg is installed; its entry point where the tree is only on PYTHONPATH (a GPU call).
+    script = BIN / "ldseg-run"
+    command = [str(script)] if script.exists() else [sys.executable, "-c", "from ldseg.cli.run import main; main()"]
     clock = time.perf_counter()
-    done = subprocess.run([str(BIN / "ldseg-run"), *args], capture_output=True, text=True, env=_env(tree))
+    done = subprocess.run([*command, *args], capture_output=True, text=True, env=_env(tree), cwd=tree)
     wall = time.perf_counter() - clock
     if done.returncode != 0:
         raise SystemExit(f"ldseg-run failed ({done.returncode}): {done.stderr[-2000:]}")
@@ -83,14 +86,20 @@ def main() -> None:
     parser.add_argument("--case", default="case4")
     parser.add_argument("--backend", default="openvino")
     parser.add_argument("--precision", default="bf16")
+    parser.add_argument("--device", default="auto", help="ldseg-run's --device (cuda: issue 30's cold command)")
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--folder", type=int, default=8, help="volumes of the folder run (0: none)")
     parser.add_argument("--baseline", type=Path, help="another checkout, measured alternately with this one")
     parser.add_argument("-o", "--output", type=Path, required=True)
     args = parser.parse_args()
-    named = ["--checkpoint", args.checkpoint] if args.checkpoint else ["--bundle", args.bundle, "--trust-unvalidated"]
-    model = [*named, "--backend", args.backend, "--precision", args.precision]
-    case = args.images / f"{args.case}.nii.gz"
+    # Absolute paths: each run starts in its tree (ldseg_run's cwd).
+    named = (
+        ["--checkpoint", str(Path(args.checkpoint).resolve())]
+        if args.checkpoint
+        else ["--bundle", str(Path(args.bundle).resolve()), "--trust-unvalidated"]
+    )
+    model = [*named, "--backend", args.backend, "--precision", args.precision, "--device", args.device]
+    case = (args.images / f"{args.case}.nii.gz").resolve()
     # Every measurement alternates between the trees (this one, then --baseline), so that a busy
     # machine slows both alike and their ratio stays comparable.
     trees = {"this": HERE, **({"baseline": args.baseline.resolve()} if args.baseline else {})}

@@ -4,13 +4,14 @@ no float64 tensors).
 
 The graphs are built here with onnx.helper, not exported into each bundle: they hold no weights and
 are the same for every model, so code is their one definition (tests/runtime/backends/
-test_volume_ops.py holds both arithmetics to the CPU path). Each is separable linear interpolation
-at scipy.ndimage.zoom's own coordinates, i * (in - 1) / (out - 1) per axis (ldseg.io.preprocess.
-zoom_coordinates): the host computes, per axis, the two source indices and the weight of every
-output index (volume_ops.axis_feeds: a few hundred numbers), and the graph gathers and blends along
-each axis, rounding to float32 once at the end. ONNX `Resize` is not used: ONNX Runtime's CPU Resize
-has no float64 kernel, and in float32 it moved the knee's model-grid image by up to 1.6e-6 from
-scipy's.
+test_volume_ops.py holds both arithmetics to the CPU path); ONNX Runtime keeps them serialized in
+the artifact cache, keyed by this module's source (ldseg/runtime/artifacts/graph_cache.py). Each is
+separable linear interpolation at scipy.ndimage.zoom's own coordinates, i * (in - 1) / (out - 1) per
+axis (ldseg.io.preprocess.zoom_coordinates): the host computes, per axis, the two source indices and
+the weight of every output index (volume_ops.axis_feeds: a few hundred numbers), and the graph
+gathers and blends along each axis, rounding to float32 once at the end. ONNX `Resize` is not used:
+ONNX Runtime's CPU Resize has no float64 kernel, and in float32 it moved the knee's model-grid image
+by up to 1.6e-6 from scipy's.
 - to_model_grid: volume (X, Y, Z) float32 -> min-max in float32 as the official code -> (D, H, W);
   also returns the peak and the sum, so a constant or NaN volume is refused in the CPU path's words
   (ONNX Runtime's ReduceMin skips NaN where numpy's min returns it);

@@ -7,6 +7,7 @@ Layout under the root (`LDSEG_CACHE`, else platformdirs' user cache folder for "
     engines/<key name>/         a TensorRT engine set (engines.json), named by its EngineKey
     <kind>/<key name>.lock      one file lock per entry: one process builds, the others wait, then reuse
     tensorrt/<...>.timing       TensorRT timing caches, one per TensorRT version and GPU
+    graphs/<name>-<digest>.onnx the small volume and sample graphs, serialized (graph_cache.py)
 
 The builders write through the staged-folder writer (ldseg.io.atomic), so an entry is either absent
 or complete; an entry that fails its check (a file's SHA-256, the manifest's key fields, the
@@ -51,7 +52,7 @@ if TYPE_CHECKING:
     from ldseg.model.network import LDSeg
 
 CACHE_ENV = "LDSEG_CACHE"
-BUNDLES, ENGINES, TENSORRT = "bundles", "engines", "tensorrt"
+BUNDLES, ENGINES, TENSORRT, GRAPHS = "bundles", "engines", "tensorrt", "graphs"
 KINDS = (BUNDLES, ENGINES)
 LOCK_SUFFIX = ".lock"
 

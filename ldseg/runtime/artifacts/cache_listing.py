@@ -9,12 +9,12 @@ from pathlib import Path
 
 import filelock
 
-from ldseg.runtime.artifacts.cache import KINDS, LOCK_SUFFIX, TENSORRT, cache_root, remove_entry
+from ldseg.runtime.artifacts.cache import GRAPHS, KINDS, LOCK_SUFFIX, TENSORRT, cache_root, remove_entry
 
 
 @dataclass(frozen=True)
 class CacheEntry:
-    kind: str  # "bundles", "engines", "tensorrt" (timing caches), "partial" (a build that died)
+    kind: str  # "bundles", "engines", "tensorrt" (timing caches), "graphs", "partial" (a build that died)
     name: str
     path: Path
     bytes: int
@@ -31,7 +31,7 @@ def list_entries(root: Path | None = None) -> list[CacheEntry]:
     """Every entry under the root, most recently used first (leftovers of killed builds as "partial")."""
     root = root or cache_root()
     found: list[CacheEntry] = []
-    for kind in (*KINDS, TENSORRT):
+    for kind in (*KINDS, TENSORRT, GRAPHS):
         folder = root / kind
         if not folder.is_dir():
             continue

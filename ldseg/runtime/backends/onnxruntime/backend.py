@@ -231,10 +231,12 @@ class OnnxRuntimeBackend(Backend[OrtPlan, int]):
         threads: int | None = None,
         cuda_graph: bool = True,
         device_volume: bool | None = None,
+        graph_cache: Path | None = None,
     ):
         """cuda_graph (CUDA only): ORT's per-binding CUDA graphs; False runs every session eagerly
         (gpu_check compares the two). device_volume: pre/post-processing as ONNX graphs on this
-        backend's provider (volume.py); None: on CUDA only (on the CPU scipy's path is the reference)."""
+        backend's provider (volume.py); None: on CUDA only (on the CPU scipy's path is the reference).
+        graph_cache: the artifact cache root those small graphs are kept in (None: the user's)."""
         loaded = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
         super().__init__(loaded.config, f"bundle {loaded.preset!r}")
         self.bundle = loaded
@@ -255,7 +257,8 @@ class OnnxRuntimeBackend(Backend[OrtPlan, int]):
         self.allocations = 0  # buffer sets allocated so far (one per batch size)
         self.graph_refusals: dict[str, str] = {}  # graph -> why it runs without a CUDA graph
         on_device = self.gpu is not None if device_volume is None else device_volume
-        self._volume_ops = OrtVolumeOps(self._providers(graphs=False), self.device) if on_device else None
+        self.graph_cache = graph_cache
+        self._volume_ops = OrtVolumeOps(self._providers(graphs=False), self.device, graph_cache) if on_device else None
         self._pipelines: dict[int, BoundPipeline] = {}
         self._plans: dict[tuple[int, int], OrtPlan] = {}
         if self.gpu is not None:
@@ -307,7 +310,7 @@ class OnnxRuntimeBackend(Backend[OrtPlan, int]):
     @cached_property
     def _sample_graphs(self) -> OrtSampleGraphs:
         assert self._volume_ops is not None
-        return OrtSampleGraphs(self._providers(graphs=False), self._volume_ops.device)
+        return OrtSampleGraphs(self._providers(graphs=False), self._volume_ops.device, self.graph_cache)
 
     def device_samples(self, samples: int) -> OrtSamples | None:
         """K samples kept where the volume ops read them (samples.py); None without them."""

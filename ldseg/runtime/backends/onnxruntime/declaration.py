@@ -34,7 +34,9 @@ def make(request: Request) -> Made:
     path = bundle_path(request.source)
     bundle = load_bundle(path, trust_unvalidated=request.source.trust_unvalidated)
     refuse_untrained(path, dict(bundle.trained), SEGMENT_NEEDS)
-    backend = OnnxRuntimeBackend(bundle, request.device, threads=request.threads)
+    artifacts = request.source.artifacts  # a --no-cache run's temporary folder included
+    root = artifacts.root if artifacts is not None else None
+    backend = OnnxRuntimeBackend(bundle, request.device, threads=request.threads, graph_cache=root)
     return Made(backend, bundle.config, bundle.checkpoint_hash)
 
 

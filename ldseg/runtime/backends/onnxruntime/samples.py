@@ -15,32 +15,51 @@ which is how the tests hold it to the host path.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Sequence
 from functools import cached_property
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Self
 
 import numpy as np
 
+from ldseg.runtime.artifacts.graph_cache import cached_graph
 from ldseg.runtime.backends.onnxruntime.probe import onnxruntime_needed
 from ldseg.runtime.samples import DeviceArray, SampleResult, entropy_terms
 
 with onnxruntime_needed("the onnxruntime backend"):
     import onnxruntime as ort
+    from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
 if TYPE_CHECKING:
     import onnx
 
+_DAMAGED = (ort_state.InvalidProtobuf, ort_state.InvalidGraph, ort_state.Fail)
 Device = tuple[str, int]  # ("cuda", 0) or ("cpu", 0): where OrtValues live
 
 
-def small_session(model: onnx.ModelProto, providers: list[tuple[str, dict[str, str]]]) -> ort.InferenceSession:
-    """A quiet session for one of the small weightless graphs (sample and volume graphs). Their
-    builders (and onnx, whose import takes 0.6 s on a 2-core CPU) are imported where a graph is first
-    made, so a run that never makes one (the CPU provider keeps scipy and host samples) never
-    imports them."""
+def small_session(
+    builder: str, *args: int, providers: list[tuple[str, dict[str, str]]], cache: Path | None = None
+) -> ort.InferenceSession:
+    """A quiet session for one of the small weightless graphs (volume and sample graphs): `builder`
+    names its function in ldseg.runtime ("volume_graphs.map_graph"), called with `args`. The graph
+    comes serialized from the artifact cache (graph_cache.py); only on a miss are the builders, and
+    onnx with them (0.6 s on a 2-core CPU), imported, so a cold run on a GPU starts from bytes and a
+    run that never makes a graph (the CPU provider keeps scipy and host samples) imports neither.
+    cache: the artifact cache root (None: the user's)."""
+    module, function = builder.split(".")
+    name = "-".join([function.removesuffix("_graph"), *map(str, args)])
+
+    def build() -> bytes:
+        model: onnx.ModelProto = getattr(importlib.import_module(f"ldseg.runtime.{module}"), function)(*args)
+        return model.SerializeToString()
+
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    return ort.InferenceSession(model.SerializeToString(), options, providers=providers)
+    try:
+        return ort.InferenceSession(cached_graph(name, build, cache), options, providers=providers)
+    except _DAMAGED:  # an entry damaged on disk (one built now that fails fails again: raised)
+        return ort.InferenceSession(cached_graph(name, build, cache, fresh=True), options, providers=providers)
 
 
 class OrtDeviceArray(DeviceArray):
@@ -71,38 +90,30 @@ class OrtDeviceArray(DeviceArray):
 class OrtSampleGraphs:
     """Sessions of the sample graphs on the backend's providers, made on first use."""
 
-    def __init__(self, providers: list[tuple[str, dict[str, str]]], device: Device):
-        self.providers, self.device = providers, device
+    def __init__(self, providers: list[tuple[str, dict[str, str]]], device: Device, cache: Path | None = None):
+        self.providers, self.device, self.cache = providers, device, cache
         self._accumulate: dict[int, ort.InferenceSession] = {}
         self._entropy: dict[int, ort.InferenceSession] = {}
 
-    def _session(self, model: onnx.ModelProto) -> ort.InferenceSession:
-        return small_session(model, self.providers)
+    def _session(self, builder: str, *args: int) -> ort.InferenceSession:
+        return small_session(f"sample_graphs.{builder}", *args, providers=self.providers, cache=self.cache)
 
     def accumulate(self, num_classes: int) -> ort.InferenceSession:
         if num_classes not in self._accumulate:
-            from ldseg.runtime.sample_graphs import accumulate_graph  # onnx on first use: see small_session
-
-            self._accumulate[num_classes] = self._session(accumulate_graph(num_classes))
+            self._accumulate[num_classes] = self._session("accumulate_graph", num_classes)
         return self._accumulate[num_classes]
 
     @cached_property
     def mean(self) -> ort.InferenceSession:
-        from ldseg.runtime.sample_graphs import mean_graph
-
-        return self._session(mean_graph())
+        return self._session("mean_graph")
 
     @cached_property
     def class_max(self) -> ort.InferenceSession:
-        from ldseg.runtime.sample_graphs import class_max_graph
-
-        return self._session(class_max_graph())
+        return self._session("class_max_graph")
 
     def entropy(self, num_classes: int) -> ort.InferenceSession:
         if num_classes not in self._entropy:
-            from ldseg.runtime.sample_graphs import entropy_graph
-
-            self._entropy[num_classes] = self._session(entropy_graph(num_classes))
+            self._entropy[num_classes] = self._session("entropy_graph", num_classes)
         return self._entropy[num_classes]
 
     def empty(self, shape: Sequence[int], dtype: Any) -> ort.OrtValue:

@@ -13,20 +13,17 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from functools import cached_property
-from typing import TYPE_CHECKING
+from pathlib import Path
 
 import numpy as np
 
 from ldseg.runtime.backends.onnxruntime.probe import CUDA_PROVIDER, onnxruntime_needed
 from ldseg.runtime.backends.onnxruntime.samples import OrtDeviceArray, small_session
 from ldseg.runtime.samples import ModelGridArray, host
-from ldseg.runtime.volume_ops import EXACT, DeviceMemoryError, axis_feeds
+from ldseg.runtime.volume_ops import DeviceMemoryError, axis_feeds
 
 with onnxruntime_needed("the onnxruntime backend"):
     import onnxruntime as ort
-
-if TYPE_CHECKING:
-    import onnx
 
 _CONSTANT = "cannot min-max standardize a constant (or NaN) image"  # ldseg.io.preprocess's words
 _TO_MODEL = (2, 1, 0)
@@ -35,36 +32,31 @@ _OUT_OF_MEMORY_WORDS = ("failed to allocate memory", "out of memory", "cudaerror
 
 
 class OrtVolumeOps:
-    """The three graphs in sessions on `providers` (the backend's), made on first use."""
+    """The three graphs in sessions on `providers` (the backend's), made on first use; `cache`: the
+    artifact cache root their serialized graphs are kept in (None: the user's)."""
 
-    def __init__(self, providers: list[tuple[str, dict[str, str]]], where: str):
-        self.providers = providers
-        self.where = where
+    def __init__(self, providers: list[tuple[str, dict[str, str]]], where: str, cache: Path | None = None):
+        self.providers, self.where, self.cache = providers, where, cache
         name, options = providers[0]
         # (kind, index) where this provider's OrtValues live: the class step's running best and index
         # between its runs, and the samples the backend keeps for these ops (samples.py).
         self.device = ("cuda", int(options.get("device_id", 0))) if name == CUDA_PROVIDER else ("cpu", 0)
 
-    def _session(self, model: onnx.ModelProto) -> ort.InferenceSession:
-        return small_session(model, self.providers)
+    def _session(self, builder: str) -> ort.InferenceSession:
+        # In EXACT, the builders' default (a test holds it): ONNX Runtime resamples in float64.
+        return small_session(f"volume_graphs.{builder}", providers=self.providers, cache=self.cache)
 
     @cached_property
     def _pre(self) -> ort.InferenceSession:
-        from ldseg.runtime.volume_graphs import to_model_grid_graph  # onnx on first use: see small_session
-
-        return self._session(to_model_grid_graph(EXACT))
+        return self._session("to_model_grid_graph")
 
     @cached_property
     def _class_step(self) -> ort.InferenceSession:
-        from ldseg.runtime.volume_graphs import class_step_graph  # onnx on first use: see small_session
-
-        return self._session(class_step_graph(EXACT))
+        return self._session("class_step_graph")
 
     @cached_property
     def _map(self) -> ort.InferenceSession:
-        from ldseg.runtime.volume_graphs import map_graph  # onnx on first use: see small_session
-
-        return self._session(map_graph(EXACT))
+        return self._session("map_graph")
 
     def to_model_grid(self, array_nib: np.ndarray, grid: Sequence[int]) -> np.ndarray:
         target = tuple(int(s) for s in grid)
