@@ -144,11 +144,17 @@ class GroupNorm(nn.Module):
     (4.2M voxels) is off by 2.4e-4 of the output, two levels by 2.8e-7 (float64 statistics as the
     reference; PyTorch 1.8e-7) at the same speed. The opset-21 GroupNormalization (3.0e-4) and
     InstanceNormalization (2.4e-4) are as inaccurate there. The variance stays centered (two passes).
+
+    `fused` (the denoiser's, set by Denoiser): PyTorch's group_norm at inference too, which the
+    exporter writes as Reshape, InstanceNormalization, Reshape, Mul, Add: 5 nodes for the 14 above,
+    one kernel in torch. The denoiser's groups are latent-sized (knee3d: at most 16K values), where
+    one sequential sum is as exact as two levels, and its 15-step loop is launch-bound (issue 31).
     """
 
     def __init__(self, groups: int, channels: int):
         super().__init__()
         self.groups = groups
+        self.fused = False
         self.weight = nn.Parameter(torch.ones(channels))
         self.bias = nn.Parameter(torch.zeros(channels))
 
@@ -156,11 +162,18 @@ class GroupNorm(nn.Module):
         if self.training:
             # Training: PyTorch's fused kernel, forward and backward (the written-out form costs a
             # knee denoiser step ~25 % in elementwise ops and their gradients on CPU). Same
-            # statistics up to float rounding; inference and export keep the form above.
-            return F.group_norm(x, self.groups, self.weight, self.bias, KERAS_EPS)
-        if reduced(x):  # autocast: the written-out statistics would be BF16/FP16 reductions; FP32 island
-            return self._normalize(x.float()).to(x.dtype)
-        return self._normalize(x)
+            # statistics up to float rounding; inference and export keep the form above (unless fused).
+            return self._fused(x)
+        if reduced(x):  # autocast: the statistics would be BF16/FP16 reductions; FP32 island
+            with torch.autocast(x.device.type, enabled=False):
+                return self._inference(x.float()).to(x.dtype)
+        return self._inference(x)
+
+    def _inference(self, x: torch.Tensor) -> torch.Tensor:
+        return self._fused(x) if self.fused else self._normalize(x)
+
+    def _fused(self, x: torch.Tensor) -> torch.Tensor:
+        return F.group_norm(x, self.groups, self.weight, self.bias, KERAS_EPS)
 
     def _normalize(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape

@@ -15,6 +15,7 @@ from ldseg.export import onnx_export
 from ldseg.export.onnx_export import export_graph
 from ldseg.export.specs import BATCH_AXIS, graph_specs
 from ldseg.model.config import get_preset
+from ldseg.model.layers import GroupNorm
 from ldseg.model.network import LDSeg
 from ldseg.runtime.artifacts.bundle import GRAPH_NAMES, load_bundle
 
@@ -41,6 +42,24 @@ def test_graphs_carry_their_pre_and_post_processing(demo_bundle: Path) -> None:
     assert {"ReduceMin", "ReduceMax"} <= ops("encoder")  # per-sample min-max inside the graph
     assert {"ArgMax", "Cast"} <= ops("decoder_argmax")
     assert "Softmax" in ops("decoder")
+
+
+def test_the_denoisers_group_norms_are_one_instance_normalization_each_the_encoders_stay_written_out(
+    demo_bundle: Path, demo_model: LDSeg
+) -> None:
+    """Issue 31: the launch-bound step gets 5 nodes per GroupNorm instead of 14; the image encoder's
+    full-resolution groups keep the two-level statistics (layers.GroupNorm)."""
+
+    def ops(name: str) -> list[str]:
+        return [n.op_type for n in onnx.load(str(demo_bundle / f"{name}.onnx")).graph.node]
+
+    norms = sum(isinstance(m, GroupNorm) for m in demo_model.denoiser.modules())
+    assert norms > 0
+    for name in ("denoise_step", "denoiser"):
+        assert ops(name).count("InstanceNormalization") == norms
+        assert "Reciprocal" not in ops(name)  # the written-out form's rsqrt
+    assert "ReduceMean" not in ops("denoiser")  # (the step's two are its renormalization's)
+    assert "InstanceNormalization" not in ops("encoder") and "Pow" in ops("encoder")
 
 
 def test_torchscript_fallback_is_announced_and_recorded(

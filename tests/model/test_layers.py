@@ -69,6 +69,40 @@ def test_group_norm_training_kernel_equals_the_written_out_form(shape):
         torch.testing.assert_close(fused, written, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("preset", ["knee3d", "glas2d", "demo"])
+def test_only_the_denoisers_group_norms_are_fused(preset):
+    """The denoiser's latent-sized groups take PyTorch's group_norm at inference (one kernel, one
+    InstanceNormalization in ONNX); the image encoder's full-resolution ones keep the written-out form."""
+    from ldseg.model.config import get_preset
+    from ldseg.model.network import LDSeg
+
+    model = LDSeg(get_preset(preset))
+    denoiser = [m.fused for m in model.denoiser.modules() if isinstance(m, GroupNorm)]
+    others = [m.fused for m in model.modules() if isinstance(m, GroupNorm) and not m.fused]
+    assert denoiser and all(denoiser)
+    assert len(others) == sum(isinstance(m, GroupNorm) for m in model.modules()) - len(denoiser) > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_fused_group_norm_at_inference_equals_the_written_out_form(dtype):
+    """On a knee3d latent's shape at the denoiser's widest level (64 channels, 4 groups), in FP32
+    and as the FP32 island under BF16 autocast."""
+    torch.manual_seed(0)
+    gn = GroupNorm(4, 64).eval()
+    torch.nn.init.normal_(gn.weight)
+    torch.nn.init.normal_(gn.bias)
+    x = (torch.randn(2, 64, 8, 8, 16) * 3 + 1).to(dtype)
+    results = []
+    for fused in (True, False):
+        gn.fused = fused
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype != torch.float32):
+            results.append(gn(x))
+    assert results[0].dtype == dtype
+    # BF16: the two FP32 results round to the same BF16 value or a neighbour (2^-7 relative)
+    rtol = 1e-5 if dtype == torch.float32 else 2**-7
+    torch.testing.assert_close(results[0].float(), results[1].float(), atol=2e-5, rtol=rtol)
+
+
 def test_attention_residual_goes_to_normalized_or_raw_input():
     torch.manual_seed(0)
     normalized = SelfAttention(8, groups=4)
