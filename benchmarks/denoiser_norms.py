@@ -9,7 +9,9 @@ GroupNorm.fused) against the written-out statistics. Not a test: it prints and w
   (ORT_ENABLE_ALL, the backend's level);
 - ONNX Runtime CPU: one step of each bundle per --batch, 10-run blocks alternated, median;
 - PyTorch eager: the checkpoint's denoiser with its GroupNorms fused or written out, alternated, median,
-  and the largest difference between the two outputs.
+  and the largest difference between the two outputs;
+- with --image and --label (a knee case, and a trained denoiser in --checkpoint): the whole volume
+  segmented by the torch backend (CPU) both ways: Dice per class and the voxels whose labels differ.
 """
 
 from __future__ import annotations
@@ -77,12 +79,35 @@ def alternate(runs: dict[str, object]) -> dict[str, float]:
     return {name: statistics.median(values) for name, values in times.items()}
 
 
+def segment_both_ways(args: argparse.Namespace) -> dict[str, object]:
+    import nibabel as nib
+
+    from ldseg.api import Segmenter
+    from ldseg.metrics import dice_per_class
+
+    truth = np.asarray(nib.load(args.label).dataobj).astype(np.uint8)
+    labels, dice = {}, {}
+    with Segmenter(checkpoint=args.checkpoint, backend="torch", device="cpu") as seg:
+        norms = [m for m in seg.backend.model.denoiser.modules() if isinstance(m, GroupNorm)]  # type: ignore[attr-defined]
+        for name, fused in (("written-out", False), ("fused", True)):
+            for norm in norms:
+                norm.fused = fused
+            [result] = seg.segment(args.image)
+            labels[name] = np.asarray(result.labels)
+            scores = dice_per_class(labels[name], truth, seg.config.num_classes)
+            dice[name] = " / ".join(f"{scores[c]:.4f}" for c in sorted(scores))
+    differing = int((labels["fused"] != labels["written-out"]).sum())
+    return {"dice": dice, "differing": differing, "voxels": int(truth.size)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", type=Path, required=True)
     parser.add_argument("--before", type=Path, required=True)
     parser.add_argument("--after", type=Path, required=True)
     parser.add_argument("--batch", type=int, nargs="+", default=[1])
+    parser.add_argument("--image", type=Path, help="a volume to segment both ways (with --label)")
+    parser.add_argument("--label", type=Path)
     parser.add_argument("-o", "--output", type=Path, required=True)
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
@@ -108,6 +133,8 @@ def main() -> None:
         torch_ms = alternate({"written-out": lambda: denoise(False), "fused": lambda: denoise(True)})
     record["torch_denoiser_ms"] = torch_ms
     record["torch_max_abs_difference"] = difference
+    agreement = segment_both_ways(args) if args.image and args.label else None
+    record["volume"] = agreement
     record["load_after"] = os.getloadavg()[0]
     n = record["nodes"]
     lines = [
@@ -129,6 +156,15 @@ def main() -> None:
         f"| PyTorch eager denoiser, batch 1, ms | {torch_ms['written-out']:.2f} | {torch_ms['fused']:.2f} | "
         f"{torch_ms['fused'] / torch_ms['written-out']:.3f} |"
     )
+    if agreement is not None:
+        dice = agreement["dice"]
+        lines.append(
+            f"| {args.image.name} segmented (torch CPU): Dice per class | {dice['written-out']} | {dice['fused']} | |"
+        )
+        lines.append(
+            f"| voxels whose labels differ | | {agreement['differing']} of {agreement['voxels']} "
+            f"({100 * agreement['differing'] / agreement['voxels']:.5f} %) | |"
+        )
     lines.append(f"\nmedians of {BLOCKS} blocks of {BLOCK} calls, alternated; torch outputs differ by {difference:.1e}")
     args.output.mkdir(parents=True, exist_ok=True)
     (args.output / "denoiser_norms.json").write_text(json.dumps(record, indent=2))
