@@ -26,7 +26,7 @@ import torch
 from ldseg.export.specs import GraphSpec, TensorSpec
 from ldseg.model.diffusion import sampler_table
 from ldseg.model.network import LDSeg
-from ldseg.runtime.artifacts.bundle import BUNDLE_FORMAT, FAILED, MANIFEST, PASSED, sha256_file
+from ldseg.runtime.artifacts.bundle import BUNDLE_FORMAT, FAILED, MANIFEST, PASSED, REWRITES, sha256_file
 from ldseg.versions import LDSEG_VERSION
 
 
@@ -86,7 +86,7 @@ def build_manifest(
             "num_classes": cfg.num_classes,
         },
         "graphs": dict(graphs),
-        "rewrites": ["upsample_phase", "batchnorm_folded"],  # see ldseg.model.layers
+        "rewrites": list(REWRITES),  # see ldseg.model.layers
         "diffusion": {
             **dataclasses.asdict(cfg.diffusion),
             "table_columns": ["t", "a", "b", "c"],

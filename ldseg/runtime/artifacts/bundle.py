@@ -22,6 +22,9 @@ from ldseg.errors import ArtifactError
 from ldseg.model.config import NON_ARCHITECTURE, ModelConfig, get_preset
 
 BUNDLE_FORMAT = "ldseg-bundle/1"
+# What today's export does to the networks' functions for its graphs (ldseg.model.layers): the
+# manifest records them, and a cached bundle that records others is exported again (cache.py).
+REWRITES = ("upsample_phase", "batchnorm_folded", "denoiser_norms_fused")
 MANIFEST = "manifest.json"
 GRAPH_NAMES = ("encoder", "denoise_step", "denoiser", "decoder", "decoder_argmax")
 PRECISIONS = (*EXPORT_PRECISIONS, "int8")  # what a bundle may hold (int8: Q/DQ graphs from calibration)
@@ -75,6 +78,7 @@ class Bundle:
     trained: Mapping[str, bool]
     files: Mapping[str, str]  # file name -> SHA-256
     validation: Mapping[str, Any] | None = None  # the export's (or calibration's) verdict and numbers
+    rewrites: tuple[str, ...] = ()  # REWRITES as the exporting ldseg had them
 
     @property
     def preset(self) -> str:
@@ -176,6 +180,7 @@ def parse_manifest(path: Path, data: Mapping[str, Any]) -> Bundle:
             trained={str(k): bool(v) for k, v in data.get("trained", {}).items()},
             files=files,
             validation=data.get("validation"),
+            rewrites=tuple(str(r) for r in data.get("rewrites", ())),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise ArtifactError(f"{path}: manifest is incomplete or malformed ({type(exc).__name__}: {exc})") from exc

@@ -44,7 +44,7 @@ import platformdirs
 
 from ldseg.errors import ArtifactError, OutputError
 from ldseg.io.atomic import disk_error
-from ldseg.runtime.artifacts.bundle import MANIFEST, load_bundle
+from ldseg.runtime.artifacts.bundle import MANIFEST, REWRITES, load_bundle
 from ldseg.runtime.artifacts.engines import Environment, bundle_hash, engine_set_problems
 from ldseg.versions import LDSEG_VERSION
 
@@ -319,7 +319,8 @@ def shipped_bundle(key: BundleKey) -> Path | None:
 
 
 def check_bundle(path: Path, key: BundleKey) -> None:
-    """A cached bundle is the one its key names: every file's SHA-256, a passed validation, same key fields."""
+    """A cached bundle is the one its key names: every file's SHA-256, a passed validation, same key
+    fields, and the graphs rewritten as today's export rewrites them."""
     bundle = load_bundle(path)  # SHA-256 of every file; refuses a bundle without a passed validation
     found = {
         "checkpoint": bundle.checkpoint_hash,
@@ -327,6 +328,7 @@ def check_bundle(path: Path, key: BundleKey) -> None:
         "opset": bundle.opset,
         "batch": bundle.batch,
         "ldseg version": bundle.versions.get("ldseg"),
+        "rewrites": list(bundle.rewrites),
     }
     wanted = {
         "checkpoint": key.checkpoint_sha256,
@@ -334,6 +336,7 @@ def check_bundle(path: Path, key: BundleKey) -> None:
         "opset": key.opset,
         "batch": key.batch,
         "ldseg version": key.ldseg_version,
+        "rewrites": list(REWRITES),  # an export from before a rewrite changed is redone
     }
     for field, value in wanted.items():
         if found[field] != value:

@@ -20,7 +20,7 @@ import pytest
 from ldseg.errors import ArtifactError, OutputError
 from ldseg.io.atomic import staged_folder
 from ldseg.runtime.artifacts import cache as cache_module
-from ldseg.runtime.artifacts.bundle import MANIFEST
+from ldseg.runtime.artifacts.bundle import MANIFEST, REWRITES
 from ldseg.runtime.artifacts.cache import BUNDLES, ArtifactCache, BundleKey, EngineKey, cache_root
 from ldseg.runtime.artifacts.cache_listing import clear, list_entries
 from tests.runtime.artifacts.cache_fakes import GPU_A, GPU_B, FakeBundleBuilder, FakeEngineBuilder, Notes, hashed_model
@@ -125,6 +125,19 @@ def test_an_entry_for_another_checkpoint_is_rebuilt(
     manifest["checkpoint_hash"] = "00" * 32
     (path / MANIFEST).write_text(json.dumps(manifest))
     _rebuilt_because(cache, builder, notes, "records checkpoint")
+
+
+def test_an_entry_exported_before_a_rewrite_changed_is_rebuilt(
+    cache: ArtifactCache, builder: FakeBundleBuilder, notes: Notes
+) -> None:
+    """E.g. a bundle from before the denoiser's norms were fused: same checkpoint and ldseg version,
+    older graphs."""
+    path = cache.bundle(hashed_model())
+    manifest = json.loads((path / MANIFEST).read_text())
+    assert manifest["rewrites"] == list(REWRITES)
+    manifest["rewrites"] = ["upsample_phase", "batchnorm_folded"]
+    (path / MANIFEST).write_text(json.dumps(manifest))
+    _rebuilt_because(cache, builder, notes, "records rewrites")
 
 
 def test_an_unvalidated_entry_is_rebuilt(cache: ArtifactCache, builder: FakeBundleBuilder, notes: Notes) -> None:
