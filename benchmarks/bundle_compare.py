@@ -6,6 +6,7 @@ measured.
     git archive <old-commit> ldseg/data/demo.bundle | tar -x -C /tmp/old
     python benchmarks/bundle_compare.py /tmp/old/ldseg/data/demo.bundle ldseg/data/demo.bundle --runs 30
     python benchmarks/bundle_compare.py OLD NEW --runtime openvino --runs 4
+    python benchmarks/bundle_compare.py OLD NEW --graphs denoise_step decoder_argmax --runs 5
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 
 GRAPHS = ("encoder", "denoise_step", "decoder_argmax", "decoder")
@@ -56,9 +58,15 @@ def _openvino(path: Path, threads: int) -> Run:
 RUNTIMES = {"onnxruntime": _onnxruntime, "openvino": _openvino}
 
 
-def compare(old: Path, new: Path, runs: int, threads: int, runtime: str = "onnxruntime") -> list[dict[str, object]]:
+def nodes(path: Path) -> int:
+    return len(onnx.load(str(path), load_external_data=False).graph.node)
+
+
+def compare(
+    old: Path, new: Path, runs: int, threads: int, runtime: str = "onnxruntime", graphs: tuple[str, ...] = GRAPHS
+) -> list[dict[str, object]]:
     rows = []
-    for graph in GRAPHS:
+    for graph in graphs:
         if not (old / f"{graph}.onnx").is_file() or not (new / f"{graph}.onnx").is_file():
             continue
         make = RUNTIMES[runtime]
@@ -76,6 +84,12 @@ def compare(old: Path, new: Path, runs: int, threads: int, runtime: str = "onnxr
                 "runtime": runtime,
                 "graph": graph,
                 "identical_outputs": identical,
+                "max_abs_difference": max(
+                    float(np.abs(a.astype(np.float64) - b.astype(np.float64)).max())
+                    for a, b in zip(outputs["old"], outputs["new"])
+                ),
+                "old_nodes": nodes(old / f"{graph}.onnx"),
+                "new_nodes": nodes(new / f"{graph}.onnx"),
                 "old_ms": round(statistics.median(times["old"]), 2),
                 "new_ms": round(statistics.median(times["new"]), 2),
             }
@@ -91,8 +105,9 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=30)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--runtime", choices=sorted(RUNTIMES), default="onnxruntime")
+    parser.add_argument("--graphs", nargs="+", choices=GRAPHS, default=list(GRAPHS))
     args = parser.parse_args()
-    rows = compare(args.old, args.new, args.runs, args.threads, args.runtime)
+    rows = compare(args.old, args.new, args.runs, args.threads, args.runtime, tuple(args.graphs))
     return 0 if rows and all(r["identical_outputs"] for r in rows) else 1
 
 

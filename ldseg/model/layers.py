@@ -222,6 +222,11 @@ class Upsample(nn.Module):
     official ones; `phase_upsampling` derives the phase kernel from them once, and an exported graph
     holds it as a constant. Exact up to float rounding (tests/model/test_layers.py). The exported
     graphs use it (ldseg.export); the torch backend keeps the reference form.
+
+    The interleave is one reshape-transpose-reshape of the whole conv output (N + 1 per axis) and one
+    crop, not a slice per parity and axis: parity p's output row n is the conv's row n + p, which is
+    row 2n + 1 + p of the conv output interleaved with its phases in reverse order (q = 1 - p), so
+    the crop drops that interleave's first and last row. Knee3d denoiser: 2 x 42 nodes -> 2 x 7.
     """
 
     def __init__(self, dims: int, cin: int, cout: int):
@@ -239,12 +244,13 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
     def phase_kernel(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(2^d * cout, cin, 2, ..., 2) weights and repeated bias of the phase-form conv."""
+        """(2^d * cout, cin, 2, ..., 2) weights and repeated bias of the phase-form conv, the parities
+        in reverse order: block q (q_1..q_d as binary digits) is parity p = 1 - q."""
         conv = self.conv.conv
         weight = conv.weight
         dims = weight.dim() - 2
         taps = _PHASE_TAPS.to(weight)
-        phases = list(itertools.product((0, 1), repeat=dims))
+        phases = list(itertools.product((1, 0), repeat=dims))
         kernels = []
         for phase in phases:  # contract each spatial axis of the 3-tap kernel to 2 taps
             k = weight
@@ -258,20 +264,16 @@ class Upsample(nn.Module):
         dims = x.dim() - 2
         batch, sizes = x.shape[0], x.shape[2:]
         cout = self.conv.conv.weight.shape[0]
-        phases = list(itertools.product((0, 1), repeat=dims))
         weight, bias = self.frozen_phase if self.frozen_phase is not None else self.phase_kernel()
         conv_nd = F.conv3d if dims == 3 else F.conv2d
-        y = conv_nd(x, weight, bias, padding=1)  # (B, 2^d * cout, *(N + 1))
-        parts = []
-        for index, phase in enumerate(phases):  # parity p of axis i starts at offset p
-            part = y[:, index * cout : (index + 1) * cout]
-            for axis, parity in enumerate(phase):
-                part = part.narrow(2 + axis, parity, sizes[axis])
-            parts.append(part)
-        stacked = torch.stack(parts, dim=2).reshape(batch, cout, *([2] * dims), *sizes)
-        # (B, C, p_1..p_d, N_1..N_d) -> (B, C, N_1, p_1, ..., N_d, p_d) -> (B, C, 2 N_1, ..., 2 N_d)
-        order = [0, 1] + [i for axis in range(dims) for i in (2 + dims + axis, 2 + axis)]
-        return stacked.permute(order).reshape(batch, cout, *(2 * n for n in sizes))
+        grown = [n + 1 for n in sizes]
+        y = conv_nd(x, weight, bias, padding=1).reshape(batch, *([2] * dims), cout, *grown)
+        # (B, q_1..q_d, C, M_1..M_d) -> (B, C, M_1, q_1, ..., M_d, q_d) -> (B, C, 2 M_1, ..., 2 M_d)
+        order = [0, 1 + dims] + [i for axis in range(dims) for i in (2 + dims + axis, 1 + axis)]
+        out = y.permute(order).reshape(batch, cout, *(2 * m for m in grown))
+        for axis, n in enumerate(sizes):  # output row 2n + p is interleaved row 2n + 1 + p
+            out = out.narrow(2 + axis, 1, 2 * n)
+        return out
 
 
 @contextlib.contextmanager

@@ -15,7 +15,7 @@ from ldseg.export import onnx_export
 from ldseg.export.onnx_export import export_graph
 from ldseg.export.specs import BATCH_AXIS, graph_specs
 from ldseg.model.config import get_preset
-from ldseg.model.layers import GroupNorm
+from ldseg.model.layers import GroupNorm, Upsample
 from ldseg.model.network import LDSeg
 from ldseg.runtime.artifacts.bundle import GRAPH_NAMES, load_bundle
 
@@ -60,6 +60,17 @@ def test_the_denoisers_group_norms_are_one_instance_normalization_each_the_encod
         assert "Reciprocal" not in ops(name)  # the written-out form's rsqrt
     assert "ReduceMean" not in ops("denoiser")  # (the step's two are its renormalization's)
     assert "InstanceNormalization" not in ops("encoder") and "Pow" in ops("encoder")
+
+
+def test_the_phase_form_upsampling_interleaves_with_one_transpose_and_a_crop(
+    demo_bundle: Path, demo_model: LDSeg
+) -> None:
+    """Per Upsample: one conv, reshape-transpose-reshape and a three-axis crop; no slice per parity
+    (layers.Upsample; the decoder has nothing else that slices or concatenates)."""
+    ops = [n.op_type for n in onnx.load(str(demo_bundle / "decoder.onnx")).graph.node]
+    ups = sum(isinstance(m, Upsample) for m in demo_model.label_decoder.modules())
+    assert ups > 0
+    assert ops.count("Slice") == 3 * ups and "Concat" not in ops and "Unsqueeze" not in ops
 
 
 def test_torchscript_fallback_is_announced_and_recorded(
