@@ -321,17 +321,20 @@ class SelfAttention(nn.Module):
         normed = self.norm(x)
         tokens = normed.reshape(shape[0], shape[1], -1).transpose(1, 2)  # (B, N, C)
         b, n, c = tokens.shape
-        q, k, v = (
-            layer(tokens).reshape(b, n, self.heads, c // self.heads).transpose(1, 2)
-            for layer in (self.query, self.key, self.value)
-        )
-        if q.is_cuda and not torch.compiler.is_exporting():
+        q, k, v = (layer(tokens) for layer in (self.query, self.key, self.value))
+        fused = q.is_cuda and not torch.compiler.is_exporting()
+        # A head axis where there are heads, or for SDPA's fused kernels ((B, heads, N, d)); one head
+        # without them needs none: an exported denoiser block has 8 reshapes and transposes fewer.
+        split = self.heads > 1 or fused
+        if split:
+            q, k, v = (t.reshape(b, n, self.heads, c // self.heads).transpose(1, 2) for t in (q, k, v))
+        if fused:
             # One fused kernel instead of matmul, scale, softmax, matmul (issue 31); exports trace the
             # written-out form, which ONNX Runtime and TensorRT fuse themselves.
             attended = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
         else:
             attended = torch.matmul(torch.softmax(torch.matmul(q, k.transpose(-1, -2)) * self.scale, dim=-1), v)
-        out = attended.transpose(1, 2).reshape(b, n, c)
+        out = attended.transpose(1, 2).reshape(b, n, c) if split else attended
         out = self.proj(out).transpose(1, 2).reshape(shape)
         return (normed if self.normalized_residual else x) + out
 

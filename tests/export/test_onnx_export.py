@@ -15,7 +15,7 @@ from ldseg.export import onnx_export
 from ldseg.export.onnx_export import export_graph
 from ldseg.export.specs import BATCH_AXIS, graph_specs
 from ldseg.model.config import get_preset
-from ldseg.model.layers import GroupNorm, Upsample
+from ldseg.model.layers import GroupNorm, SelfAttention, Upsample
 from ldseg.model.network import LDSeg
 from ldseg.runtime.artifacts.bundle import GRAPH_NAMES, load_bundle
 
@@ -71,6 +71,16 @@ def test_the_phase_form_upsampling_interleaves_with_one_transpose_and_a_crop(
     ups = sum(isinstance(m, Upsample) for m in demo_model.label_decoder.modules())
     assert ups > 0
     assert ops.count("Slice") == 3 * ups and "Concat" not in ops and "Unsqueeze" not in ops
+
+
+def test_a_one_head_attention_block_exports_no_head_axis(demo_bundle: Path, demo_model: LDSeg) -> None:
+    """The denoiser's attention has one head: tokens in, keys transposed, tokens out are its only
+    transposes (layers.SelfAttention), plus one per phase-form Upsample."""
+    ops = [n.op_type for n in onnx.load(str(demo_bundle / "denoiser.onnx")).graph.node]
+    blocks = [m for m in demo_model.denoiser.modules() if isinstance(m, SelfAttention)]
+    assert blocks and all(block.heads == 1 for block in blocks)
+    ups = sum(isinstance(m, Upsample) for m in demo_model.denoiser.modules())
+    assert ops.count("Transpose") == 3 * len(blocks) + ups
 
 
 def test_torchscript_fallback_is_announced_and_recorded(
