@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Protocol
 import filelock
 import platformdirs
 
-from ldseg.errors import ArtifactError, OutputError
+from ldseg.errors import ArtifactError, LdsegError, OutputError
 from ldseg.io.atomic import disk_error
 from ldseg.runtime.artifacts.bundle import MANIFEST, REWRITES, load_bundle
 from ldseg.runtime.artifacts.engines import Environment, bundle_hash, engine_set_problems
@@ -57,6 +57,11 @@ KINDS = (BUNDLES, ENGINES)
 LOCK_SUFFIX = ".lock"
 
 Progress = Callable[[str], None]
+
+
+class StaleEntry(ArtifactError):
+    """A sound entry older than what this ldseg builds (a bundle without today's rewrites): rebuilt
+    where it can be, used as it is where it cannot (a runtime-only install has no PyTorch to export)."""
 
 
 def cache_root() -> Path:
@@ -266,6 +271,15 @@ class ArtifactCache:
             if path.exists() or path.is_symlink():
                 try:
                     check(path)
+                except StaleEntry as exc:
+                    try:
+                        ready()
+                    except LdsegError as missing:
+                        self.reporter.note(f"cache: using {path} as it is ({_reason(exc, path)}; {missing})")
+                        self.hits.append(CacheHit(path, False, 0.0))
+                        return path
+                    self.reporter.note(f"cache: rebuilding {path}: {_reason(exc, path)}")
+                    remove_entry(path)
                 except ArtifactError as exc:
                     self.reporter.note(f"cache: rebuilding {path}: {_reason(exc, path)}")
                     remove_entry(path)
@@ -328,7 +342,6 @@ def check_bundle(path: Path, key: BundleKey) -> None:
         "opset": bundle.opset,
         "batch": bundle.batch,
         "ldseg version": bundle.versions.get("ldseg"),
-        "rewrites": list(bundle.rewrites),
     }
     wanted = {
         "checkpoint": key.checkpoint_sha256,
@@ -336,11 +349,12 @@ def check_bundle(path: Path, key: BundleKey) -> None:
         "opset": key.opset,
         "batch": key.batch,
         "ldseg version": key.ldseg_version,
-        "rewrites": list(REWRITES),  # an export from before a rewrite changed is redone
     }
     for field, value in wanted.items():
         if found[field] != value:
             raise ArtifactError(f"{path}: the manifest records {field} {found[field]!r}, this entry is for {value!r}")
+    if bundle.rewrites != REWRITES:  # exported before a rewrite changed: the same function, older graphs
+        raise StaleEntry(f"{path}: the manifest records rewrites {list(bundle.rewrites)}, today's are {list(REWRITES)}")
 
 
 @contextlib.contextmanager

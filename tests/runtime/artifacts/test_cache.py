@@ -17,11 +17,19 @@ from pathlib import Path
 import platformdirs
 import pytest
 
-from ldseg.errors import ArtifactError, OutputError
+from ldseg.errors import ArtifactError, BackendUnavailable, OutputError
 from ldseg.io.atomic import staged_folder
 from ldseg.runtime.artifacts import cache as cache_module
 from ldseg.runtime.artifacts.bundle import MANIFEST, REWRITES
-from ldseg.runtime.artifacts.cache import BUNDLES, ArtifactCache, BundleKey, EngineKey, cache_root
+from ldseg.runtime.artifacts.cache import (
+    BUNDLES,
+    ArtifactCache,
+    BundleKey,
+    CheckpointRef,
+    EngineKey,
+    StaleEntry,
+    cache_root,
+)
 from ldseg.runtime.artifacts.cache_listing import clear, list_entries
 from tests.runtime.artifacts.cache_fakes import GPU_A, GPU_B, FakeBundleBuilder, FakeEngineBuilder, Notes, hashed_model
 
@@ -138,6 +146,28 @@ def test_an_entry_exported_before_a_rewrite_changed_is_rebuilt(
     manifest["rewrites"] = ["upsample_phase", "batchnorm_folded"]
     (path / MANIFEST).write_text(json.dumps(manifest))
     _rebuilt_because(cache, builder, notes, "records rewrites")
+
+
+def test_an_entry_with_older_rewrites_is_used_as_it_is_where_it_cannot_be_exported_again(
+    cache: ArtifactCache, builder: FakeBundleBuilder, notes: Notes
+) -> None:
+    """A runtime-only install (no PyTorch) keeps running its older, still valid bundle, and says so."""
+    model = hashed_model()
+    path = cache.bundle(model)
+    manifest = json.loads((path / MANIFEST).read_text())
+    manifest["rewrites"] = ["upsample_phase", "batchnorm_folded"]
+    (path / MANIFEST).write_text(json.dumps(manifest))
+
+    def no_torch() -> None:
+        raise BackendUnavailable("exporting needs PyTorch, which this runtime-only install lacks")
+
+    ref = CheckpointRef(str(model.checkpoint_hash), model.cfg.preset, lambda: model, no_torch)
+    assert cache.bundle(ref) == path
+    assert len(builder.calls) == 1, "rebuilt although it could not be"
+    [used] = [line for line in notes.lines if line.startswith("cache: using")]
+    assert "records rewrites" in used and "runtime-only" in used
+    with pytest.raises(StaleEntry):
+        cache_module.check_bundle(path, builder.calls[-1])  # still stale: the next full install re-exports
 
 
 def test_an_unvalidated_entry_is_rebuilt(cache: ArtifactCache, builder: FakeBundleBuilder, notes: Notes) -> None:
