@@ -309,6 +309,9 @@ class SelfAttention(nn.Module):
         self.key = nn.Linear(channels, channels)
         self.value = nn.Linear(channels, channels)
         self.proj = nn.Linear(channels, channels)
+        # Set by fused_attention (exports): q, k, v as one (3C, C) matrix and bias, the softmax scale
+        # folded into q's rows, held as plain constants so a graph holds them as initializers.
+        self.frozen_qkv: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if reduced(x) and self.query.in_features // self.heads < MIN_REDUCED_HEAD_DIM:
@@ -321,7 +324,12 @@ class SelfAttention(nn.Module):
         normed = self.norm(x)
         tokens = normed.reshape(shape[0], shape[1], -1).transpose(1, 2)  # (B, N, C)
         b, n, c = tokens.shape
-        q, k, v = (layer(tokens) for layer in (self.query, self.key, self.value))
+        if self.frozen_qkv is not None:  # one MatMul, Add and Split instead of three of each and a Mul
+            q, k, v = F.linear(tokens, *self.frozen_qkv).split(c, dim=-1)
+            scale = 1.0
+        else:
+            q, k, v = (layer(tokens) for layer in (self.query, self.key, self.value))
+            scale = self.scale
         fused = q.is_cuda and not torch.compiler.is_exporting()
         # A head axis where there are heads, or for SDPA's fused kernels ((B, heads, N, d)); one head
         # without them needs none: an exported denoiser block has 8 reshapes and transposes fewer.
@@ -331,12 +339,31 @@ class SelfAttention(nn.Module):
         if fused:
             # One fused kernel instead of matmul, scale, softmax, matmul (issue 31); exports trace the
             # written-out form, which ONNX Runtime and TensorRT fuse themselves.
-            attended = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
+            attended = F.scaled_dot_product_attention(q, k, v, scale=scale)
         else:
-            attended = torch.matmul(torch.softmax(torch.matmul(q, k.transpose(-1, -2)) * self.scale, dim=-1), v)
+            logits = torch.matmul(q, k.transpose(-1, -2))
+            attended = torch.matmul(torch.softmax(logits * scale if scale != 1.0 else logits, dim=-1), v)
         out = attended.transpose(1, 2).reshape(b, n, c) if split else attended
         out = self.proj(out).transpose(1, 2).reshape(shape)
         return (normed if self.normalized_residual else x) + out
+
+
+@contextlib.contextmanager
+def fused_attention(model: nn.Module) -> Iterator[int]:
+    """Every `SelfAttention` in `model` computes q, k and v with one matrix inside the block (the
+    softmax scale folded into q's weights and bias), derived once on entry; yields how many. The
+    same function up to float rounding (tests/model/test_layers.py); exported graphs use it."""
+    blocks = [m for m in model.modules() if isinstance(m, SelfAttention)]
+    for m in blocks:
+        with torch.no_grad():
+            weight = torch.cat([m.query.weight * m.scale, m.key.weight, m.value.weight])
+            bias = torch.cat([m.query.bias * m.scale, m.key.bias, m.value.bias])
+        m.frozen_qkv = (weight.detach(), bias.detach())
+    try:
+        yield len(blocks)
+    finally:
+        for m in blocks:
+            m.frozen_qkv = None
 
 
 class TimeEmbedding(nn.Module):

@@ -81,6 +81,12 @@ def test_a_one_head_attention_block_exports_no_head_axis(demo_bundle: Path, demo
     assert blocks and all(block.heads == 1 for block in blocks)
     ups = sum(isinstance(m, Upsample) for m in demo_model.denoiser.modules())
     assert ops.count("Transpose") == 3 * len(blocks) + ups
+    # q, k, v as one matrix (layers.fused_attention): one MatMul for them, then q.k, weights.v and
+    # the projection; one Split; the softmax scale is in q's weights (no Mul before the Softmax)
+    assert ops.count("MatMul") == 4 * len(blocks) and ops.count("Split") == len(blocks)
+    graph = onnx.load(str(demo_bundle / "denoiser.onnx")).graph
+    producers = {out: n for n in graph.node for out in n.output}
+    assert all(producers[n.input[0]].op_type == "MatMul" for n in graph.node if n.op_type == "Softmax")
 
 
 def test_torchscript_fallback_is_announced_and_recorded(

@@ -10,6 +10,7 @@ from ldseg.model.layers import (
     SelfAttention,
     Upsample,
     folded_batchnorm,
+    fused_attention,
     phase_upsampling,
 )
 
@@ -101,6 +102,25 @@ def test_a_fused_group_norm_at_inference_equals_the_written_out_form(dtype):
     # BF16: the two FP32 results round to the same BF16 value or a neighbour (2^-7 relative)
     rtol = 1e-5 if dtype == torch.float32 else 2**-7
     torch.testing.assert_close(results[0].float(), results[1].float(), atol=2e-5, rtol=rtol)
+
+
+@pytest.mark.parametrize(
+    ("channels", "heads", "shape"), [(16, 1, (2, 16, 4, 4, 8)), (16, 8, (2, 16, 5, 6)), (1, 1, (1, 1, 4, 4))]
+)
+def test_fused_attention_is_the_same_function_and_restores_the_block(channels, heads, shape):
+    """q, k, v as one matrix with the softmax scale folded into q (exports): the same outputs to
+    float rounding, for one head, eight heads and the 1-channel block (scale 1)."""
+    torch.manual_seed(0)
+    block = SelfAttention(channels, groups=1 if channels == 1 else 4, heads=heads).eval()
+    for layer in (block.query, block.key, block.value):
+        torch.nn.init.normal_(layer.bias)
+    x = torch.randn(*shape)
+    reference = block(x)
+    with fused_attention(block) as count:
+        assert count == 1 and block.frozen_qkv is not None
+        fused = block(x)
+    assert block.frozen_qkv is None
+    torch.testing.assert_close(fused, reference, atol=1e-5, rtol=1e-5)
 
 
 def test_attention_residual_goes_to_normalized_or_raw_input():

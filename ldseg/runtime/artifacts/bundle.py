@@ -24,7 +24,7 @@ from ldseg.model.config import NON_ARCHITECTURE, ModelConfig, get_preset
 BUNDLE_FORMAT = "ldseg-bundle/1"
 # What today's export does to the networks' functions for its graphs (ldseg.model.layers): the
 # manifest records them, and a cached bundle that records others is exported again (cache.py).
-REWRITES = ("upsample_phase_interleaved", "batchnorm_folded", "denoiser_norms_fused")
+REWRITES = ("upsample_phase_interleaved", "batchnorm_folded", "denoiser_norms_fused", "attention_qkv_fused")
 MANIFEST = "manifest.json"
 GRAPH_NAMES = ("encoder", "denoise_step", "denoiser", "decoder", "decoder_argmax")
 PRECISIONS = (*EXPORT_PRECISIONS, "int8")  # what a bundle may hold (int8: Q/DQ graphs from calibration)
