@@ -24,7 +24,9 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -37,7 +39,7 @@ from ldseg.model.layers import GroupNorm
 BLOCK, BLOCKS = 10, 15
 
 
-def nodes(bundle: Path) -> dict[str, object]:
+def nodes(bundle: Path) -> dict[str, Any]:
     path = bundle / "denoise_step.onnx"
     exported = onnx.load(str(path), load_external_data=False).graph.node
     with tempfile.TemporaryDirectory() as tmp:
@@ -64,22 +66,22 @@ def step_session(bundle: Path, batch: int) -> tuple[ort.InferenceSession, dict[s
     return session, feeds
 
 
-def alternate(runs: dict[str, object]) -> dict[str, float]:
+def alternate(runs: dict[str, Callable[[], object]]) -> dict[str, float]:
     """Median ms per call of each callable, 10-call blocks alternated after 5 warm-up calls each."""
     for run in runs.values():
         for _ in range(5):
-            run()  # type: ignore[operator]
+            run()
     times: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(BLOCKS):
         for name, run in runs.items():
             start = time.perf_counter()
             for _ in range(BLOCK):
-                run()  # type: ignore[operator]
+                run()
             times[name].append((time.perf_counter() - start) / BLOCK * 1e3)
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-def segment_both_ways(args: argparse.Namespace) -> dict[str, object]:
+def segment_both_ways(args: argparse.Namespace) -> dict[str, Any]:
     import nibabel as nib
 
     from ldseg.api import Segmenter
@@ -111,8 +113,9 @@ def main() -> None:
     parser.add_argument("-o", "--output", type=Path, required=True)
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
-    record: dict[str, object] = {"command": " ".join(sys.argv), "load_before": os.getloadavg()[0]}
-    record["nodes"] = {"before": nodes(args.before), "after": nodes(args.after)}
+    record: dict[str, Any] = {"command": " ".join(sys.argv), "load_before": os.getloadavg()[0]}
+    n = {"before": nodes(args.before), "after": nodes(args.after)}
+    record["nodes"] = n
     ort_ms = {}
     for batch in args.batch:
         sessions = {name: step_session(path, batch) for name, path in (("before", args.before), ("after", args.after))}
@@ -136,16 +139,15 @@ def main() -> None:
     agreement = segment_both_ways(args) if args.image and args.label else None
     record["volume"] = agreement
     record["load_after"] = os.getloadavg()[0]
-    n = record["nodes"]
     lines = [
         f"`{record['command']}` (load {record['load_before']:.2f} before, {record['load_after']:.2f} after)",
         "",
         "| what | written-out GroupNorms | fused (one op each) | ratio |",
         "| --- | --- | --- | --- |",
-        f"| denoise_step nodes, exported | {n['before']['exported']} | {n['after']['exported']} | "  # type: ignore[index]
-        f"{n['after']['exported'] / n['before']['exported']:.2f} |",  # type: ignore[index]
-        f"| denoise_step nodes, after ONNX Runtime's CPU optimizer | {n['before']['after_ort']} | "  # type: ignore[index]
-        f"{n['after']['after_ort']} | {n['after']['after_ort'] / n['before']['after_ort']:.2f} |",  # type: ignore[index]
+        f"| denoise_step nodes, exported | {n['before']['exported']} | {n['after']['exported']} | "
+        f"{n['after']['exported'] / n['before']['exported']:.2f} |",
+        f"| denoise_step nodes, after ONNX Runtime's CPU optimizer | {n['before']['after_ort']} | "
+        f"{n['after']['after_ort']} | {n['after']['after_ort'] / n['before']['after_ort']:.2f} |",
     ]
     for batch, ms in ort_ms.items():
         lines.append(
