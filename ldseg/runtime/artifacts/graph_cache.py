@@ -3,38 +3,29 @@ artifact cache, so that ONNX Runtime's sessions for them start from bytes: build
 (0.6 s on a 2-core CPU, most of it ml_dtypes) and checks the graph, which a cold one-volume run on a
 GPU would otherwise pay on its first volume.
 
-An entry is `graphs/<name>-<digest>.onnx`: the graph's name with its arguments, and the SHA-256 of
-the two builder modules' source, so a changed builder makes a new entry and a stale graph is never
-read. The cache only saves time: an entry that cannot be read is built again, and one that cannot
-be written (a read-only or full cache) is not kept. Where the sources are not on disk (a
-bytecode-only install) nothing is cached.
+An entry is `graphs/<name>-<digest>.onnx`: the graph's name with its arguments, and the digest of
+the two builder modules' source (code_digest), so a changed builder makes a new entry and a stale
+graph is never read. The cache only saves time: an entry that cannot be read is built again, and
+one that cannot be written (a read-only or full cache) is not kept. Where the sources are not on
+disk (a bytecode-only install) nothing is cached.
 """
 
 from __future__ import annotations
 
-import functools
-import hashlib
 from collections.abc import Callable
-from importlib import resources
 from pathlib import Path
 
 from ldseg.errors import OutputError
 from ldseg.io.atomic import atomic_write
 from ldseg.runtime.artifacts.cache import GRAPHS, cache_root
+from ldseg.runtime.artifacts.code_digest import code_digest
 
-BUILDERS = ("volume_graphs.py", "sample_graphs.py")  # in ldseg.runtime
+BUILDERS = ("runtime/volume_graphs.py", "runtime/sample_graphs.py")
 
 
-@functools.cache
 def builders_digest() -> str | None:
-    """The first 16 hex digits of the SHA-256 of the builders' source; None without the sources."""
-    digest = hashlib.sha256()
-    try:
-        for name in BUILDERS:
-            digest.update(resources.files("ldseg.runtime").joinpath(name).read_bytes())
-    except OSError:
-        return None
-    return digest.hexdigest()[:16]
+    """The digest of the builders' source (code_digest); None without the sources."""
+    return code_digest(*BUILDERS)
 
 
 def entry_path(name: str, root: Path | None = None) -> Path | None:

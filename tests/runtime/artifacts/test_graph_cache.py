@@ -4,7 +4,6 @@ makes its sessions without importing onnx, and what it reads is exactly what the
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -19,6 +18,7 @@ from ldseg.io.preprocess import image_to_model_grid, probabilities_to_input_grid
 from ldseg.runtime import sample_graphs, volume_graphs
 from ldseg.runtime.artifacts.cache import GRAPHS
 from ldseg.runtime.artifacts.cache_listing import clear, list_entries
+from ldseg.runtime.artifacts.code_digest import code_digest
 from ldseg.runtime.artifacts.graph_cache import BUILDERS, builders_digest
 from ldseg.runtime.backends.onnxruntime.samples import OrtSampleGraphs
 from ldseg.runtime.backends.onnxruntime.volume import OrtVolumeOps
@@ -90,9 +90,8 @@ def test_the_cached_graphs_are_exactly_what_the_builders_make(tmp_path: Path) ->
 
 
 def test_entries_are_named_by_the_builders_source_so_a_changed_builder_is_a_new_entry() -> None:
-    source = b"".join((ROOT / "ldseg" / "runtime" / name).read_bytes() for name in BUILDERS)
-    assert BUILDERS == ("volume_graphs.py", "sample_graphs.py")
-    assert builders_digest() == hashlib.sha256(source).hexdigest()[:16]
+    assert BUILDERS == ("runtime/volume_graphs.py", "runtime/sample_graphs.py")
+    assert builders_digest() == code_digest(*BUILDERS)  # which changes with them: test_code_digest.py
 
 
 def test_a_damaged_entry_is_built_again_and_the_volume_comes_out_right(tmp_path: Path) -> None:

@@ -107,6 +107,11 @@ def test_gate_passes_bf16_and_its_cached_verdict_is_reported(private_cache, monk
     again = select_backend(Source(checkpoint="demo"), backend="torch", device="cpu", wants=Wants("bf16"))
     assert again.gate is not None and again.gate.endswith("cached)")
 
+    # Other model or backend code (an edited layer, a new autocast rule): the verdict is measured again.
+    monkeypatch.setattr(gate, "code_digest", lambda *parts: "0" * 16)
+    with pytest.raises(AssertionError, match="must read the cached verdict"):
+        select_backend(Source(checkpoint="demo"), backend="torch", device="cpu", wants=Wants("bf16"))
+
 
 def _broken_group_norm(monkeypatch):
     """The reduced path goes wrong: GroupNorm under autocast skips its normalization."""

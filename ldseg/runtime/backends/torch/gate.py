@@ -7,10 +7,13 @@ the same, pooled over the phantoms, must reach GATE_AGREEMENT (issue 31's bar), 
 refused (BackendUnavailable naming the measured agreement and suggesting --precision fp32).
 
 The verdict is cached on disk (`<cache root>/precision-gate/`), keyed by the checkpoint's content
-hash, the precision, the device kind (the GPU's name, or cpu), the torch and ldseg versions and the
-gate's own settings, so a second process reads it instead of running the gate again; a cached
-failure refuses before any backend is made. A model without a checkpoint hash is measured every
-time. The verdict in words is the backend's `gate` (describe(), and the first screen's reason).
+hash, the precision, the device kind (the GPU's name, or cpu), the torch and ldseg versions, the
+gate's own settings and the digest of the code that decides the labels (GATE_CODE: the model, this
+backend, the phantoms), so a second process reads it instead of running the gate again, and a
+verdict on other numerics (an edited layer, a new autocast rule) is never reused; a cached failure
+refuses before any backend is made. A model without a checkpoint hash, or an install without its
+sources, is measured every time. The verdict in words is the backend's `gate` (describe(), and the
+first screen's reason).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import torch
 from ldseg.data.phantoms import phantom_model_image
 from ldseg.errors import BackendUnavailable
 from ldseg.runtime.artifacts.cache import cache_root
+from ldseg.runtime.artifacts.code_digest import code_digest
 from ldseg.runtime.backend import make_inputs
 from ldseg.runtime.backends.torch.backend import TorchBackend
 from ldseg.versions import LDSEG_VERSION
@@ -37,6 +41,7 @@ from ldseg.versions import LDSEG_VERSION
 GATE_AGREEMENT = 0.995  # share of voxels equal to FP32 (issue 31)
 GATE_PHANTOMS = 4
 GATE_DIR = "precision-gate"
+GATE_CODE = ("model", "runtime/backends/torch", "data/phantoms.py")  # below ldseg/: what decides the labels
 
 
 @dataclass(frozen=True)
@@ -77,7 +82,11 @@ def device_kind(device: str) -> str:
     return torch.cuda.get_device_name(target.index or 0)
 
 
-def verdict_path(checkpoint_hash: str, precision: str, kind: str) -> Path:
+def verdict_path(checkpoint_hash: str, precision: str, kind: str) -> Path | None:
+    """Where the verdict is kept; None without the sources to key it by."""
+    code = code_digest(*GATE_CODE)
+    if code is None:
+        return None
     key = {
         "checkpoint_sha256": checkpoint_hash,
         "precision": precision,
@@ -86,6 +95,7 @@ def verdict_path(checkpoint_hash: str, precision: str, kind: str) -> Path:
         "ldseg": LDSEG_VERSION,
         "phantoms": GATE_PHANTOMS,
         "bar": GATE_AGREEMENT,
+        "code": code,
     }
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     slug = re.sub(r"[^a-z0-9]+", "-", kind.lower()).strip("-")
@@ -97,6 +107,8 @@ def cached_verdict(checkpoint_hash: str | None, precision: str, device: str) -> 
     if checkpoint_hash is None:
         return None
     path = verdict_path(checkpoint_hash, precision, device_kind(device))
+    if path is None:
+        return None
     try:
         raw = json.loads(path.read_text())
         return Verdict(**{**raw, "cached": True})
@@ -106,6 +118,8 @@ def cached_verdict(checkpoint_hash: str | None, precision: str, device: str) -> 
 
 def _store(verdict: Verdict, checkpoint_hash: str) -> None:
     path = verdict_path(checkpoint_hash, verdict.precision, verdict.device_kind)
+    if path is None:
+        return
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
