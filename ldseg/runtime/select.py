@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from ldseg.choices import BACKEND_CHOICES, RUN_PRECISIONS, VOLUME_OPS, check_choice, check_device
 from ldseg.errors import ArtifactError, BackendUnavailable
 from ldseg.model.config import ModelConfig
-from ldseg.runtime.artifacts.source import EXPORT_EXTRA, Source, torch_missing
+from ldseg.runtime.artifacts.source import EXPORT_EXTRA, Source
 from ldseg.runtime.backend import Backend
 from ldseg.runtime.backends.declaration import Declaration, Request
 from ldseg.runtime.backends.onnxruntime import declaration as ONNXRUNTIME
@@ -48,12 +48,7 @@ AUTO_ORDER = [
 
 def torch_cuda_problem(index: int = 0) -> str | None:
     """Why PyTorch cannot run on GPU `index` (not installed included), None if it can."""
-    missing = torch_missing("the torch backend")
-    if missing is not None:
-        return str(missing)
-    from ldseg.runtime.backends.torch.backend import torch_cuda_problem as probe
-
-    return probe(index)
+    return TORCH.cuda_problem(index)
 
 
 def cuda_available(index: int = 0) -> bool:

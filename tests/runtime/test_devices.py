@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -21,6 +27,37 @@ def test_device_names():
 def test_cpu_only_torch_is_named_as_such(monkeypatch):
     monkeypatch.setattr(torch.version, "cuda", None)
     assert "CPU-only build" in torch_backend.torch_cuda_problem(0)
+
+
+# A fresh process with the installed torch's version read as `version`: torch/cuda's problem, and
+# whether asking imported torch (1.1 s of a cold CPU run, where auto asks torch/cuda first).
+_ASK_TORCH_CUDA = """
+import importlib.metadata, json, sys
+real = importlib.metadata.version
+importlib.metadata.version = lambda name: sys.argv[1] if name == "torch" else real(name)
+from ldseg.runtime.select import torch_cuda_problem
+print(json.dumps([torch_cuda_problem(0), "torch" in sys.modules]))
+"""
+
+
+def _ask_torch_cuda(version: str) -> tuple[str | None, bool]:
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    done = subprocess.run(
+        [sys.executable, "-c", _ASK_TORCH_CUDA, version], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    problem, imported = json.loads(done.stdout.splitlines()[-1])
+    return problem, imported
+
+
+def test_a_cpu_only_torch_is_known_from_its_version_without_importing_it():
+    problem, imported = _ask_torch_cuda("2.13.0+cpu")
+    assert problem == "this PyTorch (2.13.0+cpu) is a CPU-only build (the GPU route needs a CUDA build)"
+    assert not imported
+    # A build that may have CUDA (no +cpu): torch itself is asked.
+    _, imported = _ask_torch_cuda("2.13.0")
+    assert imported
 
 
 def test_torch_driver_error_is_reported_verbatim(monkeypatch):

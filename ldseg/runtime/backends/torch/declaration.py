@@ -7,22 +7,53 @@ held to the accuracy gate (gate.py) before it runs.
 
 from __future__ import annotations
 
+import importlib.metadata
+import sys
+
 from ldseg.runtime.artifacts.source import torch_missing
 from ldseg.runtime.backends.declaration import CHECKPOINT, Declaration, Made, Request
 from ldseg.runtime.devices import device_index
 
 
-def probe(request: Request) -> str | None:
-    """PyTorch is installed and, for cuda:N, sees GPU N (without importing torch when it is absent)."""
+def cpu_only_build() -> str | None:
+    """Why the installed PyTorch cannot reach a GPU, read from its package version ("2.13.0+cpu")
+    without importing it; None where the build may have CUDA (then torch itself is asked).
+
+    `auto` asks torch on CUDA before OpenVINO on the CPU, and importing torch to hear "CPU-only
+    build" cost 1.1 s of every cold CPU run on a 2-core EPYC. Once torch is imported (the
+    caller's own, possibly patched, torch), its answer is the one that counts."""
+    if "torch" in sys.modules:
+        return None
+    try:
+        version = importlib.metadata.version("torch")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    if version.endswith("+cpu"):
+        return f"this PyTorch ({version}) is a CPU-only build (the GPU route needs a CUDA build)"
+    return None
+
+
+def cuda_problem(index: int) -> str | None:
+    """Why PyTorch cannot run on GPU `index` (not installed included), None if it can."""
     missing = torch_missing("the torch backend")
     if missing is not None:
         return str(missing)
-    index = device_index(request.device)
-    if index is None:
-        return None
+    problem = cpu_only_build()
+    if problem is not None:
+        return problem
     from ldseg.runtime.backends.torch.backend import torch_cuda_problem
 
     return torch_cuda_problem(index)
+
+
+def probe(request: Request) -> str | None:
+    """PyTorch is installed and, for cuda:N, sees GPU N (without importing torch where it is absent
+    or a CPU-only build)."""
+    index = device_index(request.device)
+    if index is not None:
+        return cuda_problem(index)
+    missing = torch_missing("the torch backend")
+    return None if missing is None else str(missing)
 
 
 def precisions_on(on_gpu: bool) -> tuple[str, ...]:
