@@ -29,35 +29,54 @@ def test_cpu_only_torch_is_named_as_such(monkeypatch):
     assert "CPU-only build" in torch_backend.torch_cuda_problem(0)
 
 
-# A fresh process with the installed torch's version read as `version`: torch/cuda's problem, and
-# whether asking imported torch (1.1 s of a cold CPU run, where auto asks torch/cuda first).
+# A fresh process where the installed torch's version reads as argv[1] and libcuda.so.1 loads
+# (argv[2] "driver") or does not ("no-driver"): torch/cuda's problem, and whether asking imported torch (1.1 s of a
+# cold CPU run, where auto asks torch/cuda before OpenVINO).
 _ASK_TORCH_CUDA = """
-import importlib.metadata, json, sys
-real = importlib.metadata.version
-importlib.metadata.version = lambda name: sys.argv[1] if name == "torch" else real(name)
+import ctypes, importlib.metadata, json, sys
+real_version, real_cdll = importlib.metadata.version, ctypes.CDLL
+importlib.metadata.version = lambda name: sys.argv[1] if name == "torch" else real_version(name)
+
+def cdll(name, *args, **kwargs):
+    if name != "libcuda.so.1":
+        return real_cdll(name, *args, **kwargs)
+    if sys.argv[2] == "no-driver":
+        raise OSError("libcuda.so.1: cannot open shared object file")
+    return object()  # the driver "loads" (whatever this machine has)
+
+ctypes.CDLL = cdll
 from ldseg.runtime.select import torch_cuda_problem
 print(json.dumps([torch_cuda_problem(0), "torch" in sys.modules]))
 """
 
 
-def _ask_torch_cuda(version: str) -> tuple[str | None, bool]:
+def _ask_torch_cuda(version: str, driver: str) -> tuple[str | None, bool]:
     root = Path(__file__).resolve().parents[2]
     env = {**os.environ, "PYTHONPATH": str(root)}
     done = subprocess.run(
-        [sys.executable, "-c", _ASK_TORCH_CUDA, version], capture_output=True, text=True, env=env, timeout=120
+        [sys.executable, "-c", _ASK_TORCH_CUDA, version, driver],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
     )
     assert done.returncode == 0, done.stderr
     problem, imported = json.loads(done.stdout.splitlines()[-1])
     return problem, imported
 
 
-def test_a_cpu_only_torch_is_known_from_its_version_without_importing_it():
-    problem, imported = _ask_torch_cuda("2.13.0+cpu")
+def test_no_gpu_is_known_without_importing_torch_where_its_build_or_the_driver_says_so():
+    problem, imported = _ask_torch_cuda("2.13.0+cpu", "driver")
     assert problem == "this PyTorch (2.13.0+cpu) is a CPU-only build (the GPU route needs a CUDA build)"
     assert not imported
-    # A build that may have CUDA (no +cpu): torch itself is asked.
-    _, imported = _ask_torch_cuda("2.13.0")
-    assert imported
+    if sys.platform == "linux":
+        problem, imported = _ask_torch_cuda("2.13.0", "no-driver")
+        assert problem == "PyTorch (2.13.0) cannot use CUDA here: no NVIDIA driver (libcuda.so.1 does not load)"
+        assert not imported
+    # Where the build may have CUDA and the driver may be there, or the build is ROCm's: torch is asked.
+    for version, driver in (("2.13.0", "driver"), ("2.13.0+rocm6.2", "no-driver")):
+        _, imported = _ask_torch_cuda(version, driver)
+        assert imported, (version, driver)
 
 
 def test_torch_driver_error_is_reported_verbatim(monkeypatch):

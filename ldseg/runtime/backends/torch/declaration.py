@@ -7,6 +7,7 @@ held to the accuracy gate (gate.py) before it runs.
 
 from __future__ import annotations
 
+import ctypes
 import importlib.metadata
 import sys
 
@@ -15,13 +16,15 @@ from ldseg.runtime.backends.declaration import CHECKPOINT, Declaration, Made, Re
 from ldseg.runtime.devices import device_index
 
 
-def cpu_only_build() -> str | None:
-    """Why the installed PyTorch cannot reach a GPU, read from its package version ("2.13.0+cpu")
-    without importing it; None where the build may have CUDA (then torch itself is asked).
+def known_without_torch() -> str | None:
+    """Why PyTorch cannot reach a GPU, where that is known without importing it; None otherwise
+    (then torch itself is asked).
 
-    `auto` asks torch on CUDA before OpenVINO on the CPU, and importing torch to hear "CPU-only
-    build" cost 1.1 s of every cold CPU run on a 2-core EPYC. Once torch is imported (the
-    caller's own, possibly patched, torch), its answer is the one that counts."""
+    `auto` asks torch on CUDA before OpenVINO on the CPU, and importing torch only to hear "no GPU"
+    cost 1.1 s of every cold CPU run on a 2-core EPYC. Known without it: a CPU-only build (its
+    package version ends in +cpu), and on Linux a CUDA build without the NVIDIA driver's
+    libcuda.so.1, which CUDA loads by that name (a ROCm build is asked). Once torch is imported
+    (the caller's own, possibly patched, torch), its answer is the one that counts."""
     if "torch" in sys.modules:
         return None
     try:
@@ -30,7 +33,17 @@ def cpu_only_build() -> str | None:
         return None
     if version.endswith("+cpu"):
         return f"this PyTorch ({version}) is a CPU-only build (the GPU route needs a CUDA build)"
+    if sys.platform == "linux" and "rocm" not in version and not _nvidia_driver_loads():
+        return f"PyTorch ({version}) cannot use CUDA here: no NVIDIA driver (libcuda.so.1 does not load)"
     return None
+
+
+def _nvidia_driver_loads() -> bool:
+    try:
+        ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return False
+    return True
 
 
 def cuda_problem(index: int) -> str | None:
@@ -38,7 +51,7 @@ def cuda_problem(index: int) -> str | None:
     missing = torch_missing("the torch backend")
     if missing is not None:
         return str(missing)
-    problem = cpu_only_build()
+    problem = known_without_torch()
     if problem is not None:
         return problem
     from ldseg.runtime.backends.torch.backend import torch_cuda_problem
@@ -47,8 +60,8 @@ def cuda_problem(index: int) -> str | None:
 
 
 def probe(request: Request) -> str | None:
-    """PyTorch is installed and, for cuda:N, sees GPU N (without importing torch where it is absent
-    or a CPU-only build)."""
+    """PyTorch is installed and, for cuda:N, sees GPU N (without importing torch where the answer
+    is known without it)."""
     index = device_index(request.device)
     if index is not None:
         return cuda_problem(index)
