@@ -9,7 +9,9 @@ writes what it measured (JSON and a markdown table).
   the same with the --backend's module (`ldseg.runtime.backends.<backend>.backend`), which the run
   path imports only once it has chosen that backend;
 - single: a cold `ldseg-run` of one volume on the cached bundle, one process per run: process wall
-  time against the model's own stage time from the run manifest (encoder + loop + decoder + copies);
+  time against the model's own stage time from the run manifest (encoder + loop + decoder + copies),
+  and where the rest goes (`phases`: before the read started, in the run outside the model, after
+  the manifest row), placed by the row's own clock;
 - folder: one `ldseg-run` over --folder volumes (default 8; the cases repeated through links): wall
   per volume against the median stage time (0 leaves it out).
 `--bundle DIR` runs an exported bundle instead of a checkpoint (with --trust-unvalidated: a bundle
@@ -29,12 +31,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 BIN = Path(sys.executable).parent
 HERE = Path(__file__).resolve().parents[1]  # the tree whose ldseg is measured (PYTHONPATH of each process)
 IMPORT = "import time; t = time.perf_counter(); import ldseg.cli.run, ldseg.api{}; print(time.perf_counter() - t)"
+PHASES = ("before_read_s", "run_outside_model_s", "after_row_s")
 MODEL_STAGES = ("input_copy", "encoder", "loop", "decoder", "output_copy", "graph")
 
 
@@ -55,16 +59,30 @@ def import_seconds(tree: Path, backend: str | None = None) -> float:
     return float(done.stdout.strip())
 
 
-def ldseg_run(args: list[str], tree: Path) -> float:
+def ldseg_run(args: list[str], tree: Path) -> tuple[float, float]:
+    """The process's wall time, and the epoch it started at (to place the manifest's times in it)."""
     # The console script where ldseg is installed; its entry point where the tree is only on PYTHONPATH (a GPU call).
     script = BIN / "ldseg-run"
     command = [str(script)] if script.exists() else [sys.executable, "-c", "from ldseg.cli.run import main; main()"]
-    clock = time.perf_counter()
+    spawned, clock = time.time(), time.perf_counter()
     done = subprocess.run([*command, *args], capture_output=True, text=True, env=_env(tree), cwd=tree)
     wall = time.perf_counter() - clock
     if done.returncode != 0:
         raise SystemExit(f"ldseg-run failed ({done.returncode}): {done.stderr[-2000:]}")
-    return wall
+    return wall, spawned
+
+
+def phases(row: dict[str, str], wall: float, spawned: float, stages_s: float) -> dict[str, float]:
+    """Where a one-volume process's time goes, from its manifest row: before the input's read started
+    (interpreter, imports, options), the run outside the model (the backend's making beyond the read
+    it overlaps, the read, resampling, writing), and after the row was written (summary, teardown)."""
+    finished = datetime.fromisoformat(row["finished"]).timestamp()
+    seconds = float(row["seconds"])  # from the read's start to the row
+    return {
+        "before_read_s": finished - seconds - spawned,
+        "run_outside_model_s": seconds - stages_s,
+        "after_row_s": spawned + wall - finished,
+    }
 
 
 def manifest_rows(out_dir: Path) -> list[dict[str, str]]:
@@ -116,16 +134,18 @@ def main() -> None:
                 if args.backend != "auto":  # auto's module is known only once the run has chosen
                     results[name]["backend_import_s"].append(import_seconds(tree, args.backend))
                 out = root / f"{name}-single{i}"
-                wall = ldseg_run([str(case), "-o", str(out), *model], tree)
+                wall, spawned = ldseg_run([str(case), "-o", str(out), *model], tree)
                 [row] = manifest_rows(out)
+                stages_s = stage_ms(row) / 1e3
                 results[name]["single"].append(
                     {
                         "wall_s": wall,
-                        "stages_s": stage_ms(row) / 1e3,
+                        "stages_s": stages_s,
                         "read_s": float(row["read_ms"]) / 1e3,
                         "infer_s": float(row["infer_ms"]) / 1e3,
                         "write_s": float(row["write_ms"]) / 1e3,
                         "seconds": float(row["seconds"]),
+                        **phases(row, wall, spawned, stages_s),
                     }
                 )
         if args.folder:
@@ -134,7 +154,7 @@ def main() -> None:
             cases = sorted(args.images.glob("case*.nii.gz"))
             for i in range(args.folder):
                 (folder / f"v{i}.nii.gz").symlink_to(cases[i % len(cases)].resolve())
-            wall = ldseg_run([str(folder), "-o", str(root / "folder-out"), *model], HERE)
+            wall, _ = ldseg_run([str(folder), "-o", str(root / "folder-out"), *model], HERE)
             rows = manifest_rows(root / "folder-out")
             results["this"]["folder"] = {
                 "volumes": len(rows),
@@ -173,6 +193,8 @@ def main() -> None:
         lines += [
             f"| {name} | cold `ldseg-run`, one volume (median of {args.runs}; ratio: median of the runs' ratios) | "
             f"{wall:.2f} | {summary['single_ratio']:.2f}x of {stages:.2f} |",
+            f"| {name} | of which: before the read started / in the run outside the model / after the row "
+            f"(medians) | {' / '.join(f'{statistics.median(s[p] for s in singles):.2f}' for p in PHASES)} | |",
         ]
         if "folder" in res:
             folder_rec = res["folder"]

@@ -11,9 +11,7 @@ import functools
 import hashlib
 from pathlib import Path
 
-import ldseg
-
-PACKAGE = Path(ldseg.__file__).resolve().parent
+PACKAGE = Path(__file__).resolve().parents[2]  # the ldseg folder (not `import ldseg`: that is the API)
 
 
 @functools.cache
