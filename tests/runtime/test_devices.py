@@ -30,8 +30,8 @@ def test_cpu_only_torch_is_named_as_such(monkeypatch):
 
 
 # A fresh process where the installed torch's version reads as argv[1] and libcuda.so.1 loads
-# (argv[2] "driver") or does not ("no-driver"): torch/cuda's problem, and whether asking imported torch (1.1 s of a
-# cold CPU run, where auto asks torch/cuda before OpenVINO).
+# (argv[2] "driver") or does not ("no-driver"): torch/cuda's problem, and whether asking it imported
+# torch (1.1 s of a cold CPU run, where auto asks torch/cuda before OpenVINO).
 _ASK_TORCH_CUDA = """
 import ctypes, importlib.metadata, json, sys
 real_version, real_cdll = importlib.metadata.version, ctypes.CDLL
