@@ -355,10 +355,10 @@ def fused_attention(model: nn.Module) -> Iterator[int]:
     same function up to float rounding (tests/model/test_layers.py); exported graphs use it."""
     blocks = [m for m in model.modules() if isinstance(m, SelfAttention)]
     for m in blocks:
-        with torch.no_grad():
+        with torch.no_grad():  # plain constants, outside autograd
             weight = torch.cat([m.query.weight * m.scale, m.key.weight, m.value.weight])
             bias = torch.cat([m.query.bias * m.scale, m.key.bias, m.value.bias])
-        m.frozen_qkv = (weight.detach(), bias.detach())
+        m.frozen_qkv = (weight, bias)
     try:
         yield len(blocks)
     finally:

@@ -64,6 +64,15 @@ class StaleEntry(ArtifactError):
     where it can be, used as it is where it cannot (a runtime-only install has no PyTorch to export)."""
 
 
+def _cannot_build(ready: Callable[[], None]) -> LdsegError | None:
+    """Why an entry cannot be built here (`ready()`'s error), or None."""
+    try:
+        ready()
+    except LdsegError as exc:
+        return exc
+    return None
+
+
 def cache_root() -> Path:
     """`LDSEG_CACHE` if set, else the platform's per-user cache folder (platformdirs)."""
     configured = os.environ.get(CACHE_ENV)
@@ -271,16 +280,12 @@ class ArtifactCache:
             if path.exists() or path.is_symlink():
                 try:
                     check(path)
-                except StaleEntry as exc:
-                    try:
-                        ready()
-                    except LdsegError as missing:
+                except ArtifactError as exc:
+                    missing = _cannot_build(ready) if isinstance(exc, StaleEntry) else None
+                    if missing is not None:  # older but sound, and nothing here could build it again
                         self.reporter.note(f"cache: using {path} as it is ({_reason(exc, path)}; {missing})")
                         self.hits.append(CacheHit(path, False, 0.0))
                         return path
-                    self.reporter.note(f"cache: rebuilding {path}: {_reason(exc, path)}")
-                    remove_entry(path)
-                except ArtifactError as exc:
                     self.reporter.note(f"cache: rebuilding {path}: {_reason(exc, path)}")
                     remove_entry(path)
                 else:
