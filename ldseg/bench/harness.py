@@ -278,11 +278,10 @@ def _measure(
             "device_used_mb": _device_used_mb() if cuda else None,  # whole device (ORT/TRT included)
         },
     }
-    # What this backend's graphs execute (exported bundles: phase-form upsampling) beside the
-    # reference count the rates above use.
-    row["executed_flops"] = pipeline_flops(model.cfg, inputs.batch, phase=backend.name != "torch").end_to_end(
-        inputs.steps
-    )
+    # What this backend executes (the lean form: phase-form upsampling; exported bundles run it, the
+    # torch backend says which form it runs) beside the reference count the rates above use.
+    lean = backend.describe().get("form", "lean") == "lean"
+    row["executed_flops"] = pipeline_flops(model.cfg, inputs.batch, phase=lean).end_to_end(inputs.steps)
     row["throughput_volumes_per_s"] = inputs.batch / (row["end_to_end"]["ms"]["p50"] / 1e3)
     return row, outputs[-1].labels
 

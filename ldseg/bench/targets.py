@@ -45,7 +45,9 @@ class Target:
 
     @property
     def mode(self) -> str:
-        return self.backend.describe().get("mode", "")
+        described = self.backend.describe()
+        lean = described.get("form") == "lean"  # torch: the rewrites exports run, vs the official reference
+        return described.get("mode", "") + ("-lean" if lean else "")
 
     @property
     def key(self) -> tuple[str, str, str]:
@@ -59,22 +61,26 @@ class Target:
 Factory = Callable[[Context, str], Target]
 
 
-def _torch(ctx: Context, precision: str, *, eager: bool = False) -> Target:
-    """fp32, bf16 (CPU or GPU) and fp16 (GPU) by autocast. No accuracy gate here: the bench reports
-    each row's agreement with the FP32 reference itself (ldseg/bench/accuracy.py)."""
+def _torch(ctx: Context, precision: str, *, eager: bool = False, official: bool = False) -> Target:
+    """fp32, bf16 (CPU or GPU) and fp16 (GPU) by autocast, in the lean form `ldseg-run` runs (the
+    reference: official). No accuracy gate here: the bench reports each row's agreement with the
+    FP32 reference itself (ldseg/bench/accuracy.py)."""
     from ldseg.runtime.backends.torch.declaration import precisions_on
 
     on_gpu = ctx.device.startswith("cuda")
     runs = precisions_on(on_gpu)
     if precision not in runs:
         raise Unsupported(f"the torch backend runs {', '.join(runs)} on {'a GPU' if on_gpu else 'the CPU'}")
-    backend = TorchBackend(ctx.model, ctx.device, cuda_graph=False if eager else None, precision=precision)
-    return Target(backend, "torch weights" if precision == "fp32" else f"torch weights, {precision} autocast")
+    form = "official form" if official else "lean form"
+    backend = TorchBackend(
+        ctx.model, ctx.device, cuda_graph=False if eager else None, precision=precision, lean=not official
+    )
+    return Target(backend, f"torch weights, {form}" + ("" if precision == "fp32" else f", {precision} autocast"))
 
 
 def reference(ctx: Context) -> Target:
-    """Torch eager FP32 on the benchmark's device."""
-    return _torch(ctx, "fp32", eager=True)
+    """Torch eager FP32 on the benchmark's device, the model in its official form."""
+    return _torch(ctx, "fp32", eager=True, official=True)
 
 
 def _bundle(ctx: Context, precision: str) -> tuple[Bundle, str]:

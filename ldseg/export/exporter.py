@@ -23,8 +23,8 @@ from ldseg.export.onnx_export import MIN_OPSET, derive_graph, trace_graph
 from ldseg.export.specs import GraphSpec, graph_specs, update_spec
 from ldseg.io.atomic import check_folder_target, staged_folder
 from ldseg.model.checkpoint import load_checkpoint
-from ldseg.model.layers import folded_batchnorm, fused_attention, phase_upsampling
 from ldseg.model.network import LDSeg
+from ldseg.model.rewrites import lean_form
 from ldseg.runtime.artifacts.bundle import EXPORT_PRECISIONS, GRAPH_NAMES, MANIFEST
 
 if TYPE_CHECKING:
@@ -86,12 +86,12 @@ def export_bundle(
     model.eval()
     specs = [spec for name, spec in graph_specs(model.cfg).items() if name in graphs]
 
-    # Three rewrites of the same function for the graphs (the checkpoint's weights are restored on
-    # exit): nearest-x2 + conv upsampling in its phase form (8/27 of the decoder's full-resolution
-    # multiply-adds; layers.Upsample), inference BatchNorm folded into the conv before it, and each
-    # attention block's q, k, v as one matrix (4 nodes fewer per block in the launch-bound step).
+    # The model's lean form (ldseg.model.rewrites; the checkpoint's weights are restored on exit):
+    # phase-form upsampling (8/27 of the decoder's full-resolution multiply-adds), inference BatchNorm
+    # folded into the conv before it, and each attention block's q, k, v as one matrix (4 nodes fewer
+    # per block in the launch-bound step).
     with staged_folder(target, overwrite=overwrite, marker=MANIFEST) as tmp:
-        with phase_upsampling(model), folded_batchnorm(model), fused_attention(model):
+        with lean_form(model):
             entries = _export_graphs(specs, model, tmp, opset, precision, batch, say)
         manifest = build_manifest(model, entries, folder=tmp, precision=precision, opset=opset, batch=batch)
         write_manifest(tmp, manifest)

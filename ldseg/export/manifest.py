@@ -86,7 +86,7 @@ def build_manifest(
             "num_classes": cfg.num_classes,
         },
         "graphs": dict(graphs),
-        "rewrites": list(REWRITES),  # see ldseg.model.layers
+        "rewrites": list(REWRITES),  # see ldseg.model.rewrites and layers
         "diffusion": {
             **dataclasses.asdict(cfg.diffusion),
             "table_columns": ["t", "a", "b", "c"],

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +23,8 @@ KERAS_EPS = 1e-3
 # Attention with a smaller head dimension runs in FP32 under reduced precision (the rule and its
 # measurement: ldseg/export/fp16.py, MIN_FP16_HEAD_DIM).
 MIN_REDUCED_HEAD_DIM = 4
+
+Undo = Callable[[], None]  # restores what a rewrite (fold_batchnorm, ...) changed
 
 
 def reduced(x: torch.Tensor) -> bool:
@@ -102,37 +104,47 @@ class BatchNorm(nn.Module):
 ConvBN = tuple[SameConv, BatchNorm]  # a conv and the BatchNorm reading its output
 
 
-@contextlib.contextmanager
-def folded_batchnorm(model: nn.Module) -> Iterator[int]:
-    """Inside the block every inference BatchNorm that directly follows a conv (the pairs modules
-    list in `conv_bn_pairs()`) is folded into that conv's weights and bias and becomes the
-    identity; yields how many. Exported graphs get no BatchNormalization node: in an FP16 bundle
-    an FP32 BatchNorm would need a cast pair around it at every full-resolution layer and would
-    block TensorRT's conv fusions. The weights are restored on exit."""
+def fold_batchnorm(model: nn.Module) -> tuple[int, Undo]:
+    """Every inference BatchNorm that directly follows a conv (the pairs modules list in
+    `conv_bn_pairs()`) folded into that conv's weights and bias, the BatchNorm then the identity;
+    pairs folded already are left. How many were folded, and how to restore their weights."""
     pairs: list[ConvBN] = []
     for module in model.modules():
         listed = getattr(module, "conv_bn_pairs", None)
         if listed is not None:
-            pairs += listed()
+            pairs += [(conv, bn) for conv, bn in listed() if not bn.folded]
     saved = []
-    try:
-        with torch.no_grad():
-            for conv, bn in pairs:
-                c = conv.conv
-                assert c.bias is not None  # Keras convs carry a bias (use_bias=True)
-                saved.append((c.weight.detach().clone(), c.bias.detach().clone()))
-                scale, shift = bn.affine()
-                c.weight.mul_(scale.reshape(-1, *[1] * (c.weight.dim() - 1)))
-                c.bias.mul_(scale).add_(shift)
-                bn.folded = True
-        yield len(pairs)
-    finally:
+    with torch.no_grad():
+        for conv, bn in pairs:
+            c = conv.conv
+            assert c.bias is not None  # Keras convs carry a bias (use_bias=True)
+            saved.append((c.weight.detach().clone(), c.bias.detach().clone()))
+            scale, shift = bn.affine()
+            c.weight.mul_(scale.reshape(-1, *[1] * (c.weight.dim() - 1)))
+            c.bias.mul_(scale).add_(shift)
+            bn.folded = True
+
+    def undo() -> None:
         with torch.no_grad():
             for (conv, bn), (weight, bias) in zip(pairs, saved):
                 conv.conv.weight.copy_(weight)
                 assert conv.conv.bias is not None
                 conv.conv.bias.copy_(bias)
                 bn.folded = False
+
+    return len(pairs), undo
+
+
+@contextlib.contextmanager
+def folded_batchnorm(model: nn.Module) -> Iterator[int]:
+    """`fold_batchnorm` inside the block, the weights restored on exit; yields how many. Exported
+    graphs get no BatchNormalization node: in an FP16 bundle an FP32 BatchNorm would need a cast
+    pair around it at every full-resolution layer and would block TensorRT's conv fusions."""
+    count, undo = fold_batchnorm(model)
+    try:
+        yield count
+    finally:
+        undo()
 
 
 class GroupNorm(nn.Module):
@@ -221,7 +233,7 @@ class Upsample(nn.Module):
     3x3 conv: 8/27 of the multiply-adds in 3D, 4/9 in 2D. The weights (and checkpoints) stay the
     official ones; `phase_upsampling` derives the phase kernel from them once, and an exported graph
     holds it as a constant. Exact up to float rounding (tests/model/test_layers.py). The exported
-    graphs use it (ldseg.export); the torch backend keeps the reference form.
+    graphs and the torch backend's lean form use it (ldseg.model.rewrites).
 
     The interleave is one reshape-transpose-reshape of the whole conv output (N + 1 per axis) and one
     crop, not a slice per parity and axis: parity p's output row n is the conv's row n + p, which is
@@ -276,22 +288,32 @@ class Upsample(nn.Module):
         return out
 
 
-@contextlib.contextmanager
-def phase_upsampling(model: nn.Module) -> Iterator[int]:
-    """Every `Upsample` in `model` computes in its phase form inside the block, from a kernel derived
-    once on entry (so the weights must not change inside it); yields how many."""
-    ups = [m for m in model.modules() if isinstance(m, Upsample)]
+def freeze_phase_upsampling(model: nn.Module) -> tuple[int, Undo]:
+    """Every `Upsample` in `model` computes in its phase form from a kernel derived now (so the
+    weights must not change after); those frozen already are left. How many, and how to undo it."""
+    ups = [m for m in model.modules() if isinstance(m, Upsample) and m.frozen_phase is None]
     before = [m.phase_form for m in ups]
     for m in ups:
         m.phase_form = True
         with torch.no_grad():
             weight, bias = m.phase_kernel()
         m.frozen_phase = (weight.detach(), None if bias is None else bias.detach())
-    try:
-        yield len(ups)
-    finally:
+
+    def undo() -> None:
         for m, flag in zip(ups, before):
             m.phase_form, m.frozen_phase = flag, None
+
+    return len(ups), undo
+
+
+@contextlib.contextmanager
+def phase_upsampling(model: nn.Module) -> Iterator[int]:
+    """`freeze_phase_upsampling` inside the block, undone on exit; yields how many."""
+    count, undo = freeze_phase_upsampling(model)
+    try:
+        yield count
+    finally:
+        undo()
 
 
 class SelfAttention(nn.Module):
@@ -348,22 +370,32 @@ class SelfAttention(nn.Module):
         return (normed if self.normalized_residual else x) + out
 
 
-@contextlib.contextmanager
-def fused_attention(model: nn.Module) -> Iterator[int]:
-    """Every `SelfAttention` in `model` computes q, k and v with one matrix inside the block (the
-    softmax scale folded into q's weights and bias), derived once on entry; yields how many. The
-    same function up to float rounding (tests/model/test_layers.py); exported graphs use it."""
-    blocks = [m for m in model.modules() if isinstance(m, SelfAttention)]
+def fuse_attention(model: nn.Module) -> tuple[int, Undo]:
+    """Every `SelfAttention` in `model` computes q, k and v with one matrix (the softmax scale folded
+    into q's weights and bias), derived now; blocks fused already are left. How many, and the undo."""
+    blocks = [m for m in model.modules() if isinstance(m, SelfAttention) and m.frozen_qkv is None]
     for m in blocks:
         with torch.no_grad():  # plain constants, outside autograd
             weight = torch.cat([m.query.weight * m.scale, m.key.weight, m.value.weight])
             bias = torch.cat([m.query.bias * m.scale, m.key.bias, m.value.bias])
         m.frozen_qkv = (weight, bias)
-    try:
-        yield len(blocks)
-    finally:
+
+    def undo() -> None:
         for m in blocks:
             m.frozen_qkv = None
+
+    return len(blocks), undo
+
+
+@contextlib.contextmanager
+def fused_attention(model: nn.Module) -> Iterator[int]:
+    """`fuse_attention` inside the block, undone on exit; yields how many. The same function up to
+    float rounding (tests/model/test_layers.py); exported graphs use it."""
+    count, undo = fuse_attention(model)
+    try:
+        yield count
+    finally:
+        undo()
 
 
 class TimeEmbedding(nn.Module):

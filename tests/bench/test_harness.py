@@ -132,8 +132,8 @@ def test_results_json_structure(run_dir):
     assert res["peaks"]["fp32"]["gflops"] > 0 and res["peaks"]["fp32"]["size"] == 128
     assert res["model"]["preset"] == "demo" and res["model"]["checkpoint_sha256"]
     assert res["inputs"]["files"] == ["p1.nii.gz"] and res["inputs"]["labels"].endswith("labels")
-    (row,) = res["rows"]  # CPU torch is torch eager: the reference, measured once
-    assert set(row) == ROW_KEYS
+    row, lean = res["rows"]  # the official form (the reference), then the lean form ldseg-run runs
+    assert set(row) == set(lean) == ROW_KEYS
     assert row["reference"] and row["label"] == "torch/fp32/eager" and row["speedup_vs_reference"] == 1.0
     assert (row["steps"], row["batch"], row["repeat"]) == (15, 1, 2)
     _check_timed(row["end_to_end"], 2)
@@ -142,7 +142,11 @@ def test_results_json_structure(run_dir):
         _check_timed(block, 2)
     assert row["stages"]["loop"]["flops"] == 15 * row["stages"]["step"]["flops"]
     assert row["end_to_end"]["flops"] == sum(row["stages"][s]["flops"] for s in ("encoder", "loop", "decoder"))
-    assert row["executed_flops"] == row["end_to_end"]["flops"]  # torch runs the reference form
+    assert row["executed_flops"] == row["end_to_end"]["flops"]  # the reference runs the official form
+    assert lean["label"] == "torch/fp32/eager-lean" and lean["describe"]["form"] == "lean"
+    assert lean["stages"]["decoder"]["flops"] == row["stages"]["decoder"]["flops"]  # rates: the reference count
+    assert lean["executed_flops"] < lean["end_to_end"]["flops"]  # phase-form upsampling
+    assert lean["accuracy"]["note"] is None and lean["accuracy"]["agreement"] >= 0.999, lean["accuracy"]
     accuracy = row["accuracy"]
     assert accuracy["note"] == REFERENCE_NOTE and accuracy["agreement"] is None  # never compared with itself
     assert_several_classes(accuracy["reference_class_fractions"], "demo model on p1")
@@ -153,7 +157,7 @@ def test_results_json_structure(run_dir):
 def test_the_whole_volume_around_the_model(run_dir, labelled_data):
     """--data with 3D volumes: each row times the first volume's read, preprocess, model, postprocess
     and write (ldseg.bench.pipeline), here with the torch backend's own volume ops on the CPU."""
-    (row,) = _results(run_dir)["rows"]
+    row = _results(run_dir)["rows"][0]
     whole = row["pipeline"]
     assert whole["file"] == "p1.nii.gz"
     assert sorted(whole["input_shape"]) == sorted(nib.load(labelled_data / "images" / "p1.nii.gz").shape)
@@ -166,7 +170,7 @@ def test_the_whole_volume_around_the_model(run_dir, labelled_data):
 
 
 def test_dice_against_the_labels_of_data(run_dir, labelled_data):
-    (row,) = _results(run_dir)["rows"]
+    row = _results(run_dir)["rows"][0]
     truth = row["accuracy"]["vs_truth"]
     assert [case["file"] for case in truth["cases"]] == ["p1.nii.gz"] and set(truth["dice"]) == {"1", "2"}
     assert_several_classes(np.asarray(nib.load(labelled_data / "labels" / "p1.nii.gz").dataobj), "truth of p1")
@@ -175,13 +179,14 @@ def test_dice_against_the_labels_of_data(run_dir, labelled_data):
 
 
 def test_dice_vs_truth_scores_what_ldseg_run_writes(run_dir, labelled_data):
-    (row,) = _results(run_dir)["rows"]
     model = load_model("demo")
     prepared = prepare(labelled_data / "images" / "p1.nii.gz", model.cfg)
-    outputs, _ = segment_prepared(prepared, TorchBackend(model), model.cfg, RunOptions(steps=15, seed=0))
     truth = np.asarray(nib.load(labelled_data / "labels" / "p1.nii.gz").dataobj)
-    expected = dice_per_class(outputs["_seg"][0], truth, 3)
-    assert row["accuracy"]["vs_truth"]["dice"] == pytest.approx({str(c): d for c, d in expected.items()}, abs=1e-12)
+    for row, lean in zip(_results(run_dir)["rows"], (False, True)):
+        backend = TorchBackend(model, lean=lean)
+        outputs, _ = segment_prepared(prepared, backend, model.cfg, RunOptions(steps=15, seed=0))
+        expected = {str(c): d for c, d in dice_per_class(outputs["_seg"][0], truth, 3).items()}
+        assert row["accuracy"]["vs_truth"]["dice"] == pytest.approx(expected, abs=1e-12)
 
 
 def test_a_missing_label_is_one_clear_error(labelled_data, tmp_path):
@@ -256,7 +261,7 @@ def test_performance_section_puts_machine_and_date_on_every_row(run_dir):
     res = _results(run_dir)
     text = performance_section([run_dir, run_dir / "results.json"])
     rows = [line for line in text.splitlines() if line.startswith("| demo |")]
-    assert len(rows) == 2
+    assert len(rows) == 4  # the reference and the lean row, of each of the two given paths
     for line in rows:
         assert res["machine"]["cpu"] in line and res["created"][:10] in line
 
@@ -278,7 +283,7 @@ def test_refuses_to_overwrite_and_bad_options(run_dir, tmp_path):
 def test_onnxruntime_rows_beside_the_reference(tmp_path):
     out = run_benchmark(BenchOptions(output=tmp_path / "ort", **{**TINY, "backends": ("torch", "onnxruntime")}))  # type: ignore[arg-type]
     res = _results(out)
-    ref, ort = res["rows"]
+    ref, _, ort = res["rows"]  # the reference, torch's lean form, ONNX Runtime
     assert ref["reference"] and not ort["reference"] and ort["backend"] == "onnxruntime"
     assert (
         list(ort["stages"]) == list(STAGES) and ort["stages"]["encoder"]["flops"] == ref["stages"]["encoder"]["flops"]
@@ -296,7 +301,7 @@ def test_onnxruntime_rows_beside_the_reference(tmp_path):
 def test_random_weight_preset_rows_say_agreement_is_not_meaningful(tmp_path):
     options = {**TINY, "checkpoint": None, "preset": "demo", "backends": ("torch", "onnxruntime")}
     res = _results(run_benchmark(BenchOptions(output=tmp_path / "random", **options)))  # type: ignore[arg-type]
-    ref, ort = res["rows"]
+    ref, _, ort = res["rows"]
     assert ref["accuracy"]["note"] == REFERENCE_NOTE
     assert ort["accuracy"]["note"] == RANDOM_WEIGHTS_NOTE and ort["accuracy"]["agreement"] is None
     md = (tmp_path / "random" / "results.md").read_text()
@@ -308,9 +313,9 @@ def test_torch_bf16_row_beside_the_fp32_reference_with_its_agreement(tmp_path):
     FP32 reference; fp16 on the CPU is a skip with its reason, not an error."""
     options = {**TINY, "precisions": ("fp32", "bf16", "fp16"), "repeat": 1, "warmup": 0}
     res = _results(run_benchmark(BenchOptions(output=tmp_path / "bf16", **options)))  # type: ignore[arg-type]
-    ref, bf16 = res["rows"]
+    ref, _, bf16 = res["rows"]  # the reference, the lean fp32 row, bf16 (lean too)
     assert ref["reference"] and ref["precision"] == "fp32"
-    assert bf16["precision"] == "bf16" and bf16["label"] == "torch/bf16/eager" and bf16["peak_dtype"] == "bf16"
+    assert bf16["precision"] == "bf16" and bf16["label"] == "torch/bf16/eager-lean" and bf16["peak_dtype"] == "bf16"
     assert bf16["describe"]["precision"] == "bf16"
     accuracy = bf16["accuracy"]
     assert_several_classes(accuracy["reference_class_fractions"], "torch fp32 reference on phantom 0")
@@ -319,4 +324,4 @@ def test_torch_bf16_row_beside_the_fp32_reference_with_its_agreement(tmp_path):
         {"backend": "torch", "precision": "fp16", "reason": "the torch backend runs fp32, bf16 on the CPU"}
     ]
     md = (tmp_path / "bf16" / "results.md").read_text()
-    assert "torch/bf16/eager" in md
+    assert "torch/bf16/eager-lean" in md

@@ -121,6 +121,8 @@ class Checks:
     def torch_cpu_reference(self) -> Result:
         from ldseg.runtime.backends.torch.backend import TorchBackend
 
+        # The official form; the GPU rows run the lean one (what ldseg-run makes), so the agreement
+        # rows check its rewrites on the GPU too.
         self.reference = self.labels_of(TorchBackend(self.model(), "cpu"))
         classes = [int(len(np.unique(r))) for r in self.reference]
         ok = min(classes) > 1  # a real segmentation, so that agreement can fail
@@ -188,7 +190,10 @@ class Checks:
         from ldseg.runtime.backends.torch.backend import TorchBackend
 
         model = self.model()
-        graphed, eager = TorchBackend(model, "cuda:0"), TorchBackend(model, "cuda:0", cuda_graph=False)
+        graphed, eager = (
+            TorchBackend(model, "cuda:0", lean=True),
+            TorchBackend(model, "cuda:0", cuda_graph=False, lean=True),
+        )
         images, _, seeds = self.phantoms()
         max_diff, label_equal = [], []
         for k, seed in enumerate(seeds):
@@ -255,7 +260,7 @@ class Checks:
         from ldseg.runtime.backend import make_inputs
         from ldseg.runtime.backends.torch.backend import TorchBackend
 
-        backend = TorchBackend(self.model(), "cuda:0")
+        backend = TorchBackend(self.model(), "cuda:0", lean=True)
         fused = backend.model.step  # the backend's own copy of the model (it was moved to the GPU)
         forward = fused.forward
 
@@ -270,7 +275,7 @@ class Checks:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             labels = backend.run(inputs).labels
-        eager = TorchBackend(self.model(), "cuda:0", cuda_graph=False).run(inputs).labels
+        eager = TorchBackend(self.model(), "cuda:0", cuda_graph=False, lean=True).run(inputs).labels
         equal = float((labels == eager).mean())
         ok = backend.mode == "eager" and backend.fallback_reason is not None and equal == 1.0 and bool(caught)
         return {
@@ -297,7 +302,10 @@ class Checks:
         from ldseg.runtime.backends.torch.gate import GATE_AGREEMENT
 
         model = self.model()
-        reduced, fp32 = TorchBackend(model, "cuda:0", precision=precision), TorchBackend(model, "cuda:0")
+        reduced, fp32 = (
+            TorchBackend(model, "cuda:0", precision=precision, lean=True),
+            TorchBackend(model, "cuda:0", lean=True),
+        )
         labels, gpu_fp32 = self.labels_of(reduced), self.labels_of(fp32)
         scored = self.scored(labels)
         vs_gpu = [float((labels[k] == gpu_fp32[k]).mean()) for k in range(len(labels))]
@@ -325,7 +333,10 @@ class Checks:
         from ldseg.runtime.backends.torch.backend import TorchBackend
 
         model = self.model()
-        graphed, eager = TorchBackend(model, "cuda:0"), TorchBackend(model, "cuda:0", cuda_graph=False)
+        graphed, eager = (
+            TorchBackend(model, "cuda:0", lean=True),
+            TorchBackend(model, "cuda:0", cuda_graph=False, lean=True),
+        )
         with closing(graphed, eager):
             return k_samples_within_budget(graphed, eager, k_inputs(self, model.cfg), _torch_free_memory)
 

@@ -111,3 +111,20 @@ def test_fp32_means_tf32_off_inside_every_stage_and_restored_after(model, monkey
     finally:
         matmul.allow_tf32, cudnn.allow_tf32 = saved
     assert backend.describe()["tf32"] == "off"
+
+
+def test_lean_form_agrees_with_the_official_reference_and_leaves_the_callers_model(model):
+    """lean=True (what ldseg-run makes) runs the exports' rewrites on a copy of its own: the same
+    labels as the official form on the trained demo model, probabilities to float rounding."""
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    lean, official = TorchBackend(model, lean=True), TorchBackend(model)
+    assert lean.model is not model and official.model is model
+    assert lean.describe()["form"] == "lean" and official.describe()["form"] == "official"
+    inputs = make_inputs(model.cfg, _image(model, 5, 2), [5, 6], steps=4)
+    got, want = lean.run(inputs, probabilities=True), official.run(inputs, probabilities=True)
+    assert_several_classes(want.labels, "official labels")
+    assert not np.array_equal(got.probabilities, want.probabilities)  # computed another way
+    np.testing.assert_allclose(got.probabilities, want.probabilities, atol=1e-4)
+    np.testing.assert_array_equal(got.labels, want.labels)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert TorchBackend(lean.model).describe()["form"] == "lean"  # a lean model is not made official

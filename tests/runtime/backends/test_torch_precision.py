@@ -86,12 +86,13 @@ def test_fp16_on_cpu_is_refused_before_the_model_loads():
 def test_auto_stays_fp32(private_cache):
     selection = select_backend(Source(checkpoint="demo"), backend="torch", device="cpu")
     assert selection.backend.precision == "fp32" and selection.gate is None
+    assert selection.backend.describe()["form"] == "lean"  # what the run path makes: the exports' rewrites
     assert not (private_cache / gate.GATE_DIR).exists()  # no gate for FP32
 
 
 def test_gate_passes_bf16_and_its_cached_verdict_is_reported(private_cache, monkeypatch):
     selection = select_backend(Source(checkpoint="demo"), backend="torch", device="cpu", wants=Wants("bf16"))
-    assert selection.backend.precision == "bf16"
+    assert selection.backend.precision == "bf16" and selection.backend.describe()["form"] == "lean"
     [stored] = (private_cache / gate.GATE_DIR).glob("*.json")
     verdict = json.loads(stored.read_text())
     assert verdict["agreement"] >= gate.GATE_AGREEMENT and verdict["phantoms"] == gate.GATE_PHANTOMS

@@ -16,7 +16,12 @@ DECODER_BYTES_PER_VOXEL per sample (an upper estimate of the decoder's full-reso
 on CPU one sample per chunk.
 
 The model it is handed is never modified: a model on another device, or in training mode, is copied
-(a model shared with an exporter must stay where it was).
+(a model shared with an exporter must stay where it was), and so is one made lean.
+
+`lean=True` (what `ldseg-run` and the API make: declaration.py) runs the model's lean form, the
+exported graphs' rewrites (ldseg/model/rewrites.py): phase-form upsampling, BatchNorm folded into
+its conv, one q/k/v matrix per attention block. `lean=False` (the default) is the official form: the
+FP32 reference of export validation, ldseg-bench and gpu_check.
 
 "fp32" is FP32 math: cuDNN convolutions and matmuls default to TF32 on Ampere and later, so every
 stage (and the graph capture, which bakes the kernels in) runs under `strict_fp32()`, which turns
@@ -52,6 +57,7 @@ import numpy as np
 import torch
 
 from ldseg.model.network import LDSeg
+from ldseg.model.rewrites import is_lean, make_lean
 from ldseg.runtime.backend import Backend, CaptureFailed, PipelineInputs
 from ldseg.runtime.backends.torch.compile import Compiled, compile_wanted
 from ldseg.runtime.backends.torch.samples import TorchSamples
@@ -98,8 +104,14 @@ class TorchBackend(Backend[TorchPlan, torch.Tensor]):
         precision: str = "fp32",
         compile: bool | None = None,
         device_volume: bool = True,
+        lean: bool = False,
     ):
-        """device_volume: pre/post-processing with torch ops on the model's device (ldseg/runtime/
+        """lean: run the model's lean form (ldseg.model.rewrites: the exported graphs' rewrites,
+        the same function up to float rounding, 30 % fewer decoder multiply-adds on knee3d) on a
+        copy of its own, as `ldseg-run` and the API do; False: the official form, the FP32
+        reference (a model that is lean already stays lean).
+
+        device_volume: pre/post-processing with torch ops on the model's device (ldseg/runtime/
         volume_ops.py), the default on CUDA and on the CPU too, where they are bit-equal to the scipy
         path on the knee cases and faster (1.6-2.6x to the model grid, 3.4-3.6x back on 2 Zen 1
         cores: benchmarks/results/amd-epyc-zen1-2c-2026-12-05/volume-ops-cpu); False: the scipy path.
@@ -115,6 +127,10 @@ class TorchBackend(Backend[TorchPlan, torch.Tensor]):
             cuda_graph=target.type == "cuda" if cuda_graph is None else cuda_graph,
         )
         self.model = _on_device(model, target)
+        if lean and not is_lean(self.model):
+            if self.model is model:  # the rewrite changes weights: never the caller's module
+                self.model = _copy(model)
+            make_lean(self.model)
         self.device = str(target)  # "cpu" or "cuda:N"
         self.precision = precision
         self._autocast_dtype = AUTOCAST[precision]
@@ -133,6 +149,7 @@ class TorchBackend(Backend[TorchPlan, torch.Tensor]):
             "device": self.device,
             "precision": self.precision,
             "mode": self.mode,
+            "form": "lean" if is_lean(self.model) else "official",
             "tf32": "off",
             "compile": self._compile_state(),
             "volume_ops": self.volume_ops_words(None if self._volume_ops is None else f"torch ops on {self.device}"),
@@ -278,9 +295,14 @@ def _on_device(model: LDSeg, device: torch.device) -> LDSeg:
     on_device = all(p.device == device for p in model.parameters())
     if on_device and not model.training:
         return model
-    moved = copy.deepcopy(model).to(device).eval()
-    moved.trained, moved.checkpoint_hash = dict(model.trained), model.checkpoint_hash
-    return moved
+    return _copy(model).to(device)
+
+
+def _copy(model: LDSeg) -> LDSeg:
+    """A copy of `model` in eval mode, with its provenance."""
+    copied = copy.deepcopy(model).eval()
+    copied.trained, copied.checkpoint_hash = dict(model.trained), model.checkpoint_hash
+    return copied
 
 
 def torch_cuda_problem(index: int = 0) -> str | None:

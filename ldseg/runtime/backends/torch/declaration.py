@@ -84,7 +84,7 @@ def make(request: Request) -> Made:
     precision = "fp32" if request.precision == "auto" else request.precision
     if precision == "fp32":
         model = request.source.model()
-        backend = TorchBackend(model, request.device, threads=request.threads)
+        backend = TorchBackend(model, request.device, threads=request.threads, lean=True)
         return Made(backend, model.cfg, model.checkpoint_hash)
     from ldseg.errors import BackendUnavailable
     from ldseg.runtime.backends.torch import gate
@@ -94,7 +94,7 @@ def make(request: Request) -> Made:
     if verdict is not None and not verdict.passed:  # refused by an earlier process: nothing is made
         raise BackendUnavailable(verdict.refusal())
     model = request.source.model()
-    backend = TorchBackend(model, request.device, threads=request.threads, precision=precision)
+    backend = TorchBackend(model, request.device, threads=request.threads, precision=precision, lean=True)
     try:
         verdict = gate.hold(backend, model.checkpoint_hash, verdict)
     except BackendUnavailable:

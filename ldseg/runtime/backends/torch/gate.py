@@ -131,7 +131,8 @@ def _store(verdict: Verdict, checkpoint_hash: str) -> None:
 
 
 def measure(backend: TorchBackend, phantoms: int = GATE_PHANTOMS) -> Verdict:
-    """Labels of `backend` against FP32 eager on the same weights and device, on `phantoms` phantoms."""
+    """Labels of `backend` against FP32 eager on the same weights, form (lean or official) and device,
+    on `phantoms` phantoms: what the reduced precision alone changes."""
     start = time.perf_counter()
     reference = TorchBackend(backend.model, backend.device, cuda_graph=False)  # shares the model: no copy
     equal, total, worst = 0, 0, 1.0
