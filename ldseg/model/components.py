@@ -162,8 +162,8 @@ class AttendedResBlock(nn.Module):
         self.block = TimeResBlock(dims, cin, cout, groups, temb_dim)
         self.attention = SelfAttention(cout, groups) if attention else None
 
-    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
-        x = self.block(x, temb)
+    def forward(self, x: torch.Tensor, temb_swish: torch.Tensor) -> torch.Tensor:
+        x = self.block(x, temb_swish)
         return x if self.attention is None else self.attention(x)
 
 
@@ -219,7 +219,7 @@ class Denoiser(nn.Module):
 
     def forward(self, z_label: torch.Tensor, z_image: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         x = self.stem(torch.cat([z_label, z_image], dim=1))
-        temb = self.time(t)
+        temb = swish(self.time(t))  # what every block reads (TimeResBlock), computed once a step
         skips = [x] if self.skip_all else []
         for layer in self.down:
             if isinstance(layer, AttendedResBlock):

@@ -420,7 +420,11 @@ class TimeEmbedding(nn.Module):
 
 
 class TimeResBlock(nn.Module):
-    """Official denoiser `ResidualBlock`: GN-swish-conv, + Dense(swish(temb)), GN-swish-conv, + residual."""
+    """Official denoiser `ResidualBlock`: GN-swish-conv, + Dense(swish(temb)), GN-swish-conv, + residual.
+
+    `forward` takes swish(temb), which is the same for every block of a step: the Denoiser computes
+    it once (two kernels a block fewer in the launch-bound step; exported graphs already shared it).
+    """
 
     def __init__(self, dims: int, cin: int, cout: int, groups: int, temb_dim: int):
         super().__init__()
@@ -432,9 +436,9 @@ class TimeResBlock(nn.Module):
         self.conv2 = SameConv(dims, cout, cout, 3)
         self.dims = dims
 
-    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, temb_swish: torch.Tensor) -> torch.Tensor:
         residual = x if self.residual is None else self.residual(x)
-        t = self.temb(swish(temb)).reshape(temb.shape[0], -1, *([1] * self.dims))
+        t = self.temb(temb_swish).reshape(temb_swish.shape[0], -1, *([1] * self.dims))
         h = self.conv1(swish(self.norm1(x))) + t
         h = self.conv2(swish(self.norm2(h)))
         return h + residual
