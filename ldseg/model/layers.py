@@ -116,16 +116,7 @@ def fold_batchnorm(model: nn.Module) -> tuple[int, Undo]:
         listed = getattr(module, "conv_bn_pairs", None)
         if listed is not None:
             pairs += [(conv, bn) for conv, bn in listed() if not bn.folded]
-    saved = []
-    with torch.no_grad():
-        for conv, bn in pairs:
-            c = conv.conv
-            assert c.bias is not None  # Keras convs carry a bias (use_bias=True)
-            saved.append((c.weight.detach().clone(), c.bias.detach().clone()))
-            scale, shift = bn.affine()
-            c.weight.mul_(scale.reshape(-1, *[1] * (c.weight.dim() - 1)))
-            c.bias.mul_(scale).add_(shift)
-            bn.folded = True
+    saved: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def undo() -> None:
         with torch.no_grad():
@@ -135,6 +126,19 @@ def fold_batchnorm(model: nn.Module) -> tuple[int, Undo]:
                 conv.conv.bias.copy_(bias)
                 bn.folded = False
 
+    try:
+        with torch.no_grad():
+            for conv, bn in pairs:
+                c = conv.conv
+                assert c.bias is not None  # Keras convs carry a bias (use_bias=True)
+                saved.append((c.weight.detach().clone(), c.bias.detach().clone()))
+                scale, shift = bn.affine()
+                c.weight.mul_(scale.reshape(-1, *[1] * (c.weight.dim() - 1)))
+                c.bias.mul_(scale).add_(shift)
+                bn.folded = True
+    except BaseException:  # no half-folded model: what was folded is restored
+        undo()
+        raise
     return len(pairs), undo
 
 
