@@ -26,6 +26,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from ldseg.model.config import get_preset
 from ldseg.model.network import LDSeg
 from ldseg.model.rewrites import make_lean
+from ldseg.runtime.backends.torch.backend import strict_fp32
 
 
 class _OpLog(TorchDispatchMode):
@@ -94,9 +95,10 @@ def main() -> None:
     torch.manual_seed(0)
     model = LDSeg(get_preset(args.preset)).eval().to(args.device)
     results = {"preset": args.preset, "device": args.device, "torch": torch.__version__}
-    results["official"] = count(model, args.device)
-    make_lean(model)
-    results["lean"] = count(model, args.device)
+    with strict_fp32():  # FP32 as the torch backend runs it: TF32 off (its cuDNN default is on)
+        results["official"] = count(model, args.device)
+        make_lean(model)
+        results["lean"] = count(model, args.device)
     for form in ("official", "lean"):
         r = results[form]
         top = ", ".join(f"{n} {k}" for n, k in list(r["by_name"].items())[:8])
