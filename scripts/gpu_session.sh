@@ -20,7 +20,8 @@
 # device pipeline on torch (benchmarks/device_pipeline.py), issue 31's precision bench
 # (benchmarks/gpu_precision.sh), the device pipeline on ONNX Runtime CUDA, ONNX Runtime's cuDNN search
 # (benchmarks/ort_cudnn_search.py), the torch pipeline at bf16, ONNX Runtime CUDA's cold command
-# (benchmarks/startup.py). A step that would start with under a minute left is skipped and says so. Rehearsed on a CPU (every step runs, ~35 min, BUDGET_S=2400):
+# (benchmarks/startup.py). A step that would start with under a minute left is skipped and says so.
+# Rehearsed on a CPU (every step runs, ~35 min, BUDGET_S=2400):
 #   DEVICE=cpu TRAIN_DEVICE=cpu KNEE_STEPS=2 VOLUMES=2 REPEAT=1 PYTHON=.venv/bin/python OUT=/tmp/r \
 #   BUDGET_S=2400 bash scripts/gpu_session.sh knee
 # Each call leaves one log and one .tgz under $OUT (what the device tool brings back: at most 8
@@ -147,7 +148,7 @@ case "${1:-}" in
       step "$name" "$PY" benchmarks/device_pipeline.py --checkpoint "$CKPT" --backend "$backend" \
         --device "${DEVICE:-cuda}" --images "$K/images" --volumes "${VOLUMES:-16}" "$@" -o "$STASH/out/knee/$name"
     }
-    # issue 31's launch count first (about 20 s): the kernels and time of one denoiser step, official and lean
+    # issue 31's launch count first (seconds): the kernels and time of one denoiser step, official and lean
     step step-kernels "$PY" benchmarks/step_kernels.py --preset knee3d --device "${DEVICE:-cuda}" \
       -o "$STASH/out/knee/step-kernels"
     # issue 30 (its numbers must not wait on the precision bench, which exports and compiles), then 31;

@@ -131,6 +131,7 @@ class TorchBackend(Backend[TorchPlan, torch.Tensor]):
             if self.model is model:  # the rewrite changes weights: never the caller's module
                 self.model = _copy(model)
             make_lean(self.model)
+        self.form = "lean" if is_lean(self.model) else "official"  # a lean model handed over stays lean
         self.device = str(target)  # "cpu" or "cuda:N"
         self.precision = precision
         self._autocast_dtype = AUTOCAST[precision]
@@ -149,7 +150,7 @@ class TorchBackend(Backend[TorchPlan, torch.Tensor]):
             "device": self.device,
             "precision": self.precision,
             "mode": self.mode,
-            "form": "lean" if is_lean(self.model) else "official",
+            "form": self.form,
             "tf32": "off",
             "compile": self._compile_state(),
             "volume_ops": self.volume_ops_words(None if self._volume_ops is None else f"torch ops on {self.device}"),
