@@ -5,6 +5,8 @@ accuracy gate (refuses a broken reduced path, caches its verdict), and torch.com
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 import warnings
 
 import numpy as np
@@ -189,3 +191,12 @@ def test_compile_is_asked_for_by_env_and_caches_under_the_project(private_cache,
     assert torch_compile.inductor_cache_dir() == str(private_cache / "torch-inductor")
     monkeypatch.setenv(torch_compile.COMPILE_ENV, "0")
     assert not torch_compile.compile_wanted(None)
+
+
+def test_torch_default_cache_folder_is_not_taken_for_a_choice(private_cache, monkeypatch):
+    torch_default = os.path.join(tempfile.gettempdir(), "torchinductor_someone")
+    monkeypatch.setenv(torch_compile.INDUCTOR_CACHE_ENV, torch_default)
+    assert torch_compile.inductor_cache_dir() == str(private_cache / "torch-inductor")
+    chosen = str(private_cache / "my-inductor-cache")
+    monkeypatch.setenv(torch_compile.INDUCTOR_CACHE_ENV, chosen)
+    assert torch_compile.inductor_cache_dir() == chosen

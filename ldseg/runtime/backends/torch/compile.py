@@ -1,16 +1,19 @@
 """Optional torch.compile of the torch backend's denoiser step and decoder (CUDA only).
 
 Asked for with `TorchBackend(..., compile=True)` or LDSEG_TORCH_COMPILE=1. Inductor's on-disk cache
-goes under the project's cache folder (`<cache root>/torch-inductor`, unless TORCHINDUCTOR_CACHE_DIR
-is set), so a second process reuses the compiled kernels instead of compiling again. Compiling
-happens on a stage's first call; its time is what `state()` reports (the backend's describe()).
-Where torch.compile raises, at wrapping or at the first call, the stage warns once with the reason
-and runs eagerly from then on: the result is the eager result.
+goes under the project's cache folder (`<cache root>/torch-inductor`) unless TORCHINDUCTOR_CACHE_DIR
+names another, so a second process (after a reboot too) reuses the compiled kernels instead of
+compiling again. Torch writes its own default, in the temp folder, into that variable the first time
+it resolves its folder (a torch.export in the same process does): that value is not taken for a
+choice. Compiling happens on a stage's first call; its time is what `state()` reports (the
+backend's describe()). Where torch.compile raises, at wrapping or at the first call, the stage
+warns once with the reason and runs eagerly from then on: the result is the eager result.
 """
 
 from __future__ import annotations
 
 import os
+import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -30,14 +33,23 @@ def compile_wanted(asked: bool | None) -> bool:
 
 
 def inductor_cache_dir() -> str:
-    """Inductor's cache folder: TORCHINDUCTOR_CACHE_DIR if set, else under the project's cache root."""
+    """Inductor's cache folder: TORCHINDUCTOR_CACHE_DIR if someone chose it, else under the project's
+    cache root."""
     configured = os.environ.get(INDUCTOR_CACHE_ENV)
-    if configured:
+    if configured and not _torch_default(configured):
         return configured
     path = cache_root() / "torch-inductor"
     path.mkdir(parents=True, exist_ok=True)
     os.environ[INDUCTOR_CACHE_ENV] = str(path)  # read by inductor when it first compiles
     return str(path)
+
+
+def _torch_default(path: str) -> bool:
+    """Whether `path` is Inductor's own default, <temp folder>/torchinductor_<user>: torch puts it in
+    os.environ the first time it resolves its cache folder, so it is no one's choice."""
+    folder = os.path.abspath(path)
+    in_temp = os.path.dirname(folder) == os.path.abspath(tempfile.gettempdir())
+    return in_temp and os.path.basename(folder).startswith("torchinductor_")
 
 
 class Compiled:
