@@ -20,7 +20,8 @@
 # device pipeline on torch (benchmarks/device_pipeline.py), issue 31's precision bench
 # (benchmarks/gpu_precision.sh), the device pipeline on ONNX Runtime CUDA, ONNX Runtime's cuDNN search
 # (benchmarks/ort_cudnn_search.py), the torch pipeline at bf16, ONNX Runtime CUDA's cold command
-# (benchmarks/startup.py). A step that would start with under a minute left is skipped and says so.
+# (benchmarks/startup.py), torch.compile's cost per stage and what its cache saves a second process
+# (benchmarks/compile_stages.py). A step that would start with under a minute left is skipped and says so.
 # Rehearsed on a CPU (every step runs, ~35 min, BUDGET_S=2400):
 #   DEVICE=cpu TRAIN_DEVICE=cpu KNEE_STEPS=2 VOLUMES=2 REPEAT=1 PYTHON=.venv/bin/python OUT=/tmp/r \
 #   BUDGET_S=2400 bash scripts/gpu_session.sh knee
@@ -181,6 +182,9 @@ PYEOF
       step cold-ort "$PY" benchmarks/startup.py --bundle "$bundle" --images "$K/images" --case case4 \
         --backend onnxruntime --precision fp32 --device "${DEVICE:-cuda}" --runs 3 --folder 0 -o "$STASH/out/knee/startup-ort"
     fi
+    # issue 31's "compile paid once": two processes on one fresh cache, at the target's bf16
+    step compile-stages "$PY" benchmarks/compile_stages.py --checkpoint "$CKPT" --device "${DEVICE:-cuda}" \
+      --precision bf16 --repeat 10 -o "$STASH/out/knee/compile-stages"
     ;;
   *)
     sed -n '2,/^set -euo/p' "$0" | sed '$d'
