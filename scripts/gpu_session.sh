@@ -184,7 +184,7 @@ PYEOF
     fi
     # issue 31's "compile paid once": two processes on one fresh cache, at the target's bf16
     step compile-stages "$PY" benchmarks/compile_stages.py --checkpoint "$CKPT" --device "${DEVICE:-cuda}" \
-      --precision bf16 --repeat 10 -o "$STASH/out/knee/compile-stages"
+      --precision bf16 --repeat "${REPEAT:-10}" -o "$STASH/out/knee/compile-stages"
     ;;
   *)
     sed -n '2,/^set -euo/p' "$0" | sed '$d'
