@@ -1,7 +1,7 @@
-"""What torch.compile costs and gives the two stages the torch backend compiles (one denoiser step and
-the decoder, in the lean form ldseg-run runs), and what Inductor's cache in the project's cache folder
-saves a second process (issue 31: "compile paid once per model"). Not a test: it prints and writes
-what it measured.
+"""What torch.compile costs and gives the three stages the torch backend compiles (the image encoder,
+one denoiser step and the decoder, in the lean form ldseg-run runs), and what Inductor's cache in the
+project's cache folder saves a second process (issue 31: "compile paid once per model"). Not a test:
+it prints and writes what it measured.
 
     python benchmarks/compile_stages.py --checkpoint work/knee/knee3d.safetensors [--device cuda] \
         [--precision bf16] -o benchmarks/results/<machine>/compile-stages
@@ -30,7 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-STAGES = ("denoiser", "decoder")
+STAGES = ("encoder", "denoiser", "decoder")
 
 
 def _timed(fn: Callable[[], Any], device: str) -> tuple[Any, float]:
@@ -65,6 +65,7 @@ def measure(checkpoint: Path, device: str, precision: str, repeat: int) -> dict[
     z = torch.randn(1, *cfg.latent_shape, device=backend.device)
     row = torch.as_tensor(sampler_table(cfg.diffusion, 15).rows[0], dtype=torch.float32, device=backend.device)
     stages = {
+        "encoder": (model.encode_image, (torch.rand(1, *cfg.image_shape, device=backend.device),)),
         "denoiser": (model.step, (z, torch.randn_like(z), row.expand(1, 4), torch.randn_like(z))),
         "decoder": (model.label_decoder, (z,)),
     }

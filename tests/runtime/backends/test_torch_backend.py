@@ -99,8 +99,8 @@ def test_fp32_means_tf32_off_inside_every_stage_and_restored_after(model, monkey
         seen.append((torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32))
         return original(image)
 
-    original = backend.model.encode_image
-    monkeypatch.setattr(backend.model, "encode_image", spy)
+    original = backend.model.image_encoder.forward
+    monkeypatch.setattr(backend.model.image_encoder, "forward", spy)
     matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
     saved = (matmul.allow_tf32, cudnn.allow_tf32)  # properties, not attributes: monkeypatch cannot undo them
     matmul.allow_tf32 = cudnn.allow_tf32 = True

@@ -172,14 +172,15 @@ def test_compile_is_cuda_only_and_falls_back_to_eager(model, monkeypatch):
 
     monkeypatch.setattr(torch, "compile", failing_at_first_call)
     backend = TorchBackend(model)
+    backend._encode = torch_compile.Compiled("encoder", backend.model.encode_image, enabled=True)
     backend._denoise = torch_compile.Compiled("denoiser", backend.model.step, enabled=True)
     backend._decode = torch_compile.Compiled("decoder", backend.model.label_decoder, enabled=True)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         got = backend.run(inputs, probabilities=True)
-    assert len(caught) == 2  # once per stage, not once per step
+    assert len(caught) == 3  # once per stage, not once per step
     np.testing.assert_array_equal(got.probabilities, eager.probabilities)
-    assert backend.describe()["compile"].count("failed, eager") == 2
+    assert backend.describe()["compile"].count("failed, eager") == 3
 
 
 def test_compile_is_asked_for_by_env_and_caches_under_the_project(private_cache, monkeypatch):

@@ -42,8 +42,9 @@ Pre/post-processing (`volume_ops()`, volume.py): torch ops on the model's device
 unless `device_volume=False` (then the run path's scipy reference). With them, `sample(resident=True)`
 keeps the K samples' mean, votes and maps on the device for them (samples.py).
 
-`compile=True` (or LDSEG_TORCH_COMPILE=1) wraps the denoiser and the decoder in torch.compile on
-CUDA (compile.py); on CPU it is ignored, and where compiling fails the stage runs eagerly.
+`compile=True` (or LDSEG_TORCH_COMPILE=1) wraps the image encoder, the denoiser step and the decoder
+in torch.compile on CUDA (compile.py); on CPU it is ignored, and where compiling fails the stage runs
+eagerly.
 """
 
 from __future__ import annotations
@@ -140,6 +141,7 @@ class TorchBackend(Backend[TorchPlan, torch.Tensor]):
         self._volume_ops = TorchVolumeOps(self.device) if device_volume else None
         on_cuda = target.type == "cuda"
         wanted = compile_wanted(compile)
+        self._encode = Compiled("encoder", self.model.encode_image, wanted and on_cuda)
         self._denoise = Compiled("denoiser", self.model.step, wanted and on_cuda)
         self._decode = Compiled("decoder", self.model.label_decoder, wanted and on_cuda)
         self._compile_note = "off" if not wanted else "" if on_cuda else "off (CUDA only)"
@@ -160,7 +162,7 @@ class TorchBackend(Backend[TorchPlan, torch.Tensor]):
         return described
 
     def _compile_state(self) -> str:
-        stages = (self._denoise, self._decode)
+        stages = (self._encode, self._denoise, self._decode)
         return "; ".join(c.state() for c in stages) if any(c.enabled for c in stages) else self._compile_note
 
     @contextmanager
@@ -222,7 +224,7 @@ class TorchBackend(Backend[TorchPlan, torch.Tensor]):
     @torch.no_grad()
     def encode(self, plan: TorchPlan) -> None:
         with self.numerics():
-            plan.z_image = self.model.encode_image(plan.image).float()  # FP32 between stages (a no-op in FP32)
+            plan.z_image = self._encode(plan.image).float()  # FP32 between stages (a no-op in FP32)
 
     @torch.no_grad()
     def step(self, plan: TorchPlan, z: torch.Tensor, i: int) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Optional torch.compile of the torch backend's denoiser step and decoder (CUDA only).
+"""Optional torch.compile of the torch backend's image encoder, denoiser step and decoder (CUDA only).
 
 Asked for with `TorchBackend(..., compile=True)` or LDSEG_TORCH_COMPILE=1. Inductor's on-disk cache
 goes under the project's cache folder (`<cache root>/torch-inductor`) unless TORCHINDUCTOR_CACHE_DIR
