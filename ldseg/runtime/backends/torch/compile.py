@@ -66,7 +66,9 @@ class Compiled:
                 import torch
 
                 inductor_cache_dir()
-                self.compiled = torch.compile(fn)
+                # Specialized to each shape: a run has a few fixed plans (batch 1, K), and a second
+                # batch size then compiles again instead of making every kernel shape-generic.
+                self.compiled = torch.compile(fn, dynamic=False)
             except Exception as exc:  # noqa: BLE001 - any failure to compile means eager, said once
                 self._fall_back(exc)
 
