@@ -167,7 +167,7 @@ def test_compile_is_cuda_only_and_falls_back_to_eager(model, monkeypatch):
         wrapped = torch_compile.Compiled("denoiser", model.step, enabled=True)
     assert "failed, eager (RuntimeError: inductor is not available here)" in wrapped.state()
 
-    def failing_at_first_call(fn):
+    def failing_at_first_call(fn, **options):
         return lambda *args: raising()
 
     monkeypatch.setattr(torch, "compile", failing_at_first_call)
