@@ -47,7 +47,9 @@ class Target:
     def mode(self) -> str:
         described = self.backend.describe()
         lean = described.get("form") == "lean"  # torch: the rewrites exports run, vs the official reference
-        return described.get("mode", "") + ("-lean" if lean else "")
+        # torch: "off", "off (CUDA only)", or each stage's state once compile was asked for and allowed
+        compiled = not described.get("compile", "off").startswith("off")
+        return described.get("mode", "") + ("-lean" if lean else "") + ("-compiled" if compiled else "")
 
     @property
     def key(self) -> tuple[str, str, str]:

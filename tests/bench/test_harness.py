@@ -18,6 +18,7 @@ from ldseg.bench.harness import BenchOptions, run_benchmark
 from ldseg.bench.pipeline import STAGES as PIPELINE_STAGES
 from ldseg.bench.plots import PLOT_FILES
 from ldseg.bench.report import performance_section
+from ldseg.bench.targets import Target
 from ldseg.cli.bench import bench_typer
 from ldseg.data.phantoms import make_phantom, write_phantom_nifti
 from ldseg.errors import InputError, OutputError
@@ -32,6 +33,7 @@ from ldseg.runs.volumes import prepare
 from ldseg.runtime.artifacts.source import load_model
 from ldseg.runtime.backend import STAGES
 from ldseg.runtime.backends.torch.backend import TorchBackend
+from ldseg.runtime.backends.torch.compile import Compiled
 from tests.helpers import assert_several_classes
 
 REPO = Path(__file__).resolve().parents[2]
@@ -325,3 +327,12 @@ def test_torch_bf16_row_beside_the_fp32_reference_with_its_agreement(tmp_path):
     ]
     md = (tmp_path / "bf16" / "results.md").read_text()
     assert "torch/bf16/eager-lean" in md
+
+
+def test_a_compiled_torch_row_says_so_in_its_label():
+    model = load_model("demo")
+    asked_on_cpu = TorchBackend(model, lean=True, compile=True)  # off here: CUDA only
+    assert Target(asked_on_cpu, "demo").label == "torch/fp32/eager-lean"
+    compiling = TorchBackend(model, lean=True)
+    compiling._decode = Compiled("decoder", compiling.model.label_decoder, enabled=True)  # as on CUDA; never called
+    assert Target(compiling, "demo").label == "torch/fp32/eager-lean-compiled"
