@@ -176,3 +176,5 @@ def test_torch_reduced_precision_rows_say_why_they_did_not_run(tmp_path):
     for precision in ("bf16", "fp16"):
         checks.run(f"torch_{precision}", lambda p=precision: checks.torch_reduced(p))
         assert checks.results[f"torch_{precision}"]["status"] == "not run: no CUDA GPU visible to PyTorch"
+    checks.run("torch_bf16_compiled", lambda: checks.torch_reduced("bf16", compile=True))
+    assert checks.results["torch_bf16_compiled"]["status"] == "not run: no CUDA GPU visible to PyTorch"

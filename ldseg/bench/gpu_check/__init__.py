@@ -14,6 +14,7 @@ The run checks, each into the report as pass / fail / "not run: <reason>", with 
 - torch_graph, torch_broken_capture: the torch whole-pipeline graph against eager (torch_checks.py);
 - torch_bf16, torch_fp16: the torch backend's autocast precisions in one replay, each phantom's labels
   against FP32 (CPU reference and this GPU) at the accuracy gate's 99.5 %, with both end-to-end times;
+  torch_bf16_compiled, the last check: the same with torch.compile (failing where a stage fell back);
 - agreement of every GPU route with the torch CPU FP32 reference on the phantoms (and Dice vs truth);
 - onnxruntime_cuda_graphs, tensorrt_<precision>_graphs: the same inputs with graphs on and off, a
   shape's first request (eager), its second (capturing) and a replay, max |delta p| <= 1e-6

@@ -286,10 +286,12 @@ class Checks:
             "labels_equal_eager": equal,
         }
 
-    def torch_reduced(self, precision: str) -> Result:
+    def torch_reduced(self, precision: str, compile: bool = False) -> Result:
         """torch bf16/fp16 (autocast, one CUDA-graph replay) held against FP32 on the phantoms: each
         phantom's agreement with the CPU FP32 reference and with FP32 on this GPU at the accuracy
-        gate's bar, Dice vs truth, and the median end-to-end time of both on the GPU."""
+        gate's bar, Dice vs truth, and the median end-to-end time of both on the GPU. compile: the
+        reduced backend's stages torch.compiled (compiled on its first run, then captured); a stage
+        that fell back to eager fails the check, since then compile was not what was checked."""
         import torch
 
         if not torch.cuda.is_available():
@@ -303,7 +305,7 @@ class Checks:
 
         model = self.model()
         reduced, fp32 = (
-            TorchBackend(model, "cuda:0", precision=precision, lean=True),
+            TorchBackend(model, "cuda:0", precision=precision, lean=True, compile=compile),
             TorchBackend(model, "cuda:0", lean=True),
         )
         labels, gpu_fp32 = self.labels_of(reduced), self.labels_of(fp32)
@@ -318,6 +320,7 @@ class Checks:
 
         ms = {"fp32": end_to_end(fp32), precision: end_to_end(reduced)}
         ok = min(scored["agreement_per_phantom"]) >= GATE_AGREEMENT and min(vs_gpu) >= GATE_AGREEMENT
+        ok = ok and not (compile and "failed" in reduced.describe()["compile"])
         return {
             **scored,
             "status": "pass" if ok else "fail",
