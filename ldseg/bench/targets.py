@@ -48,7 +48,9 @@ class Target:
         described = self.backend.describe()
         lean = described.get("form") == "lean"  # torch: the rewrites exports run, vs the official reference
         # torch: "off", "off (CUDA only)", or each stage's state once compile was asked for and allowed
-        compiled = not described.get("compile", "off").startswith("off")
+        # ("... failed, eager (why)" where a stage fell back: then the row did not run compiled)
+        state = described.get("compile", "off")
+        compiled = not state.startswith("off") and "failed" not in state
         return described.get("mode", "") + ("-lean" if lean else "") + ("-compiled" if compiled else "")
 
     @property

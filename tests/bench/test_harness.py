@@ -336,3 +336,6 @@ def test_a_compiled_torch_row_says_so_in_its_label():
     compiling = TorchBackend(model, lean=True)
     compiling._decode = Compiled("decoder", compiling.model.label_decoder, enabled=True)  # as on CUDA; never called
     assert Target(compiling, "demo").label == "torch/fp32/eager-lean-compiled"
+    with pytest.warns(UserWarning, match="running it eagerly"):
+        compiling._decode._fall_back(RuntimeError("no compiler"))  # what a failed compile leaves
+    assert Target(compiling, "demo").label == "torch/fp32/eager-lean"
