@@ -47,10 +47,7 @@ class Target:
     def mode(self) -> str:
         described = self.backend.describe()
         lean = described.get("form") == "lean"  # torch: the rewrites exports run, vs the official reference
-        # torch: "off", "off (CUDA only)", or each stage's state once compile was asked for and allowed
-        # ("... failed, eager (why)" where a stage fell back: then the row did not run compiled)
-        state = described.get("compile", "off")
-        compiled = not state.startswith("off") and "failed" not in state
+        compiled = isinstance(self.backend, TorchBackend) and self.backend.compiled  # describe() says how
         return described.get("mode", "") + ("-lean" if lean else "") + ("-compiled" if compiled else "")
 
     @property

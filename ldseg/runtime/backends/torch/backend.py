@@ -161,8 +161,17 @@ class TorchBackend(Backend[TorchPlan, torch.Tensor]):
             described["gate"] = self.gate
         return described
 
+    @property
+    def _stages(self) -> tuple[Compiled, Compiled, Compiled]:
+        return self._encode, self._denoise, self._decode
+
+    @property
+    def compiled(self) -> bool:
+        """Whether the stages run torch.compiled: asked for, on CUDA, and none fell back to eager."""
+        return any(c.enabled for c in self._stages) and all(c.failed is None for c in self._stages)
+
     def _compile_state(self) -> str:
-        stages = (self._encode, self._denoise, self._decode)
+        stages = self._stages
         return "; ".join(c.state() for c in stages) if any(c.enabled for c in stages) else self._compile_note
 
     @contextmanager
